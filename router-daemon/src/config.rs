@@ -1,0 +1,112 @@
+//! Command-line and environment configuration.
+use std::{net::SocketAddr, time::Duration};
+
+use crate::{dataplane::Requested, http::Limits};
+
+/// Everything the daemon can be told; each flag has an environment twin.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "router-daemon",
+    version,
+    about = "Prefix-aware router for vLLM fleets"
+)]
+pub struct Config {
+    /// Address to accept client connections on.
+    #[arg(long, env = "ROUTER_LISTEN", default_value = "0.0.0.0:30080")]
+    pub listen: SocketAddr,
+
+    /// A backend URL (http://host:port); repeat the flag, or comma-separate in
+    /// the environment variable, for each vLLM instance.
+    #[arg(
+        long = "backend",
+        env = "ROUTER_BACKENDS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub backends: Vec<String>,
+
+    /// How response bytes travel: `sockmap` splices them in the kernel,
+    /// `userspace` copies them through the daemon, `auto` picks sockmap where
+    /// it loads and says why in the log.
+    #[arg(long, env = "ROUTER_DATAPLANE", value_enum, default_value_t = Requested::Auto)]
+    pub dataplane: Requested,
+
+    /// Prefix-index block size, in prompt bytes (1 to 64). Smaller blocks
+    /// match prefixes more finely and cost more index entries per prompt.
+    #[arg(long, env = "ROUTER_BLOCK_BYTES", default_value_t = 32,
+          value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub block_bytes: u8,
+
+    /// Most entries held by the prefix index (about 40 bytes each); the
+    /// least recently used are dropped first.
+    #[arg(long, env = "ROUTER_INDEX_ENTRIES", default_value_t = 1 << 21)]
+    pub index_entries: usize,
+
+    /// Longest request body accepted, in bytes.
+    #[arg(long, env = "ROUTER_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Longest request head accepted, in bytes.
+    #[arg(long, env = "ROUTER_MAX_HEAD_BYTES", default_value_t = 16 << 10)]
+    pub max_head_bytes: usize,
+
+    /// How long to wait for a backend connection before trying another, in
+    /// milliseconds.
+    #[arg(long, env = "ROUTER_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
+    pub connect_timeout_ms: u64,
+}
+
+impl Config {
+    /// A configuration for `backends` with every other knob at its default.
+    pub fn with_backends(listen: SocketAddr, backends: Vec<String>) -> Self {
+        Self {
+            listen,
+            backends,
+            dataplane: Requested::Auto,
+            block_bytes: 32,
+            index_entries: 1 << 21,
+            max_body_bytes: 32 << 20,
+            max_head_bytes: 16 << 10,
+            connect_timeout_ms: 2_000,
+        }
+    }
+
+    /// The request size limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_head: self.max_head_bytes,
+            max_body: self.max_body_bytes,
+            ..Limits::default()
+        }
+    }
+
+    /// The backend connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn defaults_match_with_backends() {
+        let parsed = Config::try_parse_from(["router-daemon", "--backend", "http://a:1"])
+            .expect("valid flags");
+        let built = Config::with_backends(
+            "0.0.0.0:30080".parse().expect("addr"),
+            vec!["http://a:1".into()],
+        );
+        assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+    }
+
+    #[test]
+    fn block_size_is_range_checked() {
+        let err =
+            Config::try_parse_from(["router-daemon", "--backend", "x:1", "--block-bytes", "65"]);
+        assert!(err.is_err());
+    }
+}

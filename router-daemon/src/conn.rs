@@ -1,0 +1,358 @@
+//! One client connection: read a request, answer it or route it, relay the
+//! response, and close cleanly.
+//!
+//! Requests are read and answered in order. `/health` and `/metrics` are
+//! served by the daemon and keep the connection open. A routed request is
+//! forwarded with `connection: close`, so its response ends with the
+//! backend's FIN, and the client connection closes after it (the backend's
+//! response says so to the client). Routing each request of a kept-alive
+//! connection on its own is the next step for this module.
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Shared,
+    backend::Backend,
+    dataplane::{Client, RelayError},
+    error::ApiError,
+    http::{self, Head},
+    metrics::{BackendLabel, ReasonLabel, StatusLabel},
+    prompt::{self, Endpoint},
+    route::{self, BackendView},
+};
+
+/// How long a closing connection waits for the client to stop sending.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// One request read off the connection.
+struct Request {
+    head: Head,
+    /// The request body.
+    body: Vec<u8>,
+}
+
+/// What to do with the connection after a request.
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Serves one client connection to its end.
+pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    // Small responses and errors must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let mut client = shared.dataplane.client(stream);
+    loop {
+        let next = match read_request(&mut client, &shared).await {
+            Ok(Some(request)) => handle(&mut client, request, &shared).await,
+            Ok(None) => Next::Close,
+            Err(Failure::Api(err)) => {
+                warn!(status = err.status, error = %err.message, "bad request");
+                answer_error(&mut client, &shared, &err).await;
+                Next::Close
+            }
+            Err(Failure::Gone) => Next::Close,
+        };
+        if matches!(next, Next::Close) {
+            break;
+        }
+    }
+    close(client).await;
+}
+
+enum Failure {
+    /// Answer with this error, then close.
+    Api(ApiError),
+    /// The client is gone; just close.
+    Gone,
+}
+
+impl From<ApiError> for Failure {
+    fn from(err: ApiError) -> Self {
+        Failure::Api(err)
+    }
+}
+
+/// Reads the next whole request; `None` when the client closed between
+/// requests.
+async fn read_request(client: &mut Client, shared: &Shared) -> Result<Option<Request>, Failure> {
+    let limits = shared.config.limits();
+    let head = loop {
+        if let Some(head) = http::parse_head(&client.pending, &limits)? {
+            break head;
+        }
+        if client.eof {
+            if client.pending.is_empty() {
+                return Ok(None);
+            }
+            return Err(ApiError::bad_request("connection closed inside a request head").into());
+        }
+        fill(client).await?;
+    };
+    let total = head.head_len + head.body_len;
+    if head.expect_continue && client.pending.len() < total {
+        client
+            .write(http::CONTINUE)
+            .await
+            .map_err(|_| Failure::Gone)?;
+    }
+    while client.pending.len() < total {
+        if client.eof {
+            return Err(ApiError::bad_request(format!(
+                "connection closed after {} of {} body bytes",
+                client.pending.len() - head.head_len,
+                head.body_len
+            ))
+            .into());
+        }
+        fill(client).await?;
+    }
+    let body = client.pending[head.head_len..total].to_vec();
+    client.pending.drain(..total);
+    Ok(Some(Request { head, body }))
+}
+
+/// Reads more bytes from the client into `pending`.
+async fn fill(client: &mut Client) -> Result<(), Failure> {
+    match client.stream.read_buf(&mut client.pending).await {
+        Ok(0) => client.eof = true,
+        Ok(_) => {}
+        Err(_) => return Err(Failure::Gone),
+    }
+    Ok(())
+}
+
+async fn handle(client: &mut Client, request: Request, shared: &Shared) -> Next {
+    let Request { head, body } = request;
+    let result = match (head.method.as_str(), head.path.as_str()) {
+        ("GET", "/health") => local(client, http::ok_response("text/plain", b"ok\n")).await,
+        ("GET", "/metrics") => {
+            let text = shared.metrics.encode();
+            let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            local(client, http::ok_response(content_type, text.as_bytes())).await
+        }
+        (_, "/health" | "/metrics") => Err(ApiError::method_not_allowed(format!(
+            "{} {} is not supported; use GET",
+            head.method, head.path
+        ))
+        .into()),
+        ("POST", "/v1/completions") => {
+            proxy(client, &head, &body, Some(Endpoint::Completions), shared).await
+        }
+        ("POST", "/v1/chat/completions") => {
+            proxy(
+                client,
+                &head,
+                &body,
+                Some(Endpoint::ChatCompletions),
+                shared,
+            )
+            .await
+        }
+        // Other OpenAI endpoints (`/v1/models`, …) carry no prompt: any
+        // backend can answer them.
+        (_, path) if path.starts_with("/v1/") => proxy(client, &head, &body, None, shared).await,
+        (_, path) => Err(ApiError::not_found(format!("no route for {path}")).into()),
+    };
+    match result {
+        Ok(next) => next,
+        Err(Failure::Api(err)) => {
+            warn!(path = %head.path, status = err.status, error = %err.message, "request failed");
+            answer_error(client, shared, &err).await;
+            Next::Close
+        }
+        Err(Failure::Gone) => Next::Close,
+    }
+}
+
+/// Writes a response produced by the daemon; the connection stays open.
+async fn local(client: &mut Client, response: Vec<u8>) -> Result<Next, Failure> {
+    client.write(&response).await.map_err(|_| Failure::Gone)?;
+    Ok(Next::KeepAlive)
+}
+
+/// Routes a request to a backend and relays its response.
+async fn proxy(
+    client: &mut Client,
+    head: &Head,
+    body: &[u8],
+    endpoint: Option<Endpoint>,
+    shared: &Shared,
+) -> Result<Next, Failure> {
+    let request_id = head
+        .request_id
+        .clone()
+        .unwrap_or_else(|| format!("rtr-{}", shared.next_id.fetch_add(1, Ordering::Relaxed)));
+    let backends = shared.backends.all();
+    let views: Vec<BackendView> = backends
+        .iter()
+        .map(|backend| BackendView {
+            name: &backend.url,
+            in_flight: backend.in_flight(),
+        })
+        .collect();
+
+    let (model, decision) = match endpoint {
+        Some(endpoint) => {
+            let input = prompt::extract(endpoint, body)
+                .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))?;
+            let model = input.model.as_deref().unwrap_or_default().to_owned();
+            let decision = shared.router.route(model.as_bytes(), &input.key, &views);
+            (model, decision)
+        }
+        None => {
+            let pick = route::least_loaded(0, &views).map(|backend| route::Decision {
+                backend,
+                matched: 0,
+                reason: route::Reason::LeastLoaded,
+            });
+            (String::new(), pick)
+        }
+    };
+    let decision = decision.ok_or_else(|| ApiError::unavailable("no backends configured"))?;
+    let (backend, stream) = connect(decision.backend, &views, shared).await?;
+    info!(
+        request_id = %request_id,
+        model = if model.is_empty() { "-" } else { model.as_str() },
+        backend = %backend.url,
+        matched = decision.matched,
+        reason = decision.reason.as_str(),
+        "{} {}", head.method, head.path
+    );
+    shared
+        .metrics
+        .requests
+        .get_or_create(&BackendLabel {
+            backend: backend.url.clone(),
+        })
+        .inc();
+    shared
+        .metrics
+        .decisions
+        .get_or_create(&ReasonLabel {
+            reason: decision.reason.as_str(),
+        })
+        .inc();
+
+    let mut forward = Vec::with_capacity(head.forward_head.len() + body.len() + 40);
+    forward.extend_from_slice(&head.forward_head);
+    if head.request_id.is_none() {
+        // Insert before the blank line that ends the head.
+        forward.truncate(forward.len() - 2);
+        forward.extend_from_slice(format!("x-request-id: {request_id}\r\n\r\n").as_bytes());
+    }
+    forward.extend_from_slice(body);
+
+    let _in_flight = backend.start_request();
+    match shared.dataplane.relay(client, stream, &forward).await {
+        Ok(relayed) if relayed.any() => {
+            shared.metrics.copied_bytes.inc_by(relayed.copied);
+            debug!(request_id = %request_id, ?relayed, "response relayed");
+            Ok(Next::Close)
+        }
+        Ok(_) => {
+            shared.metrics.backend_failures.inc();
+            Err(ApiError::bad_gateway(format!(
+                "backend {} closed the connection without a response",
+                backend.url
+            ))
+            .into())
+        }
+        Err(RelayError::BackendWrite(err)) => {
+            shared.metrics.backend_failures.inc();
+            Err(ApiError::bad_gateway(format!("backend {} failed: {err}", backend.url)).into())
+        }
+        Err(RelayError::Backend { relayed, source }) => {
+            shared.metrics.backend_failures.inc();
+            shared.metrics.copied_bytes.inc_by(relayed.copied);
+            if relayed.any() {
+                warn!(request_id = %request_id, backend = %backend.url, %source, "backend failed mid-response; closing the client");
+                Err(Failure::Gone)
+            } else {
+                Err(
+                    ApiError::bad_gateway(format!("backend {} failed: {source}", backend.url))
+                        .into(),
+                )
+            }
+        }
+        Err(RelayError::Client(err)) => {
+            debug!(request_id = %request_id, %err, "client went away");
+            Err(Failure::Gone)
+        }
+        Err(err @ RelayError::Sockmap(_)) => {
+            warn!(request_id = %request_id, %err, "dataplane failure");
+            Err(ApiError::bad_gateway(format!("router dataplane failed: {err}")).into())
+        }
+    }
+}
+
+/// Connects to the chosen backend, or to the next least-loaded one when that
+/// fails: no request byte has left the router yet, so retrying is safe.
+async fn connect<'a>(
+    first: usize,
+    views: &[BackendView<'_>],
+    shared: &'a Shared,
+) -> Result<(&'a Arc<Backend>, TcpStream), ApiError> {
+    let mut order: Vec<usize> = (0..views.len()).filter(|&index| index != first).collect();
+    order.sort_by_key(|&index| views[index].in_flight);
+    order.insert(0, first);
+    let mut last_error = String::from("no backends configured");
+    for index in order {
+        let Some(backend) = shared.backends.get(index) else {
+            continue;
+        };
+        let attempt = tokio::time::timeout(
+            shared.config.connect_timeout(),
+            TcpStream::connect(backend.addr),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok((backend, stream));
+            }
+            Ok(Err(err)) => last_error = format!("{}: {err}", backend.url),
+            Err(_) => last_error = format!("{}: connect timed out", backend.url),
+        }
+        warn!(backend = %backend.url, error = %last_error, "backend connect failed; trying the next");
+    }
+    Err(ApiError::bad_gateway(format!(
+        "no backend could be reached (last: {last_error})"
+    )))
+}
+
+async fn answer_error(client: &mut Client, shared: &Shared, err: &ApiError) {
+    shared
+        .metrics
+        .errors
+        .get_or_create(&StatusLabel { status: err.status })
+        .inc();
+    let _ = client.write(&err.to_response()).await;
+}
+
+/// Closes the connection without losing the last response: shut down our
+/// sending side, then read until the client closes too (or [`LINGER`]), so
+/// that unread client bytes do not turn our close into a reset.
+async fn close(mut client: Client) {
+    if client.stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        while !client.eof {
+            match client.stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}

@@ -1,0 +1,301 @@
+//! Moving response bytes from a backend to a client.
+//!
+//! A [`Dataplane`] relays one response: it writes the request to the backend,
+//! then moves the backend's bytes to the client until the backend closes
+//! (the router asks backends for `connection: close`, so their FIN ends the
+//! response). Two modes sit behind it:
+//! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects the
+//!   backend's bytes to the client socket; userspace sees only the FIN (see
+//!   [`sockmap`] for the hand-over protocol);
+//! - [`Mode::Userspace`]: a read/write loop in the daemon, which works
+//!   everywhere.
+//!
+//! Both modes share one relay loop ([`Dataplane::relay`]): with sockmap, the
+//! loop only ever reads what the kernel program passed up.
+mod sockmap;
+mod tcp;
+
+use std::{io, time::Duration};
+
+use router_common::Stat;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+pub use self::sockmap::SockmapError;
+use self::sockmap::{ClientSlot, Sockmap};
+
+/// How long to wait for the kernel to hand spliced bytes to a client socket
+/// before giving up on the connection.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Userspace relay buffer size.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// A dataplane mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Backend bytes are spliced to the client by the sockmap program.
+    Sockmap,
+    /// Backend bytes are copied through the daemon.
+    Userspace,
+}
+
+impl Mode {
+    /// The mode's name, as used by `--dataplane` and `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sockmap => "sockmap",
+            Mode::Userspace => "userspace",
+        }
+    }
+}
+
+/// The `--dataplane` choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Requested {
+    /// The sockmap dataplane where it works here, else userspace.
+    Auto,
+    /// The sockmap dataplane, or fail to start.
+    Sockmap,
+    /// The userspace dataplane.
+    #[value(alias = "copy")]
+    Userspace,
+}
+
+/// The dataplane in use; shared by all connections.
+#[derive(Debug)]
+pub struct Dataplane {
+    sockmap: Option<Sockmap>,
+}
+
+/// How one relayed response went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Response bytes the kernel spliced to the client.
+    pub spliced: u64,
+    /// Response bytes the daemon copied to the client.
+    pub copied: u64,
+}
+
+impl Relayed {
+    /// Whether any response byte reached the client.
+    pub fn any(&self) -> bool {
+        self.spliced + self.copied > 0
+    }
+}
+
+/// Why a relay stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Writing the request to the backend failed; nothing reached the client.
+    #[error("sending the request to the backend: {0}")]
+    BackendWrite(io::Error),
+    /// The backend failed mid-response.
+    #[error("backend failed mid-response after {relayed:?}: {source}")]
+    Backend {
+        /// What reached the client before the failure.
+        relayed: Relayed,
+        /// The backend's error.
+        source: io::Error,
+    },
+    /// The client connection failed or was reset.
+    #[error("client went away: {0}")]
+    Client(io::Error),
+    /// The kernel path could not be set up for this response.
+    #[error("sockmap: {0}")]
+    Sockmap(#[from] SockmapError),
+}
+
+impl Dataplane {
+    /// The userspace dataplane.
+    pub fn userspace() -> Self {
+        Self { sockmap: None }
+    }
+
+    /// The sockmap dataplane: loads and attaches the embedded program.
+    pub fn sockmap() -> Result<Self, SockmapError> {
+        Ok(Self {
+            sockmap: Some(Sockmap::load()?),
+        })
+    }
+
+    /// The dataplane for a `--dataplane` choice, and a sentence saying why.
+    pub fn select(requested: Requested) -> Result<(Self, String), SockmapError> {
+        match requested {
+            Requested::Userspace => Ok((Self::userspace(), "requested with --dataplane".into())),
+            Requested::Sockmap => Ok((Self::sockmap()?, "requested with --dataplane".into())),
+            Requested::Auto => match sockmap::supported_kernel().and_then(|()| Self::sockmap()) {
+                Ok(dataplane) => Ok((
+                    dataplane,
+                    "auto: the sockmap program loaded and attached".into(),
+                )),
+                Err(err) => Ok((
+                    Self::userspace(),
+                    format!("auto: sockmap unavailable ({err}); using the userspace dataplane"),
+                )),
+            },
+        }
+    }
+
+    /// The mode in use.
+    pub fn mode(&self) -> Mode {
+        if self.sockmap.is_some() {
+            Mode::Sockmap
+        } else {
+            Mode::Userspace
+        }
+    }
+
+    /// The kernel program's counters, summed over CPUs (sockmap only).
+    pub fn kernel_stats(&self) -> Option<Vec<(Stat, u64)>> {
+        self.sockmap.as_ref().map(Sockmap::stats)
+    }
+
+    /// Entries in the flow map (sockmap only): responses being spliced now.
+    pub fn flows_in_use(&self) -> Option<usize> {
+        self.sockmap.as_ref().map(Sockmap::flows_len)
+    }
+
+    /// Prepares a client connection for relays.
+    pub fn client(&self, stream: TcpStream) -> Client {
+        Client {
+            slot: None,
+            stream,
+            delivered: 0,
+            pending: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Writes `request` to `backend` and relays the response to `client`
+    /// until the backend closes.
+    ///
+    /// Bytes the client sends meanwhile (a pipelined request) are kept in
+    /// [`Client::pending`]. On return every relayed byte has been handed to
+    /// the client socket, so the caller may write to it or close it.
+    pub async fn relay(
+        &self,
+        client: &mut Client,
+        mut backend: TcpStream,
+        request: &[u8],
+    ) -> Result<Relayed, RelayError> {
+        let flow = match &self.sockmap {
+            Some(sockmap) => {
+                if client.slot.is_none() {
+                    client.slot = Some(sockmap.add_client(&client.stream)?);
+                }
+                let slot = client.slot.as_ref().expect("invariant: set just above");
+                Some(sockmap.add_backend(&backend, slot)?)
+            }
+            None => None,
+        };
+        backend
+            .write_all(request)
+            .await
+            .map_err(RelayError::BackendWrite)?;
+
+        let mut relayed = Relayed::default();
+        let mut buf = vec![0u8; COPY_BUFFER];
+        loop {
+            tokio::select! {
+                read = backend.read(&mut buf) => match read {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        // Bytes the kernel passed up (or the userspace path):
+                        // everything spliced before them must reach the
+                        // client first.
+                        if let Some(flow) = &flow {
+                            client.delivered += flow.spliced_since_last()?;
+                            client.flushed().await?;
+                        }
+                        client.stream.write_all(&buf[..n]).await.map_err(RelayError::Client)?;
+                        client.delivered += n as u64;
+                        relayed.copied += n as u64;
+                    }
+                    Err(source) => {
+                        if let Some(flow) = &flow {
+                            relayed.spliced += flow.spliced()?;
+                        }
+                        return Err(RelayError::Backend { relayed, source });
+                    }
+                },
+                read = client.stream.read_buf(&mut client.pending), if !client.eof => match read {
+                    Ok(0) => client.eof = true,
+                    Ok(_) => {}
+                    Err(err) => return Err(RelayError::Client(err)),
+                },
+            }
+        }
+        if let Some(flow) = &flow {
+            relayed.spliced = flow.spliced()?;
+            client.delivered += flow.spliced_since_last()?;
+            client.flushed().await?;
+        }
+        Ok(relayed)
+    }
+}
+
+/// A client connection as the dataplane sees it.
+#[derive(Debug)]
+pub struct Client {
+    /// Registration as a redirect target (sockmap only). Declared before
+    /// `stream` so it is removed from the map before the socket closes.
+    slot: Option<ClientSlot>,
+    /// The client socket.
+    pub stream: TcpStream,
+    /// Bytes that should have entered the client socket's send queue: what
+    /// the daemon wrote plus what the kernel spliced.
+    delivered: u64,
+    /// Bytes read from the client and not yet consumed.
+    pub pending: Vec<u8>,
+    /// The client has shut down its sending side.
+    pub eof: bool,
+}
+
+impl Client {
+    /// Writes bytes produced by the daemon itself (an error or a local
+    /// response), after any spliced bytes still on their way.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
+        self.flushed().await?;
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(RelayError::Client)?;
+        self.delivered += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Waits until every byte relayed so far sits in the client socket's send
+    /// queue (or was already acknowledged).
+    ///
+    /// The kernel program hands redirected skbs to a kernel worker that sends
+    /// them on the client socket asynchronously; the backend's FIN reaches
+    /// userspace without waiting for that worker. Writing our own bytes, or
+    /// closing the socket, before the worker is done would reorder or drop
+    /// response bytes.
+    async fn flushed(&self) -> Result<(), RelayError> {
+        if self.slot.is_none() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            let queued = tcp::bytes_queued(&self.stream).map_err(RelayError::Client)?;
+            if queued >= self.delivered {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RelayError::Client(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the kernel handed {queued} of {} spliced bytes to the client",
+                        self.delivered
+                    ),
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+}

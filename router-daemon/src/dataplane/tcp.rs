@@ -1,0 +1,59 @@
+//! Socket facts the sockmap dataplane needs: cookies and send-queue progress.
+use std::{io, mem, os::fd::AsRawFd};
+
+/// `SO_COOKIE` from the kernel's uapi (`asm-generic/socket.h`).
+const SO_COOKIE: libc::c_int = 57;
+
+/// The kernel's unique, never reused id of a socket; the key in the sockmaps.
+pub(crate) fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and `cookie`/`len` describe a writable u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Bytes ever written into the socket's send queue: acknowledged bytes plus
+/// bytes still queued.
+///
+/// The two are read in two calls, acknowledged first: an ACK landing in
+/// between moves bytes from "queued" to "acknowledged" unseen, so the sum can
+/// only be too low, never too high. Callers wait for it to reach a target,
+/// so an early answer is impossible and a late one costs a retry.
+pub(crate) fn bytes_queued(socket: &impl AsRawFd) -> io::Result<u64> {
+    let fd = socket.as_raw_fd();
+    // SAFETY: an all-zero tcp_info is a valid value of a plain C struct.
+    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd, and `info`/`len` describe a writable tcp_info.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut unacked: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to the pointer.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unacked) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(unacked).unwrap_or(0))
+}

@@ -1,0 +1,164 @@
+//! Errors a client can see, and whose fault they are.
+//!
+//! Every failure on the request path becomes an [`ApiError`]: an HTTP status
+//! plus an OpenAI-shaped JSON body (`{"error": {"message", "type", "param",
+//! "code"}}`), so SDKs surface a readable message. [`Fault`] says who caused
+//! it, which decides the status class and whether the daemon may retry.
+use std::fmt;
+
+/// Who caused a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The request was bad: 4xx, never retried.
+    Client,
+    /// A backend failed or none was reachable: 502/503.
+    Backend,
+    /// The router itself failed: 500.
+    Internal,
+}
+
+/// An error answered to the client as an HTTP response.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {message}")]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// Human-readable message, returned in `error.message`.
+    pub message: String,
+}
+
+impl ApiError {
+    /// 400: the request could not be understood.
+    pub fn bad_request(message: impl fmt::Display) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 404: unknown path or model.
+    pub fn not_found(message: impl fmt::Display) -> Self {
+        Self::new(404, message)
+    }
+
+    /// 405: the path exists but not for this method.
+    pub fn method_not_allowed(message: impl fmt::Display) -> Self {
+        Self::new(405, message)
+    }
+
+    /// 413: the body is over the configured limit.
+    pub fn payload_too_large(message: impl fmt::Display) -> Self {
+        Self::new(413, message)
+    }
+
+    /// 431: the request head is over the configured limit.
+    pub fn header_too_large(message: impl fmt::Display) -> Self {
+        Self::new(431, message)
+    }
+
+    /// 501: a valid HTTP feature this router does not implement yet.
+    pub fn not_implemented(message: impl fmt::Display) -> Self {
+        Self::new(501, message)
+    }
+
+    /// 502: a backend failed before answering.
+    pub fn bad_gateway(message: impl fmt::Display) -> Self {
+        Self::new(502, message)
+    }
+
+    /// 503: no backend can take the request.
+    pub fn unavailable(message: impl fmt::Display) -> Self {
+        Self::new(503, message)
+    }
+
+    fn new(status: u16, message: impl fmt::Display) -> Self {
+        Self {
+            status,
+            message: message.to_string(),
+        }
+    }
+
+    /// Who caused this error.
+    pub fn fault(&self) -> Fault {
+        match self.status {
+            400..=499 => Fault::Client,
+            502..=504 => Fault::Backend,
+            _ => Fault::Internal,
+        }
+    }
+
+    /// The OpenAI error `type` for this status, as OpenAI's SDKs name them.
+    pub fn kind(&self) -> &'static str {
+        match self.status {
+            400 | 413 | 431 => "BadRequestError",
+            404 => "NotFoundError",
+            405 => "MethodNotAllowed",
+            501 => "NotImplementedError",
+            502..=504 => "ServiceUnavailableError",
+            _ => "InternalServerError",
+        }
+    }
+
+    /// The full HTTP/1.1 response: status line, headers, JSON body.
+    ///
+    /// It always closes the connection: after an error the client's byte
+    /// stream may be out of sync with request boundaries.
+    pub fn to_response(&self) -> Vec<u8> {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind(),
+                "param": null,
+                "code": self.status,
+            }
+        })
+        .to_string();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            self.status,
+            reason_phrase(self.status),
+            body.len(),
+            body
+        )
+        .into_bytes()
+    }
+}
+
+/// The reason phrase for the statuses this router produces.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_is_openai_error_json_with_matching_length() {
+        let response = ApiError::bad_request("prompt: expected a string").to_response();
+        let text = String::from_utf8(response).expect("ascii response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).expect("json body");
+        assert_eq!(json["error"]["message"], "prompt: expected a string");
+        assert_eq!(json["error"]["type"], "BadRequestError");
+        assert_eq!(json["error"]["code"], 400);
+    }
+
+    #[test]
+    fn fault_follows_status_class() {
+        assert_eq!(ApiError::not_found("x").fault(), Fault::Client);
+        assert_eq!(ApiError::bad_gateway("x").fault(), Fault::Backend);
+        assert_eq!(ApiError::new(500, "x").fault(), Fault::Internal);
+    }
+}

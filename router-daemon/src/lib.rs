@@ -1,0 +1,103 @@
+//! Prefix-aware router for vLLM fleets.
+//!
+//! # Layout
+//! - [`config`]: flags and their environment twins.
+//! - [`conn`]: one client connection's life: read a request, answer it
+//!   locally or route it, relay the response.
+//! - [`http`]: HTTP/1.1 request framing (httparse) and the head sent on.
+//! - [`prompt`]: the model and prompt key, scanned out of the JSON body.
+//! - [`route`]: the prefix index and the selection policy.
+//! - [`backend`]: the backend set and each backend's in-flight count.
+//! - [`dataplane`]: moving response bytes, in the kernel (sockmap) or
+//!   through the daemon (userspace).
+//! - [`metrics`]: Prometheus metrics.
+//! - [`error`]: errors as clients see them.
+//!
+//! [`run`] serves a listener until a shutdown signal; `main` is a thin shell
+//! around it, and tests call it in-process.
+pub mod backend;
+pub mod config;
+mod conn;
+pub mod dataplane;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod prompt;
+pub mod route;
+
+use std::{
+    future::Future,
+    sync::{Arc, atomic::AtomicU64},
+};
+
+use tokio::net::TcpListener;
+
+use crate::{backend::Backends, metrics::Metrics, route::Router};
+pub use crate::{config::Config, dataplane::Dataplane};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A backend URL is unusable.
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    /// Accepting connections failed.
+    #[error("accepting connections: {0}")]
+    Accept(std::io::Error),
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    backends: Backends,
+    router: Router,
+    dataplane: Arc<Dataplane>,
+    metrics: Metrics,
+    next_id: AtomicU64,
+}
+
+/// Serves clients on `listener` until `shutdown` completes.
+///
+/// Connections already open when `shutdown` fires are left to finish.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    dataplane: Dataplane,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let backends = Backends::resolve(&config.backends).await?;
+    let dataplane = Arc::new(dataplane);
+    let shared = Arc::new(Shared {
+        router: Router::new(usize::from(config.block_bytes), config.index_entries),
+        metrics: Metrics::new(Arc::clone(&dataplane)),
+        backends,
+        dataplane,
+        config,
+        next_id: AtomicU64::new(1),
+    });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    tokio::spawn(conn::serve(stream, Arc::clone(&shared)));
+                }
+                // Out of fds or a connection reset before accept: keep serving.
+                Err(err) if is_transient(&err) => {
+                    tracing::warn!(%err, "accept failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(err) => return Err(RunError::Accept(err)),
+            },
+            () = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+fn is_transient(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+    ) || err.kind() == std::io::ErrorKind::ConnectionAborted
+}

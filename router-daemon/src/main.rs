@@ -1,0 +1,31 @@
+//! `router-daemon`: parses flags, sets up logging, picks the dataplane and
+//! serves until SIGINT or SIGTERM.
+use anyhow::Context as _;
+use clap::Parser as _;
+use router_daemon::{Config, Dataplane};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let config = Config::parse();
+    let (dataplane, why) = Dataplane::select(config.dataplane).context("dataplane")?;
+    tracing::info!(mode = dataplane.mode().as_str(), "dataplane: {why}");
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(listen = %config.listen, backends = ?config.backends, "router-daemon ready");
+    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    router_daemon::run(listener, config, dataplane, shutdown).await?;
+    Ok(())
+}

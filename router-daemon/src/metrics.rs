@@ -1,0 +1,143 @@
+//! Prometheus metrics served at `GET /metrics`.
+//!
+//! Request counters live here; the kernel program's counters are read from
+//! its map at scrape time, so a scrape shows what the kernel really spliced.
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        info::Info,
+    },
+    registry::Registry,
+};
+
+use crate::dataplane::Dataplane;
+
+/// Label set naming a backend.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    /// The backend URL.
+    pub backend: String,
+}
+
+/// Label set naming a routing reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// [`crate::route::Reason::as_str`].
+    pub reason: &'static str,
+}
+
+/// Label set naming an error status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// HTTP status sent to the client.
+    pub status: u16,
+}
+
+/// The daemon's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests forwarded, per backend.
+    pub requests: Family<BackendLabel, Counter>,
+    /// Routing decisions, per reason.
+    pub decisions: Family<ReasonLabel, Counter>,
+    /// Requests answered with an error by the router, per status.
+    pub errors: Family<StatusLabel, Counter>,
+    /// Response bytes copied through userspace.
+    pub copied_bytes: Counter,
+    /// Responses cut short by a backend failure.
+    pub backend_failures: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric; `dataplane` supplies the mode and kernel counters.
+    pub fn new(dataplane: Arc<Dataplane>) -> Self {
+        let mut registry = Registry::default();
+        let info = Info::new(vec![("mode", dataplane.mode().as_str())]);
+        registry.register("router_dataplane", "The dataplane in use", info);
+        let requests = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "router_requests",
+            "Requests forwarded, by backend",
+            requests.clone(),
+        );
+        let decisions = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "router_route_decisions",
+            "Routing decisions, by reason",
+            decisions.clone(),
+        );
+        let errors = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "router_errors",
+            "Requests the router answered with an error, by status",
+            errors.clone(),
+        );
+        let copied_bytes = Counter::default();
+        registry.register(
+            "router_userspace_copied_bytes",
+            "Response bytes copied through the daemon",
+            copied_bytes.clone(),
+        );
+        let backend_failures = Counter::default();
+        registry.register(
+            "router_backend_failures",
+            "Responses cut short by a backend failure",
+            backend_failures.clone(),
+        );
+        registry.register_collector(Box::new(KernelCounters(dataplane)));
+        Self {
+            registry,
+            requests,
+            decisions,
+            errors,
+            copied_bytes,
+            backend_failures,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("invariant: writing to a String cannot fail");
+        text
+    }
+}
+
+/// The sockmap program's counters, read from its map at scrape time.
+#[derive(Debug)]
+struct KernelCounters(Arc<Dataplane>);
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(flows) = self.0.flows_in_use() {
+            let gauge = ConstGauge::new(flows as i64);
+            let metric = encoder.encode_descriptor(
+                "router_sockmap_flows",
+                "Responses being spliced by the kernel now",
+                None,
+                gauge.metric_type(),
+            )?;
+            gauge.encode(metric)?;
+        }
+        for (stat, value) in self.0.kernel_stats().unwrap_or_default() {
+            let counter = ConstCounter::new(value);
+            let name = format!("router_sockmap_{}", stat.name());
+            let metric = encoder.encode_descriptor(
+                &name,
+                "Counter of the in-kernel sockmap program",
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}

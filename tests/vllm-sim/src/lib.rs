@@ -1,0 +1,1 @@
+//! vLLM simulator (being written).
