@@ -376,7 +376,7 @@ mod tests {
         /// Any prompt that extends an earlier one routes to where it went.
         #[test]
         fn extension_follows_its_prefix(
-            first in proptest::collection::vec(any::<u8>(), 0..200),
+            first in proptest::collection::vec(any::<u8>(), 1..200),
             more in proptest::collection::vec(any::<u8>(), 0..200),
             block in 1usize..=64,
         ) {

@@ -283,3 +283,33 @@ impl Drop for Flow {
         let _ = lock(&self.flows).remove(&self.cookie);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use router_common::{MAP_NAMES, PROG_SPLICE};
+
+    use super::OBJECT;
+
+    /// Every name the daemon resolves exists in the embedded object. Parsing
+    /// needs no privilege, so this runs everywhere the object was built.
+    #[test]
+    fn object_has_every_name_the_daemon_uses() {
+        if OBJECT.is_empty() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must build the eBPF object"
+            );
+            eprintln!("SKIPPED: built without the eBPF object");
+            return;
+        }
+        let object = aya_obj::Object::parse(OBJECT).expect("a valid BPF object");
+        for map in MAP_NAMES {
+            assert!(object.maps.contains_key(map), "map {map} missing");
+        }
+        assert!(
+            object.programs.contains_key(PROG_SPLICE),
+            "program {PROG_SPLICE} missing; have {:?}",
+            object.programs.keys().collect::<Vec<_>>()
+        );
+    }
+}
