@@ -54,6 +54,16 @@ pub struct Config {
     /// milliseconds.
     #[arg(long, env = "ROUTER_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
+
+    /// How long a client may take to send a whole request once it started,
+    /// in milliseconds; past it the router answers 408.
+    #[arg(long, env = "ROUTER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// How long a kept-alive client connection may wait for its next
+    /// request, in milliseconds, before the router closes it.
+    #[arg(long, env = "ROUTER_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
+    pub idle_timeout_ms: u64,
 }
 
 impl Config {
@@ -68,6 +78,8 @@ impl Config {
             max_body_bytes: 32 << 20,
             max_head_bytes: 16 << 10,
             connect_timeout_ms: 2_000,
+            request_timeout_ms: 30_000,
+            idle_timeout_ms: 120_000,
         }
     }
 
@@ -78,6 +90,16 @@ impl Config {
             max_body: self.max_body_bytes,
             ..Limits::default()
         }
+    }
+
+    /// How long a started request may take to arrive.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// How long an idle connection may wait for its next request.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
     }
 
     /// The backend connect timeout.

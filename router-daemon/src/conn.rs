@@ -81,9 +81,36 @@ impl From<ApiError> for Failure {
     }
 }
 
-/// Reads the next whole request; `None` when the client closed between
-/// requests.
+/// Reads the next whole request; `None` when the client closed, or stayed
+/// idle past the idle timeout, between requests.
 async fn read_request(client: &mut Client, shared: &Shared) -> Result<Option<Request>, Failure> {
+    let config = &shared.config;
+    if client.pending.is_empty() && !client.eof {
+        match tokio::time::timeout(config.idle_timeout(), fill(client)).await {
+            Ok(filled) => filled?,
+            Err(_) => return Ok(None),
+        }
+    }
+    match tokio::time::timeout(
+        config.request_timeout(),
+        read_started_request(client, shared),
+    )
+    .await
+    {
+        Ok(request) => request,
+        Err(_) => Err(ApiError::request_timeout(format!(
+            "the request did not arrive within {} ms",
+            config.request_timeout_ms
+        ))
+        .into()),
+    }
+}
+
+/// Reads a request whose first bytes may already be in `pending`.
+async fn read_started_request(
+    client: &mut Client,
+    shared: &Shared,
+) -> Result<Option<Request>, Failure> {
     let limits = shared.config.limits();
     let head = loop {
         if let Some(head) = http::parse_head(&client.pending, &limits)? {
@@ -133,11 +160,19 @@ async fn fill(client: &mut Client) -> Result<(), Failure> {
 async fn handle(client: &mut Client, request: Request, shared: &Shared) -> Next {
     let Request { head, body } = request;
     let result = match (head.method.as_str(), head.path.as_str()) {
-        ("GET", "/health") => local(client, http::ok_response("text/plain", b"ok\n")).await,
+        ("GET", "/health") => {
+            local(
+                client,
+                &head,
+                http::ok_response("text/plain", b"ok\n", head.close),
+            )
+            .await
+        }
         ("GET", "/metrics") => {
             let text = shared.metrics.encode();
             let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-            local(client, http::ok_response(content_type, text.as_bytes())).await
+            let response = http::ok_response(content_type, text.as_bytes(), head.close);
+            local(client, &head, response).await
         }
         (_, "/health" | "/metrics") => Err(ApiError::method_not_allowed(format!(
             "{} {} is not supported; use GET",
@@ -173,10 +208,15 @@ async fn handle(client: &mut Client, request: Request, shared: &Shared) -> Next 
     }
 }
 
-/// Writes a response produced by the daemon; the connection stays open.
-async fn local(client: &mut Client, response: Vec<u8>) -> Result<Next, Failure> {
+/// Writes a response produced by the daemon; the connection stays open
+/// unless the client asked to close it.
+async fn local(client: &mut Client, head: &Head, response: Vec<u8>) -> Result<Next, Failure> {
     client.write(&response).await.map_err(|_| Failure::Gone)?;
-    Ok(Next::KeepAlive)
+    Ok(if head.close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    })
 }
 
 /// Routes a request to a backend and relays its response.

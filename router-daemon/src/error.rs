@@ -43,6 +43,11 @@ impl ApiError {
         Self::new(405, message)
     }
 
+    /// 408: the client did not finish its request in time.
+    pub fn request_timeout(message: impl fmt::Display) -> Self {
+        Self::new(408, message)
+    }
+
     /// 413: the body is over the configured limit.
     pub fn payload_too_large(message: impl fmt::Display) -> Self {
         Self::new(413, message)
@@ -87,7 +92,7 @@ impl ApiError {
     /// The OpenAI error `type` for this status, as OpenAI's SDKs name them.
     pub fn kind(&self) -> &'static str {
         match self.status {
-            400 | 413 | 431 => "BadRequestError",
+            400 | 408 | 413 | 431 => "BadRequestError",
             404 => "NotFoundError",
             405 => "MethodNotAllowed",
             501 => "NotImplementedError",
@@ -128,6 +133,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",

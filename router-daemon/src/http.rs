@@ -46,6 +46,9 @@ pub struct Head {
     pub body_len: usize,
     /// The client sent `Expect: 100-continue`.
     pub expect_continue: bool,
+    /// The client asked to close the connection after this request
+    /// (`Connection: close`, or HTTP/1.0 without `keep-alive`).
+    pub close: bool,
     /// The client's `x-request-id`, if it sent one.
     pub request_id: Option<String>,
     /// The head to send to the backend: hop-by-hop headers removed,
@@ -146,6 +149,11 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
             request_id = std::str::from_utf8(header.value).ok().map(str::to_owned);
         }
     }
+    let close = if minor == 0 {
+        !connection_named.iter().any(|token| token == "keep-alive")
+    } else {
+        connection_named.iter().any(|token| token == "close")
+    };
     let body_len = body_len.unwrap_or(0);
     if body_len > limits.max_body {
         return Err(ApiError::payload_too_large(format!(
@@ -182,6 +190,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
         head_len,
         body_len,
         expect_continue,
+        close,
         request_id,
         forward_head,
     }))
@@ -198,11 +207,12 @@ fn parse_content_length(value: &[u8]) -> Result<usize, ApiError> {
         .map_err(|_| invalid())
 }
 
-/// A `200 OK` response with the given content type and body, keeping the
-/// connection open.
-pub fn ok_response(content_type: &str, body: &[u8]) -> Vec<u8> {
+/// A `200 OK` response with the given content type and body; `close` adds
+/// `connection: close`.
+pub fn ok_response(content_type: &str, body: &[u8], close: bool) -> Vec<u8> {
+    let connection = if close { "connection: close\r\n" } else { "" };
     let mut response = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{connection}\r\n",
         body.len()
     )
     .into_bytes();
@@ -227,6 +237,7 @@ mod tests {
         assert_eq!(head.method, "POST");
         assert_eq!(head.path, "/v1/completions");
         assert_eq!(head.body_len, 2);
+        assert!(!head.close);
         assert_eq!(&TUTORIAL[head.head_len..], b"{}");
         let forward = String::from_utf8(head.forward_head).unwrap();
         assert!(forward.starts_with("POST /v1/completions HTTP/1.1\r\nHost: localhost:30080\r\n"));
@@ -263,6 +274,15 @@ mod tests {
             forward,
             "POST /v1/completions?x=1 HTTP/1.1\r\nContent-Length: 0\r\nconnection: close\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn connection_close_follows_the_version_rules() {
+        let close = |raw: &[u8]| parse_head(raw, &Limits::default()).unwrap().unwrap().close;
+        assert!(close(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
+        assert!(!close(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(close(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(!close(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
     }
 
     #[test]
