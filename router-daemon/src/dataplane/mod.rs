@@ -180,14 +180,17 @@ impl Dataplane {
         mut backend: TcpStream,
         request: &[u8],
     ) -> Result<Relayed, RelayError> {
+        // The kernel refuses sockets that are not ESTABLISHED (a client that
+        // half-closed before its first request, a backend that closed at
+        // once); such a response is copied through userspace instead.
         let flow = match &self.sockmap {
-            Some(sockmap) => {
-                if client.slot.is_none() {
-                    client.slot = Some(sockmap.add_client(&client.stream)?);
+            Some(sockmap) => match splice(sockmap, client, &backend) {
+                Ok(flow) => Some(flow),
+                Err(err) => {
+                    tracing::debug!(%err, "sockmap hand-over refused; copying this response");
+                    None
                 }
-                let slot = client.slot.as_ref().expect("invariant: set just above");
-                Some(sockmap.add_backend(&backend, slot)?)
-            }
+            },
             None => None,
         };
         backend
@@ -234,6 +237,19 @@ impl Dataplane {
         }
         Ok(relayed)
     }
+}
+
+/// Registers the client (once) and hands the backend socket to the kernel.
+fn splice(
+    sockmap: &Sockmap,
+    client: &mut Client,
+    backend: &TcpStream,
+) -> Result<sockmap::Flow, SockmapError> {
+    if client.slot.is_none() {
+        client.slot = Some(sockmap.add_client(&client.stream)?);
+    }
+    let slot = client.slot.as_ref().expect("invariant: set just above");
+    sockmap.add_backend(backend, slot)
 }
 
 /// A client connection as the dataplane sees it.

@@ -243,7 +243,7 @@ impl Drop for ClientSlot {
 }
 
 /// One backend socket spliced to a client; its flow entry goes on drop.
-pub(super) struct Flow {
+pub(crate) struct Flow {
     cookie: u64,
     flows: Arc<Mutex<HashMap<MapData, u64, FlowValue>>>,
     /// Spliced bytes already reported by [`Flow::spliced_since_last`].
