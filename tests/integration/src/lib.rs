@@ -1,1 +1,340 @@
-//! Shared helpers for the integration tests.
+//! Shared harness for the end-to-end tests.
+//!
+//! [`Fleet`] starts `vllm-sim` instances and a `router-daemon` in-process on
+//! `127.0.0.1:0`; [`request`] is a small raw HTTP/1.1 client that returns
+//! exactly the bytes received, so tests can assert on them.
+//!
+//! Privilege: [`sockmap_or_skip`] returns the sockmap dataplane, or `None`
+//! with a message when it cannot load here. Under `CI=true` or
+//! `ROUTER_REQUIRE_SOCKMAP=1` it panics instead: CI runs as root, so a
+//! sockmap that does not load there is a failure, not a skip.
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use router_daemon::{Config, Dataplane, dataplane::Mode};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+};
+
+/// Bound on any one exchange in tests, so a hang fails instead of stalling CI.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The dataplane for `mode`, or `None` (with a message) when sockmap cannot
+/// load here and the environment allows skipping.
+pub fn dataplane_or_skip(mode: Mode) -> Option<Dataplane> {
+    match mode {
+        Mode::Userspace => Some(Dataplane::userspace()),
+        Mode::Sockmap => sockmap_or_skip(),
+    }
+}
+
+/// The sockmap dataplane, or `None` with a message when skipping is allowed.
+///
+/// # Panics
+/// When the dataplane does not load and `CI=true` or
+/// `ROUTER_REQUIRE_SOCKMAP=1` is set.
+pub fn sockmap_or_skip() -> Option<Dataplane> {
+    match Dataplane::sockmap() {
+        Ok(dataplane) => Some(dataplane),
+        Err(err) => {
+            let required = std::env::var("CI").is_ok_and(|v| v == "true")
+                || std::env::var("ROUTER_REQUIRE_SOCKMAP").is_ok_and(|v| v == "1");
+            assert!(!required, "the sockmap dataplane must load here: {err}");
+            eprintln!("SKIPPED: sockmap dataplane unavailable ({err}); run as root to include it");
+            None
+        }
+    }
+}
+
+/// Signals a background server to stop when dropped.
+#[derive(Debug)]
+pub struct Stopper(Option<oneshot::Sender<()>>);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        if let Some(stop) = self.0.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn stopper() -> (Stopper, impl Future<Output = ()> + Send + 'static) {
+    let (tx, rx) = oneshot::channel();
+    (Stopper(Some(tx)), async move {
+        let _ = rx.await;
+    })
+}
+
+/// Starts a `vllm-sim` on an ephemeral port with test timing.
+pub async fn start_sim(config: vllm_sim::Config) -> (SocketAddr, Stopper) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+    let addr = listener.local_addr().expect("sim addr");
+    let (stop, shutdown) = stopper();
+    tokio::spawn(async move {
+        if let Err(err) = vllm_sim::serve(listener, config, shutdown).await {
+            panic!("vllm-sim failed: {err}");
+        }
+    });
+    (addr, stop)
+}
+
+/// Starts a router in front of `backends` with `dataplane`.
+pub async fn start_router(backends: Vec<String>, dataplane: Dataplane) -> (SocketAddr, Stopper) {
+    start_router_with(backends, dataplane, |_| {}).await
+}
+
+/// Starts a router with its configuration adjusted by `configure`.
+pub async fn start_router_with(
+    backends: Vec<String>,
+    dataplane: Dataplane,
+    configure: impl FnOnce(&mut Config),
+) -> (SocketAddr, Stopper) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind router");
+    let addr = listener.local_addr().expect("router addr");
+    let mut config = Config::with_backends(addr, backends);
+    configure(&mut config);
+    let (stop, shutdown) = stopper();
+    tokio::spawn(async move {
+        if let Err(err) = router_daemon::run(listener, config, dataplane, shutdown).await {
+            panic!("router failed: {err}");
+        }
+    });
+    (addr, stop)
+}
+
+/// A router in front of simulated vLLM instances `sim-0`, `sim-1`, …
+#[derive(Debug)]
+pub struct Fleet {
+    /// The router's address.
+    pub router: SocketAddr,
+    /// Each sim's address, by index.
+    pub sims: Vec<SocketAddr>,
+    _stops: Vec<Stopper>,
+}
+
+impl Fleet {
+    /// Starts `n` sims (configured by `sim`, given each id) and a router.
+    pub async fn start(
+        n: usize,
+        dataplane: Dataplane,
+        sim: impl Fn(&str) -> vllm_sim::Config,
+    ) -> Self {
+        let mut sims = Vec::new();
+        let mut stops = Vec::new();
+        for i in 0..n {
+            let (addr, stop) = start_sim(sim(&format!("sim-{i}"))).await;
+            sims.push(addr);
+            stops.push(stop);
+        }
+        let urls = sims.iter().map(|addr| format!("http://{addr}")).collect();
+        let (router, stop) = start_router(urls, dataplane).await;
+        stops.push(stop);
+        Self {
+            router,
+            sims,
+            _stops: stops,
+        }
+    }
+
+    /// Starts `n` sims with [`vllm_sim::Config::for_tests`] timing.
+    pub async fn with_test_sims(n: usize, dataplane: Dataplane) -> Self {
+        Self::start(n, dataplane, vllm_sim::Config::for_tests).await
+    }
+}
+
+/// An HTTP response as received.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header fields, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked when the response was chunked.
+    pub body: Vec<u8>,
+    /// Every byte received, head included, exactly as it arrived.
+    pub raw: Vec<u8>,
+}
+
+impl Response {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The body parsed as JSON.
+    ///
+    /// # Panics
+    /// When the body is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "body is not JSON ({err}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `raw` bytes to `addr` and reads until the server closes.
+///
+/// # Panics
+/// On I/O errors, a malformed response, or after [`EXCHANGE_TIMEOUT`].
+pub async fn exchange_raw(addr: SocketAddr, raw: impl AsRef<[u8]>) -> Response {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(raw.as_ref()).await.expect("send request");
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read_to_end(&mut received)).await;
+    match read {
+        Ok(Ok(_)) => parse_response(received),
+        Ok(Err(err)) => panic!("reading the response: {err}; got {} bytes", received.len()),
+        Err(_) => panic!(
+            "no end of response after {EXCHANGE_TIMEOUT:?}; got {} bytes: {:?}",
+            received.len(),
+            String::from_utf8_lossy(&received[..received.len().min(300)])
+        ),
+    }
+}
+
+/// Sends one request with a body and `Connection: close`.
+pub async fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Response {
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    exchange_raw(addr, raw).await
+}
+
+/// `POST`s a JSON value.
+pub async fn post_json(addr: SocketAddr, path: &str, json: &serde_json::Value) -> Response {
+    request(addr, "POST", path, json.to_string().as_bytes()).await
+}
+
+/// `GET`s a path.
+pub async fn get(addr: SocketAddr, path: &str) -> Response {
+    request(addr, "GET", path, b"").await
+}
+
+/// Parses a complete response (the connection was closed after it).
+///
+/// # Panics
+/// When the bytes are not one well-formed HTTP/1.1 response.
+pub fn parse_response(raw: Vec<u8>) -> Response {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(&raw) {
+        Ok(httparse::Status::Complete(len)) => len,
+        other => panic!(
+            "incomplete or bad response ({other:?}): {:?}",
+            String::from_utf8_lossy(&raw)
+        ),
+    };
+    let status = response.code.expect("status code");
+    let headers: Vec<(String, String)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let rest = &raw[head_len..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else if let Some((_, len)) = headers.iter().find(|(k, _)| k == "content-length") {
+        let len: usize = len.parse().expect("numeric content-length");
+        assert_eq!(rest.len(), len, "body length differs from content-length");
+        rest.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Response {
+        status,
+        headers,
+        body,
+        raw,
+    }
+}
+
+/// Decodes a complete chunked body.
+///
+/// # Panics
+/// When the framing is broken or the terminating chunk is missing.
+pub fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size_text = std::str::from_utf8(&rest[..line_end]).expect("ascii chunk size");
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16).expect("hex chunk size");
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            assert!(rest.starts_with(b"\r\n"), "missing final CRLF");
+            return body;
+        }
+        body.extend_from_slice(&rest[..size]);
+        assert_eq!(&rest[size..size + 2], b"\r\n", "chunk not followed by CRLF");
+        rest = &rest[size + 2..];
+    }
+}
+
+/// The SSE `data:` payloads of a streamed body, in order.
+pub fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|event| event.trim().strip_prefix("data: ").map(str::to_owned))
+        .collect()
+}
+
+/// A value of a counter or gauge in a `/metrics` text, by full sample name
+/// (labels included), e.g. `router_sockmap_spliced_bytes_total`.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok())?
+        })
+}
+
+/// The dataplane modes the suite runs against.
+pub const MODES: [Mode; 2] = [Mode::Sockmap, Mode::Userspace];
+
+/// Declares one `#[tokio::test]` per dataplane mode for each named scenario
+/// `async fn scenario(mode: Mode)` in scope: `scenario::sockmap` and
+/// `scenario::userspace`.
+#[macro_export]
+macro_rules! each_mode {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sockmap() {
+                    super::$scenario(router_daemon::dataplane::Mode::Sockmap).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn userspace() {
+                    super::$scenario(router_daemon::dataplane::Mode::Userspace).await;
+                }
+            }
+        )*
+    };
+}

@@ -1,0 +1,197 @@
+//! Response bytes arrive exactly as the backend sent them, on every dataplane.
+use std::time::Duration;
+
+use integration_tests::{
+    Fleet, dataplane_or_skip, each_mode, exchange_raw, get, metric, post_json, sse_data,
+    start_router,
+};
+use router_daemon::dataplane::Mode;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// A backend that answers one request per connection with `response`,
+/// written in pieces of `piece` bytes with a pause between some of them, then
+/// closes. The bytes are fixed so the client's copy can be compared exactly.
+async fn scripted_backend(response: Vec<u8>, piece: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let response = response.clone();
+            tokio::spawn(serve_scripted(stream, response, piece));
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize) {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    for (i, chunk) in response.chunks(piece).enumerate() {
+        if stream.write_all(chunk).await.is_err() {
+            return;
+        }
+        if i % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// An SSE response in vLLM's shape with `events` chunked events.
+fn sse_response(events: usize) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-served-by: scripted\r\n\r\n".to_vec();
+    for i in 0..events {
+        let event = format!(
+            "data: {{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{{\"index\":0,\"text\":\" tok{i}\",\"finish_reason\":null}}]}}\n\n"
+        );
+        out.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
+    }
+    let done = "data: [DONE]\n\n";
+    out.extend_from_slice(format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len()).as_bytes());
+    out
+}
+
+const REQUEST: &[u8] = b"POST /v1/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\nContent-Length: 61\r\n\r\n{\"model\":\"m\",\"prompt\":\"What is the capital of France?\",\"a\":1}";
+
+async fn streamed_response_is_byte_exact(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let response = sse_response(2_000);
+    // One event per write: thousands of small segments, like token streaming.
+    let backend = scripted_backend(response.clone(), 120).await;
+    let (router, _stop) = start_router(vec![backend], dataplane).await;
+    for _ in 0..3 {
+        let received = exchange_raw(router, REQUEST).await;
+        assert!(
+            received.raw == response,
+            "streamed bytes differ from what the backend sent"
+        );
+        let events = sse_data(&received.body);
+        assert_eq!(events.len(), 2_001);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    }
+    assert_kernel_path(router, mode, 3 * response.len()).await;
+}
+
+async fn bulk_response_is_byte_exact(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let body: Vec<u8> = (0..8 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut response =
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+    response.extend_from_slice(&body);
+    let backend = scripted_backend(response.clone(), 1 << 16).await;
+    let (router, _stop) = start_router(vec![backend], dataplane).await;
+    let received = exchange_raw(router, REQUEST).await;
+    assert_eq!(received.raw.len(), response.len());
+    assert!(
+        received.raw == response,
+        "bulk bytes differ from what the backend sent"
+    );
+    assert_kernel_path(router, mode, response.len()).await;
+}
+
+/// Many clients at once, each must get exactly its own response.
+async fn concurrent_clients_get_their_own_bytes(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let response = sse_response(300);
+    let backend = scripted_backend(response.clone(), 97).await;
+    let (router, _stop) = start_router(vec![backend], dataplane).await;
+    let clients: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(exchange_raw(router, REQUEST)))
+        .collect();
+    for client in clients {
+        let received = client.await.expect("client task");
+        assert!(received.raw == response, "a client got bytes that differ");
+    }
+    assert_kernel_path(router, mode, 40 * response.len()).await;
+}
+
+/// With sockmap, the kernel program carried exactly `bytes` and the daemon
+/// copied none, and no flow entry is left behind; with userspace, the daemon
+/// copied them.
+async fn assert_kernel_path(router: std::net::SocketAddr, mode: Mode, bytes: usize) {
+    let metrics = get(router, "/metrics").await.text();
+    let copied = metric(&metrics, "router_userspace_copied_bytes_total").expect("copied metric");
+    match mode {
+        Mode::Sockmap => {
+            assert_eq!(copied, 0.0, "{metrics}");
+            assert_eq!(
+                metric(&metrics, "router_sockmap_spliced_bytes_total"),
+                Some(bytes as f64),
+                "{metrics}"
+            );
+            assert_eq!(
+                metric(&metrics, "router_sockmap_flows"),
+                Some(0.0),
+                "{metrics}"
+            );
+        }
+        Mode::Userspace => assert_eq!(copied, bytes as f64, "{metrics}"),
+    }
+}
+
+/// The simulator's stream through the router: vLLM's SSE shape, ending with
+/// `[DONE]`, and the same text as the non-streamed answer.
+async fn sim_stream_matches_non_streamed(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let fleet = Fleet::with_test_sims(2, dataplane).await;
+    let body = |stream: bool| {
+        json!({
+            "model": "meta-llama/Llama-3.2-1B-Instruct",
+            "prompt": "What is the capital of France?",
+            "max_tokens": 24,
+            "stream": stream,
+        })
+    };
+    let plain = post_json(fleet.router, "/v1/completions", &body(false)).await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    let streamed = post_json(fleet.router, "/v1/completions", &body(true)).await;
+    assert_eq!(streamed.status, 200, "{}", streamed.text());
+    assert_eq!(streamed.header("x-served-by"), plain.header("x-served-by"));
+    let events = sse_data(&streamed.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|event| {
+            let chunk: serde_json::Value = serde_json::from_str(event).expect("JSON event");
+            chunk["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        text,
+        plain.json()["choices"][0]["text"].as_str().expect("text")
+    );
+}
+
+each_mode!(
+    streamed_response_is_byte_exact,
+    bulk_response_is_byte_exact,
+    concurrent_clients_get_their_own_bytes,
+    sim_stream_matches_non_streamed,
+);
