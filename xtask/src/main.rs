@@ -1,1 +1,59 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, one module per task.
+//!
+//! - [`setup`]: installs the eBPF toolchain when it is missing and builds the
+//!   release binaries; every other task runs it first.
+//! - [`run`]: starts `vllm-sim` instances and `router-daemon` in front of them.
+//! - [`test`]: fmt, clippy and the workspace tests, as CI runs them.
+//! - [`bench`]: the workspace benchmarks.
+//!
+//! This file only parses the command line and dispatches.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod run;
+mod setup;
+mod test;
+
+/// Project automation for the router workspace.
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    arg_required_else_help = true
+)]
+struct Cli {
+    /// The task to run.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The tasks `cargo xtask` knows.
+#[derive(Subcommand)]
+enum Command {
+    /// Install the eBPF toolchain if missing, then `cargo build --release --workspace`.
+    Setup,
+    /// Start vllm-sim instances and router-daemon in front of them; Ctrl-C stops all.
+    Run(run::Args),
+    /// Setup, then `cargo fmt --check`, `cargo clippy` and `cargo test`, as CI does.
+    Test(test::Args),
+    /// Setup, then `cargo bench --workspace`.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup => setup::run().map(drop),
+        Command::Run(args) => run::run(args),
+        Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
