@@ -39,7 +39,7 @@ pub struct Config {
 
     /// Most entries held by the prefix index (about 40 bytes each); the
     /// least recently used are dropped first.
-    #[arg(long, env = "ROUTER_INDEX_ENTRIES", default_value_t = 1 << 21)]
+    #[arg(long, env = "ROUTER_INDEX_ENTRIES", default_value_t = 1 << 20)]
     pub index_entries: usize,
 
     /// Longest request body accepted, in bytes.
@@ -74,7 +74,7 @@ impl Config {
             backends,
             dataplane: Requested::Auto,
             block_bytes: 32,
-            index_entries: 1 << 21,
+            index_entries: 1 << 20,
             max_body_bytes: 32 << 20,
             max_head_bytes: 16 << 10,
             connect_timeout_ms: 2_000,
