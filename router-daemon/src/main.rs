@@ -2,7 +2,10 @@
 //! serves until SIGINT or SIGTERM.
 use anyhow::Context as _;
 use clap::Parser as _;
-use router_daemon::{Config, Dataplane};
+use router_daemon::{
+    Config, Dataplane,
+    dataplane::{Mode, Requested},
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -13,11 +16,17 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = Config::parse();
     let (dataplane, why) = Dataplane::select(config.dataplane).context("dataplane")?;
-    tracing::info!(mode = dataplane.mode().as_str(), "dataplane: {why}");
+    let mode = dataplane.mode();
+    if config.dataplane == Requested::Auto && mode == Mode::Userspace {
+        tracing::warn!(mode = mode.as_str(), "dataplane: {why}");
+    } else {
+        tracing::info!(mode = mode.as_str(), "dataplane: {why}");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!(listen = %config.listen, backends = ?config.backends, "router-daemon ready");
+    let bound = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(listen = %bound, backends = ?config.backends, "router-daemon ready");
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let shutdown = async move {
         tokio::select! {
