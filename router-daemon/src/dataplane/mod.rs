@@ -171,6 +171,11 @@ impl Dataplane {
     /// Writes `request` to `backend` and relays the response to `client`
     /// until the backend closes.
     ///
+    /// Half-closes travel both ways: the client's FIN is passed on to the
+    /// backend, and the backend's FIN ends the response (the caller then
+    /// closes the client). A reset on either side ends the relay with an
+    /// error, and dropping the backend socket closes it.
+    ///
     /// Bytes the client sends meanwhile (a pipelined request) are kept in
     /// [`Client::pending`]. On return every relayed byte has been handed to
     /// the client socket, so the caller may write to it or close it.
@@ -197,6 +202,9 @@ impl Dataplane {
             .write_all(request)
             .await
             .map_err(RelayError::BackendWrite)?;
+        if client.eof {
+            let _ = backend.shutdown().await;
+        }
 
         let mut relayed = Relayed::default();
         let mut buf = vec![0u8; COPY_BUFFER];
@@ -224,7 +232,15 @@ impl Dataplane {
                     }
                 },
                 read = client.stream.read_buf(&mut client.pending), if !client.eof => match read {
-                    Ok(0) => client.eof = true,
+                    // The client closed its sending side: pass the half-close
+                    // on. A backend that cannot answer a half-closed peer
+                    // (vLLM's server aborts the generation) closes at once,
+                    // so a client that went away frees its GPU slot now
+                    // rather than at the end of the generation.
+                    Ok(0) => {
+                        client.eof = true;
+                        let _ = backend.shutdown().await;
+                    }
                     Ok(_) => {}
                     Err(err) => return Err(RelayError::Client(err)),
                 },

@@ -304,15 +304,34 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// A value of a counter or gauge in a `/metrics` text, by full sample name
-/// (labels included), e.g. `router_sockmap_spliced_bytes_total`.
+/// The value of a sample in a `/metrics` text. `sample` is a metric name,
+/// optionally with labels (`name{a="1"}`); a line matches when it has that
+/// name and at least those labels, e.g. `router_sockmap_spliced_bytes_total`
+/// or `vllm:request_success_total{finished_reason="abort"}`.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    let (want_name, want_labels) = split_sample(sample);
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == sample).then(|| value.parse().ok())?
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = split_sample(series);
+            let matches = name == want_name && want_labels.iter().all(|l| labels.contains(l));
+            matches.then(|| value.parse().ok())?
         })
+}
+
+fn split_sample(sample: &str) -> (&str, Vec<&str>) {
+    match sample.split_once('{') {
+        Some((name, labels)) => (
+            name,
+            labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (sample, Vec::new()),
+    }
 }
 
 /// The dataplane modes the suite runs against.

@@ -43,23 +43,6 @@ async fn read_all(stream: &mut TcpStream) -> Vec<u8> {
     received
 }
 
-/// A client that shuts down its sending side after the request (`nc -q`,
-/// some SDKs) still gets the whole response.
-async fn half_closed_client_gets_its_response(mode: Mode) {
-    let Some((router, _stops)) = router_with_sim(mode, 30_000).await else {
-        return;
-    };
-    let mut stream = TcpStream::connect(router).await.expect("connect");
-    stream
-        .write_all(format!("{}{BODY}", completion_request("")).as_bytes())
-        .await
-        .expect("send");
-    stream.shutdown().await.expect("half-close");
-    let response = parse_response(read_all(&mut stream).await);
-    assert_eq!(response.status, 200, "{}", response.text());
-    assert_eq!(response.header("x-served-by"), Some("sim-0"));
-}
-
 /// `Expect: 100-continue` (curl sends it for large bodies): the router says
 /// 100 Continue, then relays the real response.
 async fn expect_continue_is_answered(mode: Mode) {
@@ -115,7 +98,6 @@ async fn stalled_request_gets_408(mode: Mode) {
 }
 
 each_mode!(
-    half_closed_client_gets_its_response,
     expect_continue_is_answered,
     local_endpoints_keep_alive,
     stalled_request_gets_408,
