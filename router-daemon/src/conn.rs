@@ -23,7 +23,7 @@ use crate::{
     backend::Backend,
     dataplane::{Client, RelayError},
     error::ApiError,
-    http::{self, Head},
+    http::{self, ChunkedDecoder, Framing, Head},
     metrics::{BackendLabel, ReasonLabel, StatusLabel},
     prompt::{self, Endpoint},
     route::{self, BackendView},
@@ -124,26 +124,53 @@ async fn read_started_request(
         }
         fill(client).await?;
     };
-    let total = head.head_len + head.body_len;
-    if head.expect_continue && client.pending.len() < total {
-        client
-            .write(http::CONTINUE)
-            .await
-            .map_err(|_| Failure::Gone)?;
-    }
-    while client.pending.len() < total {
-        if client.eof {
-            return Err(ApiError::bad_request(format!(
-                "connection closed after {} of {} body bytes",
-                client.pending.len() - head.head_len,
-                head.body_len
-            ))
-            .into());
+    let body = match head.body {
+        Framing::Length(len) => {
+            let total = head.head_len + len;
+            if head.expect_continue && client.pending.len() < total {
+                client
+                    .write(http::CONTINUE)
+                    .await
+                    .map_err(|_| Failure::Gone)?;
+            }
+            while client.pending.len() < total {
+                if client.eof {
+                    return Err(ApiError::bad_request(format!(
+                        "connection closed after {} of {len} body bytes",
+                        client.pending.len() - head.head_len
+                    ))
+                    .into());
+                }
+                fill(client).await?;
+            }
+            let body = client.pending[head.head_len..total].to_vec();
+            client.pending.drain(..total);
+            body
         }
-        fill(client).await?;
-    }
-    let body = client.pending[head.head_len..total].to_vec();
-    client.pending.drain(..total);
+        Framing::Chunked => {
+            let mut decoder = ChunkedDecoder::default();
+            let mut continued = false;
+            loop {
+                if let Some(used) = decoder.decode(&client.pending[head.head_len..], &limits)? {
+                    client.pending.drain(..head.head_len + used);
+                    break decoder.into_body();
+                }
+                if head.expect_continue && !continued {
+                    continued = true;
+                    client
+                        .write(http::CONTINUE)
+                        .await
+                        .map_err(|_| Failure::Gone)?;
+                }
+                if client.eof {
+                    return Err(
+                        ApiError::bad_request("connection closed inside a chunked body").into(),
+                    );
+                }
+                fill(client).await?;
+            }
+        }
+    };
     Ok(Some(Request { head, body }))
 }
 
@@ -282,13 +309,12 @@ async fn proxy(
         })
         .inc();
 
-    let mut forward = Vec::with_capacity(head.forward_head.len() + body.len() + 40);
+    let mut forward = Vec::with_capacity(head.forward_head.len() + body.len() + 80);
     forward.extend_from_slice(&head.forward_head);
     if head.request_id.is_none() {
-        // Insert before the blank line that ends the head.
-        forward.truncate(forward.len() - 2);
-        forward.extend_from_slice(format!("x-request-id: {request_id}\r\n\r\n").as_bytes());
+        forward.extend_from_slice(format!("x-request-id: {request_id}\r\n").as_bytes());
     }
+    forward.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
     forward.extend_from_slice(body);
 
     let _in_flight = backend.start_request();

@@ -3,8 +3,9 @@
 //! [`parse_head`] checks a buffer for a complete request head, parses it with
 //! httparse within [`Limits`], and returns the facts the router needs plus
 //! the head rewritten for the backend. The body is framed by
-//! `Content-Length` only; `Transfer-Encoding` request bodies are refused for
-//! now with a clear error.
+//! `Content-Length` or by `Transfer-Encoding: chunked`, which
+//! [`ChunkedDecoder`] decodes so the body can be scanned and forwarded with a
+//! `Content-Length`.
 //!
 //! The head sent to the backend asks it to close the connection after the
 //! response (`connection: close`): the end of the backend's byte stream is
@@ -42,8 +43,8 @@ pub struct Head {
     pub path: String,
     /// Length of the head in the buffer, including the blank line.
     pub head_len: usize,
-    /// Length of the body that follows the head.
-    pub body_len: usize,
+    /// How the body that follows the head is framed.
+    pub body: Framing,
     /// The client sent `Expect: 100-continue`.
     pub expect_continue: bool,
     /// The client asked to close the connection after this request
@@ -51,19 +52,33 @@ pub struct Head {
     pub close: bool,
     /// The client's `x-request-id`, if it sent one.
     pub request_id: Option<String>,
-    /// The head to send to the backend: hop-by-hop headers removed,
-    /// `connection: close` added, `Expect` answered by the router.
+    /// The head to send to the backend, unfinished: the request line and the
+    /// end-to-end headers, with `connection: close` added. Hop-by-hop and
+    /// framing headers are left out; the sender adds `content-length` and the
+    /// blank line.
     pub forward_head: Vec<u8>,
 }
 
-/// Headers that describe one hop and are not forwarded.
-const HOP_BY_HOP: [&str; 6] = [
+/// How a request body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// Exactly this many bytes follow the head.
+    Length(usize),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Headers that describe one hop, or the framing the router redoes, and are
+/// not forwarded.
+const NOT_FORWARDED: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
     "upgrade",
     "expect",
+    "content-length",
+    "transfer-encoding",
 ];
 
 /// Parses the request head at the start of `buf`.
@@ -114,6 +129,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
     let path = target.split_once('?').map_or(target, |(path, _query)| path);
 
     let mut body_len: Option<usize> = None;
+    let mut chunked = false;
     let mut expect_continue = false;
     let mut request_id = None;
     // Headers named in `Connection` are hop-by-hop too.
@@ -127,9 +143,12 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
             }
             body_len = Some(len);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(ApiError::not_implemented(
-                "Transfer-Encoding request bodies are not supported yet; send Content-Length",
-            ));
+            if !header.value.eq_ignore_ascii_case(b"chunked") || chunked {
+                return Err(ApiError::not_implemented(
+                    "only `Transfer-Encoding: chunked` request bodies are supported",
+                ));
+            }
+            chunked = true;
         } else if name.eq_ignore_ascii_case("expect") {
             if header.value.eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = true;
@@ -154,12 +173,20 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
     } else {
         connection_named.iter().any(|token| token == "close")
     };
-    let body_len = body_len.unwrap_or(0);
-    if body_len > limits.max_body {
-        return Err(ApiError::payload_too_large(format!(
-            "request body of {body_len} bytes is over the {} byte limit",
-            limits.max_body
-        )));
+    let body = match (chunked, body_len) {
+        // Both would let two parsers disagree on where the request ends.
+        (true, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "both Content-Length and Transfer-Encoding: chunked",
+            ));
+        }
+        (true, None) => Framing::Chunked,
+        (false, len) => Framing::Length(len.unwrap_or(0)),
+    };
+    if let Framing::Length(len) = body
+        && len > limits.max_body
+    {
+        return Err(too_large(limits));
     }
 
     let mut forward_head = Vec::with_capacity(head_len + 32);
@@ -168,7 +195,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
     forward_head.extend_from_slice(target.as_bytes());
     forward_head.extend_from_slice(format!(" HTTP/1.{minor}\r\n").as_bytes());
     for header in request.headers.iter() {
-        let hop_by_hop = HOP_BY_HOP
+        let hop_by_hop = NOT_FORWARDED
             .iter()
             .any(|hop| header.name.eq_ignore_ascii_case(hop))
             || connection_named
@@ -182,18 +209,108 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
         forward_head.extend_from_slice(header.value);
         forward_head.extend_from_slice(b"\r\n");
     }
-    forward_head.extend_from_slice(b"connection: close\r\n\r\n");
+    forward_head.extend_from_slice(b"connection: close\r\n");
 
     Ok(Some(Head {
         method: method.to_owned(),
         path: path.to_owned(),
         head_len,
-        body_len,
+        body,
         expect_continue,
         close,
         request_id,
         forward_head,
     }))
+}
+
+fn too_large(limits: &Limits) -> ApiError {
+    ApiError::payload_too_large(format!(
+        "request body is over the {} byte limit",
+        limits.max_body
+    ))
+}
+
+/// Decodes a chunked body as its bytes arrive.
+///
+/// Feed it the bytes after the head, each time with everything received so
+/// far; it resumes where it stopped, so a large body costs O(length) overall.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    /// Input bytes consumed by complete chunks so far.
+    consumed: usize,
+    /// Decoded body so far.
+    body: Vec<u8>,
+}
+
+/// Longest chunk-size or trailer line accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl ChunkedDecoder {
+    /// Advances over `input` (all bytes after the head so far). Returns the
+    /// number of input bytes the whole chunked body took once its last chunk
+    /// and trailers are complete, `None` while more bytes are needed.
+    pub fn decode(&mut self, input: &[u8], limits: &Limits) -> Result<Option<usize>, ApiError> {
+        loop {
+            let rest = &input[self.consumed..];
+            let Some(line_end) = find_crlf(rest, MAX_CHUNK_LINE)? else {
+                return Ok(None);
+            };
+            let size = parse_chunk_size(&rest[..line_end])?;
+            let data_start = line_end + 2;
+            if size == 0 {
+                // Trailer fields, then a blank line.
+                let mut at = data_start;
+                loop {
+                    let Some(end) = find_crlf(&rest[at..], MAX_CHUNK_LINE)? else {
+                        return Ok(None);
+                    };
+                    at += end + 2;
+                    if end == 0 {
+                        self.consumed += at;
+                        return Ok(Some(self.consumed));
+                    }
+                }
+            }
+            if self.body.len().saturating_add(size) > limits.max_body {
+                return Err(too_large(limits));
+            }
+            let data_end = data_start + size;
+            if rest.len() < data_end + 2 {
+                return Ok(None);
+            }
+            if &rest[data_end..data_end + 2] != b"\r\n" {
+                return Err(ApiError::bad_request("chunk data not followed by CRLF"));
+            }
+            self.body.extend_from_slice(&rest[data_start..data_end]);
+            self.consumed += data_end + 2;
+        }
+    }
+
+    /// The decoded body.
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+}
+
+/// Position of the first CRLF in `bytes`, if within `max` bytes.
+fn find_crlf(bytes: &[u8], max: usize) -> Result<Option<usize>, ApiError> {
+    match memchr::memmem::find(&bytes[..bytes.len().min(max + 2)], b"\r\n") {
+        Some(at) => Ok(Some(at)),
+        None if bytes.len() > max => Err(ApiError::bad_request("chunk line too long")),
+        None => Ok(None),
+    }
+}
+
+/// The size in a chunk-size line (hex digits, optional `;extensions`).
+fn parse_chunk_size(line: &[u8]) -> Result<usize, ApiError> {
+    let invalid = || ApiError::bad_request("invalid chunk size");
+    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+    let digits = digits.trim_ascii_end();
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(invalid());
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| invalid())?;
+    usize::from_str_radix(text, 16).map_err(|_| invalid())
 }
 
 fn parse_content_length(value: &[u8]) -> Result<usize, ApiError> {
@@ -236,12 +353,16 @@ mod tests {
         let head = parse_head(TUTORIAL, &Limits::default()).unwrap().unwrap();
         assert_eq!(head.method, "POST");
         assert_eq!(head.path, "/v1/completions");
-        assert_eq!(head.body_len, 2);
+        assert_eq!(head.body, Framing::Length(2));
         assert!(!head.close);
         assert_eq!(&TUTORIAL[head.head_len..], b"{}");
         let forward = String::from_utf8(head.forward_head).unwrap();
         assert!(forward.starts_with("POST /v1/completions HTTP/1.1\r\nHost: localhost:30080\r\n"));
-        assert!(forward.ends_with("Content-Length: 2\r\nconnection: close\r\n\r\n"));
+        assert!(
+            forward.ends_with(
+                "Accept: */*\r\nContent-Type: application/json\r\nconnection: close\r\n"
+            )
+        );
     }
 
     #[test]
@@ -272,7 +393,7 @@ mod tests {
         let forward = String::from_utf8(head.forward_head).unwrap();
         assert_eq!(
             forward,
-            "POST /v1/completions?x=1 HTTP/1.1\r\nContent-Length: 0\r\nconnection: close\r\n\r\n"
+            "POST /v1/completions?x=1 HTTP/1.1\r\nconnection: close\r\n"
         );
     }
 
@@ -304,7 +425,47 @@ mod tests {
         assert_eq!(parse_head(conflict, &limits).unwrap_err().status, 400);
         let garbage = b"\x16\x03\x01\x00 not http\r\n\r\n";
         assert_eq!(parse_head(garbage, &limits).unwrap_err().status, 400);
-        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(parse_head(chunked, &limits).unwrap_err().status, 501);
+        let gzip = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert_eq!(parse_head(gzip, &limits).unwrap_err().status, 501);
+        let both = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        let status = parse_head(both, &Limits::default()).unwrap_err().status;
+        assert_eq!(status, 400);
+    }
+
+    const CHUNKED: &[u8] =
+        b"4\r\nWiki\r\n7;ext=1\r\npedia i\r\nB\r\nn \r\nchunks.\r\n0\r\nTrailer: x\r\n\r\n";
+
+    #[test]
+    fn chunked_body_decodes_at_every_split_point() {
+        for split in 0..CHUNKED.len() {
+            let mut decoder = ChunkedDecoder::default();
+            let limits = Limits::default();
+            assert_eq!(
+                decoder.decode(&CHUNKED[..split], &limits).unwrap(),
+                None,
+                "split {split}"
+            );
+            let mut input = CHUNKED.to_vec();
+            input.extend_from_slice(b"GET /next HTTP/1.1\r\n");
+            assert_eq!(
+                decoder.decode(&input, &limits).unwrap(),
+                Some(CHUNKED.len())
+            );
+            assert_eq!(decoder.into_body(), b"Wikipedia in \r\nchunks.");
+        }
+    }
+
+    #[test]
+    fn bad_chunks_are_client_errors() {
+        let limits = Limits {
+            max_body: 8,
+            ..Limits::default()
+        };
+        let decode = |input: &[u8]| ChunkedDecoder::default().decode(input, &limits);
+        assert_eq!(decode(b"zz\r\n").unwrap_err().status, 400);
+        assert_eq!(decode(b"3\r\nabcX\r\n").unwrap_err().status, 400);
+        assert_eq!(decode(b"9\r\n").unwrap_err().status, 413);
+        assert_eq!(decode(b"5\r\nabcde\r\n5\r\n").unwrap_err().status, 413);
+        assert_eq!(decode(&[b'1'; 5000]).unwrap_err().status, 400);
     }
 }

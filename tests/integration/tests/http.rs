@@ -102,3 +102,22 @@ each_mode!(
     local_endpoints_keep_alive,
     stalled_request_gets_408,
 );
+
+/// A chunked request body (what streaming HTTP clients send when they do not
+/// know the length) is decoded, routed on its prompt and forwarded.
+async fn chunked_request_body_is_forwarded(mode: Mode) {
+    let Some((router, _stops)) = router_with_sim(mode, 30_000).await else {
+        return;
+    };
+    let (first, second) = BODY.split_at(20);
+    let raw = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{first}\r\n{:x};ext=1\r\n{second}\r\n0\r\n\r\n",
+        first.len(),
+        second.len()
+    );
+    let response = integration_tests::exchange_raw(router, raw).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert!(response.json()["choices"][0]["text"].is_string());
+}
+
+each_mode!(chunked_request_body_is_forwarded);
