@@ -25,9 +25,10 @@ pub struct Config {
     )]
     pub backends: Vec<String>,
 
-    /// How response bytes travel: `sockmap` splices them in the kernel,
-    /// `userspace` copies them through the daemon, `auto` picks sockmap where
-    /// it loads and says why in the log.
+    /// How response bytes travel: `sockmap` redirects them in the kernel
+    /// (needs privilege), `splice` moves them through a pipe with splice(2),
+    /// `userspace` copies them through the daemon; `auto` picks sockmap where
+    /// it loads, else userspace, and says why in the log.
     #[arg(long, env = "ROUTER_DATAPLANE", value_enum, default_value_t = Requested::Auto)]
     pub dataplane: Requested,
 

@@ -321,6 +321,7 @@ async fn proxy(
     match shared.dataplane.relay(client, stream, &forward).await {
         Ok(relayed) if relayed.any() => {
             shared.metrics.copied_bytes.inc_by(relayed.copied);
+            shared.metrics.piped_bytes.inc_by(relayed.piped);
             debug!(request_id = %request_id, ?relayed, "response relayed");
             Ok(Next::Close)
         }
@@ -339,6 +340,7 @@ async fn proxy(
         Err(RelayError::Backend { relayed, source }) => {
             shared.metrics.backend_failures.inc();
             shared.metrics.copied_bytes.inc_by(relayed.copied);
+            shared.metrics.piped_bytes.inc_by(relayed.piped);
             if relayed.any() {
                 warn!(request_id = %request_id, backend = %backend.url, %source, "backend failed mid-response; closing the client");
                 Err(Failure::Gone)

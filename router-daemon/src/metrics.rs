@@ -51,6 +51,8 @@ pub struct Metrics {
     pub errors: Family<StatusLabel, Counter>,
     /// Response bytes copied through userspace.
     pub copied_bytes: Counter,
+    /// Response bytes moved through a pipe with splice(2).
+    pub piped_bytes: Counter,
     /// Responses cut short by a backend failure.
     pub backend_failures: Counter,
 }
@@ -85,6 +87,12 @@ impl Metrics {
             "Response bytes copied through the daemon",
             copied_bytes.clone(),
         );
+        let piped_bytes = Counter::default();
+        registry.register(
+            "router_splice_piped_bytes",
+            "Response bytes moved through a pipe with splice(2)",
+            piped_bytes.clone(),
+        );
         let backend_failures = Counter::default();
         registry.register(
             "router_backend_failures",
@@ -98,6 +106,7 @@ impl Metrics {
             decisions,
             errors,
             copied_bytes,
+            piped_bytes,
             backend_failures,
         }
     }

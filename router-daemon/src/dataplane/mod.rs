@@ -3,15 +3,18 @@
 //! A [`Dataplane`] relays one response: it writes the request to the backend,
 //! then moves the backend's bytes to the client until the backend closes
 //! (the router asks backends for `connection: close`, so their FIN ends the
-//! response). Two modes sit behind it:
+//! response). Three modes sit behind it:
 //! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects the
 //!   backend's bytes to the client socket; userspace sees only the FIN (see
-//!   [`sockmap`] for the hand-over protocol);
-//! - [`Mode::Userspace`]: a read/write loop in the daemon, which works
-//!   everywhere.
+//!   [`sockmap`] for the hand-over protocol). Needs privilege.
+//! - [`Mode::Splice`]: `splice(2)` moves the bytes through a pipe without
+//!   copying them into the daemon. Unprivileged.
+//! - [`Mode::Userspace`]: a read/write loop in the daemon. Works everywhere.
 //!
-//! Both modes share one relay loop ([`Dataplane::relay`]): with sockmap, the
-//! loop only ever reads what the kernel program passed up.
+//! All three share one relay loop ([`Dataplane::relay`]); they differ only
+//! in how a step moves bytes that reach the daemon's side of the backend
+//! socket (with sockmap, only what the kernel program passed up).
+mod pipe;
 mod sockmap;
 mod tcp;
 
@@ -19,12 +22,15 @@ use std::{io, time::Duration};
 
 use router_common::Stat;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::TcpStream,
 };
 
 pub use self::sockmap::SockmapError;
-use self::sockmap::{ClientSlot, Sockmap};
+use self::{
+    pipe::Pipe,
+    sockmap::{ClientSlot, Sockmap},
+};
 
 /// How long to wait for the kernel to hand spliced bytes to a client socket
 /// before giving up on the connection.
@@ -37,6 +43,8 @@ const COPY_BUFFER: usize = 64 * 1024;
 pub enum Mode {
     /// Backend bytes are spliced to the client by the sockmap program.
     Sockmap,
+    /// Backend bytes move through a pipe with splice(2).
+    Splice,
     /// Backend bytes are copied through the daemon.
     Userspace,
 }
@@ -46,6 +54,7 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Sockmap => "sockmap",
+            Mode::Splice => "splice",
             Mode::Userspace => "userspace",
         }
     }
@@ -58,6 +67,8 @@ pub enum Requested {
     Auto,
     /// The sockmap dataplane, or fail to start.
     Sockmap,
+    /// The splice(2) dataplane.
+    Splice,
     /// The userspace dataplane.
     #[value(alias = "copy")]
     Userspace,
@@ -66,14 +77,24 @@ pub enum Requested {
 /// The dataplane in use; shared by all connections.
 #[derive(Debug)]
 pub struct Dataplane {
-    sockmap: Option<Sockmap>,
+    engine: Engine,
+}
+
+#[derive(Debug)]
+enum Engine {
+    Userspace,
+    Splice,
+    /// Boxed: it holds the loaded object, and exists once per daemon.
+    Sockmap(Box<Sockmap>),
 }
 
 /// How one relayed response went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Relayed {
-    /// Response bytes the kernel spliced to the client.
+    /// Response bytes the sockmap program redirected to the client.
     pub spliced: u64,
+    /// Response bytes moved through a pipe with splice(2).
+    pub piped: u64,
     /// Response bytes the daemon copied to the client.
     pub copied: u64,
 }
@@ -81,7 +102,7 @@ pub struct Relayed {
 impl Relayed {
     /// Whether any response byte reached the client.
     pub fn any(&self) -> bool {
-        self.spliced + self.copied > 0
+        self.spliced + self.piped + self.copied > 0
     }
 }
 
@@ -110,20 +131,46 @@ pub enum RelayError {
 impl Dataplane {
     /// The userspace dataplane.
     pub fn userspace() -> Self {
-        Self { sockmap: None }
+        Self {
+            engine: Engine::Userspace,
+        }
+    }
+
+    /// The splice(2) dataplane.
+    pub fn splice() -> Self {
+        Self {
+            engine: Engine::Splice,
+        }
     }
 
     /// The sockmap dataplane: loads and attaches the embedded program.
     pub fn sockmap() -> Result<Self, SockmapError> {
         Ok(Self {
-            sockmap: Some(Sockmap::load()?),
+            engine: Engine::Sockmap(Box::new(Sockmap::load()?)),
         })
+    }
+
+    /// The dataplane of `mode`.
+    pub fn of_mode(mode: Mode) -> Result<Self, SockmapError> {
+        match mode {
+            Mode::Sockmap => Self::sockmap(),
+            Mode::Splice => Ok(Self::splice()),
+            Mode::Userspace => Ok(Self::userspace()),
+        }
+    }
+
+    fn sockmap_engine(&self) -> Option<&Sockmap> {
+        match &self.engine {
+            Engine::Sockmap(sockmap) => Some(sockmap),
+            Engine::Splice | Engine::Userspace => None,
+        }
     }
 
     /// The dataplane for a `--dataplane` choice, and a sentence saying why.
     pub fn select(requested: Requested) -> Result<(Self, String), SockmapError> {
         match requested {
             Requested::Userspace => Ok((Self::userspace(), "requested with --dataplane".into())),
+            Requested::Splice => Ok((Self::splice(), "requested with --dataplane".into())),
             Requested::Sockmap => Ok((Self::sockmap()?, "requested with --dataplane".into())),
             Requested::Auto => match sockmap::supported_kernel().and_then(|()| Self::sockmap()) {
                 Ok(dataplane) => Ok((
@@ -140,27 +187,28 @@ impl Dataplane {
 
     /// The mode in use.
     pub fn mode(&self) -> Mode {
-        if self.sockmap.is_some() {
-            Mode::Sockmap
-        } else {
-            Mode::Userspace
+        match self.engine {
+            Engine::Sockmap(_) => Mode::Sockmap,
+            Engine::Splice => Mode::Splice,
+            Engine::Userspace => Mode::Userspace,
         }
     }
 
     /// The kernel program's counters, summed over CPUs (sockmap only).
     pub fn kernel_stats(&self) -> Option<Vec<(Stat, u64)>> {
-        self.sockmap.as_ref().map(Sockmap::stats)
+        self.sockmap_engine().map(Sockmap::stats)
     }
 
     /// Entries in the flow map (sockmap only): responses being spliced now.
     pub fn flows_in_use(&self) -> Option<usize> {
-        self.sockmap.as_ref().map(Sockmap::flows_len)
+        self.sockmap_engine().map(Sockmap::flows_len)
     }
 
     /// Prepares a client connection for relays.
     pub fn client(&self, stream: TcpStream) -> Client {
         Client {
             slot: None,
+            pipe: None,
             stream,
             delivered: 0,
             pending: Vec::new(),
@@ -188,8 +236,8 @@ impl Dataplane {
         // The kernel refuses sockets that are not ESTABLISHED (a client that
         // half-closed before its first request, a backend that closed at
         // once); such a response is copied through userspace instead.
-        let flow = match &self.sockmap {
-            Some(sockmap) => match splice(sockmap, client, &backend) {
+        let flow = match self.sockmap_engine() {
+            Some(sockmap) => match splice_to_client(sockmap, client, &backend) {
                 Ok(flow) => Some(flow),
                 Err(err) => {
                     tracing::debug!(%err, "sockmap hand-over refused; copying this response");
@@ -198,6 +246,9 @@ impl Dataplane {
             },
             None => None,
         };
+        if matches!(self.engine, Engine::Splice) && client.pipe.is_none() {
+            client.pipe = Some(Pipe::new().map_err(RelayError::Client)?);
+        }
         backend
             .write_all(request)
             .await
@@ -207,13 +258,17 @@ impl Dataplane {
         }
 
         let mut relayed = Relayed::default();
-        let mut buf = vec![0u8; COPY_BUFFER];
+        let mut buf = match self.engine {
+            Engine::Splice => Vec::new(),
+            Engine::Userspace | Engine::Sockmap(_) => vec![0u8; COPY_BUFFER],
+        };
         loop {
             tokio::select! {
-                read = backend.read(&mut buf) => match read {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        // Bytes the kernel passed up (or the userspace path):
+                step = backend_step(&backend, client.pipe.as_ref(), &mut buf) => match step {
+                    Ok(Step::End) => break,
+                    Ok(Step::Read(n)) => {
+                        // Bytes on the daemon's side of the backend socket
+                        // (with sockmap, only what the kernel passed up):
                         // everything spliced before them must reach the
                         // client first.
                         if let Some(flow) = &flow {
@@ -223,6 +278,11 @@ impl Dataplane {
                         client.stream.write_all(&buf[..n]).await.map_err(RelayError::Client)?;
                         client.delivered += n as u64;
                         relayed.copied += n as u64;
+                    }
+                    Ok(Step::Piped(n)) => {
+                        client.drain_pipe(n).await?;
+                        client.delivered += n as u64;
+                        relayed.piped += n as u64;
                     }
                     Err(source) => {
                         if let Some(flow) = &flow {
@@ -255,8 +315,42 @@ impl Dataplane {
     }
 }
 
+/// What one step of reading the backend did.
+enum Step {
+    /// The backend closed: the response is complete.
+    End,
+    /// This many bytes were read into the buffer.
+    Read(usize),
+    /// This many bytes were moved into the pipe.
+    Piped(usize),
+}
+
+/// Waits for the backend and moves what it has: into the pipe when there is
+/// one, else into `buf`. Cancel-safe: nothing moves until the step returns.
+async fn backend_step(
+    backend: &TcpStream,
+    pipe: Option<&Pipe>,
+    buf: &mut [u8],
+) -> io::Result<Step> {
+    loop {
+        backend.readable().await?;
+        let moved = match pipe {
+            Some(pipe) => backend
+                .try_io(Interest::READABLE, || pipe.fill_from(backend))
+                .map(|n| if n == 0 { Step::End } else { Step::Piped(n) }),
+            None => backend
+                .try_read(buf)
+                .map(|n| if n == 0 { Step::End } else { Step::Read(n) }),
+        };
+        match moved {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Registers the client (once) and hands the backend socket to the kernel.
-fn splice(
+fn splice_to_client(
     sockmap: &Sockmap,
     client: &mut Client,
     backend: &TcpStream,
@@ -274,6 +368,9 @@ pub struct Client {
     /// Registration as a redirect target (sockmap only). Declared before
     /// `stream` so it is removed from the map before the socket closes.
     slot: Option<ClientSlot>,
+    /// The pipe responses travel through (splice only), kept for the
+    /// connection's life.
+    pipe: Option<Pipe>,
     /// The client socket.
     pub stream: TcpStream,
     /// Bytes that should have entered the client socket's send queue: what
@@ -295,6 +392,26 @@ impl Client {
             .await
             .map_err(RelayError::Client)?;
         self.delivered += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Moves `len` bytes from the pipe into the client socket.
+    async fn drain_pipe(&mut self, mut len: usize) -> Result<(), RelayError> {
+        let pipe = self
+            .pipe
+            .as_ref()
+            .expect("invariant: Step::Piped comes only from a client's pipe");
+        while len > 0 {
+            self.stream.writable().await.map_err(RelayError::Client)?;
+            match self
+                .stream
+                .try_io(Interest::WRITABLE, || pipe.drain_into(&self.stream, len))
+            {
+                Ok(moved) => len -= moved,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(RelayError::Client(err)),
+            }
+        }
         Ok(())
     }
 

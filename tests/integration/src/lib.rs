@@ -24,8 +24,9 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// load here and the environment allows skipping.
 pub fn dataplane_or_skip(mode: Mode) -> Option<Dataplane> {
     match mode {
-        Mode::Userspace => Some(Dataplane::userspace()),
         Mode::Sockmap => sockmap_or_skip(),
+        Mode::Splice => Some(Dataplane::splice()),
+        Mode::Userspace => Some(Dataplane::userspace()),
     }
 }
 
@@ -335,11 +336,47 @@ fn split_sample(sample: &str) -> (&str, Vec<&str>) {
 }
 
 /// The dataplane modes the suite runs against.
-pub const MODES: [Mode; 2] = [Mode::Sockmap, Mode::Userspace];
+pub const MODES: [Mode; 3] = [Mode::Sockmap, Mode::Splice, Mode::Userspace];
+
+/// Which metric counts the response bytes of `mode`, and that no other path
+/// carried any: (the mode's own counter, the counters that must stay 0).
+pub fn byte_counters(mode: Mode) -> (&'static str, Vec<&'static str>) {
+    const SPLICED: &str = "router_sockmap_spliced_bytes_total";
+    const PIPED: &str = "router_splice_piped_bytes_total";
+    const COPIED: &str = "router_userspace_copied_bytes_total";
+    match mode {
+        Mode::Sockmap => (SPLICED, vec![PIPED, COPIED]),
+        Mode::Splice => (PIPED, vec![COPIED]),
+        Mode::Userspace => (COPIED, vec![PIPED]),
+    }
+}
+
+/// Checks that the router's `/metrics` counted exactly `bytes` response
+/// bytes on `mode`'s path and none on the others; with sockmap, that no flow
+/// entry is left behind.
+pub async fn assert_bytes_took_path(router: SocketAddr, mode: Mode, bytes: usize) {
+    let metrics = get(router, "/metrics").await.text();
+    let (own, others) = byte_counters(mode);
+    assert_eq!(
+        metric(&metrics, own),
+        Some(bytes as f64),
+        "{own}\n{metrics}"
+    );
+    for other in others {
+        assert_eq!(metric(&metrics, other), Some(0.0), "{other}\n{metrics}");
+    }
+    if mode == Mode::Sockmap {
+        assert_eq!(
+            metric(&metrics, "router_sockmap_flows"),
+            Some(0.0),
+            "{metrics}"
+        );
+    }
+}
 
 /// Declares one `#[tokio::test]` per dataplane mode for each named scenario
-/// `async fn scenario(mode: Mode)` in scope: `scenario::sockmap` and
-/// `scenario::userspace`.
+/// `async fn scenario(mode: Mode)` in scope: `scenario::sockmap`,
+/// `scenario::splice` and `scenario::userspace`.
 #[macro_export]
 macro_rules! each_mode {
     ($($scenario:ident),* $(,)?) => {
@@ -348,6 +385,10 @@ macro_rules! each_mode {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sockmap() {
                     super::$scenario(router_daemon::dataplane::Mode::Sockmap).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn splice() {
+                    super::$scenario(router_daemon::dataplane::Mode::Splice).await;
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn userspace() {

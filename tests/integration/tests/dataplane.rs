@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use integration_tests::{
-    Fleet, dataplane_or_skip, each_mode, exchange_raw, get, metric, post_json, sse_data,
+    Fleet, assert_bytes_took_path, dataplane_or_skip, each_mode, exchange_raw, post_json, sse_data,
     start_router,
 };
 use router_daemon::dataplane::Mode;
@@ -85,7 +85,7 @@ async fn streamed_response_is_byte_exact(mode: Mode) {
         assert_eq!(events.len(), 2_001);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     }
-    assert_kernel_path(router, mode, 3 * response.len()).await;
+    assert_bytes_took_path(router, mode, 3 * response.len()).await;
 }
 
 async fn bulk_response_is_byte_exact(mode: Mode) {
@@ -106,7 +106,7 @@ async fn bulk_response_is_byte_exact(mode: Mode) {
         received.raw == response,
         "bulk bytes differ from what the backend sent"
     );
-    assert_kernel_path(router, mode, response.len()).await;
+    assert_bytes_took_path(router, mode, response.len()).await;
 }
 
 /// Many clients at once, each must get exactly its own response.
@@ -124,31 +124,7 @@ async fn concurrent_clients_get_their_own_bytes(mode: Mode) {
         let received = client.await.expect("client task");
         assert!(received.raw == response, "a client got bytes that differ");
     }
-    assert_kernel_path(router, mode, 40 * response.len()).await;
-}
-
-/// With sockmap, the kernel program carried exactly `bytes` and the daemon
-/// copied none, and no flow entry is left behind; with userspace, the daemon
-/// copied them.
-async fn assert_kernel_path(router: std::net::SocketAddr, mode: Mode, bytes: usize) {
-    let metrics = get(router, "/metrics").await.text();
-    let copied = metric(&metrics, "router_userspace_copied_bytes_total").expect("copied metric");
-    match mode {
-        Mode::Sockmap => {
-            assert_eq!(copied, 0.0, "{metrics}");
-            assert_eq!(
-                metric(&metrics, "router_sockmap_spliced_bytes_total"),
-                Some(bytes as f64),
-                "{metrics}"
-            );
-            assert_eq!(
-                metric(&metrics, "router_sockmap_flows"),
-                Some(0.0),
-                "{metrics}"
-            );
-        }
-        Mode::Userspace => assert_eq!(copied, bytes as f64, "{metrics}"),
-    }
+    assert_bytes_took_path(router, mode, 40 * response.len()).await;
 }
 
 /// The simulator's stream through the router: vLLM's SSE shape, ending with

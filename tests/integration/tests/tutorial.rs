@@ -1,5 +1,7 @@
 //! The seed tutorial, reproduced: the second curl lands where the first did.
-use integration_tests::{Fleet, dataplane_or_skip, each_mode, get, metric, post_json};
+use integration_tests::{
+    Fleet, assert_bytes_took_path, dataplane_or_skip, each_mode, get, metric, post_json,
+};
 use router_daemon::dataplane::Mode;
 use serde_json::json;
 
@@ -93,18 +95,9 @@ async fn tutorial_pairs(mode: Mode) {
         .sum();
     assert_eq!(per_backend, 100.0, "{metrics}");
 
-    let copied = metric(&metrics, "router_userspace_copied_bytes_total").expect("copied bytes");
-    match mode {
-        // Proof the kernel path carried the responses: the program counted
-        // every response byte, and the daemon copied none.
-        Mode::Sockmap => {
-            let spliced = metric(&metrics, "router_sockmap_spliced_bytes_total")
-                .expect("spliced bytes metric");
-            assert_eq!(copied, 0.0, "{metrics}");
-            assert_eq!(spliced, received_bytes as f64, "{metrics}");
-        }
-        Mode::Userspace => assert_eq!(copied, received_bytes as f64, "{metrics}"),
-    }
+    // Every response byte took the mode's path: with sockmap, the kernel
+    // program's own count is the proof, and the daemon copied none.
+    assert_bytes_took_path(fleet.router, mode, received_bytes).await;
 }
 
 each_mode!(tutorial_pairs);
