@@ -35,6 +35,23 @@ use tokio::net::TcpListener;
 use crate::{backend::Backends, metrics::Metrics, route::Router};
 pub use crate::{config::Config, dataplane::Dataplane};
 
+/// Listen backlog for [`listener`]: bursts of new clients wait in the
+/// kernel's accept queue instead of being refused (capped by
+/// `net.core.somaxconn`, 4096 by default).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`.
+pub fn listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -22,8 +22,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing::info!(mode = mode.as_str(), "dataplane: {why}");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = router_daemon::listener(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
     tracing::info!(listen = %bound, backends = ?config.backends, "router-daemon ready");

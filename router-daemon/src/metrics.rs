@@ -126,6 +126,24 @@ struct KernelCounters(Arc<Dataplane>);
 
 impl Collector for KernelCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some((clients, backends)) = self.0.sockets_in_maps() {
+            for (name, help, count) in [
+                (
+                    "router_sockmap_client_sockets",
+                    "Client sockets registered as redirect targets",
+                    clients,
+                ),
+                (
+                    "router_sockmap_backend_sockets",
+                    "Backend sockets handed to the verdict program",
+                    backends,
+                ),
+            ] {
+                let gauge = ConstGauge::new(count as i64);
+                let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+                gauge.encode(metric)?;
+            }
+        }
         if let Some(flows) = self.0.flows_in_use() {
             let gauge = ConstGauge::new(flows as i64);
             let metric = encoder.encode_descriptor(

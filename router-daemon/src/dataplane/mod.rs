@@ -37,6 +37,8 @@ use self::{
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Userspace relay buffer size.
 const COPY_BUFFER: usize = 64 * 1024;
+/// Buffer for what the sockmap program passes up: normally only the FIN.
+const PASSED_UP_BUFFER: usize = 4 * 1024;
 
 /// A dataplane mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +201,12 @@ impl Dataplane {
         self.sockmap_engine().map(Sockmap::stats)
     }
 
+    /// Sockets registered with the kernel program (sockmap only): clients
+    /// and backends.
+    pub fn sockets_in_maps(&self) -> Option<(usize, usize)> {
+        self.sockmap_engine().map(Sockmap::sockets_len)
+    }
+
     /// Entries in the flow map (sockmap only): responses being spliced now.
     pub fn flows_in_use(&self) -> Option<usize> {
         self.sockmap_engine().map(Sockmap::flows_len)
@@ -260,7 +268,8 @@ impl Dataplane {
         let mut relayed = Relayed::default();
         let mut buf = match self.engine {
             Engine::Splice => Vec::new(),
-            Engine::Userspace | Engine::Sockmap(_) => vec![0u8; COPY_BUFFER],
+            Engine::Sockmap(_) => vec![0u8; PASSED_UP_BUFFER],
+            Engine::Userspace => vec![0u8; COPY_BUFFER],
         };
         loop {
             tokio::select! {
@@ -430,16 +439,24 @@ impl Client {
         let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
         let mut pause = Duration::from_micros(50);
         loop {
-            let queued = tcp::bytes_queued(&self.stream).map_err(RelayError::Client)?;
-            if queued >= self.delivered {
+            let progress = tcp::send_progress(&self.stream).map_err(RelayError::Client)?;
+            if progress.queued >= self.delivered {
                 return Ok(());
+            }
+            // A client that reset or closed makes the kernel drop what was
+            // redirected to it: those bytes will never be queued.
+            if !progress.open {
+                return Err(RelayError::Client(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the client closed before the response was delivered",
+                )));
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(RelayError::Client(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the kernel handed {queued} of {} spliced bytes to the client",
-                        self.delivered
+                        "the kernel handed {} of {} spliced bytes to the client",
+                        progress.queued, self.delivered
                     ),
                 )));
             }

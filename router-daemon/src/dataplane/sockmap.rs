@@ -218,6 +218,13 @@ impl Sockmap {
     pub(super) fn flows_len(&self) -> usize {
         lock(&self.flows).keys().count()
     }
+
+    /// Sockets in the client map and in the backend map.
+    pub(super) fn sockets_len(&self) -> (usize, usize) {
+        let clients = lock(&self.clients).keys().count();
+        let backends = lock(&self.backends).keys().count();
+        (clients, backends)
+    }
 }
 
 /// A client socket registered as a redirect target; unregistered on drop.

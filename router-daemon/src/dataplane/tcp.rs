@@ -1,6 +1,10 @@
 //! Socket facts the sockmap dataplane needs: cookies and send-queue progress.
 use std::{io, mem, os::fd::AsRawFd};
 
+/// TCP states from the kernel's `include/net/tcp_states.h`.
+const TCP_ESTABLISHED: libc::c_int = 1;
+const TCP_CLOSE_WAIT: libc::c_int = 8;
+
 /// `SO_COOKIE` from the kernel's uapi (`asm-generic/socket.h`).
 const SO_COOKIE: libc::c_int = 57;
 
@@ -24,14 +28,24 @@ pub(crate) fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// How far a socket's sending side has got.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SendProgress {
+    /// Bytes ever written into the send queue: acknowledged plus queued.
+    pub(crate) queued: u64,
+    /// The socket can still send (ESTABLISHED, or CLOSE_WAIT after the
+    /// peer's FIN); false once it was reset or closed.
+    pub(crate) open: bool,
+}
+
 /// Bytes ever written into the socket's send queue: acknowledged bytes plus
-/// bytes still queued.
+/// bytes still queued, and whether it can still send.
 ///
 /// The two are read in two calls, acknowledged first: an ACK landing in
 /// between moves bytes from "queued" to "acknowledged" unseen, so the sum can
 /// only be too low, never too high. Callers wait for it to reach a target,
 /// so an early answer is impossible and a late one costs a retry.
-pub(crate) fn bytes_queued(socket: &impl AsRawFd) -> io::Result<u64> {
+pub(crate) fn send_progress(socket: &impl AsRawFd) -> io::Result<SendProgress> {
     let fd = socket.as_raw_fd();
     // SAFETY: an all-zero tcp_info is a valid value of a plain C struct.
     let mut info: libc::tcp_info = unsafe { mem::zeroed() };
@@ -55,5 +69,9 @@ pub(crate) fn bytes_queued(socket: &impl AsRawFd) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_bytes_acked + u64::try_from(unacked).unwrap_or(0))
+    let state = libc::c_int::from(info.tcpi_state);
+    Ok(SendProgress {
+        queued: info.tcpi_bytes_acked + u64::try_from(unacked).unwrap_or(0),
+        open: state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT,
+    })
 }
