@@ -3,7 +3,8 @@
 //! release mode so they reuse setup's build, and a closing line naming each
 //! stage's result. Under `CI=true` the tests get `ROUTER_REQUIRE_SOCKMAP=1`,
 //! so they fail instead of skipping when the eBPF dataplane cannot load.
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use anyhow::{Result, bail};
 
@@ -42,11 +43,53 @@ pub fn run(args: Args) -> Result<()> {
 
     // Stages that prepare other test dependencies (e.g. Python packages for
     // SDK tests) go here, before `test`.
+    stages.record("python-deps", python_test_deps());
 
     let mut test = test_command(&toolchain, &args);
     stages.run("test", &mut test);
 
     stages.finish(&[])
+}
+
+/// The Python packages of vllm-sim's OpenAI SDK test, relative to the
+/// workspace root.
+const SDK_REQUIREMENTS: &str = "tests/vllm-sim/tests/sdk/requirements.txt";
+
+/// Installs the OpenAI Python SDK that vllm-sim's SDK test drives, unless
+/// `import openai` already works. Under CI a failed install fails the stage;
+/// elsewhere it is reported and that test skips with a message.
+fn python_test_deps() -> Result<()> {
+    let importable = Command::new("python3")
+        .args(["-c", "import openai"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if importable {
+        return Ok(());
+    }
+    let requirements = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(SDK_REQUIREMENTS);
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "install", "--quiet", "--no-input"])
+        .args(["--disable-pip-version-check", "--root-user-action=ignore"])
+        .arg("-r")
+        .arg(&requirements);
+    eprintln!("xtask test: python-deps: {}", setup::describe(&pip));
+    match setup::check_status(&mut pip) {
+        Ok(()) => Ok(()),
+        Err(err) if setup::is_ci() => {
+            Err(err.context("CI=true needs the OpenAI Python SDK for vllm-sim's SDK test"))
+        }
+        Err(err) => {
+            eprintln!(
+                "xtask test: python-deps: {err:#}\n       vllm-sim's SDK test will skip; \
+                 fix: python3 -m pip install -r {SDK_REQUIREMENTS}"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// `cargo test --workspace --release` with the caller's extra arguments.

@@ -1,67 +1,50 @@
-//! The simulated engine: one request's life from scheduling to its last
-//! token, with the prefix cache, the latency model and the metrics.
+//! The simulated engine: a step loop over the [`Scheduler`], timed by the
+//! latency model, delivering each request's tokens as they are produced.
 //!
-//! [`Engine::start`] schedules a request at once (there is no queue yet): it
-//! looks the prompt up in the prefix cache and pins the hit blocks. The
-//! returned [`Generation`] is then pulled token by token:
+//! [`Engine::spawn`] starts the loop on the current tokio runtime. Like
+//! vLLM's engine core it runs one step after another while there is work:
+//! it asks the scheduler for a step (admitting waiting requests), waits the
+//! step's simulated duration ([`Timing::step`]: the prefill part
+//! `prefill_overhead + prompt_tokens × prefill_per_token` plus the decode
+//! part `itl + itl_per_seq × (decodes − 1)`), then hands the step's tokens to
+//! their requests. Deadlines are absolute (step *n+1* starts when step *n*
+//! was due), so timer rounding does not drift the rate; a loop that fell more
+//! than [`CATCH_UP_LIMIT`] behind (a starved host) starts the next step
+//! from now instead of bursting to catch up. With no work the loop sleeps
+//! until a request arrives, and it ends once the engine is dropped.
 //!
-//! * the first token comes after the prefill, `prefill_overhead +
-//!   uncached_tokens × prefill_per_token`;
-//! * every later one `inter_token` after the previous one (deadlines are
-//!   absolute, so a slow reader receives a burst, as from a real server that
-//!   kept generating).
+//! [`Engine::submit`] queues a request and returns its [`Generation`], the
+//! receiving end of its tokens. Dropping a [`Generation`] before its last
+//! token (a client disconnect) removes the request, waiting or running,
+//! frees its slot and counts an abort.
 //!
-//! Blocks become cached once their KV would be computed: the prompt's full
-//! blocks at the end of the prefill, then each further full block of prompt
-//! plus output as decoding fills it (the newest token's KV is never computed,
-//! so it is never cached). Like vLLM, at least the last prompt token is always
-//! recomputed, so a prompt of `n` tokens reuses at most `⌊(n-1)/block_size⌋`
-//! blocks.
-//!
-//! Dropping a [`Generation`] before its last token (a client disconnect)
-//! stops it and counts an abort; either way its blocks are unpinned.
+//! With `--die-after-tokens N` the engine dies once it has generated `N`
+//! tokens: every request is dropped, every [`Generation`] ends with
+//! [`EngineDied`], and [`Engine::death`] fires so the server can drop its
+//! connections.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::cache::{BlockHash, PrefixCache, extend_block_hashes};
 use crate::config::{Config, Timing};
 use crate::error::Error;
-use crate::metrics::{FinishReason, Metrics};
-use crate::sampler::{Sampler, TextStyle, Vocabulary};
-use crate::tokenize::{TokenId, Tokenizer};
+use crate::metrics::{FinishReason, Gauges, Metrics};
+use crate::sampler::Vocabulary;
+use crate::scheduler::{Limits, Scheduler, SeqId, Step};
+use crate::tokenize::Tokenizer;
 
-/// Stand-in deadline for a delay too long to represent (absurd settings).
+pub use crate::scheduler::NewSeq as GenerationRequest;
+
+/// How late the loop may be on a step's deadline and still schedule the next
+/// step from that deadline rather than from now.
+pub const CATCH_UP_LIMIT: Duration = Duration::from_millis(5);
+
+/// Stand-in for a step too long to represent (absurd settings).
 const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// The shared state of one simulated vLLM engine.
-#[derive(Debug)]
-pub struct Engine {
-    /// Instance name, for logs.
-    id: String,
-    block_size: usize,
-    timing: Timing,
-    vocabulary: Vocabulary,
-    cache: Mutex<PrefixCache>,
-    metrics: Metrics,
-}
-
-/// What [`Engine::start`] needs to know about a request.
-#[derive(Clone, Debug)]
-pub struct GenerationRequest {
-    /// The request's id, for logs.
-    pub request_id: String,
-    /// The prompt's token ids.
-    pub prompt: Vec<TokenId>,
-    /// Tokens to generate; at least 1.
-    pub max_tokens: usize,
-    /// Seed of the generated text.
-    pub seed: u64,
-    /// Spelling of the generated text.
-    pub style: TextStyle,
-}
 
 /// One generated token, as handed to the API layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,97 +55,288 @@ pub struct Token {
     pub finish_reason: Option<FinishReason>,
 }
 
+/// The engine died (`--die-after-tokens`) before the request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the engine died (--die-after-tokens) before the request ended")]
+pub struct EngineDied;
+
+/// What a request's channel carries.
+#[derive(Clone, Copy, Debug)]
+struct Emitted {
+    token: Token,
+    cached_tokens: usize,
+}
+
+/// The shared state of one simulated vLLM engine.
+#[derive(Debug)]
+pub struct Engine {
+    /// Instance name, for logs.
+    id: String,
+    timing: Timing,
+    vocabulary: Vocabulary,
+    metrics: Metrics,
+    die_after_tokens: Option<u64>,
+    state: Mutex<State>,
+    /// Wakes the idle step loop.
+    wake: Arc<Notify>,
+    /// Set once, when the engine dies.
+    death: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct State {
+    scheduler: Scheduler,
+    /// Where each live request's tokens go.
+    subscribers: HashMap<SeqId, mpsc::UnboundedSender<Emitted>>,
+    dead: bool,
+}
+
 impl Engine {
-    /// An idle engine for `config`, generating words the tokenizer knows.
-    pub fn new(config: &Config, tokenizer: &Tokenizer) -> Result<Self, Error> {
+    /// Builds an idle engine for `config`, generating words the tokenizer
+    /// knows, and starts its step loop on the current tokio runtime (panics
+    /// outside one).
+    pub fn spawn(config: &Config, tokenizer: &Tokenizer) -> Result<Arc<Self>, Error> {
         config.validate()?;
-        Ok(Self {
+        let limits = Limits {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+        };
+        let engine = Arc::new(Self {
             id: config.id.clone(),
-            block_size: config.block_size,
             timing: Timing::try_from(config)?,
             vocabulary: Vocabulary::new(tokenizer)?,
-            cache: Mutex::new(PrefixCache::new(config.kv_cache_blocks)),
             metrics: Metrics::new(&config.model),
-        })
+            die_after_tokens: config.die_after_tokens,
+            state: Mutex::new(State {
+                scheduler: Scheduler::new(limits, config.block_size, config.kv_cache_blocks),
+                subscribers: HashMap::new(),
+                dead: false,
+            }),
+            wake: Arc::new(Notify::new()),
+            death: watch::Sender::new(false),
+        });
+        tokio::spawn(run(Arc::downgrade(&engine), Arc::clone(&engine.wake)));
+        Ok(engine)
     }
 
-    /// The engine's counters.
+    /// The engine's counters and histograms.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    /// The Prometheus exposition of the engine's metrics.
-    pub fn render_metrics(&self) -> String {
-        let usage = self.cache().usage();
-        self.metrics.render(usage)
-    }
-
-    /// Schedules `request`: looks its prompt up in the prefix cache and pins
-    /// the reused blocks. Generation starts when the result is first polled;
-    /// its clock starts now.
-    pub fn start(self: &Arc<Self>, request: GenerationRequest) -> Generation {
-        let GenerationRequest {
-            request_id,
-            prompt,
-            max_tokens,
-            seed,
-            style,
-        } = request;
-        let mut blocks = Vec::new();
-        extend_block_hashes(&mut blocks, &prompt, self.block_size);
-        // At least one prompt token is always computed (vLLM needs its logits).
-        let reusable = prompt.len().saturating_sub(1) / self.block_size;
-        let hit_blocks = self.cache().acquire_prefix(&blocks[..reusable]);
-        let cached_tokens = hit_blocks * self.block_size;
-        self.metrics.request_started(prompt.len(), cached_tokens);
-        tracing::info!(
-            sim = %self.id,
-            "Retrieved {cached_tokens} out of {} tokens for request {request_id}",
-            prompt.len(),
-        );
-        Generation {
-            engine: Arc::clone(self),
-            sampler: Sampler::new(seed, &prompt, style),
-            prompt_tokens: prompt.len(),
-            tokens: prompt,
-            request_id,
-            cached_tokens,
-            max_tokens,
-            blocks,
-            pinned: hit_blocks,
-            caching: true,
-            deadline: Instant::now(),
-            finished: false,
+    /// Running and waiting requests and KV-cache usage, now.
+    pub fn gauges(&self) -> Gauges {
+        let state = self.state();
+        Gauges {
+            running: state.scheduler.running(),
+            waiting: state.scheduler.waiting(),
+            kv_cache_usage: state.scheduler.cache().usage(),
         }
     }
 
-    /// The prefix cache, locked. A panic while it was held cannot leave it
+    /// The Prometheus exposition of the engine's metrics.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(self.gauges())
+    }
+
+    /// Whether the engine died (`--die-after-tokens`).
+    pub fn is_dead(&self) -> bool {
+        *self.death.borrow()
+    }
+
+    /// A receiver whose value turns `true` when the engine dies.
+    pub fn death(&self) -> watch::Receiver<bool> {
+        self.death.subscribe()
+    }
+
+    /// Queues `request`. Its tokens arrive through the returned
+    /// [`Generation`]; a dead engine's generations end at once.
+    pub fn submit(self: &Arc<Self>, request: GenerationRequest) -> Generation {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let request_id = request.request_id.clone();
+        let prompt_tokens = request.prompt.len();
+        let id = {
+            let mut state = self.state();
+            let id = state.scheduler.add(request, Instant::now());
+            if !state.dead {
+                state.subscribers.insert(id, tx);
+            } else {
+                state.scheduler.remove(id);
+            }
+            id
+        };
+        self.wake.notify_one();
+        Generation {
+            engine: Arc::clone(self),
+            id,
+            request_id,
+            rx,
+            prompt_tokens,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            phase: Phase::Open,
+        }
+    }
+
+    /// Plans the next step and accounts for the requests it admits; `None`
+    /// when idle.
+    fn plan(&self, now: Instant) -> Option<Step> {
+        let mut state = self.state();
+        if state.dead {
+            return None;
+        }
+        let step = state.scheduler.schedule(now)?;
+        for admitted in &step.admitted {
+            self.metrics.request_scheduled(
+                admitted.prompt_tokens,
+                admitted.cached_tokens,
+                admitted.queued,
+            );
+            tracing::info!(
+                sim = %self.id,
+                "Retrieved {} out of {} tokens for request {}",
+                admitted.cached_tokens,
+                admitted.prompt_tokens,
+                admitted.request_id,
+            );
+        }
+        Some(step)
+    }
+
+    /// Applies a step that ended at `now`: delivers its tokens, records
+    /// latencies, and dies if the token limit was reached.
+    fn complete(&self, step: &Step, now: Instant) {
+        let mut state = self.state();
+        if state.dead {
+            return;
+        }
+        let outputs = state.scheduler.complete(step, &self.vocabulary);
+        for output in outputs {
+            let since_arrival = now.saturating_duration_since(output.arrival);
+            self.metrics
+                .token_generated(output.first.then_some(since_arrival));
+            let emitted = Emitted {
+                token: Token {
+                    text: output.text,
+                    finish_reason: output.finish_reason,
+                },
+                cached_tokens: output.cached_tokens,
+            };
+            if let Some(reason) = output.finish_reason {
+                self.metrics.request_finished(reason, since_arrival);
+                if let Some(tx) = state.subscribers.remove(&output.id) {
+                    let _ = tx.send(emitted);
+                }
+            } else if let Some(tx) = state.subscribers.get(&output.id) {
+                let _ = tx.send(emitted);
+            }
+            let generated = self.metrics.generation_tokens();
+            if self
+                .die_after_tokens
+                .is_some_and(|limit| generated >= limit)
+            {
+                self.die(&mut state, generated);
+                return;
+            }
+        }
+    }
+
+    /// The simulated crash: drops every request and announces the death.
+    fn die(&self, state: &mut State, generated: u64) {
+        tracing::error!(
+            sim = %self.id,
+            "simulated crash after {generated} generated tokens (--die-after-tokens)"
+        );
+        state.dead = true;
+        state.scheduler.clear();
+        // Dropping the senders ends every generation with `EngineDied`.
+        state.subscribers.clear();
+        self.death.send_replace(true);
+    }
+
+    /// Removes a request whose client left; counts an abort if it was
+    /// still waiting or running.
+    fn abort(&self, id: SeqId, request_id: &str) {
+        let mut state = self.state();
+        state.subscribers.remove(&id);
+        if let Some(removed) = state.scheduler.remove(id) {
+            let e2e = Instant::now().saturating_duration_since(removed.arrival);
+            self.metrics.request_finished(FinishReason::Abort, e2e);
+            tracing::debug!(
+                sim = %self.id,
+                %request_id,
+                running = removed.was_running,
+                "request aborted",
+            );
+        }
+    }
+
+    /// The engine's state, locked. A panic while it was held cannot leave it
     /// in a state worse than miscounted hits, so poisoning is ignored.
-    fn cache(&self) -> MutexGuard<'_, PrefixCache> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// A scheduled request, producing its tokens on demand.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Lets the idle loop see that the engine is gone.
+        self.wake.notify_one();
+    }
+}
+
+/// The step loop. Holds the engine only while stepping, so dropping the
+/// last other handle ends it.
+async fn run(engine: Weak<Engine>, wake: Arc<Notify>) {
+    // When the previous step was due, while the engine is busy.
+    let mut due: Option<Instant> = None;
+    loop {
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(step) = engine.plan(now) else {
+            due = None;
+            drop(engine);
+            wake.notified().await;
+            continue;
+        };
+        let start = match due {
+            Some(due) if now.saturating_duration_since(due) <= CATCH_UP_LIMIT => due,
+            _ => now,
+        };
+        let duration = engine.timing.step(step.prefill_tokens, step.decodes);
+        let end = start.checked_add(duration).unwrap_or_else(|| now + FOREVER);
+        if duration.is_zero() {
+            // Let the clients and the HTTP server run between instant steps.
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep_until(end).await;
+        }
+        due = Some(end);
+        engine.complete(&step, Instant::now().max(end));
+    }
+}
+
+/// Where a [`Generation`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Open,
+    Finished,
+    Killed,
+}
+
+/// A submitted request, producing its tokens as the engine generates them.
 #[derive(Debug)]
 pub struct Generation {
     engine: Arc<Engine>,
+    id: SeqId,
     request_id: String,
-    /// Prompt, then every generated token.
-    tokens: Vec<TokenId>,
+    rx: mpsc::UnboundedReceiver<Emitted>,
     prompt_tokens: usize,
     cached_tokens: usize,
-    max_tokens: usize,
-    sampler: Sampler,
-    /// Chained hashes of the full blocks of `tokens` seen so far.
-    blocks: Vec<BlockHash>,
-    /// `blocks[..pinned]` are pinned in the cache for this request.
-    pinned: usize,
-    /// Cleared once the cache had no room, ending this request's insertions.
-    caching: bool,
-    /// When the latest token was (or, before the first, the request was) due.
-    deadline: Instant,
-    finished: bool,
+    completion_tokens: usize,
+    phase: Phase,
 }
 
 impl Generation {
@@ -176,94 +350,47 @@ impl Generation {
         self.prompt_tokens
     }
 
-    /// Prompt tokens served from the prefix cache.
+    /// Prompt tokens served from the prefix cache (known from the first
+    /// token on; 0 before).
     pub fn cached_tokens(&self) -> usize {
         self.cached_tokens
     }
 
-    /// Tokens generated so far.
+    /// Tokens received so far.
     pub fn completion_tokens(&self) -> usize {
-        self.tokens.len() - self.prompt_tokens
+        self.completion_tokens
     }
 
-    /// Waits for and returns the next token, or `None` once the last one
-    /// (the one carrying a finish reason) was returned.
-    pub async fn next_token(&mut self) -> Option<Token> {
-        if self.finished {
-            return None;
+    /// Waits for and returns the next token; `Ok(None)` once the last one
+    /// (the one carrying a finish reason) was returned, `Err` if the engine
+    /// died first.
+    pub async fn next_token(&mut self) -> Result<Option<Token>, EngineDied> {
+        match self.phase {
+            Phase::Finished => return Ok(None),
+            Phase::Killed => return Err(EngineDied),
+            Phase::Open => {}
         }
-        let generated = self.completion_tokens();
-        let timing = &self.engine.timing;
-        let delay = if generated == 0 {
-            timing.prefill(self.prompt_tokens - self.cached_tokens)
-        } else {
-            timing.inter_token
-        };
-        if !delay.is_zero() {
-            self.deadline = self
-                .deadline
-                .checked_add(delay)
-                .unwrap_or_else(|| Instant::now() + FOREVER);
-            tokio::time::sleep_until(self.deadline).await;
-        }
-
-        let engine = Arc::clone(&self.engine);
-        let token = self.sampler.next_token(&engine.vocabulary);
-        self.tokens.push(token.id);
-        engine.metrics.token_generated();
-        // Everything but the newest token has had its KV computed.
-        self.cache_computed_blocks(self.tokens.len() - 1);
-
-        let finish_reason = (generated + 1 >= self.max_tokens).then_some(FinishReason::Length);
-        if let Some(reason) = finish_reason {
-            self.finish(reason);
-        }
-        Some(Token {
-            text: token.text,
-            finish_reason,
-        })
-    }
-
-    /// Caches (and pins) the full blocks among the first `computed` tokens.
-    fn cache_computed_blocks(&mut self, computed: usize) {
-        extend_block_hashes(
-            &mut self.blocks,
-            &self.tokens[..computed],
-            self.engine.block_size,
-        );
-        if !self.caching || self.pinned == self.blocks.len() {
-            return;
-        }
-        let mut cache = self.engine.cache();
-        for &hash in &self.blocks[self.pinned..] {
-            if !cache.acquire(hash) {
-                // No room: later blocks could never be reached anyway.
-                self.caching = false;
-                break;
+        match self.rx.recv().await {
+            Some(emitted) => {
+                self.cached_tokens = emitted.cached_tokens;
+                self.completion_tokens += 1;
+                if emitted.token.finish_reason.is_some() {
+                    self.phase = Phase::Finished;
+                }
+                Ok(Some(emitted.token))
             }
-            self.pinned += 1;
+            None => {
+                self.phase = Phase::Killed;
+                Err(EngineDied)
+            }
         }
-    }
-
-    /// Unpins the request's blocks and records how it ended.
-    fn finish(&mut self, reason: FinishReason) {
-        self.finished = true;
-        self.engine.cache().release(&self.blocks[..self.pinned]);
-        self.pinned = 0;
-        self.engine.metrics.request_finished(reason);
     }
 }
 
 impl Drop for Generation {
     fn drop(&mut self) {
-        if !self.finished {
-            tracing::debug!(
-                sim = %self.engine.id,
-                request_id = %self.request_id,
-                generated = self.completion_tokens(),
-                "request aborted",
-            );
-            self.finish(FinishReason::Abort);
+        if self.phase == Phase::Open {
+            self.engine.abort(self.id, &self.request_id);
         }
     }
 }
@@ -271,10 +398,26 @@ impl Drop for Generation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampler::TextStyle;
+    use crate::tokenize::TokenId;
 
     fn engine(config: Config) -> Arc<Engine> {
         let tokenizer = Tokenizer::shared().expect("cl100k_base is embedded");
-        Arc::new(Engine::new(&config, tokenizer).expect("test config is valid"))
+        Engine::spawn(&config, tokenizer).expect("test config is valid")
+    }
+
+    /// A config with round numbers: 10 ms + 1 ms per prompt token, 5 ms ITL
+    /// plus 1 ms per extra sequence.
+    fn timed(max_num_seqs: usize) -> Config {
+        Config {
+            time_scale: 1.0,
+            prefill_overhead_ms: 10.0,
+            prefill_per_token_us: 1000.0,
+            itl_ms: 5.0,
+            itl_per_seq_us: 1000.0,
+            max_num_seqs,
+            ..Config::for_tests("t")
+        }
     }
 
     fn request(prompt: Vec<TokenId>, max_tokens: usize) -> GenerationRequest {
@@ -288,31 +431,41 @@ mod tests {
     }
 
     async fn run(engine: &Arc<Engine>, prompt: Vec<TokenId>, max_tokens: usize) -> (usize, String) {
-        let mut generation = engine.start(request(prompt, max_tokens));
-        let cached = generation.cached_tokens();
+        let mut generation = engine.submit(request(prompt, max_tokens));
         let mut text = String::new();
-        while let Some(token) = generation.next_token().await {
+        while let Some(token) = generation.next_token().await.expect("alive") {
             text.push_str(token.text);
         }
-        (cached, text)
+        (generation.cached_tokens(), text)
     }
 
     fn tokens(base: u32, n: usize) -> Vec<TokenId> {
         (base..).take(n).collect()
     }
 
+    /// Waits (bounded) until the engine's gauges satisfy `ok`.
+    async fn until(engine: &Engine, ok: impl Fn(Gauges) -> bool) {
+        for _ in 0..1000 {
+            if ok(engine.gauges()) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("gauges never got there: {:?}", engine.gauges());
+    }
+
     #[tokio::test]
     async fn generates_max_tokens_then_stops() {
         let engine = engine(Config::for_tests("t"));
-        let mut generation = engine.start(request(tokens(0, 5), 3));
+        let mut generation = engine.submit(request(tokens(0, 5), 3));
         let mut reasons = Vec::new();
-        while let Some(token) = generation.next_token().await {
+        while let Some(token) = generation.next_token().await.expect("alive") {
             reasons.push(token.finish_reason);
         }
         assert_eq!(reasons, [None, None, Some(FinishReason::Length)]);
         assert_eq!(generation.completion_tokens(), 3);
         assert_eq!(engine.metrics().finished(FinishReason::Length), 1);
-        assert_eq!(engine.metrics().running(), 0);
+        assert_eq!(engine.gauges().running, 0);
     }
 
     #[tokio::test]
@@ -340,11 +493,12 @@ mod tests {
     async fn generated_blocks_are_cached_for_the_next_turn() {
         let engine = engine(Config::for_tests("t"));
         let prompt = tokens(0, 10);
-        let mut generation = engine.start(request(prompt.clone(), 40));
-        while generation.next_token().await.is_some() {}
+        let (_, answer) = run(&engine, prompt.clone(), 40).await;
         // The follow-up holds prompt + answer: 50 tokens = 3 full blocks.
-        let follow_up = generation.tokens.clone();
-        drop(generation);
+        let tokenizer = Tokenizer::shared().expect("embedded");
+        let mut follow_up = prompt;
+        follow_up.extend(tokenizer.encode_ordinary(&answer));
+        assert_eq!(follow_up.len(), 50);
         assert_eq!(run(&engine, follow_up, 1).await.0, 48);
     }
 
@@ -360,34 +514,169 @@ mod tests {
     #[tokio::test]
     async fn dropping_early_counts_an_abort_and_unpins() {
         let engine = engine(Config::for_tests("t"));
-        let mut generation = engine.start(request(tokens(0, 40), 10));
-        assert!(generation.next_token().await.is_some());
-        assert_eq!(engine.cache().pinned(), 2);
+        let mut generation = engine.submit(request(tokens(0, 40), 10));
+        assert!(generation.next_token().await.expect("alive").is_some());
+        assert_eq!(engine.state().scheduler.cache().pinned(), 2);
         drop(generation);
         assert_eq!(engine.metrics().finished(FinishReason::Abort), 1);
-        assert_eq!(engine.metrics().running(), 0);
-        assert_eq!(engine.cache().pinned(), 0);
-        assert_eq!(engine.cache().len(), 2);
+        assert_eq!(engine.gauges().running, 0);
+        let state = engine.state();
+        assert_eq!(state.scheduler.cache().pinned(), 0);
+        assert_eq!(state.scheduler.cache().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn tokens_follow_the_latency_model() {
-        let config = Config {
-            prefill_overhead_ms: 10.0,
-            prefill_per_token_us: 1000.0,
-            itl_ms: 5.0,
-            ..Config::for_tests("t")
-        };
-        let engine = engine(Config {
-            time_scale: 1.0,
-            ..config
-        });
+        let engine = engine(timed(256));
         let start = Instant::now();
-        let mut generation = engine.start(request(tokens(0, 20), 3));
-        generation.next_token().await;
-        assert_eq!(start.elapsed().as_millis(), 10 + 20);
-        generation.next_token().await;
-        generation.next_token().await;
-        assert_eq!(start.elapsed().as_millis(), 10 + 20 + 2 * 5);
+        let mut generation = engine.submit(request(tokens(0, 20), 3));
+        generation.next_token().await.expect("alive");
+        assert_eq!(start.elapsed(), Duration::from_millis(10 + 20));
+        generation.next_token().await.expect("alive");
+        generation.next_token().await.expect("alive");
+        assert_eq!(start.elapsed(), Duration::from_millis(10 + 20 + 2 * 5));
+        let ttft = engine.metrics().time_to_first_token();
+        assert_eq!(ttft.count, 1);
+        assert!((ttft.sum - 0.030).abs() < 1e-9, "{}", ttft.sum);
+        let e2e = engine.metrics().e2e_request_latency();
+        assert!((e2e.sum - 0.040).abs() < 1e-9, "{}", e2e.sum);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn decode_steps_grow_with_the_batch() {
+        let engine = engine(timed(256));
+        let start = Instant::now();
+        let mut batch: Vec<Generation> = (0..4)
+            .map(|i| engine.submit(request(tokens(i * 100, 10), 3)))
+            .collect();
+        for generation in &mut batch {
+            generation.next_token().await.expect("alive");
+        }
+        // One step prefilled all four prompts together.
+        let prefilled = Duration::from_millis(10 + 40);
+        assert_eq!(start.elapsed(), prefilled);
+        for generation in &mut batch {
+            generation.next_token().await.expect("alive");
+        }
+        // A decode step over 4 sequences: 5 ms + 3 × 1 ms.
+        assert_eq!(start.elapsed(), prefilled + Duration::from_millis(8));
+    }
+
+    /// Reads `generation` to its end on its own task; returns when its first
+    /// and last tokens arrived, after `start`.
+    fn timeline(
+        mut generation: Generation,
+        start: Instant,
+    ) -> tokio::task::JoinHandle<(Duration, Duration)> {
+        tokio::spawn(async move {
+            generation.next_token().await.expect("alive");
+            let first = start.elapsed();
+            while generation.next_token().await.expect("alive").is_some() {}
+            (first, start.elapsed())
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beyond_max_num_seqs_requests_wait_for_a_slot() {
+        let engine = engine(timed(2));
+        let start = Instant::now();
+        let generations: Vec<Generation> = (0..4)
+            .map(|i| engine.submit(request(tokens(i * 100, 10), 5)))
+            .collect();
+        until(&engine, |g| g.running == 2 && g.waiting == 2).await;
+        let tasks: Vec<_> = generations
+            .into_iter()
+            .map(|generation| timeline(generation, start))
+            .collect();
+        let mut times = Vec::new();
+        for task in tasks {
+            times.push(task.await.expect("reader ran"));
+        }
+        let ms = Duration::from_millis;
+        // The first two: prefilled together, then 4 decode steps of 2 seqs.
+        assert_eq!(times[..2], [(ms(10 + 20), ms(30 + 4 * 6)); 2]);
+        // The last two start when the first two have finished.
+        assert_eq!(times[2..], [(ms(54 + 30), ms(84 + 24)); 2]);
+        let queued = engine.metrics().request_queue_time();
+        assert_eq!(queued.count, 4);
+        assert!((queued.sum - 2.0 * 0.054).abs() < 1e-9, "{}", queued.sum);
+        let ttft = engine.metrics().time_to_first_token();
+        assert!(
+            (ttft.sum - (2.0 * 0.030 + 2.0 * 0.084)).abs() < 1e-9,
+            "{}",
+            ttft.sum
+        );
+        assert_eq!(engine.gauges(), Gauges::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_stalls_the_running_decodes() {
+        let engine = engine(timed(256));
+        let mut running = engine.submit(request(tokens(0, 10), 100));
+        running.next_token().await.expect("alive");
+        let before = Instant::now();
+        running.next_token().await.expect("alive");
+        assert_eq!(before.elapsed(), Duration::from_millis(5));
+        // A 100-token prompt joins. The step already under way is a plain
+        // decode; the next one prefills the newcomer beside the decode.
+        let _newcomer = engine.submit(request(tokens(5000, 100), 5));
+        running.next_token().await.expect("alive");
+        let before = Instant::now();
+        running.next_token().await.expect("alive");
+        assert_eq!(before.elapsed(), Duration::from_millis(10 + 100 + 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_request_can_be_aborted() {
+        let engine = engine(timed(1));
+        let mut first = engine.submit(request(tokens(0, 10), 5));
+        let second = engine.submit(request(tokens(100, 10), 5));
+        first.next_token().await.expect("alive");
+        assert_eq!(engine.gauges().waiting, 1);
+        drop(second);
+        assert_eq!(engine.gauges().waiting, 0);
+        assert_eq!(engine.metrics().finished(FinishReason::Abort), 1);
+        while first.next_token().await.expect("alive").is_some() {}
+        assert_eq!(engine.metrics().finished(FinishReason::Length), 1);
+    }
+
+    #[tokio::test]
+    async fn the_engine_dies_after_n_tokens() {
+        let engine = engine(Config {
+            die_after_tokens: Some(5),
+            ..Config::for_tests("t")
+        });
+        let mut death = engine.death();
+        let mut generation = engine.submit(request(tokens(0, 10), 100));
+        let mut received = 0;
+        let outcome = loop {
+            match generation.next_token().await {
+                Ok(Some(_)) => received += 1,
+                other => break other,
+            }
+        };
+        assert_eq!(outcome, Err(EngineDied));
+        assert_eq!(received, 5);
+        assert!(engine.is_dead());
+        assert!(death.wait_for(|dead| *dead).await.is_ok());
+        assert_eq!(engine.metrics().generation_tokens(), 5);
+        // Later requests end at once, and no abort is counted for them.
+        let mut late = engine.submit(request(tokens(0, 10), 3));
+        assert_eq!(late.next_token().await, Err(EngineDied));
+        drop(late);
+        drop(generation);
+        assert_eq!(engine.metrics().finished(FinishReason::Abort), 0);
+    }
+
+    #[tokio::test]
+    async fn the_loop_ends_with_the_engine() {
+        let engine = engine(Config::for_tests("t"));
+        let weak = Arc::downgrade(&engine);
+        run(&engine, tokens(0, 4), 2).await;
+        drop(engine);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(weak.upgrade().is_none());
     }
 }

@@ -14,6 +14,10 @@ pub enum Error {
     /// The HTTP server stopped with an I/O error.
     #[error("HTTP server failed")]
     Serve(#[source] std::io::Error),
+    /// The simulated crash of `--die-after-tokens` happened: every
+    /// connection was dropped.
+    #[error("simulated crash after {0} generated tokens (--die-after-tokens)")]
+    Died(u64),
 }
 
 /// A configuration value that cannot be used.
@@ -29,6 +33,22 @@ pub enum ConfigError {
         flag: &'static str,
         /// The rejected value.
         value: f64,
+    },
+    /// A fraction outside [0, 1].
+    #[error("--{flag} = {value} is not a fraction between 0 and 1")]
+    NotAFraction {
+        /// The flag's name, without dashes.
+        flag: &'static str,
+        /// The rejected value.
+        value: f64,
+    },
+    /// The step budget cannot hold one decode token per running sequence.
+    #[error("--max-num-batched-tokens ({tokens}) must be at least --max-num-seqs ({seqs})")]
+    BudgetBelowSeqs {
+        /// `--max-num-batched-tokens`.
+        tokens: usize,
+        /// `--max-num-seqs`.
+        seqs: usize,
     },
     /// The instance id cannot be sent as an HTTP header value.
     #[error("--id {0:?} is not a valid HTTP header value")]

@@ -1,15 +1,15 @@
-//! The `vllm-sim` binary: parse flags, set up logging, bind, serve until
-//! Ctrl-C or SIGTERM.
+//! The `vllm-sim` binary: parse flags (applying `--profile`), set up
+//! logging, bind, serve until Ctrl-C or SIGTERM. A simulated crash
+//! (`--die-after-tokens`) exits with status 1.
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use vllm_sim::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config = Config::from_cli();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

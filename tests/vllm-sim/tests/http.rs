@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Sim;
+use common::{Sim, metric};
 use serde_json::{Value, json};
 use vllm_sim::Config;
 
@@ -428,6 +428,10 @@ async fn side_endpoints_answer() {
     assert_eq!((health.status, health.body.len()), (200, 0));
     assert_eq!(health.header("x-served-by"), Some("sim-0"));
 
+    let version = sim.get("/version").await;
+    assert_eq!(version.status, 200);
+    assert_eq!(version.json(), json!({"version": vllm_sim::VLLM_VERSION}));
+
     let models = sim.get("/v1/models").await.json();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], MODEL);
@@ -498,12 +502,6 @@ async fn request_ids_follow_x_request_id() {
     sim.stop().await;
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
-}
-
 #[tokio::test]
 async fn metrics_count_tokens_and_requests() {
     let sim = sim("sim-0").await;
@@ -532,6 +530,16 @@ async fn metrics_count_tokens_and_requests() {
         ),
     );
     assert_eq!(success, 2.0);
+    for histogram in [
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_queue_time_seconds",
+    ] {
+        assert!(text.contains(&format!("# TYPE {histogram} histogram\n")));
+        assert_eq!(at(&format!("{histogram}_count")), 2.0, "{histogram}");
+        let inf = format!("{histogram}_bucket{{engine=\"0\",le=\"+Inf\",model_name=\"{MODEL}\"}}");
+        assert_eq!(metric(text, &inf), 2.0, "{histogram}");
+    }
     sim.stop().await;
 }
 

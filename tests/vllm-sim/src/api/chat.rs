@@ -37,8 +37,9 @@ pub async fn create(
     );
     let requested = request.max_completion_tokens.or(request.max_tokens);
     let max_tokens = app.limits.budget(prompt.len(), requested)?;
+    app.inject_faults().await?;
     let meta = app.response_meta("chatcmpl", &headers);
-    let generation = app.engine.start(GenerationRequest {
+    let generation = app.engine.submit(GenerationRequest {
         request_id: meta.id.clone(),
         prompt,
         max_tokens,
@@ -54,7 +55,10 @@ pub async fn create(
             include_usage,
         ));
     }
-    let done = respond::collect(generation).await;
+    let done = match respond::collect(generation).await {
+        Ok(done) => done,
+        Err(died) => return Ok(respond::dropped(died)),
+    };
     let body = ChatCompletionResponse {
         id: &meta.id,
         object: "chat.completion",

@@ -32,8 +32,9 @@ pub async fn create(
     app.check_model(request.model.as_deref())?;
     let prompt = completion_prompt(app.tokenizer, &request.prompt, true)?;
     let max_tokens = app.limits.budget(prompt.len(), request.max_tokens)?;
+    app.inject_faults().await?;
     let meta = app.response_meta("cmpl", &headers);
-    let generation = app.engine.start(GenerationRequest {
+    let generation = app.engine.submit(GenerationRequest {
         request_id: meta.id.clone(),
         prompt,
         max_tokens,
@@ -49,7 +50,10 @@ pub async fn create(
             include_usage,
         ));
     }
-    let done = respond::collect(generation).await;
+    let done = match respond::collect(generation).await {
+        Ok(done) => done,
+        Err(died) => return Ok(respond::dropped(died)),
+    };
     let body = CompletionResponse {
         id: &meta.id,
         object: OBJECT,

@@ -34,6 +34,22 @@ impl ApiError {
         }
     }
 
+    /// 500: the simulated engine failed (`--fail-rate`).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+        }
+    }
+
+    /// 503: not ready yet (`--startup-delay-s`).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+        }
+    }
+
     /// 405: a known route with the wrong method.
     pub fn method_not_allowed() -> Self {
         Self {
@@ -48,6 +64,7 @@ impl ApiError {
         match self.status {
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowedError",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             status if status.is_server_error() => "InternalServerError",
             _ => "BadRequestError",
         }

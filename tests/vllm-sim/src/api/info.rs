@@ -1,5 +1,5 @@
-//! Read-only endpoints: `/health`, `/metrics`, `/v1/models`, and the
-//! `server_info` / `model_info` probes some peer routers send.
+//! Read-only endpoints: `/health`, `/version`, `/metrics`, `/v1/models`,
+//! and the `server_info` / `model_info` probes some peer routers send.
 
 use std::sync::Arc;
 
@@ -9,11 +9,18 @@ use axum::http::HeaderValue;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 
-use super::App;
-use super::protocol::{ModelCard, ModelList, Null, ServerInfo};
+use super::protocol::{ModelCard, ModelList, Null, ServerInfo, Version};
+use super::{App, VLLM_VERSION};
 
 /// `GET /health`: 200 with an empty body while the server runs.
 pub async fn health() {}
+
+/// `GET /version`: `{"version": …}`, like vLLM.
+pub async fn version() -> impl IntoResponse {
+    Json(Version {
+        version: VLLM_VERSION,
+    })
+}
 
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

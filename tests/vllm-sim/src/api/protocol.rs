@@ -384,6 +384,13 @@ pub struct RenderResponse<'a> {
     pub prompt_token_ids: &'a [TokenId],
 }
 
+/// `GET /version`.
+#[derive(Debug, Serialize)]
+pub struct Version {
+    /// The vLLM release the simulator follows.
+    pub version: &'static str,
+}
+
 /// `GET /server_info`, `/model_info` and their `get_` twins.
 #[derive(Debug, Serialize)]
 pub struct ServerInfo<'a> {

@@ -4,9 +4,11 @@
 //!
 //! The event stream owns the [`Generation`] and drives it as the client
 //! reads; if the client goes away, hyper drops the stream, which stops the
-//! generation and counts an abort.
+//! generation and counts an abort. If the engine dies mid-generation
+//! (`--die-after-tokens`), the body fails, so hyper drops the connection
+//! instead of ending the response.
 
-use std::convert::Infallible;
+use std::io;
 
 use axum::body::{Body, Bytes};
 use axum::http::HeaderValue;
@@ -15,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::protocol::Usage;
-use crate::engine::{Generation, Token};
+use crate::engine::{EngineDied, Generation, Token};
 use crate::metrics::FinishReason;
 
 /// What every response and chunk of one request repeats.
@@ -41,20 +43,32 @@ pub struct Completed {
 }
 
 /// Runs `generation` to its end.
-pub async fn collect(mut generation: Generation) -> Completed {
+pub async fn collect(mut generation: Generation) -> Result<Completed, EngineDied> {
     let mut text = String::new();
     let mut finish_reason = FinishReason::Length;
-    while let Some(token) = generation.next_token().await {
+    while let Some(token) = generation.next_token().await? {
         text.push_str(token.text);
         if let Some(reason) = token.finish_reason {
             finish_reason = reason;
         }
     }
-    Completed {
+    Ok(Completed {
         text,
         finish_reason,
         usage: usage(&generation),
-    }
+    })
+}
+
+/// A response whose body fails at once, so that hyper drops the connection:
+/// what a client sees of a server that died (`--die-after-tokens`) while
+/// the request ran.
+pub fn dropped(died: EngineDied) -> Response {
+    let body = futures_util::stream::once(async move { Err::<Bytes, _>(died_error(died)) });
+    Body::from_stream(body).into_response()
+}
+
+fn died_error(died: EngineDied) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, died)
 }
 
 /// Token counts of `generation` so far.
@@ -102,7 +116,7 @@ pub fn event_stream(
     };
     let body = futures_util::stream::unfold(events, |mut events| async move {
         let event = events.next_event().await?;
-        Some((Ok::<_, Infallible>(event), events))
+        Some((event, events))
     });
     (
         [(
@@ -131,32 +145,36 @@ struct EventStream<E> {
 }
 
 impl<E: ChunkEncoder> EventStream<E> {
-    async fn next_event(&mut self) -> Option<Bytes> {
+    async fn next_event(&mut self) -> Option<io::Result<Bytes>> {
         loop {
             match self.phase {
                 Phase::Tokens { first } => match self.generation.next_token().await {
-                    Some(token) => {
+                    Ok(Some(token)) => {
                         let mut out = String::new();
                         self.encoder.write_token(&token, first, &mut out);
                         self.phase = match token.finish_reason {
                             Some(_) => Phase::Usage,
                             None => Phase::Tokens { first: false },
                         };
-                        return Some(out.into());
+                        return Some(Ok(out.into()));
                     }
-                    None => self.phase = Phase::Usage,
+                    Ok(None) => self.phase = Phase::Usage,
+                    Err(died) => {
+                        self.phase = Phase::Ended;
+                        return Some(Err(died_error(died)));
+                    }
                 },
                 Phase::Usage => {
                     self.phase = Phase::Done;
                     if self.include_usage {
                         let mut out = String::new();
                         self.encoder.write_usage(usage(&self.generation), &mut out);
-                        return Some(out.into());
+                        return Some(Ok(out.into()));
                     }
                 }
                 Phase::Done => {
                     self.phase = Phase::Ended;
-                    return Some(Bytes::from_static(b"data: [DONE]\n\n"));
+                    return Some(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
                 }
                 Phase::Ended => return None,
             }

@@ -1,6 +1,8 @@
 //! Test harness: an in-process simulator and a minimal HTTP/1.1 client that
 //! shows exactly what went over the wire.
 
+#![allow(dead_code, reason = "each test binary uses its own subset")]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -56,6 +58,22 @@ impl Sim {
         self.request("GET", path, None).await
     }
 
+    /// The value of one `/metrics` series (name and labels, exactly).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.text().to_owned();
+        metric(&text, series)
+    }
+
+    /// Waits for the server to end on its own (a simulated crash) and
+    /// returns how it ended.
+    pub async fn join(mut self) -> Result<(), vllm_sim::Error> {
+        let task = self.task.take().expect("not joined yet");
+        tokio::time::timeout(TIMEOUT, task)
+            .await
+            .expect("the server ended in time")
+            .expect("task ran")
+    }
+
     /// Stops the server and checks it shut down cleanly.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -77,6 +95,13 @@ impl Drop for Sim {
             let _ = tx.send(());
         }
     }
+}
+
+/// The value of `series` (name and labels, exactly) in a `/metrics` text.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
 }
 
 /// A parsed HTTP response.
@@ -251,5 +276,36 @@ impl Conn {
     /// Sends a request and drops the connection after the first body bytes.
     pub async fn read_some(&mut self) {
         assert!(self.fill().await, "some response expected");
+    }
+
+    /// Reads until the bytes received so far contain `needle` (they stay
+    /// buffered for [`Self::response`]).
+    pub async fn wait_for(&mut self, needle: &[u8]) {
+        while !self.buf.windows(needle.len()).any(|w| w == needle) {
+            assert!(
+                self.fill().await,
+                "connection closed before {:?}",
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+
+    /// Reads until the server closes the connection (FIN or RST); returns
+    /// everything received.
+    pub async fn read_to_close(&mut self) -> Vec<u8> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            let read = tokio::time::timeout(TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .expect("the server closed the connection in time");
+            match read {
+                Ok(0) => return std::mem::take(&mut self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return std::mem::take(&mut self.buf);
+                }
+                Err(error) => panic!("read: {error}"),
+            }
+        }
     }
 }
