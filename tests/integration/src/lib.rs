@@ -48,6 +48,12 @@ pub fn sockmap_or_skip() -> Option<Dataplane> {
     }
 }
 
+/// A listener on an ephemeral loopback port, with the daemon's large accept
+/// backlog, so bursts of test clients are queued rather than refused.
+pub fn loopback_listener() -> TcpListener {
+    router_daemon::listener(([127, 0, 0, 1], 0).into()).expect("bind a loopback listener")
+}
+
 /// Signals a background server to stop when dropped.
 #[derive(Debug)]
 pub struct Stopper(Option<oneshot::Sender<()>>);
@@ -69,7 +75,7 @@ fn stopper() -> (Stopper, impl Future<Output = ()> + Send + 'static) {
 
 /// Starts a `vllm-sim` on an ephemeral port with test timing.
 pub async fn start_sim(config: vllm_sim::Config) -> (SocketAddr, Stopper) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+    let listener = loopback_listener();
     let addr = listener.local_addr().expect("sim addr");
     let (stop, shutdown) = stopper();
     tokio::spawn(async move {
@@ -91,7 +97,7 @@ pub async fn start_router_with(
     dataplane: Dataplane,
     configure: impl FnOnce(&mut Config),
 ) -> (SocketAddr, Stopper) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind router");
+    let listener = loopback_listener();
     let addr = listener.local_addr().expect("router addr");
     let mut config = Config::with_backends(addr, backends);
     configure(&mut config);
@@ -102,6 +108,56 @@ pub async fn start_router_with(
         }
     });
     (addr, stop)
+}
+
+/// A backend that answers one request per connection with `response`,
+/// written in pieces of `piece` bytes with a pause between some of them, then
+/// closes. The bytes are fixed so the client's copy can be compared exactly.
+pub async fn scripted_backend(response: Vec<u8>, piece: usize) -> String {
+    let listener = loopback_listener();
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let response = response.clone();
+            tokio::spawn(serve_scripted(stream, response, piece));
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize) {
+    // Read the whole request, head and Content-Length body, as a real server
+    // does: closing with unread bytes would reset the connection.
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(head_end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
+            let body_len = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|len| len.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if request.len() >= head_end + 4 + body_len {
+                break;
+            }
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    for (i, chunk) in response.chunks(piece).enumerate() {
+        if stream.write_all(chunk).await.is_err() {
+            return;
+        }
+        if i % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 /// A router in front of simulated vLLM instances `sim-0`, `sim-1`, …

@@ -1,55 +1,10 @@
 //! Response bytes arrive exactly as the backend sent them, on every dataplane.
-use std::time::Duration;
-
 use integration_tests::{
-    Fleet, assert_bytes_took_path, dataplane_or_skip, each_mode, exchange_raw, post_json, sse_data,
-    start_router,
+    Fleet, assert_bytes_took_path, dataplane_or_skip, each_mode, exchange_raw, post_json,
+    scripted_backend, sse_data, start_router,
 };
 use router_daemon::dataplane::Mode;
 use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
-
-/// A backend that answers one request per connection with `response`,
-/// written in pieces of `piece` bytes with a pause between some of them, then
-/// closes. The bytes are fixed so the client's copy can be compared exactly.
-async fn scripted_backend(response: Vec<u8>, piece: usize) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let response = response.clone();
-            tokio::spawn(serve_scripted(stream, response, piece));
-        }
-    });
-    format!("http://{addr}")
-}
-
-async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize) {
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-    }
-    for (i, chunk) in response.chunks(piece).enumerate() {
-        if stream.write_all(chunk).await.is_err() {
-            return;
-        }
-        if i % 16 == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-}
 
 /// An SSE response in vLLM's shape with `events` chunked events.
 fn sse_response(events: usize) -> Vec<u8> {
