@@ -65,6 +65,12 @@ unsafe impl GlobalAlloc for CountingAllocator {
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 const CLIENTS: usize = 1_000;
+/// The router's gauges of kernel map entries, all 0 once traffic is done.
+const SOCKMAP_GAUGES: [&str; 3] = [
+    "router_sockmap_flows",
+    "router_sockmap_client_sockets",
+    "router_sockmap_backend_sockets",
+];
 /// Longer than the router's lingering close (2 s), after which a finished
 /// connection's descriptor is gone.
 const LINGER_WINDOW: Duration = Duration::from_secs(3);
@@ -214,13 +220,9 @@ async fn settled(router: SocketAddr, mode: Mode, baseline: usize) -> (usize, Str
         metrics = get(router, "/metrics").await.text();
         fds = open_fds();
         let maps_empty = mode != Mode::Sockmap
-            || [
-                "router_sockmap_flows",
-                "router_sockmap_client_sockets",
-                "router_sockmap_backend_sockets",
-            ]
-            .iter()
-            .all(|name| metric(&metrics, name) == Some(0.0));
+            || SOCKMAP_GAUGES
+                .iter()
+                .all(|name| metric(&metrics, name) == Some(0.0));
         if fds <= baseline && maps_empty {
             break;
         }
@@ -254,20 +256,30 @@ async fn no_leaks_after_many_random_closes(mode: Mode) {
     tokio::time::sleep(LINGER_WINDOW).await;
     let (baseline_fds, _) = settled(router, mode, usize::MAX).await;
 
-    let (ok, complete) = load(router, requests / 2, 2).await;
-    assert!(
-        ok * 100 >= complete * 99,
-        "only {ok} of {complete} complete exchanges succeeded"
-    );
-    let (fds, metrics) = settled(router, mode, baseline_fds).await;
-    assert!(
-        fds <= baseline_fds,
-        "{fds} descriptors open, {baseline_fds} before\n{}\n{metrics}",
-        sockets()
-    );
+    let metrics = leak_free_round(router, mode, requests / 2, 2, baseline_fds).await;
     let (heap_half, rss_half) = (LIVE_HEAP.load(Ordering::Relaxed), rss_bytes());
+    let metrics_half = metrics;
 
-    let (ok, complete) = load(router, requests - requests / 2, 3).await;
+    let metrics = leak_free_round(router, mode, requests - requests / 2, 3, baseline_fds).await;
+    let (heap_end, rss_end) = (LIVE_HEAP.load(Ordering::Relaxed), rss_bytes());
+    assert!(
+        heap_end * 10 <= heap_half * 11,
+        "live heap grew from {heap_half} to {heap_end} bytes over the second half \
+         (RSS {rss_half} -> {rss_end})\n{metrics_half}\n{metrics}"
+    );
+}
+
+/// Runs `requests` exchanges, then checks that (nearly) every complete one
+/// succeeded, that the process is back to `baseline_fds` descriptors, and,
+/// with sockmap, that no map holds an entry. Returns the final `/metrics`.
+async fn leak_free_round(
+    router: SocketAddr,
+    mode: Mode,
+    requests: usize,
+    seed: u64,
+    baseline_fds: usize,
+) -> String {
+    let (ok, complete) = load(router, requests, seed).await;
     assert!(
         ok * 100 >= complete * 99,
         "only {ok} of {complete} complete exchanges succeeded"
@@ -279,20 +291,11 @@ async fn no_leaks_after_many_random_closes(mode: Mode) {
         sockets()
     );
     if mode == Mode::Sockmap {
-        for name in [
-            "router_sockmap_flows",
-            "router_sockmap_client_sockets",
-            "router_sockmap_backend_sockets",
-        ] {
+        for name in SOCKMAP_GAUGES {
             assert_eq!(metric(&metrics, name), Some(0.0), "{name}\n{metrics}");
         }
     }
-    let (heap_end, rss_end) = (LIVE_HEAP.load(Ordering::Relaxed), rss_bytes());
-    assert!(
-        heap_end * 10 <= heap_half * 11,
-        "live heap grew from {heap_half} to {heap_end} bytes over the second half \
-         (RSS {rss_half} -> {rss_end})"
-    );
+    metrics
 }
 
 each_mode!(no_leaks_after_many_random_closes);
