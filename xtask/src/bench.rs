@@ -1,23 +1,175 @@
-//! `cargo xtask bench`: setup, then `cargo bench --workspace` with the
-//! caller's arguments.
-use anyhow::Result;
+//! `cargo xtask bench`: setup, then either `cargo bench --workspace` with
+//! the caller's arguments, or, with `dataplane`, the dataplane benchmark.
+//!
+//! `cargo xtask bench dataplane [ARGS]` makes sure nginx is installed (it
+//! is the classic L7 proxy the router is compared with: `apt-get install
+//! nginx` when it is missing and we are root; otherwise it says what is
+//! missing and the run goes on without nginx), then runs the release
+//! `router-bench dataplane` with the release `router-daemon`. `ARGS` go to
+//! `router-bench` unchanged (`cargo xtask bench dataplane --help` lists
+//! them); the report is printed and written to
+//! `target/bench/dataplane-<timestamp>.md`.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result};
 
 use crate::setup;
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    /// A benchmark of its own; without one, `cargo bench --workspace`.
+    #[command(subcommand)]
+    command: Option<Bench>,
     /// Extra arguments for `cargo bench --workspace`, after `--`.
     #[arg(last = true, value_name = "CARGO_BENCH_ARGS")]
     cargo_bench_args: Vec<String>,
 }
 
-/// Builds, then runs every benchmark in the workspace.
+/// The benchmarks that are not `cargo bench` targets.
+#[derive(clap::Subcommand)]
+enum Bench {
+    /// Every dataplane side by side with direct and nginx (`--help` lists
+    /// the options).
+    ///
+    /// Cases: small requests, 1,000 SSE streams, one 100 MB response; about
+    /// 4 minutes, `--quick` about 1. The arguments go to `router-bench
+    /// dataplane`.
+    #[command(disable_help_flag = true)]
+    Dataplane {
+        /// Arguments for `router-bench dataplane`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+}
+
+/// The Debian package and binary of the comparison proxy.
+const NGINX: &str = "nginx";
+
+/// Runs `cargo xtask bench`.
 pub fn run(args: Args) -> Result<()> {
+    match args.command {
+        None => cargo_bench(&args.cargo_bench_args),
+        Some(Bench::Dataplane { args }) => dataplane(&args),
+    }
+}
+
+/// Builds, then runs every benchmark in the workspace.
+fn cargo_bench(extra: &[String]) -> Result<()> {
     let toolchain = setup::run()?;
     let mut bench = toolchain.cargo();
-    bench
-        .args(["bench", "--workspace"])
-        .args(&args.cargo_bench_args);
+    bench.args(["bench", "--workspace"]).args(extra);
     setup::check_status(&mut bench)
+}
+
+/// Builds, installs nginx if it can, then runs `router-bench dataplane`.
+fn dataplane(args: &[String]) -> Result<()> {
+    let toolchain = setup::run()?;
+    let bench_bin = toolchain.release_bin("router-bench")?;
+    let router_bin = toolchain.release_bin("router-daemon")?;
+    let root = toolchain
+        .cargo()
+        .get_current_dir()
+        .map(Path::to_path_buf)
+        .context("the workspace root is unknown")?;
+
+    let help = args.iter().any(|a| a == "--help" || a == "-h");
+    let mut cmd = Command::new(bench_bin);
+    cmd.arg("dataplane").current_dir(&root);
+    if !help {
+        let invoked = std::iter::once("cargo xtask bench dataplane".to_owned())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        cmd.arg("--router-bin")
+            .arg(router_bin)
+            .arg("--out-dir")
+            .arg(root.join("target").join("bench"))
+            .arg("--invoked-as")
+            .arg(invoked);
+        let wants_nginx = !args
+            .iter()
+            .any(|a| a == "--no-nginx" || a.starts_with("--nginx-bin"));
+        if wants_nginx {
+            match ensure_nginx() {
+                Some(nginx) => {
+                    cmd.arg("--nginx-bin").arg(nginx);
+                }
+                None => {
+                    cmd.arg("--no-nginx");
+                }
+            }
+        }
+    }
+    // The caller's arguments last: they override the ones above.
+    cmd.args(args);
+    setup::check_status(&mut cmd)
+}
+
+/// nginx's path, installed with apt-get first when it is missing and this
+/// is root; `None` (with a message saying what is missing) otherwise.
+fn ensure_nginx() -> Option<PathBuf> {
+    if let Some(found) = find_nginx() {
+        return Some(found);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let has_apt = Command::new("apt-get")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !is_root || !has_apt {
+        let sudo = if is_root { "" } else { "sudo " };
+        eprintln!(
+            "bench: missing {NGINX}, the L7 proxy the router is compared with\n       \
+             fix: {sudo}apt-get update && {sudo}apt-get install -y {NGINX}\n       \
+             running without the nginx rows"
+        );
+        return None;
+    }
+    eprintln!("bench: installing {NGINX} (apt-get)");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    let installed =
+        apt(&["update", "-qq"]) && apt(&["install", "-y", "-qq", "--no-install-recommends", NGINX]);
+    match find_nginx() {
+        Some(found) if installed => Some(found),
+        _ => {
+            eprintln!(
+                "bench: could not install {NGINX}\n       fix: apt-get update && apt-get \
+                 install -y {NGINX}\n       running without the nginx rows"
+            );
+            None
+        }
+    }
+}
+
+/// nginx on `PATH`, else where Debian puts it (`/usr/sbin` is not on every
+/// user's `PATH`).
+fn find_nginx() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(NGINX))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.or_else(|| {
+        let sbin = Path::new("/usr/sbin").join(NGINX);
+        sbin.is_file().then_some(sbin)
+    })
 }

@@ -38,7 +38,7 @@ enum Command {
     Run(run::Args),
     /// Setup, then `cargo fmt --check`, `cargo clippy` and `cargo test`, as CI does.
     Test(test::Args),
-    /// Setup, then `cargo bench --workspace`.
+    /// Setup, then `cargo bench --workspace`; `bench dataplane` runs the dataplane benchmark.
     Bench(bench::Args),
 }
 

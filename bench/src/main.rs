@@ -1,0 +1,62 @@
+//! `router-bench`: the dataplane benchmark of `cargo xtask bench dataplane`.
+//!
+//! - `router-bench dataplane [options]` runs the benchmark: it starts the
+//!   fake backend (this binary's `serve`), nginx as the classic L7 proxy,
+//!   and router-daemon once per dataplane, all on 127.0.0.1, and measures
+//!   three cases against each of them and against the backend directly:
+//!   (a) small requests, (b) 1,000 concurrent SSE streams, (c) one 100 MB
+//!   response. It prints a markdown report and writes it to
+//!   `target/bench/dataplane-<timestamp>.md`.
+//! - `router-bench serve --listen ADDR...` is the fake backend alone.
+//!
+//! Modules: [`run`] orchestrates, [`client`] generates load, [`backend`]
+//! serves, [`report`] writes the report, [`nginx`] configures nginx,
+//! [`procs`] manages child processes, [`procfs`] reads CPU times and the
+//! clock, [`http`] is the little HTTP/1.1 they share.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod backend;
+mod client;
+mod http;
+mod nginx;
+mod procfs;
+mod procs;
+mod report;
+mod run;
+
+/// Dataplane benchmark for router-daemon.
+#[derive(Parser)]
+#[command(
+    name = "router-bench",
+    version,
+    arg_required_else_help = true,
+    args_override_self = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the benchmark: every dataplane, direct and nginx, cases (a)-(c).
+    Dataplane(Box<run::Args>),
+    /// Serve as the fake backend on the given addresses.
+    Serve(backend::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Dataplane(args) => run::run(*args),
+        Command::Serve(args) => backend::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("router-bench: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The child processes of a run (the backend, nginx, one router per
+//! dataplane): started in their own process group with a parent-death
+//! signal, logged to a file, and stopped by pid (SIGTERM, then SIGKILL to
+//! their group) when dropped.
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+/// How long a child may take to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A started child process.
+#[derive(Debug)]
+pub struct Proc {
+    /// A short name for messages.
+    pub name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr going to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("duplicating {}", log.display()))?;
+        let parent = std::process::id();
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        // SAFETY: the closure only makes async-signal-safe system calls and
+        // does not allocate.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have died before the prctl took effect.
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({program})"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            status: None,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if the process has exited (reaps it).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// The last `lines` lines of the log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Sends `signal` to the process, or to its whole group.
+    fn signal(&self, signal: libc::c_int, group: bool) {
+        if self.status.is_some() {
+            return;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return;
+        };
+        let target = if group { -pid } else { pid };
+        // SAFETY: kill has no memory-safety preconditions; the child is not
+        // reaped yet, so its pid (and group id) still names it.
+        unsafe { libc::kill(target, signal) };
+    }
+
+    /// Stops the process: SIGTERM, [`STOP_GRACE`], then SIGKILL to its
+    /// group. Idempotent.
+    pub fn stop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        self.signal(libc::SIGTERM, false);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "router-bench: {} did not stop within {} s; killing its process group",
+            self.name,
+            STOP_GRACE.as_secs()
+        );
+        self.signal(libc::SIGKILL, true);
+        self.status = self.child.wait().ok();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
