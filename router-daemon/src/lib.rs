@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: flags and their environment twins.
-//! - [`conn`]: one client connection's life: read a request, answer it
+//! - `conn`: one client connection's life: read a request, answer it
 //!   locally or route it, relay the response.
 //! - [`http`]: HTTP/1.1 request framing (httparse) and the head sent on.
 //! - [`prompt`]: the model and prompt key, scanned out of the JSON body.

@@ -3,8 +3,8 @@
 //! - [`setup`]: installs the eBPF toolchain when it is missing and builds the
 //!   release binaries; every other task runs it first.
 //! - [`run`]: starts `vllm-sim` instances and `router-daemon` in front of them.
-//! - [`test`]: fmt, clippy and the workspace tests, as CI runs them.
-//! - [`bench`]: the workspace benchmarks.
+//! - [`test`](mod@test): fmt, clippy and the workspace tests, as CI runs them.
+//! - [`bench`](mod@bench): the workspace benchmarks.
 //!
 //! This file only parses the command line and dispatches.
 use std::process::ExitCode;

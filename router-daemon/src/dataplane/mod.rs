@@ -6,7 +6,7 @@
 //! response). Three modes sit behind it:
 //! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects the
 //!   backend's bytes to the client socket; userspace sees only the FIN (see
-//!   [`sockmap`] for the hand-over protocol). Needs privilege.
+//!   `sockmap.rs` for the hand-over protocol). Needs privilege.
 //! - [`Mode::Splice`]: `splice(2)` moves the bytes through a pipe without
 //!   copying them into the daemon. Unprivileged.
 //! - [`Mode::Userspace`]: a read/write loop in the daemon. Works everywhere.
@@ -125,7 +125,9 @@ pub enum RelayError {
     /// The client connection failed or was reset.
     #[error("client went away: {0}")]
     Client(io::Error),
-    /// The kernel path could not be set up for this response.
+    /// Reading the kernel's byte count for this response failed. (A socket
+    /// the kernel refuses at hand-over is not an error: that response is
+    /// copied through userspace.)
     #[error("sockmap: {0}")]
     Sockmap(#[from] SockmapError),
 }

@@ -186,27 +186,27 @@ pub struct Config {
     #[arg(long, env = "VLLM_SIM_TIME_SCALE", default_value_t = 1.0)]
     pub time_scale: f64,
 
-    /// Fixed cost of an engine step that prefills, in milliseconds [profile].
+    /// Fixed cost of an engine step that prefills, in milliseconds; default from --profile.
     #[arg(long, env = "VLLM_SIM_PREFILL_OVERHEAD_MS", default_value_t = DEFAULT_PREFILL_OVERHEAD_MS)]
     pub prefill_overhead_ms: f64,
 
-    /// Prefill cost of each prompt token not served from the prefix cache, in microseconds [profile].
+    /// Prefill cost of each prompt token not served from the prefix cache, in microseconds; default from --profile.
     #[arg(long, env = "VLLM_SIM_PREFILL_PER_TOKEN_US", default_value_t = DEFAULT_PREFILL_PER_TOKEN_US)]
     pub prefill_per_token_us: f64,
 
-    /// Decode step (inter-token latency) with one running sequence, in milliseconds [profile].
+    /// Decode step (inter-token latency) with one running sequence, in milliseconds; default from --profile.
     #[arg(long, env = "VLLM_SIM_ITL_MS", default_value_t = DEFAULT_ITL_MS)]
     pub itl_ms: f64,
 
-    /// Growth of the decode step per additional running sequence, in microseconds [profile].
+    /// Growth of the decode step per additional running sequence, in microseconds; default from --profile.
     #[arg(long, env = "VLLM_SIM_ITL_PER_SEQ_US", default_value_t = DEFAULT_ITL_PER_SEQ_US)]
     pub itl_per_seq_us: f64,
 
-    /// At most this many requests run at once; the rest wait in a FIFO queue [profile].
+    /// At most this many requests run at once; the rest wait in a FIFO queue; default from --profile.
     #[arg(long, env = "VLLM_SIM_MAX_NUM_SEQS", default_value_t = DEFAULT_MAX_NUM_SEQS)]
     pub max_num_seqs: usize,
 
-    /// Tokens one engine step may process (decodes plus prefill chunks) [profile].
+    /// Tokens one engine step may process (decodes plus prefill chunks); default from --profile.
     #[arg(long, env = "VLLM_SIM_MAX_NUM_BATCHED_TOKENS", default_value_t = DEFAULT_MAX_NUM_BATCHED_TOKENS)]
     pub max_num_batched_tokens: usize,
 
