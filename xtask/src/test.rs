@@ -1,5 +1,6 @@
 //! `cargo xtask test`: what CI runs (through `.ci/run`). Setup, then
-//! `cargo fmt --check`, `cargo clippy -D warnings` and `cargo test`, all in
+//! `cargo fmt --check`, `cargo clippy -D warnings`, `cargo doc` (warnings
+//! denied) and `cargo test`, all in
 //! release mode so they reuse setup's build, and a closing line naming each
 //! stage's result. Under `CI=true` the tests get `ROUTER_REQUIRE_SOCKMAP=1`,
 //! so they fail instead of skipping when the eBPF dataplane cannot load.
@@ -28,7 +29,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         Err(err) => {
             stages.record("setup", Err(err));
-            return stages.finish(&["fmt", "clippy", "test"]);
+            return stages.finish(&["fmt", "clippy", "doc", "python-deps", "test"]);
         }
     };
 
@@ -40,6 +41,19 @@ pub fn run(args: Args) -> Result<()> {
     clippy.args(["clippy", "--workspace", "--all-targets", "--release"]);
     clippy.args(["--", "-D", "warnings"]);
     stages.run("clippy", &mut clippy);
+
+    // Broken or private intra-doc links fail the run. router-ebpf is a BPF
+    // object with an empty host binary: nothing to document.
+    let mut doc = toolchain.cargo();
+    doc.args([
+        "doc",
+        "--workspace",
+        "--no-deps",
+        "--exclude",
+        "router-ebpf",
+    ])
+    .env("RUSTDOCFLAGS", "-D warnings");
+    stages.run("doc", &mut doc);
 
     // Stages that prepare other test dependencies (e.g. Python packages for
     // SDK tests) go here, before `test`.
