@@ -8,13 +8,31 @@
 //! # Maps
 //! - [`MAP_BACKENDS`]: sockhash of backend sockets, keyed by socket cookie.
 //!   The stream-verdict program [`PROG_SPLICE`] is attached to it, so every
-//!   byte a backend sends is judged by the kernel program.
+//!   byte a backend sends is judged by the kernel program. A pooled backend
+//!   connection stays in it for its whole life.
 //! - [`MAP_CLIENTS`]: sockhash of client sockets, keyed by socket cookie, with
 //!   no program attached: clients are pure redirect targets, and their own
 //!   ingress (requests) stays an ordinary socket that the daemon reads.
-//! - [`MAP_FLOWS`]: hash map from a backend socket cookie to its [`Flow`]:
-//!   which client receives its bytes, and how many bytes were spliced.
+//! - [`MAP_CONTROL`]: backend cookie → [`Control`], written only by the
+//!   daemon: which client the backend's response goes to, and from where.
+//! - [`MAP_PROGRESS`]: backend cookie → [`Progress`], written only by the
+//!   kernel program (the daemon creates and deletes the entry): what it did
+//!   with the backend's bytes.
 //! - [`MAP_STATS`]: per-CPU array of counters indexed by [`Stat`].
+//!
+//! One writer per map value: a hash-map update from userspace replaces the
+//! element, so a field the kernel increments in the same value could be lost.
+//!
+//! # Hand-over
+//! The daemon reads each response head itself (bytes the program passes up).
+//! Once it knows the body's framing, it publishes a [`Control`] with a new
+//! `generation` and `fence` = every byte it has read from the backend so far.
+//! The program adopts it on the next skb only if it has passed up exactly
+//! `fence` bytes, i.e. the daemon holds no unread bytes that would otherwise
+//! be overtaken; then it redirects body bytes while it can follow the
+//! framing, and passes up the skb that holds the end of the response (or
+//! anything it cannot follow), freezing [`Progress::framing`] at that skb's
+//! first byte so the daemon continues from exactly there.
 #![no_std]
 
 /// Name of the stream-verdict program in the object file.
@@ -23,33 +41,104 @@ pub const PROG_SPLICE: &str = "splice_response";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 /// Name of the sockhash holding client sockets (redirect targets only).
 pub const MAP_CLIENTS: &str = "CLIENTS";
-/// Name of the hash map from backend socket cookie to [`Flow`].
-pub const MAP_FLOWS: &str = "FLOWS";
+/// Name of the hash map from backend socket cookie to [`Control`].
+pub const MAP_CONTROL: &str = "CONTROL";
+/// Name of the hash map from backend socket cookie to [`Progress`].
+pub const MAP_PROGRESS: &str = "PROGRESS";
 /// Name of the per-CPU counter array indexed by [`Stat`].
 pub const MAP_STATS: &str = "STATS";
 
 /// Every map name the daemon resolves in the object, for the load test.
-pub const MAP_NAMES: [&str; 4] = [MAP_BACKENDS, MAP_CLIENTS, MAP_FLOWS, MAP_STATS];
+pub const MAP_NAMES: [&str; 5] = [
+    MAP_BACKENDS,
+    MAP_CLIENTS,
+    MAP_CONTROL,
+    MAP_PROGRESS,
+    MAP_STATS,
+];
 
-/// Capacity of each socket map and of [`MAP_FLOWS`]: concurrent spliced
-/// responses (and client connections) per daemon.
+/// Capacity of each socket map and of the per-backend maps: concurrent
+/// client connections, and backend connections, per daemon.
 pub const MAX_SOCKETS: u32 = 65_536;
 
-/// Where a backend socket's bytes go, and how many went there.
-///
-/// Written by the daemon before the request is forwarded; `spliced_bytes` is
-/// incremented by the kernel program for every byte it redirects.
+/// Most chunks the program follows in one skb before passing it to the
+/// daemon; bounds the verifier's work.
+pub const MAX_CHUNKS_PER_SKB: u32 = 16;
+
+/// Where a response body stands: how it is delimited, and how much of the
+/// current piece is left. The daemon's `response::BodyTracker` and the kernel
+/// program share this state at a hand-over.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flow {
-    /// Socket cookie of the client socket (key in [`MAP_CLIENTS`]).
-    pub client_cookie: u64,
-    /// Bytes redirected from the backend socket to the client so far.
-    pub spliced_bytes: u64,
+pub struct Framing {
+    /// One of the `KIND_*` constants.
+    pub kind: u32,
+    /// For [`Framing::KIND_CHUNKED`]: one of the `PHASE_*` constants.
+    pub phase: u32,
+    /// [`Framing::KIND_LENGTH`]: body bytes left. [`Framing::KIND_CHUNKED`]
+    /// in [`Framing::PHASE_DATA`]: bytes left in the current chunk, its
+    /// closing CRLF included.
+    pub remaining: u64,
 }
 
-const _: () = assert!(size_of::<Flow>() == 16);
-const _: () = assert!(align_of::<Flow>() == 8);
+impl Framing {
+    /// No response in progress: the program passes every byte up.
+    pub const KIND_NONE: u32 = 0;
+    /// `Content-Length`: the body ends after `remaining` more bytes.
+    pub const KIND_LENGTH: u32 = 1;
+    /// `Transfer-Encoding: chunked`.
+    pub const KIND_CHUNKED: u32 = 2;
+    /// No length: the body ends when the backend closes.
+    pub const KIND_UNTIL_CLOSE: u32 = 3;
+    /// Inside a chunk's data (or its closing CRLF).
+    pub const PHASE_DATA: u32 = 0;
+    /// At the first byte of a chunk-size line.
+    pub const PHASE_SIZE: u32 = 1;
+}
+
+/// The daemon's instruction for one backend socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// Socket cookie of the client socket (key in [`MAP_CLIENTS`]) that
+    /// receives this backend's response.
+    pub client_cookie: u64,
+    /// Bumped by every publication; the program adopts each one once.
+    pub generation: u64,
+    /// Bytes the daemon had read from the backend socket when it published:
+    /// the program adopts only when it has passed up exactly this many.
+    pub fence: u64,
+    /// The body's framing at the fence.
+    pub framing: Framing,
+}
+
+/// What the kernel program did with one backend socket's bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The last [`Control::generation`] adopted.
+    pub generation: u64,
+    /// Bytes passed up to the backend socket's own receive queue, for the
+    /// daemon to read.
+    pub passed: u64,
+    /// Bytes redirected to clients.
+    pub spliced: u64,
+    /// The body's framing after the last redirected byte; frozen when the
+    /// program stops splicing, so it is the framing at the first byte the
+    /// daemon reads next.
+    pub framing: Framing,
+    /// 1 while the program redirects under the adopted generation, 0 once it
+    /// passes bytes up again.
+    pub splicing: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<Framing>() == 16);
+const _: () = assert!(size_of::<Control>() == 40);
+const _: () = assert!(size_of::<Progress>() == 48);
+const _: () = assert!(align_of::<Control>() == 8);
+const _: () = assert!(align_of::<Progress>() == 8);
 
 /// Index of a counter in [`MAP_STATS`].
 #[repr(u32)]
@@ -61,15 +150,18 @@ pub enum Stat {
     SplicedBytes = 1,
     /// Zero-length skbs (FIN) passed to userspace, never redirected.
     PassedFin = 2,
-    /// Skbs from a backend socket with no flow entry, passed to userspace.
+    /// Skbs from a backend socket with no map entries, passed to userspace.
     PassedUnmapped = 3,
     /// Redirects that failed (client socket gone); the skb is dropped.
     RedirectFailed = 4,
+    /// Skbs passed to the daemon: response heads, response ends, bytes the
+    /// program could not frame, and bytes before a fence was reached.
+    PassedToDaemon = 5,
 }
 
 impl Stat {
     /// Number of counters; the length of [`MAP_STATS`].
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     /// Every counter, in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SplicedSkbs,
@@ -77,6 +169,7 @@ impl Stat {
         Stat::PassedFin,
         Stat::PassedUnmapped,
         Stat::RedirectFailed,
+        Stat::PassedToDaemon,
     ];
 
     /// The counter's name as exported in `/metrics`.
@@ -87,13 +180,16 @@ impl Stat {
             Stat::PassedFin => "passed_fin",
             Stat::PassedUnmapped => "passed_unmapped",
             Stat::RedirectFailed => "redirect_failed",
+            Stat::PassedToDaemon => "passed_to_daemon",
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: `Flow` is `repr(C)`, made of two `u64`s with no padding
-    // (asserted above), so every bit pattern is a valid value.
-    unsafe impl aya::Pod for super::Flow {}
+    // SAFETY: `Control` and `Progress` are `repr(C)`, made of integers with
+    // no padding (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Control {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Progress {}
 }

@@ -26,9 +26,10 @@ pub struct Config {
     pub backends: Vec<String>,
 
     /// How response bytes travel: `sockmap` redirects them in the kernel
-    /// (needs privilege), `splice` moves them through a pipe with splice(2),
-    /// `userspace` copies them through the daemon; `auto` picks sockmap where
-    /// it loads, else userspace, and says why in the log.
+    /// (needs privilege; lowest latency), `splice` moves them through a pipe
+    /// with splice(2), `userspace` copies them through the daemon; `auto` is
+    /// `userspace`, the measured default (least CPU per streamed token), and
+    /// the log says whether sockmap would load here.
     #[arg(long, env = "ROUTER_DATAPLANE", value_enum, default_value_t = Requested::Auto)]
     pub dataplane: Requested,
 
@@ -56,6 +57,16 @@ pub struct Config {
     #[arg(long, env = "ROUTER_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
 
+    /// Most idle kept-alive connections held per backend for reuse.
+    #[arg(long, env = "ROUTER_POOL_MAX_IDLE", default_value_t = 1024)]
+    pub pool_max_idle: usize,
+
+    /// How long an idle backend connection is kept for reuse, in
+    /// milliseconds (below vLLM's 5 s keep-alive timeout, so the router
+    /// rarely reuses a connection the backend is closing).
+    #[arg(long, env = "ROUTER_POOL_IDLE_TIMEOUT_MS", default_value_t = 4_000)]
+    pub pool_idle_timeout_ms: u64,
+
     /// How long a client may take to send a whole request once it started,
     /// in milliseconds; past it the router answers 408.
     #[arg(long, env = "ROUTER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -79,6 +90,8 @@ impl Config {
             max_body_bytes: 32 << 20,
             max_head_bytes: 16 << 10,
             connect_timeout_ms: 2_000,
+            pool_max_idle: 1024,
+            pool_idle_timeout_ms: 4_000,
             request_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
         }
@@ -101,6 +114,11 @@ impl Config {
     /// How long an idle connection may wait for its next request.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// How long an idle backend connection is kept.
+    pub fn pool_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.pool_idle_timeout_ms)
     }
 
     /// The backend connect timeout.

@@ -1,12 +1,14 @@
 //! One client connection: read a request, answer it or route it, relay the
 //! response, and close cleanly.
 //!
-//! Requests are read and answered in order. `/health` and `/metrics` are
-//! served by the daemon and keep the connection open. A routed request is
-//! forwarded with `connection: close`, so its response ends with the
-//! backend's FIN, and the client connection closes after it (the backend's
-//! response says so to the client). Routing each request of a kept-alive
-//! connection on its own is the next step for this module.
+//! Requests are read and answered in order, each routed on its own prompt,
+//! so one kept-alive client connection may be served by several backends
+//! over its life. A routed request goes out on a pooled backend connection
+//! (or a new one), and that connection goes back to the pool once the
+//! response has ended by its framing. A request that meets a pooled
+//! connection the backend has meanwhile closed is sent again on a new one:
+//! no byte of its response had arrived. `/health` and `/metrics` are served
+//! by the daemon itself.
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -21,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::{
     Shared,
     backend::Backend,
-    dataplane::{Client, RelayError},
+    dataplane::{BackendConn, Client, Exchanged, Forward, RelayError},
     error::ApiError,
     http::{self, ChunkedDecoder, Framing, Head},
     metrics::{BackendLabel, ReasonLabel, StatusLabel},
@@ -285,7 +287,7 @@ async fn proxy(
         }
     };
     let decision = decision.ok_or_else(|| ApiError::unavailable("no backends configured"))?;
-    let (backend, stream) = connect(decision.backend, &views, shared).await?;
+    let (index, backend, conn) = acquire(decision.backend, &views, shared).await?;
     info!(
         request_id = %request_id,
         model = if model.is_empty() { "-" } else { model.as_str() },
@@ -294,13 +296,10 @@ async fn proxy(
         reason = decision.reason.as_str(),
         "{} {}", head.method, head.path
     );
-    shared
-        .metrics
-        .requests
-        .get_or_create(&BackendLabel {
-            backend: backend.url.clone(),
-        })
-        .inc();
+    let label = BackendLabel {
+        backend: backend.url.clone(),
+    };
+    shared.metrics.requests.get_or_create(&label).inc();
     shared
         .metrics
         .decisions
@@ -309,38 +308,69 @@ async fn proxy(
         })
         .inc();
 
-    let mut forward = Vec::with_capacity(head.forward_head.len() + body.len() + 80);
-    forward.extend_from_slice(&head.forward_head);
+    let mut request = Vec::with_capacity(head.forward_head.len() + body.len() + 80);
+    request.extend_from_slice(&head.forward_head);
     if head.request_id.is_none() {
-        forward.extend_from_slice(format!("x-request-id: {request_id}\r\n").as_bytes());
+        request.extend_from_slice(format!("x-request-id: {request_id}\r\n").as_bytes());
     }
-    forward.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
-    forward.extend_from_slice(body);
+    request.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    request.extend_from_slice(body);
+    let forward = Forward {
+        request: &request,
+        head_request: head.method == "HEAD",
+        client_close: head.close,
+    };
 
     let _in_flight = backend.start_request();
-    match shared.dataplane.relay(client, stream, &forward).await {
-        Ok(relayed) if relayed.any() => {
-            shared.metrics.copied_bytes.inc_by(relayed.copied);
-            shared.metrics.piped_bytes.inc_by(relayed.piped);
-            debug!(request_id = %request_id, ?relayed, "response relayed");
-            Ok(Next::Close)
+    let result = send(client, index, conn, &forward, shared, &label).await;
+    let relayed = match &result {
+        Ok(exchanged) => Some(exchanged.relayed),
+        Err(RelayError::Backend { relayed, .. } | RelayError::BadResponse { relayed, .. }) => {
+            Some(*relayed)
         }
-        Ok(_) => {
+        Err(_) => None,
+    };
+    if let Some(relayed) = relayed {
+        shared.metrics.head_bytes.inc_by(relayed.head);
+        shared.metrics.copied_bytes.inc_by(relayed.copied);
+        shared.metrics.piped_bytes.inc_by(relayed.piped);
+    }
+    match result {
+        Ok(exchanged) => {
+            shared
+                .metrics
+                .first_byte
+                .observe(exchanged.first_byte.as_secs_f64());
+            debug!(request_id = %request_id, status = exchanged.status, relayed = ?exchanged.relayed, "response relayed");
+            Ok(if exchanged.client_keep_alive && !client.eof {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            })
+        }
+        Err(RelayError::NoResponse(err) | RelayError::BackendWrite(err)) => {
             shared.metrics.backend_failures.inc();
             Err(ApiError::bad_gateway(format!(
-                "backend {} closed the connection without a response",
+                "backend {} closed the connection without a response ({err})",
                 backend.url
             ))
             .into())
         }
-        Err(RelayError::BackendWrite(err)) => {
+        Err(RelayError::BadResponse { relayed, source }) => {
             shared.metrics.backend_failures.inc();
-            Err(ApiError::bad_gateway(format!("backend {} failed: {err}", backend.url)).into())
+            warn!(request_id = %request_id, backend = %backend.url, %source, "invalid response from the backend");
+            if relayed.any() {
+                Err(Failure::Gone)
+            } else {
+                Err(ApiError::bad_gateway(format!(
+                    "backend {} sent an invalid response: {source}",
+                    backend.url
+                ))
+                .into())
+            }
         }
         Err(RelayError::Backend { relayed, source }) => {
             shared.metrics.backend_failures.inc();
-            shared.metrics.copied_bytes.inc_by(relayed.copied);
-            shared.metrics.piped_bytes.inc_by(relayed.piped);
             if relayed.any() {
                 warn!(request_id = %request_id, backend = %backend.url, %source, "backend failed mid-response; closing the client");
                 Err(Failure::Gone)
@@ -357,18 +387,81 @@ async fn proxy(
         }
         Err(err @ RelayError::Sockmap(_)) => {
             warn!(request_id = %request_id, %err, "dataplane failure");
-            Err(ApiError::bad_gateway(format!("router dataplane failed: {err}")).into())
+            Err(Failure::Gone)
         }
     }
 }
 
-/// Connects to the chosen backend, or to the next least-loaded one when that
-/// fails: no request byte has left the router yet, so retrying is safe.
-async fn connect<'a>(
+/// Runs the exchange on `conn`; when a pooled connection turns out to have
+/// been closed by the backend before answering, sends the request again on
+/// another one (the backend never answered it, and the client saw nothing).
+/// A clean connection goes back to the pool.
+async fn send(
+    client: &mut Client,
+    index: usize,
+    mut conn: Pooled,
+    forward: &Forward<'_>,
+    shared: &Shared,
+    label: &BackendLabel,
+) -> Result<Exchanged, RelayError> {
+    loop {
+        let result = shared
+            .dataplane
+            .exchange(client, &mut conn.conn, forward)
+            .await;
+        match result {
+            Err(RelayError::NoResponse(err) | RelayError::BackendWrite(err)) if conn.reused => {
+                debug!(%err, "a pooled backend connection was stale; sending again");
+                conn = match shared.pool.take(index) {
+                    Some(pooled) => Pooled {
+                        conn: pooled,
+                        reused: true,
+                    },
+                    None => {
+                        let backend = shared
+                            .backends
+                            .get(index)
+                            .expect("invariant: index came from the backend list");
+                        let fresh = open(backend, shared)
+                            .await
+                            .map_err(|err| RelayError::NoResponse(io_error(err)))?;
+                        shared.metrics.connections.get_or_create(label).inc();
+                        Pooled {
+                            conn: fresh,
+                            reused: false,
+                        }
+                    }
+                };
+            }
+            Ok(exchanged) => {
+                if exchanged.backend_reusable {
+                    shared.pool.put(index, conn.conn);
+                }
+                return Ok(exchanged);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn io_error(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionRefused, message)
+}
+
+/// A backend connection, and whether it came from the pool.
+struct Pooled {
+    conn: BackendConn,
+    reused: bool,
+}
+
+/// A connection to the chosen backend: a pooled one, else a new one; when
+/// connecting fails, the next least-loaded backend's (no request byte has
+/// left the router yet, so moving on is safe).
+async fn acquire<'a>(
     first: usize,
     views: &[BackendView<'_>],
     shared: &'a Shared,
-) -> Result<(&'a Arc<Backend>, TcpStream), ApiError> {
+) -> Result<(usize, &'a Arc<Backend>, Pooled), ApiError> {
     let mut order: Vec<usize> = (0..views.len()).filter(|&index| index != first).collect();
     order.sort_by_key(|&index| views[index].in_flight);
     order.insert(0, first);
@@ -377,24 +470,48 @@ async fn connect<'a>(
         let Some(backend) = shared.backends.get(index) else {
             continue;
         };
-        let attempt = tokio::time::timeout(
-            shared.config.connect_timeout(),
-            TcpStream::connect(backend.addr),
-        )
-        .await;
-        match attempt {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok((backend, stream));
+        if let Some(conn) = shared.pool.take(index) {
+            return Ok((index, backend, Pooled { conn, reused: true }));
+        }
+        match open(backend, shared).await {
+            Ok(conn) => {
+                shared
+                    .metrics
+                    .connections
+                    .get_or_create(&BackendLabel {
+                        backend: backend.url.clone(),
+                    })
+                    .inc();
+                return Ok((
+                    index,
+                    backend,
+                    Pooled {
+                        conn,
+                        reused: false,
+                    },
+                ));
             }
-            Ok(Err(err)) => last_error = format!("{}: {err}", backend.url),
-            Err(_) => last_error = format!("{}: connect timed out", backend.url),
+            Err(err) => last_error = err,
         }
         warn!(backend = %backend.url, error = %last_error, "backend connect failed; trying the next");
     }
     Err(ApiError::bad_gateway(format!(
         "no backend could be reached (last: {last_error})"
     )))
+}
+
+/// Opens a new connection to `backend` within the connect timeout.
+async fn open(backend: &Backend, shared: &Shared) -> Result<BackendConn, String> {
+    let attempt = tokio::time::timeout(
+        shared.config.connect_timeout(),
+        shared.dataplane.connect(backend.addr),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(format!("{}: {err}", backend.url)),
+        Err(_) => Err(format!("{}: connect timed out", backend.url)),
+    }
 }
 
 async fn answer_error(client: &mut Client, shared: &Shared, err: &ApiError) {

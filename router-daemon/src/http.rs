@@ -7,10 +7,9 @@
 //! [`ChunkedDecoder`] decodes so the body can be scanned and forwarded with a
 //! `Content-Length`.
 //!
-//! The head sent to the backend asks it to close the connection after the
-//! response (`connection: close`): the end of the backend's byte stream is
-//! then the end of the response, which the in-kernel dataplane can see
-//! without reading response bytes.
+//! The head sent to the backend leaves out hop-by-hop headers: the backend
+//! connection is the router's own, kept alive and reused across clients (see
+//! `response` for how the end of each response is found).
 use crate::error::ApiError;
 
 /// Size limits applied while reading a request.
@@ -53,9 +52,8 @@ pub struct Head {
     /// The client's `x-request-id`, if it sent one.
     pub request_id: Option<String>,
     /// The head to send to the backend, unfinished: the request line and the
-    /// end-to-end headers, with `connection: close` added. Hop-by-hop and
-    /// framing headers are left out; the sender adds `content-length` and the
-    /// blank line.
+    /// end-to-end headers. Hop-by-hop and framing headers are left out; the
+    /// sender adds `content-length` and the blank line.
     pub forward_head: Vec<u8>,
 }
 
@@ -209,7 +207,6 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
         forward_head.extend_from_slice(header.value);
         forward_head.extend_from_slice(b"\r\n");
     }
-    forward_head.extend_from_slice(b"connection: close\r\n");
 
     Ok(Some(Head {
         method: method.to_owned(),
@@ -358,11 +355,7 @@ mod tests {
         assert_eq!(&TUTORIAL[head.head_len..], b"{}");
         let forward = String::from_utf8(head.forward_head).unwrap();
         assert!(forward.starts_with("POST /v1/completions HTTP/1.1\r\nHost: localhost:30080\r\n"));
-        assert!(
-            forward.ends_with(
-                "Accept: */*\r\nContent-Type: application/json\r\nconnection: close\r\n"
-            )
-        );
+        assert!(forward.ends_with("Accept: */*\r\nContent-Type: application/json\r\n"));
     }
 
     #[test]
@@ -391,10 +384,7 @@ mod tests {
         assert_eq!(head.path, "/v1/completions");
         assert!(head.expect_continue);
         let forward = String::from_utf8(head.forward_head).unwrap();
-        assert_eq!(
-            forward,
-            "POST /v1/completions?x=1 HTTP/1.1\r\nconnection: close\r\n"
-        );
+        assert_eq!(forward, "POST /v1/completions?x=1 HTTP/1.1\r\n");
     }
 
     #[test]

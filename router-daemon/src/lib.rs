@@ -5,11 +5,13 @@
 //! - `conn`: one client connection's life: read a request, answer it
 //!   locally or route it, relay the response.
 //! - [`http`]: HTTP/1.1 request framing (httparse) and the head sent on.
+//! - [`response`]: response heads from backends, and where each body ends.
 //! - [`prompt`]: the model and prompt key, scanned out of the JSON body.
 //! - [`route`]: the prefix index and the selection policy.
 //! - [`backend`]: the backend set and each backend's in-flight count.
-//! - [`dataplane`]: moving response bytes, in the kernel (sockmap) or
-//!   through the daemon (userspace).
+//! - [`dataplane`]: exchanges on pooled, kept-alive backend connections;
+//!   moving response bytes in the kernel (sockmap), through a pipe (splice)
+//!   or through the daemon (userspace).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: errors as clients see them.
 //!
@@ -23,6 +25,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod prompt;
+pub mod response;
 pub mod route;
 
 use std::{
@@ -32,7 +35,7 @@ use std::{
 
 use tokio::net::TcpListener;
 
-use crate::{backend::Backends, metrics::Metrics, route::Router};
+use crate::{backend::Backends, dataplane::Pool, metrics::Metrics, route::Router};
 pub use crate::{config::Config, dataplane::Dataplane};
 
 /// Listen backlog for [`listener`]: bursts of new clients wait in the
@@ -70,6 +73,7 @@ struct Shared {
     backends: Backends,
     router: Router,
     dataplane: Arc<Dataplane>,
+    pool: Pool,
     metrics: Metrics,
     next_id: AtomicU64,
 }
@@ -87,12 +91,18 @@ pub async fn run(
     let dataplane = Arc::new(dataplane);
     let shared = Arc::new(Shared {
         router: Router::new(usize::from(config.block_bytes), config.index_entries),
-        metrics: Metrics::new(Arc::clone(&dataplane)),
+        pool: Pool::new(
+            backends.all().len(),
+            config.pool_max_idle,
+            config.pool_idle_timeout(),
+        ),
+        metrics: Metrics::new(Arc::clone(&dataplane), backends.all().to_vec()),
         backends,
         dataplane,
         config,
         next_id: AtomicU64::new(1),
     });
+    tokio::spawn(reap_idle(Arc::downgrade(&shared)));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -108,6 +118,21 @@ pub async fn run(
                 Err(err) => return Err(RunError::Accept(err)),
             },
             () = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// Closes pooled backend connections idle past their timeout, for as long
+/// as the daemon's state lives.
+async fn reap_idle(shared: std::sync::Weak<Shared>) {
+    let Some(interval) = shared.upgrade().map(|shared| shared.pool.reap_interval()) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match shared.upgrade() {
+            Some(shared) => shared.pool.reap(),
+            None => return,
         }
     }
 }

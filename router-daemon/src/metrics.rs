@@ -11,12 +11,13 @@ use prometheus_client::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::ConstGauge,
+        histogram::Histogram,
         info::Info,
     },
     registry::Registry,
 };
 
-use crate::dataplane::Dataplane;
+use crate::{backend::Backend, dataplane::Dataplane};
 
 /// Label set naming a backend.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,11 +56,18 @@ pub struct Metrics {
     pub piped_bytes: Counter,
     /// Responses cut short by a backend failure.
     pub backend_failures: Counter,
+    /// Response head bytes written by the daemon.
+    pub head_bytes: Counter,
+    /// Backend connections opened, per backend (the rest were reused).
+    pub connections: Family<BackendLabel, Counter>,
+    /// Time from a request written to its response's first byte.
+    pub first_byte: Histogram,
 }
 
 impl Metrics {
-    /// Registers every metric; `dataplane` supplies the mode and kernel counters.
-    pub fn new(dataplane: Arc<Dataplane>) -> Self {
+    /// Registers every metric; `dataplane` supplies the mode and kernel
+    /// counters, `backends` the live in-flight counts.
+    pub fn new(dataplane: Arc<Dataplane>, backends: Vec<Arc<Backend>>) -> Self {
         let mut registry = Registry::default();
         let info = Info::new(vec![("mode", dataplane.mode().as_str())]);
         registry.register("router_dataplane", "The dataplane in use", info);
@@ -99,6 +107,27 @@ impl Metrics {
             "Responses cut short by a backend failure",
             backend_failures.clone(),
         );
+        let head_bytes = Counter::default();
+        registry.register(
+            "router_response_head_bytes",
+            "Response head bytes written by the daemon (every dataplane)",
+            head_bytes.clone(),
+        );
+        let connections = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "router_backend_connections_opened",
+            "Backend connections opened, by backend; other requests reused a pooled one",
+            connections.clone(),
+        );
+        let first_byte = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "router_backend_first_byte_seconds",
+            "Time from a request written to the backend to its response's first byte",
+            first_byte.clone(),
+        );
+        registry.register_collector(Box::new(InFlight(backends)));
         registry.register_collector(Box::new(KernelCounters(dataplane)));
         Self {
             registry,
@@ -108,6 +137,9 @@ impl Metrics {
             copied_bytes,
             piped_bytes,
             backend_failures,
+            head_bytes,
+            connections,
+            first_byte,
         }
     }
 
@@ -117,6 +149,29 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("invariant: writing to a String cannot fail");
         text
+    }
+}
+
+/// Each backend's exact in-flight count, read at scrape time.
+#[derive(Debug)]
+struct InFlight(Vec<Arc<Backend>>);
+
+impl Collector for InFlight {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "router_backend_in_flight",
+            "Requests forwarded to the backend whose response has not ended",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for backend in &self.0 {
+            let label = BackendLabel {
+                backend: backend.url.clone(),
+            };
+            let gauge = ConstGauge::new(backend.in_flight() as i64);
+            gauge.encode(family.encode_family(&label)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -144,11 +199,11 @@ impl Collector for KernelCounters {
                 gauge.encode(metric)?;
             }
         }
-        if let Some(flows) = self.0.flows_in_use() {
-            let gauge = ConstGauge::new(flows as i64);
+        if let Some(entries) = self.0.backend_entries() {
+            let gauge = ConstGauge::new(entries as i64);
             let metric = encoder.encode_descriptor(
-                "router_sockmap_flows",
-                "Responses being spliced by the kernel now",
+                "router_sockmap_backend_entries",
+                "Backend connections with kernel map entries (pooled or busy)",
                 None,
                 gauge.metric_type(),
             )?;

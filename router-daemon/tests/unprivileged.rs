@@ -118,14 +118,13 @@ fn unprivileged_daemon_serves_through_userspace_and_says_why() {
         .find(|line| line.contains("dataplane:"))
         .expect("a dataplane log line");
     assert!(
-        fallback.contains("sockmap unavailable")
-            && fallback.contains("using the userspace dataplane"),
+        fallback.contains("sockmap unavailable") && fallback.contains("auto: userspace"),
         "{fallback}"
     );
 
     let response = exchange(
         &listen,
-        b"POST /v1/completions HTTP/1.1\r\nContent-Length: 15\r\n\r\n{\"prompt\":\"hi\"}",
+        b"POST /v1/completions HTTP/1.1\r\nConnection: close\r\nContent-Length: 15\r\n\r\n{\"prompt\":\"hi\"}",
     );
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     assert!(response.ends_with("hello"), "{response}");

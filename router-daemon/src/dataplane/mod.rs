@@ -1,53 +1,68 @@
-//! Moving response bytes from a backend to a client.
+//! Moving responses from backends to clients over kept-alive connections.
 //!
-//! A [`Dataplane`] relays one response: it writes the request to the backend,
-//! then moves the backend's bytes to the client until the backend closes
-//! (the router asks backends for `connection: close`, so their FIN ends the
-//! response). Three modes sit behind it:
-//! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects the
-//!   backend's bytes to the client socket; userspace sees only the FIN (see
-//!   `sockmap.rs` for the hand-over protocol). Needs privilege.
-//! - [`Mode::Splice`]: `splice(2)` moves the bytes through a pipe without
-//!   copying them into the daemon. Unprivileged.
+//! [`Dataplane::exchange`] runs one request on a backend connection: it
+//! writes the request, reads the response head itself (the router needs the
+//! status and the body's framing), writes the head to the client, then moves
+//! the body until [`BodyTracker`] says it has ended, so the backend
+//! connection can go back to the [`Pool`] for the next request, whichever
+//! client sends it. Three modes move the body:
+//! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects body
+//!   bytes from the backend socket to the client socket while it can follow
+//!   the framing; the daemon sees the head, the skb that ends the body, and
+//!   anything the program passed up (see `sockmap.rs` for the hand-over
+//!   protocol). Needs privilege.
+//! - [`Mode::Splice`]: `splice(2)` moves length-delimited runs through a
+//!   pipe without copying them into the daemon; chunk-size lines are peeked
+//!   (`MSG_PEEK`) to find the next run. Unprivileged.
 //! - [`Mode::Userspace`]: a read/write loop in the daemon. Works everywhere.
 //!
-//! All three share one relay loop ([`Dataplane::relay`]); they differ only
-//! in how a step moves bytes that reach the daemon's side of the backend
-//! socket (with sockmap, only what the kernel program passed up).
+//! While a response is relayed the daemon keeps reading the client: bytes of
+//! a pipelined request wait in [`Client::pending`] (so responses go out in
+//! request order), and the client's FIN is passed on to the backend as a
+//! half-close, which makes vLLM abort a generation nobody will read.
 mod pipe;
+mod pool;
 mod sockmap;
 mod tcp;
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use router_common::Stat;
+use router_common::{Control, Framing, Stat};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::TcpStream,
 };
 
-pub use self::sockmap::SockmapError;
 use self::{
     pipe::Pipe,
-    sockmap::{ClientSlot, Sockmap},
+    sockmap::{BackendSlot, ClientSlot, Sockmap},
 };
+pub use self::{pool::Pool, sockmap::SockmapError};
+use crate::response::{self, BodyFraming, BodyTracker, FramingError};
 
 /// How long to wait for the kernel to hand spliced bytes to a client socket
 /// before giving up on the connection.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Userspace relay buffer size.
+/// Buffer for response bytes that pass through the daemon.
 const COPY_BUFFER: usize = 64 * 1024;
-/// Buffer for what the sockmap program passes up: normally only the FIN.
-const PASSED_UP_BUFFER: usize = 4 * 1024;
+/// Most bytes of pipelined requests buffered while a response is relayed;
+/// past it the client is not read until the response ends.
+const PENDING_LIMIT: usize = 1 << 20;
+/// Window peeked at to read chunk-size lines in splice mode.
+const PEEK_WINDOW: usize = 4 * 1024;
 
 /// A dataplane mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Backend bytes are spliced to the client by the sockmap program.
+    /// Body bytes are spliced to the client by the sockmap program.
     Sockmap,
-    /// Backend bytes move through a pipe with splice(2).
+    /// Body bytes move through a pipe with splice(2).
     Splice,
-    /// Backend bytes are copied through the daemon.
+    /// Body bytes are copied through the daemon.
     Userspace,
 }
 
@@ -65,7 +80,8 @@ impl Mode {
 /// The `--dataplane` choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Requested {
-    /// The sockmap dataplane where it works here, else userspace.
+    /// The measured default: `userspace` (see the README's dataplane
+    /// numbers: lowest CPU per streamed token on this class of machine).
     Auto,
     /// The sockmap dataplane, or fail to start.
     Sockmap,
@@ -90,30 +106,72 @@ enum Engine {
     Sockmap(Box<Sockmap>),
 }
 
-/// How one relayed response went.
+/// How the bytes of one response reached the client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Relayed {
-    /// Response bytes the sockmap program redirected to the client.
+    /// Response head bytes, written by the daemon.
+    pub head: u64,
+    /// Body bytes the sockmap program redirected to the client.
     pub spliced: u64,
-    /// Response bytes moved through a pipe with splice(2).
+    /// Body bytes moved through a pipe with splice(2).
     pub piped: u64,
-    /// Response bytes the daemon copied to the client.
+    /// Body bytes the daemon copied to the client.
     pub copied: u64,
 }
 
 impl Relayed {
     /// Whether any response byte reached the client.
     pub fn any(&self) -> bool {
-        self.spliced + self.piped + self.copied > 0
+        self.head + self.spliced + self.piped + self.copied > 0
     }
 }
 
-/// Why a relay stopped early.
+/// One request to send on a backend connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Forward<'a> {
+    /// The whole request: head and body.
+    pub request: &'a [u8],
+    /// The request is `HEAD`: its response has no body.
+    pub head_request: bool,
+    /// The client asked to close after this response; the head relayed to
+    /// it says `connection: close`.
+    pub client_close: bool,
+}
+
+/// How one exchange went.
+#[derive(Clone, Copy, Debug)]
+pub struct Exchanged {
+    /// Where the response bytes went.
+    pub relayed: Relayed,
+    /// The response status.
+    pub status: u16,
+    /// From the request written to the response's first byte.
+    pub first_byte: Duration,
+    /// The backend connection is clean and can carry another request.
+    pub backend_reusable: bool,
+    /// The client can send another request on its connection.
+    pub client_keep_alive: bool,
+}
+
+/// Why an exchange stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     /// Writing the request to the backend failed; nothing reached the client.
     #[error("sending the request to the backend: {0}")]
     BackendWrite(io::Error),
+    /// The backend closed or reset before any response byte; nothing
+    /// reached the client. On a reused connection this is a stale keep-alive
+    /// and the request may be sent again.
+    #[error("the backend closed the connection without a response: {0}")]
+    NoResponse(io::Error),
+    /// The backend sent bytes that are not a valid HTTP/1.1 response.
+    #[error("invalid response from the backend: {source}")]
+    BadResponse {
+        /// What reached the client before.
+        relayed: Relayed,
+        /// What was wrong.
+        source: FramingError,
+    },
     /// The backend failed mid-response.
     #[error("backend failed mid-response after {relayed:?}: {source}")]
     Backend {
@@ -125,9 +183,7 @@ pub enum RelayError {
     /// The client connection failed or was reset.
     #[error("client went away: {0}")]
     Client(io::Error),
-    /// Reading the kernel's byte count for this response failed. (A socket
-    /// the kernel refuses at hand-over is not an error: that response is
-    /// copied through userspace.)
+    /// A kernel map operation failed.
     #[error("sockmap: {0}")]
     Sockmap(#[from] SockmapError),
 }
@@ -171,21 +227,28 @@ impl Dataplane {
     }
 
     /// The dataplane for a `--dataplane` choice, and a sentence saying why.
+    ///
+    /// `auto` is `userspace`: measured on this class of machine, it costs
+    /// the least CPU per streamed token (the README has the numbers). It
+    /// still reports whether the kernel path would load, so the log says
+    /// what `--dataplane sockmap` would do here.
     pub fn select(requested: Requested) -> Result<(Self, String), SockmapError> {
         match requested {
             Requested::Userspace => Ok((Self::userspace(), "requested with --dataplane".into())),
             Requested::Splice => Ok((Self::splice(), "requested with --dataplane".into())),
             Requested::Sockmap => Ok((Self::sockmap()?, "requested with --dataplane".into())),
-            Requested::Auto => match sockmap::supported_kernel().and_then(|()| Self::sockmap()) {
-                Ok(dataplane) => Ok((
-                    dataplane,
-                    "auto: the sockmap program loaded and attached".into(),
-                )),
-                Err(err) => Ok((
+            Requested::Auto => {
+                let kernel = match sockmap::supported_kernel().and_then(|()| Sockmap::load()) {
+                    Ok(_) => "the sockmap program would load here (--dataplane sockmap)".into(),
+                    Err(err) => format!("sockmap unavailable here: {err}"),
+                };
+                Ok((
                     Self::userspace(),
-                    format!("auto: sockmap unavailable ({err}); using the userspace dataplane"),
-                )),
-            },
+                    format!(
+                        "auto: userspace, the measured default (least CPU per streamed token); {kernel}"
+                    ),
+                ))
+            }
         }
     }
 
@@ -209,168 +272,507 @@ impl Dataplane {
         self.sockmap_engine().map(Sockmap::sockets_len)
     }
 
-    /// Entries in the flow map (sockmap only): responses being spliced now.
-    pub fn flows_in_use(&self) -> Option<usize> {
-        self.sockmap_engine().map(Sockmap::flows_len)
+    /// Backend connections with kernel map entries (sockmap only): pooled
+    /// or carrying a response.
+    pub fn backend_entries(&self) -> Option<usize> {
+        self.sockmap_engine().map(Sockmap::backend_entries)
     }
 
-    /// Prepares a client connection for relays.
+    /// Prepares a client connection for exchanges.
     pub fn client(&self, stream: TcpStream) -> Client {
         Client {
             slot: None,
             pipe: None,
             stream,
             delivered: 0,
+            unflushed: false,
             pending: Vec::new(),
             eof: false,
+            buffer: Vec::new(),
         }
     }
 
-    /// Writes `request` to `backend` and relays the response to `client`
-    /// until the backend closes.
-    ///
-    /// Half-closes travel both ways: the client's FIN is passed on to the
-    /// backend, and the backend's FIN ends the response (the caller then
-    /// closes the client). A reset on either side ends the relay with an
-    /// error, and dropping the backend socket closes it.
-    ///
-    /// Bytes the client sends meanwhile (a pipelined request) are kept in
-    /// [`Client::pending`]. On return every relayed byte has been handed to
-    /// the client socket, so the caller may write to it or close it.
-    pub async fn relay(
-        &self,
-        client: &mut Client,
-        mut backend: TcpStream,
-        request: &[u8],
-    ) -> Result<Relayed, RelayError> {
-        // The kernel refuses sockets that are not ESTABLISHED (a client that
-        // half-closed before its first request, a backend that closed at
-        // once); such a response is copied through userspace instead.
-        let flow = match self.sockmap_engine() {
-            Some(sockmap) => match splice_to_client(sockmap, client, &backend) {
-                Ok(flow) => Some(flow),
+    /// Opens a connection to a backend; with sockmap, hands it to the kernel
+    /// program before any byte is sent (hand-over steps 2 and 3).
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<BackendConn> {
+        let stream = TcpStream::connect(addr).await?;
+        // Requests are written whole; they must not wait for Nagle.
+        stream.set_nodelay(true)?;
+        let slot = match self.sockmap_engine() {
+            Some(sockmap) => match sockmap.add_backend(&stream) {
+                Ok(slot) => Some(slot),
                 Err(err) => {
-                    tracing::debug!(%err, "sockmap hand-over refused; copying this response");
+                    tracing::debug!(%err, "sockmap refused a backend socket; copying its responses");
                     None
                 }
             },
             None => None,
         };
-        if matches!(self.engine, Engine::Splice) && client.pipe.is_none() {
-            client.pipe = Some(Pipe::new().map_err(RelayError::Client)?);
-        }
+        Ok(BackendConn {
+            slot,
+            stream,
+            read: 0,
+            generation: 0,
+            spliced_seen: 0,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Sends `forward.request` on `backend` and relays the response to
+    /// `client`, up to the end of its body.
+    ///
+    /// On return every relayed byte has been handed to the client socket, so
+    /// the caller may write to it or close it.
+    pub async fn exchange(
+        &self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        forward: &Forward<'_>,
+    ) -> Result<Exchanged, RelayError> {
+        let mut buf = std::mem::take(&mut client.buffer);
+        let result = self.exchange_with(client, backend, forward, &mut buf).await;
+        buf.clear();
+        client.buffer = buf;
+        result
+    }
+
+    async fn exchange_with(
+        &self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        forward: &Forward<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Exchanged, RelayError> {
         backend
-            .write_all(request)
+            .stream
+            .write_all(forward.request)
             .await
             .map_err(RelayError::BackendWrite)?;
+        let started = Instant::now();
+        let mut relay = Relay {
+            relayed: Relayed::default(),
+            reusable: true,
+        };
         if client.eof {
-            let _ = backend.shutdown().await;
+            relay.half_close(backend);
         }
 
-        let mut relayed = Relayed::default();
-        let mut buf = match self.engine {
-            Engine::Splice => Vec::new(),
-            Engine::Sockmap(_) => vec![0u8; PASSED_UP_BUFFER],
-            Engine::Userspace => vec![0u8; COPY_BUFFER],
+        // The head, after any interim (1xx) responses.
+        buf.clear();
+        let mut first_byte = None;
+        let head = loop {
+            match response::parse_head(buf, forward.head_request) {
+                Ok(Some(head)) if head.interim => {
+                    client.write(&buf[..head.len]).await?;
+                    relay.relayed.head += head.len as u64;
+                    buf.drain(..head.len);
+                    continue;
+                }
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(source) => return Err(relay.bad_response(source)),
+            }
+            buf.reserve(COPY_BUFFER);
+            let n = relay.read(client, backend, buf).await?;
+            first_byte.get_or_insert_with(|| started.elapsed());
+            if n == 0 {
+                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a response");
+                return Err(if relay.relayed.any() {
+                    relay.backend_error(eof)
+                } else {
+                    RelayError::NoResponse(eof)
+                });
+            }
         };
+        if !head.keep_alive {
+            relay.reusable = false;
+        }
+        let client_keep_alive =
+            !forward.client_close && !head.says_close && head.body != BodyFraming::UntilClose;
+        if forward.client_close && !head.says_close {
+            // The client is told the connection ends, as it asked.
+            let blank = head.len - 2;
+            client.write(&buf[..blank]).await?;
+            client.write(b"connection: close\r\n\r\n").await?;
+            relay.relayed.head += head.len as u64 + 19;
+        } else {
+            client.write(&buf[..head.len]).await?;
+            relay.relayed.head += head.len as u64;
+        }
+
+        // Body bytes that came with the head.
+        let mut tracker = BodyTracker::new(head.body);
+        let with_head = &buf[head.len..];
+        let used = tracker
+            .advance(with_head)
+            .map_err(|source| relay.bad_response(source))?;
+        client.write(&with_head[..used]).await?;
+        relay.relayed.copied += used as u64;
+        if used < with_head.len() {
+            // Bytes past the end of the response: the backend is out of step.
+            relay.reusable = false;
+        }
+
+        if !tracker.is_done() {
+            match &self.engine {
+                Engine::Userspace => relay.copy_body(client, backend, tracker, buf).await?,
+                Engine::Splice => relay.splice_body(client, backend, tracker, buf).await?,
+                Engine::Sockmap(sockmap) => {
+                    if client.slot.is_none() {
+                        match sockmap.add_client(&client.stream) {
+                            Ok(slot) => client.slot = Some(slot),
+                            Err(err) => tracing::debug!(%err, "sockmap refused the client socket"),
+                        }
+                    }
+                    match (
+                        backend.slot.is_some(),
+                        client.slot.as_ref().map(ClientSlot::cookie),
+                    ) {
+                        (true, Some(cookie)) => {
+                            relay
+                                .sockmap_body(client, backend, cookie, tracker, buf)
+                                .await?;
+                        }
+                        _ => relay.copy_body(client, backend, tracker, buf).await?,
+                    }
+                }
+            }
+        }
+        client.flushed().await?;
+        Ok(Exchanged {
+            relayed: relay.relayed,
+            status: head.status,
+            first_byte: first_byte.unwrap_or_default(),
+            backend_reusable: relay.reusable && !client.eof,
+            client_keep_alive,
+        })
+    }
+}
+
+/// The state of one response on its way.
+struct Relay {
+    relayed: Relayed,
+    /// The backend connection can carry another request afterwards.
+    reusable: bool,
+}
+
+impl Relay {
+    fn backend_error(&self, source: io::Error) -> RelayError {
+        RelayError::Backend {
+            relayed: self.relayed,
+            source,
+        }
+    }
+
+    fn bad_response(&self, source: FramingError) -> RelayError {
+        RelayError::BadResponse {
+            relayed: self.relayed,
+            source,
+        }
+    }
+
+    /// The body's end came before the framing said: an error unless the
+    /// body is delimited by close.
+    fn end_of_stream(&mut self, tracker: &BodyTracker) -> Result<(), RelayError> {
+        self.reusable = false;
+        if tracker.until_close() {
+            Ok(())
+        } else {
+            Err(self.backend_error(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the backend closed mid-response",
+            )))
+        }
+    }
+
+    /// Passes the client's half-close on to the backend; that connection
+    /// cannot carry another request.
+    fn half_close(&mut self, backend: &BackendConn) {
+        tcp::shut_write(&backend.stream);
+        self.reusable = false;
+    }
+
+    /// Waits until the backend socket is readable, reading the client
+    /// meanwhile: pipelined bytes are kept, and its FIN is passed on.
+    async fn backend_readable(
+        &mut self,
+        client: &mut Client,
+        backend: &BackendConn,
+    ) -> Result<(), RelayError> {
         loop {
+            let watch_client = !client.eof && client.pending.len() < PENDING_LIMIT;
             tokio::select! {
-                step = backend_step(&backend, client.pipe.as_ref(), &mut buf) => match step {
-                    Ok(Step::End) => break,
-                    Ok(Step::Read(n)) => {
-                        // Bytes on the daemon's side of the backend socket
-                        // (with sockmap, only what the kernel passed up):
-                        // everything spliced before them must reach the
-                        // client first.
-                        if let Some(flow) = &flow {
-                            client.delivered += flow.spliced_since_last()?;
-                            client.flushed().await?;
-                        }
-                        client.stream.write_all(&buf[..n]).await.map_err(RelayError::Client)?;
-                        client.delivered += n as u64;
-                        relayed.copied += n as u64;
-                    }
-                    Ok(Step::Piped(n)) => {
-                        client.drain_pipe(n).await?;
-                        client.delivered += n as u64;
-                        relayed.piped += n as u64;
-                    }
-                    Err(source) => {
-                        if let Some(flow) = &flow {
-                            relayed.spliced += flow.spliced()?;
-                        }
-                        return Err(RelayError::Backend { relayed, source });
-                    }
-                },
-                read = client.stream.read_buf(&mut client.pending), if !client.eof => match read {
-                    // The client closed its sending side: pass the half-close
-                    // on. A backend that cannot answer a half-closed peer
-                    // (vLLM's server aborts the generation) closes at once,
-                    // so a client that went away frees its GPU slot now
-                    // rather than at the end of the generation.
+                ready = backend.stream.readable() => {
+                    return ready.map_err(|source| self.backend_error(source));
+                }
+                read = client.stream.read_buf(&mut client.pending), if watch_client => match read {
                     Ok(0) => {
                         client.eof = true;
-                        let _ = backend.shutdown().await;
+                        self.half_close(backend);
                     }
                     Ok(_) => {}
                     Err(err) => return Err(RelayError::Client(err)),
                 },
             }
         }
-        if let Some(flow) = &flow {
-            relayed.spliced = flow.spliced()?;
-            client.delivered += flow.spliced_since_last()?;
-            client.flushed().await?;
-        }
-        Ok(relayed)
     }
-}
 
-/// What one step of reading the backend did.
-enum Step {
-    /// The backend closed: the response is complete.
-    End,
-    /// This many bytes were read into the buffer.
-    Read(usize),
-    /// This many bytes were moved into the pipe.
-    Piped(usize),
-}
+    /// Reads what the backend has into the spare capacity of `buf`; `Ok(0)`
+    /// at end of stream.
+    async fn read(
+        &mut self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize, RelayError> {
+        loop {
+            self.backend_readable(client, backend).await?;
+            match backend.stream.try_read_buf(buf) {
+                Ok(n) => {
+                    backend.read += n as u64;
+                    return Ok(n);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => {
+                    return Err(if self.relayed.any() {
+                        self.backend_error(err)
+                    } else {
+                        RelayError::NoResponse(err)
+                    });
+                }
+            }
+        }
+    }
 
-/// Waits for the backend and moves what it has: into the pipe when there is
-/// one, else into `buf`. Cancel-safe: nothing moves until the step returns.
-async fn backend_step(
-    backend: &TcpStream,
-    pipe: Option<&Pipe>,
-    buf: &mut [u8],
-) -> io::Result<Step> {
-    loop {
-        backend.readable().await?;
-        let moved = match pipe {
-            Some(pipe) => backend
-                .try_io(Interest::READABLE, || pipe.fill_from(backend))
-                .map(|n| if n == 0 { Step::End } else { Step::Piped(n) }),
-            None => backend
-                .try_read(buf)
-                .map(|n| if n == 0 { Step::End } else { Step::Read(n) }),
+    /// Feeds `bytes` (read from the backend) to the tracker and writes the
+    /// part that belongs to this response.
+    async fn copy_out(
+        &mut self,
+        client: &mut Client,
+        tracker: &mut BodyTracker,
+        bytes: &[u8],
+    ) -> Result<(), RelayError> {
+        let used = tracker
+            .advance(bytes)
+            .map_err(|source| self.bad_response(source))?;
+        client.write(&bytes[..used]).await?;
+        self.relayed.copied += used as u64;
+        if used < bytes.len() {
+            self.reusable = false;
+        }
+        Ok(())
+    }
+
+    /// Userspace: read, follow the framing, write.
+    async fn copy_body(
+        &mut self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        mut tracker: BodyTracker,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RelayError> {
+        while !tracker.is_done() {
+            buf.clear();
+            buf.reserve(COPY_BUFFER);
+            if self.read(client, backend, buf).await? == 0 {
+                return self.end_of_stream(&tracker);
+            }
+            let bytes = std::mem::take(buf);
+            let copied = self.copy_out(client, &mut tracker, &bytes).await;
+            *buf = bytes;
+            copied?;
+        }
+        Ok(())
+    }
+
+    /// Splice: length-delimited runs go through the pipe unseen; framing
+    /// lines are peeked, then the peeked bytes are spliced too.
+    async fn splice_body(
+        &mut self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        tracker: BodyTracker,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RelayError> {
+        // The pipe lives with the client connection; it is lent out here.
+        let pipe = match client.pipe.take() {
+            Some(pipe) => pipe,
+            None => Pipe::new().map_err(RelayError::Client)?,
         };
-        match moved {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return other,
+        let result = self
+            .splice_through(client, backend, &pipe, tracker, buf)
+            .await;
+        client.pipe = Some(pipe);
+        result
+    }
+
+    async fn splice_through(
+        &mut self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        pipe: &Pipe,
+        mut tracker: BodyTracker,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RelayError> {
+        buf.resize(PEEK_WINDOW, 0);
+        while !tracker.is_done() {
+            self.backend_readable(client, backend).await?;
+            let (run, looked) = match tracker.opaque_run() {
+                Some(run) => (run, false),
+                None => {
+                    let peeked = backend
+                        .stream
+                        .try_io(Interest::READABLE, || tcp::peek(&backend.stream, buf));
+                    match peeked {
+                        Ok(0) => return self.end_of_stream(&tracker),
+                        Ok(n) => {
+                            let used = tracker
+                                .advance(&buf[..n])
+                                .map_err(|source| self.bad_response(source))?;
+                            if used < n {
+                                self.reusable = false;
+                            }
+                            (used as u64, true)
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(err) => return Err(self.backend_error(err)),
+                    }
+                }
+            };
+            // Move `run` bytes (or what is there, for an opaque run).
+            let mut left = run;
+            while left > 0 {
+                let moved = backend
+                    .stream
+                    .try_io(Interest::READABLE, || pipe.fill_from(&backend.stream, left));
+                match moved {
+                    Ok(0) => return self.end_of_stream(&tracker),
+                    Ok(n) => {
+                        backend.read += n as u64;
+                        if !looked {
+                            tracker.skip(n as u64);
+                        }
+                        client.drain_pipe(pipe, n).await?;
+                        self.relayed.piped += n as u64;
+                        left -= n as u64;
+                        if !looked {
+                            break;
+                        }
+                    }
+                    // Peeked bytes are queued already; an opaque run waits.
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock && !looked => break,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        self.backend_readable(client, backend).await?;
+                    }
+                    Err(err) => return Err(self.backend_error(err)),
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Sockmap: publish the framing, let the kernel redirect the body, and
+    /// finish what it passes up (hand-over steps 6 to 9 in `sockmap.rs`).
+    async fn sockmap_body(
+        &mut self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        client_cookie: u64,
+        mut tracker: BodyTracker,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RelayError> {
+        // The generation published and not yet seen stopped by the kernel.
+        let mut published = None;
+        while !tracker.is_done() {
+            if let Some(framing) = tracker.to_kernel() {
+                backend.generation += 1;
+                backend.slot()?.publish(Control {
+                    client_cookie,
+                    generation: backend.generation,
+                    fence: backend.read,
+                    framing,
+                })?;
+                published = Some(backend.generation);
+            }
+            buf.clear();
+            buf.reserve(COPY_BUFFER);
+            let n = self.read(client, backend, buf).await?;
+            // What the kernel did before these bytes were passed up.
+            let progress = backend.slot()?.progress()?;
+            let spliced = progress.spliced - backend.spliced_seen;
+            backend.spliced_seen = progress.spliced;
+            self.relayed.spliced += spliced;
+            client.add_spliced(spliced);
+            if published.is_some_and(|generation| generation == progress.generation)
+                && progress.splicing == 0
+            {
+                // The kernel adopted the hand-over and stopped at the first
+                // byte just read: continue from its framing.
+                tracker = BodyTracker::from_kernel(progress.framing).ok_or_else(|| {
+                    self.bad_response(FramingError::Head(format!(
+                        "the kernel stopped at an unknown framing {:?}",
+                        progress.framing
+                    )))
+                })?;
+                published = None;
+            }
+            if n == 0 {
+                client.flushed().await?;
+                return self.end_of_stream(&tracker);
+            }
+            let bytes = std::mem::take(buf);
+            let copied = self.copy_out(client, &mut tracker, &bytes).await;
+            *buf = bytes;
+            copied?;
+        }
+        if published.is_some() {
+            // Never leave an unadopted hand-over behind: the next response on
+            // this connection would be adopted by it, head and all.
+            backend.generation += 1;
+            backend.slot()?.publish(Control {
+                client_cookie,
+                generation: backend.generation,
+                fence: backend.read,
+                framing: Framing::default(),
+            })?;
+        }
+        Ok(())
     }
 }
 
-/// Registers the client (once) and hands the backend socket to the kernel.
-fn splice_to_client(
-    sockmap: &Sockmap,
-    client: &mut Client,
-    backend: &TcpStream,
-) -> Result<sockmap::Flow, SockmapError> {
-    if client.slot.is_none() {
-        client.slot = Some(sockmap.add_client(&client.stream)?);
+/// A connection to a backend, kept alive across requests.
+#[derive(Debug)]
+pub struct BackendConn {
+    /// Registration with the kernel program (sockmap only). Declared before
+    /// `stream` so its entries go before the socket closes.
+    slot: Option<BackendSlot>,
+    stream: TcpStream,
+    /// Bytes the daemon has read from the socket (with sockmap: what the
+    /// program passed up).
+    read: u64,
+    /// The last control generation published (sockmap).
+    generation: u64,
+    /// The program's spliced count when last looked at (sockmap).
+    spliced_seen: u64,
+    /// When the connection last went back to the pool.
+    idle_since: Instant,
+}
+
+impl BackendConn {
+    fn slot(&self) -> Result<&BackendSlot, RelayError> {
+        self.slot.as_ref().ok_or_else(|| {
+            RelayError::Client(io::Error::other(
+                "invariant broken: sockmap body without a backend slot",
+            ))
+        })
     }
-    let slot = client.slot.as_ref().expect("invariant: set just above");
-    sockmap.add_backend(backend, slot)
+
+    /// Whether the idle connection still looks usable: nothing to read (a
+    /// FIN or stray bytes mean the backend closed or is out of step).
+    fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 /// A client connection as the dataplane sees it.
@@ -387,16 +789,23 @@ pub struct Client {
     /// Bytes that should have entered the client socket's send queue: what
     /// the daemon wrote plus what the kernel spliced.
     delivered: u64,
+    /// Spliced bytes were added to `delivered` since the last flush.
+    unflushed: bool,
     /// Bytes read from the client and not yet consumed.
     pub pending: Vec<u8>,
     /// The client has shut down its sending side.
     pub eof: bool,
+    /// Response buffer, kept between requests.
+    buffer: Vec<u8>,
 }
 
 impl Client {
-    /// Writes bytes produced by the daemon itself (an error or a local
-    /// response), after any spliced bytes still on their way.
+    /// Writes bytes produced or read by the daemon, after any spliced bytes
+    /// still on their way.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
         self.flushed().await?;
         self.stream
             .write_all(bytes)
@@ -406,19 +815,25 @@ impl Client {
         Ok(())
     }
 
+    fn add_spliced(&mut self, bytes: u64) {
+        if bytes > 0 {
+            self.delivered += bytes;
+            self.unflushed = true;
+        }
+    }
+
     /// Moves `len` bytes from the pipe into the client socket.
-    async fn drain_pipe(&mut self, mut len: usize) -> Result<(), RelayError> {
-        let pipe = self
-            .pipe
-            .as_ref()
-            .expect("invariant: Step::Piped comes only from a client's pipe");
+    async fn drain_pipe(&mut self, pipe: &Pipe, mut len: usize) -> Result<(), RelayError> {
         while len > 0 {
             self.stream.writable().await.map_err(RelayError::Client)?;
             match self
                 .stream
                 .try_io(Interest::WRITABLE, || pipe.drain_into(&self.stream, len))
             {
-                Ok(moved) => len -= moved,
+                Ok(moved) => {
+                    len -= moved;
+                    self.delivered += moved as u64;
+                }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) => return Err(RelayError::Client(err)),
             }
@@ -426,23 +841,24 @@ impl Client {
         Ok(())
     }
 
-    /// Waits until every byte relayed so far sits in the client socket's send
+    /// Waits until every byte spliced so far sits in the client socket's send
     /// queue (or was already acknowledged).
     ///
     /// The kernel program hands redirected skbs to a kernel worker that sends
-    /// them on the client socket asynchronously; the backend's FIN reaches
-    /// userspace without waiting for that worker. Writing our own bytes, or
-    /// closing the socket, before the worker is done would reorder or drop
-    /// response bytes.
-    async fn flushed(&self) -> Result<(), RelayError> {
-        if self.slot.is_none() {
+    /// them on the client socket asynchronously; the skbs passed up to the
+    /// daemon do not wait for that worker. Writing our own bytes, or closing
+    /// the socket, before the worker is done would reorder or drop response
+    /// bytes.
+    pub async fn flushed(&mut self) -> Result<(), RelayError> {
+        if !self.unflushed {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-        let mut pause = Duration::from_micros(50);
+        let mut pause = Duration::from_micros(20);
         loop {
             let progress = tcp::send_progress(&self.stream).map_err(RelayError::Client)?;
             if progress.queued >= self.delivered {
+                self.unflushed = false;
                 return Ok(());
             }
             // A client that reset or closed makes the kernel drop what was

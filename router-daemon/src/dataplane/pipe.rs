@@ -42,10 +42,11 @@ impl Pipe {
         })
     }
 
-    /// Moves up to the pipe's capacity from `socket` into the pipe.
-    /// `Ok(0)` is end of stream.
-    pub(crate) fn fill_from(&self, socket: &impl AsRawFd) -> io::Result<usize> {
-        splice(socket.as_raw_fd(), self.write.as_raw_fd(), self.capacity)
+    /// Moves up to `max` bytes (at most the pipe's capacity) from `socket`
+    /// into the pipe. `Ok(0)` is end of stream.
+    pub(crate) fn fill_from(&self, socket: &impl AsRawFd, max: u64) -> io::Result<usize> {
+        let len = usize::try_from(max).map_or(self.capacity, |max| max.min(self.capacity));
+        splice(socket.as_raw_fd(), self.write.as_raw_fd(), len)
     }
 
     /// Moves up to `len` bytes from the pipe into `socket`.

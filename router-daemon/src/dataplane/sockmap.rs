@@ -1,40 +1,52 @@
 //! The sockmap dataplane: loading the kernel program and handing sockets to it.
 //!
-//! # Hand-over protocol, per response
-//! The order matters; each step says why it is where it is.
-//! 1. **Client registered** ([`Sockmap::add_client`], once per client
-//!    connection): the client socket goes into `CLIENTS`, a map with no
-//!    program. That makes it a valid redirect target while its own ingress
-//!    (the next request) stays an ordinary socket the daemon reads.
-//! 2. **Backend connected, nothing queued**: the backend socket is fresh and
-//!    a backend never speaks first, so its receive queue is empty. (Bytes
-//!    queued before insertion would stall or be duplicated; a fresh socket
-//!    per response rules that out, where a reused one would need draining to
-//!    EAGAIN first.)
-//! 3. **Flow entry written** ([`Sockmap::add_backend`]): `FLOWS[backend] =
-//!    client` before the backend can be judged, so no byte meets a missing
-//!    entry and falls back to userspace out of order.
-//! 4. **Backend inserted into `BACKENDS`**, the verdict program's map, still
-//!    before the request is written: from its first byte, the response is
-//!    judged in the kernel.
-//! 5. **Request written** by the caller.
-//! 6. **FIN passed up**: the program passes zero-length skbs, so the daemon
-//!    reads EOF on the backend and knows the response ended; redirecting the
-//!    FIN would set EPIPE on the client.
-//! 7. **Flushed before anything else touches the client**: the kernel worker
-//!    sends redirected skbs asynchronously, so the daemon waits until the
-//!    client's send queue has taken every spliced byte before writing its own
-//!    bytes or closing (see `Client::flushed`).
-//! 8. **Flow entry removed** when the [`Flow`] guard drops; the socket maps
-//!    drop their entries when the sockets close.
+//! # Hand-over protocol
+//! The order matters; each step says why it is where it is. (The hazards it
+//! avoids were seen on this kernel: bytes queued before insertion stall or
+//! are duplicated; a redirected FIN poisons the target; `SO_RCVLOWAT` above 1
+//! delays verdicts, so it stays at 1.)
 //!
-//! `SO_RCVLOWAT` stays at its default of 1: a higher mark delays verdicts.
+//! Per client connection, once:
+//! 1. **Client registered** ([`Sockmap::add_client`]): the client socket goes
+//!    into `CLIENTS`, a map with no program. That makes it a valid redirect
+//!    target while its own ingress (the next request) stays an ordinary
+//!    socket the daemon reads.
+//!
+//! Per backend connection, once, right after connect ([`Sockmap::add_backend`]):
+//! 2. **Entries before the socket**: `PROGRESS` (zeroed) and `CONTROL`
+//!    (framing `NONE`: pass everything up) are written first, so the program
+//!    never meets a socket without them and every byte passed up is counted.
+//! 3. **Backend inserted into `BACKENDS`** before any request is written: a
+//!    backend never speaks first, so its receive queue is empty and nothing
+//!    can be queued ahead of the verdict program (such bytes would stall or
+//!    be duplicated). The socket stays in the map while pooled, so reusing it
+//!    costs no map insertion and no kick.
+//!
+//! Per response (driven by `Dataplane::exchange`):
+//! 4. **Request written**; the program passes the response head up, because
+//!    no new control has been published.
+//! 5. **Head read and written by the daemon**, with whatever body bytes came
+//!    with it, counted in `read`.
+//! 6. **Control published** ([`BackendSlot::publish`]): the client's cookie,
+//!    a new generation, the body's framing after the bytes already read, and
+//!    `fence = read`. The program adopts it only when it has passed up exactly
+//!    `fence` bytes, so bytes still waiting in the daemon's queue are never
+//!    overtaken by redirected ones; if it had passed more, the daemon reads
+//!    them, writes them and publishes again.
+//! 7. **Body redirected in the kernel** while the program can follow the
+//!    framing; the skb holding the end of the body (or anything it cannot
+//!    frame) is passed up with [`Progress::framing`] frozen at its first byte.
+//! 8. **Flushed before the daemon writes**: the kernel worker sends
+//!    redirected skbs asynchronously, so before writing passed-up bytes, or
+//!    closing, the daemon waits until the client's send queue has taken every
+//!    spliced byte (see `Client::flushed`).
+//! 9. **FIN passed up**: zero-length skbs are never redirected; the daemon
+//!    reads EOF on the backend and passes the half-close on itself.
+//! 10. **Entries removed** when the [`BackendSlot`] drops (the connection
+//!     closes); the socket maps also drop sockets as they close.
 use std::{
     os::fd::AsRawFd,
-    sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use aya::{
@@ -43,7 +55,8 @@ use aya::{
     programs::SkSkb,
 };
 use router_common::{
-    Flow as FlowValue, MAP_BACKENDS, MAP_CLIENTS, MAP_FLOWS, MAP_STATS, PROG_SPLICE, Stat,
+    Control, MAP_BACKENDS, MAP_CLIENTS, MAP_CONTROL, MAP_PROGRESS, MAP_STATS, PROG_SPLICE,
+    Progress, Stat,
 };
 
 use super::tcp;
@@ -97,13 +110,19 @@ pub(super) fn supported_kernel() -> Result<(), SockmapError> {
     }
 }
 
+/// The program's maps, shared by the slots that remove their entries.
+struct Maps {
+    backends: Mutex<SockHash<MapData, u64>>,
+    clients: Mutex<SockHash<MapData, u64>>,
+    control: Mutex<HashMap<MapData, u64, Control>>,
+    progress: Mutex<HashMap<MapData, u64, Progress>>,
+}
+
 /// The loaded program and its maps.
 pub(super) struct Sockmap {
     /// Keeps the program loaded and attached.
     _ebpf: Ebpf,
-    backends: Mutex<SockHash<MapData, u64>>,
-    clients: Arc<Mutex<SockHash<MapData, u64>>>,
-    flows: Arc<Mutex<HashMap<MapData, u64, FlowValue>>>,
+    maps: Arc<Maps>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -121,6 +140,10 @@ fn load_err(err: impl std::fmt::Display) -> SockmapError {
     SockmapError::Load(err.to_string())
 }
 
+fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> SockmapError {
+    move |source| SockmapError::Map { what, source }
+}
+
 impl Sockmap {
     /// Loads the embedded object and attaches the verdict program.
     pub(super) fn load() -> Result<Self, SockmapError> {
@@ -134,7 +157,9 @@ impl Sockmap {
         };
         let backends = SockHash::<_, u64>::try_from(take(MAP_BACKENDS)?).map_err(load_err)?;
         let clients = SockHash::<_, u64>::try_from(take(MAP_CLIENTS)?).map_err(load_err)?;
-        let flows = HashMap::<_, u64, FlowValue>::try_from(take(MAP_FLOWS)?).map_err(load_err)?;
+        let control = HashMap::<_, u64, Control>::try_from(take(MAP_CONTROL)?).map_err(load_err)?;
+        let progress =
+            HashMap::<_, u64, Progress>::try_from(take(MAP_PROGRESS)?).map_err(load_err)?;
         let stats = PerCpuArray::<_, u64>::try_from(take(MAP_STATS)?).map_err(load_err)?;
         let program: &mut SkSkb = ebpf
             .program_mut(PROG_SPLICE)
@@ -145,9 +170,12 @@ impl Sockmap {
         program.attach(backends.fd()).map_err(load_err)?;
         Ok(Self {
             _ebpf: ebpf,
-            backends: Mutex::new(backends),
-            clients: Arc::new(Mutex::new(clients)),
-            flows: Arc::new(Mutex::new(flows)),
+            maps: Arc::new(Maps {
+                backends: Mutex::new(backends),
+                clients: Mutex::new(clients),
+                control: Mutex::new(control),
+                progress: Mutex::new(progress),
+            }),
             stats,
         })
     }
@@ -155,48 +183,34 @@ impl Sockmap {
     /// Step 1: makes a client socket a redirect target.
     pub(super) fn add_client(&self, stream: &impl AsRawFd) -> Result<ClientSlot, SockmapError> {
         let cookie = tcp::cookie(stream).map_err(SockmapError::Cookie)?;
-        lock(&self.clients)
+        lock(&self.maps.clients)
             .insert(cookie, stream.as_raw_fd(), 0)
-            .map_err(|source| SockmapError::Map {
-                what: "inserting the client socket",
-                source,
-            })?;
+            .map_err(map_err("inserting the client socket"))?;
         Ok(ClientSlot {
             cookie,
-            clients: Arc::clone(&self.clients),
+            maps: Arc::clone(&self.maps),
         })
     }
 
-    /// Steps 3 and 4: points a fresh backend socket at a client and hands it
-    /// to the verdict program.
-    pub(super) fn add_backend(
-        &self,
-        stream: &impl AsRawFd,
-        client: &ClientSlot,
-    ) -> Result<Flow, SockmapError> {
+    /// Steps 2 and 3: hands a freshly connected backend socket to the verdict
+    /// program, passing everything up until a control is published.
+    pub(super) fn add_backend(&self, stream: &impl AsRawFd) -> Result<BackendSlot, SockmapError> {
         let cookie = tcp::cookie(stream).map_err(SockmapError::Cookie)?;
-        let value = FlowValue {
-            client_cookie: client.cookie,
-            spliced_bytes: 0,
-        };
-        lock(&self.flows)
-            .insert(cookie, value, 0)
-            .map_err(|source| SockmapError::Map {
-                what: "writing the flow entry",
-                source,
-            })?;
-        let flow = Flow {
+        lock(&self.maps.progress)
+            .insert(cookie, Progress::default(), 0)
+            .map_err(map_err("writing the progress entry"))?;
+        // From here on the slot removes whatever was written.
+        let slot = BackendSlot {
             cookie,
-            flows: Arc::clone(&self.flows),
-            accounted: AtomicU64::new(0),
+            maps: Arc::clone(&self.maps),
         };
-        lock(&self.backends)
+        lock(&self.maps.control)
+            .insert(cookie, Control::default(), 0)
+            .map_err(map_err("writing the control entry"))?;
+        lock(&self.maps.backends)
             .insert(cookie, stream.as_raw_fd(), 0)
-            .map_err(|source| SockmapError::Map {
-                what: "inserting the backend socket",
-                source,
-            })?;
-        Ok(flow)
+            .map_err(map_err("inserting the backend socket"))?;
+        Ok(slot)
     }
 
     /// The program's counters, summed over CPUs.
@@ -214,15 +228,15 @@ impl Sockmap {
             .collect()
     }
 
-    /// Entries in the flow map.
-    pub(super) fn flows_len(&self) -> usize {
-        lock(&self.flows).keys().count()
+    /// Backend sockets with per-backend entries (pooled or in use).
+    pub(super) fn backend_entries(&self) -> usize {
+        lock(&self.maps.progress).keys().count()
     }
 
     /// Sockets in the client map and in the backend map.
     pub(super) fn sockets_len(&self) -> (usize, usize) {
-        let clients = lock(&self.clients).keys().count();
-        let backends = lock(&self.backends).keys().count();
+        let clients = lock(&self.maps.clients).keys().count();
+        let backends = lock(&self.maps.backends).keys().count();
         (clients, backends)
     }
 }
@@ -230,7 +244,14 @@ impl Sockmap {
 /// A client socket registered as a redirect target; unregistered on drop.
 pub(super) struct ClientSlot {
     cookie: u64,
-    clients: Arc<Mutex<SockHash<MapData, u64>>>,
+    maps: Arc<Maps>,
+}
+
+impl ClientSlot {
+    /// The client socket's cookie, for [`Control::client_cookie`].
+    pub(super) fn cookie(&self) -> u64 {
+        self.cookie
+    }
 }
 
 impl std::fmt::Debug for ClientSlot {
@@ -245,49 +266,45 @@ impl Drop for ClientSlot {
     fn drop(&mut self) {
         // Closing the socket would remove it too; removing first keeps the
         // map exact while the connection winds down.
-        let _ = lock(&self.clients).remove(&self.cookie);
+        let _ = lock(&self.maps.clients).remove(&self.cookie);
     }
 }
 
-/// One backend socket spliced to a client; its flow entry goes on drop.
-pub(crate) struct Flow {
+/// A backend socket handed to the verdict program; its entries go on drop.
+pub(crate) struct BackendSlot {
     cookie: u64,
-    flows: Arc<Mutex<HashMap<MapData, u64, FlowValue>>>,
-    /// Spliced bytes already reported by [`Flow::spliced_since_last`].
-    accounted: AtomicU64,
+    maps: Arc<Maps>,
 }
 
-impl Flow {
-    /// Bytes the program has spliced for this flow.
-    pub(super) fn spliced(&self) -> Result<u64, SockmapError> {
-        lock(&self.flows)
+impl BackendSlot {
+    /// Step 6: tells the program where the response goes from `fence` on.
+    pub(super) fn publish(&self, control: Control) -> Result<(), SockmapError> {
+        lock(&self.maps.control)
+            .insert(self.cookie, control, 0)
+            .map_err(map_err("publishing the control entry"))
+    }
+
+    /// What the program has done with this socket's bytes.
+    pub(super) fn progress(&self) -> Result<Progress, SockmapError> {
+        lock(&self.maps.progress)
             .get(&self.cookie, 0)
-            .map(|value| value.spliced_bytes)
-            .map_err(|source| SockmapError::Map {
-                what: "reading the flow entry",
-                source,
-            })
-    }
-
-    /// Bytes spliced since the previous call.
-    pub(super) fn spliced_since_last(&self) -> Result<u64, SockmapError> {
-        let total = self.spliced()?;
-        let before = self.accounted.swap(total, Ordering::Relaxed);
-        Ok(total.saturating_sub(before))
+            .map_err(map_err("reading the progress entry"))
     }
 }
 
-impl std::fmt::Debug for Flow {
+impl std::fmt::Debug for BackendSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Flow")
+        f.debug_struct("BackendSlot")
             .field("cookie", &self.cookie)
             .finish()
     }
 }
 
-impl Drop for Flow {
+impl Drop for BackendSlot {
     fn drop(&mut self) {
-        let _ = lock(&self.flows).remove(&self.cookie);
+        let _ = lock(&self.maps.backends).remove(&self.cookie);
+        let _ = lock(&self.maps.control).remove(&self.cookie);
+        let _ = lock(&self.maps.progress).remove(&self.cookie);
     }
 }
 

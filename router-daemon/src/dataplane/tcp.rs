@@ -1,4 +1,5 @@
-//! Socket facts the sockmap dataplane needs: cookies and send-queue progress.
+//! Socket calls tokio does not offer: cookies, send-queue progress, peeking
+//! and half-closing through a shared reference.
 use std::{io, mem, os::fd::AsRawFd};
 
 /// TCP states from the kernel's `include/net/tcp_states.h`.
@@ -74,4 +75,25 @@ pub(crate) fn send_progress(socket: &impl AsRawFd) -> io::Result<SendProgress> {
         queued: info.tcpi_bytes_acked + u64::try_from(unacked).unwrap_or(0),
         open: state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT,
     })
+}
+
+/// Reads up to `buf.len()` bytes without consuming them (`MSG_PEEK`).
+pub(crate) fn peek(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Shuts down the sending side (`SHUT_WR`): the peer reads EOF.
+pub(crate) fn shut_write(socket: &impl AsRawFd) {
+    // SAFETY: plain syscall on an open descriptor; failure (already shut or
+    // reset) leaves nothing to do.
+    let _ = unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
 }

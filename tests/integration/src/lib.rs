@@ -110,9 +110,10 @@ pub async fn start_router_with(
     (addr, stop)
 }
 
-/// A backend that answers one request per connection with `response`,
-/// written in pieces of `piece` bytes with a pause between some of them, then
-/// closes. The bytes are fixed so the client's copy can be compared exactly.
+/// A backend that answers every request with `response`, written in pieces
+/// of `piece` bytes with a pause between some of them, and keeps the
+/// connection open for the next request (as vLLM does). The bytes are fixed
+/// so the client's copy can be compared exactly.
 pub async fn scripted_backend(response: Vec<u8>, piece: usize) -> String {
     let listener = loopback_listener();
     let addr = listener.local_addr().expect("addr");
@@ -129,33 +130,37 @@ pub async fn scripted_backend(response: Vec<u8>, piece: usize) -> String {
 }
 
 async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize) {
-    // Read the whole request, head and Content-Length body, as a real server
-    // does: closing with unread bytes would reset the connection.
     let mut request = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        if let Some(head_end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
-            let body_len = head
-                .lines()
-                .find_map(|line| line.strip_prefix("content-length:"))
-                .and_then(|len| len.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            if request.len() >= head_end + 4 + body_len {
-                break;
+        // Read a whole request, head and Content-Length body, as a real
+        // server does: closing with unread bytes would reset the connection.
+        loop {
+            if let Some(head_end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
+                let body_len = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|len| len.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let end = head_end + 4 + body_len;
+                if request.len() >= end {
+                    request.drain(..end);
+                    break;
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
             }
         }
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-    }
-    for (i, chunk) in response.chunks(piece).enumerate() {
-        if stream.write_all(chunk).await.is_err() {
-            return;
-        }
-        if i % 16 == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        for (i, chunk) in response.chunks(piece).enumerate() {
+            if stream.write_all(chunk).await.is_err() {
+                return;
+            }
+            if i % 16 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 }
@@ -241,23 +246,96 @@ impl Response {
     }
 }
 
-/// Sends `raw` bytes to `addr` and reads until the server closes.
+/// Sends `raw` bytes to `addr` on a new connection and reads one response.
 ///
 /// # Panics
 /// On I/O errors, a malformed response, or after [`EXCHANGE_TIMEOUT`].
 pub async fn exchange_raw(addr: SocketAddr, raw: impl AsRef<[u8]>) -> Response {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(raw.as_ref()).await.expect("send request");
+    read_response(&mut stream).await
+}
+
+/// Reads one response from `stream`: up to the end of its body by its
+/// framing (`Content-Length` or chunked), else until the server closes.
+///
+/// # Panics
+/// On I/O errors, a malformed response, or after [`EXCHANGE_TIMEOUT`].
+pub async fn read_response(stream: &mut TcpStream) -> Response {
     let mut received = Vec::new();
-    let read = tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read_to_end(&mut received)).await;
+    let read = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            if let Some(len) = response_len(&received) {
+                assert_eq!(len, received.len(), "bytes past the end of the response");
+                return Ok(());
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(err) => return Err(err),
+            }
+        }
+    })
+    .await;
     match read {
-        Ok(Ok(_)) => parse_response(received),
+        Ok(Ok(())) => parse_response(received),
         Ok(Err(err)) => panic!("reading the response: {err}; got {} bytes", received.len()),
         Err(_) => panic!(
             "no end of response after {EXCHANGE_TIMEOUT:?}; got {} bytes: {:?}",
             received.len(),
             String::from_utf8_lossy(&received[..received.len().min(300)])
         ),
+    }
+}
+
+/// The length of the complete response at the start of `raw`, when its
+/// framing says where it ends and all of it is there.
+pub fn response_len(raw: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(raw) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return None,
+    };
+    let code = response.code.unwrap_or(0);
+    if (100..200).contains(&code) {
+        return response_len(&raw[head_len..]).map(|len| head_len + len);
+    }
+    if code == 204 || code == 304 {
+        return Some(head_len);
+    }
+    let mut length = None;
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return chunked_len(&raw[head_len..]).map(|len| head_len + len);
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+        }
+    }
+    let length = length?;
+    (raw.len() >= head_len + length).then_some(head_len + length)
+}
+
+/// The length of a complete chunked body (no trailers) at the start of
+/// `rest`, if it is all there.
+fn chunked_len(rest: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        let line_end = at + rest[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[at..line_end]).ok()?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        at = line_end + 2 + size + 2;
+        if rest.len() < at {
+            return None;
+        }
+        if size == 0 {
+            return Some(at);
+        }
     }
 }
 
@@ -407,27 +485,32 @@ pub fn byte_counters(mode: Mode) -> (&'static str, Vec<&'static str>) {
     }
 }
 
-/// Checks that the router's `/metrics` counted exactly `bytes` response
-/// bytes on `mode`'s path and none on the others; with sockmap, that no flow
-/// entry is left behind.
-pub async fn assert_bytes_took_path(router: SocketAddr, mode: Mode, bytes: usize) {
+/// Checks the router's `/metrics` against `bytes`, the response bytes the
+/// clients received: heads plus every body path add up to exactly that; the
+/// paths of other modes carried nothing; and `mode`'s own path carried at
+/// least `share` of the body bytes (the daemon writes heads, and body bytes
+/// that arrive together with a head, in every mode).
+pub async fn assert_bytes_took_path(router: SocketAddr, mode: Mode, bytes: usize, share: f64) {
+    const HEAD: &str = "router_response_head_bytes_total";
+    const COPIED: &str = "router_userspace_copied_bytes_total";
     let metrics = get(router, "/metrics").await.text();
     let (own, others) = byte_counters(mode);
-    assert_eq!(
-        metric(&metrics, own),
-        Some(bytes as f64),
-        "{own}\n{metrics}"
+    let value = |name: &str| metric(&metrics, name).unwrap_or(0.0);
+    let mut total = value(HEAD) + value(own);
+    for other in &others {
+        if *other == COPIED {
+            total += value(other);
+        } else {
+            assert_eq!(value(other), 0.0, "{other}\n{metrics}");
+        }
+    }
+    assert_eq!(total, bytes as f64, "bytes by path\n{metrics}");
+    let body = bytes as f64 - value(HEAD);
+    assert!(
+        value(own) >= share * body,
+        "{own} carried {} of {body} body bytes, less than {share}\n{metrics}",
+        value(own)
     );
-    for other in others {
-        assert_eq!(metric(&metrics, other), Some(0.0), "{other}\n{metrics}");
-    }
-    if mode == Mode::Sockmap {
-        assert_eq!(
-            metric(&metrics, "router_sockmap_flows"),
-            Some(0.0),
-            "{metrics}"
-        );
-    }
 }
 
 /// Declares one `#[tokio::test]` per dataplane mode for each named scenario

@@ -6,6 +6,12 @@ use integration_tests::{
 use router_daemon::dataplane::Mode;
 use serde_json::json;
 
+/// The least share of a stream's body bytes that must take the mode's own
+/// path. The test backend writes 120-byte pieces that cut chunk-size lines
+/// in two; the kernel program passes such skbs to the daemon, which copies
+/// them and hands the rest back.
+const STREAM_SHARE: f64 = 0.5;
+
 /// An SSE response in vLLM's shape with `events` chunked events.
 fn sse_response(events: usize) -> Vec<u8> {
     let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-served-by: scripted\r\n\r\n".to_vec();
@@ -40,7 +46,7 @@ async fn streamed_response_is_byte_exact(mode: Mode) {
         assert_eq!(events.len(), 2_001);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     }
-    assert_bytes_took_path(router, mode, 3 * response.len()).await;
+    assert_bytes_took_path(router, mode, 3 * response.len(), STREAM_SHARE).await;
 }
 
 async fn bulk_response_is_byte_exact(mode: Mode) {
@@ -61,7 +67,7 @@ async fn bulk_response_is_byte_exact(mode: Mode) {
         received.raw == response,
         "bulk bytes differ from what the backend sent"
     );
-    assert_bytes_took_path(router, mode, response.len()).await;
+    assert_bytes_took_path(router, mode, response.len(), 0.9).await;
 }
 
 /// Many clients at once, each must get exactly its own response.
@@ -79,7 +85,7 @@ async fn concurrent_clients_get_their_own_bytes(mode: Mode) {
         let received = client.await.expect("client task");
         assert!(received.raw == response, "a client got bytes that differ");
     }
-    assert_bytes_took_path(router, mode, 40 * response.len()).await;
+    assert_bytes_took_path(router, mode, 40 * response.len(), STREAM_SHARE).await;
 }
 
 /// The simulator's stream through the router: vLLM's SSE shape, ending with

@@ -61,7 +61,7 @@ async fn expect_continue_is_answered(mode: Mode) {
         .expect("read 100 Continue");
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     stream.write_all(BODY.as_bytes()).await.expect("send body");
-    let response = parse_response(read_all(&mut stream).await);
+    let response = integration_tests::read_response(&mut stream).await;
     assert_eq!(response.status, 200, "{}", response.text());
     assert!(response.json()["choices"][0]["text"].is_string());
 }

@@ -1,6 +1,11 @@
-//! No leaks: after many requests from many clients that close at random
-//! points, the router holds no kernel map entries, its open descriptors are
-//! back to where they started, and its memory is flat.
+//! No leaks: after many requests from many kept-alive clients that close at
+//! random points, the router holds no kernel map entries, its open
+//! descriptors are back to where they started, and its memory is flat.
+//!
+//! Each client sends its requests one after another on one connection and,
+//! at random, closes mid-request, right after a request or mid-response, then
+//! reconnects. Pooled backend connections are reaped after a short idle
+//! timeout, so once the load stops nothing of it may remain.
 //!
 //! Memory is measured as live heap bytes, counted by this binary's global
 //! allocator, not as RSS: under glibc, RSS after connection churn follows
@@ -18,7 +23,8 @@ use std::{
 };
 
 use integration_tests::{
-    EXCHANGE_TIMEOUT, dataplane_or_skip, each_mode, get, metric, scripted_backend, start_router,
+    EXCHANGE_TIMEOUT, dataplane_or_skip, each_mode, get, metric, response_len, scripted_backend,
+    start_router_with,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use router_daemon::dataplane::Mode;
@@ -67,7 +73,7 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 const CLIENTS: usize = 1_000;
 /// The router's gauges of kernel map entries, all 0 once traffic is done.
 const SOCKMAP_GAUGES: [&str; 3] = [
-    "router_sockmap_flows",
+    "router_sockmap_backend_entries",
     "router_sockmap_client_sockets",
     "router_sockmap_backend_sockets",
 ];
@@ -75,6 +81,9 @@ const SOCKMAP_GAUGES: [&str; 3] = [
 /// connection's descriptor is gone.
 const LINGER_WINDOW: Duration = Duration::from_secs(3);
 const BODY: &str = r#"{"model":"m","prompt":"leak test"}"#;
+/// The router's pool idle timeout here: pooled backend connections are
+/// closed well within [`LINGER_WINDOW`] once the load stops.
+const POOL_IDLE_MS: u64 = 500;
 
 fn request() -> Vec<u8> {
     format!(
@@ -104,37 +113,58 @@ enum Ending {
     MidRequest,
 }
 
-async fn one_exchange(router: SocketAddr, ending: Ending) -> bool {
+/// One exchange on `conn` (a new connection when `None`); returns whether
+/// it succeeded, and the connection when it stays usable.
+async fn one_exchange(
+    router: SocketAddr,
+    conn: Option<TcpStream>,
+    ending: Ending,
+) -> (bool, Option<TcpStream>) {
     let request = request();
-    let Ok(mut stream) = TcpStream::connect(router).await else {
-        return false;
+    let mut stream = match conn {
+        Some(stream) => stream,
+        None => match TcpStream::connect(router).await {
+            Ok(stream) => stream,
+            Err(_) => return (false, None),
+        },
     };
     match ending {
         Ending::MidRequest => {
             let _ = stream.write_all(&request[..request.len() / 2]).await;
-            return true;
+            return (true, None);
         }
         _ => {
             if stream.write_all(&request).await.is_err() {
-                return false;
+                return (false, None);
             }
         }
     }
     match ending {
-        Ending::AfterRequest | Ending::MidRequest => true,
+        Ending::AfterRequest | Ending::MidRequest => (true, None),
         Ending::MidResponse => {
             let mut some = [0u8; 1024];
-            stream.read(&mut some).await.is_ok()
+            (stream.read(&mut some).await.is_ok(), None)
         }
         Ending::Complete => {
-            let mut all = Vec::new();
-            stream.read_to_end(&mut all).await.is_ok() && all.starts_with(b"HTTP/1.1 200 OK")
+            let mut received = Vec::new();
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                if let Some(len) = response_len(&received) {
+                    let ok = len == received.len() && received.starts_with(b"HTTP/1.1 200 OK");
+                    return (ok, ok.then_some(stream));
+                }
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return (false, None),
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                }
+            }
         }
     }
 }
 
-/// Runs `requests` exchanges over [`CLIENTS`] concurrent clients; returns how
-/// many complete exchanges succeeded and how many were attempted complete.
+/// Runs `requests` exchanges over [`CLIENTS`] concurrent kept-alive clients;
+/// returns how many complete exchanges succeeded and how many were
+/// attempted complete.
 async fn load(router: SocketAddr, requests: usize, seed: u64) -> (usize, usize) {
     let per_client = requests.div_ceil(CLIENTS);
     let tasks: Vec<_> = (0..CLIENTS)
@@ -142,6 +172,7 @@ async fn load(router: SocketAddr, requests: usize, seed: u64) -> (usize, usize) 
             tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(seed ^ client as u64);
                 let (mut ok, mut complete) = (0, 0);
+                let mut conn = None;
                 for _ in 0..per_client {
                     let ending = match rng.random_range(0..10) {
                         0 => Ending::AfterRequest,
@@ -149,10 +180,13 @@ async fn load(router: SocketAddr, requests: usize, seed: u64) -> (usize, usize) 
                         2 => Ending::MidRequest,
                         _ => Ending::Complete,
                     };
-                    let succeeded =
-                        tokio::time::timeout(EXCHANGE_TIMEOUT, one_exchange(router, ending))
-                            .await
-                            .unwrap_or_else(|_| panic!("a {ending:?} exchange hung"));
+                    let (succeeded, kept) = tokio::time::timeout(
+                        EXCHANGE_TIMEOUT,
+                        one_exchange(router, conn.take(), ending),
+                    )
+                    .await
+                    .unwrap_or_else(|_| panic!("a {ending:?} exchange hung"));
+                    conn = kept;
                     if matches!(ending, Ending::Complete) {
                         complete += 1;
                         ok += usize::from(succeeded);
@@ -246,7 +280,10 @@ async fn no_leaks_after_many_random_closes(mode: Mode) {
         format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
     response.extend_from_slice(&body);
     let backend = scripted_backend(response, 4096).await;
-    let (router, _stop) = start_router(vec![backend], dataplane).await;
+    let (router, _stop) = start_router_with(vec![backend], dataplane, |config| {
+        config.pool_idle_timeout_ms = POOL_IDLE_MS;
+    })
+    .await;
     let requests = total_requests();
 
     // Warm up with a fifth of the load, so the allocator's pools and the
