@@ -4,6 +4,8 @@
 //! start. Each carries an exact in-flight count, maintained by
 //! [`InFlight`] guards that the connection code holds for the life of a
 //! forwarded request.
+pub mod probe;
+
 use std::{
     net::SocketAddr,
     sync::{
