@@ -7,7 +7,8 @@
 //! - [`http`]: HTTP/1.1 request framing (httparse) and the head sent on.
 //! - [`prompt`]: the model and prompt key, scanned out of the JSON body.
 //! - [`route`]: the prefix index and the selection policy.
-//! - [`backend`]: the backend set and each backend's in-flight count.
+//! - [`backend`]: the backend set, each backend's in-flight count, and what
+//!   discovery learns of it: models, health, engine queue.
 //! - [`dataplane`]: moving response bytes, in the kernel (sockmap) or
 //!   through the daemon (userspace).
 //! - [`metrics`]: Prometheus metrics.
@@ -84,10 +85,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let backends = Backends::resolve(&config.backends).await?;
+    // Polls the backends while the daemon serves; stops when `run` returns.
+    let _discovery = backends.spawn_discovery(config.discovery());
     let dataplane = Arc::new(dataplane);
+    let mut metrics = Metrics::new(Arc::clone(&dataplane));
+    metrics.register_backends(backends.all());
     let shared = Arc::new(Shared {
         router: Router::new(usize::from(config.block_bytes), config.index_entries),
-        metrics: Metrics::new(Arc::clone(&dataplane)),
+        metrics,
         backends,
         dataplane,
         config,

@@ -2,11 +2,14 @@
 //!
 //! Request counters live here; the kernel program's counters are read from
 //! its map at scrape time, so a scrape shows what the kernel really spliced.
+//! Likewise each backend's health, engine queue and models are read from the
+//! backend set at scrape time (`router_backend_*`).
 use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::MetricType,
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -16,13 +19,22 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::Dataplane;
+use crate::{backend::Backend, dataplane::Dataplane};
 
 /// Label set naming a backend.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
     /// The backend URL.
     pub backend: String,
+}
+
+/// Label set naming a backend and a model it serves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendModelLabel {
+    /// The backend URL.
+    pub backend: String,
+    /// A model id from the backend's `/v1/models`.
+    pub model: String,
 }
 
 /// Label set naming a routing reason.
@@ -111,12 +123,71 @@ impl Metrics {
         }
     }
 
+    /// Adds the per-backend gauges (`router_backend_up`, `_waiting`,
+    /// `_running`, `_models`), read from `backends` at scrape time.
+    pub fn register_backends(&mut self, backends: &[Arc<Backend>]) {
+        self.registry
+            .register_collector(Box::new(BackendGauges(backends.to_vec())));
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("invariant: writing to a String cannot fail");
         text
+    }
+}
+
+/// Each backend's discovery state, read at scrape time.
+#[derive(Debug)]
+struct BackendGauges(Vec<Arc<Backend>>);
+
+impl Collector for BackendGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Reading = fn(&Backend) -> i64;
+        let per_backend: [(&str, &str, Reading); 3] = [
+            (
+                "router_backend_up",
+                "Whether the backend answers discovery (1) or is marked down (0)",
+                |backend| i64::from(backend.is_up()),
+            ),
+            (
+                "router_backend_waiting",
+                "Requests waiting in the backend's engine at the last scrape",
+                |backend| i64::try_from(backend.waiting()).unwrap_or(i64::MAX),
+            ),
+            (
+                "router_backend_running",
+                "Requests running in the backend's engine at the last scrape",
+                |backend| i64::try_from(backend.running()).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in per_backend {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for backend in &self.0 {
+                let label = BackendLabel {
+                    backend: backend.url.clone(),
+                };
+                ConstGauge::new(value(backend)).encode(family.encode_family(&label)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "router_backend_models",
+            "Models each backend listed at its last good /v1/models answer (always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for backend in &self.0 {
+            for model in backend.models().iter().flat_map(|models| models.iter()) {
+                let label = BackendModelLabel {
+                    backend: backend.url.clone(),
+                    model: model.clone(),
+                };
+                ConstGauge::new(1i64).encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
