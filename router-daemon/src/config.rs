@@ -1,7 +1,7 @@
 //! Command-line and environment configuration.
 use std::{net::SocketAddr, time::Duration};
 
-use crate::{dataplane::Requested, http::Limits};
+use crate::{backend::Discovery, dataplane::Requested, http::Limits};
 
 /// Everything the daemon can be told; each flag has an environment twin.
 #[derive(Clone, Debug, clap::Parser)]
@@ -76,6 +76,23 @@ pub struct Config {
     /// request, in milliseconds, before the router closes it.
     #[arg(long, env = "ROUTER_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
     pub idle_timeout_ms: u64,
+
+    /// How often each backend is asked for its models (`GET /v1/models`)
+    /// and load (`GET /metrics`), in milliseconds; 0 turns discovery off
+    /// (every backend then counts as up, serving any model).
+    #[arg(long, env = "ROUTER_DISCOVERY_INTERVAL_MS", default_value_t = 5_000)]
+    pub discovery_interval_ms: u64,
+
+    /// How long one discovery request may take, connect included, in
+    /// milliseconds; past it the probe counts as failed.
+    #[arg(long, env = "ROUTER_DISCOVERY_TIMEOUT_MS", default_value_t = 2_000)]
+    pub discovery_timeout_ms: u64,
+
+    /// Discovery failures in a row after which a backend is marked down
+    /// (it is back up at its next answer).
+    #[arg(long, env = "ROUTER_DOWN_AFTER_FAILURES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub down_after_failures: u32,
 }
 
 impl Config {
@@ -94,6 +111,9 @@ impl Config {
             pool_idle_timeout_ms: 4_000,
             request_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
+            discovery_interval_ms: 5_000,
+            discovery_timeout_ms: 2_000,
+            down_after_failures: 3,
         }
     }
 
@@ -125,6 +145,18 @@ impl Config {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+
+    /// The discovery poller's settings; its connects are bounded by both
+    /// the backend connect timeout and the discovery timeout.
+    pub fn discovery(&self) -> Discovery {
+        let timeout = Duration::from_millis(self.discovery_timeout_ms);
+        Discovery {
+            interval: Duration::from_millis(self.discovery_interval_ms),
+            timeout,
+            connect_timeout: self.connect_timeout().min(timeout),
+            down_after: self.down_after_failures,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +174,39 @@ mod tests {
             vec!["http://a:1".into()],
         );
         assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+    }
+
+    #[test]
+    fn discovery_flags_parse_into_settings() {
+        let parsed = Config::try_parse_from([
+            "router-daemon",
+            "--backend",
+            "x:1",
+            "--discovery-interval-ms",
+            "250",
+            "--discovery-timeout-ms",
+            "500",
+            "--down-after-failures",
+            "5",
+        ])
+        .expect("valid flags");
+        assert_eq!(
+            parsed.discovery(),
+            Discovery {
+                interval: Duration::from_millis(250),
+                timeout: Duration::from_millis(500),
+                connect_timeout: Duration::from_millis(500),
+                down_after: 5,
+            }
+        );
+        let zero = Config::try_parse_from([
+            "router-daemon",
+            "--backend",
+            "x:1",
+            "--down-after-failures",
+            "0",
+        ]);
+        assert!(zero.is_err());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - [`response`]: response heads from backends, and where each body ends.
 //! - [`prompt`]: the model and prompt key, scanned out of the JSON body.
 //! - [`route`]: the prefix index and the selection policy.
-//! - [`backend`]: the backend set and each backend's in-flight count.
+//! - [`backend`]: the backend set, each backend's in-flight count, and what
+//!   discovery learns of it: models, health, engine queue.
 //! - [`dataplane`]: exchanges on pooled, kept-alive backend connections;
 //!   moving response bytes in the kernel (sockmap), through a pipe (splice)
 //!   or through the daemon (userspace).
@@ -88,7 +89,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let backends = Backends::resolve(&config.backends).await?;
+    // Polls the backends while the daemon serves; stops when `run` returns.
+    let _discovery = backends.spawn_discovery(config.discovery());
     let dataplane = Arc::new(dataplane);
+    let mut metrics = Metrics::new(Arc::clone(&dataplane));
+    metrics.register_backends(backends.all());
     let shared = Arc::new(Shared {
         router: Router::new(usize::from(config.block_bytes), config.index_entries),
         pool: Pool::new(
@@ -96,7 +101,7 @@ pub async fn run(
             config.pool_max_idle,
             config.pool_idle_timeout(),
         ),
-        metrics: Metrics::new(Arc::clone(&dataplane), backends.all().to_vec()),
+        metrics,
         backends,
         dataplane,
         config,

@@ -2,11 +2,14 @@
 //!
 //! Request counters live here; the kernel program's counters are read from
 //! its map at scrape time, so a scrape shows what the kernel really spliced.
+//! Likewise each backend's health, engine queue and models are read from the
+//! backend set at scrape time (`router_backend_*`).
 use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::MetricType,
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -24,6 +27,15 @@ use crate::{backend::Backend, dataplane::Dataplane};
 pub struct BackendLabel {
     /// The backend URL.
     pub backend: String,
+}
+
+/// Label set naming a backend and a model it serves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendModelLabel {
+    /// The backend URL.
+    pub backend: String,
+    /// A model id from the backend's `/v1/models`.
+    pub model: String,
 }
 
 /// Label set naming a routing reason.
@@ -65,9 +77,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; `dataplane` supplies the mode and kernel
-    /// counters, `backends` the live in-flight counts.
-    pub fn new(dataplane: Arc<Dataplane>, backends: Vec<Arc<Backend>>) -> Self {
+    /// Registers every metric; `dataplane` supplies the mode and kernel counters.
+    pub fn new(dataplane: Arc<Dataplane>) -> Self {
         let mut registry = Registry::default();
         let info = Info::new(vec![("mode", dataplane.mode().as_str())]);
         registry.register("router_dataplane", "The dataplane in use", info);
@@ -127,7 +138,6 @@ impl Metrics {
             "Time from a request written to the backend to its response's first byte",
             first_byte.clone(),
         );
-        registry.register_collector(Box::new(InFlight(backends)));
         registry.register_collector(Box::new(KernelCounters(dataplane)));
         Self {
             registry,
@@ -143,6 +153,13 @@ impl Metrics {
         }
     }
 
+    /// Adds the per-backend gauges (`router_backend_up`, `_waiting`,
+    /// `_running`, `_models`), read from `backends` at scrape time.
+    pub fn register_backends(&mut self, backends: &[Arc<Backend>]) {
+        self.registry
+            .register_collector(Box::new(BackendGauges(backends.to_vec())));
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -152,24 +169,58 @@ impl Metrics {
     }
 }
 
-/// Each backend's exact in-flight count, read at scrape time.
+/// Each backend's discovery state, read at scrape time.
 #[derive(Debug)]
-struct InFlight(Vec<Arc<Backend>>);
+struct BackendGauges(Vec<Arc<Backend>>);
 
-impl Collector for InFlight {
+impl Collector for BackendGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Reading = fn(&Backend) -> i64;
+        let per_backend: [(&str, &str, Reading); 4] = [
+            (
+                "router_backend_in_flight",
+                "Requests forwarded to the backend whose response has not ended (exact)",
+                |backend| i64::try_from(backend.in_flight()).unwrap_or(i64::MAX),
+            ),
+            (
+                "router_backend_up",
+                "Whether the backend answers discovery (1) or is marked down (0)",
+                |backend| i64::from(backend.is_up()),
+            ),
+            (
+                "router_backend_waiting",
+                "Requests waiting in the backend's engine at the last scrape",
+                |backend| i64::try_from(backend.waiting()).unwrap_or(i64::MAX),
+            ),
+            (
+                "router_backend_running",
+                "Requests running in the backend's engine at the last scrape",
+                |backend| i64::try_from(backend.running()).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in per_backend {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for backend in &self.0 {
+                let label = BackendLabel {
+                    backend: backend.url.clone(),
+                };
+                ConstGauge::new(value(backend)).encode(family.encode_family(&label)?)?;
+            }
+        }
         let mut family = encoder.encode_descriptor(
-            "router_backend_in_flight",
-            "Requests forwarded to the backend whose response has not ended",
+            "router_backend_models",
+            "Models each backend listed at its last good /v1/models answer (always 1)",
             None,
-            prometheus_client::metrics::MetricType::Gauge,
+            MetricType::Gauge,
         )?;
         for backend in &self.0 {
-            let label = BackendLabel {
-                backend: backend.url.clone(),
-            };
-            let gauge = ConstGauge::new(backend.in_flight() as i64);
-            gauge.encode(family.encode_family(&label)?)?;
+            for model in backend.models().iter().flat_map(|models| models.iter()) {
+                let label = BackendModelLabel {
+                    backend: backend.url.clone(),
+                    model: model.clone(),
+                };
+                ConstGauge::new(1i64).encode(family.encode_family(&label)?)?;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,276 @@
+//! The discovery poller: asks every backend for its models and load, and
+//! keeps its health.
+//!
+//! Each backend gets its own task (so a slow backend delays no other) that
+//! probes at start and then every [`Discovery::interval`]: `GET /v1/models`,
+//! then, if that got an HTTP answer, `GET /metrics`. The tasks hold only a
+//! `Weak` reference to their backend and end when it is dropped, or when
+//! the [`DiscoveryTask`] guard is dropped, whichever comes first.
+//!
+//! Owner decisions:
+//! - Health follows `/v1/models` only. A failure is no HTTP answer at all
+//!   (refused, timed out, malformed) or a 5xx (vLLM still loading, or a
+//!   proxy in front of a dead one). Any other answer counts as alive, even a
+//!   404 or a body that is not a model list: such a backend keeps its last
+//!   known models (or stays "unknown", a candidate for any model).
+//! - After [`Discovery::down_after`] failures in a row the backend is down;
+//!   one answer brings it back up.
+//! - A failed `/metrics` scrape keeps the last values rather than zeroing
+//!   them: an overloaded backend that scrapes slowly must not look idle. A
+//!   backend going down has its load reset to 0 (it is not a candidate).
+//! - Problems are logged once per change of state, not once per poll.
+use std::{fmt, sync::Arc, time::Duration};
+
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, info, warn};
+
+use super::{
+    Backend, Backends,
+    probe::{self, Load, Target},
+};
+use std::sync::atomic::Ordering;
+
+/// How often and how patiently backends are probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Discovery {
+    /// Time between a backend's probes; zero disables the poller.
+    pub interval: Duration,
+    /// Bound on one GET, connect included.
+    pub timeout: Duration,
+    /// Bound on the TCP connect of one GET.
+    pub connect_timeout: Duration,
+    /// Failures in a row that mark a backend down (at least 1).
+    pub down_after: u32,
+}
+
+/// Stops the discovery tasks when dropped.
+#[derive(Debug, Default)]
+#[must_use = "dropping the guard stops discovery"]
+pub struct DiscoveryTask {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for DiscoveryTask {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Backends {
+    /// Starts one polling task per backend; they run until the returned
+    /// guard or the backends are dropped. With a zero interval nothing is
+    /// started and every backend stays up with unknown models.
+    pub fn spawn_discovery(&self, discovery: Discovery) -> DiscoveryTask {
+        if discovery.interval.is_zero() {
+            return DiscoveryTask::default();
+        }
+        let tasks = self
+            .all()
+            .iter()
+            .map(|backend| {
+                let backend = Arc::downgrade(backend);
+                tokio::spawn(async move {
+                    let mut ticks = tokio::time::interval(discovery.interval);
+                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        ticks.tick().await;
+                        let Some(backend) = backend.upgrade() else {
+                            return;
+                        };
+                        backend.probe(&discovery).await;
+                    }
+                })
+            })
+            .collect();
+        DiscoveryTask { tasks }
+    }
+
+    /// Probes every backend once, concurrently, and returns when all are
+    /// done: what one round of the poller does.
+    pub async fn probe_all(&self, discovery: &Discovery) {
+        let mut probes = JoinSet::new();
+        for backend in self.all() {
+            let backend = Arc::clone(backend);
+            let discovery = *discovery;
+            probes.spawn(async move { backend.probe(&discovery).await });
+        }
+        while let Some(done) = probes.join_next().await {
+            if let Err(err) = done {
+                warn!(%err, "a discovery probe panicked");
+            }
+        }
+    }
+}
+
+/// Why a `/v1/models` answer leaves the models unknown or unchanged.
+enum Unlisted {
+    Status(u16),
+    Body(probe::ModelsParseError),
+}
+
+impl fmt::Display for Unlisted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Status(status) => write!(f, "HTTP {status}"),
+            Self::Body(err) => err.fmt(f),
+        }
+    }
+}
+
+impl Backend {
+    /// Probes the backend once: its models, health and load.
+    pub async fn probe(&self, discovery: &Discovery) {
+        let target = Target {
+            addr: self.addr,
+            host: &self.authority,
+            connect_timeout: discovery.connect_timeout,
+            timeout: discovery.timeout,
+        };
+        match probe::get(target, "/v1/models").await {
+            Err(err) => return self.failed(discovery.down_after, &err),
+            Ok(response) if response.status >= 500 => {
+                return self.failed(
+                    discovery.down_after,
+                    &format_args!("/v1/models answered HTTP {}", response.status),
+                );
+            }
+            Ok(response) => {
+                self.answered();
+                let listed = if (200..300).contains(&response.status) {
+                    probe::parse_models(&response.body).map_err(Unlisted::Body)
+                } else {
+                    Err(Unlisted::Status(response.status))
+                };
+                match listed {
+                    Ok(models) => {
+                        if !self.models_ok.swap(true, Ordering::Relaxed) {
+                            info!(backend = %self.url, "/v1/models is readable again");
+                        }
+                        self.set_models(models);
+                    }
+                    Err(why) => {
+                        if self.models_ok.swap(false, Ordering::Relaxed) {
+                            warn!(backend = %self.url, %why,
+                                "/v1/models gives no model list; keeping the last known models");
+                        }
+                    }
+                }
+            }
+        }
+        let scraped = match probe::get(target, "/metrics").await {
+            Ok(response) if (200..300).contains(&response.status) => {
+                Ok(probe::parse_load(&String::from_utf8_lossy(&response.body)))
+            }
+            Ok(response) => Err(Unlisted::Status(response.status).to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        match scraped {
+            Ok(load) => {
+                if !self.load_ok.swap(true, Ordering::Relaxed) {
+                    info!(backend = %self.url, "/metrics is readable again");
+                }
+                self.set_load(load);
+            }
+            Err(why) => {
+                if self.load_ok.swap(false, Ordering::Relaxed) {
+                    warn!(backend = %self.url, %why,
+                        "scraping /metrics failed; keeping the last load values");
+                }
+            }
+        }
+    }
+
+    /// Records a probe without an answer; marks the backend down at the
+    /// `down_after`th in a row.
+    pub(super) fn failed(&self, down_after: u32, why: &dyn fmt::Display) {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures >= down_after.max(1) && self.up.swap(false, Ordering::Relaxed) {
+            warn!(backend = %self.url, failures, %why, "backend down: discovery gets no answer");
+            self.set_load(Load::default());
+        } else {
+            debug!(backend = %self.url, failures, %why, "discovery got no answer");
+        }
+    }
+
+    /// Records an HTTP answer: the backend is up.
+    pub(super) fn answered(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if !self.up.swap(true, Ordering::Relaxed) {
+            info!(backend = %self.url, "backend up: discovery answered again");
+        }
+    }
+
+    /// Replaces the known models (sorted, deduplicated) if they changed.
+    pub(super) fn set_models(&self, models: Vec<String>) {
+        let mut known = self
+            .models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.as_deref() != Some(models.as_slice()) {
+            info!(backend = %self.url, ?models, "models discovered");
+            *known = Some(models.into());
+        }
+    }
+
+    /// Stores a scrape's load; absent metrics count as 0.
+    pub(super) fn set_load(&self, load: Load) {
+        self.waiting
+            .store(load.waiting.unwrap_or(0), Ordering::Relaxed);
+        self.running
+            .store(load.running.unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn down_after_threshold_and_up_on_answer() {
+        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
+            .await
+            .unwrap();
+        let backend = backends.get(0).unwrap();
+        backend.set_load(Load {
+            waiting: Some(4),
+            running: Some(2),
+        });
+        backend.failed(3, &"refused");
+        backend.failed(3, &"refused");
+        assert!(backend.is_up());
+        assert_eq!(backend.waiting(), 4);
+        backend.failed(3, &"refused");
+        assert!(!backend.is_up());
+        assert_eq!((backend.waiting(), backend.running()), (0, 0));
+        backend.answered();
+        assert!(backend.is_up());
+        // The count restarted: one failure is not enough again.
+        backend.failed(3, &"refused");
+        assert!(backend.is_up());
+    }
+
+    #[tokio::test]
+    async fn a_refused_probe_counts_as_a_failure() {
+        // A port nobody listens on: bind, note it, close.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let backends = Backends::resolve(&[format!("http://{addr}")])
+            .await
+            .unwrap();
+        let discovery = Discovery {
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            down_after: 1,
+        };
+        backends.probe_all(&discovery).await;
+        assert!(!backends.get(0).unwrap().is_up());
+    }
+}

@@ -1,0 +1,542 @@
+//! The backend set: where each vLLM instance is, what it serves, whether
+//! it is up, and its live load.
+//!
+//! Backends are given as URLs (`http://host:port`) and resolved once at
+//! start. Each carries an exact in-flight count, maintained by
+//! [`InFlight`] guards that the connection code holds for the life of a
+//! forwarded request, and what the [`discovery`] poller last learned from
+//! it: its models (`GET /v1/models`), whether it answers, and its engine
+//! queue (`vllm:num_requests_waiting` and `vllm:num_requests_running` from
+//! `GET /metrics`).
+//!
+//! # Which backends may take a request
+//! [`Backends::candidates`] filters by model, then by health:
+//! - A backend that never answered `/v1/models` may serve any model while
+//!   it is up: a fleet whose discovery is unreachable still routes. Once it
+//!   is down and has never answered, it serves nothing.
+//! - A backend that answered serves the models of its last good answer,
+//!   even while down (it is expected back with the same models).
+//! - With no model named, the fleet's model is used when it serves exactly
+//!   one ([`ModelError::Required`] when several); when nothing is known yet,
+//!   every backend is a candidate.
+//! - A model that no backend serves is [`ModelError::Unknown`], unless no
+//!   backend has ever answered (then every backend is a candidate and the
+//!   backend says 404 itself).
+//! - Of the backends serving the model, only those up are candidates,
+//!   unless all of them are down: then all of them are, so the request is
+//!   still tried and fails with the backend's own error.
+//!
+//! Health and load are advisory: they come from a poll every
+//! `--discovery-interval-ms`, so the request path still handles connect
+//! failures itself.
+pub mod discovery;
+pub mod probe;
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use crate::error::ApiError;
+pub use discovery::{Discovery, DiscoveryTask};
+
+/// A backend URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Only plain `http://` backends are supported.
+    #[error("backend `{0}`: only http:// URLs are supported")]
+    Scheme(String),
+    /// The URL has no `host:port`.
+    #[error("backend `{0}`: expected http://host:port")]
+    Malformed(String),
+    /// The host did not resolve.
+    #[error("backend `{url}`: cannot resolve: {source}")]
+    Resolve {
+        /// The URL as given.
+        url: String,
+        /// Why resolution failed.
+        source: std::io::Error,
+    },
+}
+
+/// One backend instance.
+#[derive(Debug)]
+pub struct Backend {
+    /// The URL as given on the command line, used as its name in logs and metrics.
+    pub url: String,
+    /// The resolved address the router connects to.
+    pub addr: SocketAddr,
+    /// `host:port`, sent as the `Host` header of probes.
+    authority: String,
+    in_flight: AtomicUsize,
+    /// False once discovery failed `down_after` times in a row.
+    up: AtomicBool,
+    /// Discovery failures since the last answer.
+    failures: AtomicU32,
+    waiting: AtomicU64,
+    running: AtomicU64,
+    /// The models of the last good `/v1/models` answer; `None` until one.
+    models: RwLock<Option<Arc<[String]>>>,
+    /// Whether the last `/v1/models` and `/metrics` answers were usable, so
+    /// that problems are logged once per change, not once per poll.
+    models_ok: AtomicBool,
+    load_ok: AtomicBool,
+}
+
+impl Backend {
+    fn new(url: &str, authority: String, addr: SocketAddr) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_owned(),
+            addr,
+            authority,
+            in_flight: AtomicUsize::new(0),
+            up: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            waiting: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            models: RwLock::new(None),
+            models_ok: AtomicBool::new(true),
+            load_ok: AtomicBool::new(true),
+        }
+    }
+
+    /// False when discovery has failed `--down-after-failures` times in a
+    /// row; true again once the backend answers. Backends start up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Requests queued in the backend's engine (`vllm:num_requests_waiting`)
+    /// at the last scrape; 0 when unknown.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests running in the backend's engine (`vllm:num_requests_running`)
+    /// at the last scrape; 0 when unknown.
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// The models of the backend's last good `/v1/models` answer, sorted;
+    /// `None` if it has never given one.
+    pub fn models(&self) -> Option<Arc<[String]>> {
+        self.models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the backend may serve `model` (any model when `None`): known
+    /// models are checked, unknown ones count as a match while the backend
+    /// is up.
+    fn may_serve(&self, model: Option<&str>) -> bool {
+        let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
+        match (models.as_deref(), model) {
+            (None, _) => self.is_up(),
+            (Some(_), None) => true,
+            (Some(models), Some(model)) => models.iter().any(|served| served == model),
+        }
+    }
+
+    /// Whether the backend has ever listed its models.
+    fn models_known(&self) -> bool {
+        self.models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Requests forwarded to this backend whose response has not ended.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+}
+
+/// Holds one unit of a backend's in-flight count.
+#[derive(Debug)]
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The backends, in the order given.
+#[derive(Debug, Default)]
+pub struct Backends {
+    list: Vec<Arc<Backend>>,
+}
+
+impl Backends {
+    /// Parses and resolves backend URLs.
+    pub async fn resolve(urls: &[String]) -> Result<Self, BackendError> {
+        let mut list = Vec::with_capacity(urls.len());
+        for url in urls {
+            let authority = authority(url)?;
+            let addr = tokio::net::lookup_host(authority.as_str())
+                .await
+                .and_then(|mut addrs| {
+                    addrs
+                        .next()
+                        .ok_or_else(|| std::io::Error::other("no addresses"))
+                })
+                .map_err(|source| BackendError::Resolve {
+                    url: url.clone(),
+                    source,
+                })?;
+            list.push(Arc::new(Backend::new(url, authority, addr)));
+        }
+        Ok(Self { list })
+    }
+
+    /// All backends.
+    pub fn all(&self) -> &[Arc<Backend>] {
+        &self.list
+    }
+
+    /// The backend at `index`, as returned by routing.
+    pub fn get(&self, index: usize) -> Option<&Arc<Backend>> {
+        self.list.get(index)
+    }
+
+    /// Indexes of the backends that may take a request for `model`, in
+    /// backend order (see the module doc for the rules).
+    pub fn candidates(&self, model: Option<&str>) -> Result<Vec<usize>, ModelError> {
+        let mut out = Vec::with_capacity(self.list.len());
+        self.candidates_into(model, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::candidates`] into a reused buffer (cleared first); it does
+    /// not allocate unless `out` must grow or the answer is an error.
+    pub fn candidates_into(
+        &self,
+        model: Option<&str>,
+        out: &mut Vec<usize>,
+    ) -> Result<(), ModelError> {
+        out.clear();
+        let sole;
+        let model = match model {
+            Some(model) => Some(model),
+            None => {
+                sole = self.sole_model()?;
+                sole.as_ref().map(ModelRef::as_str)
+            }
+        };
+        let mut any_up = false;
+        for (index, backend) in self.list.iter().enumerate() {
+            if backend.may_serve(model) {
+                out.push(index);
+                any_up |= backend.is_up();
+            }
+        }
+        if out.is_empty() {
+            if self.list.iter().any(|backend| backend.models_known()) {
+                return Err(ModelError::Unknown {
+                    model: model.unwrap_or_default().to_owned(),
+                    served: self.served_models(),
+                });
+            }
+            // Nothing learned yet and every backend down: try them all.
+            out.extend(0..self.list.len());
+        } else if any_up {
+            out.retain(|&index| self.list[index].is_up());
+        }
+        Ok(())
+    }
+
+    /// Every model some backend listed, sorted and deduplicated.
+    pub fn served_models(&self) -> Vec<String> {
+        let mut served: Vec<String> = self
+            .list
+            .iter()
+            .filter_map(|backend| backend.models())
+            .flat_map(|models| models.to_vec())
+            .collect();
+        served.sort_unstable();
+        served.dedup();
+        served
+    }
+
+    /// The one model the fleet serves, `None` when none is known, or
+    /// [`ModelError::Required`] when several are.
+    fn sole_model(&self) -> Result<Option<ModelRef>, ModelError> {
+        let mut sole: Option<ModelRef> = None;
+        for backend in &self.list {
+            let Some(models) = backend.models() else {
+                continue;
+            };
+            for (index, model) in models.iter().enumerate() {
+                match &sole {
+                    None => {
+                        sole = Some(ModelRef {
+                            list: Arc::clone(&models),
+                            index,
+                        });
+                    }
+                    Some(seen) if seen.as_str() == model => {}
+                    Some(_) => {
+                        return Err(ModelError::Required {
+                            served: self.served_models(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(sole)
+    }
+}
+
+/// A model name borrowed from a backend's list without copying it.
+struct ModelRef {
+    list: Arc<[String]>,
+    index: usize,
+}
+
+impl ModelRef {
+    fn as_str(&self) -> &str {
+        &self.list[self.index]
+    }
+}
+
+/// Why no backend can take a request for the model it names; the client's
+/// fault, so never retried.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// The request names no model and the fleet serves several: 400.
+    #[error("model is required when the fleet serves several models: {}", List(.served))]
+    Required {
+        /// Every model served, sorted.
+        served: Vec<String>,
+    },
+    /// No backend serves the model named: 404.
+    #[error("the model `{model}` does not exist; served models: {}", List(.served))]
+    Unknown {
+        /// The model the request named.
+        model: String,
+        /// Every model served, sorted.
+        served: Vec<String>,
+    },
+}
+
+impl ModelError {
+    /// The HTTP status to answer with: 400 or 404.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Required { .. } => 400,
+            Self::Unknown { .. } => 404,
+        }
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(err: ModelError) -> Self {
+        match err {
+            ModelError::Required { .. } => ApiError::bad_request(&err),
+            ModelError::Unknown { .. } => ApiError::not_found(&err),
+        }
+    }
+}
+
+/// A comma-separated list of models, or `none` when empty.
+struct List<'a>(&'a [String]);
+
+impl fmt::Display for List<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (index, model) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(model)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `host:port` of an `http://` URL (port 80 when absent).
+fn authority(url: &str) -> Result<String, BackendError> {
+    let rest = match url.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => return Err(BackendError::Scheme(url.to_owned())),
+        None => url,
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(BackendError::Malformed(url.to_owned()));
+    }
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.contains(']') && !port.is_empty());
+    Ok(if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_of_urls() {
+        assert_eq!(
+            authority("http://127.0.0.1:8001").unwrap(),
+            "127.0.0.1:8001"
+        );
+        assert_eq!(authority("http://sim:8001/").unwrap(), "sim:8001");
+        assert_eq!(authority("localhost:9").unwrap(), "localhost:9");
+        assert_eq!(authority("http://vllm").unwrap(), "vllm:80");
+        assert_eq!(authority("http://[::1]:8001").unwrap(), "[::1]:8001");
+        assert!(matches!(
+            authority("https://x:1"),
+            Err(BackendError::Scheme(_))
+        ));
+        assert!(matches!(
+            authority("http:///v1"),
+            Err(BackendError::Malformed(_))
+        ));
+    }
+
+    /// Backends on unused loopback ports; nothing is contacted.
+    async fn fleet(n: usize) -> Backends {
+        let urls: Vec<String> = (1..=n)
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect();
+        Backends::resolve(&urls).await.unwrap()
+    }
+
+    fn serves(backends: &Backends, index: usize, models: &[&str]) {
+        let models = models.iter().map(|&model| model.to_owned()).collect();
+        backends.get(index).unwrap().set_models(models);
+    }
+
+    fn down(backends: &Backends, index: usize) {
+        backends.get(index).unwrap().failed(1, &"test");
+    }
+
+    #[tokio::test]
+    async fn unknown_backends_serve_any_model() {
+        let backends = fleet(3).await;
+        assert_eq!(backends.candidates(Some("m")).unwrap(), [0, 1, 2]);
+        assert_eq!(backends.candidates(None).unwrap(), [0, 1, 2]);
+        // All down and nothing learned: still try everyone.
+        for index in 0..3 {
+            down(&backends, index);
+        }
+        assert_eq!(backends.candidates(Some("m")).unwrap(), [0, 1, 2]);
+        assert_eq!(backends.candidates(None).unwrap(), [0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn candidates_follow_models() {
+        let backends = fleet(4).await;
+        serves(&backends, 0, &["a"]);
+        serves(&backends, 1, &["b", "a-lora"]);
+        serves(&backends, 2, &["a"]);
+        assert_eq!(backends.candidates(Some("a")).unwrap(), [0, 2, 3]);
+        assert_eq!(backends.candidates(Some("a-lora")).unwrap(), [1, 3]);
+        // The unknown backend, once down, no longer serves anything.
+        down(&backends, 3);
+        assert_eq!(backends.candidates(Some("a")).unwrap(), [0, 2]);
+        let unknown = backends.candidates(Some("c")).unwrap_err();
+        assert_eq!(
+            unknown,
+            ModelError::Unknown {
+                model: "c".into(),
+                served: vec!["a".into(), "a-lora".into(), "b".into()],
+            }
+        );
+        assert_eq!(unknown.status(), 404);
+        assert_eq!(
+            unknown.to_string(),
+            "the model `c` does not exist; served models: a, a-lora, b"
+        );
+        let required = backends.candidates(None).unwrap_err();
+        assert_eq!(required.status(), 400);
+        assert_eq!(
+            required.to_string(),
+            "model is required when the fleet serves several models: a, a-lora, b"
+        );
+        let api = ApiError::from(required);
+        assert_eq!(
+            (api.status, api.message.contains("a, a-lora, b")),
+            (400, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn no_model_named_uses_the_sole_model() {
+        let backends = fleet(3).await;
+        serves(&backends, 0, &["a"]);
+        serves(&backends, 2, &["a"]);
+        // Backend 1 is unknown but up: a candidate too.
+        assert_eq!(backends.candidates(None).unwrap(), [0, 1, 2]);
+        down(&backends, 1);
+        assert_eq!(backends.candidates(None).unwrap(), [0, 2]);
+    }
+
+    #[tokio::test]
+    async fn down_backends_only_when_all_serving_are_down() {
+        let backends = fleet(3).await;
+        serves(&backends, 0, &["a"]);
+        serves(&backends, 1, &["a"]);
+        serves(&backends, 2, &["b"]);
+        down(&backends, 0);
+        assert_eq!(backends.candidates(Some("a")).unwrap(), [1]);
+        down(&backends, 1);
+        // Both servers of `a` down (while `b`'s is up): try them anyway.
+        assert_eq!(backends.candidates(Some("a")).unwrap(), [0, 1]);
+        backends.get(0).unwrap().answered();
+        assert_eq!(backends.candidates(Some("a")).unwrap(), [0]);
+    }
+
+    #[tokio::test]
+    async fn candidates_into_reuses_the_buffer() {
+        let backends = fleet(2).await;
+        serves(&backends, 0, &["a"]);
+        serves(&backends, 1, &["b"]);
+        let mut out = vec![7, 7, 7];
+        backends.candidates_into(Some("b"), &mut out).unwrap();
+        assert_eq!(out, [1]);
+        assert!(backends.candidates_into(Some("z"), &mut out).is_err());
+        assert!(out.is_empty());
+        assert!(
+            Backends::default()
+                .candidates(Some("a"))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn in_flight_guard_counts_exactly() {
+        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
+            .await
+            .unwrap();
+        let backend = backends.get(0).unwrap();
+        let first = backend.start_request();
+        let second = backend.start_request();
+        assert_eq!(backend.in_flight(), 2);
+        drop(first);
+        assert_eq!(backend.in_flight(), 1);
+        drop(second);
+        assert_eq!(backend.in_flight(), 0);
+    }
+}
