@@ -115,6 +115,18 @@ pub async fn start_router_with(
 /// connection open for the next request (as vLLM does). The bytes are fixed
 /// so the client's copy can be compared exactly.
 pub async fn scripted_backend(response: Vec<u8>, piece: usize) -> String {
+    scripted(response, piece, false).await
+}
+
+/// A backend that answers one request per connection with `response` and
+/// then closes it, without saying so in the response (as a server whose
+/// keep-alive timeout is very short would).
+pub async fn scripted_backend_once(response: Vec<u8>) -> String {
+    let piece = response.len().max(1);
+    scripted(response, piece, true).await
+}
+
+async fn scripted(response: Vec<u8>, piece: usize, once: bool) -> String {
     let listener = loopback_listener();
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -123,13 +135,13 @@ pub async fn scripted_backend(response: Vec<u8>, piece: usize) -> String {
                 return;
             };
             let response = response.clone();
-            tokio::spawn(serve_scripted(stream, response, piece));
+            tokio::spawn(serve_scripted(stream, response, piece, once));
         }
     });
     format!("http://{addr}")
 }
 
-async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize) {
+async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize, once: bool) {
     let mut request = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -161,6 +173,9 @@ async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize) 
             if i % 16 == 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
+        }
+        if once {
+            return;
         }
     }
 }
