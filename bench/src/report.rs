@@ -122,10 +122,9 @@ impl<'a> View<'a> {
             .and_then(median_a)
     }
 
-    /// A system's row of (a) as it is normally used: keep-alive for direct
-    /// and nginx, a new connection per request for the router.
+    /// A system's row of (a) as it is normally used: keep-alive.
     fn a_used(&self, kind: Kind, conns: usize) -> Option<&'a WindowA> {
-        self.a(kind, !matches!(kind, Kind::Router(_)), conns)
+        self.a(kind, true, conns)
     }
 
     fn b(&self, kind: Kind) -> Option<&'a WindowB> {

@@ -874,15 +874,11 @@ impl Bench {
         let plan = self.plan.clone();
         let mut variants: Vec<(System, bool)> = Vec::new();
         for system in &self.systems {
-            match system.kind {
-                Kind::Direct | Kind::Nginx | Kind::NginxUnbuffered => {
-                    variants.push((system.clone(), true));
-                    variants.push((system.clone(), false));
-                }
-                // The router closes the client connection after a routed
-                // response: a new connection per request.
-                Kind::Router(_) => variants.push((system.clone(), false)),
-            }
+            // Every system keeps client connections alive (the router routes
+            // each request of a kept-alive connection on its own), and each
+            // is also measured with a new connection per request.
+            variants.push((system.clone(), true));
+            variants.push((system.clone(), false));
         }
         for &conns in &plan.levels {
             let first = self.a.len();
