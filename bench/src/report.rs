@@ -257,12 +257,11 @@ pub fn render(r: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "\nThe router forwards each routed request on a new backend connection with \
-         `connection: close` and closes the client connection after the response, so its \
-         clients open a new connection per request; direct and nginx are measured with \
-         kept-alive client connections (how they are used) and, to separate connection \
-         set-up from proxying, also with a new connection per request. Added latency is \
-         over direct keep-alive unless said otherwise.\n"
+        "\nEvery system is measured with kept-alive client connections (how clients use \
+         them; the router routes each request of such a connection on its own prompt and \
+         reuses pooled backend connections, as nginx does) and, to separate connection \
+         set-up from proxying, also with a new connection per request. Ratios use the \
+         keep-alive rows. Added latency is over direct keep-alive unless said otherwise.\n"
     );
 
     summary(&mut out, &v);

@@ -26,7 +26,7 @@ use crate::{
     dataplane::{BackendConn, Client, Exchanged, Forward, RelayError},
     error::ApiError,
     http::{self, ChunkedDecoder, Framing, Head},
-    metrics::{BackendLabel, ReasonLabel, StatusLabel},
+    metrics::{ReasonLabel, StatusLabel},
     prompt::{self, Endpoint},
     route::{self, BackendView},
 };
@@ -296,10 +296,9 @@ async fn proxy(
         reason = decision.reason.as_str(),
         "{} {}", head.method, head.path
     );
-    let label = BackendLabel {
-        backend: backend.url.clone(),
-    };
-    shared.metrics.requests.get_or_create(&label).inc();
+    if let Some(counters) = shared.backend_counters.get(index) {
+        counters.requests.inc();
+    }
     shared
         .metrics
         .decisions
@@ -322,7 +321,7 @@ async fn proxy(
     };
 
     let _in_flight = backend.start_request();
-    let result = send(client, index, conn, &forward, shared, &label).await;
+    let result = send(client, index, conn, &forward, shared).await;
     let relayed = match &result {
         Ok(exchanged) => Some(exchanged.relayed),
         Err(RelayError::Backend { relayed, .. } | RelayError::BadResponse { relayed, .. }) => {
@@ -402,7 +401,6 @@ async fn send(
     mut conn: Pooled,
     forward: &Forward<'_>,
     shared: &Shared,
-    label: &BackendLabel,
 ) -> Result<Exchanged, RelayError> {
     loop {
         let result = shared
@@ -425,7 +423,7 @@ async fn send(
                         let fresh = open(backend, shared)
                             .await
                             .map_err(|err| RelayError::NoResponse(io_error(err)))?;
-                        shared.metrics.connections.get_or_create(label).inc();
+                        count_connection(shared, index);
                         Pooled {
                             conn: fresh,
                             reused: false,
@@ -475,13 +473,7 @@ async fn acquire<'a>(
         }
         match open(backend, shared).await {
             Ok(conn) => {
-                shared
-                    .metrics
-                    .connections
-                    .get_or_create(&BackendLabel {
-                        backend: backend.url.clone(),
-                    })
-                    .inc();
+                count_connection(shared, index);
                 return Ok((
                     index,
                     backend,
@@ -498,6 +490,12 @@ async fn acquire<'a>(
     Err(ApiError::bad_gateway(format!(
         "no backend could be reached (last: {last_error})"
     )))
+}
+
+fn count_connection(shared: &Shared, index: usize) {
+    if let Some(counters) = shared.backend_counters.get(index) {
+        counters.connections.inc();
+    }
 }
 
 /// Opens a new connection to `backend` within the connect timeout.

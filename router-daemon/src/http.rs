@@ -12,12 +12,16 @@
 //! `response` for how the end of each response is found).
 use crate::error::ApiError;
 
+/// Most header fields any request may have (the ceiling of
+/// [`Limits::max_headers`]); parsed into a stack array.
+pub const MAX_HEADERS: usize = 64;
+
 /// Size limits applied while reading a request.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Longest request head (request line and headers) in bytes.
     pub max_head: usize,
-    /// Most header fields in one request.
+    /// Most header fields in one request (at most [`MAX_HEADERS`]).
     pub max_headers: usize,
     /// Longest request body in bytes.
     pub max_body: usize,
@@ -27,7 +31,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_head: 16 * 1024,
-            max_headers: 64,
+            max_headers: MAX_HEADERS,
             max_body: 32 * 1024 * 1024,
         }
     }
@@ -84,8 +88,8 @@ const NOT_FORWARDED: [&str; 8] = [
 /// Returns `Ok(None)` when more bytes are needed, and an [`ApiError`] (4xx)
 /// for a head that is malformed or over a limit.
 pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError> {
-    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut request = httparse::Request::new(&mut headers);
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut storage[..limits.max_headers.min(MAX_HEADERS)]);
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => {

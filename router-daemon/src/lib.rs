@@ -76,6 +76,8 @@ struct Shared {
     dataplane: Arc<Dataplane>,
     pool: Pool,
     metrics: Metrics,
+    /// Per-backend counters, by backend index.
+    backend_counters: Vec<metrics::BackendCounters>,
     next_id: AtomicU64,
 }
 
@@ -94,6 +96,11 @@ pub async fn run(
     let dataplane = Arc::new(dataplane);
     let mut metrics = Metrics::new(Arc::clone(&dataplane));
     metrics.register_backends(backends.all());
+    let backend_counters = backends
+        .all()
+        .iter()
+        .map(|backend| metrics.backend_counters(&backend.url))
+        .collect();
     let shared = Arc::new(Shared {
         router: Router::new(usize::from(config.block_bytes), config.index_entries),
         pool: Pool::new(
@@ -102,6 +109,7 @@ pub async fn run(
             config.pool_idle_timeout(),
         ),
         metrics,
+        backend_counters,
         backends,
         dataplane,
         config,

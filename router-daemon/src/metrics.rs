@@ -52,6 +52,16 @@ pub struct StatusLabel {
     pub status: u16,
 }
 
+/// One backend's request and connection counters, resolved once so the
+/// request path does not build a label per request.
+#[derive(Clone, Debug)]
+pub struct BackendCounters {
+    /// Requests forwarded to the backend.
+    pub requests: Counter,
+    /// Connections opened to the backend.
+    pub connections: Counter,
+}
+
 /// The daemon's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -158,6 +168,17 @@ impl Metrics {
     pub fn register_backends(&mut self, backends: &[Arc<Backend>]) {
         self.registry
             .register_collector(Box::new(BackendGauges(backends.to_vec())));
+    }
+
+    /// The counters of the backend named `url`.
+    pub fn backend_counters(&self, url: &str) -> BackendCounters {
+        let label = BackendLabel {
+            backend: url.to_owned(),
+        };
+        BackendCounters {
+            requests: self.requests.get_or_create(&label).clone(),
+            connections: self.connections.get_or_create(&label).clone(),
+        }
     }
 
     /// The OpenMetrics text exposition.

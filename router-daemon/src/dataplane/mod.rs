@@ -389,29 +389,29 @@ impl Dataplane {
         }
         let client_keep_alive =
             !forward.client_close && !head.says_close && head.body != BodyFraming::UntilClose;
+        // The head and the body bytes that came with it, in one write when
+        // the head goes out as it came.
+        let mut tracker = BodyTracker::new(head.body);
+        let with_head = buf.len() - head.len;
+        let used = tracker
+            .advance(&buf[head.len..])
+            .map_err(|source| relay.bad_response(source))?;
+        if used < with_head {
+            // Bytes past the end of the response: the backend is out of step.
+            relay.reusable = false;
+        }
         if forward.client_close && !head.says_close {
             // The client is told the connection ends, as it asked.
             let blank = head.len - 2;
             client.write(&buf[..blank]).await?;
             client.write(b"connection: close\r\n\r\n").await?;
+            client.write(&buf[head.len..head.len + used]).await?;
             relay.relayed.head += head.len as u64 + 19;
         } else {
-            client.write(&buf[..head.len]).await?;
+            client.write(&buf[..head.len + used]).await?;
             relay.relayed.head += head.len as u64;
         }
-
-        // Body bytes that came with the head.
-        let mut tracker = BodyTracker::new(head.body);
-        let with_head = &buf[head.len..];
-        let used = tracker
-            .advance(with_head)
-            .map_err(|source| relay.bad_response(source))?;
-        client.write(&with_head[..used]).await?;
         relay.relayed.copied += used as u64;
-        if used < with_head.len() {
-            // Bytes past the end of the response: the backend is out of step.
-            relay.reusable = false;
-        }
 
         if !tracker.is_done() {
             match &self.engine {

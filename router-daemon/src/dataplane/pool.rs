@@ -2,17 +2,21 @@
 //!
 //! A connection goes back to the pool only after a response that ended
 //! cleanly by its framing, so the next request starts on a quiet stream.
-//! Before reuse it is checked for a FIN or stray bytes; connections idle
-//! longer than the idle timeout are dropped (vLLM's server closes idle
-//! connections after 5 s, so the default stays below that). A request that
-//! still meets a connection the backend closed in the meantime is sent again
-//! on a new one (see `conn.rs`): nothing of it had been answered.
+//! Connections idle longer than the idle timeout are dropped (vLLM's server
+//! closes idle connections after 5 s, so the default stays below that); one
+//! idle for more than [`PROBE_AFTER`] is first checked for a FIN or stray
+//! bytes. A request that still meets a connection the backend closed in the
+//! meantime is sent again on a new one (see `conn.rs`): nothing of it had
+//! been answered. Busy connections skip the probe, a syscall per request.
 use std::{
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
 use super::BackendConn;
+
+/// Idle time after which a pooled connection is probed before reuse.
+pub const PROBE_AFTER: Duration = Duration::from_millis(500);
 
 /// Idle connections per backend.
 #[derive(Debug)]
@@ -39,7 +43,8 @@ impl Pool {
         let list = self.idle.get(backend)?;
         loop {
             let conn = list.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
-            if conn.idle_since.elapsed() < self.idle_timeout && conn.looks_alive() {
+            let idle = conn.idle_since.elapsed();
+            if idle < self.idle_timeout && (idle < PROBE_AFTER || conn.looks_alive()) {
                 return Some(conn);
             }
         }
