@@ -86,7 +86,11 @@ pub async fn run(
     let backends = Backends::resolve(&config.backends).await?;
     let dataplane = Arc::new(dataplane);
     let shared = Arc::new(Shared {
-        router: Router::new(usize::from(config.block_bytes), config.index_entries),
+        router: Router::with_policy(
+            usize::from(config.block_bytes),
+            config.index_entries,
+            config.policy(),
+        ),
         metrics: Metrics::new(Arc::clone(&dataplane)),
         backends,
         dataplane,
