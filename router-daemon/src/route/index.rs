@@ -170,6 +170,11 @@ pub struct Walk {
     order: Vec<u32>,
     /// `order[starts[s]..starts[s + 1]]` belong to shard `s`.
     starts: [u32; MAX_SHARDS + 1],
+    /// What the lookup found at each boundary (default: nothing), so that the
+    /// record can skip entries that already say what it would write.
+    seen: Vec<Entry>,
+    /// The tail hash the lookup matched, and its entry.
+    tail_seen: Option<(u64, Entry)>,
 }
 
 /// Per-backend depth of the longest known prefix of one prompt.
@@ -191,6 +196,13 @@ impl Matches {
             .iter()
             .find(|(h, _)| *h == id)
             .map_or(0, |(_, len)| *len)
+    }
+
+    /// Records that every holder in `holders` holds `len` bytes.
+    fn note_all(&mut self, holders: &[BackendId; HOLDERS], len: usize) {
+        for &id in holders.iter().take_while(|&&h| h != 0) {
+            self.note(id, len);
+        }
     }
 
     /// Records that `id` holds `len` bytes, keeping the deeper of two depths.
@@ -283,17 +295,21 @@ impl PrefixIndex {
             hashes,
             order,
             starts,
+            seen: Vec::new(),
+            tail_seen: None,
         }
     }
 
     /// For each backend holding a prefix of `key`, the longest such prefix
     /// (`walk` must come from [`walk`](Self::walk) on the same model and key).
-    pub fn longest_matches(&self, walk: &Walk, key: &[u8]) -> Matches {
+    pub fn longest_matches(&self, walk: &mut Walk, key: &[u8]) -> Matches {
         let mut matches = Matches::default();
         if self.generation_cap == 0 {
             return matches;
         }
-        let mut found = vec![None; walk.hashes.len()];
+        // An entry always has a holder, so a default (holder-less) entry
+        // stands for "absent".
+        let mut found = vec![Entry::default(); walk.hashes.len()];
         for s in 0..self.shards.len() {
             let group = &walk.order[walk.starts[s] as usize..walk.starts[s + 1] as usize];
             if group.is_empty() {
@@ -302,22 +318,32 @@ impl PrefixIndex {
             let mut shard = self.lock(s);
             for &i in group {
                 let i = i as usize;
-                found[i] = shard.get(walk.hashes[i], self.generation_cap);
+                if let Some(entry) = shard.get(walk.hashes[i], self.generation_cap) {
+                    found[i] = entry;
+                }
             }
         }
         // The root (depth 0) is matched by every prompt of the model; it only
-        // contributes its tails.
+        // contributes its tails. Runs of boundaries with the same holders (the
+        // common case) are noted once, at their deepest.
         let mut deepest = 0;
+        let mut run = [0; HOLDERS];
         for (depth, entry) in found.iter().enumerate().skip(1) {
-            let Some(entry) = entry else { break };
-            deepest = depth;
-            for &id in entry.holders.iter().take_while(|&&h| h != 0) {
-                matches.note(id, depth * self.block);
+            if entry.holders[0] == 0 {
+                break;
             }
+            if entry.holders != run {
+                matches.note_all(&run, deepest * self.block);
+                run = entry.holders;
+            }
+            deepest = depth;
         }
-        let Some(entry) = found[deepest] else {
+        matches.note_all(&run, deepest * self.block);
+        let entry = found[deepest];
+        walk.seen = found;
+        if entry.holders[0] == 0 && entry.tails == 0 {
             return matches;
-        };
+        }
         let depth = deepest * self.block;
         let rest = &key[depth..];
         let seed = walk.hashes[deepest] ^ TAIL_SALT;
@@ -333,9 +359,8 @@ impl PrefixIndex {
                 .lock(self.shard_of(hash))
                 .get(hash, self.generation_cap)
             {
-                for &id in tail.holders.iter().take_while(|&&h| h != 0) {
-                    matches.note(id, depth + t);
-                }
+                matches.note_all(&tail.holders, depth + t);
+                walk.tail_seen = Some((hash, tail));
                 break;
             }
         }
@@ -355,23 +380,38 @@ impl PrefixIndex {
             if group.is_empty() {
                 continue;
             }
+            // Entries the lookup saw with `id` in front and the tail bit set
+            // would not change; skipping them halves the work of a repeat.
+            let stale = |i: usize| {
+                let tails = if i == last { tail_bit } else { 0 };
+                walk.seen
+                    .get(i)
+                    .is_none_or(|e| e.holders[0] != id || e.tails & tails != tails)
+            };
+            if !group.iter().any(|&i| stale(i as usize)) {
+                continue;
+            }
             let mut shard = self.lock(s);
             for &i in group {
                 let i = i as usize;
-                let tails = if i == last { tail_bit } else { 0 };
-                shard.upsert(walk.hashes[i], id, tails, self.generation_cap);
+                if stale(i) {
+                    let tails = if i == last { tail_bit } else { 0 };
+                    shard.upsert(walk.hashes[i], id, tails, self.generation_cap);
+                }
             }
         }
         if !tail.is_empty() {
             let hash = xxh3_64_with_seed(tail, walk.hashes[last] ^ TAIL_SALT);
-            self.lock(self.shard_of(hash))
-                .upsert(hash, id, 0, self.generation_cap);
+            if !matches!(walk.tail_seen, Some((h, e)) if h == hash && e.holders[0] == id) {
+                self.lock(self.shard_of(hash))
+                    .upsert(hash, id, 0, self.generation_cap);
+            }
         }
     }
 
     /// The longest known prefix of `key` for each backend (lookup only).
     pub fn lookup(&self, model: &[u8], key: &[u8]) -> Matches {
-        self.longest_matches(&self.walk(model, key), key)
+        self.longest_matches(&mut self.walk(model, key), key)
     }
 
     /// Records that `key` (for `model`) was sent to backend `id`.

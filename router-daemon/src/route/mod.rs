@@ -196,8 +196,8 @@ impl Router {
             return None;
         }
         let key = request.key;
-        let walk = self.index.walk(request.model, key);
-        let found = self.index.longest_matches(&walk, key);
+        let mut walk = self.index.walk(request.model, key);
+        let found = self.index.longest_matches(&mut walk, key);
         let ids: Vec<index::BackendId> =
             backends.iter().map(|b| index::backend_id(b.name)).collect();
         let matched: Vec<usize> = ids.iter().map(|&id| found.get(id)).collect();
