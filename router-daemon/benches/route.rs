@@ -38,7 +38,7 @@ fn chat_key(id: usize, len: usize) -> (Vec<u8>, usize) {
     while key.len() < len {
         let role = if turn % 2 == 0 { "assistant" } else { "user" };
         key.extend_from_slice(format!("{role}\x1fturn {turn} of {id}, ").as_bytes());
-        while key.len() % 512 != 0 && key.len() < len {
+        while !key.len().is_multiple_of(512) && key.len() < len {
             key.extend_from_slice(b"words ");
         }
         key.push(0x1e);
