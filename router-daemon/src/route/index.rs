@@ -9,11 +9,14 @@
 //!
 //! Prompts rarely end on a boundary, and short prompts may not reach one. So a
 //! prompt that ends `t` bytes past its last boundary also stores a *tail* hash
-//! of those `t` bytes, and marks `t` in that boundary's tail bitmap. A lookup
-//! follows boundaries while they match, then tries only the tail lengths
-//! marked at the deepest match. A prompt that extends an earlier prompt of any
-//! length therefore finds it, at a cost of O(prompt length) hashing and
-//! O(blocks) map probes.
+//! of those `t` bytes, and marks `t` in that boundary's tail bitmap (bit 0
+//! marks a prompt that ended on the boundary itself). A lookup follows
+//! boundaries while they match, then tries only the tail lengths marked at the
+//! deepest match. A prompt that extends an earlier prompt of any length
+//! therefore finds it, at a cost of O(prompt length) hashing and O(blocks) map
+//! probes, and learns that it extends that prompt as a whole
+//! ([`Matches::whole`]); an earlier prompt that ended at a shallower boundary
+//! than the deepest match is not reported as whole.
 //!
 //! # Holders
 //! Each entry remembers up to [`HOLDERS`] backends, most recent first, by a
@@ -182,6 +185,9 @@ pub struct Walk {
 pub struct Matches {
     found: [(BackendId, usize); MAX_MATCHES],
     len: usize,
+    /// Length of an earlier prompt, as a whole, that the key extends or
+    /// equals (the longest found at the deepest matched boundary); 0 if none.
+    pub whole: usize,
 }
 
 impl Matches {
@@ -347,7 +353,8 @@ impl PrefixIndex {
         let depth = deepest * self.block;
         let rest = &key[depth..];
         let seed = walk.hashes[deepest] ^ TAIL_SALT;
-        let mut tails = entry.tails;
+        // Bit 0 marks a prompt that ended on this very boundary.
+        let mut tails = entry.tails & !1;
         while tails != 0 {
             let t = (u64::BITS - 1 - tails.leading_zeros()) as usize;
             tails &= !(1 << t);
@@ -360,9 +367,13 @@ impl PrefixIndex {
                 .get(hash, self.generation_cap)
             {
                 matches.note_all(&tail.holders, depth + t);
+                matches.whole = depth + t;
                 walk.tail_seen = Some((hash, tail));
-                break;
+                return matches;
             }
+        }
+        if entry.tails & 1 != 0 {
+            matches.whole = depth;
         }
         matches
     }
@@ -374,7 +385,7 @@ impl PrefixIndex {
         }
         let last = walk.hashes.len() - 1;
         let tail = &key[last * self.block..];
-        let tail_bit = if tail.is_empty() { 0 } else { 1 << tail.len() };
+        let tail_bit = 1 << tail.len();
         for s in 0..self.shards.len() {
             let group = &walk.order[walk.starts[s] as usize..walk.starts[s + 1] as usize];
             if group.is_empty() {
@@ -487,6 +498,19 @@ mod tests {
         let index = PrefixIndex::new(4, 1024);
         index.insert(MODEL, b"abcdefghij", 2);
         assert_eq!(best(&index.lookup(MODEL, b"abcdefgXYZ")), Some((2, 4)));
+    }
+
+    #[test]
+    fn whole_earlier_prompts_are_reported() {
+        let index = PrefixIndex::new(4, 1024);
+        index.insert(MODEL, b"abcdefgh", 1);
+        index.insert(MODEL, b"abcdefghij", 2);
+        assert_eq!(index.lookup(MODEL, b"abcdefghijkl").whole, 10);
+        assert_eq!(index.lookup(MODEL, b"abcdefghXY").whole, 8);
+        assert_eq!(index.lookup(MODEL, b"abcdefgh").whole, 8);
+        // Sharing blocks is not extending a whole prompt.
+        assert_eq!(index.lookup(MODEL, b"abcdXXXXXX").whole, 0);
+        assert_eq!(index.lookup(MODEL, b"abcdefgZ").whole, 0);
     }
 
     #[test]

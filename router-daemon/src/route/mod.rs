@@ -12,7 +12,8 @@
 //! [`Router::decide`] hashes the prompt key once, asks the index which
 //! backends hold which prefix of it, lets [`policy::choose`] pick, and records
 //! the choice in the index. It costs O(prompt length) hashing and takes each
-//! index shard's lock at most twice, briefly; there is no global lock.
+//! index shard's lock at most twice (plus a probe or two for the prompt's
+//! tail), briefly; there is no global lock.
 //!
 //! Backends are named in the index by a hash of their name
 //! ([`index::backend_id`]), so the order of the `backends` slice may change
@@ -211,6 +212,7 @@ impl Router {
                 backends,
                 matched: &matched,
                 conversation: request.conversation,
+                extends: found.whole > 0,
                 placement: xxh3_64_with_seed(named, xxh3_64(request.model)),
                 session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
             },
@@ -317,6 +319,31 @@ mod tests {
         assert_eq!(second.backend, first.backend);
         assert_eq!(second.reason, Reason::PrefixMatch);
         assert_eq!(second.matched, 30);
+    }
+
+    #[test]
+    fn a_completion_that_extends_a_whole_prompt_follows_it() {
+        // Flat prompts name themselves entirely (conversation = key length),
+        // yet the follow-up extends the first prompt as a whole.
+        let router = Router::new(32, 1 << 16);
+        let first: &[u8] = b"What is the capital of France?";
+        let a = router
+            .decide(&request(first, first.len()), &idle(4))
+            .unwrap();
+        assert_eq!(a.reason, Reason::Placed);
+        let second: &[u8] = b"What is the capital of France? And what is its population?";
+        for _ in 0..2 {
+            let b = router
+                .decide(&request(second, second.len()), &idle(4))
+                .unwrap();
+            assert_eq!((b.backend, b.reason), (a.backend, Reason::PrefixMatch));
+        }
+        // A prompt that only shares a block with it is placed on its own.
+        let other: &[u8] = b"What is the capital of Spain?";
+        let c = router
+            .decide(&request(other, other.len()), &idle(4))
+            .unwrap();
+        assert_eq!(c.reason, Reason::Placed);
     }
 
     #[test]

@@ -14,8 +14,10 @@
 //!    highest rendezvous score for that value ([`Reason::Session`]), or, when
 //!    that one is over the bound, to the next in rendezvous order
 //!    ([`Reason::Overloaded`]).
-//! 2. **Continuation.** When some backend's matched prefix covers the request's
-//!    conversation prefix (`matched ≥ conversation`, see
+//! 2. **Continuation.** When the request extends an earlier prompt as a whole
+//!    (`extends`: the tutorial's second completion extends its first), or some
+//!    backend's matched prefix covers the request's conversation prefix
+//!    (`matched ≥ conversation`, see
 //!    [`RouteRequest::conversation`](super::RouteRequest::conversation)), the
 //!    request continues something the fleet has cached. Each backend within the
 //!    bound scores `affinity_weight × matched KiB − load_weight × load`; the
@@ -31,7 +33,8 @@
 //!    continuation goes elsewhere rather than queue behind it. Raise ε to
 //!    favour affinity more.
 //! 3. **Placement.** Otherwise the request starts a new conversation. A shared
-//!    system prompt (matched, but shorter than the conversation prefix) is
+//!    system prompt (matched, but shorter than the conversation prefix, and
+//!    never a whole earlier prompt, since those end in a user turn) is
 //!    deliberately *not* followed: every backend caches it after one prefill,
 //!    whereas following it would pile all conversations onto one backend. The
 //!    request goes to the rendezvous winner of `xxh3(model, key[..conversation])`
@@ -76,6 +79,8 @@ pub struct Inputs<'a> {
     pub matched: &'a [usize],
     /// Length of the key prefix naming the conversation (0: unknown).
     pub conversation: usize,
+    /// The key extends (or equals) an earlier prompt as a whole.
+    pub extends: bool,
     /// Rendezvous seed for placing the conversation.
     pub placement: u64,
     /// Rendezvous seed of the session value, if the request has one.
@@ -122,7 +127,7 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
         return Some(decide(pick, reason));
     }
     let longest = input.matched.iter().copied().max().unwrap_or(0);
-    if longest == 0 || longest < input.conversation {
+    if longest == 0 || (longest < input.conversation && !input.extends) {
         let (first, pick) = rendezvous_pick(backends, input.placement, within)?;
         let reason = if first == pick {
             Reason::Placed
@@ -225,6 +230,7 @@ mod tests {
             backends: &[],
             matched: &[],
             conversation: 0,
+            extends: false,
             placement: 1,
             session: Some(2),
         };
@@ -239,6 +245,7 @@ mod tests {
             backends: &v,
             matched: &matched,
             conversation: 100,
+            extends: false,
             placement: 7,
             session: None,
         };
@@ -265,6 +272,7 @@ mod tests {
             backends: &v,
             matched: &matched,
             conversation: 64,
+            extends: false,
             placement: 7,
             session: None,
         };
@@ -282,6 +290,7 @@ mod tests {
                 backends: &v,
                 matched: &matched,
                 conversation: 2100,
+                extends: false,
                 placement,
                 session: None,
             };
@@ -303,6 +312,7 @@ mod tests {
             backends: &v,
             matched: &matched,
             conversation: 10,
+            extends: false,
             placement: 0,
             session: Some(seed),
         };
@@ -327,6 +337,7 @@ mod tests {
             loads in prop::collection::vec((0usize..50, 0usize..50), 1..=8),
             matched in prop::collection::vec(0usize..200_000, 8),
             conversation in 0usize..200_000,
+            extends in any::<bool>(),
             placement in any::<u64>(),
             session in any::<Option<u64>>(),
             epsilon in 0.0f64..2.0,
@@ -339,6 +350,7 @@ mod tests {
                 backends: &v,
                 matched: &matched[..v.len()],
                 conversation,
+                extends,
                 placement,
                 session,
             };
