@@ -28,10 +28,10 @@
 //!    some of it, and the index then records the prefix there too), and
 //!    [`Reason::LeastLoaded`] when load outweighed a longer match.
 //!
-//!    Note that at low load the bound is tight: with 4 idle backends, one
-//!    holding a request in flight is already at `ceil(1.25 × 2 / 4) = 1`, so a
-//!    continuation goes elsewhere rather than queue behind it. Raise ε to
-//!    favour affinity more.
+//!    Note that at low load the bound is tight: of four backends, the only one
+//!    with a request in flight is already at the bound `ceil(1.25 × 2 / 4) =
+//!    1`, so a continuation goes elsewhere rather than queue behind it. Raise
+//!    ε to favour affinity more.
 //! 3. **Placement.** Otherwise the request starts a new conversation. A shared
 //!    system prompt (matched, but shorter than the conversation prefix, and
 //!    never a whole earlier prompt, since those end in a user turn) is
@@ -91,7 +91,9 @@ pub struct Inputs<'a> {
 /// loads of all `backends`.
 pub fn load_bound(epsilon: f64, backends: &[BackendLoad]) -> usize {
     let n = backends.len().max(1);
-    let total = backends.iter().map(BackendLoad::load).sum::<usize>() + 1;
+    let total = backends
+        .iter()
+        .fold(1usize, |sum, b| sum.saturating_add(b.load()));
     let even = total.div_ceil(n);
     // Float rounding can only lower this below `even`, which `max` undoes.
     let relaxed = ((1.0 + epsilon.max(0.0)) * total as f64 / n as f64).ceil();
@@ -149,7 +151,7 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
     let pick = (0..backends.len())
         .filter(|&i| within(i))
         .max_by(|&a, &b| better(a, b))
-        .expect("invariant: the least-loaded backend is always within the bound");
+        .unwrap_or_else(|| least_loaded(backends));
     let holds_longest = |i: usize| input.matched.get(i).copied() == Some(longest);
     let reason = if holds_longest(pick) {
         Reason::PrefixMatch
@@ -176,8 +178,17 @@ fn rendezvous_pick(
     let pick = (0..backends.len())
         .filter(|&i| within(i))
         .max_by_key(|&i| score(i))
-        .expect("invariant: the least-loaded backend is always within the bound");
+        .unwrap_or_else(|| least_loaded(backends));
     Some((first, pick))
+}
+
+/// The least-loaded backend (first among equals). The load bound always
+/// admits it, except when loads near `usize::MAX` saturate the sum; this is
+/// the answer then rather than a panic on the request path.
+fn least_loaded(backends: &[BackendLoad]) -> usize {
+    (0..backends.len())
+        .min_by_key(|&i| backends[i].load())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -356,6 +367,7 @@ mod tests {
             };
             let d = choose(&policy, &input).unwrap();
             let total: usize = v.iter().map(BackendLoad::load).sum::<usize>() + 1;
+            prop_assert!(v.iter().any(|b| b.load() < load_bound(epsilon, &v)));
             let bound = ((1.0 + epsilon) * total as f64 / v.len() as f64).ceil() as usize;
             prop_assert!(v[d.backend].load() < bound.max(total.div_ceil(v.len())),
                 "{:?} chose load {} with bound {}", d, v[d.backend].load(), bound);
