@@ -1,9 +1,10 @@
 //! Differential fuzzing of `router_daemon::prompt::extract` against serde_json.
 //!
 //! Run from `fuzz/` with `cargo +nightly fuzz run prompt`. Checks, for any input and
-//! both endpoints: no panic; no false acceptance (serde_json rejects ⇒ `extract`
+//! every endpoint: no panic; no false acceptance (serde_json rejects ⇒ `extract`
 //! rejects); when both accept, the decoded `model` equals serde_json's; borrowed
-//! keys point into the body; and the error kind is consistent with the parsed value.
+//! keys point into the body; the conversation prefix lies within the key; and the
+//! error kind is consistent with the parsed value.
 #![no_main]
 
 use std::borrow::Cow;
@@ -14,7 +15,7 @@ use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
     let parsed = serde_json::from_slice::<Value>(data);
-    for endpoint in [Endpoint::Completions, Endpoint::ChatCompletions] {
+    for endpoint in Endpoint::ALL {
         let result = extract(endpoint, data);
         let Ok(value) = &parsed else {
             assert!(result.is_err(), "false acceptance: {endpoint:?} {:?}", String::from_utf8_lossy(data));
@@ -32,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
             (Ok(input), v) => {
                 assert_eq!(input.model.as_deref(), v.get("model").and_then(Value::as_str));
                 assert!(v.get(endpoint.prompt_field()).is_some());
+                assert!(input.conversation <= input.key.len());
                 if let Cow::Borrowed(key) = &input.key {
                     let range = data.as_ptr_range();
                     assert!(key.is_empty() || range.contains(&key.as_ptr()));

@@ -67,6 +67,17 @@ fn chat_body(total: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+fn responses_body(total: usize) -> Vec<u8> {
+    let turn = total / 3;
+    format!(
+        r#"{{"model":"m","instructions":"be brief","input":[{{"role":"system","content":"{}"}},{{"type":"message","role":"user","content":[{{"type":"input_text","text":"{}"}}]}},{{"type":"function_call","call_id":"c1","name":"f","arguments":"{{}}"}},{{"role":"user","content":"{}"}}],"stream":true}}"#,
+        prose(turn),
+        prose(turn),
+        prose(turn)
+    )
+    .into_bytes()
+}
+
 fn tokens_body(len: usize) -> Vec<u8> {
     let mut ids = String::with_capacity(len + 16);
     let mut x: u32 = 12345;
@@ -104,6 +115,11 @@ fn bench(c: &mut Criterion) {
         ),
         ("chat_100KB", Endpoint::ChatCompletions, chat_body(100_000)),
         ("chat_2KB", Endpoint::ChatCompletions, chat_body(2_000)),
+        (
+            "responses_100KB",
+            Endpoint::Responses,
+            responses_body(100_000),
+        ),
     ];
     let mut group = c.benchmark_group("prompt_extract");
     for (name, endpoint, body) in &cases {

@@ -1,7 +1,7 @@
 //! Command-line and environment configuration.
 use std::{net::SocketAddr, time::Duration};
 
-use crate::{backend::Discovery, dataplane::Requested, http::Limits};
+use crate::{backend::Discovery, dataplane::Requested, http::Limits, route::Policy};
 
 /// Everything the daemon can be told; each flag has an environment twin.
 #[derive(Clone, Debug, clap::Parser)]
@@ -93,6 +93,39 @@ pub struct Config {
     #[arg(long, env = "ROUTER_DOWN_AFTER_FAILURES", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub down_after_failures: u32,
+    /// Load slack ε: no backend takes a request that would put its load
+    /// (in flight plus waiting) above ceil((1 + ε) × mean load) while another
+    /// backend is below that.
+    #[arg(long, env = "ROUTER_LOAD_EPSILON", default_value_t = 0.25,
+          value_parser = non_negative)]
+    pub load_epsilon: f64,
+
+    /// Weight of cache affinity: score per KiB of prompt prefix a backend
+    /// already holds (prefill it saves).
+    #[arg(long, env = "ROUTER_AFFINITY_WEIGHT", default_value_t = 1.0,
+          value_parser = non_negative)]
+    pub affinity_weight: f64,
+
+    /// Weight of load: score taken off per request in flight or waiting on a
+    /// backend. With the defaults, 1 KiB of cached prefix is worth one queued
+    /// request.
+    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 1.0,
+          value_parser = non_negative)]
+    pub load_weight: f64,
+
+    /// Request header whose value pins a session to one backend (by
+    /// rendezvous hashing, within the load bound).
+    #[arg(long, env = "ROUTER_SESSION_HEADER", default_value = "x-session-id")]
+    pub session_header: String,
+}
+
+/// Parses a finite number that is 0 or more.
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(_) => Err("must be a finite number, 0 or more".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Config {
@@ -114,6 +147,19 @@ impl Config {
             discovery_interval_ms: 5_000,
             discovery_timeout_ms: 2_000,
             down_after_failures: 3,
+            load_epsilon: 0.25,
+            affinity_weight: 1.0,
+            load_weight: 1.0,
+            session_header: "x-session-id".into(),
+        }
+    }
+
+    /// The routing policy's tunables.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            epsilon: self.load_epsilon,
+            affinity_weight: self.affinity_weight,
+            load_weight: self.load_weight,
         }
     }
 
@@ -207,6 +253,27 @@ mod tests {
             "0",
         ]);
         assert!(zero.is_err());
+    }
+
+    #[test]
+    fn default_policy_matches_the_flags() {
+        let built = Config::with_backends(
+            "0.0.0.0:30080".parse().expect("addr"),
+            vec!["http://a:1".into()],
+        );
+        assert_eq!(built.policy(), Policy::default());
+    }
+
+    #[test]
+    fn weights_must_be_non_negative() {
+        for flag in ["--load-epsilon", "--affinity-weight", "--load-weight"] {
+            for bad in ["-1", "NaN", "inf", "x"] {
+                let err = Config::try_parse_from(["router-daemon", "--backend", "x:1", flag, bad]);
+                assert!(err.is_err(), "{flag} {bad}");
+            }
+            let ok = Config::try_parse_from(["router-daemon", "--backend", "x:1", flag, "0.5"]);
+            assert!(ok.is_ok(), "{flag}");
+        }
     }
 
     #[test]

@@ -102,7 +102,11 @@ pub async fn run(
         .map(|backend| metrics.backend_counters(&backend.url))
         .collect();
     let shared = Arc::new(Shared {
-        router: Router::new(usize::from(config.block_bytes), config.index_entries),
+        router: Router::with_policy(
+            usize::from(config.block_bytes),
+            config.index_entries,
+            config.policy(),
+        ),
         pool: Pool::new(
             backends.all().len(),
             config.pool_max_idle,

@@ -51,11 +51,34 @@
 //! | array of parts | for each part, then 0x1D: the raw `text` of a `"text"` part, the raw url of an `"image_url"` part (`image_url` either `{"url": ...}` or a plain string), and the raw JSON text of any other part |
 //! | `null` or absent | nothing |
 //!
+//! [`Endpoint::Embeddings`] (field `input`): exactly as `prompt` above.
+//!
+//! [`Endpoint::Responses`] (field `input`): as `prompt` above, and also an array of
+//! input items (objects; an array does not mix items with other elements). An item
+//! with a `role` member is encoded as a chat message (without `tool_calls`), where
+//! parts of type `input_text` and `output_text` are text parts like `text`; an item
+//! without `role` (a function call, its output, an item reference) is its raw JSON
+//! text followed by 0x1E.
+//!
 //! Members of a message or part may come in any order; the encoding order is fixed.
 //! So appending to a prompt (text to a string prompt; ids, strings or id arrays to an
 //! array prompt; messages to a conversation) yields a key that extends the original
 //! key. Text appended inside the last element of an array prompt, or to the last
 //! message, extends the key only up to that element's closing separator.
+//!
+//! # Conversation prefix
+//!
+//! [`RoutingInput::conversation`] is the length of the key prefix that names the
+//! conversation, which the router hashes to place a new conversation:
+//!
+//! - Chat messages and responses input items: the key up to and including the 0x1E
+//!   that ends the first message whose role is written `user` (raw bytes: an escaped
+//!   `"us\u0065r"` does not count). That is the system prompt plus the first user
+//!   turn, so conversations that share a system prompt still differ, and later turns
+//!   of one conversation keep the same prefix. With no user message, the whole key.
+//! - Anything else has no turns: the whole key, at most [`FLAT_CONVERSATION_BYTES`].
+//!   A prompt that extends a long one keeps its conversation prefix; short prompts
+//!   name themselves entirely.
 //!
 //! # Validation
 //!
@@ -88,6 +111,11 @@ pub const ROLE_SEP: u8 = 0x1F;
 /// (serde_json's default recursion limit).
 const MAX_DEPTH: u32 = 127;
 
+/// Longest conversation prefix of a prompt without turns (completions, embeddings, and
+/// responses whose `input` is not an array of items), in key bytes. See
+/// [`RoutingInput::conversation`].
+pub const FLAT_CONVERSATION_BYTES: usize = 4096;
+
 /// Which OpenAI endpoint the body belongs to; decides which field carries the prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -95,14 +123,28 @@ pub enum Endpoint {
     Completions,
     /// `/v1/chat/completions`: the prompt is the `messages` field.
     ChatCompletions,
+    /// `/v1/embeddings`: the prompt is the `input` field (shaped like `prompt`).
+    Embeddings,
+    /// `/v1/responses`: the prompt is the `input` field (like `prompt`, or an array of
+    /// input items).
+    Responses,
 }
 
 impl Endpoint {
+    /// Every endpoint.
+    pub const ALL: [Endpoint; 4] = [
+        Self::Completions,
+        Self::ChatCompletions,
+        Self::Embeddings,
+        Self::Responses,
+    ];
+
     /// The name of the top-level field that carries the prompt for this endpoint.
     pub const fn prompt_field(self) -> &'static str {
         match self {
             Self::Completions => "prompt",
             Self::ChatCompletions => "messages",
+            Self::Embeddings | Self::Responses => "input",
         }
     }
 }
@@ -115,6 +157,9 @@ pub struct RoutingInput<'a> {
     /// The prompt key: bytes whose prefixes mirror the prompt's prefixes (see the
     /// module documentation for the encoding).
     pub key: Cow<'a, [u8]>,
+    /// Length of the prefix of `key` that identifies the conversation (see the module
+    /// documentation); at most `key.len()`.
+    pub conversation: usize,
 }
 
 /// Why a body yields no routing input. The `Display` text is meant for the client, in
@@ -172,8 +217,10 @@ pub fn extract(endpoint: Endpoint, body: &[u8]) -> Result<RoutingInput<'_>, Prom
             Some(0) => model = Some(c.skip_value::<true>(1)?),
             Some(_) => {
                 prompt = Some(match endpoint {
-                    Endpoint::Completions => prompt_key(c, &mut built)?,
+                    Endpoint::Completions => prompt_key(c, &mut built, &PROMPT)?,
                     Endpoint::ChatCompletions => messages_key(c, &mut built)?,
+                    Endpoint::Embeddings => prompt_key(c, &mut built, &EMBEDDINGS_INPUT)?,
+                    Endpoint::Responses => prompt_key(c, &mut built, &RESPONSES_INPUT)?,
                 });
             }
             None => {
@@ -188,19 +235,100 @@ pub fn extract(endpoint: Endpoint, body: &[u8]) -> Result<RoutingInput<'_>, Prom
     }
 
     let model = model.map(|v| model_name(body, v)).transpose()?;
-    let key = match prompt.ok_or(PromptError::MissingField(field))?? {
-        Key::Borrowed(raw) => Cow::Borrowed(raw),
-        Key::Built => Cow::Owned(built),
+    let (key, turns) = match prompt.ok_or(PromptError::MissingField(field))?? {
+        Key::Borrowed(raw) => (Cow::Borrowed(raw), None),
+        Key::Built(turns) => (Cow::Owned(built), turns),
     };
-    Ok(RoutingInput { model, key })
+    let conversation = turns.unwrap_or(FLAT_CONVERSATION_BYTES).min(key.len());
+    Ok(RoutingInput {
+        model,
+        key,
+        conversation,
+    })
 }
 
 /// Where the key of a prompt value is.
 enum Key<'a> {
     /// Raw bytes of the body.
     Borrowed(&'a [u8]),
-    /// In the buffer passed to the function that read the value.
-    Built,
+    /// In the buffer passed to the function that read the value; for a prompt made of
+    /// turns, the length of its conversation prefix.
+    Built(Option<usize>),
+}
+
+/// Field paths of a message's parts, for errors, and which part types carry text.
+struct MessagePaths {
+    role: &'static str,
+    content: &'static str,
+    text: &'static str,
+    image_url: &'static str,
+    url: &'static str,
+    /// Part `type` values: those before `text_types` are text parts, the next one is
+    /// the image part.
+    part_types: &'static [&'static str],
+    text_types: usize,
+}
+
+const CHAT_PATHS: MessagePaths = MessagePaths {
+    role: "messages[].role",
+    content: "messages[].content",
+    text: "messages[].content[].text",
+    image_url: "messages[].content[].image_url",
+    url: "messages[].content[].image_url.url",
+    part_types: &["text", "image_url"],
+    text_types: 1,
+};
+
+const RESPONSES_PATHS: MessagePaths = MessagePaths {
+    role: "input[].role",
+    content: "input[].content",
+    text: "input[].content[].text",
+    image_url: "input[].content[].image_url",
+    url: "input[].content[].image_url.url",
+    part_types: &["text", "input_text", "output_text", "image_url"],
+    text_types: 3,
+};
+
+/// What a prompt field of the `prompt` family may hold.
+struct Shape {
+    /// The error for a value of the wrong shape.
+    wrong: PromptError,
+    /// Whether arrays of objects (input items) are accepted, and their paths.
+    items: Option<&'static MessagePaths>,
+}
+
+const PROMPT: Shape = Shape {
+    wrong: PromptError::WrongType {
+        field: "prompt",
+        expected: "a string, an array of strings, an array of token ids \
+                   (non-negative integers) or an array of arrays of token ids",
+    },
+    items: None,
+};
+
+const EMBEDDINGS_INPUT: Shape = Shape {
+    wrong: PromptError::WrongType {
+        field: "input",
+        expected: "a string, an array of strings, an array of token ids \
+                   (non-negative integers) or an array of arrays of token ids",
+    },
+    items: None,
+};
+
+const RESPONSES_INPUT: Shape = Shape {
+    wrong: PromptError::WrongType {
+        field: "input",
+        expected: "a string, an array of strings, an array of token ids \
+                   (non-negative integers), an array of arrays of token ids \
+                   or an array of input items (objects)",
+    },
+    items: Some(&RESPONSES_PATHS),
+};
+
+/// True if the (validated) role value spanning `role` is written `"user"`.
+#[inline]
+fn is_user(body: &[u8], role: Option<Span>) -> bool {
+    role.is_some_and(|r| r.of(body) == b"\"user\"")
 }
 
 /// A prompt value interpreted during the validating pass. The outer error is a JSON
@@ -240,20 +368,16 @@ fn model_name(body: &[u8], v: Span) -> Result<Cow<'_, str>, PromptError> {
     }
 }
 
-/// Validates the `prompt` value at the cursor and builds its key on the way (into
-/// `out` unless the key is borrowed).
-fn prompt_key<'a>(c: &mut Cursor<'a>, out: &mut Vec<u8>) -> Interpreted<'a> {
+/// Validates a value of the `prompt` family (`prompt`, or `input` per `shape`) at the
+/// cursor and builds its key on the way (into `out` unless the key is borrowed).
+fn prompt_key<'a>(c: &mut Cursor<'a>, out: &mut Vec<u8>, shape: &Shape) -> Interpreted<'a> {
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Kind {
         Text,
         Ids,
         Batch,
+        Items,
     }
-    const WRONG: PromptError = PromptError::WrongType {
-        field: "prompt",
-        expected: "a string, an array of strings, an array of token ids \
-                   (non-negative integers) or an array of arrays of token ids",
-    };
     let body = c.buf;
     match c.peek() {
         Some(b'"') => {
@@ -263,23 +387,26 @@ fn prompt_key<'a>(c: &mut Cursor<'a>, out: &mut Vec<u8>) -> Interpreted<'a> {
         Some(b'[') => {}
         _ => {
             c.skip_value::<true>(1)?;
-            return Ok(Err(WRONG));
+            return Ok(Err(shape.wrong.clone()));
         }
     }
     prepare(out, c);
     let mut kind = None;
-    let mut wrong = false;
+    // The first error met, in document order; later elements are only validated.
+    let mut error: Option<PromptError> = None;
+    let mut first_user = None;
     c.elements::<true>(2, |c| {
         let k = match c.peek() {
             Some(b'"') => Some(Kind::Text),
             Some(b'-' | b'0'..=b'9') => Some(Kind::Ids),
             Some(b'[') => Some(Kind::Batch),
+            Some(b'{') if shape.items.is_some() => Some(Kind::Items),
             _ => None,
         };
         let k = match k {
-            Some(k) if !wrong && *kind.get_or_insert(k) == k => k,
+            Some(k) if error.is_none() && *kind.get_or_insert(k) == k => k,
             _ => {
-                wrong = true;
+                error.get_or_insert_with(|| shape.wrong.clone());
                 c.skip_value::<true>(2)?;
                 return Ok(());
             }
@@ -292,25 +419,58 @@ fn prompt_key<'a>(c: &mut Cursor<'a>, out: &mut Vec<u8>) -> Interpreted<'a> {
             }
             Kind::Ids => {
                 let id = c.number::<true>()?;
-                wrong |= push_id(out, body, id).is_none();
+                if push_id(out, body, id).is_none() {
+                    error = Some(shape.wrong.clone());
+                }
             }
             Kind::Batch => {
                 c.elements::<true>(3, |c| {
-                    if !wrong && matches!(c.peek(), Some(b'-' | b'0'..=b'9')) {
+                    if error.is_none() && matches!(c.peek(), Some(b'-' | b'0'..=b'9')) {
                         let id = c.number::<true>()?;
-                        wrong |= push_id(out, body, id).is_none();
+                        if push_id(out, body, id).is_none() {
+                            error = Some(shape.wrong.clone());
+                        }
                     } else {
-                        wrong = true;
+                        error.get_or_insert_with(|| shape.wrong.clone());
                         c.skip_value::<true>(3)?;
                     }
                     Ok(())
                 })?;
                 out.push(RECORD_SEP);
             }
+            Kind::Items => {
+                let paths = shape
+                    .items
+                    .expect("invariant: Kind::Items is only chosen when items are accepted");
+                let start = c.pos;
+                let (mut role, mut content) = (None, None);
+                c.members::<true>(|k, c| {
+                    let v = c.skip_value::<true>(3)?;
+                    match key_index(body, k, &["role", "content"]) {
+                        Some(0) => role = Some(v),
+                        Some(_) => content = Some(v),
+                        None => {}
+                    }
+                    Ok(())
+                })?;
+                if role.is_none() {
+                    // Not a message (a function call, its output, a reference...).
+                    out.extend_from_slice(&body[start..c.pos]);
+                    out.push(RECORD_SEP);
+                } else if let Err(e) = push_message(body, role, content, None, paths, out) {
+                    error = Some(e);
+                } else if first_user.is_none() && is_user(body, role) {
+                    first_user = Some(out.len());
+                }
+            }
         }
         Ok(())
     })?;
-    Ok(if wrong { Err(WRONG) } else { Ok(Key::Built) })
+    Ok(match error {
+        Some(e) => Err(e),
+        None if kind == Some(Kind::Items) => Ok(Key::Built(Some(first_user.unwrap_or(out.len())))),
+        None => Ok(Key::Built(None)),
+    })
 }
 
 /// Appends `id,` for the valid JSON number `body[id]`; None if it is not an integer in
@@ -353,6 +513,7 @@ fn messages_key<'a>(c: &mut Cursor<'a>, out: &mut Vec<u8>) -> Interpreted<'a> {
     }
     prepare(out, c);
     let mut error = None;
+    let mut first_user = None;
     c.elements::<true>(2, |c| {
         if error.is_some() || c.peek() != Some(b'{') {
             error.get_or_insert(NOT_ARRAY);
@@ -370,12 +531,17 @@ fn messages_key<'a>(c: &mut Cursor<'a>, out: &mut Vec<u8>) -> Interpreted<'a> {
             }
             Ok(())
         })?;
-        if let Err(e) = push_message(body, role, content, tool_calls, out) {
+        if let Err(e) = push_message(body, role, content, tool_calls, &CHAT_PATHS, out) {
             error = Some(e);
+        } else if first_user.is_none() && is_user(body, role) {
+            first_user = Some(out.len());
         }
         Ok(())
     })?;
-    Ok(error.map_or(Ok(Key::Built), Err))
+    Ok(match error {
+        Some(e) => Err(e),
+        None => Ok(Key::Built(Some(first_user.unwrap_or(out.len())))),
+    })
 }
 
 /// Appends the encoding of one message, from the spans of its (validated) members.
@@ -384,12 +550,13 @@ fn push_message(
     role: Option<Span>,
     content: Option<Span>,
     tool_calls: Option<Span>,
+    paths: &MessagePaths,
     out: &mut Vec<u8>,
 ) -> Result<(), PromptError> {
-    let role = role.ok_or(PromptError::MissingField("messages[].role"))?;
+    let role = role.ok_or(PromptError::MissingField(paths.role))?;
     if body[role.start] != b'"' {
         return Err(PromptError::WrongType {
-            field: "messages[].role",
+            field: paths.role,
             expected: "a string",
         });
     }
@@ -398,11 +565,11 @@ fn push_message(
     if let Some(content) = content {
         match body[content.start] {
             b'"' => out.extend_from_slice(&body[content.start + 1..content.end - 1]),
-            b'[' => push_parts(body, content, out)?,
+            b'[' => push_parts(body, content, paths, out)?,
             b'n' => {}
             _ => {
                 return Err(PromptError::WrongType {
-                    field: "messages[].content",
+                    field: paths.content,
                     expected: "a string, an array of content parts, or null",
                 });
             }
@@ -416,7 +583,12 @@ fn push_message(
 }
 
 /// Appends the encoding of a (validated) content-part array spanning `v`.
-fn push_parts(body: &[u8], v: Span, out: &mut Vec<u8>) -> Result<(), PromptError> {
+fn push_parts(
+    body: &[u8],
+    v: Span,
+    paths: &MessagePaths,
+    out: &mut Vec<u8>,
+) -> Result<(), PromptError> {
     Cursor::new(body, v.start).elements::<false>(4, |c| {
         let part = c.skip_value::<false>(4)?;
         if body[part.start] != b'{' {
@@ -435,20 +607,19 @@ fn push_parts(body: &[u8], v: Span, out: &mut Vec<u8>) -> Result<(), PromptError
             }
             Ok(())
         })?;
-        match ty.and_then(|t| string_index(body, t, &["text", "image_url"])) {
-            Some(0) => {
-                let text = text.ok_or(PromptError::MissingField("messages[].content[].text"))?;
+        match ty.and_then(|t| string_index(body, t, paths.part_types)) {
+            Some(i) if i < paths.text_types => {
+                let text = text.ok_or(PromptError::MissingField(paths.text))?;
                 if body[text.start] != b'"' {
                     return Err(PromptError::WrongType {
-                        field: "messages[].content[].text",
+                        field: paths.text,
                         expected: "a string",
                     });
                 }
                 out.extend_from_slice(&body[text.start + 1..text.end - 1]);
             }
             Some(_) => {
-                let image =
-                    image.ok_or(PromptError::MissingField("messages[].content[].image_url"))?;
+                let image = image.ok_or(PromptError::MissingField(paths.image_url))?;
                 let url = match body[image.start] {
                     b'"' => image,
                     b'{' => {
@@ -460,20 +631,18 @@ fn push_parts(body: &[u8], v: Span, out: &mut Vec<u8>) -> Result<(), PromptError
                             }
                             Ok(())
                         })?;
-                        url.ok_or(PromptError::MissingField(
-                            "messages[].content[].image_url.url",
-                        ))?
+                        url.ok_or(PromptError::MissingField(paths.url))?
                     }
                     _ => {
                         return Err(PromptError::WrongType {
-                            field: "messages[].content[].image_url",
+                            field: paths.image_url,
                             expected: "an object with a `url` string, or a string",
                         });
                     }
                 };
                 if body[url.start] != b'"' {
                     return Err(PromptError::WrongType {
-                        field: "messages[].content[].image_url.url",
+                        field: paths.url,
                         expected: "a string",
                     });
                 }
@@ -1145,7 +1314,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::Value;
 
-    use Endpoint::{ChatCompletions as Chat, Completions};
+    use Endpoint::{ChatCompletions as Chat, Completions, Embeddings, Responses};
 
     fn run(ep: Endpoint, body: &str) -> Result<RoutingInput<'_>, PromptError> {
         extract(ep, body.as_bytes())
@@ -1642,7 +1811,7 @@ mod tests {
             "\u{feff}{}",
             "x{}",
         ] {
-            for ep in [Completions, Chat] {
+            for ep in Endpoint::ALL {
                 assert_eq!(run(ep, body), Err(PromptError::NotAnObject), "{body:?}");
             }
         }
@@ -1737,7 +1906,7 @@ mod tests {
                 !serde_accepts(body.as_bytes()),
                 "serde_json accepts {body:?}"
             );
-            for ep in [Completions, Chat] {
+            for ep in Endpoint::ALL {
                 let r = run(ep, body);
                 assert!(
                     matches!(r, Err(PromptError::Malformed { .. })),
@@ -1766,7 +1935,7 @@ mod tests {
             ] {
                 let body = [pre, bad, post].concat();
                 assert!(!serde_accepts(&body));
-                for ep in [Completions, Chat] {
+                for ep in Endpoint::ALL {
                     assert!(extract(ep, &body).is_err(), "{body:?}");
                 }
             }
@@ -1995,6 +2164,118 @@ mod tests {
     fn endpoint_field_names() {
         assert_eq!(Completions.prompt_field(), "prompt");
         assert_eq!(Chat.prompt_field(), "messages");
+        assert_eq!(Embeddings.prompt_field(), "input");
+        assert_eq!(Responses.prompt_field(), "input");
+    }
+
+    // ---- Embeddings, Responses, conversation prefix -------------------------------
+
+    #[test]
+    fn embeddings_input_is_keyed_like_a_prompt() {
+        for input in [
+            r#""some text""#,
+            r#"["a","b"]"#,
+            "[1, 23]",
+            "[[1],[2,3]]",
+            "[]",
+        ] {
+            let e = format!(r#"{{"model":"e","input":{input}}}"#);
+            let c = format!(r#"{{"model":"e","prompt":{input}}}"#);
+            assert_eq!(run(Embeddings, &e), run(Completions, &c), "{input}");
+        }
+        assert!(wrong("input")(&run(Embeddings, r#"{"input":[{"a":1}]}"#)));
+        assert!(wrong("input")(&run(Embeddings, r#"{"input":3.5}"#)));
+        assert_eq!(
+            run(Embeddings, r#"{"prompt":"x"}"#),
+            Err(PromptError::MissingField("input"))
+        );
+    }
+
+    #[test]
+    fn responses_items_are_keyed_like_messages() {
+        let body = r#"{"model":"m","instructions":"be brief","input":[
+            {"role":"system","content":"sys"},
+            {"type":"message","role":"user","content":[{"type":"input_text","text":"hi"},{"type":"input_image","image_url":"u"}]},
+            {"type":"function_call","call_id":"c1","name":"f","arguments":"{}"},
+            {"role":"assistant","content":[{"type":"output_text","text":"yo"}]}
+        ]}"#;
+        let r = run(Responses, body).unwrap();
+        let mut want = b"system\x1fsys\x1euser\x1fhi\x1d{\"type\":\"input_image\",\"image_url\":\"u\"}\x1d\x1e".to_vec();
+        let user_end = want.len();
+        want.extend_from_slice(
+            b"{\"type\":\"function_call\",\"call_id\":\"c1\",\"name\":\"f\",\"arguments\":\"{}\"}\x1eassistant\x1fyo\x1d\x1e",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&r.key),
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!(r.conversation, user_end);
+        // A string input is borrowed, like a prompt.
+        let r = run(Responses, r#"{"input":"hello"}"#).unwrap();
+        assert!(matches!(r.key, Cow::Borrowed(b"hello")));
+        assert_eq!(r.conversation, 5);
+        // Items do not mix with other elements; roles must be strings.
+        assert!(wrong("input")(&run(
+            Responses,
+            r#"{"input":[{"role":"user"},"x"]}"#
+        )));
+        assert!(wrong("input[].role")(&run(
+            Responses,
+            r#"{"input":[{"role":1}]}"#
+        )));
+        assert!(wrong("input[].content")(&run(
+            Responses,
+            r#"{"input":[{"role":"user","content":5}]}"#
+        )));
+    }
+
+    #[test]
+    fn conversation_prefix_ends_after_the_first_user_message() {
+        let body = |msgs: &str| format!(r#"{{"model":"m","messages":[{msgs}]}}"#);
+        let sys = r#"{"role":"system","content":"You are helpful."}"#;
+        let one = body(&format!(r#"{sys},{{"role":"user","content":"first"}}"#));
+        let three = body(&format!(
+            r#"{sys},{{"role":"user","content":"first"}},{{"role":"assistant","content":"a"}},{{"role":"user","content":"more"}}"#
+        ));
+        let other = body(&format!(r#"{sys},{{"role":"user","content":"second"}}"#));
+        let (one, three, other) = (
+            run(Chat, &one).unwrap(),
+            run(Chat, &three).unwrap(),
+            run(Chat, &other).unwrap(),
+        );
+        assert_eq!(one.conversation, one.key.len());
+        assert_eq!(three.conversation, one.conversation);
+        assert_eq!(&three.key[..three.conversation], &one.key[..]);
+        assert_ne!(
+            &other.key[..other.conversation],
+            &one.key[..one.conversation]
+        );
+        // No user message: the whole key. An escaped role does not count.
+        for msgs in [
+            sys.to_owned(),
+            format!(r#"{{"role":"us\u0065r","content":"x"}},{sys}"#),
+        ] {
+            let b = body(&msgs);
+            let r = run(Chat, &b).unwrap();
+            assert_eq!(r.conversation, r.key.len(), "{msgs}");
+        }
+    }
+
+    #[test]
+    fn flat_prompts_name_their_conversation_by_a_bounded_prefix() {
+        let short = run(Completions, r#"{"prompt":"short"}"#).unwrap();
+        assert_eq!(short.conversation, 5);
+        let long = format!(
+            r#"{{"prompt":"{}"}}"#,
+            "x".repeat(3 * FLAT_CONVERSATION_BYTES)
+        );
+        assert_eq!(
+            run(Completions, &long).unwrap().conversation,
+            FLAT_CONVERSATION_BYTES
+        );
+        let ids = run(Embeddings, r#"{"input":[1,2,3]}"#).unwrap();
+        assert_eq!(ids.conversation, 6);
+        assert_eq!(run(Chat, r#"{"messages":[]}"#).unwrap().conversation, 0);
     }
 
     // ---- property tests against serde_json --------------------------------------------
@@ -2037,7 +2318,11 @@ mod tests {
     /// The outcome of `extract`, comparable with the oracle's.
     #[derive(Clone, Debug, PartialEq, Eq)]
     enum Outcome {
-        Ok { model: Option<String>, key: Vec<u8> },
+        Ok {
+            model: Option<String>,
+            key: Vec<u8>,
+            conversation: usize,
+        },
         NotAnObject,
         Malformed,
         Missing(&'static str),
@@ -2052,6 +2337,7 @@ mod tests {
                 Self::Ok { model, .. } => Self::Ok {
                     model,
                     key: Vec::new(),
+                    conversation: 0,
                 },
                 other => other,
             }
@@ -2063,6 +2349,7 @@ mod tests {
             Ok(ri) => Outcome::Ok {
                 model: ri.model.as_deref().map(str::to_owned),
                 key: ri.key.to_vec(),
+                conversation: ri.conversation,
             },
             Err(PromptError::NotAnObject) => Outcome::NotAnObject,
             Err(PromptError::Malformed { .. }) => Outcome::Malformed,
@@ -2151,17 +2438,26 @@ mod tests {
             return Outcome::Missing(field);
         };
         let key = match ep {
-            Completions => oracle_prompt(p),
+            Completions => oracle_prompt(p, "prompt", false),
+            Embeddings => oracle_prompt(p, "input", false),
+            Responses => oracle_prompt(p, "input", true),
             Chat => oracle_messages(p),
         };
         match key {
-            Ok(key) => Outcome::Ok { model, key },
+            Ok((key, turns)) => Outcome::Ok {
+                conversation: turns.unwrap_or(FLAT_CONVERSATION_BYTES).min(key.len()),
+                model,
+                key,
+            },
             Err(e) => e,
         }
     }
 
-    fn oracle_prompt(p: &On) -> Result<Vec<u8>, Outcome> {
-        let wrong = || Outcome::Wrong("prompt");
+    /// A key, and for prompts made of turns the length of the conversation prefix.
+    type OracleKey = Result<(Vec<u8>, Option<usize>), Outcome>;
+
+    fn oracle_prompt(p: &On, field: &'static str, items: bool) -> OracleKey {
+        let wrong = || Outcome::Wrong(field);
         let token = |n: &On, out: &mut Vec<u8>| match n.v {
             Ov::Num { is_u64: true } => {
                 out.extend_from_slice(&n.json);
@@ -2170,16 +2466,34 @@ mod tests {
             }
             _ => Err(wrong()),
         };
-        let items = match &p.v {
-            Ov::Str { raw, .. } => return Ok(raw.clone()),
-            Ov::Arr(items) => items,
+        let elements = match &p.v {
+            Ov::Str { raw, .. } => return Ok((raw.clone(), None)),
+            Ov::Arr(elements) => elements,
             _ => return Err(wrong()),
         };
         let mut out = Vec::new();
-        match items.first().map(|i| &i.v) {
+        match elements.first().map(|i| &i.v) {
+            Some(Ov::Obj(_)) if items => {
+                let mut first_user = None;
+                for it in elements {
+                    let Ov::Obj(members) = &it.v else {
+                        return Err(wrong());
+                    };
+                    if last(members, "role").is_none() {
+                        out.extend_from_slice(&it.json);
+                        out.push(RECORD_SEP);
+                        continue;
+                    }
+                    let user = oracle_message(members, &RESPONSES_PATHS, false, &mut out)?;
+                    if user && first_user.is_none() {
+                        first_user = Some(out.len());
+                    }
+                }
+                return Ok((out.clone(), Some(first_user.unwrap_or(out.len()))));
+            }
             None => {}
             Some(Ov::Str { .. }) => {
-                for it in items {
+                for it in elements {
                     let Ov::Str { raw, .. } = &it.v else {
                         return Err(wrong());
                     };
@@ -2188,12 +2502,12 @@ mod tests {
                 }
             }
             Some(Ov::Num { .. }) => {
-                for it in items {
+                for it in elements {
                     token(it, &mut out)?;
                 }
             }
             Some(Ov::Arr(_)) => {
-                for it in items {
+                for it in elements {
                     let Ov::Arr(inner) = &it.v else {
                         return Err(wrong());
                     };
@@ -2205,46 +2519,64 @@ mod tests {
             }
             Some(_) => return Err(wrong()),
         }
-        Ok(out)
+        Ok((out, None))
     }
 
-    fn oracle_messages(p: &On) -> Result<Vec<u8>, Outcome> {
+    fn oracle_messages(p: &On) -> OracleKey {
         let Ov::Arr(messages) = &p.v else {
             return Err(Outcome::Wrong("messages"));
         };
         let mut out = Vec::new();
+        let mut first_user = None;
         for m in messages {
             let Ov::Obj(members) = &m.v else {
                 return Err(Outcome::Wrong("messages"));
             };
-            let role = last(members, "role").ok_or(Outcome::Missing("messages[].role"))?;
-            let Ov::Str { raw, .. } = &role.v else {
-                return Err(Outcome::Wrong("messages[].role"));
-            };
-            out.extend_from_slice(raw);
-            out.push(ROLE_SEP);
-            match last(members, "content").map(|c| &c.v) {
-                None | Some(Ov::Null) => {}
-                Some(Ov::Str { raw, .. }) => out.extend_from_slice(raw),
-                Some(Ov::Arr(parts)) => {
-                    for part in parts {
-                        oracle_part(part, &mut out)?;
-                        out.push(PART_SEP);
-                    }
-                }
-                Some(_) => return Err(Outcome::Wrong("messages[].content")),
+            let user = oracle_message(members, &CHAT_PATHS, true, &mut out)?;
+            if user && first_user.is_none() {
+                first_user = Some(out.len());
             }
-            if let Some(tc) = last(members, "tool_calls")
-                && !matches!(tc.v, Ov::Null)
-            {
-                out.extend_from_slice(&tc.json);
-            }
-            out.push(RECORD_SEP);
         }
-        Ok(out)
+        let conversation = first_user.unwrap_or(out.len());
+        Ok((out, Some(conversation)))
     }
 
-    fn oracle_part(part: &On, out: &mut Vec<u8>) -> Result<(), Outcome> {
+    /// Appends one message; true if its role is written `user`.
+    fn oracle_message(
+        members: &[(String, On)],
+        paths: &MessagePaths,
+        tool_calls: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, Outcome> {
+        let role = last(members, "role").ok_or(Outcome::Missing(paths.role))?;
+        let Ov::Str { raw, .. } = &role.v else {
+            return Err(Outcome::Wrong(paths.role));
+        };
+        let user = raw == b"user";
+        out.extend_from_slice(raw);
+        out.push(ROLE_SEP);
+        match last(members, "content").map(|c| &c.v) {
+            None | Some(Ov::Null) => {}
+            Some(Ov::Str { raw, .. }) => out.extend_from_slice(raw),
+            Some(Ov::Arr(parts)) => {
+                for part in parts {
+                    oracle_part(part, paths, out)?;
+                    out.push(PART_SEP);
+                }
+            }
+            Some(_) => return Err(Outcome::Wrong(paths.content)),
+        }
+        if tool_calls
+            && let Some(tc) = last(members, "tool_calls")
+            && !matches!(tc.v, Ov::Null)
+        {
+            out.extend_from_slice(&tc.json);
+        }
+        out.push(RECORD_SEP);
+        Ok(user)
+    }
+
+    fn oracle_part(part: &On, paths: &MessagePaths, out: &mut Vec<u8>) -> Result<(), Outcome> {
         let Ov::Obj(members) = &part.v else {
             out.extend_from_slice(&part.json);
             return Ok(());
@@ -2257,24 +2589,21 @@ mod tests {
             Ov::Str { raw, .. } => Ok(raw.clone()),
             _ => Err(Outcome::Wrong(field)),
         };
-        match ty {
-            "text" => {
-                let text =
-                    last(members, "text").ok_or(Outcome::Missing("messages[].content[].text"))?;
-                out.extend(raw_string(text, "messages[].content[].text")?);
-            }
-            "image_url" => {
-                let image = last(members, "image_url")
-                    .ok_or(Outcome::Missing("messages[].content[].image_url"))?;
-                let url = match &image.v {
-                    Ov::Str { .. } => image,
-                    Ov::Obj(m) => last(m, "url")
-                        .ok_or(Outcome::Missing("messages[].content[].image_url.url"))?,
-                    _ => return Err(Outcome::Wrong("messages[].content[].image_url")),
-                };
-                out.extend(raw_string(url, "messages[].content[].image_url.url")?);
-            }
-            _ => out.extend_from_slice(&part.json),
+        let is_text = paths.part_types[..paths.text_types].contains(&ty);
+        let is_image = ty == "image_url";
+        if is_text {
+            let text = last(members, "text").ok_or(Outcome::Missing(paths.text))?;
+            out.extend(raw_string(text, paths.text)?);
+        } else if is_image {
+            let image = last(members, "image_url").ok_or(Outcome::Missing(paths.image_url))?;
+            let url = match &image.v {
+                Ov::Str { .. } => image,
+                Ov::Obj(m) => last(m, "url").ok_or(Outcome::Missing(paths.url))?,
+                _ => return Err(Outcome::Wrong(paths.image_url)),
+            };
+            out.extend(raw_string(url, paths.url)?);
+        } else {
+            out.extend_from_slice(&part.json);
         }
         Ok(())
     }
@@ -2293,6 +2622,8 @@ mod tests {
         "image_url",
         "url",
         "metadata",
+        "input",
+        "input_text",
     ];
 
     fn text() -> BoxedStrategy<String> {
@@ -2426,10 +2757,11 @@ mod tests {
 
     fn part() -> BoxedStrategy<Node> {
         let s = |x: &str| Node::Str(x.to_owned());
-        let text_part = (text(), extras(2)).prop_flat_map(move |(t, ex)| {
+        let text_type = prop::sample::select(vec!["text", "text", "input_text", "output_text"]);
+        let text_part = (text(), extras(2), text_type).prop_flat_map(move |(t, ex, ty)| {
             shuffled(
                 vec![
-                    Some(("type".into(), s("text"))),
+                    Some(("type".into(), s(ty))),
                     Some(("text".into(), Node::Str(t))),
                 ],
                 ex,
@@ -2502,6 +2834,11 @@ mod tests {
     fn document() -> BoxedStrategy<Node> {
         let model = prop_oneof![9 => text().prop_map(Node::Str), 1 => node()];
         let messages = prop_oneof![6 => prop::collection::vec(message(), 0..4).prop_map(Node::Arr), 1 => node()];
+        let input = prop_oneof![
+            4 => prompt_value(),
+            4 => prop::collection::vec(message(), 0..4).prop_map(Node::Arr),
+            1 => prop::collection::vec(prop_oneof![message(), node()], 1..4).prop_map(Node::Arr),
+        ];
         let decoy = prop::option::weighted(
             0.3,
             (text(), text()).prop_map(|(p, m)| {
@@ -2516,15 +2853,17 @@ mod tests {
             prop::option::weighted(0.85, model),
             prop::option::weighted(0.85, prompt_value()),
             prop::option::weighted(0.85, messages),
+            prop::option::weighted(0.85, input),
             decoy,
             extras(4),
         )
-            .prop_flat_map(|(model, prompt, messages, decoy, ex)| {
+            .prop_flat_map(|(model, prompt, messages, input, decoy, ex)| {
                 shuffled(
                     vec![
                         model.map(|v| ("model".to_owned(), v)),
                         prompt.map(|v| ("prompt".to_owned(), v)),
                         messages.map(|v| ("messages".to_owned(), v)),
+                        input.map(|v| ("input".to_owned(), v)),
                         decoy.map(|v| ("metadata".to_owned(), v)),
                     ],
                     ex,
@@ -2688,7 +3027,7 @@ mod tests {
     fn check_against_serde(body: &[u8]) -> Result<(), TestCaseError> {
         match serde_json::from_slice::<Value>(body) {
             Err(e) => {
-                for ep in [Completions, Chat] {
+                for ep in Endpoint::ALL {
                     let r = extract(ep, body);
                     prop_assert!(
                         r.is_err(),
@@ -2699,7 +3038,7 @@ mod tests {
             }
             Ok(v) => {
                 let on = on_from_value(&v);
-                for ep in [Completions, Chat] {
+                for ep in Endpoint::ALL {
                     prop_assert_eq!(
                         outcome(&extract(ep, body)).coarse(),
                         oracle(ep, &on).coarse(),
@@ -2787,6 +3126,9 @@ mod tests {
         "[[3]]",
         "{\"type\":\"text\",\"text\":\"t\"}",
         "\"pr\\u006fmpt\"",
+        "\"input\"",
+        "\"input_text\"",
+        "{\"role\":\"user\",\"content\":\"c\"}",
     ];
 
     proptest! {
@@ -2812,7 +3154,7 @@ mod tests {
             let parsed: Value = serde_json::from_slice(&body).unwrap();
             prop_assume!(serde_json::to_vec(&parsed).unwrap() == body);
             let on = on_from_value(&parsed);
-            for ep in [Completions, Chat] {
+            for ep in Endpoint::ALL {
                 prop_assert_eq!(outcome(&extract(ep, &body)), oracle(ep, &on), "{:?}", ep);
             }
         }
@@ -2828,7 +3170,7 @@ mod tests {
             let (body, on) = formatted(&doc, f);
             let parsed: Value = serde_json::from_slice(&body).unwrap();
             prop_assert_eq!(&parsed, &on_to_value(&on));
-            for ep in [Completions, Chat] {
+            for ep in Endpoint::ALL {
                 prop_assert_eq!(
                     outcome(&extract(ep, &body)),
                     oracle(ep, &on),
@@ -2843,14 +3185,14 @@ mod tests {
             let value = node_to_value(&doc);
             let pretty = serde_json::to_vec_pretty(&value).unwrap();
             let compact = serde_json::to_vec(&value).unwrap();
-            for ep in [Completions, Chat] {
+            for ep in Endpoint::ALL {
                 let p = outcome(&extract(ep, &pretty));
                 let c = outcome(&extract(ep, &compact));
                 // Raw JSON of parts and tool calls keeps its whitespace, so compare
                 // keys only when the compact key has none of those.
                 prop_assert_eq!(p.clone().coarse(), c.clone().coarse());
                 if let (Outcome::Ok { key: pk, .. }, Outcome::Ok { key: ck, .. }) = (&p, &c)
-                    && ep == Completions
+                    && matches!(ep, Completions | Embeddings)
                 {
                     prop_assert_eq!(pk, ck);
                 }
@@ -2965,9 +3307,13 @@ mod tests {
             let k = keep.index(messages.len() + 1);
             let full = body(&messages);
             let prefix = body(&messages[..k]);
-            let full_key = extract(Chat, &full).unwrap().key.into_owned();
-            let prefix_key = extract(Chat, &prefix).unwrap().key.into_owned();
-            prop_assert!(full_key.starts_with(&prefix_key));
+            let full = extract(Chat, &full).unwrap();
+            let prefix = extract(Chat, &prefix).unwrap();
+            prop_assert!(full.key.starts_with(&prefix.key));
+            // Once the first user message is in, later turns keep the conversation.
+            if messages[..k].iter().any(|(role, _, _)| *role == "user") {
+                prop_assert_eq!(full.conversation, prefix.conversation);
+            }
         }
 
         /// Extending a text or token prompt extends its key.

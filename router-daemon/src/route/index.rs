@@ -1,0 +1,591 @@
+//! The prefix index: which backends recently received which prompt prefixes,
+//! sharded so that no lock covers the whole index, and bounded in memory.
+//!
+//! # Hashes
+//! A prompt key (see [`crate::prompt`]) is cut into blocks of `block` bytes.
+//! Each block boundary gets a chained hash, `h(k) = xxh3(block k, seed =
+//! h(k-1))`, with `h(0)` derived from the model name, so equal prefixes of the
+//! same model share hashes and different models never do.
+//!
+//! Prompts rarely end on a boundary, and short prompts may not reach one. So a
+//! prompt that ends `t` bytes past its last boundary also stores a *tail* hash
+//! of those `t` bytes, and marks `t` in that boundary's tail bitmap (bit 0
+//! marks a prompt that ended on the boundary itself). A lookup follows
+//! boundaries while they match, then tries only the tail lengths marked at the
+//! deepest match. A prompt that extends an earlier prompt of any length
+//! therefore finds it, at a cost of O(prompt length) hashing and O(blocks) map
+//! probes, and learns that it extends that prompt as a whole
+//! ([`Matches::whole`]); an earlier prompt that ended at a shallower boundary
+//! than the deepest match is not reported as whole.
+//!
+//! # Holders
+//! Each entry remembers up to [`HOLDERS`] backends, most recent first, by a
+//! 32-bit hash of the backend's name ([`BackendId`]), not by its position in
+//! the backend list: a hot prefix (a shared system prompt) ends up recorded on
+//! every backend it was sent to, and a backend that leaves the list is simply
+//! never resolved again (its entries age out, or
+//! [`PrefixIndex::remove_backend`] drops them at once).
+//!
+//! # Shards and memory
+//! Entries live in up to [`MAX_SHARDS`] shards chosen by bits of the entry's
+//! hash, each behind its own `Mutex`. A lookup or a record groups the prompt's
+//! hashes by shard and takes each shard's lock once, so a decision costs at
+//! most `2 × shards` uncontended lock round trips whatever the prompt length,
+//! and concurrent decisions only meet on the shards they share, briefly.
+//!
+//! Each shard holds two generations of at most `capacity / (2 × shards)`
+//! entries: when the young one fills, the old one is dropped and the young one
+//! ages. A hit in the old generation is copied to the young one, so entries in
+//! use survive and idle ones age out (an approximate LRU with O(1) upkeep).
+//! The total is therefore never above `capacity`; a capacity below 2 disables
+//! the index.
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+    sync::{Mutex, MutexGuard},
+};
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Largest block size: tail lengths are kept in a 64-bit map.
+pub const MAX_BLOCK: usize = 64;
+/// Backends remembered per entry.
+pub const HOLDERS: usize = 4;
+/// Most shards the index is split into.
+pub const MAX_SHARDS: usize = 32;
+/// Most distinct backends a lookup reports (the first met along the prompt).
+pub const MAX_MATCHES: usize = 8;
+/// Salt that keeps tail hashes apart from boundary hashes.
+const TAIL_SALT: u64 = 0x7461_696c_5f68_6173;
+
+/// A backend as the index knows it: a non-zero 32-bit hash of its name.
+pub type BackendId = u32;
+
+/// The [`BackendId`] of the backend called `name`.
+pub fn backend_id(name: &str) -> BackendId {
+    // Truncating the hash is the point: 32 bits keep entries small, and two
+    // names of one fleet colliding (odds 1 in 2^32 per pair) only merges
+    // their cache hints.
+    let id = xxh3_64(name.as_bytes()) as u32;
+    id.max(1)
+}
+
+/// What the index knows about one boundary or tail hash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Entry {
+    /// Backends that received a prompt through here, most recent first; 0 is
+    /// an empty slot (and empty slots come last).
+    holders: [BackendId; HOLDERS],
+    /// Bit `t` is set when some prompt ended `t` bytes past this boundary.
+    tails: u64,
+}
+
+impl Entry {
+    /// Moves `id` to the front, dropping the least recent holder if full.
+    fn hold(&mut self, id: BackendId) {
+        let at = self
+            .holders
+            .iter()
+            .position(|&h| h == id || h == 0)
+            .unwrap_or(HOLDERS - 1);
+        self.holders.copy_within(0..at, 1);
+        self.holders[0] = id;
+    }
+
+    /// Forgets `id`; true when no holder is left.
+    fn release(&mut self, id: BackendId) -> bool {
+        if let Some(at) = self.holders.iter().position(|&h| h == id) {
+            self.holders.copy_within(at + 1.., at);
+            self.holders[HOLDERS - 1] = 0;
+        }
+        self.holders[0] == 0
+    }
+}
+
+/// Hasher for keys that are already xxh3 hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `u64` keys; this keeps the impl total.
+        self.0 = xxh3_64_with_seed(bytes, self.0);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Map = HashMap<u64, Entry, BuildHasherDefault<Prehashed>>;
+
+/// One shard: two generations of at most `cap` entries each.
+#[derive(Debug, Default)]
+struct Shard {
+    young: Map,
+    old: Map,
+}
+
+impl Shard {
+    fn get(&mut self, hash: u64, cap: usize) -> Option<Entry> {
+        if let Some(entry) = self.young.get(&hash) {
+            return Some(*entry);
+        }
+        let entry = self.old.remove(&hash)?;
+        self.put_young(hash, entry, cap);
+        Some(entry)
+    }
+
+    fn upsert(&mut self, hash: u64, id: BackendId, tails: u64, cap: usize) {
+        if let Some(entry) = self.young.get_mut(&hash) {
+            entry.hold(id);
+            entry.tails |= tails;
+            return;
+        }
+        let mut entry = self.old.remove(&hash).unwrap_or_default();
+        entry.hold(id);
+        entry.tails |= tails;
+        self.put_young(hash, entry, cap);
+    }
+
+    fn put_young(&mut self, hash: u64, entry: Entry, cap: usize) {
+        if self.young.len() >= cap {
+            // Age the young generation; reuse the old one's allocation.
+            std::mem::swap(&mut self.young, &mut self.old);
+            self.young.clear();
+        }
+        self.young.insert(hash, entry);
+    }
+}
+
+/// A prompt's boundary hashes, grouped by shard; computed once per decision
+/// and used for both the lookup and the record.
+#[derive(Debug)]
+pub struct Walk {
+    /// `hashes[k]` is the hash of the boundary after `k` blocks (`hashes[0]`
+    /// is the model's root).
+    hashes: Vec<u64>,
+    /// Indexes into `hashes`, grouped by shard.
+    order: Vec<u32>,
+    /// `order[starts[s]..starts[s + 1]]` belong to shard `s`.
+    starts: [u32; MAX_SHARDS + 1],
+    /// What the lookup found at each boundary (default: nothing), so that the
+    /// record can skip entries that already say what it would write.
+    seen: Vec<Entry>,
+    /// The tail hash the lookup matched, and its entry.
+    tail_seen: Option<(u64, Entry)>,
+}
+
+/// Per-backend depth of the longest known prefix of one prompt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Matches {
+    found: [(BackendId, usize); MAX_MATCHES],
+    len: usize,
+    /// Length of an earlier prompt, as a whole, that the key extends or
+    /// equals (the longest found at the deepest matched boundary); 0 if none.
+    pub whole: usize,
+}
+
+impl Matches {
+    /// `(backend, matched key bytes)` pairs, at most one per backend.
+    pub fn as_slice(&self) -> &[(BackendId, usize)] {
+        &self.found[..self.len]
+    }
+
+    /// Bytes matched for `id` (0 when it holds no prefix of the prompt).
+    pub fn get(&self, id: BackendId) -> usize {
+        self.as_slice()
+            .iter()
+            .find(|(h, _)| *h == id)
+            .map_or(0, |(_, len)| *len)
+    }
+
+    /// Records that every holder in `holders` holds `len` bytes.
+    fn note_all(&mut self, holders: &[BackendId; HOLDERS], len: usize) {
+        for &id in holders.iter().take_while(|&&h| h != 0) {
+            self.note(id, len);
+        }
+    }
+
+    /// Records that `id` holds `len` bytes, keeping the deeper of two depths.
+    fn note(&mut self, id: BackendId, len: usize) {
+        if let Some(slot) = self.found[..self.len].iter_mut().find(|(h, _)| *h == id) {
+            slot.1 = slot.1.max(len);
+        } else if self.len < MAX_MATCHES {
+            self.found[self.len] = (id, len);
+            self.len += 1;
+        }
+    }
+}
+
+/// Prefix hashes of recent prompts, bounded in memory, safe to share.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    block: usize,
+    generation_cap: usize,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+impl PrefixIndex {
+    /// An empty index with `block`-byte blocks and at most `capacity` entries.
+    ///
+    /// # Panics
+    /// If `block` is 0 or over [`MAX_BLOCK`]; the CLI rejects such values.
+    pub fn new(block: usize, capacity: usize) -> Self {
+        assert!(
+            (1..=MAX_BLOCK).contains(&block),
+            "invariant: block size is validated by the CLI"
+        );
+        // A power of two, and at least 2 entries per shard when possible.
+        let mut shards = MAX_SHARDS;
+        while shards > 1 && capacity / (2 * shards) == 0 {
+            shards /= 2;
+        }
+        Self {
+            block,
+            generation_cap: capacity / (2 * shards),
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// Block size in key bytes.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Number of entries held (both generations of every shard).
+    pub fn len(&self) -> usize {
+        (0..self.shards.len())
+            .map(|s| {
+                let shard = self.lock(s);
+                shard.young.len() + shard.old.len()
+            })
+            .sum()
+    }
+
+    /// True when the index holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Hashes `key`'s block boundaries for `model` and groups them by shard.
+    pub fn walk(&self, model: &[u8], key: &[u8]) -> Walk {
+        let mut hashes = Vec::with_capacity(key.len() / self.block + 1);
+        let mut hash = xxh3_64(model);
+        hashes.push(hash);
+        for chunk in key.chunks_exact(self.block) {
+            hash = xxh3_64_with_seed(chunk, hash);
+            hashes.push(hash);
+        }
+        // Counting sort by shard.
+        let mut starts = [0u32; MAX_SHARDS + 1];
+        for &h in &hashes {
+            starts[self.shard_of(h) + 1] += 1;
+        }
+        for s in 0..MAX_SHARDS {
+            starts[s + 1] += starts[s];
+        }
+        let mut next = starts;
+        let mut order = vec![0u32; hashes.len()];
+        for (i, &h) in hashes.iter().enumerate() {
+            let s = self.shard_of(h);
+            order[next[s] as usize] =
+                u32::try_from(i).expect("invariant: bodies are far below 4 GiB");
+            next[s] += 1;
+        }
+        Walk {
+            hashes,
+            order,
+            starts,
+            seen: Vec::new(),
+            tail_seen: None,
+        }
+    }
+
+    /// For each backend holding a prefix of `key`, the longest such prefix
+    /// (`walk` must come from [`walk`](Self::walk) on the same model and key).
+    pub fn longest_matches(&self, walk: &mut Walk, key: &[u8]) -> Matches {
+        let mut matches = Matches::default();
+        if self.generation_cap == 0 {
+            return matches;
+        }
+        // An entry always has a holder, so a default (holder-less) entry
+        // stands for "absent".
+        let mut found = vec![Entry::default(); walk.hashes.len()];
+        for s in 0..self.shards.len() {
+            let group = &walk.order[walk.starts[s] as usize..walk.starts[s + 1] as usize];
+            if group.is_empty() {
+                continue;
+            }
+            let mut shard = self.lock(s);
+            for &i in group {
+                let i = i as usize;
+                if let Some(entry) = shard.get(walk.hashes[i], self.generation_cap) {
+                    found[i] = entry;
+                }
+            }
+        }
+        // The root (depth 0) is matched by every prompt of the model; it only
+        // contributes its tails. Runs of boundaries with the same holders (the
+        // common case) are noted once, at their deepest.
+        let mut deepest = 0;
+        let mut run = [0; HOLDERS];
+        for (depth, entry) in found.iter().enumerate().skip(1) {
+            if entry.holders[0] == 0 {
+                break;
+            }
+            if entry.holders != run {
+                matches.note_all(&run, deepest * self.block);
+                run = entry.holders;
+            }
+            deepest = depth;
+        }
+        matches.note_all(&run, deepest * self.block);
+        let entry = found[deepest];
+        walk.seen = found;
+        if entry.holders[0] == 0 && entry.tails == 0 {
+            return matches;
+        }
+        let depth = deepest * self.block;
+        let rest = &key[depth..];
+        let seed = walk.hashes[deepest] ^ TAIL_SALT;
+        // Bit 0 marks a prompt that ended on this very boundary.
+        let mut tails = entry.tails & !1;
+        while tails != 0 {
+            let t = (u64::BITS - 1 - tails.leading_zeros()) as usize;
+            tails &= !(1 << t);
+            if t > rest.len() {
+                continue;
+            }
+            let hash = xxh3_64_with_seed(&rest[..t], seed);
+            if let Some(tail) = self
+                .lock(self.shard_of(hash))
+                .get(hash, self.generation_cap)
+            {
+                matches.note_all(&tail.holders, depth + t);
+                matches.whole = depth + t;
+                walk.tail_seen = Some((hash, tail));
+                return matches;
+            }
+        }
+        if entry.tails & 1 != 0 {
+            matches.whole = depth;
+        }
+        matches
+    }
+
+    /// Records that `key` (whose walk is `walk`) was sent to backend `id`.
+    pub fn record(&self, walk: &Walk, key: &[u8], id: BackendId) {
+        if self.generation_cap == 0 {
+            return;
+        }
+        let last = walk.hashes.len() - 1;
+        let tail = &key[last * self.block..];
+        let tail_bit = 1 << tail.len();
+        for s in 0..self.shards.len() {
+            let group = &walk.order[walk.starts[s] as usize..walk.starts[s + 1] as usize];
+            if group.is_empty() {
+                continue;
+            }
+            // Entries the lookup saw with `id` in front and the tail bit set
+            // would not change; skipping them halves the work of a repeat.
+            let stale = |i: usize| {
+                let tails = if i == last { tail_bit } else { 0 };
+                walk.seen
+                    .get(i)
+                    .is_none_or(|e| e.holders[0] != id || e.tails & tails != tails)
+            };
+            if !group.iter().any(|&i| stale(i as usize)) {
+                continue;
+            }
+            let mut shard = self.lock(s);
+            for &i in group {
+                let i = i as usize;
+                if stale(i) {
+                    let tails = if i == last { tail_bit } else { 0 };
+                    shard.upsert(walk.hashes[i], id, tails, self.generation_cap);
+                }
+            }
+        }
+        if !tail.is_empty() {
+            let hash = xxh3_64_with_seed(tail, walk.hashes[last] ^ TAIL_SALT);
+            if !matches!(walk.tail_seen, Some((h, e)) if h == hash && e.holders[0] == id) {
+                self.lock(self.shard_of(hash))
+                    .upsert(hash, id, 0, self.generation_cap);
+            }
+        }
+    }
+
+    /// The longest known prefix of `key` for each backend (lookup only).
+    pub fn lookup(&self, model: &[u8], key: &[u8]) -> Matches {
+        self.longest_matches(&mut self.walk(model, key), key)
+    }
+
+    /// Records that `key` (for `model`) was sent to backend `id`.
+    pub fn insert(&self, model: &[u8], key: &[u8], id: BackendId) {
+        self.record(&self.walk(model, key), key, id);
+    }
+
+    /// Forgets backend `id` everywhere; entries left with no holder go.
+    ///
+    /// Takes each shard's lock in turn (O(entries) in all): meant for a
+    /// backend leaving the fleet, not for the request path.
+    pub fn remove_backend(&self, id: BackendId) {
+        for s in 0..self.shards.len() {
+            let mut shard = self.lock(s);
+            let Shard { young, old } = &mut *shard;
+            for map in [young, old] {
+                map.retain(|_, entry| !entry.release(id));
+            }
+        }
+    }
+
+    fn shard_of(&self, hash: u64) -> usize {
+        // Bits 32.. are used neither for the bucket (low bits) nor for the
+        // control byte (top 7 bits) of the shard's hash map.
+        (hash >> 32) as usize & (self.shards.len() - 1)
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard lock leaves at worst a stale hint.
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    const MODEL: &[u8] = b"meta-llama/Llama-3.2-1B-Instruct";
+
+    fn best(m: &Matches) -> Option<(BackendId, usize)> {
+        m.as_slice().iter().copied().max_by_key(|&(_, len)| len)
+    }
+
+    #[test]
+    fn models_do_not_share_prefixes() {
+        let index = PrefixIndex::new(16, 1024);
+        index.insert(b"a", b"same prompt text that is long", 1);
+        assert_eq!(
+            best(&index.lookup(b"b", b"same prompt text that is long")),
+            None
+        );
+        assert_eq!(
+            best(&index.lookup(b"a", b"same prompt text that is long!")),
+            Some((1, 29))
+        );
+    }
+
+    #[test]
+    fn unrelated_prompt_does_not_match() {
+        let index = PrefixIndex::new(16, 1024);
+        index.insert(MODEL, b"What is the capital of France?", 7);
+        assert_eq!(best(&index.lookup(MODEL, b"Tell me a joke")), None);
+        // Sharing a few leading bytes (less than a block, not a whole prompt)
+        // is not a match either.
+        assert_eq!(best(&index.lookup(MODEL, b"What is love?")), None);
+    }
+
+    #[test]
+    fn shorter_prompt_matches_whole_blocks_of_a_longer_one() {
+        let index = PrefixIndex::new(4, 1024);
+        index.insert(MODEL, b"abcdefghij", 2);
+        assert_eq!(best(&index.lookup(MODEL, b"abcdefgXYZ")), Some((2, 4)));
+    }
+
+    #[test]
+    fn whole_earlier_prompts_are_reported() {
+        let index = PrefixIndex::new(4, 1024);
+        index.insert(MODEL, b"abcdefgh", 1);
+        index.insert(MODEL, b"abcdefghij", 2);
+        assert_eq!(index.lookup(MODEL, b"abcdefghijkl").whole, 10);
+        assert_eq!(index.lookup(MODEL, b"abcdefghXY").whole, 8);
+        assert_eq!(index.lookup(MODEL, b"abcdefgh").whole, 8);
+        // Sharing blocks is not extending a whole prompt.
+        assert_eq!(index.lookup(MODEL, b"abcdXXXXXX").whole, 0);
+        assert_eq!(index.lookup(MODEL, b"abcdefgZ").whole, 0);
+    }
+
+    #[test]
+    fn several_backends_hold_one_prefix() {
+        let index = PrefixIndex::new(4, 1024);
+        index.insert(MODEL, b"system prompt|alice", 1);
+        index.insert(MODEL, b"system prompt|bob", 2);
+        let m = index.lookup(MODEL, b"system prompt|carol");
+        assert_eq!(m.get(1), 12);
+        assert_eq!(m.get(2), 12);
+        assert_eq!(index.lookup(MODEL, b"system prompt|bob, again").get(2), 17);
+    }
+
+    #[test]
+    fn holders_are_bounded_most_recent_first() {
+        let mut entry = Entry::default();
+        for id in 1..=6 {
+            entry.hold(id);
+        }
+        assert_eq!(entry.holders, [6, 5, 4, 3]);
+        entry.hold(4);
+        assert_eq!(entry.holders, [4, 6, 5, 3]);
+        assert!(!entry.release(6));
+        assert_eq!(entry.holders, [4, 5, 3, 0]);
+        entry.hold(9);
+        assert_eq!(entry.holders, [9, 4, 5, 3]);
+    }
+
+    #[test]
+    fn removed_backend_is_forgotten() {
+        let index = PrefixIndex::new(8, 1024);
+        index.insert(MODEL, b"a prompt that two backends received", 1);
+        index.insert(MODEL, b"a prompt that two backends received", 2);
+        index.insert(MODEL, b"other text that only one backend got", 1);
+        let before = index.len();
+        index.remove_backend(1);
+        let m = index.lookup(MODEL, b"a prompt that two backends received");
+        assert_eq!(m.get(1), 0);
+        assert_eq!(m.get(2), b"a prompt that two backends received".len());
+        assert!(index.len() < before, "entries held only by 1 are dropped");
+        assert_eq!(
+            best(&index.lookup(MODEL, b"other text that only one backend got")),
+            None
+        );
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_recent_entries_survive() {
+        let index = PrefixIndex::new(16, 1000);
+        let kept = b"a prompt that keeps being used, again and again";
+        index.insert(MODEL, kept, 3);
+        for i in 0..10_000u32 {
+            let prompt = format!("{i:08} distinct prompt padding padding padding");
+            index.insert(MODEL, prompt.as_bytes(), 5);
+            assert!(index.len() <= 1000, "len {} after {i}", index.len());
+            if i % 20 == 0 {
+                assert_eq!(best(&index.lookup(MODEL, kept)).unwrap().0, 3);
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_capacities_stay_bounded() {
+        for capacity in 0..70 {
+            let index = PrefixIndex::new(4, capacity);
+            for i in 0..200u32 {
+                index.insert(MODEL, format!("{i} and more text").as_bytes(), 1);
+            }
+            assert!(index.len() <= capacity, "{} > {capacity}", index.len());
+        }
+    }
+
+    #[test]
+    fn backend_ids_are_never_zero() {
+        assert_ne!(backend_id(""), 0);
+        assert_ne!(backend_id("http://a:1"), backend_id("http://b:1"));
+    }
+}

@@ -1,0 +1,522 @@
+//! Backend selection: the prefix index ([`index`]) and the decision policy
+//! ([`policy`]), joined by [`Router`].
+//!
+//! # Layout
+//! - [`index`]: block-chained prefix hashes → the backends that recently
+//!   received them; sharded, bounded in memory, several holders per prefix.
+//! - [`policy`]: the pure decision function (session stickiness, cache
+//!   affinity against load, bounded load, rendezvous placement); its module
+//!   doc states the rules.
+//!
+//! # A decision
+//! [`Router::decide`] hashes the prompt key once, asks the index which
+//! backends hold which prefix of it, lets [`policy::choose`] pick, and records
+//! the choice in the index. It costs O(prompt length) hashing and takes each
+//! index shard's lock at most twice (plus a probe or two for the prompt's
+//! tail), briefly; there is no global lock.
+//!
+//! Backends are named in the index by a hash of their name
+//! ([`index::backend_id`]), so the order of the `backends` slice may change
+//! between calls, and a backend missing from it is simply never chosen.
+//! [`Router::remove_backend`] also drops what the index holds for it.
+//!
+//! # Migration
+//! [`Router::route`], [`least_loaded`] and the two-field [`BackendView`] are
+//! the previous API, kept as thin wrappers until `conn` moves to
+//! [`Router::decide`] with [`RouteRequest`] and [`BackendLoad`].
+pub mod index;
+pub mod policy;
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+pub use self::{
+    index::{MAX_BLOCK, PrefixIndex},
+    policy::Policy,
+};
+
+/// Seed for hashing session values, apart from prompt hashes.
+const SESSION_SEED: u64 = 0x7365_7373_696f_6e21;
+
+/// What routing needs to know about one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteRequest<'a> {
+    /// The `model` name (empty when the body had none).
+    pub model: &'a [u8],
+    /// The prompt key (see [`crate::prompt`]).
+    pub key: &'a [u8],
+    /// Length of the key prefix that identifies the conversation
+    /// ([`crate::prompt::RoutingInput::conversation`]); 0 means unknown.
+    pub conversation: usize,
+    /// The session header's value, if the request carried one.
+    pub session: Option<&'a [u8]>,
+}
+
+/// Why a backend was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The request continues a prefix this backend holds (the longest known).
+    PrefixMatch,
+    /// Load outweighed a longer match elsewhere (or, from the legacy
+    /// [`least_loaded`], the least busy backend).
+    LeastLoaded,
+    /// The backend holding the prefix was over the load bound; another (one
+    /// holding the prefix if possible) took it.
+    Spread,
+    /// A new conversation, placed by rendezvous hashing.
+    Placed,
+    /// Sticky to the request's session (rendezvous hash of its value).
+    Session,
+    /// The rendezvous choice (placement or session) was over the load bound;
+    /// the next in rendezvous order took it.
+    Overloaded,
+}
+
+impl Reason {
+    /// Every reason, for metrics that pre-create their labels.
+    pub const ALL: [Reason; 6] = [
+        Reason::PrefixMatch,
+        Reason::LeastLoaded,
+        Reason::Spread,
+        Reason::Placed,
+        Reason::Session,
+        Reason::Overloaded,
+    ];
+
+    /// Short name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PrefixMatch => "prefix-match",
+            Reason::LeastLoaded => "least-loaded",
+            Reason::Spread => "spread",
+            Reason::Placed => "placed",
+            Reason::Session => "session",
+            Reason::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// A routing decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Index of the chosen backend in the slice passed in.
+    pub backend: usize,
+    /// Bytes of the prompt key that backend holds per the index (0 if none).
+    pub matched: usize,
+    /// Why this backend.
+    pub reason: Reason,
+}
+
+/// What routing sees of one backend: its name and its load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendLoad<'a> {
+    /// Stable name (the URL), for rendezvous hashing and the index.
+    pub name: &'a str,
+    /// Requests this router has in flight there.
+    pub in_flight: usize,
+    /// Requests queued in vLLM (`vllm:num_requests_waiting`), 0 when unknown.
+    pub waiting: usize,
+}
+
+impl<'a> BackendLoad<'a> {
+    /// A view with nothing known to be waiting.
+    pub fn new(name: &'a str, in_flight: usize) -> Self {
+        Self {
+            name,
+            in_flight,
+            waiting: 0,
+        }
+    }
+
+    /// The same view with `waiting` queued requests.
+    #[must_use]
+    pub fn with_waiting(self, waiting: usize) -> Self {
+        Self { waiting, ..self }
+    }
+
+    /// In flight plus waiting.
+    pub fn load(&self) -> usize {
+        self.in_flight.saturating_add(self.waiting)
+    }
+}
+
+/// The previous two-field view, kept while `conn` builds it by struct
+/// literal; new code uses [`BackendLoad`].
+#[derive(Clone, Copy, Debug)]
+pub struct BackendView<'a> {
+    /// Stable name, for rendezvous hashing.
+    pub name: &'a str,
+    /// Requests in flight.
+    pub in_flight: usize,
+}
+
+impl<'a> BackendView<'a> {
+    /// A view of `name` with `in_flight` requests.
+    pub fn new(name: &'a str, in_flight: usize) -> Self {
+        Self { name, in_flight }
+    }
+}
+
+impl<'a> From<BackendView<'a>> for BackendLoad<'a> {
+    fn from(view: BackendView<'a>) -> Self {
+        BackendLoad::new(view.name, view.in_flight)
+    }
+}
+
+/// The routing policy and its state; shared by every connection.
+#[derive(Debug)]
+pub struct Router {
+    index: PrefixIndex,
+    policy: Policy,
+}
+
+impl Router {
+    /// A router with an empty index and the default [`Policy`].
+    pub fn new(block: usize, capacity: usize) -> Self {
+        Self::with_policy(block, capacity, Policy::default())
+    }
+
+    /// A router with an empty index of `block`-byte blocks and at most
+    /// `capacity` entries, deciding by `policy`.
+    pub fn with_policy(block: usize, capacity: usize, policy: Policy) -> Self {
+        Self {
+            index: PrefixIndex::new(block, capacity),
+            policy,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Picks a backend for `request` and records the choice in the index.
+    ///
+    /// Returns `None` only when `backends` is empty.
+    pub fn decide(&self, request: &RouteRequest, backends: &[BackendLoad]) -> Option<Decision> {
+        if backends.is_empty() {
+            return None;
+        }
+        let key = request.key;
+        let mut walk = self.index.walk(request.model, key);
+        let found = self.index.longest_matches(&mut walk, key);
+        let ids: Vec<index::BackendId> =
+            backends.iter().map(|b| index::backend_id(b.name)).collect();
+        let matched: Vec<usize> = ids.iter().map(|&id| found.get(id)).collect();
+        let named = match request.conversation {
+            0 => key,
+            n => &key[..n.min(key.len())],
+        };
+        let decision = policy::choose(
+            &self.policy,
+            &policy::Inputs {
+                backends,
+                matched: &matched,
+                conversation: request.conversation,
+                extends: found.whole > 0,
+                placement: xxh3_64_with_seed(named, xxh3_64(request.model)),
+                session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
+            },
+        )?;
+        self.index.record(&walk, key, ids[decision.backend]);
+        Some(decision)
+    }
+
+    /// The previous API: [`decide`](Self::decide) with the conversation
+    /// unknown and no session.
+    pub fn route(&self, model: &[u8], key: &[u8], backends: &[BackendView]) -> Option<Decision> {
+        let loads: Vec<BackendLoad> = backends.iter().copied().map(BackendLoad::from).collect();
+        let request = RouteRequest {
+            model,
+            key,
+            conversation: 0,
+            session: None,
+        };
+        self.decide(&request, &loads)
+    }
+
+    /// Forgets everything the index holds for the backend called `name`
+    /// (O(index entries); for a backend leaving the fleet).
+    pub fn remove_backend(&self, name: &str) {
+        self.index.remove_backend(index::backend_id(name));
+    }
+
+    /// Entries held by the prefix index.
+    pub fn index_len(&self) -> usize {
+        self.index.len()
+    }
+}
+
+/// The backend with the fewest requests in flight; among equals, the one with
+/// the highest rendezvous score for `key_hash`.
+pub fn least_loaded(key_hash: u64, backends: &[BackendView]) -> Option<usize> {
+    backends
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, backend)| {
+            let score = policy::rendezvous(backend.name, key_hash);
+            (backend.in_flight, std::cmp::Reverse(score))
+        })
+        .map(|(index, _)| index)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const MODEL: &[u8] = b"meta-llama/Llama-3.2-1B-Instruct";
+    const NAMES: [&str; 4] = ["http://a:1", "http://b:1", "http://c:1", "http://d:1"];
+
+    fn idle(n: usize) -> Vec<BackendLoad<'static>> {
+        NAMES[..n]
+            .iter()
+            .map(|name| BackendLoad::new(name, 0))
+            .collect()
+    }
+
+    fn request<'a>(key: &'a [u8], conversation: usize) -> RouteRequest<'a> {
+        RouteRequest {
+            model: MODEL,
+            key,
+            conversation,
+            session: None,
+        }
+    }
+
+    /// A chat key: a system prompt, then alternating user/assistant turns.
+    fn chat(system: &str, turns: &[&str]) -> (Vec<u8>, usize) {
+        let mut key = format!("system\x1f{system}\x1e").into_bytes();
+        let mut conversation = 0;
+        for (i, turn) in turns.iter().enumerate() {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            key.extend_from_slice(format!("{role}\x1f{turn}\x1e").as_bytes());
+            if i == 0 {
+                conversation = key.len();
+            }
+        }
+        (key, conversation)
+    }
+
+    #[test]
+    fn tutorial_second_prompt_follows_the_first() {
+        let router = Router::new(16, 1 << 16);
+        let views: Vec<BackendView> = NAMES[..2].iter().map(|n| BackendView::new(n, 0)).collect();
+        let first = router
+            .route(MODEL, b"What is the capital of France?", &views)
+            .unwrap();
+        assert_eq!(first.reason, Reason::Placed);
+        let second = router
+            .route(
+                MODEL,
+                b"What is the capital of France? And what is its population?",
+                &views,
+            )
+            .unwrap();
+        assert_eq!(second.backend, first.backend);
+        assert_eq!(second.reason, Reason::PrefixMatch);
+        assert_eq!(second.matched, 30);
+    }
+
+    #[test]
+    fn a_completion_that_extends_a_whole_prompt_follows_it() {
+        // Flat prompts name themselves entirely (conversation = key length),
+        // yet the follow-up extends the first prompt as a whole.
+        let router = Router::new(32, 1 << 16);
+        let first: &[u8] = b"What is the capital of France?";
+        let a = router
+            .decide(&request(first, first.len()), &idle(4))
+            .unwrap();
+        assert_eq!(a.reason, Reason::Placed);
+        let second: &[u8] = b"What is the capital of France? And what is its population?";
+        for _ in 0..2 {
+            let b = router
+                .decide(&request(second, second.len()), &idle(4))
+                .unwrap();
+            assert_eq!((b.backend, b.reason), (a.backend, Reason::PrefixMatch));
+        }
+        // A prompt that only shares a block with it is placed on its own.
+        let other: &[u8] = b"What is the capital of Spain?";
+        let c = router
+            .decide(&request(other, other.len()), &idle(4))
+            .unwrap();
+        assert_eq!(c.reason, Reason::Placed);
+    }
+
+    #[test]
+    fn a_long_match_outweighs_a_little_load() {
+        let router = Router::new(32, 1 << 16);
+        let (turn1, conv) = chat(&"s".repeat(4000), &["hello"]);
+        let first = router.decide(&request(&turn1, conv), &idle(4)).unwrap();
+        let (turn2, conv2) = chat(&"s".repeat(4000), &["hello", "hi!", "how are you?"]);
+        assert_eq!(conv, conv2);
+        // Every backend but one is busy with one request; the holder stays
+        // within the load bound, and 4 KiB cached outweighs one request.
+        let mut busy = idle(4);
+        for (i, b) in busy.iter_mut().enumerate() {
+            b.in_flight = usize::from(i != (first.backend + 1) % 4);
+        }
+        let second = router.decide(&request(&turn2, conv2), &busy).unwrap();
+        assert_eq!(
+            (second.backend, second.reason),
+            (first.backend, Reason::PrefixMatch)
+        );
+        assert!(second.matched >= turn1.len());
+    }
+
+    #[test]
+    fn hot_prefix_spreads_under_load() {
+        let router = Router::new(32, 1 << 16);
+        let prompt = "the same long few-shot prompt, sent over and over ".repeat(40);
+        let mut views = idle(4);
+        let mut used = HashSet::new();
+        let mut reasons = HashSet::new();
+        for _ in 0..32 {
+            let d = router
+                .decide(&request(prompt.as_bytes(), 0), &views)
+                .unwrap();
+            // Nothing finishes: every choice adds load.
+            views[d.backend].in_flight += 1;
+            used.insert(d.backend);
+            reasons.insert(d.reason);
+        }
+        assert!(used.len() > 1, "{used:?}");
+        assert!(reasons.contains(&Reason::Spread), "{reasons:?}");
+        // The prefix is now recorded on several backends, and once the load
+        // evens out the holders share it.
+        let found = router.index.lookup(MODEL, prompt.as_bytes());
+        assert!(found.as_slice().len() > 1, "{found:?}");
+    }
+
+    #[test]
+    fn independent_routers_place_conversations_alike() {
+        let a = Router::new(32, 1 << 16);
+        let b = Router::new(32, 1 << 16);
+        let system = "You are a helpful assistant. ".repeat(100);
+        let mut used = HashSet::new();
+        for i in 0..64 {
+            let (key, conv) = chat(&system, &[&format!("question number {i}")]);
+            let da = a.decide(&request(&key, conv), &idle(4)).unwrap();
+            let db = b.decide(&request(&key, conv), &idle(4)).unwrap();
+            assert_eq!(da.backend, db.backend, "conversation {i}");
+            used.insert(da.backend);
+            // Later turns of the conversation stay put, on either router,
+            // even on one that never saw it.
+            let question = format!("question number {i}");
+            let (later, conv2) = chat(&system, &[&question, "an answer", "a follow-up"]);
+            let fresh = Router::new(32, 1 << 16);
+            let dl = a.decide(&request(&later, conv2), &idle(4)).unwrap();
+            let df = fresh.decide(&request(&later, conv2), &idle(4)).unwrap();
+            assert_eq!((dl.backend, dl.reason), (da.backend, Reason::PrefixMatch));
+            assert_eq!((df.backend, df.reason), (da.backend, Reason::Placed));
+        }
+        assert!(used.len() >= 3, "64 conversations used only {used:?}");
+    }
+
+    #[test]
+    fn sessions_stick() {
+        let router = Router::new(32, 1 << 16);
+        let mut first = None;
+        for i in 0..20 {
+            let key = format!("unrelated prompt {i}");
+            let d = router
+                .decide(
+                    &RouteRequest {
+                        session: Some(b"session-42"),
+                        ..request(key.as_bytes(), key.len())
+                    },
+                    &idle(4),
+                )
+                .unwrap();
+            assert_eq!(d.reason, Reason::Session);
+            assert_eq!(*first.get_or_insert(d.backend), d.backend);
+        }
+    }
+
+    #[test]
+    fn removed_backend_is_never_chosen() {
+        let router = Router::new(16, 1 << 16);
+        let all = idle(4);
+        let prompt = b"a conversation placed somewhere, then its backend leaves";
+        let d = router.decide(&request(prompt, 0), &all).unwrap();
+        let gone = all[d.backend].name;
+        router.remove_backend(gone);
+        let rest: Vec<BackendLoad> = all.iter().copied().filter(|b| b.name != gone).collect();
+        for i in 0..50 {
+            let key = format!("{}{i}", String::from_utf8_lossy(prompt));
+            for conversation in [0, key.len()] {
+                let d = router
+                    .decide(&request(key.as_bytes(), conversation), &rest)
+                    .unwrap();
+                assert_ne!(rest[d.backend].name, gone);
+            }
+        }
+        // And its old entries do not resolve even if it came back.
+        assert_eq!(
+            router
+                .index
+                .lookup(MODEL, prompt)
+                .get(index::backend_id(gone)),
+            0
+        );
+    }
+
+    #[test]
+    fn least_loaded_prefers_idle_then_rendezvous() {
+        let mut views: Vec<BackendView> =
+            NAMES[..3].iter().map(|n| BackendView::new(n, 0)).collect();
+        views[0].in_flight = 2;
+        views[1].in_flight = 1;
+        views[2].in_flight = 1;
+        let pick = least_loaded(42, &views).unwrap();
+        assert_ne!(pick, 0);
+        assert_eq!(least_loaded(42, &views), Some(pick), "deterministic");
+        assert_eq!(least_loaded(1, &[]), None);
+    }
+
+    #[test]
+    fn reasons_have_distinct_names() {
+        let names: HashSet<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), Reason::ALL.len());
+    }
+
+    proptest! {
+        /// Any prompt that extends an earlier one routes to where it went.
+        #[test]
+        fn extension_follows_its_prefix(
+            first in proptest::collection::vec(any::<u8>(), 1..200),
+            more in proptest::collection::vec(any::<u8>(), 0..200),
+            block in 1usize..=64,
+        ) {
+            let router = Router::new(block, 1 << 16);
+            let views: Vec<BackendView> = NAMES.iter().map(|n| BackendView::new(n, 0)).collect();
+            let a = router.route(MODEL, &first, &views).unwrap();
+            let extended = [first.as_slice(), &more].concat();
+            let b = router.route(MODEL, &extended, &views).unwrap();
+            prop_assert_eq!(b.backend, a.backend);
+            prop_assert!(b.matched >= first.len());
+        }
+
+        /// Placement is stable as backends come and go: a conversation moves
+        /// only when its backend leaves (rendezvous property).
+        #[test]
+        fn placement_moves_only_when_its_backend_leaves(
+            keys in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..64), 1..20),
+            leave in 0usize..4,
+        ) {
+            let all = idle(4);
+            let rest: Vec<BackendLoad> = all.iter().copied().enumerate()
+                .filter(|&(i, _)| i != leave).map(|(_, b)| b).collect();
+            for key in &keys {
+                let before = Router::new(16, 1024).decide(&request(key, key.len()), &all).unwrap();
+                let after = Router::new(16, 1024).decide(&request(key, key.len()), &rest).unwrap();
+                if before.backend != leave {
+                    prop_assert_eq!(rest[after.backend].name, all[before.backend].name);
+                }
+            }
+        }
+    }
+}
