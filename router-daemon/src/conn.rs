@@ -28,7 +28,7 @@ use crate::{
     http::{self, ChunkedDecoder, Framing, Head},
     metrics::{ReasonLabel, StatusLabel},
     prompt::{self, Endpoint},
-    route::{self, BackendView},
+    route::{BackendLoad, Decision, Reason, RouteRequest},
 };
 
 /// How long a closing connection waits for the client to stop sending.
@@ -115,7 +115,9 @@ async fn read_started_request(
 ) -> Result<Option<Request>, Failure> {
     let limits = shared.config.limits();
     let head = loop {
-        if let Some(head) = http::parse_head(&client.pending, &limits)? {
+        if let Some(head) =
+            http::parse_head(&client.pending, &limits, &shared.config.session_header)?
+        {
             break head;
         }
         if client.eof {
@@ -211,6 +213,12 @@ async fn handle(client: &mut Client, request: Request, shared: &Shared) -> Next 
         ("POST", "/v1/completions") => {
             proxy(client, &head, &body, Some(Endpoint::Completions), shared).await
         }
+        ("POST", "/v1/embeddings") => {
+            proxy(client, &head, &body, Some(Endpoint::Embeddings), shared).await
+        }
+        ("POST", "/v1/responses") => {
+            proxy(client, &head, &body, Some(Endpoint::Responses), shared).await
+        }
         ("POST", "/v1/chat/completions") => {
             proxy(
                 client,
@@ -261,33 +269,54 @@ async fn proxy(
         .clone()
         .unwrap_or_else(|| format!("rtr-{}", shared.next_id.fetch_add(1, Ordering::Relaxed)));
     let backends = shared.backends.all();
-    let views: Vec<BackendView> = backends
-        .iter()
-        .map(|backend| BackendView {
-            name: &backend.url,
-            in_flight: backend.in_flight(),
-        })
-        .collect();
-
-    let (model, decision) = match endpoint {
+    let (model, candidates, decision) = match endpoint {
         Some(endpoint) => {
             let input = prompt::extract(endpoint, body)
                 .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))?;
-            let model = input.model.as_deref().unwrap_or_default().to_owned();
-            let decision = shared.router.route(model.as_bytes(), &input.key, &views);
-            (model, decision)
+            // Only backends serving the model: 404 when none does, 400 when
+            // the model is left out of a fleet serving several.
+            let candidates = shared
+                .backends
+                .candidates(input.model.as_deref())
+                .map_err(ApiError::from)?;
+            let loads = loads(backends, &candidates);
+            let model = input.model.as_deref().unwrap_or_default();
+            let request = RouteRequest {
+                model: model.as_bytes(),
+                key: &input.key,
+                conversation: input.conversation,
+                session: head.session.as_deref(),
+            };
+            let decision = shared.router.decide(&request, &loads).and_then(|decision| {
+                Some(Decision {
+                    backend: *candidates.get(decision.backend)?,
+                    ..decision
+                })
+            });
+            (model.to_owned(), candidates, decision)
         }
         None => {
-            let pick = route::least_loaded(0, &views).map(|backend| route::Decision {
-                backend,
-                matched: 0,
-                reason: route::Reason::LeastLoaded,
-            });
-            (String::new(), pick)
+            // No prompt (`GET /v1/models`, …): the least-loaded backend up.
+            let mut candidates: Vec<usize> = (0..backends.len())
+                .filter(|&index| backends[index].is_up())
+                .collect();
+            if candidates.is_empty() {
+                candidates = (0..backends.len()).collect();
+            }
+            let decision = candidates
+                .iter()
+                .copied()
+                .min_by_key(|&index| load_of(&backends[index]))
+                .map(|backend| Decision {
+                    backend,
+                    matched: 0,
+                    reason: Reason::LeastLoaded,
+                });
+            (String::new(), candidates, decision)
         }
     };
     let decision = decision.ok_or_else(|| ApiError::unavailable("no backends configured"))?;
-    let (index, backend, conn) = acquire(decision.backend, &views, shared).await?;
+    let (index, backend, conn) = acquire(decision.backend, &candidates, shared).await?;
     info!(
         request_id = %request_id,
         model = if model.is_empty() { "-" } else { model.as_str() },
@@ -446,6 +475,26 @@ fn io_error(message: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::ConnectionRefused, message)
 }
 
+/// A backend's load as routing sees it: requests in flight from this router
+/// plus requests its engine reported waiting.
+fn load_of(backend: &Backend) -> usize {
+    backend
+        .in_flight()
+        .saturating_add(usize::try_from(backend.waiting()).unwrap_or(usize::MAX))
+}
+
+/// What routing sees of the `candidates`, in their order.
+fn loads<'a>(backends: &'a [Arc<Backend>], candidates: &[usize]) -> Vec<BackendLoad<'a>> {
+    candidates
+        .iter()
+        .filter_map(|&index| backends.get(index))
+        .map(|backend| {
+            BackendLoad::new(&backend.url, backend.in_flight())
+                .with_waiting(usize::try_from(backend.waiting()).unwrap_or(usize::MAX))
+        })
+        .collect()
+}
+
 /// A backend connection, and whether it came from the pool.
 struct Pooled {
     conn: BackendConn,
@@ -457,11 +506,16 @@ struct Pooled {
 /// left the router yet, so moving on is safe).
 async fn acquire<'a>(
     first: usize,
-    views: &[BackendView<'_>],
+    candidates: &[usize],
     shared: &'a Shared,
 ) -> Result<(usize, &'a Arc<Backend>, Pooled), ApiError> {
-    let mut order: Vec<usize> = (0..views.len()).filter(|&index| index != first).collect();
-    order.sort_by_key(|&index| views[index].in_flight);
+    let backends = shared.backends.all();
+    let mut order: Vec<usize> = candidates
+        .iter()
+        .copied()
+        .filter(|&index| index != first)
+        .collect();
+    order.sort_by_key(|&index| backends.get(index).map_or(usize::MAX, |b| load_of(b)));
     order.insert(0, first);
     let mut last_error = String::from("no backends configured");
     for index in order {

@@ -55,6 +55,8 @@ pub struct Head {
     pub close: bool,
     /// The client's `x-request-id`, if it sent one.
     pub request_id: Option<String>,
+    /// The value of the session header (`--session-header`), if present.
+    pub session: Option<Vec<u8>>,
     /// The head to send to the backend, unfinished: the request line and the
     /// end-to-end headers. Hop-by-hop and framing headers are left out; the
     /// sender adds `content-length` and the blank line.
@@ -83,11 +85,16 @@ const NOT_FORWARDED: [&str; 8] = [
     "transfer-encoding",
 ];
 
-/// Parses the request head at the start of `buf`.
+/// Parses the request head at the start of `buf`; `session_header` names
+/// the header whose value is kept as [`Head::session`].
 ///
 /// Returns `Ok(None)` when more bytes are needed, and an [`ApiError`] (4xx)
 /// for a head that is malformed or over a limit.
-pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError> {
+pub fn parse_head(
+    buf: &[u8],
+    limits: &Limits,
+    session_header: &str,
+) -> Result<Option<Head>, ApiError> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut storage[..limits.max_headers.min(MAX_HEADERS)]);
     let head_len = match request.parse(buf) {
@@ -134,6 +141,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
     let mut chunked = false;
     let mut expect_continue = false;
     let mut request_id = None;
+    let mut session = None;
     // Headers named in `Connection` are hop-by-hop too.
     let mut connection_named: Vec<String> = Vec::new();
     for header in request.headers.iter() {
@@ -168,6 +176,8 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
             );
         } else if name.eq_ignore_ascii_case("x-request-id") {
             request_id = std::str::from_utf8(header.value).ok().map(str::to_owned);
+        } else if name.eq_ignore_ascii_case(session_header) && !header.value.is_empty() {
+            session = Some(header.value.to_vec());
         }
     }
     let close = if minor == 0 {
@@ -220,6 +230,7 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, ApiError>
         expect_continue,
         close,
         request_id,
+        session,
         forward_head,
     }))
 }
@@ -347,11 +358,15 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 mod tests {
     use super::*;
 
+    const SESSION: &str = "x-session-id";
+
     const TUTORIAL: &[u8] = b"POST /v1/completions HTTP/1.1\r\nHost: localhost:30080\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
 
     #[test]
     fn parses_the_tutorial_request() {
-        let head = parse_head(TUTORIAL, &Limits::default()).unwrap().unwrap();
+        let head = parse_head(TUTORIAL, &Limits::default(), SESSION)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.method, "POST");
         assert_eq!(head.path, "/v1/completions");
         assert_eq!(head.body, Framing::Length(2));
@@ -364,19 +379,19 @@ mod tests {
 
     #[test]
     fn every_split_point_is_partial_until_the_head_is_complete() {
-        let head_len = parse_head(TUTORIAL, &Limits::default())
+        let head_len = parse_head(TUTORIAL, &Limits::default(), SESSION)
             .unwrap()
             .unwrap()
             .head_len;
         for split in 0..head_len {
             assert_eq!(
-                parse_head(&TUTORIAL[..split], &Limits::default()).unwrap(),
+                parse_head(&TUTORIAL[..split], &Limits::default(), SESSION).unwrap(),
                 None,
                 "split at {split}"
             );
         }
         for split in head_len..=TUTORIAL.len() {
-            let head = parse_head(&TUTORIAL[..split], &Limits::default()).unwrap();
+            let head = parse_head(&TUTORIAL[..split], &Limits::default(), SESSION).unwrap();
             assert_eq!(head.unwrap().head_len, head_len, "split at {split}");
         }
     }
@@ -384,7 +399,9 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_replaced() {
         let raw = b"POST /v1/completions?x=1 HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n";
-        let head = parse_head(raw, &Limits::default()).unwrap().unwrap();
+        let head = parse_head(raw, &Limits::default(), SESSION)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.path, "/v1/completions");
         assert!(head.expect_continue);
         let forward = String::from_utf8(head.forward_head).unwrap();
@@ -392,8 +409,31 @@ mod tests {
     }
 
     #[test]
+    fn session_header_is_kept_and_forwarded() {
+        let raw = b"POST / HTTP/1.1\r\nX-Session-Id: user-42\r\nContent-Length: 0\r\n\r\n";
+        let head = parse_head(raw, &Limits::default(), SESSION)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.session.as_deref(), Some(b"user-42".as_slice()));
+        assert!(
+            String::from_utf8(head.forward_head)
+                .unwrap()
+                .contains("X-Session-Id: user-42")
+        );
+        let other = parse_head(raw, &Limits::default(), "x-user")
+            .unwrap()
+            .unwrap();
+        assert_eq!(other.session, None);
+    }
+
+    #[test]
     fn connection_close_follows_the_version_rules() {
-        let close = |raw: &[u8]| parse_head(raw, &Limits::default()).unwrap().unwrap().close;
+        let close = |raw: &[u8]| {
+            parse_head(raw, &Limits::default(), SESSION)
+                .unwrap()
+                .unwrap()
+                .close
+        };
         assert!(close(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
         assert!(!close(b"GET / HTTP/1.1\r\n\r\n"));
         assert!(close(b"GET / HTTP/1.0\r\n\r\n"));
@@ -408,21 +448,32 @@ mod tests {
             max_body: 10,
         };
         let long = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 100]].concat();
-        assert_eq!(parse_head(&long, &limits).unwrap_err().status, 431);
+        assert_eq!(parse_head(&long, &limits, SESSION).unwrap_err().status, 431);
         let many = b"GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\n\r\n";
-        assert_eq!(parse_head(many, &limits).unwrap_err().status, 431);
+        assert_eq!(parse_head(many, &limits, SESSION).unwrap_err().status, 431);
         let big = b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n";
-        assert_eq!(parse_head(big, &limits).unwrap_err().status, 413);
+        assert_eq!(parse_head(big, &limits, SESSION).unwrap_err().status, 413);
         let bad_len = b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
-        assert_eq!(parse_head(bad_len, &limits).unwrap_err().status, 400);
+        assert_eq!(
+            parse_head(bad_len, &limits, SESSION).unwrap_err().status,
+            400
+        );
         let conflict = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
-        assert_eq!(parse_head(conflict, &limits).unwrap_err().status, 400);
+        assert_eq!(
+            parse_head(conflict, &limits, SESSION).unwrap_err().status,
+            400
+        );
         let garbage = b"\x16\x03\x01\x00 not http\r\n\r\n";
-        assert_eq!(parse_head(garbage, &limits).unwrap_err().status, 400);
+        assert_eq!(
+            parse_head(garbage, &limits, SESSION).unwrap_err().status,
+            400
+        );
         let gzip = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
-        assert_eq!(parse_head(gzip, &limits).unwrap_err().status, 501);
+        assert_eq!(parse_head(gzip, &limits, SESSION).unwrap_err().status, 501);
         let both = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
-        let status = parse_head(both, &Limits::default()).unwrap_err().status;
+        let status = parse_head(both, &Limits::default(), SESSION)
+            .unwrap_err()
+            .status;
         assert_eq!(status, 400);
     }
 

@@ -673,6 +673,11 @@ impl Relay {
 
     /// Sockmap: publish the framing, let the kernel redirect the body, and
     /// finish what it passes up (hand-over steps 6 to 9 in `sockmap.rs`).
+    ///
+    /// Bytes passed up are drained to EAGAIN before each publication: the
+    /// program adopts a hand-over only if nothing arrived between the
+    /// daemon's last read and the publication, so that window is one
+    /// syscall, not a write to the client.
     async fn sockmap_body(
         &mut self,
         client: &mut Client,
@@ -683,20 +688,31 @@ impl Relay {
     ) -> Result<(), RelayError> {
         // The generation published and not yet seen stopped by the kernel.
         let mut published = None;
+        let mut stale = true;
         while !tracker.is_done() {
-            if let Some(framing) = tracker.to_kernel() {
-                backend.generation += 1;
-                backend.slot()?.publish(Control {
-                    client_cookie,
-                    generation: backend.generation,
-                    fence: backend.read,
-                    framing,
-                })?;
-                published = Some(backend.generation);
-            }
             buf.clear();
             buf.reserve(COPY_BUFFER);
-            let n = self.read(client, backend, buf).await?;
+            let n = match backend.stream.try_read_buf(buf) {
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    if stale && let Some(framing) = tracker.to_kernel() {
+                        backend.generation += 1;
+                        backend.slot()?.publish(Control {
+                            client_cookie,
+                            generation: backend.generation,
+                            fence: backend.read,
+                            framing,
+                        })?;
+                        published = Some(backend.generation);
+                    }
+                    stale = false;
+                    self.backend_readable(client, backend).await?;
+                    continue;
+                }
+                Err(err) => return Err(self.backend_error(err)),
+            };
+            backend.read += n as u64;
+            stale = true;
             // What the kernel did before these bytes were passed up.
             let progress = backend.slot()?.progress()?;
             let spliced = progress.spliced - backend.spliced_seen;
