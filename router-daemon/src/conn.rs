@@ -349,7 +349,6 @@ async fn proxy(
         client_close: head.close,
     };
 
-    let _in_flight = backend.start_request();
     let result = send(client, index, conn, &forward, shared).await;
     let relayed = match &result {
         Ok(exchanged) => Some(exchanged.relayed),
@@ -432,9 +431,10 @@ async fn send(
     shared: &Shared,
 ) -> Result<Exchanged, RelayError> {
     loop {
+        let in_flight = shared.backends.get(index).map(Backend::start_request);
         let result = shared
             .dataplane
-            .exchange(client, &mut conn.conn, forward)
+            .exchange(client, &mut conn.conn, forward, in_flight)
             .await;
         match result {
             Err(RelayError::NoResponse(err) | RelayError::BackendWrite(err)) if conn.reused => {

@@ -321,27 +321,36 @@ impl Dataplane {
     /// Sends `forward.request` on `backend` and relays the response to
     /// `client`, up to the end of its body.
     ///
+    /// `in_flight` is held while the response is in flight and dropped once
+    /// the backend has sent its last byte, before that byte reaches the
+    /// client: a client that sends its next request as soon as it has the
+    /// answer never finds the previous one still counted.
+    ///
     /// On return every relayed byte has been handed to the client socket, so
     /// the caller may write to it or close it.
-    pub async fn exchange(
+    pub async fn exchange<G: Send>(
         &self,
         client: &mut Client,
         backend: &mut BackendConn,
         forward: &Forward<'_>,
+        in_flight: G,
     ) -> Result<Exchanged, RelayError> {
         let mut buf = std::mem::take(&mut client.buffer);
-        let result = self.exchange_with(client, backend, forward, &mut buf).await;
+        let result = self
+            .exchange_with(client, backend, forward, &mut buf, in_flight)
+            .await;
         buf.clear();
         client.buffer = buf;
         result
     }
 
-    async fn exchange_with(
+    async fn exchange_with<G: Send>(
         &self,
         client: &mut Client,
         backend: &mut BackendConn,
         forward: &Forward<'_>,
         buf: &mut Vec<u8>,
+        in_flight: G,
     ) -> Result<Exchanged, RelayError> {
         backend
             .stream
@@ -352,6 +361,7 @@ impl Dataplane {
         let mut relay = Relay {
             relayed: Relayed::default(),
             reusable: true,
+            in_flight: Some(in_flight),
         };
         if client.eof {
             relay.half_close(backend);
@@ -400,6 +410,7 @@ impl Dataplane {
             // Bytes past the end of the response: the backend is out of step.
             relay.reusable = false;
         }
+        relay.ended_if(&tracker);
         if forward.client_close && !head.says_close {
             // The client is told the connection ends, as it asked.
             let blank = head.len - 2;
@@ -450,13 +461,22 @@ impl Dataplane {
 }
 
 /// The state of one response on its way.
-struct Relay {
+struct Relay<G> {
     relayed: Relayed,
     /// The backend connection can carry another request afterwards.
     reusable: bool,
+    /// Held until the backend has sent the whole response.
+    in_flight: Option<G>,
 }
 
-impl Relay {
+impl<G: Send> Relay<G> {
+    /// Releases the in-flight hold once the body has ended.
+    fn ended_if(&mut self, tracker: &BodyTracker) {
+        if tracker.is_done() {
+            self.in_flight = None;
+        }
+    }
+
     fn backend_error(&self, source: io::Error) -> RelayError {
         RelayError::Backend {
             relayed: self.relayed,
@@ -475,6 +495,7 @@ impl Relay {
     /// body is delimited by close.
     fn end_of_stream(&mut self, tracker: &BodyTracker) -> Result<(), RelayError> {
         self.reusable = false;
+        self.in_flight = None;
         if tracker.until_close() {
             Ok(())
         } else {
@@ -555,6 +576,7 @@ impl Relay {
         let used = tracker
             .advance(bytes)
             .map_err(|source| self.bad_response(source))?;
+        self.ended_if(tracker);
         client.write(&bytes[..used]).await?;
         self.relayed.copied += used as u64;
         if used < bytes.len() {
@@ -651,6 +673,11 @@ impl Relay {
                         backend.read += n as u64;
                         if !looked {
                             tracker.skip(n as u64);
+                        }
+                        // Peeked bytes were framed already: the body has
+                        // ended only once the last of them has moved.
+                        if !looked || left == n as u64 {
+                            self.ended_if(&tracker);
                         }
                         client.drain_pipe(pipe, n).await?;
                         self.relayed.piped += n as u64;

@@ -1,0 +1,180 @@
+//! Routing through a running daemon: only backends serving the requested
+//! model are chosen, a session header sticks, and several router replicas
+//! with no shared state keep multi-turn conversations on the backends that
+//! cache them almost as well as one router does.
+//!
+//! Routing does not depend on the dataplane, so these run on userspace.
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
+
+use integration_tests::{Stopper, get, metric, post_json, start_router, start_sim};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use router_daemon::Dataplane;
+use serde_json::{Value, json};
+
+const MODEL: &str = "meta-llama/Llama-3.2-1B-Instruct";
+
+/// Starts `n` test sims; returns their URLs and stoppers.
+async fn sims(n: usize) -> (Vec<String>, Vec<Stopper>) {
+    let mut urls = Vec::new();
+    let mut stops = Vec::new();
+    for i in 0..n {
+        let (addr, stop) = start_sim(vllm_sim::Config::for_tests(&format!("sim-{i}"))).await;
+        urls.push(format!("http://{addr}"));
+        stops.push(stop);
+    }
+    (urls, stops)
+}
+
+/// Waits (bounded) until the router has learned every backend's models.
+async fn discovered(router: SocketAddr, backends: &[String]) {
+    for _ in 0..100 {
+        let metrics = get(router, "/metrics").await.text();
+        let known = backends.iter().all(|url| {
+            metric(
+                &metrics,
+                &format!("router_backend_models{{backend=\"{url}\",model=\"{MODEL}\"}}"),
+            ) == Some(1.0)
+        });
+        if known {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the router never learned the backends' models");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_model_is_a_404_naming_the_served_ones() {
+    let (urls, _sims) = sims(2).await;
+    let (router, _stop) = start_router(urls.clone(), Dataplane::userspace()).await;
+    discovered(router, &urls).await;
+
+    let response = post_json(
+        router,
+        "/v1/completions",
+        &json!({"model": "no-such-model", "prompt": "hello", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(response.status, 404, "{}", response.text());
+    let error = response.json();
+    assert_eq!(error["error"]["code"], 404);
+    let message = error["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("no-such-model") && message.contains(MODEL),
+        "{message}"
+    );
+
+    // Without `model`, the fleet's only model serves it.
+    let response = post_json(
+        router,
+        "/v1/completions",
+        &json!({"prompt": "hello", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_header_keeps_unrelated_prompts_on_one_backend() {
+    let (urls, _sims) = sims(4).await;
+    let (router, _stop) = start_router(urls.clone(), Dataplane::userspace()).await;
+    discovered(router, &urls).await;
+    for session in ["alice", "bob", "carol"] {
+        let mut served = HashSet::new();
+        for i in 0..12 {
+            let body = json!({"model": MODEL, "prompt": format!("unrelated prompt {i} for {session}"), "max_tokens": 4}).to_string();
+            let raw = format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: r\r\nx-session-id: {session}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let response = integration_tests::exchange_raw(router, raw).await;
+            assert_eq!(response.status, 200, "{}", response.text());
+            served.insert(
+                response
+                    .header("x-served-by")
+                    .expect("x-served-by")
+                    .to_owned(),
+            );
+        }
+        assert_eq!(served.len(), 1, "session {session} moved: {served:?}");
+    }
+}
+
+/// One multi-turn chat workload in the shape of vLLM's multi-turn benchmark:
+/// a system prompt shared by every conversation, a first user message of
+/// its own per conversation, then turns that resend the whole history.
+/// Each request goes to a router picked at random (seeded). Returns the
+/// share of prompt tokens served from the sims' prefix caches.
+async fn multi_turn_hit_rate(routers: &[SocketAddr], seed: u64) -> f64 {
+    const CONVERSATIONS: usize = 16;
+    const TURNS: usize = 6;
+    let system = "You are a careful assistant for a logistics company. Answer in short, \
+                  precise sentences, cite the relevant policy section, and never invent \
+                  shipment numbers. Keep a friendly tone and ask for missing details.";
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut histories: Vec<Vec<Value>> = (0..CONVERSATIONS)
+        .map(|c| {
+            vec![
+                json!({"role": "system", "content": system}),
+                json!({"role": "user", "content": format!("Customer {c} here: my parcel to warehouse {c} is late; what are my options under the delay policy?")}),
+            ]
+        })
+        .collect();
+    let (mut prompt_tokens, mut cached_tokens) = (0u64, 0u64);
+    for turn in 0..TURNS {
+        for (c, history) in histories.iter_mut().enumerate() {
+            let router = routers[rng.random_range(0..routers.len())];
+            let response = post_json(
+                router,
+                "/v1/chat/completions",
+                &json!({"model": MODEL, "messages": history, "max_tokens": 24}),
+            )
+            .await;
+            assert_eq!(response.status, 200, "{}", response.text());
+            let answer = response.json();
+            let usage = &answer["usage"];
+            prompt_tokens += usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+            cached_tokens += usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0);
+            let content = answer["choices"][0]["message"]["content"]
+                .as_str()
+                .expect("content")
+                .to_owned();
+            history.push(json!({"role": "assistant", "content": content}));
+            history.push(json!({"role": "user", "content": format!("Turn {turn} of conversation {c}: and what if it is still late tomorrow?")}));
+        }
+    }
+    cached_tokens as f64 / prompt_tokens as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_conversations_on_their_cache() {
+    // One router in front of its own fresh sims: the reference.
+    let (urls, _sims_one) = sims(4).await;
+    let (one, _stop_one) = start_router(urls.clone(), Dataplane::userspace()).await;
+    discovered(one, &urls).await;
+    let single = multi_turn_hit_rate(&[one], 7).await;
+
+    // Three routers, no shared state, over another set of fresh sims.
+    let (urls, _sims_three) = sims(4).await;
+    let mut routers = Vec::new();
+    let mut stops = Vec::new();
+    for _ in 0..3 {
+        let (router, stop) = start_router(urls.clone(), Dataplane::userspace()).await;
+        discovered(router, &urls).await;
+        routers.push(router);
+        stops.push(stop);
+    }
+    let replicas = multi_turn_hit_rate(&routers, 7).await;
+
+    assert!(
+        single > 0.5,
+        "one router reached only {single:.3} of prompt tokens cached"
+    );
+    assert!(
+        replicas >= 0.9 * single,
+        "three replicas reached {replicas:.3} cached against {single:.3} for one router"
+    );
+    eprintln!("multi-turn cached share: one router {single:.3}, three replicas {replicas:.3}");
+}
