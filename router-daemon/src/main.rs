@@ -2,10 +2,7 @@
 //! serves until SIGINT or SIGTERM.
 use anyhow::Context as _;
 use clap::Parser as _;
-use router_daemon::{
-    Config, Dataplane,
-    dataplane::{Mode, Requested},
-};
+use router_daemon::{Config, Dataplane};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -16,12 +13,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = Config::parse();
     let (dataplane, why) = Dataplane::select(config.dataplane).context("dataplane")?;
-    let mode = dataplane.mode();
-    if config.dataplane == Requested::Auto && mode == Mode::Userspace {
-        tracing::warn!(mode = mode.as_str(), "dataplane: {why}");
-    } else {
-        tracing::info!(mode = mode.as_str(), "dataplane: {why}");
-    }
+    tracing::info!(mode = dataplane.mode().as_str(), "dataplane: {why}");
     let listener = router_daemon::listener(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
