@@ -19,11 +19,6 @@
 //! ([`index::backend_id`]), so the order of the `backends` slice may change
 //! between calls, and a backend missing from it is simply never chosen.
 //! [`Router::remove_backend`] also drops what the index holds for it.
-//!
-//! # Migration
-//! [`Router::route`], [`least_loaded`] and the two-field [`BackendView`] are
-//! the previous API, kept as thin wrappers until `conn` moves to
-//! [`Router::decide`] with [`RouteRequest`] and [`BackendLoad`].
 pub mod index;
 pub mod policy;
 
@@ -139,29 +134,6 @@ impl<'a> BackendLoad<'a> {
     }
 }
 
-/// The previous two-field view, kept while `conn` builds it by struct
-/// literal; new code uses [`BackendLoad`].
-#[derive(Clone, Copy, Debug)]
-pub struct BackendView<'a> {
-    /// Stable name, for rendezvous hashing.
-    pub name: &'a str,
-    /// Requests in flight.
-    pub in_flight: usize,
-}
-
-impl<'a> BackendView<'a> {
-    /// A view of `name` with `in_flight` requests.
-    pub fn new(name: &'a str, in_flight: usize) -> Self {
-        Self { name, in_flight }
-    }
-}
-
-impl<'a> From<BackendView<'a>> for BackendLoad<'a> {
-    fn from(view: BackendView<'a>) -> Self {
-        BackendLoad::new(view.name, view.in_flight)
-    }
-}
-
 /// The routing policy and its state; shared by every connection.
 #[derive(Debug)]
 pub struct Router {
@@ -221,19 +193,6 @@ impl Router {
         Some(decision)
     }
 
-    /// The previous API: [`decide`](Self::decide) with the conversation
-    /// unknown and no session.
-    pub fn route(&self, model: &[u8], key: &[u8], backends: &[BackendView]) -> Option<Decision> {
-        let loads: Vec<BackendLoad> = backends.iter().copied().map(BackendLoad::from).collect();
-        let request = RouteRequest {
-            model,
-            key,
-            conversation: 0,
-            session: None,
-        };
-        self.decide(&request, &loads)
-    }
-
     /// Forgets everything the index holds for the backend called `name`
     /// (O(index entries); for a backend leaving the fleet).
     pub fn remove_backend(&self, name: &str) {
@@ -246,19 +205,6 @@ impl Router {
     }
 }
 
-/// The backend with the fewest requests in flight; among equals, the one with
-/// the highest rendezvous score for `key_hash`.
-pub fn least_loaded(key_hash: u64, backends: &[BackendView]) -> Option<usize> {
-    backends
-        .iter()
-        .enumerate()
-        .min_by_key(|(_, backend)| {
-            let score = policy::rendezvous(backend.name, key_hash);
-            (backend.in_flight, std::cmp::Reverse(score))
-        })
-        .map(|(index, _)| index)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
@@ -267,6 +213,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A decision with the conversation unknown and no session.
+    fn route(
+        router: &Router,
+        model: &[u8],
+        key: &[u8],
+        backends: &[BackendLoad],
+    ) -> Option<Decision> {
+        let request = RouteRequest {
+            model,
+            key,
+            conversation: 0,
+            session: None,
+        };
+        router.decide(&request, backends)
+    }
 
     const MODEL: &[u8] = b"meta-llama/Llama-3.2-1B-Instruct";
     const NAMES: [&str; 4] = ["http://a:1", "http://b:1", "http://c:1", "http://d:1"];
@@ -304,18 +266,16 @@ mod tests {
     #[test]
     fn tutorial_second_prompt_follows_the_first() {
         let router = Router::new(16, 1 << 16);
-        let views: Vec<BackendView> = NAMES[..2].iter().map(|n| BackendView::new(n, 0)).collect();
-        let first = router
-            .route(MODEL, b"What is the capital of France?", &views)
-            .unwrap();
+        let views: Vec<BackendLoad> = NAMES[..2].iter().map(|n| BackendLoad::new(n, 0)).collect();
+        let first = route(&router, MODEL, b"What is the capital of France?", &views).unwrap();
         assert_eq!(first.reason, Reason::Placed);
-        let second = router
-            .route(
-                MODEL,
-                b"What is the capital of France? And what is its population?",
-                &views,
-            )
-            .unwrap();
+        let second = route(
+            &router,
+            MODEL,
+            b"What is the capital of France? And what is its population?",
+            &views,
+        )
+        .unwrap();
         assert_eq!(second.backend, first.backend);
         assert_eq!(second.reason, Reason::PrefixMatch);
         assert_eq!(second.matched, 30);
@@ -465,19 +425,6 @@ mod tests {
     }
 
     #[test]
-    fn least_loaded_prefers_idle_then_rendezvous() {
-        let mut views: Vec<BackendView> =
-            NAMES[..3].iter().map(|n| BackendView::new(n, 0)).collect();
-        views[0].in_flight = 2;
-        views[1].in_flight = 1;
-        views[2].in_flight = 1;
-        let pick = least_loaded(42, &views).unwrap();
-        assert_ne!(pick, 0);
-        assert_eq!(least_loaded(42, &views), Some(pick), "deterministic");
-        assert_eq!(least_loaded(1, &[]), None);
-    }
-
-    #[test]
     fn reasons_have_distinct_names() {
         let names: HashSet<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), Reason::ALL.len());
@@ -492,10 +439,10 @@ mod tests {
             block in 1usize..=64,
         ) {
             let router = Router::new(block, 1 << 16);
-            let views: Vec<BackendView> = NAMES.iter().map(|n| BackendView::new(n, 0)).collect();
-            let a = router.route(MODEL, &first, &views).unwrap();
+            let views: Vec<BackendLoad> = NAMES.iter().map(|n| BackendLoad::new(n, 0)).collect();
+            let a = route(&router, MODEL, &first, &views).unwrap();
             let extended = [first.as_slice(), &more].concat();
-            let b = router.route(MODEL, &extended, &views).unwrap();
+            let b = route(&router, MODEL, &extended, &views).unwrap();
             prop_assert_eq!(b.backend, a.backend);
             prop_assert!(b.matched >= first.len());
         }
