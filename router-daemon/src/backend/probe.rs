@@ -6,7 +6,8 @@
 //! times a second at most, so it favours simplicity (a fresh connection per
 //! GET, `connection: close`, serde_json) over speed. Every read is bounded:
 //! connect and whole-exchange timeouts, at most [`MAX_RESPONSE_BYTES`] of
-//! response, at most [`MAX_HEADERS`] header fields.
+//! response; heads and their framing are read by [`crate::response`], as on
+//! the request path.
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
@@ -14,14 +15,14 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::http::{ChunkedDecoder, Limits};
+use crate::{
+    http::{ChunkedDecoder, Limits},
+    response::{self, BodyFraming},
+};
 
 /// Largest response (head and body) a probe reads; vLLM's `/metrics` is
 /// tens of kilobytes, its `/v1/models` far less.
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
-
-/// Most header fields accepted in a probe response.
-pub const MAX_HEADERS: usize = 64;
 
 /// The vLLM gauge counting requests queued for the engine.
 pub const WAITING_METRIC: &str = "vllm:num_requests_waiting";
@@ -140,26 +141,20 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<bool, Pr
 pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, ProbeError> {
     let mut at = 0;
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut head = httparse::Response::new(&mut headers);
-        let head_len = match head.parse(&buf[at..]) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
+        let head = match response::parse_head(&buf[at..], false) {
+            Ok(Some(head)) => head,
+            Ok(None) => return Ok(None),
             Err(err) => return Err(ProbeError::Malformed(err.to_string())),
         };
-        let status = head
-            .code
-            .ok_or_else(|| ProbeError::Malformed("no status code".into()))?;
-        let body = &buf[at + head_len..];
         // An interim response (100 Continue and friends) precedes the real one.
-        if (100..200).contains(&status) {
-            at += head_len;
+        if head.interim {
+            at += head.len;
             continue;
         }
-        let framing = framing(head.headers)?;
-        let body = match framing {
-            _ if status == 204 || status == 304 => Some(Vec::new()),
-            Framing::Chunked => {
+        let body = &buf[at + head.len..];
+        let body = match head.body {
+            BodyFraming::Empty => Some(Vec::new()),
+            BodyFraming::Chunked => {
                 let limits = Limits {
                     max_body: MAX_RESPONSE_BYTES,
                     ..Limits::default()
@@ -171,45 +166,17 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, ProbeEr
                     Err(err) => return Err(ProbeError::Malformed(err.message)),
                 }
             }
-            Framing::Length(len) if len > MAX_RESPONSE_BYTES => return Err(ProbeError::TooLarge),
-            Framing::Length(len) => body.get(..len).map(<[u8]>::to_vec),
-            Framing::UntilClose => eof.then(|| body.to_vec()),
+            BodyFraming::Length(len) => match usize::try_from(len) {
+                Ok(len) if len <= MAX_RESPONSE_BYTES => body.get(..len).map(<[u8]>::to_vec),
+                _ => return Err(ProbeError::TooLarge),
+            },
+            BodyFraming::UntilClose => eof.then(|| body.to_vec()),
         };
-        return Ok(body.map(|body| Response { status, body }));
+        return Ok(body.map(|body| Response {
+            status: head.status,
+            body,
+        }));
     }
-}
-
-/// How a response body is delimited.
-enum Framing {
-    Chunked,
-    Length(usize),
-    UntilClose,
-}
-
-fn framing(headers: &[httparse::Header<'_>]) -> Result<Framing, ProbeError> {
-    let mut length = None;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            let chunked = header
-                .value
-                .split(|&b| b == b',')
-                .next_back()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            if chunked {
-                return Ok(Framing::Chunked);
-            }
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value)
-                .ok()
-                .and_then(|text| text.trim().parse::<usize>().ok())
-                .ok_or_else(|| ProbeError::Malformed("invalid content-length".into()))?;
-            if length.is_some_and(|seen| seen != value) {
-                return Err(ProbeError::Malformed("conflicting content-length".into()));
-            }
-            length = Some(value);
-        }
-    }
-    Ok(length.map_or(Framing::UntilClose, Framing::Length))
 }
 
 /// The model ids in an OpenAI `/v1/models` body, sorted and deduplicated.
