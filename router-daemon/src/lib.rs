@@ -72,7 +72,7 @@ pub enum RunError {
 struct Shared {
     config: Config,
     backends: Backends,
-    router: Router,
+    router: Arc<Router>,
     dataplane: Arc<Dataplane>,
     pool: Pool,
     metrics: Metrics,
@@ -96,17 +96,19 @@ pub async fn run(
     let dataplane = Arc::new(dataplane);
     let mut metrics = Metrics::new(Arc::clone(&dataplane));
     metrics.register_backends(backends.all());
+    let router = Arc::new(Router::with_policy(
+        usize::from(config.block_bytes),
+        config.index_entries,
+        config.policy(),
+    ));
+    metrics.register_index(Arc::clone(&router));
     let backend_counters = backends
         .all()
         .iter()
         .map(|backend| metrics.backend_counters(&backend.url))
         .collect();
     let shared = Arc::new(Shared {
-        router: Router::with_policy(
-            usize::from(config.block_bytes),
-            config.index_entries,
-            config.policy(),
-        ),
+        router,
         pool: Pool::new(
             backends.all().len(),
             config.pool_max_idle,
@@ -120,6 +122,13 @@ pub async fn run(
         next_id: AtomicU64::new(1),
     });
     tokio::spawn(reap_idle(Arc::downgrade(&shared)));
+    let discovery_interval = shared.config.discovery().interval;
+    if !discovery_interval.is_zero() {
+        tokio::spawn(forget_down_backends(
+            Arc::downgrade(&shared),
+            discovery_interval,
+        ));
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -150,6 +159,30 @@ async fn reap_idle(shared: std::sync::Weak<Shared>) {
         match shared.upgrade() {
             Some(shared) => shared.pool.reap(),
             None => return,
+        }
+    }
+}
+
+/// Drops what the prefix index holds for a backend when discovery marks it
+/// down: its cache is likely gone (a restart), and the index's bounded
+/// memory is better spent on live backends. Checks once per discovery
+/// interval, for as long as the daemon's state lives.
+async fn forget_down_backends(shared: std::sync::Weak<Shared>, interval: std::time::Duration) {
+    let mut was_up: Vec<bool> = Vec::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let backends = shared.backends.all();
+        was_up.resize(backends.len(), true);
+        for (backend, was_up) in backends.iter().zip(was_up.iter_mut()) {
+            let up = backend.is_up();
+            if *was_up && !up {
+                shared.router.remove_backend(&backend.url);
+                tracing::info!(backend = %backend.url, "backend down; its prefix index entries are dropped");
+            }
+            *was_up = up;
         }
     }
 }

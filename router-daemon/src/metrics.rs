@@ -20,7 +20,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{backend::Backend, dataplane::Dataplane};
+use crate::{backend::Backend, dataplane::Dataplane, route::Router};
 
 /// Label set naming a backend.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -163,8 +163,15 @@ impl Metrics {
         }
     }
 
-    /// Adds the per-backend gauges (`router_backend_up`, `_waiting`,
-    /// `_running`, `_models`), read from `backends` at scrape time.
+    /// Adds `router_prefix_index_entries`, read from `router` at scrape time.
+    pub fn register_index(&mut self, router: Arc<Router>) {
+        self.registry
+            .register_collector(Box::new(IndexEntries(router)));
+    }
+
+    /// Adds the per-backend gauges (`router_backend_in_flight`, `_up`,
+    /// `_waiting`, `_running`, `_models`), read from `backends` at scrape
+    /// time.
     pub fn register_backends(&mut self, backends: &[Arc<Backend>]) {
         self.registry
             .register_collector(Box::new(BackendGauges(backends.to_vec())));
@@ -187,6 +194,23 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("invariant: writing to a String cannot fail");
         text
+    }
+}
+
+/// The prefix index's entry count, read at scrape time.
+#[derive(Debug)]
+struct IndexEntries(Arc<Router>);
+
+impl Collector for IndexEntries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(i64::try_from(self.0.index_len()).unwrap_or(i64::MAX));
+        let metric = encoder.encode_descriptor(
+            "router_prefix_index_entries",
+            "Entries held by the prefix index (bounded by --index-entries)",
+            None,
+            MetricType::Gauge,
+        )?;
+        gauge.encode(metric)
     }
 }
 

@@ -6,7 +6,9 @@
 //! Routing does not depend on the dataplane, so these run on userspace.
 use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
-use integration_tests::{Stopper, get, metric, post_json, start_router, start_sim};
+use integration_tests::{
+    Stopper, get, metric, post_json, start_router, start_router_with, start_sim,
+};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use router_daemon::Dataplane;
 use serde_json::{Value, json};
@@ -177,4 +179,65 @@ async fn three_replicas_keep_conversations_on_their_cache() {
         "three replicas reached {replicas:.3} cached against {single:.3} for one router"
     );
     eprintln!("multi-turn cached share: one router {single:.3}, three replicas {replicas:.3}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_goes_down_leaves_the_index() {
+    let (urls, mut sims) = sims(2).await;
+    let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        config.discovery_interval_ms = 100;
+        config.discovery_timeout_ms = 200;
+        config.down_after_failures = 1;
+    })
+    .await;
+    discovered(router, &urls).await;
+    let mut served = HashSet::new();
+    for i in 0..24 {
+        let response = post_json(
+            router,
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": format!("distinct question number {i} about logistics"), "max_tokens": 4}),
+        )
+        .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        served.insert(
+            response
+                .header("x-served-by")
+                .expect("x-served-by")
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        served.len(),
+        2,
+        "24 new conversations all went to {served:?}"
+    );
+    let entries = |metrics: &str| metric(metrics, "router_prefix_index_entries").unwrap_or(0.0);
+    let before = entries(&get(router, "/metrics").await.text());
+
+    // sim-1 stops: discovery marks it down and its index entries go.
+    drop(sims.remove(1));
+    let up = format!("router_backend_up{{backend=\"{}\"}}", urls[1]);
+    let mut after = before;
+    for _ in 0..100 {
+        let metrics = get(router, "/metrics").await.text();
+        after = entries(&metrics);
+        if metric(&metrics, &up) == Some(0.0) && after < before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        after < before,
+        "the index kept {after} of {before} entries after sim-1 went down"
+    );
+    // Everything still lands on the backend that is left.
+    let response = post_json(
+        router,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "distinct question number 1 about logistics", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.header("x-served-by"), Some("sim-0"));
 }
