@@ -108,10 +108,10 @@ pub struct Args {
     /// x-session-id; off by default, as in vLLM's benchmark.
     #[arg(long, value_name = "NAME")]
     pub session_header: Option<String>,
-    /// shared-prefix: groups [default: 16, quick 6].
+    /// shared-prefix: groups [default: 16, quick 8].
     #[arg(long)]
     pub sp_groups: Option<usize>,
-    /// shared-prefix: prompts per group [default: 12, quick 6].
+    /// shared-prefix: prompts per group [default: 32, quick 24].
     #[arg(long)]
     pub sp_prompts: Option<usize>,
     /// shared-prefix: system-prompt tokens [default: 1536, quick 1024].
@@ -120,13 +120,13 @@ pub struct Args {
     /// shared-prefix: question tokens.
     #[arg(long, default_value_t = 96)]
     pub sp_question_len: usize,
-    /// multi-turn: conversations [default: 16, quick 8].
+    /// multi-turn: conversations [default: 32, quick 16].
     #[arg(long)]
     pub mt_conversations: Option<usize>,
-    /// multi-turn: fewest turns [default: 12, quick 3].
+    /// multi-turn: fewest turns [default: 12, quick 4].
     #[arg(long)]
     pub mt_turns_min: Option<usize>,
-    /// multi-turn: most turns [default: 18, quick 5].
+    /// multi-turn: most turns [default: 18, quick 8].
     #[arg(long)]
     pub mt_turns_max: Option<usize>,
     /// multi-turn: tokens of the prefix all conversations share.
@@ -138,10 +138,10 @@ pub struct Args {
     /// multi-turn: tokens of a user turn.
     #[arg(long, default_value_t = 48)]
     pub mt_question_len: usize,
-    /// prefix-repetition: prefixes [default: 8, quick 4].
+    /// prefix-repetition: prefixes [default: 12, quick 6].
     #[arg(long)]
     pub pr_prefixes: Option<usize>,
-    /// prefix-repetition: suffixes per prefix [default: 24, quick 8].
+    /// prefix-repetition: suffixes per prefix [default: 40, quick 30].
     #[arg(long)]
     pub pr_suffixes: Option<usize>,
     /// prefix-repetition: prefix tokens [default: 1536, quick 1024].
@@ -150,7 +150,7 @@ pub struct Args {
     /// prefix-repetition: suffix tokens.
     #[arg(long, default_value_t = 64)]
     pub pr_suffix_len: usize,
-    /// no-sharing: requests [default: 128, quick 32].
+    /// no-sharing: requests [default: 256, quick 128].
     #[arg(long)]
     pub ns_requests: Option<usize>,
     /// no-sharing: prompt tokens [default: 1024, quick 512].
@@ -179,21 +179,21 @@ impl Args {
         };
         Sizes {
             output_len: pick(self.output_len, 16, 8),
-            sp_groups: pick(self.sp_groups, 16, 6),
-            sp_prompts: pick(self.sp_prompts, 12, 6),
+            sp_groups: pick(self.sp_groups, 16, 8),
+            sp_prompts: pick(self.sp_prompts, 32, 24),
             sp_system_len: pick(self.sp_system_len, 1536, 1024),
             sp_question_len: self.sp_question_len,
-            mt_conversations: pick(self.mt_conversations, 16, 8),
-            mt_turns_min: pick(self.mt_turns_min, 12, 3),
-            mt_turns_max: pick(self.mt_turns_max, 18, 5),
+            mt_conversations: pick(self.mt_conversations, 32, 16),
+            mt_turns_min: pick(self.mt_turns_min, 12, 4),
+            mt_turns_max: pick(self.mt_turns_max, 18, 8),
             mt_common_len: self.mt_common_len,
             mt_conv_prefix_len: pick(self.mt_conv_prefix_len, 1024, 512),
             mt_question_len: self.mt_question_len,
-            pr_prefixes: pick(self.pr_prefixes, 8, 4),
-            pr_suffixes: pick(self.pr_suffixes, 24, 8),
+            pr_prefixes: pick(self.pr_prefixes, 12, 6),
+            pr_suffixes: pick(self.pr_suffixes, 40, 30),
             pr_prefix_len: pick(self.pr_prefix_len, 1536, 1024),
             pr_suffix_len: self.pr_suffix_len,
-            ns_requests: pick(self.ns_requests, 128, 32),
+            ns_requests: pick(self.ns_requests, 256, 128),
             ns_prompt_len: pick(self.ns_prompt_len, 1024, 512),
         }
     }
