@@ -85,8 +85,12 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub backends: usize,
     /// Sessions in flight at once (closed loop) [default: 16, quick 8].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rate")]
     pub concurrency: Option<usize>,
+    /// Open loop instead: sessions start at Poisson times, this many per
+    /// second on average (seeded by --seed).
+    #[arg(long, value_name = "PER_SEC")]
+    pub rate: Option<f64>,
     /// The simulators' latency profile.
     #[arg(long, value_enum, default_value_t = vllm_sim::Profile::Llama8bH100)]
     pub profile: vllm_sim::Profile,
@@ -208,6 +212,11 @@ impl Args {
         if !(self.kv_fit > 0.0 && self.kv_fit <= 1000.0) {
             bail!("--kv-fit: above 0");
         }
+        if let Some(rate) = self.rate
+            && !(rate > 0.0 && rate <= 100_000.0)
+        {
+            bail!("--rate: above 0 sessions per second");
+        }
         if !(1..=1024).contains(&self.block_size) {
             bail!("--block-size: between 1 and 1024");
         }
@@ -291,7 +300,13 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
     ));
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let tokenizer = vllm_sim::tokenize::Tokenizer::shared().context("loading the tokenizer")?;
-    let concurrency = args.concurrency.unwrap_or(if args.quick { 8 } else { 16 });
+    let arrivals = match args.rate {
+        Some(rate) => run::Arrivals::Poisson {
+            rate,
+            seed: args.seed,
+        },
+        None => run::Arrivals::Closed(args.concurrency.unwrap_or(if args.quick { 8 } else { 16 })),
+    };
 
     let mut sections = Vec::new();
     let mut commands: Vec<String> = Vec::new();
@@ -328,7 +343,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
                 Arc::clone(&workload),
                 router,
                 &fleet,
-                concurrency,
+                arrivals,
                 args.session_header.as_deref(),
                 &tmp,
             ));
@@ -433,8 +448,16 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
             args.backends, args.profile, args.time_scale, args.block_size, args.kv_fit
         ),
         format!(
-            "load: closed loop, {concurrency} sessions in flight, seed {}, every request streamed \
-             with `stream_options.include_usage`",
+            "load: {}, seed {}, every request streamed with `stream_options.include_usage`",
+            match arrivals {
+                run::Arrivals::Closed(c) => format!(
+                    "closed loop, {c} sessions in flight (a request sent as another ends tends to \
+                     reach a simulator just as an engine step starts, and waits for all of it: \
+                     compare TTFT with `--rate` too)"
+                ),
+                run::Arrivals::Poisson { rate, .. } =>
+                    format!("open loop, sessions start at Poisson times, {rate}/s on average"),
+            },
             args.seed
         ),
     ];

@@ -22,7 +22,9 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::workload::{Prompt, Workload, chat_messages};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+
+use super::workload::{Prompt, Session, Workload, chat_messages};
 use crate::{http, procs::Proc};
 
 /// How requests reach the backends.
@@ -64,6 +66,21 @@ pub struct FleetConfig {
     pub backends: usize,
     /// A simulator's base configuration (its id is set per instance).
     pub sim: vllm_sim::Config,
+}
+
+/// When sessions start.
+#[derive(Clone, Copy, Debug)]
+pub enum Arrivals {
+    /// This many sessions in flight; the next starts when one ends.
+    Closed(usize),
+    /// Sessions start at Poisson times, this many per second on average
+    /// (seeded), however many are in flight.
+    Poisson {
+        /// Sessions per second.
+        rate: f64,
+        /// Seed of the arrival times.
+        seed: u64,
+    },
 }
 
 /// What one request gave.
@@ -214,18 +231,18 @@ impl Target {
     }
 }
 
-/// Runs `workload` through `router` in front of a fresh fleet, with
-/// `concurrency` sessions at a time.
+/// Runs `workload` through `router` in front of a fresh fleet, sessions
+/// starting as `arrivals` says.
 pub async fn run(
     workload: Arc<Workload>,
     router: &Router,
     fleet: &FleetConfig,
-    concurrency: usize,
+    arrivals: Arrivals,
     session_header: Option<&str>,
     tmp: &Path,
 ) -> Result<Outcome> {
     let sims = Fleet::start(fleet).await?;
-    let result = drive(workload, router, &sims, concurrency, session_header, tmp).await;
+    let result = drive(workload, router, &sims, arrivals, session_header, tmp).await;
     let stopped = sims.stop().await;
     let outcome = result?;
     stopped?;
@@ -236,7 +253,7 @@ async fn drive(
     workload: Arc<Workload>,
     router: &Router,
     sims: &Fleet,
-    concurrency: usize,
+    arrivals: Arrivals,
     session_header: Option<&str>,
     tmp: &Path,
 ) -> Result<Outcome> {
@@ -304,12 +321,34 @@ async fn drive(
         session_header: session_header.map(str::to_owned),
     });
     let started = Instant::now();
-    let workers = (0..concurrency.max(1))
-        .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
-        .collect::<Vec<_>>();
+    let workers = match arrivals {
+        Arrivals::Closed(concurrency) => (0..concurrency.max(1))
+            .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
+            .collect::<Vec<_>>(),
+        Arrivals::Poisson { rate, seed } => {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut at = tokio::time::Instant::now();
+            let mut tasks = Vec::new();
+            for session in 0..shared.workload.sessions.len() {
+                // Exponential gaps: -ln(U) / rate, U in (0, 1].
+                let u: f64 = 1.0 - rng.random::<f64>();
+                at += Duration::from_secs_f64(-u.ln() / rate);
+                tokio::time::sleep_until(at).await;
+                let shared = Arc::clone(&shared);
+                tasks.push(tokio::spawn(async move {
+                    let mut conns = HashMap::new();
+                    match shared.workload.sessions.get(session) {
+                        Some(s) => run_session(&shared, &mut conns, s).await,
+                        None => Vec::new(),
+                    }
+                }));
+            }
+            tasks
+        }
+    };
     let mut records = Vec::new();
     for w in workers {
-        records.extend(w.await.context("a load worker panicked")?);
+        records.extend(w.await.context("a load task panicked")?);
     }
     let elapsed = started.elapsed();
     if let Some(mut p) = proc {
@@ -398,86 +437,87 @@ impl Shared {
     }
 }
 
-/// One closed-loop client: takes the next session, sends its requests one
-/// after another, repeats until none are left.
+/// One closed-loop client: takes the next session, runs it, repeats until
+/// none are left.
 async fn worker(shared: Arc<Shared>) -> Vec<Record> {
     let mut records = Vec::new();
     let mut conns: HashMap<SocketAddr, TcpStream> = HashMap::new();
-    let model = vllm_sim::config::DEFAULT_MODEL;
-    let output = shared.workload.output_len;
     loop {
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
         let Some(session) = shared.workload.sessions.get(i) else {
             break;
         };
-        let mut replies: Vec<String> = Vec::new();
-        let session_id = format!("session-{}", session.id);
-        for turn in 0..session.prompt.requests() {
-            let (path, body) = match &session.prompt {
-                Prompt::Text(text) => (
-                    "/v1/completions",
+        records.extend(run_session(&shared, &mut conns, session).await);
+    }
+    records
+}
+
+/// Sends a session's requests one after another; a conversation stops at
+/// its first failure (the next turn needs the reply).
+async fn run_session(
+    shared: &Shared,
+    conns: &mut HashMap<SocketAddr, TcpStream>,
+    session: &Session,
+) -> Vec<Record> {
+    let model = vllm_sim::config::DEFAULT_MODEL;
+    let output = shared.workload.output_len;
+    let mut records = Vec::new();
+    let mut replies: Vec<String> = Vec::new();
+    let session_id = format!("session-{}", session.id);
+    for turn in 0..session.prompt.requests() {
+        let (path, body) = match &session.prompt {
+            Prompt::Text(text) => (
+                "/v1/completions",
+                serde_json::json!({
+                    "model": model,
+                    "prompt": text,
+                    "max_tokens": output,
+                    "stream": true,
+                    "stream_options": {"include_usage": true},
+                }),
+            ),
+            Prompt::Chat { system, turns } => {
+                let messages = chat_messages(system, turns, &replies, turn)
+                    .into_iter()
+                    .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+                    .collect::<Vec<_>>();
+                (
+                    "/v1/chat/completions",
                     serde_json::json!({
                         "model": model,
-                        "prompt": text,
+                        "messages": messages,
                         "max_tokens": output,
                         "stream": true,
                         "stream_options": {"include_usage": true},
                     }),
-                ),
-                Prompt::Chat { system, turns } => {
-                    let messages = chat_messages(system, turns, &replies, turn)
-                        .into_iter()
-                        .map(
-                            |(role, content)| serde_json::json!({"role": role, "content": content}),
-                        )
-                        .collect::<Vec<_>>();
-                    (
-                        "/v1/chat/completions",
-                        serde_json::json!({
-                            "model": model,
-                            "messages": messages,
-                            "max_tokens": output,
-                            "stream": true,
-                            "stream_options": {"include_usage": true},
-                        }),
-                    )
-                }
-            };
-            let body = body.to_string();
-            let header = shared
-                .session_header
-                .as_deref()
-                .map(|name| (name, session_id.as_str()));
-            let (slot, addr) = shared.target.pick();
-            let answer = exchange(
-                &mut conns,
-                addr,
-                path,
-                body.as_bytes(),
-                header,
-                REQUEST_TIMEOUT,
-            )
-            .await;
-            shared.target.done(slot);
-            match answer {
-                Ok(a) => {
-                    replies.push(a.text.clone());
-                    records.push(Record {
-                        session: session.id,
-                        turn,
-                        served_by: a.served_by,
-                        ttft: a.ttft,
-                        e2e: a.e2e,
-                        prompt_tokens: a.prompt_tokens,
-                        cached_tokens: a.cached_tokens,
-                        reply: a.text,
-                    });
-                }
-                Err(err) => {
-                    shared.error(format!("session {} turn {turn}: {err}", session.id));
-                    // A conversation cannot go on without the reply.
-                    break;
-                }
+                )
+            }
+        };
+        let body = body.to_string();
+        let header = shared
+            .session_header
+            .as_deref()
+            .map(|name| (name, session_id.as_str()));
+        let (slot, addr) = shared.target.pick();
+        let answer = exchange(conns, addr, path, body.as_bytes(), header, REQUEST_TIMEOUT).await;
+        shared.target.done(slot);
+        match answer {
+            Ok(a) => {
+                replies.push(a.text.clone());
+                records.push(Record {
+                    session: session.id,
+                    turn,
+                    served_by: a.served_by,
+                    ttft: a.ttft,
+                    e2e: a.e2e,
+                    prompt_tokens: a.prompt_tokens,
+                    cached_tokens: a.cached_tokens,
+                    reply: a.text,
+                });
+            }
+            Err(err) => {
+                shared.error(format!("session {} turn {turn}: {err}", session.id));
+                break;
             }
         }
     }
