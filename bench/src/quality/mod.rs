@@ -28,6 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod plot;
 pub mod report;
 pub mod run;
 pub mod workload;
@@ -170,6 +171,10 @@ pub struct Args {
     /// Keep the temporary directory (router logs) after a clean run.
     #[arg(long)]
     pub keep_tmp: bool,
+    /// Leave out the PNG plots (TTFT CDF per workload, hit rate vs load
+    /// imbalance).
+    #[arg(long)]
+    pub no_plots: bool,
     /// The command line to print in the report (set by `cargo xtask`).
     #[arg(long, hide = true)]
     pub invoked_as: Option<String>,
@@ -475,10 +480,15 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
         routers: router_lines,
         sections,
         elapsed: started.elapsed(),
+        plots: Ok(Vec::new()),
     };
-    let text = report::render(&report);
     fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let mut report = report;
+    if !args.no_plots {
+        report.plots = plots(&report, &args.out_dir, &stamp);
+    }
+    let text = report::render(&report);
     let out = args.out_dir.join(format!("quality-{stamp}.md"));
     fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
     println!("{text}");
@@ -491,6 +501,45 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
     // Let the runtime's sockets close before returning.
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok((report, out))
+}
+
+/// Draws the plots next to the report; their file names, or why not.
+fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<String>, String> {
+    plot::font()?;
+    let mut files = Vec::new();
+    for s in &report.sections {
+        let file = format!("quality-{stamp}-ttft-{}.png", s.workload);
+        let series = s
+            .rows
+            .iter()
+            .map(|r| (r.router.as_str(), r.ttft_sorted_ms.as_slice()))
+            .collect::<Vec<_>>();
+        plot::ttft_cdf(
+            &dir.join(&file),
+            &format!("TTFT CDF: {}", s.workload),
+            &series,
+        )?;
+        files.push(file);
+    }
+    let mut routers: Vec<&str> = Vec::new();
+    let mut points = Vec::new();
+    for s in &report.sections {
+        for r in &s.rows {
+            if !routers.contains(&r.router.as_str()) {
+                routers.push(&r.router);
+            }
+            points.push(plot::Point {
+                router: r.router.clone(),
+                workload: s.workload.clone(),
+                load: r.max_over_mean(),
+                hit: r.hit_rate(),
+            });
+        }
+    }
+    let file = format!("quality-{stamp}-hit-vs-load.png");
+    plot::hit_vs_load(&dir.join(&file), &routers, &points)?;
+    files.push(file);
+    Ok(files)
 }
 
 #[cfg(test)]

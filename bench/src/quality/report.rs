@@ -30,6 +30,8 @@ pub struct Row {
     pub loads: Vec<u64>,
     /// Completed requests per second.
     pub req_per_s: f64,
+    /// Every TTFT, ms, ascending (for the CDF plot).
+    pub ttft_sorted_ms: Vec<f64>,
 }
 
 impl Row {
@@ -73,6 +75,7 @@ impl Row {
             } else {
                 0.0
             },
+            ttft_sorted_ms: ttft,
         }
     }
 
@@ -142,6 +145,8 @@ pub struct Report {
     pub sections: Vec<Section>,
     /// Wall time of the whole run.
     pub elapsed: Duration,
+    /// PNG file names (next to the report), or why there are none.
+    pub plots: Result<Vec<String>, String>,
 }
 
 /// The name of the baseline TTFT ratios are taken against.
@@ -237,6 +242,18 @@ pub fn render(r: &Report) -> String {
             out.push('\n');
         }
     }
+    match &r.plots {
+        Ok(files) if !files.is_empty() => {
+            let _ = writeln!(out, "## Plots\n");
+            for file in files {
+                let _ = writeln!(out, "![{file}]({file})\n");
+            }
+        }
+        Ok(_) => {}
+        Err(why) => {
+            let _ = writeln!(out, "Plots skipped: {why}.\n");
+        }
+    }
     let _ = writeln!(out, "## Routers\n");
     for line in &r.routers {
         let _ = writeln!(out, "- {line}");
@@ -271,6 +288,7 @@ mod tests {
             e2e_mean_ms: 1.0,
             loads: vec![4, 4],
             req_per_s: 1.0,
+            ttft_sorted_ms: vec![1.0],
         };
         assert_eq!(row.max_over_mean(), 1.0);
         assert_eq!(row.hit_rate(), 0.5);
