@@ -225,3 +225,28 @@ fn find_nginx() -> Option<PathBuf> {
         sbin.is_file().then_some(sbin)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn quality_passes_every_argument_through() {
+        let cli = Cli::try_parse_from(["bench", "quality", "--quick", "--rate", "20", "--help"])
+            .expect("valid arguments");
+        match cli.args.command {
+            Some(Bench::Quality { args }) => {
+                assert_eq!(args, ["--quick", "--rate", "20", "--help"])
+            }
+            _ => panic!("not the quality benchmark"),
+        }
+    }
+}

@@ -16,9 +16,20 @@
 //! flight); and any `--peer NAME=CMD` (e.g. vllm-router or sglang-router,
 //! when installed).
 //!
+//! A peer router is any command that listens on `$PORT`; vllm-sim answers
+//! what vllm-router and sglang-router call on a backend (see
+//! `/work/shared/bench/README.md`). With them installed (they are not
+//! dependencies of this workspace):
+//!
+//! ```text
+//! router-bench quality \
+//!   --peer 'vllm-router=vllm-router --host 127.0.0.1 --port $PORT --policy cache_aware --worker-urls ${BACKEND_URLS//,/ } --log-level warning' \
+//!   --peer 'sglang-router=sglang-router launch --host 127.0.0.1 --port $PORT --policy cache_aware --worker-urls ${BACKEND_URLS//,/ } --log-level warn'
+//! ```
+//!
 //! Layout: [`workload`] generates the workloads and their ideal hit rate,
 //! [`run`](mod@run) runs one workload through one router, [`report`]
-//! writes the markdown.
+//! writes the markdown, [`plot`] draws the PNGs.
 use std::{
     fs,
     path::PathBuf,
