@@ -8,6 +8,11 @@
 //!   response. It prints a markdown report and writes it to
 //!   `target/bench/dataplane-<timestamp>.md`.
 //! - `router-bench serve --listen ADDR...` is the fake backend alone.
+//! - `router-bench quality [options]` measures routing quality instead:
+//!   prefix-cache hit rate, TTFT and load balance of router-daemon against
+//!   client-side round-robin and least-loaded, on in-process vllm-sim
+//!   fleets (see [`quality`]); its report goes to
+//!   `target/bench/quality-<timestamp>.md`.
 //!
 //! Modules: [`run`] orchestrates, [`client`] generates load, [`backend`]
 //! serves, [`report`] writes the report, [`nginx`] configures nginx,
@@ -23,6 +28,7 @@ mod http;
 mod nginx;
 mod procfs;
 mod procs;
+mod quality;
 mod report;
 mod run;
 
@@ -45,12 +51,15 @@ enum Command {
     Dataplane(Box<run::Args>),
     /// Serve as the fake backend on the given addresses.
     Serve(backend::Args),
+    /// Routing quality: hit rate, TTFT and load per router, per workload.
+    Quality(Box<quality::Args>),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Dataplane(args) => run::run(*args),
         Command::Serve(args) => backend::run(args),
+        Command::Quality(args) => quality::run(*args).map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

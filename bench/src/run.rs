@@ -1339,7 +1339,7 @@ fn wait_ready(proc: &mut Proc, addr: SocketAddr) -> Result<()> {
 }
 
 /// A command line for the report.
-fn show(cmd: &Command) -> String {
+pub(crate) fn show(cmd: &Command) -> String {
     let mut out = cmd.get_program().to_string_lossy().into_owned();
     for arg in cmd.get_args() {
         let _ = write!(out, " {}", arg.to_string_lossy());
@@ -1349,7 +1349,7 @@ fn show(cmd: &Command) -> String {
 
 /// `git describe --always --dirty` of the current directory's repository
 /// (a dirty tree means the binaries hold uncommitted changes).
-fn git_describe() -> String {
+pub(crate) fn git_describe() -> String {
     Command::new("git")
         .args(["describe", "--always", "--dirty"])
         .output()
@@ -1360,7 +1360,7 @@ fn git_describe() -> String {
 }
 
 /// When a file was last modified, in UTC.
-fn modified(path: &Path) -> String {
+pub(crate) fn modified(path: &Path) -> String {
     fs::metadata(path)
         .and_then(|m| m.modified())
         .ok()
@@ -1369,12 +1369,12 @@ fn modified(path: &Path) -> String {
 }
 
 /// `2026-11-25T12:38:00Z`, now.
-fn utc_string() -> String {
+pub(crate) fn utc_string() -> String {
     civil(now_secs()).0
 }
 
 /// `20261125-123800`, now (UTC), for file names.
-fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     civil(now_secs()).1
 }
 

@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: setup, then either `cargo bench --workspace` with
-//! the caller's arguments, or, with `dataplane`, the dataplane benchmark.
+//! the caller's arguments, or, with `dataplane`, the dataplane benchmark,
+//! or, with `quality`, the routing-quality benchmark.
 //!
 //! `cargo xtask bench dataplane [ARGS]` makes sure nginx is installed (it
 //! is the classic L7 proxy the router is compared with: `apt-get install
@@ -9,6 +10,11 @@
 //! `router-bench` unchanged (`cargo xtask bench dataplane --help` lists
 //! them); the report is printed and written to
 //! `target/bench/dataplane-<timestamp>.md`.
+//!
+//! `cargo xtask bench quality [ARGS]` runs the release `router-bench
+//! quality` with the release `router-daemon`: prefix-cache hit rate, TTFT
+//! and load balance per router on in-process vllm-sim fleets, written to
+//! `target/bench/quality-<timestamp>.md`.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -49,6 +55,22 @@ enum Bench {
         )]
         args: Vec<String>,
     },
+    /// Routing quality: router-daemon against round-robin and least-loaded
+    /// on vllm-sim fleets (`--help` lists the options).
+    ///
+    /// Workloads: shared-prefix, multi-turn, prefix-repetition, no-sharing;
+    /// under 5 minutes, `--quick` under 1. The arguments go to
+    /// `router-bench quality`.
+    #[command(disable_help_flag = true)]
+    Quality {
+        /// Arguments for `router-bench quality`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
 }
 
 /// The Debian package and binary of the comparison proxy.
@@ -59,6 +81,7 @@ pub fn run(args: Args) -> Result<()> {
     match args.command {
         None => cargo_bench(&args.cargo_bench_args),
         Some(Bench::Dataplane { args }) => dataplane(&args),
+        Some(Bench::Quality { args }) => quality(&args),
     }
 }
 
@@ -108,6 +131,35 @@ fn dataplane(args: &[String]) -> Result<()> {
                 }
             }
         }
+    }
+    // The caller's arguments last: they override the ones above.
+    cmd.args(args);
+    setup::check_status(&mut cmd)
+}
+
+/// Builds, then runs `router-bench quality` with the release router-daemon.
+fn quality(args: &[String]) -> Result<()> {
+    let toolchain = setup::run()?;
+    let bench_bin = toolchain.release_bin("router-bench")?;
+    let router_bin = toolchain.release_bin("router-daemon")?;
+    let root = toolchain
+        .cargo()
+        .get_current_dir()
+        .map(Path::to_path_buf)
+        .context("the workspace root is unknown")?;
+    let mut cmd = Command::new(bench_bin);
+    cmd.arg("quality").current_dir(&root);
+    if !args.iter().any(|a| a == "--help" || a == "-h") {
+        let invoked = std::iter::once("cargo xtask bench quality".to_owned())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        cmd.arg("--router-bin")
+            .arg(router_bin)
+            .arg("--out-dir")
+            .arg(root.join("target").join("bench"))
+            .arg("--invoked-as")
+            .arg(invoked);
     }
     // The caller's arguments last: they override the ones above.
     cmd.args(args);
@@ -172,4 +224,29 @@ fn find_nginx() -> Option<PathBuf> {
         let sbin = Path::new("/usr/sbin").join(NGINX);
         sbin.is_file().then_some(sbin)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn quality_passes_every_argument_through() {
+        let cli = Cli::try_parse_from(["bench", "quality", "--quick", "--rate", "20", "--help"])
+            .expect("valid arguments");
+        match cli.args.command {
+            Some(Bench::Quality { args }) => {
+                assert_eq!(args, ["--quick", "--rate", "20", "--help"])
+            }
+            _ => panic!("not the quality benchmark"),
+        }
+    }
 }

@@ -38,7 +38,8 @@ enum Command {
     Run(run::Args),
     /// Setup, then `cargo fmt --check`, `cargo clippy` and `cargo test`, as CI does.
     Test(test::Args),
-    /// Setup, then `cargo bench --workspace`; `bench dataplane` runs the dataplane benchmark.
+    /// Setup, then `cargo bench --workspace`; `bench dataplane` and `bench quality` run
+    /// the dataplane and routing-quality benchmarks.
     Bench(bench::Args),
 }
 

@@ -1,0 +1,639 @@
+//! `router-bench quality`: how well each router keeps prefixes cached, and
+//! what that buys in time to first token, on workloads shaped like SGLang's
+//! and vLLM's prefix-caching benchmarks.
+//!
+//! For every workload and every router the run starts a fresh fleet of
+//! in-process vllm-sim backends (cold caches, KV capacity sized so the
+//! working set fits the fleet but not one simulator), puts the router in
+//! front, and drives the workload closed-loop. Every request streams with
+//! `stream_options.include_usage`, so the client sees its TTFT, its cached
+//! tokens and (from `x-served-by`) its backend.
+//!
+//! Routers: the router-daemon binary with its default policy; two
+//! client-side baselines, where the load generator itself picks the
+//! backend and talks to it directly (`round-robin`: the next backend in
+//! turn; `least-loaded`: the fewest of this generator's requests in
+//! flight); and any `--peer NAME=CMD` (e.g. vllm-router or sglang-router,
+//! when installed).
+//!
+//! A peer router is any command that listens on `$PORT`; vllm-sim answers
+//! what vllm-router and sglang-router call on a backend (see
+//! `/work/shared/bench/README.md`). With them installed (they are not
+//! dependencies of this workspace):
+//!
+//! ```text
+//! router-bench quality \
+//!   --peer 'vllm-router=vllm-router --host 127.0.0.1 --port $PORT --policy cache_aware --worker-urls ${BACKEND_URLS//,/ } --log-level warning' \
+//!   --peer 'sglang-router=sglang-router launch --host 127.0.0.1 --port $PORT --policy cache_aware --worker-urls ${BACKEND_URLS//,/ } --log-level warn'
+//! ```
+//!
+//! Layout: [`workload`] generates the workloads and their ideal hit rate,
+//! [`run`](mod@run) runs one workload through one router, [`report`]
+//! writes the markdown, [`plot`] draws the PNGs.
+use std::{
+    fs,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub mod plot;
+pub mod report;
+pub mod run;
+pub mod workload;
+
+use report::{Report, Row, Section};
+use run::{FleetConfig, Router, RouterKind};
+use workload::{Kind, Sizes};
+
+/// A router of the comparison, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Builtin {
+    /// router-daemon with its default policy.
+    RouterDaemon,
+    /// Client-side: the next backend in turn.
+    RoundRobin,
+    /// Client-side: the backend with the fewest requests in flight.
+    LeastLoaded,
+}
+
+/// Options of `router-bench quality`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Workloads to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "shared-prefix,multi-turn,prefix-repetition,no-sharing"
+    )]
+    pub workloads: Vec<Kind>,
+    /// Routers to compare.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "round-robin,least-loaded,router-daemon"
+    )]
+    pub routers: Vec<Builtin>,
+    /// Another router, `NAME=CMD`, started with `bash -c CMD` with `$PORT`
+    /// (to listen on, 127.0.0.1), `$BACKEND_URLS` (comma-separated) and
+    /// `$MODEL` set; repeatable.
+    #[arg(long = "peer", value_name = "NAME=CMD")]
+    pub peers: Vec<String>,
+    /// The router-daemon binary (default: next to this executable).
+    #[arg(long, value_name = "PATH")]
+    pub router_bin: Option<PathBuf>,
+    /// An extra router-daemon flag (repeatable), e.g. `--router-arg=--load-epsilon=0.5`.
+    #[arg(long = "router-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub router_args: Vec<String>,
+    /// Seed of every workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// About a minute in all: smaller workloads, fewer turns.
+    #[arg(long)]
+    pub quick: bool,
+    /// Simulators in the fleet.
+    #[arg(long, default_value_t = 4)]
+    pub backends: usize,
+    /// Sessions in flight at once (closed loop) [default: 16, quick 8].
+    #[arg(long, conflicts_with = "rate")]
+    pub concurrency: Option<usize>,
+    /// Open loop instead: sessions start at Poisson times, this many per
+    /// second on average (seeded by --seed).
+    #[arg(long, value_name = "PER_SEC")]
+    pub rate: Option<f64>,
+    /// The simulators' latency profile.
+    #[arg(long, value_enum, default_value_t = vllm_sim::Profile::Llama8bH100)]
+    pub profile: vllm_sim::Profile,
+    /// Multiplies the simulators' delays (prefill, decode); > 0 so TTFT
+    /// reflects prefill work.
+    #[arg(long, default_value_t = 0.2)]
+    pub time_scale: f64,
+    /// KV capacity of the whole fleet ÷ the workload's working set: with
+    /// the default 1.5 and 4 simulators one holds 37.5% of it.
+    #[arg(long, default_value_t = 1.5)]
+    pub kv_fit: f64,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Generated tokens per request [default: 16, quick 8].
+    #[arg(long)]
+    pub output_len: Option<usize>,
+    /// Send this header with each conversation's id (multi-turn), e.g.
+    /// x-session-id; off by default, as in vLLM's benchmark.
+    #[arg(long, value_name = "NAME")]
+    pub session_header: Option<String>,
+    /// shared-prefix: groups [default: 16, quick 8].
+    #[arg(long)]
+    pub sp_groups: Option<usize>,
+    /// shared-prefix: prompts per group [default: 32, quick 24].
+    #[arg(long)]
+    pub sp_prompts: Option<usize>,
+    /// shared-prefix: system-prompt tokens [default: 1536, quick 1024].
+    #[arg(long)]
+    pub sp_system_len: Option<usize>,
+    /// shared-prefix: question tokens.
+    #[arg(long, default_value_t = 96)]
+    pub sp_question_len: usize,
+    /// multi-turn: conversations [default: 32, quick 16].
+    #[arg(long)]
+    pub mt_conversations: Option<usize>,
+    /// multi-turn: fewest turns [default: 12, quick 4].
+    #[arg(long)]
+    pub mt_turns_min: Option<usize>,
+    /// multi-turn: most turns [default: 18, quick 8].
+    #[arg(long)]
+    pub mt_turns_max: Option<usize>,
+    /// multi-turn: tokens of the prefix all conversations share.
+    #[arg(long, default_value_t = 256)]
+    pub mt_common_len: usize,
+    /// multi-turn: tokens of each conversation's own prefix [default: 1024, quick 512].
+    #[arg(long)]
+    pub mt_conv_prefix_len: Option<usize>,
+    /// multi-turn: tokens of a user turn.
+    #[arg(long, default_value_t = 48)]
+    pub mt_question_len: usize,
+    /// prefix-repetition: prefixes [default: 12, quick 6].
+    #[arg(long)]
+    pub pr_prefixes: Option<usize>,
+    /// prefix-repetition: suffixes per prefix [default: 40, quick 30].
+    #[arg(long)]
+    pub pr_suffixes: Option<usize>,
+    /// prefix-repetition: prefix tokens [default: 1536, quick 1024].
+    #[arg(long)]
+    pub pr_prefix_len: Option<usize>,
+    /// prefix-repetition: suffix tokens.
+    #[arg(long, default_value_t = 64)]
+    pub pr_suffix_len: usize,
+    /// no-sharing: requests [default: 256, quick 128].
+    #[arg(long)]
+    pub ns_requests: Option<usize>,
+    /// no-sharing: prompt tokens [default: 1024, quick 512].
+    #[arg(long)]
+    pub ns_prompt_len: Option<usize>,
+    /// Tokio worker threads of the load generator and simulators (0 = one
+    /// per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Where the report goes.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    pub out_dir: PathBuf,
+    /// Keep the temporary directory (router logs) after a clean run.
+    #[arg(long)]
+    pub keep_tmp: bool,
+    /// Leave out the PNG plots (TTFT CDF per workload, hit rate vs load
+    /// imbalance).
+    #[arg(long)]
+    pub no_plots: bool,
+    /// The command line to print in the report (set by `cargo xtask`).
+    #[arg(long, hide = true)]
+    pub invoked_as: Option<String>,
+}
+
+impl Args {
+    fn sizes(&self) -> Sizes {
+        let q = self.quick;
+        let pick = |v: Option<usize>, normal: usize, quick: usize| {
+            v.unwrap_or(if q { quick } else { normal })
+        };
+        Sizes {
+            output_len: pick(self.output_len, 16, 8),
+            sp_groups: pick(self.sp_groups, 16, 8),
+            sp_prompts: pick(self.sp_prompts, 32, 24),
+            sp_system_len: pick(self.sp_system_len, 1536, 1024),
+            sp_question_len: self.sp_question_len,
+            mt_conversations: pick(self.mt_conversations, 32, 16),
+            mt_turns_min: pick(self.mt_turns_min, 12, 4),
+            mt_turns_max: pick(self.mt_turns_max, 18, 8),
+            mt_common_len: self.mt_common_len,
+            mt_conv_prefix_len: pick(self.mt_conv_prefix_len, 1024, 512),
+            mt_question_len: self.mt_question_len,
+            pr_prefixes: pick(self.pr_prefixes, 12, 6),
+            pr_suffixes: pick(self.pr_suffixes, 40, 30),
+            pr_prefix_len: pick(self.pr_prefix_len, 1536, 1024),
+            pr_suffix_len: self.pr_suffix_len,
+            ns_requests: pick(self.ns_requests, 256, 128),
+            ns_prompt_len: pick(self.ns_prompt_len, 1024, 512),
+        }
+    }
+
+    fn check(&self, sizes: &Sizes) -> Result<()> {
+        if !(1..=64).contains(&self.backends) {
+            bail!("--backends: between 1 and 64");
+        }
+        if !(self.time_scale >= 0.0 && self.time_scale <= 100.0) {
+            bail!("--time-scale: between 0 and 100");
+        }
+        if !(self.kv_fit > 0.0 && self.kv_fit <= 1000.0) {
+            bail!("--kv-fit: above 0");
+        }
+        if let Some(rate) = self.rate
+            && !(rate > 0.0 && rate <= 100_000.0)
+        {
+            bail!("--rate: above 0 sessions per second");
+        }
+        if !(1..=1024).contains(&self.block_size) {
+            bail!("--block-size: between 1 and 1024");
+        }
+        if sizes.output_len == 0
+            || sizes.mt_turns_min == 0
+            || sizes.mt_turns_min > sizes.mt_turns_max
+        {
+            bail!("--output-len must be ≥ 1 and 1 ≤ --mt-turns-min ≤ --mt-turns-max");
+        }
+        Ok(())
+    }
+
+    fn routers(&self) -> Result<Vec<Router>> {
+        let mut out = Vec::new();
+        for b in &self.routers {
+            let (name, kind) = match b {
+                Builtin::RoundRobin => (report::BASELINE, RouterKind::RoundRobin),
+                Builtin::LeastLoaded => ("least-loaded", RouterKind::LeastLoaded),
+                Builtin::RouterDaemon => {
+                    let bin = match &self.router_bin {
+                        Some(bin) => bin.clone(),
+                        None => std::env::current_exe()
+                            .context("locating router-bench")?
+                            .parent()
+                            .map(|dir| dir.join("router-daemon"))
+                            .context("router-bench has no parent directory")?,
+                    };
+                    if !bin.is_file() {
+                        bail!(
+                            "{} is missing: build it (cargo build --release -p router-daemon), \
+                             pass --router-bin, or leave router-daemon out of --routers",
+                            bin.display()
+                        );
+                    }
+                    let extra = self.router_args.clone();
+                    ("router-daemon", RouterKind::Daemon { bin, extra })
+                }
+            };
+            out.push(Router {
+                name: name.to_owned(),
+                kind,
+            });
+        }
+        for peer in &self.peers {
+            let (name, cmd) = peer.split_once('=').context("--peer takes NAME=CMD")?;
+            out.push(Router {
+                name: name.trim().to_owned(),
+                kind: RouterKind::Peer {
+                    cmd: cmd.to_owned(),
+                },
+            });
+        }
+        if out.is_empty() {
+            bail!("no routers to compare");
+        }
+        Ok(out)
+    }
+}
+
+/// Runs the benchmark, prints the report and writes it; returns the report
+/// and where it went.
+pub fn run(args: Args) -> Result<(Report, PathBuf)> {
+    let started = Instant::now();
+    let sizes = args.sizes();
+    args.check(&sizes)?;
+    let routers = args.routers()?;
+    let threads = if args.threads == 0 {
+        crate::procfs::cpus().max(1)
+    } else {
+        args.threads
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
+    let stamp = crate::run::timestamp();
+    let tmp = std::env::temp_dir().join(format!(
+        "router-bench-quality-{stamp}-{}",
+        std::process::id()
+    ));
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let tokenizer = vllm_sim::tokenize::Tokenizer::shared().context("loading the tokenizer")?;
+    let arrivals = match args.rate {
+        Some(rate) => run::Arrivals::Poisson {
+            rate,
+            seed: args.seed,
+        },
+        None => run::Arrivals::Closed(args.concurrency.unwrap_or(if args.quick { 8 } else { 16 })),
+    };
+
+    let mut sections = Vec::new();
+    let mut commands: Vec<String> = Vec::new();
+    let mut failed = false;
+    for &kind in &args.workloads {
+        let workload = Arc::new(workload::generate(kind, &sizes, args.seed));
+        let ws_blocks = workload.working_set_tokens.div_ceil(args.block_size);
+        let kv_blocks =
+            ((ws_blocks as f64 * args.kv_fit / args.backends as f64).ceil() as usize).max(1);
+        let sim = vllm_sim::Config {
+            port: 0,
+            time_scale: args.time_scale,
+            kv_cache_blocks: kv_blocks,
+            block_size: args.block_size,
+            seed: args.seed,
+            ..vllm_sim::Config::default().with_profile(args.profile)
+        };
+        let fleet = FleetConfig {
+            backends: args.backends,
+            sim,
+        };
+        eprintln!(
+            "router-bench: {} ({} requests, {} sessions)",
+            workload.kind.as_str(),
+            workload.requests(),
+            workload.sessions.len()
+        );
+        let mut rows = Vec::new();
+        let mut notes = Vec::new();
+        let mut best: Option<run::Outcome> = None;
+        for router in &routers {
+            let t = Instant::now();
+            let outcome = runtime.block_on(run::run(
+                Arc::clone(&workload),
+                router,
+                &fleet,
+                arrivals,
+                args.session_header.as_deref(),
+                &tmp,
+            ));
+            match outcome {
+                Ok(outcome) => {
+                    let row = Row::new(&router.name, &outcome);
+                    eprintln!(
+                        "router-bench:   {:<14} {:>5.1}% hit, mean TTFT {:>7.1} ms, {:>5.1} req/s, \
+                         {} errors ({:.1} s)",
+                        router.name,
+                        row.hit_rate() * 100.0,
+                        row.ttft_mean_ms,
+                        row.req_per_s,
+                        outcome.errors,
+                        t.elapsed().as_secs_f64()
+                    );
+                    if outcome.errors > 0 {
+                        failed = true;
+                        notes.push(format!(
+                            "{}: {} requests failed, e.g. {}",
+                            router.name,
+                            outcome.errors,
+                            outcome.error_samples.join("; ")
+                        ));
+                    }
+                    // One command line per router (ports differ between runs).
+                    let label = format!("{}:", router.name);
+                    if let Some(cmd) = &outcome.command
+                        && !commands.iter().any(|c| c.starts_with(&label))
+                    {
+                        commands.push(format!("{label} `{cmd}`"));
+                    }
+                    rows.push(row);
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| b.records.len() < outcome.records.len())
+                    {
+                        best = Some(outcome);
+                    }
+                }
+                Err(err) => {
+                    failed = true;
+                    eprintln!("router-bench:   {}: FAILED: {err:#}", router.name);
+                    notes.push(format!("{}: FAILED: {err:#}", router.name));
+                }
+            }
+        }
+        // The replies of the most complete run (a simulator's reply depends
+        // only on the prompt, so every router saw the same ones).
+        let mut replies = vec![Vec::new(); workload.sessions.len()];
+        if let Some(b) = &best {
+            let mut recs = b.records.iter().collect::<Vec<_>>();
+            recs.sort_by_key(|r| (r.session, r.turn));
+            for r in recs {
+                if let Some(session) = replies.get_mut(r.session)
+                    && session.len() == r.turn
+                {
+                    session.push(r.reply.clone());
+                }
+            }
+        }
+        let ideal = workload::ideal(&workload, &replies, tokenizer, args.block_size);
+        if let Some(row) = rows
+            .iter()
+            .find(|r| r.errors == 0 && r.prompt_tokens != ideal.prompt_tokens)
+        {
+            notes.push(format!(
+                "the simulators counted {} prompt tokens under {}, the ideal's tokenization {}",
+                row.prompt_tokens, row.router, ideal.prompt_tokens
+            ));
+        }
+        sections.push(Section {
+            workload: kind.as_str().to_owned(),
+            description: workload.description.clone(),
+            requests: workload.requests(),
+            ideal,
+            kv_blocks,
+            working_set_blocks: ws_blocks,
+            rows,
+            notes,
+        });
+    }
+
+    let command = args.invoked_as.clone().unwrap_or_else(|| {
+        std::env::args()
+            .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let env = vec![format!(
+        "{} · {} CPUs · load average {} · git {}",
+        crate::run::utc_string(),
+        crate::procfs::cpus(),
+        crate::procfs::load_average(),
+        crate::run::git_describe()
+    )];
+    let settings = vec![
+        format!(
+            "fleet: {} in-process vllm-sim, profile `{}`, time scale {}, block {} tokens, \
+             KV cache sized to {}× the workload's working set across the fleet; fresh \
+             simulators (cold caches) for every router",
+            args.backends, args.profile, args.time_scale, args.block_size, args.kv_fit
+        ),
+        format!(
+            "load: {}, seed {}, every request streamed with `stream_options.include_usage`",
+            match arrivals {
+                run::Arrivals::Closed(c) => format!(
+                    "closed loop, {c} sessions in flight (a request sent as another ends tends to \
+                     reach a simulator just as an engine step starts, and waits for all of it: \
+                     compare TTFT with `--rate` too)"
+                ),
+                run::Arrivals::Poisson { rate, .. } =>
+                    format!("open loop, sessions start at Poisson times, {rate}/s on average"),
+            },
+            args.seed
+        ),
+    ];
+    let mut router_lines = vec![
+        "round-robin, least-loaded: client-side baselines. The load generator picks the backend \
+         itself (the next in turn; the fewest of its own requests in flight, ties in turn) and \
+         talks to the simulator directly, so they pay no proxy hop."
+            .to_owned(),
+    ];
+    router_lines.extend(commands);
+    let report = Report {
+        command,
+        env,
+        settings,
+        routers: router_lines,
+        sections,
+        elapsed: started.elapsed(),
+        plots: Ok(Vec::new()),
+    };
+    fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let mut report = report;
+    if !args.no_plots {
+        report.plots = plots(&report, &args.out_dir, &stamp);
+    }
+    let text = report::render(&report);
+    let out = args.out_dir.join(format!("quality-{stamp}.md"));
+    fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
+    println!("{text}");
+    eprintln!("router-bench: wrote {}", out.display());
+    if failed || args.keep_tmp {
+        eprintln!("router-bench: router logs kept in {}", tmp.display());
+    } else {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    // Let the runtime's sockets close before returning.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok((report, out))
+}
+
+/// Draws the plots next to the report; their file names, or why not.
+fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<String>, String> {
+    plot::font()?;
+    let mut files = Vec::new();
+    for s in &report.sections {
+        let file = format!("quality-{stamp}-ttft-{}.png", s.workload);
+        let series = s
+            .rows
+            .iter()
+            .map(|r| (r.router.as_str(), r.ttft_sorted_ms.as_slice()))
+            .collect::<Vec<_>>();
+        plot::ttft_cdf(
+            &dir.join(&file),
+            &format!("TTFT CDF: {}", s.workload),
+            &series,
+        )?;
+        files.push(file);
+    }
+    let mut routers: Vec<&str> = Vec::new();
+    let mut points = Vec::new();
+    for s in &report.sections {
+        for r in &s.rows {
+            if !routers.contains(&r.router.as_str()) {
+                routers.push(&r.router);
+            }
+            points.push(plot::Point {
+                router: r.router.clone(),
+                workload: s.workload.clone(),
+                load: r.max_over_mean(),
+                hit: r.hit_rate(),
+            });
+        }
+    }
+    let file = format!("quality-{stamp}-hit-vs-load.png");
+    plot::hit_vs_load(&dir.join(&file), &routers, &points)?;
+    files.push(file);
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn a_tiny_quick_run_writes_a_sane_report() {
+        let out =
+            std::env::temp_dir().join(format!("router-bench-quality-test-{}", std::process::id()));
+        let mut argv = vec![
+            "router-bench".to_owned(),
+            "--quick".into(),
+            "--backends=2".into(),
+            "--concurrency=3".into(),
+            "--time-scale=0.01".into(),
+            "--output-len=4".into(),
+            "--sp-groups=2".into(),
+            "--sp-prompts=3".into(),
+            "--sp-system-len=64".into(),
+            "--sp-question-len=16".into(),
+            "--mt-conversations=2".into(),
+            "--mt-turns-min=2".into(),
+            "--mt-turns-max=3".into(),
+            "--mt-common-len=32".into(),
+            "--mt-conv-prefix-len=48".into(),
+            "--mt-question-len=8".into(),
+            "--pr-prefixes=2".into(),
+            "--pr-suffixes=3".into(),
+            "--pr-prefix-len=64".into(),
+            "--ns-requests=4".into(),
+            "--ns-prompt-len=40".into(),
+            "--threads=2".into(),
+            format!("--out-dir={}", out.display()),
+        ];
+        // The daemon is a separate binary this test does not build: name
+        // one to include it.
+        match std::env::var_os("ROUTER_BENCH_TEST_DAEMON") {
+            Some(bin) => {
+                argv.push("--routers=round-robin,least-loaded,router-daemon".into());
+                argv.push(format!("--router-bin={}", PathBuf::from(bin).display()));
+            }
+            None => argv.push("--routers=round-robin,least-loaded".into()),
+        }
+        let args = Cli::parse_from(argv).args;
+        let routers = args.routers.len();
+        let (report, path) = run(args).expect("the run completes");
+        let text = fs::read_to_string(&path).expect("the report is written");
+        assert!(text.contains("| router | hit rate |"));
+        assert_eq!(report.sections.len(), 4);
+        for s in &report.sections {
+            assert_eq!(s.rows.len(), routers, "{}: {:?}", s.workload, s.notes);
+            let ideal = s.ideal.hit_rate();
+            assert!(
+                (0.0..=1.0).contains(&ideal),
+                "{}: ideal {ideal}",
+                s.workload
+            );
+            if s.workload != "no-sharing" {
+                assert!(ideal > 0.0, "{}: the workload shares prefixes", s.workload);
+            }
+            for row in &s.rows {
+                assert_eq!(row.errors, 0, "{}/{}", s.workload, row.router);
+                assert_eq!(row.requests, s.requests, "{}/{}", s.workload, row.router);
+                assert!(row.prompt_tokens > 0 && row.ttft_mean_ms > 0.0 && row.req_per_s > 0.0);
+                assert!((0.0..=1.0).contains(&row.hit_rate()));
+                assert!(
+                    row.cached_tokens <= s.ideal.cached_tokens,
+                    "{}/{}",
+                    s.workload,
+                    row.router
+                );
+                assert!(row.max_over_mean() >= 1.0);
+            }
+        }
+        let _ = fs::remove_dir_all(&out);
+    }
+}

@@ -1,0 +1,145 @@
+//! PNG plots of the routing-quality report: the TTFT CDF of each router on
+//! one workload, and hit rate against load imbalance for every (workload,
+//! router) pair. Text needs a TrueType font from the system (DejaVu or
+//! Liberation Sans); without one the plots are skipped.
+use std::{fs, path::Path, sync::OnceLock};
+
+use plotters::{prelude::*, style::FontStyle};
+
+/// Where a sans-serif TrueType font usually is.
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+/// The font family name the plots use.
+const FAMILY: &str = "sans-serif";
+
+/// Registers a system font once; the error says why plots are skipped.
+pub fn font() -> Result<(), String> {
+    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let bytes = FONTS
+            .iter()
+            .find_map(|path| fs::read(path).ok())
+            .ok_or_else(|| format!("no TrueType font in {}", FONTS.join(", ")))?;
+        // plotters keeps registered fonts for the life of the process.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font(FAMILY, FontStyle::Normal, bytes)
+            .map_err(|_| "the system font is not a valid TrueType font".to_owned())
+    })
+    .clone()
+}
+
+fn text<E: std::fmt::Display>(err: E) -> String {
+    err.to_string()
+}
+
+/// The TTFT CDF of each `(router, sorted TTFTs in ms)`.
+pub fn ttft_cdf(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(text)?;
+    let max = series
+        .iter()
+        .filter_map(|(_, v)| v.last().copied())
+        .fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FAMILY, 22))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max * 1.05, 0.0..1.0)
+        .map_err(text)?;
+    chart
+        .configure_mesh()
+        .x_desc("TTFT (ms)")
+        .y_desc("fraction of requests")
+        .draw()
+        .map_err(text)?;
+    for (i, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let n = values.len() as f64;
+        let points = values
+            .iter()
+            .enumerate()
+            .map(move |(k, &v)| (v, (k + 1) as f64 / n));
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(text)?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .label_font((FAMILY, 16))
+        .draw()
+        .map_err(text)?;
+    root.present().map_err(text)
+}
+
+/// One point of [`hit_vs_load`].
+#[derive(Clone, Debug)]
+pub struct Point {
+    /// The router (one colour each).
+    pub router: String,
+    /// The workload (the point's label).
+    pub workload: String,
+    /// Busiest backend ÷ mean.
+    pub load: f64,
+    /// Achieved hit rate.
+    pub hit: f64,
+}
+
+/// Hit rate against max/mean load, one colour per router.
+pub fn hit_vs_load(path: &Path, routers: &[&str], points: &[Point]) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(text)?;
+    let max_load = points.iter().map(|p| p.load).fold(1.5, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("hit rate vs load imbalance", (FAMILY, 22))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.95..max_load * 1.08, 0.0..1.0)
+        .map_err(text)?;
+    chart
+        .configure_mesh()
+        .x_desc("max/mean requests per backend")
+        .y_desc("prefix-cache hit rate")
+        .draw()
+        .map_err(text)?;
+    for (i, router) in routers.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mine = points.iter().filter(|p| p.router == *router);
+        chart
+            .draw_series(
+                mine.clone()
+                    .map(|p| Circle::new((p.load, p.hit), 6, color.filled())),
+            )
+            .map_err(text)?
+            .label(*router)
+            .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
+        chart
+            .draw_series(mine.map(|p| {
+                EmptyElement::at((p.load, p.hit))
+                    + Text::new(p.workload.clone(), (8, -14), (FAMILY, 13).into_font())
+            }))
+            .map_err(text)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .label_font((FAMILY, 16))
+        .draw()
+        .map_err(text)?;
+    root.present().map_err(text)
+}

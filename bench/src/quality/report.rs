@@ -1,0 +1,301 @@
+//! The routing-quality report: one table per workload (hit rate against
+//! the workload's ideal, TTFT against round-robin, load balance,
+//! throughput), in markdown.
+use std::{collections::HashMap, fmt::Write as _, time::Duration};
+
+use super::{run::Outcome, workload::Ideal};
+
+/// One router's numbers on one workload.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The router's name.
+    pub router: String,
+    /// Successful requests.
+    pub requests: usize,
+    /// Failed requests.
+    pub errors: u64,
+    /// Σ prompt tokens (from usage).
+    pub prompt_tokens: u64,
+    /// Σ cached tokens (from usage).
+    pub cached_tokens: u64,
+    /// Mean TTFT, ms.
+    pub ttft_mean_ms: f64,
+    /// Median TTFT, ms.
+    pub ttft_p50_ms: f64,
+    /// 99th percentile TTFT, ms.
+    pub ttft_p99_ms: f64,
+    /// Mean end-to-end latency, ms.
+    pub e2e_mean_ms: f64,
+    /// Requests per backend, in fleet order.
+    pub loads: Vec<u64>,
+    /// Completed requests per second.
+    pub req_per_s: f64,
+    /// Every TTFT, ms, ascending (for the CDF plot).
+    pub ttft_sorted_ms: Vec<f64>,
+}
+
+impl Row {
+    /// Summarises a run.
+    pub fn new(router: &str, outcome: &Outcome) -> Self {
+        let records = &outcome.records;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut ttft = records.iter().map(|r| ms(r.ttft)).collect::<Vec<_>>();
+        ttft.sort_by(f64::total_cmp);
+        let mean = |v: &[f64]| {
+            if v.is_empty() {
+                0.0
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
+        let e2e = records.iter().map(|r| ms(r.e2e)).collect::<Vec<_>>();
+        let mut by_id: HashMap<&str, u64> = HashMap::new();
+        for r in records {
+            *by_id.entry(r.served_by.as_str()).or_default() += 1;
+        }
+        let loads = outcome
+            .backend_ids
+            .iter()
+            .map(|id| by_id.get(id.as_str()).copied().unwrap_or(0))
+            .collect();
+        let secs = outcome.elapsed.as_secs_f64();
+        Row {
+            router: router.to_owned(),
+            requests: records.len(),
+            errors: outcome.errors,
+            prompt_tokens: records.iter().map(|r| r.prompt_tokens).sum(),
+            cached_tokens: records.iter().map(|r| r.cached_tokens).sum(),
+            ttft_mean_ms: mean(&ttft),
+            ttft_p50_ms: quantile(&ttft, 0.5),
+            ttft_p99_ms: quantile(&ttft, 0.99),
+            e2e_mean_ms: mean(&e2e),
+            loads,
+            req_per_s: if secs > 0.0 {
+                records.len() as f64 / secs
+            } else {
+                0.0
+            },
+            ttft_sorted_ms: ttft,
+        }
+    }
+
+    /// Cached ÷ prompt tokens.
+    pub fn hit_rate(&self) -> f64 {
+        if self.prompt_tokens == 0 {
+            0.0
+        } else {
+            self.cached_tokens as f64 / self.prompt_tokens as f64
+        }
+    }
+
+    /// The busiest backend's requests ÷ the mean per backend (1 is even).
+    pub fn max_over_mean(&self) -> f64 {
+        let total: u64 = self.loads.iter().sum();
+        let max = self.loads.iter().copied().max().unwrap_or(0);
+        if total == 0 {
+            0.0
+        } else {
+            max as f64 * self.loads.len() as f64 / total as f64
+        }
+    }
+}
+
+/// The `q` quantile of sorted values (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One workload's results.
+#[derive(Clone, Debug)]
+pub struct Section {
+    /// The workload's name.
+    pub workload: String,
+    /// Its parameters.
+    pub description: String,
+    /// Requests it sends.
+    pub requests: usize,
+    /// Its ideal hit rate.
+    pub ideal: Ideal,
+    /// KV-cache blocks per simulator.
+    pub kv_blocks: usize,
+    /// The working-set estimate, in blocks.
+    pub working_set_blocks: usize,
+    /// One row per router.
+    pub rows: Vec<Row>,
+    /// Failures and remarks.
+    pub notes: Vec<String>,
+}
+
+/// The whole report.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The command line.
+    pub command: String,
+    /// Machine and build lines.
+    pub env: Vec<String>,
+    /// Settings lines.
+    pub settings: Vec<String>,
+    /// Router command lines and how the baselines run.
+    pub routers: Vec<String>,
+    /// One per workload.
+    pub sections: Vec<Section>,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+    /// PNG file names (next to the report), or why there are none.
+    pub plots: Result<Vec<String>, String>,
+}
+
+/// The name of the baseline TTFT ratios are taken against.
+pub const BASELINE: &str = "round-robin";
+
+/// Renders the report as markdown.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Routing quality: `router-bench quality`\n");
+    let _ = writeln!(out, "`{}`\n", r.command);
+    for line in &r.env {
+        let _ = writeln!(out, "- {line}");
+    }
+    for line in &r.settings {
+        let _ = writeln!(out, "- {line}");
+    }
+    let _ = writeln!(
+        out,
+        "- whole run: {:.1} s\n\n\
+         **Columns.** *hit rate*: Σ cached ÷ Σ prompt tokens, from each response's \
+         `usage.prompt_tokens_details.cached_tokens`; *% of ideal*: hit rate ÷ the workload's \
+         ideal (every request replayed in order into one unbounded cache: the leading whole \
+         16-token blocks an earlier request computed, prompt and reply); *TTFT*: request sent to \
+         the first streamed token, at the client; *÷ RR*: mean TTFT ÷ round-robin's; *max/mean \
+         load*: the busiest backend's requests (`x-served-by`) ÷ the mean per backend; *req/s*: \
+         completed requests ÷ the run's wall time (closed loop: this is latency-bound).\n",
+        r.elapsed.as_secs_f64()
+    );
+    for s in &r.sections {
+        let _ = writeln!(out, "## {}\n", s.workload);
+        let _ = writeln!(
+            out,
+            "{}. {} requests; ideal hit rate **{:.1}%** ({} of {} prompt tokens); working set \
+             ≈ {} blocks, KV cache {} blocks per simulator.\n",
+            s.description,
+            s.requests,
+            s.ideal.hit_rate() * 100.0,
+            s.ideal.cached_tokens,
+            s.ideal.prompt_tokens,
+            s.working_set_blocks,
+            s.kv_blocks
+        );
+        let baseline = s
+            .rows
+            .iter()
+            .find(|row| row.router == BASELINE)
+            .map(|row| row.ttft_mean_ms);
+        let _ = writeln!(
+            out,
+            "| router | hit rate | % of ideal | mean TTFT ms | p50 TTFT ms | p99 TTFT ms | TTFT ÷ RR | mean e2e ms | max/mean load | per backend | req/s | ok/failed |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for row in &s.rows {
+            let ideal = s.ideal.hit_rate();
+            let of_ideal = if ideal > 0.0 {
+                format!("{:.0}%", row.hit_rate() / ideal * 100.0)
+            } else {
+                "–".into()
+            };
+            let vs_rr = match baseline {
+                Some(b) if b > 0.0 => format!("{:.2}", row.ttft_mean_ms / b),
+                _ => "–".into(),
+            };
+            let loads = row
+                .loads
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join("/");
+            let _ = writeln!(
+                out,
+                "| {} | {:.1}% | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.2} | {} | {:.1} | {}/{} |",
+                row.router,
+                row.hit_rate() * 100.0,
+                of_ideal,
+                row.ttft_mean_ms,
+                row.ttft_p50_ms,
+                row.ttft_p99_ms,
+                vs_rr,
+                row.e2e_mean_ms,
+                row.max_over_mean(),
+                loads,
+                row.req_per_s,
+                row.requests,
+                row.errors
+            );
+        }
+        out.push('\n');
+        for note in &s.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+        if !s.notes.is_empty() {
+            out.push('\n');
+        }
+    }
+    match &r.plots {
+        Ok(files) if !files.is_empty() => {
+            let _ = writeln!(out, "## Plots\n");
+            for file in files {
+                let _ = writeln!(out, "![{file}]({file})\n");
+            }
+        }
+        Ok(_) => {}
+        Err(why) => {
+            let _ = writeln!(out, "Plots skipped: {why}.\n");
+        }
+    }
+    let _ = writeln!(out, "## Routers\n");
+    for line in &r.routers {
+        let _ = writeln!(out, "- {line}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_use_the_nearest_rank() {
+        let v = (1..=100).map(f64::from).collect::<Vec<_>>();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&[3.0], 0.99), 3.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn an_even_split_has_a_load_ratio_of_one() {
+        let row = Row {
+            router: "x".into(),
+            requests: 8,
+            errors: 0,
+            prompt_tokens: 10,
+            cached_tokens: 5,
+            ttft_mean_ms: 1.0,
+            ttft_p50_ms: 1.0,
+            ttft_p99_ms: 1.0,
+            e2e_mean_ms: 1.0,
+            loads: vec![4, 4],
+            req_per_s: 1.0,
+            ttft_sorted_ms: vec![1.0],
+        };
+        assert_eq!(row.max_over_mean(), 1.0);
+        assert_eq!(row.hit_rate(), 0.5);
+        let skewed = Row {
+            loads: vec![8, 0],
+            ..row
+        };
+        assert_eq!(skewed.max_over_mean(), 2.0);
+    }
+}

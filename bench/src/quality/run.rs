@@ -1,0 +1,786 @@
+//! One measured run: a fresh fleet of in-process vllm-sim backends, one
+//! router in front of it (or a client-side choice of backend), and a
+//! closed-loop load generator that streams every request and records its
+//! TTFT, latency, serving backend and cached tokens.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+
+use super::workload::{Prompt, Session, Workload, chat_messages};
+use crate::{http, procs::Proc};
+
+/// How requests reach the backends.
+#[derive(Clone, Debug)]
+pub enum RouterKind {
+    /// The router-daemon binary with these extra flags.
+    Daemon {
+        /// The binary.
+        bin: PathBuf,
+        /// Flags after `--listen` and `--backend`.
+        extra: Vec<String>,
+    },
+    /// The load generator sends each request to the next backend in turn.
+    RoundRobin,
+    /// The load generator sends each request to the backend with the fewest
+    /// of its requests in flight (ties in turn).
+    LeastLoaded,
+    /// Another router, started with `bash -c CMD` (`$PORT`, `$BACKEND_URLS`
+    /// comma-separated, `$MODEL` in its environment).
+    Peer {
+        /// The command line.
+        cmd: String,
+    },
+}
+
+/// A router of the comparison.
+#[derive(Clone, Debug)]
+pub struct Router {
+    /// Its name in the report.
+    pub name: String,
+    /// How it is run.
+    pub kind: RouterKind,
+}
+
+/// The simulator settings of a run.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    /// Simulators.
+    pub backends: usize,
+    /// A simulator's base configuration (its id is set per instance).
+    pub sim: vllm_sim::Config,
+}
+
+/// When sessions start.
+#[derive(Clone, Copy, Debug)]
+pub enum Arrivals {
+    /// This many sessions in flight; the next starts when one ends.
+    Closed(usize),
+    /// Sessions start at Poisson times, this many per second on average
+    /// (seeded), however many are in flight.
+    Poisson {
+        /// Sessions per second.
+        rate: f64,
+        /// Seed of the arrival times.
+        seed: u64,
+    },
+}
+
+/// What one request gave.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Session index.
+    pub session: usize,
+    /// Turn within the session.
+    pub turn: usize,
+    /// `x-served-by`.
+    pub served_by: String,
+    /// Request sent to first token received.
+    pub ttft: Duration,
+    /// Request sent to last byte received.
+    pub e2e: Duration,
+    /// `usage.prompt_tokens`.
+    pub prompt_tokens: u64,
+    /// `usage.prompt_tokens_details.cached_tokens`.
+    pub cached_tokens: u64,
+    /// The generated text.
+    pub reply: String,
+}
+
+/// Everything a run measured.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Successful requests.
+    pub records: Vec<Record>,
+    /// Failed requests, with the first few messages.
+    pub errors: u64,
+    /// The first error messages.
+    pub error_samples: Vec<String>,
+    /// First request sent to last answer received.
+    pub elapsed: Duration,
+    /// Simulator ids, in fleet order.
+    pub backend_ids: Vec<String>,
+    /// The router's command line, when it is a process.
+    pub command: Option<String>,
+}
+
+/// Per-request limit.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// In-process simulators, stopped on [`Fleet::stop`].
+struct Fleet {
+    addrs: Vec<SocketAddr>,
+    ids: Vec<String>,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<Result<(), vllm_sim::Error>>>,
+}
+
+impl Fleet {
+    async fn start(config: &FleetConfig) -> Result<Self> {
+        let mut fleet = Fleet {
+            addrs: Vec::new(),
+            ids: Vec::new(),
+            stops: Vec::new(),
+            tasks: Vec::new(),
+        };
+        for i in 0..config.backends {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .context("binding a simulator")?;
+            let addr = listener.local_addr().context("simulator address")?;
+            let id = format!("sim-{i}");
+            let sim = vllm_sim::Config {
+                id: id.clone(),
+                port: addr.port(),
+                ..config.sim.clone()
+            };
+            let (stop, stopped) = oneshot::channel::<()>();
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            fleet.addrs.push(addr);
+            fleet.ids.push(id);
+            fleet.stops.push(stop);
+            fleet
+                .tasks
+                .push(tokio::spawn(vllm_sim::serve(listener, sim, shutdown)));
+        }
+        Ok(fleet)
+    }
+
+    async fn stop(self) -> Result<()> {
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+        for task in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(10), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(err))) => bail!("a simulator failed: {err}"),
+                Ok(Err(err)) => bail!("a simulator task failed: {err}"),
+                Err(_) => bail!("a simulator did not stop within 10 s"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the load generator sends a request.
+enum Target {
+    /// Always to this address (a router).
+    Fixed(SocketAddr),
+    /// The next backend in turn.
+    RoundRobin {
+        addrs: Vec<SocketAddr>,
+        next: AtomicUsize,
+    },
+    /// The backend with the fewest requests in flight from this generator.
+    LeastLoaded {
+        addrs: Vec<SocketAddr>,
+        in_flight: Vec<AtomicUsize>,
+        next: AtomicUsize,
+    },
+}
+
+impl Target {
+    /// Picks an address; the index is passed back to [`Target::done`].
+    fn pick(&self) -> (usize, SocketAddr) {
+        match self {
+            Target::Fixed(addr) => (0, *addr),
+            Target::RoundRobin { addrs, next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % addrs.len();
+                (i, addrs[i])
+            }
+            Target::LeastLoaded {
+                addrs,
+                in_flight,
+                next,
+            } => {
+                let start = next.fetch_add(1, Ordering::Relaxed);
+                let n = addrs.len();
+                let i = (0..n)
+                    .map(|k| (start + k) % n)
+                    .min_by_key(|&i| in_flight[i].load(Ordering::Relaxed))
+                    .unwrap_or(0);
+                in_flight[i].fetch_add(1, Ordering::Relaxed);
+                (i, addrs[i])
+            }
+        }
+    }
+
+    fn done(&self, i: usize) {
+        if let Target::LeastLoaded { in_flight, .. } = self {
+            in_flight[i].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `workload` through `router` in front of a fresh fleet, sessions
+/// starting as `arrivals` says.
+pub async fn run(
+    workload: Arc<Workload>,
+    router: &Router,
+    fleet: &FleetConfig,
+    arrivals: Arrivals,
+    session_header: Option<&str>,
+    tmp: &Path,
+) -> Result<Outcome> {
+    let sims = Fleet::start(fleet).await?;
+    let result = drive(workload, router, &sims, arrivals, session_header, tmp).await;
+    let stopped = sims.stop().await;
+    let outcome = result?;
+    stopped?;
+    Ok(outcome)
+}
+
+async fn drive(
+    workload: Arc<Workload>,
+    router: &Router,
+    sims: &Fleet,
+    arrivals: Arrivals,
+    session_header: Option<&str>,
+    tmp: &Path,
+) -> Result<Outcome> {
+    let urls = sims
+        .addrs
+        .iter()
+        .map(|a| format!("http://{a}"))
+        .collect::<Vec<_>>();
+    let mut proc = None;
+    let mut command = None;
+    let target = match &router.kind {
+        RouterKind::RoundRobin => Target::RoundRobin {
+            addrs: sims.addrs.clone(),
+            next: AtomicUsize::new(0),
+        },
+        RouterKind::LeastLoaded => Target::LeastLoaded {
+            addrs: sims.addrs.clone(),
+            in_flight: sims.addrs.iter().map(|_| AtomicUsize::new(0)).collect(),
+            next: AtomicUsize::new(0),
+        },
+        RouterKind::Daemon { bin, extra } => {
+            let addr = free_addr()?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("--listen").arg(addr.to_string());
+            for url in &urls {
+                cmd.arg("--backend").arg(url);
+            }
+            cmd.args(extra).env("RUST_LOG", "warn").env("NO_COLOR", "1");
+            command = Some(format!("RUST_LOG=warn {}", crate::run::show(&cmd)));
+            let log = tmp.join(format!("{}.log", router.name));
+            proc = Some(Proc::spawn(&router.name, cmd, &log)?);
+            Target::Fixed(addr)
+        }
+        RouterKind::Peer { cmd: line } => {
+            let addr = free_addr()?;
+            let mut cmd = Command::new("bash");
+            cmd.arg("-c")
+                .arg(line)
+                .env("PORT", addr.port().to_string())
+                .env("BACKEND_URLS", urls.join(","))
+                .env("MODEL", vllm_sim::config::DEFAULT_MODEL);
+            command = Some(format!(
+                "PORT={} BACKEND_URLS={} bash -c '{line}'",
+                addr.port(),
+                urls.join(",")
+            ));
+            let log = tmp.join(format!("{}.log", router.name));
+            proc = Some(Proc::spawn(&router.name, cmd, &log)?);
+            Target::Fixed(addr)
+        }
+    };
+    // Every backend answers first (the tokenizer is built on first use).
+    for addr in &sims.addrs {
+        wait_ready(*addr, None).await?;
+    }
+    if let (Target::Fixed(addr), Some(p)) = (&target, proc.as_mut()) {
+        wait_ready(*addr, Some(p)).await?;
+    }
+
+    let shared = Arc::new(Shared {
+        workload,
+        target,
+        next: AtomicUsize::new(0),
+        errors: Mutex::new((0, Vec::new())),
+        session_header: session_header.map(str::to_owned),
+    });
+    let started = Instant::now();
+    let workers = match arrivals {
+        Arrivals::Closed(concurrency) => (0..concurrency.max(1))
+            .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
+            .collect::<Vec<_>>(),
+        Arrivals::Poisson { rate, seed } => {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut at = tokio::time::Instant::now();
+            let mut tasks = Vec::new();
+            for session in 0..shared.workload.sessions.len() {
+                // Exponential gaps: -ln(U) / rate, U in (0, 1].
+                let u: f64 = 1.0 - rng.random::<f64>();
+                at += Duration::from_secs_f64(-u.ln() / rate);
+                tokio::time::sleep_until(at).await;
+                let shared = Arc::clone(&shared);
+                tasks.push(tokio::spawn(async move {
+                    let mut conns = HashMap::new();
+                    match shared.workload.sessions.get(session) {
+                        Some(s) => run_session(&shared, &mut conns, s).await,
+                        None => Vec::new(),
+                    }
+                }));
+            }
+            tasks
+        }
+    };
+    let mut records = Vec::new();
+    for w in workers {
+        records.extend(w.await.context("a load task panicked")?);
+    }
+    let elapsed = started.elapsed();
+    if let Some(mut p) = proc {
+        if let Some(status) = p.exited() {
+            bail!(
+                "{} exited during the run ({status}): {}",
+                p.name,
+                p.log_tail(5)
+            );
+        }
+        p.stop();
+    }
+    let (errors, error_samples) = shared.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    Ok(Outcome {
+        records,
+        errors,
+        error_samples,
+        elapsed,
+        backend_ids: sims.ids.clone(),
+        command,
+    })
+}
+
+/// A free port on 127.0.0.1 for a router process.
+fn free_addr() -> Result<SocketAddr> {
+    let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a port")?;
+    probe.local_addr().context("finding a port")
+}
+
+/// Waits until `addr` answers a one-token completion (whose prompt is too
+/// short to cache a block) with 200.
+async fn wait_ready(addr: SocketAddr, mut proc: Option<&mut Proc>) -> Result<()> {
+    let body = serde_json::json!({
+        "model": vllm_sim::config::DEFAULT_MODEL,
+        "prompt": "ping",
+        "max_tokens": 1,
+    })
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut conns = HashMap::new();
+        let last = match exchange(
+            &mut conns,
+            addr,
+            "/v1/completions",
+            body.as_bytes(),
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            Ok(_) => return Ok(()),
+            Err(err) => err,
+        };
+        if let Some(p) = proc.as_deref_mut()
+            && let Some(status) = p.exited()
+        {
+            bail!("{} exited ({status}): {}", p.name, p.log_tail(5));
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} did not answer a completion within 30 s (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// State the load workers share.
+struct Shared {
+    workload: Arc<Workload>,
+    target: Target,
+    /// The next session to start.
+    next: AtomicUsize,
+    /// Failed requests and the first messages.
+    errors: Mutex<(u64, Vec<String>)>,
+    session_header: Option<String>,
+}
+
+impl Shared {
+    fn error(&self, msg: String) {
+        if let Ok(mut e) = self.errors.lock() {
+            e.0 += 1;
+            if e.1.len() < 5 {
+                e.1.push(msg);
+            }
+        }
+    }
+}
+
+/// One closed-loop client: takes the next session, runs it, repeats until
+/// none are left.
+async fn worker(shared: Arc<Shared>) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut conns: HashMap<SocketAddr, TcpStream> = HashMap::new();
+    loop {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        let Some(session) = shared.workload.sessions.get(i) else {
+            break;
+        };
+        records.extend(run_session(&shared, &mut conns, session).await);
+    }
+    records
+}
+
+/// Sends a session's requests one after another; a conversation stops at
+/// its first failure (the next turn needs the reply).
+async fn run_session(
+    shared: &Shared,
+    conns: &mut HashMap<SocketAddr, TcpStream>,
+    session: &Session,
+) -> Vec<Record> {
+    let model = vllm_sim::config::DEFAULT_MODEL;
+    let output = shared.workload.output_len;
+    let mut records = Vec::new();
+    let mut replies: Vec<String> = Vec::new();
+    let session_id = format!("session-{}", session.id);
+    for turn in 0..session.prompt.requests() {
+        let (path, body) = match &session.prompt {
+            Prompt::Text(text) => (
+                "/v1/completions",
+                serde_json::json!({
+                    "model": model,
+                    "prompt": text,
+                    "max_tokens": output,
+                    "stream": true,
+                    "stream_options": {"include_usage": true},
+                }),
+            ),
+            Prompt::Chat { system, turns } => {
+                let messages = chat_messages(system, turns, &replies, turn)
+                    .into_iter()
+                    .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+                    .collect::<Vec<_>>();
+                (
+                    "/v1/chat/completions",
+                    serde_json::json!({
+                        "model": model,
+                        "messages": messages,
+                        "max_tokens": output,
+                        "stream": true,
+                        "stream_options": {"include_usage": true},
+                    }),
+                )
+            }
+        };
+        let body = body.to_string();
+        let header = shared
+            .session_header
+            .as_deref()
+            .map(|name| (name, session_id.as_str()));
+        let (slot, addr) = shared.target.pick();
+        let answer = exchange(conns, addr, path, body.as_bytes(), header, REQUEST_TIMEOUT).await;
+        shared.target.done(slot);
+        match answer {
+            Ok(a) => {
+                replies.push(a.text.clone());
+                records.push(Record {
+                    session: session.id,
+                    turn,
+                    served_by: a.served_by,
+                    ttft: a.ttft,
+                    e2e: a.e2e,
+                    prompt_tokens: a.prompt_tokens,
+                    cached_tokens: a.cached_tokens,
+                    reply: a.text,
+                });
+            }
+            Err(err) => {
+                shared.error(format!("session {} turn {turn}: {err}", session.id));
+                break;
+            }
+        }
+    }
+    records
+}
+
+/// One streamed answer.
+#[derive(Debug)]
+struct Answer {
+    served_by: String,
+    ttft: Duration,
+    e2e: Duration,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    text: String,
+}
+
+/// Sends one request over a kept-alive connection to `addr` (a new one
+/// when there is none, or when a reused one fails before answering) and
+/// reads the whole answer.
+async fn exchange(
+    conns: &mut HashMap<SocketAddr, TcpStream>,
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    header: Option<(&str, &str)>,
+    limit: Duration,
+) -> Result<Answer, String> {
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some((name, value)) = header {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+
+    for attempt in 0..2 {
+        let (mut stream, reused) = match conns.remove(&addr) {
+            Some(s) => (s, true),
+            None => {
+                let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| format!("connect to {addr} timed out"))?
+                    .map_err(|e| format!("connect to {addr}: {e}"))?;
+                let _ = s.set_nodelay(true);
+                (s, false)
+            }
+        };
+        let start = Instant::now();
+        let result = tokio::time::timeout(limit, read_answer(&mut stream, &request, start)).await;
+        match result {
+            Ok(Ok((answer, keep))) => {
+                if keep {
+                    conns.insert(addr, stream);
+                }
+                return Ok(answer);
+            }
+            // The server closed the idle connection: retry on a new one.
+            Ok(Err(Failure::Stale(_))) if reused && attempt == 0 => continue,
+            Ok(Err(Failure::Stale(e) | Failure::Other(e))) => return Err(e),
+            Err(_) => return Err(format!("no complete answer within {} s", limit.as_secs())),
+        }
+    }
+    Err("connection closed twice before an answer".into())
+}
+
+/// Why an exchange failed.
+enum Failure {
+    /// Failed before any response byte (retryable on a reused connection).
+    Stale(String),
+    /// Anything else.
+    Other(String),
+}
+
+async fn read_answer(
+    stream: &mut TcpStream,
+    request: &[u8],
+    start: Instant,
+) -> Result<(Answer, bool), Failure> {
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| Failure::Stale(format!("write: {e}")))?;
+    let mut buf = Vec::with_capacity(16 << 10);
+    let mut chunk = vec![0u8; 16 << 10];
+    let head = loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Failure::Stale(format!("read: {e}")))?;
+        if n == 0 {
+            return Err(Failure::Stale("closed before a response".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(head) = http::parse_response(&buf).map_err(|e| Failure::Other(e.to_string()))? {
+            break head;
+        }
+        if buf.len() > 64 << 10 {
+            return Err(Failure::Other("response head too long".into()));
+        }
+    };
+    let served_by =
+        header_value(&buf[..head.len], vllm_sim::SERVED_BY.as_str()).unwrap_or_default();
+    let mut sse = Sse::default();
+    let mut body_done;
+    let rest = buf.split_off(head.len);
+    let mut dechunker = http::Dechunker::default();
+    let mut remaining = match head.framing {
+        http::Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut feed = |input: &[u8], sse: &mut Sse| -> Result<bool, Failure> {
+        let now = Instant::now();
+        match head.framing {
+            http::Framing::Chunked => {
+                let mut data = Vec::new();
+                let (_, done) = dechunker
+                    .feed(input, |d| data.extend_from_slice(d))
+                    .map_err(|e| Failure::Other(e.to_string()))?;
+                sse.feed(&data, now);
+                Ok(done)
+            }
+            http::Framing::Length(_) => {
+                let take = usize::try_from(remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(input.len());
+                sse.feed(&input[..take], now);
+                remaining -= take as u64;
+                Ok(remaining == 0)
+            }
+            http::Framing::UntilClose => {
+                sse.feed(input, now);
+                Ok(false)
+            }
+        }
+    };
+    body_done = feed(&rest, &mut sse)?;
+    while !body_done {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| Failure::Other(format!("read body: {e}")))?;
+        if n == 0 {
+            if head.framing == http::Framing::UntilClose {
+                break;
+            }
+            return Err(Failure::Other("closed mid-body".into()));
+        }
+        body_done = feed(&chunk[..n], &mut sse)?;
+    }
+    let e2e = start.elapsed();
+    if head.status != 200 {
+        let text = String::from_utf8_lossy(&sse.pending);
+        return Err(Failure::Other(format!(
+            "HTTP {} from {}: {}",
+            head.status,
+            if served_by.is_empty() {
+                "?"
+            } else {
+                &served_by
+            },
+            text.chars().take(200).collect::<String>()
+        )));
+    }
+    let ttft = sse.first.map_or(e2e, |t| t.duration_since(start));
+    let answer = Answer {
+        served_by,
+        ttft,
+        e2e,
+        prompt_tokens: sse.prompt_tokens,
+        cached_tokens: sse.cached_tokens,
+        text: sse.text,
+    };
+    Ok((answer, !head.close))
+}
+
+/// The value of header `name` in a response head.
+fn header_value(head: &[u8], name: &str) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    resp.parse(head).ok()?;
+    resp.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+}
+
+/// An SSE body read as it arrives: the first token's time, the text and
+/// the usage.
+#[derive(Debug, Default)]
+struct Sse {
+    /// Bytes of an event not yet complete (the whole body when not SSE).
+    pending: Vec<u8>,
+    first: Option<Instant>,
+    text: String,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+}
+
+impl Sse {
+    fn feed(&mut self, data: &[u8], now: Instant) {
+        self.pending.extend_from_slice(data);
+        while let Some(end) = memchr::memmem::find(&self.pending, b"\n\n") {
+            let event = self.pending.drain(..end + 2).collect::<Vec<_>>();
+            for line in event.split(|&b| b == b'\n') {
+                if let Some(data) = line.strip_prefix(b"data: ") {
+                    self.event(data, now);
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, data: &[u8], now: Instant) {
+        if data == b"[DONE]" {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return;
+        };
+        let choice = &v["choices"][0];
+        let piece = choice["text"]
+            .as_str()
+            .or_else(|| choice["delta"]["content"].as_str())
+            .unwrap_or("");
+        if !piece.is_empty() {
+            self.first.get_or_insert(now);
+            self.text.push_str(piece);
+        }
+        let usage = &v["usage"];
+        if let Some(prompt) = usage["prompt_tokens"].as_u64() {
+            self.prompt_tokens = prompt;
+            self.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_anywhere_give_the_same_answer() {
+        let body = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"the\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\" cache\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":40,\"prompt_tokens_details\":{\"cached_tokens\":32}}}\n\n",
+            "data: [DONE]\n\n"
+        )
+        .as_bytes();
+        let now = Instant::now();
+        for cut in 0..body.len() {
+            let mut sse = Sse::default();
+            sse.feed(&body[..cut], now);
+            sse.feed(&body[cut..], now);
+            assert_eq!(sse.text, "the cache");
+            assert_eq!((sse.prompt_tokens, sse.cached_tokens), (40, 32));
+            assert!(sse.first.is_some());
+        }
+    }
+}

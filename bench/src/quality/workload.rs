@@ -1,0 +1,428 @@
+//! The workloads of `router-bench quality`: seeded generators of sessions
+//! (one completion, or one chat conversation of several turns), and the
+//! ideal prefix-cache hit rate of a workload, computed from the prompts
+//! themselves.
+//!
+//! Prompts are made of words that are each one cl100k token with their
+//! leading space, so a length given in tokens is (about) a length in words.
+//! Distinct random texts share no 16-token block in practice (64 words,
+//! 64^16 combinations).
+use std::collections::HashSet;
+
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
+use vllm_sim::{
+    cache::{BlockHash, block_hashes},
+    chat_template,
+    tokenize::{TokenId, Tokenizer},
+};
+
+/// Words of generated prompts, each one token with its leading space.
+const WORDS: &[&str] = &[
+    " the", " of", " and", " to", " in", " is", " that", " for", " it", " as", " with", " was",
+    " on", " be", " at", " by", " this", " from", " or", " an", " are", " not", " but", " have",
+    " which", " one", " all", " can", " their", " more", " time", " model", " data", " system",
+    " cache", " token", " request", " server", " block", " memory", " value", " result", " first",
+    " new", " other", " some", " would", " about", " there", " when", " what", " so", " if",
+    " out", " up", " into", " than", " then", " also", " only", " over", " after", " most", " how",
+];
+
+/// A workload shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// SGLang's generated-shared-prefix: groups of prompts sharing a long
+    /// system prompt, each with its own question.
+    SharedPrefix,
+    /// vLLM's multi-turn benchmark: chat conversations that resend their
+    /// whole history each turn, under a common and a per-conversation
+    /// prefix.
+    MultiTurn,
+    /// A few prefixes, each followed by many different suffixes.
+    PrefixRepetition,
+    /// Random prompts sharing nothing.
+    NoSharing,
+}
+
+impl Kind {
+    /// The name used on the command line and in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::SharedPrefix => "shared-prefix",
+            Kind::MultiTurn => "multi-turn",
+            Kind::PrefixRepetition => "prefix-repetition",
+            Kind::NoSharing => "no-sharing",
+        }
+    }
+}
+
+/// The sizes of every workload (resolved from the flags).
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    /// Generated tokens per request.
+    pub output_len: usize,
+    /// shared-prefix: groups.
+    pub sp_groups: usize,
+    /// shared-prefix: prompts per group.
+    pub sp_prompts: usize,
+    /// shared-prefix: system-prompt tokens.
+    pub sp_system_len: usize,
+    /// shared-prefix: question tokens.
+    pub sp_question_len: usize,
+    /// multi-turn: conversations.
+    pub mt_conversations: usize,
+    /// multi-turn: fewest turns of a conversation.
+    pub mt_turns_min: usize,
+    /// multi-turn: most turns of a conversation.
+    pub mt_turns_max: usize,
+    /// multi-turn: tokens of the prefix common to all conversations.
+    pub mt_common_len: usize,
+    /// multi-turn: tokens of each conversation's own prefix.
+    pub mt_conv_prefix_len: usize,
+    /// multi-turn: tokens of each user turn.
+    pub mt_question_len: usize,
+    /// prefix-repetition: prefixes.
+    pub pr_prefixes: usize,
+    /// prefix-repetition: suffixes per prefix.
+    pub pr_suffixes: usize,
+    /// prefix-repetition: prefix tokens.
+    pub pr_prefix_len: usize,
+    /// prefix-repetition: suffix tokens.
+    pub pr_suffix_len: usize,
+    /// no-sharing: requests.
+    pub ns_requests: usize,
+    /// no-sharing: prompt tokens.
+    pub ns_prompt_len: usize,
+}
+
+/// What a session sends.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// One `/v1/completions` request.
+    Text(String),
+    /// A conversation on `/v1/chat/completions`: the system message, then one
+    /// request per user turn, each resending the whole history.
+    Chat {
+        /// The system message.
+        system: String,
+        /// The user turns, in order.
+        turns: Vec<String>,
+    },
+}
+
+impl Prompt {
+    /// Requests the session sends.
+    pub fn requests(&self) -> usize {
+        match self {
+            Prompt::Text(_) => 1,
+            Prompt::Chat { turns, .. } => turns.len(),
+        }
+    }
+}
+
+/// One closed-loop unit of work: its requests go one after another.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Index in [`Workload::sessions`].
+    pub id: usize,
+    /// What it sends.
+    pub prompt: Prompt,
+}
+
+/// A generated workload.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// Its shape.
+    pub kind: Kind,
+    /// Sessions in the order the load generator starts them.
+    pub sessions: Vec<Session>,
+    /// Its parameters, for the report.
+    pub description: String,
+    /// Tokens the fleet must cache for every reusable block to hit (an
+    /// estimate from the structure; sizes the simulators' KV cache).
+    pub working_set_tokens: usize,
+    /// Generated tokens per request.
+    pub output_len: usize,
+}
+
+impl Workload {
+    /// Requests in all.
+    pub fn requests(&self) -> usize {
+        self.sessions.iter().map(|s| s.prompt.requests()).sum()
+    }
+}
+
+/// `len` random words.
+fn text(rng: &mut StdRng, len: usize) -> String {
+    let mut out = String::with_capacity(len * 6);
+    for _ in 0..len {
+        out.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+    }
+    out
+}
+
+/// Generates `kind` from `seed` (each workload has its own stream, so one
+/// workload's sizes do not change another's prompts).
+pub fn generate(kind: Kind, sizes: &Sizes, seed: u64) -> Workload {
+    let mut rng =
+        StdRng::seed_from_u64(seed ^ (kind as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let s = sizes;
+    let (prompts, description, working_set_tokens) = match kind {
+        Kind::SharedPrefix => {
+            let mut prompts = Vec::new();
+            for _ in 0..s.sp_groups {
+                let system = text(&mut rng, s.sp_system_len);
+                for _ in 0..s.sp_prompts {
+                    let question = text(&mut rng, s.sp_question_len);
+                    prompts.push(Prompt::Text(format!("{system}{question}")));
+                }
+            }
+            (
+                prompts,
+                format!(
+                    "{} groups × {} prompts; system prompt {} tokens, question {} tokens, output {} \
+                     tokens; requests shuffled",
+                    s.sp_groups, s.sp_prompts, s.sp_system_len, s.sp_question_len, s.output_len
+                ),
+                s.sp_groups * s.sp_system_len,
+            )
+        }
+        Kind::MultiTurn => {
+            let common = text(&mut rng, s.mt_common_len);
+            let mut convs = Vec::new();
+            let mut tokens = s.mt_common_len;
+            for _ in 0..s.mt_conversations {
+                let own = text(&mut rng, s.mt_conv_prefix_len);
+                let n = rng.random_range(s.mt_turns_min..=s.mt_turns_max);
+                let turns = (0..n)
+                    .map(|_| text(&mut rng, s.mt_question_len))
+                    .collect::<Vec<_>>();
+                tokens += s.mt_conv_prefix_len + n * (s.mt_question_len + s.output_len + 10);
+                convs.push(Prompt::Chat {
+                    system: format!("{common}{own}"),
+                    turns,
+                });
+            }
+            (
+                convs,
+                format!(
+                    "{} conversations of {}–{} turns on /v1/chat/completions, each resending its \
+                     history; common prefix {} tokens, per-conversation prefix {} tokens, user turn \
+                     {} tokens, output {} tokens",
+                    s.mt_conversations,
+                    s.mt_turns_min,
+                    s.mt_turns_max,
+                    s.mt_common_len,
+                    s.mt_conv_prefix_len,
+                    s.mt_question_len,
+                    s.output_len
+                ),
+                tokens,
+            )
+        }
+        Kind::PrefixRepetition => {
+            let mut prompts = Vec::new();
+            for _ in 0..s.pr_prefixes {
+                let prefix = text(&mut rng, s.pr_prefix_len);
+                for _ in 0..s.pr_suffixes {
+                    let suffix = text(&mut rng, s.pr_suffix_len);
+                    prompts.push(Prompt::Text(format!("{prefix}{suffix}")));
+                }
+            }
+            (
+                prompts,
+                format!(
+                    "{} prefixes × {} suffixes; prefix {} tokens, suffix {} tokens, output {} \
+                     tokens; requests shuffled",
+                    s.pr_prefixes, s.pr_suffixes, s.pr_prefix_len, s.pr_suffix_len, s.output_len
+                ),
+                s.pr_prefixes * s.pr_prefix_len,
+            )
+        }
+        Kind::NoSharing => {
+            let prompts = (0..s.ns_requests)
+                .map(|_| Prompt::Text(text(&mut rng, s.ns_prompt_len)))
+                .collect::<Vec<_>>();
+            (
+                prompts,
+                format!(
+                    "{} random prompts of {} tokens, output {} tokens",
+                    s.ns_requests, s.ns_prompt_len, s.output_len
+                ),
+                s.ns_requests * s.ns_prompt_len,
+            )
+        }
+    };
+    let mut prompts = prompts;
+    prompts.shuffle(&mut rng);
+    let sessions = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(id, prompt)| Session { id, prompt })
+        .collect();
+    Workload {
+        kind,
+        sessions,
+        description,
+        working_set_tokens,
+        output_len: s.output_len,
+    }
+}
+
+/// The chat messages of turn `turn` (0-based) of a conversation, given the
+/// assistant's earlier replies.
+pub fn chat_messages<'a>(
+    system: &'a str,
+    turns: &'a [String],
+    replies: &'a [String],
+    turn: usize,
+) -> Vec<(&'static str, &'a str)> {
+    let mut messages = vec![("system", system)];
+    for (i, question) in turns.iter().enumerate().take(turn + 1) {
+        messages.push(("user", question.as_str()));
+        if i < turn {
+            let reply = replies.get(i).map_or("", String::as_str);
+            messages.push(("assistant", reply));
+        }
+    }
+    messages
+}
+
+/// The token ids vllm-sim computes for a request: BOS plus the text for a
+/// completion, the Llama-3 chat template for a conversation.
+pub fn prompt_ids(
+    tokenizer: &Tokenizer,
+    prompt: &Prompt,
+    replies: &[String],
+    turn: usize,
+) -> Vec<TokenId> {
+    match prompt {
+        Prompt::Text(text) => tokenizer.encode(text, true),
+        Prompt::Chat { system, turns } => {
+            let messages = chat_messages(system, turns, replies, turn);
+            tokenizer.encode(&chat_template::render(messages, true), false)
+        }
+    }
+}
+
+/// The best hit rate any router could get.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Ideal {
+    /// Prompt tokens of all requests.
+    pub prompt_tokens: u64,
+    /// Prompt tokens an unbounded, fleet-wide cache would serve.
+    pub cached_tokens: u64,
+}
+
+impl Ideal {
+    /// `cached / prompt`, 0 for an empty workload.
+    pub fn hit_rate(&self) -> f64 {
+        if self.prompt_tokens == 0 {
+            0.0
+        } else {
+            self.cached_tokens as f64 / self.prompt_tokens as f64
+        }
+    }
+}
+
+/// The ideal hit rate: requests replayed in workload order into one
+/// unbounded cache. A request hits the longest run of its leading whole
+/// blocks that an earlier request computed (its prompt, and for a chat its
+/// prompt plus the reply, which the next turn quotes), at most
+/// ⌊(n−1)/block⌋ blocks, as vLLM always recomputes the last prompt token.
+/// `replies[session][turn]` is the reply of that turn (from a run; a
+/// simulator's reply depends only on the prompt).
+pub fn ideal(
+    workload: &Workload,
+    replies: &[Vec<String>],
+    tokenizer: &Tokenizer,
+    block_size: usize,
+) -> Ideal {
+    let mut seen: HashSet<BlockHash> = HashSet::new();
+    let mut out = Ideal::default();
+    let empty = Vec::new();
+    for session in &workload.sessions {
+        let replies = replies.get(session.id).unwrap_or(&empty);
+        for turn in 0..session.prompt.requests() {
+            let ids = prompt_ids(tokenizer, &session.prompt, replies, turn);
+            let hashes = block_hashes(&ids, block_size);
+            let reusable = ids.len().saturating_sub(1) / block_size;
+            let hit = hashes
+                .iter()
+                .take(reusable)
+                .take_while(|h| seen.contains(h))
+                .count();
+            out.prompt_tokens += ids.len() as u64;
+            out.cached_tokens += (hit * block_size) as u64;
+            let mut computed = ids;
+            if let Some(reply) = replies.get(turn) {
+                computed.extend(tokenizer.encode_ordinary(reply));
+            }
+            seen.extend(block_hashes(&computed, block_size));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Sizes {
+        Sizes {
+            output_len: 4,
+            sp_groups: 2,
+            sp_prompts: 3,
+            sp_system_len: 64,
+            sp_question_len: 8,
+            mt_conversations: 2,
+            mt_turns_min: 2,
+            mt_turns_max: 3,
+            mt_common_len: 32,
+            mt_conv_prefix_len: 32,
+            mt_question_len: 8,
+            pr_prefixes: 2,
+            pr_suffixes: 2,
+            pr_prefix_len: 64,
+            pr_suffix_len: 8,
+            ns_requests: 4,
+            ns_prompt_len: 40,
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_workload() {
+        for kind in [Kind::SharedPrefix, Kind::MultiTurn, Kind::PrefixRepetition] {
+            let a = generate(kind, &tiny(), 7);
+            let b = generate(kind, &tiny(), 7);
+            let c = generate(kind, &tiny(), 8);
+            assert_eq!(format!("{:?}", a.sessions), format!("{:?}", b.sessions));
+            assert_ne!(format!("{:?}", a.sessions), format!("{:?}", c.sessions));
+        }
+    }
+
+    #[test]
+    fn ideal_counts_shared_blocks_only() {
+        let tokenizer = Tokenizer::shared().expect("cl100k_base is embedded");
+        let ns = generate(Kind::NoSharing, &tiny(), 1);
+        assert_eq!(ideal(&ns, &[], tokenizer, 16).cached_tokens, 0);
+        let sp = generate(Kind::SharedPrefix, &tiny(), 1);
+        let got = ideal(&sp, &[], tokenizer, 16);
+        // Two of each group's three prompts reuse the 64-token system
+        // prompt (plus BOS): 4 blocks each.
+        assert_eq!(got.cached_tokens, 2 * 2 * 64);
+        assert!(got.hit_rate() > 0.0 && got.hit_rate() < 1.0);
+    }
+
+    #[test]
+    fn a_later_turn_reuses_the_earlier_turn_and_its_reply() {
+        let tokenizer = Tokenizer::shared().expect("cl100k_base is embedded");
+        let mt = generate(Kind::MultiTurn, &tiny(), 3);
+        let replies: Vec<Vec<String>> = mt
+            .sessions
+            .iter()
+            .map(|s| vec!["the cache of the model".repeat(8); s.prompt.requests()])
+            .collect();
+        let with = ideal(&mt, &replies, tokenizer, 16);
+        let without = ideal(&mt, &[], tokenizer, 16);
+        assert!(with.cached_tokens > without.cached_tokens);
+    }
+}
