@@ -111,6 +111,10 @@ fn test_command(toolchain: &Toolchain, args: &Args) -> Command {
     let mut test = toolchain.cargo();
     test.args(["test", "--workspace", "--release"])
         .args(&args.cargo_test_args);
+    // The quality benchmark's smoke test runs the real router too.
+    if let Ok(daemon) = toolchain.release_bin("router-daemon") {
+        test.env("ROUTER_BENCH_TEST_DAEMON", daemon);
+    }
     if setup::is_ci() {
         test.env("ROUTER_REQUIRE_SOCKMAP", "1");
     }

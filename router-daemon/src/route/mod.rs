@@ -51,8 +51,8 @@ pub struct RouteRequest<'a> {
 pub enum Reason {
     /// The request continues a prefix this backend holds (the longest known).
     PrefixMatch,
-    /// Load outweighed a longer match elsewhere (or, from the legacy
-    /// [`least_loaded`], the least busy backend).
+    /// Load outweighed a longer match elsewhere, or a request with no
+    /// prompt went to the least busy backend.
     LeastLoaded,
     /// The backend holding the prefix was over the load bound; another (one
     /// holding the prefix if possible) took it.

@@ -42,8 +42,7 @@
 //!    shared state place a conversation alike, or to the next in rendezvous
 //!    order when the winner is over the bound ([`Reason::Overloaded`]).
 //!
-//! A conversation length of 0 means "unknown" (as from the legacy
-//! [`Router::route`](super::Router::route)): any match counts as a
+//! A conversation length of 0 means "unknown": any match counts as a
 //! continuation, and placement hashes the whole key.
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
