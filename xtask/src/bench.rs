@@ -93,31 +93,10 @@ fn cargo_bench(extra: &[String]) -> Result<()> {
     setup::check_status(&mut bench)
 }
 
-/// Builds, installs nginx if it can, then runs `router-bench dataplane`.
+/// Builds, then runs `router-bench dataplane` with the release router-daemon,
+/// and nginx when it is (or can be) installed.
 fn dataplane(args: &[String]) -> Result<()> {
-    let toolchain = setup::run()?;
-    let bench_bin = toolchain.release_bin("router-bench")?;
-    let router_bin = toolchain.release_bin("router-daemon")?;
-    let root = toolchain
-        .cargo()
-        .get_current_dir()
-        .map(Path::to_path_buf)
-        .context("the workspace root is unknown")?;
-
-    let help = args.iter().any(|a| a == "--help" || a == "-h");
-    let mut cmd = Command::new(bench_bin);
-    cmd.arg("dataplane").current_dir(&root);
-    if !help {
-        let invoked = std::iter::once("cargo xtask bench dataplane".to_owned())
-            .chain(args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        cmd.arg("--router-bin")
-            .arg(router_bin)
-            .arg("--out-dir")
-            .arg(root.join("target").join("bench"))
-            .arg("--invoked-as")
-            .arg(invoked);
+    router_bench("dataplane", args, |cmd| {
         let wants_nginx = !args
             .iter()
             .any(|a| a == "--no-nginx" || a.starts_with("--nginx-bin"));
@@ -131,14 +110,19 @@ fn dataplane(args: &[String]) -> Result<()> {
                 }
             }
         }
-    }
-    // The caller's arguments last: they override the ones above.
-    cmd.args(args);
-    setup::check_status(&mut cmd)
+    })
 }
 
 /// Builds, then runs `router-bench quality` with the release router-daemon.
 fn quality(args: &[String]) -> Result<()> {
+    router_bench("quality", args, |_| {})
+}
+
+/// Runs `router-bench <name>` in the workspace root after setup: with the
+/// release router-daemon, the report folder `target/bench` and the command
+/// as invoked (unless asking for help), plus what `extra` adds, then the
+/// caller's arguments last, so they override the ones above.
+fn router_bench(name: &str, args: &[String], extra: impl FnOnce(&mut Command)) -> Result<()> {
     let toolchain = setup::run()?;
     let bench_bin = toolchain.release_bin("router-bench")?;
     let router_bin = toolchain.release_bin("router-daemon")?;
@@ -148,9 +132,9 @@ fn quality(args: &[String]) -> Result<()> {
         .map(Path::to_path_buf)
         .context("the workspace root is unknown")?;
     let mut cmd = Command::new(bench_bin);
-    cmd.arg("quality").current_dir(&root);
+    cmd.arg(name).current_dir(&root);
     if !args.iter().any(|a| a == "--help" || a == "-h") {
-        let invoked = std::iter::once("cargo xtask bench quality".to_owned())
+        let invoked = std::iter::once(format!("cargo xtask bench {name}"))
             .chain(args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ");
@@ -160,8 +144,8 @@ fn quality(args: &[String]) -> Result<()> {
             .arg(root.join("target").join("bench"))
             .arg("--invoked-as")
             .arg(invoked);
+        extra(&mut cmd);
     }
-    // The caller's arguments last: they override the ones above.
     cmd.args(args);
     setup::check_status(&mut cmd)
 }
