@@ -84,6 +84,10 @@ pub struct Args {
     /// The router-daemon binary (default: next to this executable).
     #[arg(long, value_name = "PATH")]
     pub router_bin: Option<PathBuf>,
+    /// With K > 1, also run K router-daemon replicas with no shared state,
+    /// each request sent to one picked at random (a row `router-daemon ×K`).
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub daemon_replicas: usize,
     /// An extra router-daemon flag (repeatable), e.g. `--router-arg=--load-epsilon=0.5`.
     #[arg(long = "router-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
@@ -268,7 +272,34 @@ impl Args {
                         );
                     }
                     let extra = self.router_args.clone();
-                    ("router-daemon", RouterKind::Daemon { bin, extra })
+                    if self.daemon_replicas > 1 {
+                        out.push(Router {
+                            name: "router-daemon".to_owned(),
+                            kind: RouterKind::Daemon {
+                                bin: bin.clone(),
+                                extra: extra.clone(),
+                                replicas: 1,
+                            },
+                        });
+                        let name = format!("router-daemon ×{}", self.daemon_replicas);
+                        out.push(Router {
+                            name,
+                            kind: RouterKind::Daemon {
+                                bin,
+                                extra,
+                                replicas: self.daemon_replicas,
+                            },
+                        });
+                        continue;
+                    }
+                    (
+                        "router-daemon",
+                        RouterKind::Daemon {
+                            bin,
+                            extra,
+                            replicas: 1,
+                        },
+                    )
                 }
             };
             out.push(Router {

@@ -27,15 +27,23 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use super::workload::{Prompt, Session, Workload, chat_messages};
 use crate::{http, procs::Proc};
 
+/// Seed of the generator that sprays requests over router replicas.
+const SPRAY_SEED: u64 = 0x7370_7261_7921;
+
 /// How requests reach the backends.
 #[derive(Clone, Debug)]
 pub enum RouterKind {
-    /// The router-daemon binary with these extra flags.
+    /// The router-daemon binary with these extra flags, as `replicas`
+    /// processes with no shared state; with more than one, each request goes
+    /// to a replica picked at random (seeded), as clients behind a node port
+    /// spread over a DaemonSet's routers.
     Daemon {
         /// The binary.
         bin: PathBuf,
         /// Flags after `--listen` and `--backend`.
         extra: Vec<String>,
+        /// How many router processes.
+        replicas: usize,
     },
     /// The load generator sends each request to the next backend in turn.
     RoundRobin,
@@ -196,6 +204,12 @@ enum Target {
         in_flight: Vec<AtomicUsize>,
         next: AtomicUsize,
     },
+    /// A router replica picked at random (seeded) for every request.
+    /// Boxed: the generator is much larger than the other variants.
+    Spray {
+        addrs: Vec<SocketAddr>,
+        rng: Box<Mutex<StdRng>>,
+    },
 }
 
 impl Target {
@@ -203,6 +217,13 @@ impl Target {
     fn pick(&self) -> (usize, SocketAddr) {
         match self {
             Target::Fixed(addr) => (0, *addr),
+            Target::Spray { addrs, rng } => {
+                let i = rng
+                    .lock()
+                    .map(|mut rng| rng.random_range(0..addrs.len()))
+                    .unwrap_or(0);
+                (i, addrs[i])
+            }
             Target::RoundRobin { addrs, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % addrs.len();
                 (i, addrs[i])
@@ -262,7 +283,7 @@ async fn drive(
         .iter()
         .map(|a| format!("http://{a}"))
         .collect::<Vec<_>>();
-    let mut proc = None;
+    let mut procs = Vec::new();
     let mut command = None;
     let target = match &router.kind {
         RouterKind::RoundRobin => Target::RoundRobin {
@@ -274,18 +295,39 @@ async fn drive(
             in_flight: sims.addrs.iter().map(|_| AtomicUsize::new(0)).collect(),
             next: AtomicUsize::new(0),
         },
-        RouterKind::Daemon { bin, extra } => {
-            let addr = free_addr()?;
-            let mut cmd = Command::new(bin);
-            cmd.arg("--listen").arg(addr.to_string());
-            for url in &urls {
-                cmd.arg("--backend").arg(url);
+        RouterKind::Daemon {
+            bin,
+            extra,
+            replicas,
+        } => {
+            let mut addrs = Vec::new();
+            for replica in 0..(*replicas).max(1) {
+                let addr = free_addr()?;
+                let mut cmd = Command::new(bin);
+                cmd.arg("--listen").arg(addr.to_string());
+                for url in &urls {
+                    cmd.arg("--backend").arg(url);
+                }
+                cmd.args(extra).env("RUST_LOG", "warn").env("NO_COLOR", "1");
+                if replica == 0 {
+                    let times = if *replicas > 1 {
+                        format!(" (×{replicas}, each on its own port)")
+                    } else {
+                        String::new()
+                    };
+                    command = Some(format!("RUST_LOG=warn {}{times}", crate::run::show(&cmd)));
+                }
+                let log = tmp.join(format!("{}-{replica}.log", router.name));
+                procs.push(Proc::spawn(&router.name, cmd, &log)?);
+                addrs.push(addr);
             }
-            cmd.args(extra).env("RUST_LOG", "warn").env("NO_COLOR", "1");
-            command = Some(format!("RUST_LOG=warn {}", crate::run::show(&cmd)));
-            let log = tmp.join(format!("{}.log", router.name));
-            proc = Some(Proc::spawn(&router.name, cmd, &log)?);
-            Target::Fixed(addr)
+            match addrs.as_slice() {
+                [addr] => Target::Fixed(*addr),
+                _ => Target::Spray {
+                    addrs,
+                    rng: Box::new(Mutex::new(StdRng::seed_from_u64(SPRAY_SEED))),
+                },
+            }
         }
         RouterKind::Peer { cmd: line } => {
             let addr = free_addr()?;
@@ -301,7 +343,7 @@ async fn drive(
                 urls.join(",")
             ));
             let log = tmp.join(format!("{}.log", router.name));
-            proc = Some(Proc::spawn(&router.name, cmd, &log)?);
+            procs.push(Proc::spawn(&router.name, cmd, &log)?);
             Target::Fixed(addr)
         }
     };
@@ -309,8 +351,18 @@ async fn drive(
     for addr in &sims.addrs {
         wait_ready(*addr, None).await?;
     }
-    if let (Target::Fixed(addr), Some(p)) = (&target, proc.as_mut()) {
-        wait_ready(*addr, Some(p)).await?;
+    match &target {
+        Target::Fixed(addr) => {
+            if let Some(p) = procs.first_mut() {
+                wait_ready(*addr, Some(p)).await?;
+            }
+        }
+        Target::Spray { addrs, .. } => {
+            for (addr, p) in addrs.iter().zip(procs.iter_mut()) {
+                wait_ready(*addr, Some(p)).await?;
+            }
+        }
+        Target::RoundRobin { .. } | Target::LeastLoaded { .. } => {}
     }
 
     let shared = Arc::new(Shared {
@@ -351,7 +403,7 @@ async fn drive(
         records.extend(w.await.context("a load task panicked")?);
     }
     let elapsed = started.elapsed();
-    if let Some(mut p) = proc {
+    for mut p in procs {
         if let Some(status) = p.exited() {
             bail!(
                 "{} exited during the run ({status}): {}",
