@@ -10,9 +10,9 @@
 //! - otherwise (case a): a fixed ~330-byte completion JSON.
 //!
 //! `GET /health` answers `ok`; `GET /bench/stats` the completions answered
-//! per listener. Connections are kept alive unless the request says
-//! `connection: close` (as the router's always do): then the backend closes
-//! after the response, and its FIN ends the response for the router.
+//! per listener. Connections are kept alive (the router pools them) unless
+//! the request says `connection: close`; then the backend closes after the
+//! response.
 use std::{
     net::SocketAddr,
     sync::{

@@ -413,6 +413,8 @@ async fn proxy(
             Err(Failure::Gone)
         }
         Err(err @ RelayError::Sockmap(_)) => {
+            // Map operations fail only after the head went out (the body
+            // hand-over), so the client cannot get an error response: close.
             warn!(request_id = %request_id, %err, "dataplane failure");
             Err(Failure::Gone)
         }

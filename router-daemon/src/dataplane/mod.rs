@@ -724,7 +724,7 @@ impl<G: Send> Relay<G> {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     if stale && let Some(framing) = tracker.to_kernel() {
                         backend.generation += 1;
-                        backend.slot()?.publish(Control {
+                        backend.slot().publish(Control {
                             client_cookie,
                             generation: backend.generation,
                             fence: backend.read,
@@ -741,7 +741,7 @@ impl<G: Send> Relay<G> {
             backend.read += n as u64;
             stale = true;
             // What the kernel did before these bytes were passed up.
-            let progress = backend.slot()?.progress()?;
+            let progress = backend.slot().progress()?;
             let spliced = progress.spliced - backend.spliced_seen;
             backend.spliced_seen = progress.spliced;
             self.relayed.spliced += spliced;
@@ -772,7 +772,7 @@ impl<G: Send> Relay<G> {
             // Never leave an unadopted hand-over behind: the next response on
             // this connection would be adopted by it, head and all.
             backend.generation += 1;
-            backend.slot()?.publish(Control {
+            backend.slot().publish(Control {
                 client_cookie,
                 generation: backend.generation,
                 fence: backend.read,
@@ -802,12 +802,10 @@ pub struct BackendConn {
 }
 
 impl BackendConn {
-    fn slot(&self) -> Result<&BackendSlot, RelayError> {
-        self.slot.as_ref().ok_or_else(|| {
-            RelayError::Client(io::Error::other(
-                "invariant broken: sockmap body without a backend slot",
-            ))
-        })
+    fn slot(&self) -> &BackendSlot {
+        self.slot
+            .as_ref()
+            .expect("invariant: the sockmap body path is taken only for a backend with a slot")
     }
 
     /// Whether the idle connection still looks usable: nothing to read (a
