@@ -168,21 +168,23 @@ async fn reap_idle(shared: std::sync::Weak<Shared>) {
 /// memory is better spent on live backends. Checks once per discovery
 /// interval, for as long as the daemon's state lives.
 async fn forget_down_backends(shared: std::sync::Weak<Shared>, interval: std::time::Duration) {
-    let mut was_up: Vec<bool> = Vec::new();
+    // Compares down counts rather than sampling `is_up`: a backend that came
+    // up and went down again between two ticks still has its entries dropped.
+    let mut seen: Vec<u32> = Vec::new();
     loop {
         tokio::time::sleep(interval).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
         let backends = shared.backends.all();
-        was_up.resize(backends.len(), true);
-        for (backend, was_up) in backends.iter().zip(was_up.iter_mut()) {
-            let up = backend.is_up();
-            if *was_up && !up {
+        seen.resize(backends.len(), 0);
+        for (backend, seen) in backends.iter().zip(seen.iter_mut()) {
+            let downs = backend.downs();
+            if downs != *seen {
+                *seen = downs;
                 shared.router.remove_backend(&backend.url);
                 tracing::info!(backend = %backend.url, "backend down; its prefix index entries are dropped");
             }
-            *was_up = up;
         }
     }
 }

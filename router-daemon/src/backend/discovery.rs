@@ -192,6 +192,7 @@ impl Backend {
         if failures >= down_after.max(1) && self.up.swap(false, Ordering::Relaxed) {
             warn!(backend = %self.url, failures, %why, "backend down: discovery gets no answer");
             self.set_load(Load::default());
+            self.downs.fetch_add(1, Ordering::Release);
         } else {
             debug!(backend = %self.url, failures, %why, "discovery got no answer");
         }
@@ -253,6 +254,12 @@ mod tests {
         // The count restarted: one failure is not enough again.
         backend.failed(3, &"refused");
         assert!(backend.is_up());
+        assert_eq!(backend.downs(), 1);
+        // Down again, however short the time up was: counted again, once.
+        backend.failed(3, &"refused");
+        backend.failed(3, &"refused");
+        backend.failed(3, &"refused");
+        assert_eq!((backend.is_up(), backend.downs()), (false, 2));
     }
 
     #[tokio::test]

@@ -77,6 +77,8 @@ pub struct Backend {
     up: AtomicBool,
     /// Discovery failures since the last answer.
     failures: AtomicU32,
+    /// Times discovery has marked the backend down.
+    downs: AtomicU32,
     waiting: AtomicU64,
     running: AtomicU64,
     /// The models of the last good `/v1/models` answer; `None` until one.
@@ -96,6 +98,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             up: AtomicBool::new(true),
             failures: AtomicU32::new(0),
+            downs: AtomicU32::new(0),
             waiting: AtomicU64::new(0),
             running: AtomicU64::new(0),
             models: RwLock::new(None),
@@ -108,6 +111,13 @@ impl Backend {
     /// row; true again once the backend answers. Backends start up.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// How many times discovery has marked the backend down. Unlike
+    /// [`Self::is_up`] sampled now and then, a change here cannot be missed
+    /// however briefly the backend was up in between.
+    pub fn downs(&self) -> u32 {
+        self.downs.load(Ordering::Acquire)
     }
 
     /// Requests queued in the backend's engine (`vllm:num_requests_waiting`)

@@ -219,8 +219,9 @@ async fn a_backend_that_goes_down_leaves_the_index() {
     drop(sims.remove(1));
     let up = format!("router_backend_up{{backend=\"{}\"}}", urls[1]);
     let mut after = before;
+    let mut metrics = String::new();
     for _ in 0..100 {
-        let metrics = get(router, "/metrics").await.text();
+        metrics = get(router, "/metrics").await.text();
         after = entries(&metrics);
         if metric(&metrics, &up) == Some(0.0) && after < before {
             break;
@@ -229,7 +230,7 @@ async fn a_backend_that_goes_down_leaves_the_index() {
     }
     assert!(
         after < before,
-        "the index kept {after} of {before} entries after sim-1 went down"
+        "the index kept {after} of {before} entries after sim-1 went down; metrics:\n{metrics}"
     );
     // Everything still lands on the backend that is left.
     let response = post_json(
