@@ -61,6 +61,7 @@ fn bench(c: &mut Criterion) {
             key: &key,
             conversation,
             session: None,
+            later_turns: key.len() > conversation,
         };
         router.decide(&request, &backends);
     }
@@ -80,6 +81,7 @@ fn bench(c: &mut Criterion) {
             key: &earlier,
             conversation,
             session: None,
+            later_turns: key.len() > conversation,
         };
         router.decide(&learn, &backends);
         let request = RouteRequest { key: &key, ..learn };
@@ -93,6 +95,7 @@ fn bench(c: &mut Criterion) {
             key: &fresh,
             conversation,
             session: None,
+            later_turns: key.len() > conversation,
         };
         // Each iteration records the prompt, so later ones see it as known;
         // a separate router per size keeps that from leaking across sizes.

@@ -113,6 +113,15 @@ pub struct Config {
           value_parser = non_negative)]
     pub load_weight: f64,
 
+    /// Placement slack: when set, a new conversation skips a backend that
+    /// was recently given more than (1 + this) × its share of new prompt
+    /// bytes to cache. Evens out a few large prefixes (system prompts) that
+    /// hashing alone spreads lumpily; meant for a single router (or clients
+    /// sticky to one replica), since replicas each count only their own
+    /// placements and may then place a conversation differently.
+    #[arg(long, env = "ROUTER_PLACEMENT_EPSILON", value_parser = non_negative)]
+    pub placement_epsilon: Option<f64>,
+
     /// Request header whose value pins a session to one backend (by
     /// rendezvous hashing, within the load bound).
     #[arg(long, env = "ROUTER_SESSION_HEADER", default_value = "x-session-id")]
@@ -150,6 +159,7 @@ impl Config {
             load_epsilon: 0.25,
             affinity_weight: 1.0,
             load_weight: 1.0,
+            placement_epsilon: None,
             session_header: "x-session-id".into(),
         }
     }
@@ -160,6 +170,7 @@ impl Config {
             epsilon: self.load_epsilon,
             affinity_weight: self.affinity_weight,
             load_weight: self.load_weight,
+            placement_epsilon: self.placement_epsilon,
         }
     }
 

@@ -286,6 +286,7 @@ async fn proxy(
                 key: &input.key,
                 conversation: input.conversation,
                 session: head.session.as_deref(),
+                later_turns: input.later_turns,
             };
             let decision = shared.router.decide(&request, &loads).and_then(|decision| {
                 Some(Decision {

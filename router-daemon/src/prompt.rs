@@ -160,6 +160,10 @@ pub struct RoutingInput<'a> {
     /// Length of the prefix of `key` that identifies the conversation (see the module
     /// documentation); at most `key.len()`.
     pub conversation: usize,
+    /// The prompt has turns after its conversation prefix: a later turn of a
+    /// chat, so the conversation already exists somewhere. Never set for a
+    /// prompt without turns.
+    pub later_turns: bool,
 }
 
 /// Why a body yields no routing input. The `Display` text is meant for the client, in
@@ -240,10 +244,12 @@ pub fn extract(endpoint: Endpoint, body: &[u8]) -> Result<RoutingInput<'_>, Prom
         Key::Built(turns) => (Cow::Owned(built), turns),
     };
     let conversation = turns.unwrap_or(FLAT_CONVERSATION_BYTES).min(key.len());
+    let later_turns = turns.is_some_and(|turns| turns < key.len());
     Ok(RoutingInput {
         model,
         key,
         conversation,
+        later_turns,
     })
 }
 
@@ -2245,6 +2251,7 @@ mod tests {
         );
         assert_eq!(one.conversation, one.key.len());
         assert_eq!(three.conversation, one.conversation);
+        assert_eq!((one.later_turns, three.later_turns), (false, true));
         assert_eq!(&three.key[..three.conversation], &one.key[..]);
         assert_ne!(
             &other.key[..other.conversation],
@@ -2269,10 +2276,10 @@ mod tests {
             r#"{{"prompt":"{}"}}"#,
             "x".repeat(3 * FLAT_CONVERSATION_BYTES)
         );
-        assert_eq!(
-            run(Completions, &long).unwrap().conversation,
-            FLAT_CONVERSATION_BYTES
-        );
+        let long = run(Completions, &long).unwrap();
+        assert_eq!(long.conversation, FLAT_CONVERSATION_BYTES);
+        // Longer than its conversation prefix, but without turns.
+        assert!(!long.later_turns);
         let ids = run(Embeddings, r#"{"input":[1,2,3]}"#).unwrap();
         assert_eq!(ids.conversation, 6);
         assert_eq!(run(Chat, r#"{"messages":[]}"#).unwrap().conversation, 0);
@@ -2322,6 +2329,7 @@ mod tests {
             model: Option<String>,
             key: Vec<u8>,
             conversation: usize,
+            later_turns: bool,
         },
         NotAnObject,
         Malformed,
@@ -2338,6 +2346,7 @@ mod tests {
                     model,
                     key: Vec::new(),
                     conversation: 0,
+                    later_turns: false,
                 },
                 other => other,
             }
@@ -2350,6 +2359,7 @@ mod tests {
                 model: ri.model.as_deref().map(str::to_owned),
                 key: ri.key.to_vec(),
                 conversation: ri.conversation,
+                later_turns: ri.later_turns,
             },
             Err(PromptError::NotAnObject) => Outcome::NotAnObject,
             Err(PromptError::Malformed { .. }) => Outcome::Malformed,
@@ -2446,6 +2456,7 @@ mod tests {
         match key {
             Ok((key, turns)) => Outcome::Ok {
                 conversation: turns.unwrap_or(FLAT_CONVERSATION_BYTES).min(key.len()),
+                later_turns: turns.is_some_and(|turns| turns < key.len()),
                 model,
                 key,
             },

@@ -40,7 +40,24 @@
 //!    request goes to the rendezvous winner of `xxh3(model, key[..conversation])`
 //!    over backend names ([`Reason::Placed`]), so router replicas with no
 //!    shared state place a conversation alike, or to the next in rendezvous
-//!    order when the winner is over the bound ([`Reason::Overloaded`]).
+//!    order when the winner is over the load bound or the placement bound
+//!    ([`Reason::Overloaded`]).
+//!
+//! # Placement bound (opt-in)
+//! Hashing a few dozen conversations (or system-prompt groups) onto four
+//! backends is lumpy: one backend easily gets twice its share, and what it
+//! cannot keep in its KV cache it evicts, while another sits half empty.
+//! With [`Policy::placement_epsilon`] set, placement also bounds what each
+//! backend was recently *given to cache*:
+//! [`Inputs::placed`] is the KiB of new conversations placed on each backend,
+//! decayed (the router keeps it, see [`super::Router`]). A backend qualifies
+//! when, with this request's `weight` added, it stays within
+//! `(1 + ε) · (Σ placed + weight) / n`, or is the least placed. The cost is
+//! agreement between replicas: each counts only its own placements, so a
+//! conversation near the bound may be placed differently by two replicas
+//! (with thousands of conversations hashing is even and the bound never
+//! binds; with a few it does). Hence off by default: one router per GPU node
+//! is this product's shape.
 //!
 //! A conversation length of 0 means "unknown": any match counts as a
 //! continuation, and placement hashes the whole key.
@@ -57,6 +74,9 @@ pub struct Policy {
     pub affinity_weight: f64,
     /// Score taken off per request in flight or waiting on a backend.
     pub load_weight: f64,
+    /// ε of the placement bound (see the module doc); None: no bound, so
+    /// replicas place every new conversation alike.
+    pub placement_epsilon: Option<f64>,
 }
 
 impl Default for Policy {
@@ -65,6 +85,7 @@ impl Default for Policy {
             epsilon: 0.25,
             affinity_weight: 1.0,
             load_weight: 1.0,
+            placement_epsilon: None,
         }
     }
 }
@@ -84,6 +105,31 @@ pub struct Inputs<'a> {
     pub placement: u64,
     /// Rendezvous seed of the session value, if the request has one.
     pub session: Option<u64>,
+    /// Recently placed KiB per backend (same order; empty: no placement
+    /// bound). See the module doc.
+    pub placed: &'a [f64],
+    /// KiB this request adds to its backend's placements if it is placed.
+    pub weight: f64,
+}
+
+impl Inputs<'_> {
+    /// True when the request starts a new conversation (rule 3): no session,
+    /// and nothing the fleet holds covers its conversation prefix.
+    pub fn is_placement(&self) -> bool {
+        let longest = self.matched.iter().copied().max().unwrap_or(0);
+        self.session.is_none() && (longest == 0 || (longest < self.conversation && !self.extends))
+    }
+
+    /// Whether backend `i` may take one more placement of `self.weight` KiB.
+    fn placement_allows(&self, epsilon: f64, i: usize) -> bool {
+        let Some(&mine) = self.placed.get(i) else {
+            return true;
+        };
+        let n = self.placed.len() as f64;
+        let total: f64 = self.placed.iter().sum::<f64>() + self.weight;
+        let least = self.placed.iter().copied().fold(f64::INFINITY, f64::min);
+        mine + self.weight <= (1.0 + epsilon.max(0.0)) * total / n || mine <= least
+    }
 }
 
 /// The highest load a backend may reach by taking one more request, given the
@@ -128,8 +174,14 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
         return Some(decide(pick, reason));
     }
     let longest = input.matched.iter().copied().max().unwrap_or(0);
-    if longest == 0 || (longest < input.conversation && !input.extends) {
-        let (first, pick) = rendezvous_pick(backends, input.placement, within)?;
+    if input.is_placement() {
+        let qualifies = |i: usize| {
+            within(i)
+                && policy
+                    .placement_epsilon
+                    .is_none_or(|epsilon| input.placement_allows(epsilon, i))
+        };
+        let (first, pick) = rendezvous_pick(backends, input.placement, qualifies)?;
         let reason = if first == pick {
             Reason::Placed
         } else {
@@ -137,10 +189,22 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
         };
         return Some(decide(pick, reason));
     }
-    let score = |i: usize| {
+    // A backend may pass the bound by what its cached prefix is worth in
+    // load units: recomputing a long prefix elsewhere costs more than
+    // queueing behind a few more requests.
+    let worth = |i: usize| {
         let kib = input.matched.get(i).copied().unwrap_or(0) as f64 / 1024.0;
-        policy.affinity_weight * kib - policy.load_weight * backends[i].load() as f64
+        policy.affinity_weight * kib
     };
+    let slack = |i: usize| {
+        if policy.load_weight > 0.0 {
+            (worth(i) / policy.load_weight).floor()
+        } else {
+            f64::INFINITY
+        }
+    };
+    let keeps = |i: usize| (backends[i].load() as f64) < bound as f64 + slack(i);
+    let score = |i: usize| worth(i) - policy.load_weight * backends[i].load() as f64;
     let better = |a: usize, b: usize| {
         score(a).total_cmp(&score(b)).then_with(|| {
             rendezvous(backends[a].name, input.placement)
@@ -148,13 +212,13 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
         })
     };
     let pick = (0..backends.len())
-        .filter(|&i| within(i))
+        .filter(|&i| keeps(i))
         .max_by(|&a, &b| better(a, b))
         .unwrap_or_else(|| least_loaded(backends));
     let holds_longest = |i: usize| input.matched.get(i).copied() == Some(longest);
     let reason = if holds_longest(pick) {
         Reason::PrefixMatch
-    } else if (0..backends.len()).any(|i| holds_longest(i) && !within(i)) {
+    } else if (0..backends.len()).any(|i| holds_longest(i) && !keeps(i)) {
         Reason::Spread
     } else {
         Reason::LeastLoaded
@@ -243,6 +307,8 @@ mod tests {
             extends: false,
             placement: 1,
             session: Some(2),
+            placed: &[],
+            weight: 1.0,
         };
         assert_eq!(choose(&Policy::default(), &input), None);
     }
@@ -258,6 +324,8 @@ mod tests {
             extends: false,
             placement: 7,
             session: None,
+            placed: &[],
+            weight: 1.0,
         };
         let d = choose(&Policy::default(), &input).unwrap();
         // 8 KiB − 1 request beats 4 KiB − 0.
@@ -285,9 +353,76 @@ mod tests {
             extends: false,
             placement: 7,
             session: None,
+            placed: &[],
+            weight: 1.0,
         };
         let d = choose(&Policy::default(), &input).unwrap();
         assert_eq!((d.backend, d.reason), (1, Reason::Spread));
+    }
+
+    #[test]
+    fn a_continuation_may_pass_the_bound_by_what_its_match_is_worth() {
+        // 4 requests over 4 backends (counting this one): bound 2.
+        let v = views(&[(3, 0), (0, 0), (0, 0), (0, 0)]);
+        let input = |matched: &'static [usize]| Inputs {
+            backends: &v,
+            matched,
+            conversation: 100,
+            extends: false,
+            placement: 7,
+            session: None,
+            placed: &[],
+            weight: 1.0,
+        };
+        // 4 KiB cached is worth 4 requests: 3 in flight is within 2 + 4.
+        let d = choose(&Policy::default(), &input(&[4096, 0, 0, 0])).unwrap();
+        assert_eq!((d.backend, d.reason), (0, Reason::PrefixMatch));
+        // 1 KiB is worth 1: 3 is not within 2 + 1, so the prefix spills.
+        let d = choose(&Policy::default(), &input(&[1024, 0, 0, 0])).unwrap();
+        assert_ne!(d.backend, 0);
+        assert_eq!(d.reason, Reason::Spread);
+    }
+
+    #[test]
+    fn placement_skips_a_backend_already_given_more_than_its_share() {
+        let v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
+        // The rendezvous winner of some seed, given twice its share.
+        let seed = 11;
+        let (winner, _) = rendezvous_pick(&v, seed, |_| true).unwrap();
+        let mut placed = [4.0; 4];
+        placed[winner] = 8.0;
+        let input = Inputs {
+            backends: &v,
+            matched: &[0; 4],
+            conversation: 0,
+            extends: false,
+            placement: seed,
+            session: None,
+            placed: &placed,
+            weight: 4.0,
+        };
+        let policy = Policy {
+            placement_epsilon: Some(0.25),
+            ..Policy::default()
+        };
+        let d = choose(&policy, &input).unwrap();
+        assert_ne!(d.backend, winner);
+        assert_eq!(d.reason, Reason::Overloaded);
+        // Off by default: the rendezvous winner keeps it.
+        let d = choose(&Policy::default(), &input).unwrap();
+        assert_eq!((d.backend, d.reason), (winner, Reason::Placed));
+        // Within its share, the winner keeps it.
+        let mut even = placed;
+        even[winner] = 4.0;
+        let d = choose(
+            &policy,
+            &Inputs {
+                placed: &even,
+                ..input
+            },
+        )
+        .unwrap();
+        assert_eq!((d.backend, d.reason), (winner, Reason::Placed));
     }
 
     #[test]
@@ -303,6 +438,8 @@ mod tests {
                 extends: false,
                 placement,
                 session: None,
+                placed: &[],
+                weight: 1.0,
             };
             let d = choose(&Policy::default(), &input).unwrap();
             assert_eq!(d.reason, Reason::Placed);
@@ -325,6 +462,8 @@ mod tests {
             extends: false,
             placement: 0,
             session: Some(seed),
+            placed: &[],
+            weight: 1.0,
         };
         let d = choose(&Policy::default(), &input).unwrap();
         assert_eq!(d.reason, Reason::Session);
@@ -353,9 +492,11 @@ mod tests {
             epsilon in 0.0f64..2.0,
             affinity_weight in 0.0f64..100.0,
             load_weight in 0.0f64..10.0,
+            placed in prop::collection::vec(0.0f64..1000.0, 8),
+            weight in 0.0f64..100.0,
         ) {
             let v = views(&loads);
-            let policy = Policy { epsilon, affinity_weight, load_weight };
+            let policy = Policy { epsilon, affinity_weight, load_weight, placement_epsilon: Some(epsilon) };
             let input = Inputs {
                 backends: &v,
                 matched: &matched[..v.len()],
@@ -363,13 +504,31 @@ mod tests {
                 extends,
                 placement,
                 session,
+                placed: &placed[..v.len()],
+                weight,
             };
             let d = choose(&policy, &input).unwrap();
             let total: usize = v.iter().map(BackendLoad::load).sum::<usize>() + 1;
             prop_assert!(v.iter().any(|b| b.load() < load_bound(epsilon, &v)));
-            let bound = ((1.0 + epsilon) * total as f64 / v.len() as f64).ceil() as usize;
-            prop_assert!(v[d.backend].load() < bound.max(total.div_ceil(v.len())),
-                "{:?} chose load {} with bound {}", d, v[d.backend].load(), bound);
+            let bound = ((1.0 + epsilon) * total as f64 / v.len() as f64)
+                .ceil()
+                .max(total.div_ceil(v.len()) as f64);
+            // Only a continuation may pass the bound, by its match's worth.
+            let continues = !input.is_placement() && session.is_none();
+            let slack = match (continues, load_weight > 0.0) {
+                (false, _) => 0.0,
+                (true, true) => (affinity_weight * matched[d.backend] as f64 / 1024.0 / load_weight).floor(),
+                (true, false) => f64::INFINITY,
+            };
+            prop_assert!((v[d.backend].load() as f64) < bound + slack,
+                "{:?} chose load {} with bound {} + {}", d, v[d.backend].load(), bound, slack);
+            // A placement respects the placement bound whenever some backend
+            // is within both bounds.
+            if input.is_placement()
+                && (0..v.len()).any(|i| (v[i].load() as f64) < bound && input.placement_allows(epsilon, i))
+            {
+                prop_assert!(input.placement_allows(epsilon, d.backend), "{:?}", d);
+            }
             prop_assert_eq!(d.matched, matched[d.backend]);
             // A pure function: the same inputs give the same answer.
             prop_assert_eq!(choose(&policy, &input), Some(d));
