@@ -29,6 +29,7 @@ fn decide(router: &Router, body: &[u8], backends: &[BackendLoad]) -> (usize, Rea
         key: &input.key,
         conversation: input.conversation,
         session: None,
+        later_turns: input.later_turns,
     };
     let d = router.decide(&request, backends).expect("backends");
     (d.backend, d.reason)
