@@ -104,7 +104,8 @@ pub struct Args {
     /// Seed of every workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// About a minute in all: smaller workloads, fewer turns.
+    /// Under a minute in all: smaller workloads, fewer turns, the peers
+    /// under cache_aware only.
     #[arg(long)]
     pub quick: bool,
     /// Simulators in the fleet.
@@ -141,7 +142,7 @@ pub struct Args {
     /// shared-prefix: groups [default: 16, quick 8].
     #[arg(long)]
     pub sp_groups: Option<usize>,
-    /// shared-prefix: prompts per group [default: 32, quick 24].
+    /// shared-prefix: prompts per group [default: 32, quick 16].
     #[arg(long)]
     pub sp_prompts: Option<usize>,
     /// shared-prefix: system-prompt tokens [default: 1536, quick 1024].
@@ -171,7 +172,7 @@ pub struct Args {
     /// prefix-repetition: prefixes [default: 12, quick 6].
     #[arg(long)]
     pub pr_prefixes: Option<usize>,
-    /// prefix-repetition: suffixes per prefix [default: 40, quick 30].
+    /// prefix-repetition: suffixes per prefix [default: 40, quick 20].
     #[arg(long)]
     pub pr_suffixes: Option<usize>,
     /// prefix-repetition: prefix tokens [default: 1536, quick 1024].
@@ -180,7 +181,7 @@ pub struct Args {
     /// prefix-repetition: suffix tokens.
     #[arg(long, default_value_t = 64)]
     pub pr_suffix_len: usize,
-    /// no-sharing: requests [default: 256, quick 128].
+    /// no-sharing: requests [default: 256, quick 96].
     #[arg(long)]
     pub ns_requests: Option<usize>,
     /// no-sharing: prompt tokens [default: 1024, quick 512].
@@ -196,7 +197,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     pub trace_speed: f64,
     /// mooncake: requests of the synthetic trace, or the first this many
-    /// of --trace [default: 240, quick 120; --trace: all].
+    /// of --trace [default: 240, quick 80; --trace: all].
     #[arg(long)]
     pub mc_requests: Option<usize>,
     /// mooncake: requests per second of the synthetic trace (Poisson).
@@ -238,7 +239,7 @@ impl Args {
         Sizes {
             output_len: pick(self.output_len, 16, 8),
             sp_groups: pick(self.sp_groups, 16, 8),
-            sp_prompts: pick(self.sp_prompts, 32, 24),
+            sp_prompts: pick(self.sp_prompts, 32, 16),
             sp_system_len: pick(self.sp_system_len, 1536, 1024),
             sp_question_len: self.sp_question_len,
             mt_conversations: pick(self.mt_conversations, 32, 16),
@@ -248,15 +249,15 @@ impl Args {
             mt_conv_prefix_len: pick(self.mt_conv_prefix_len, 1024, 512),
             mt_question_len: self.mt_question_len,
             pr_prefixes: pick(self.pr_prefixes, 12, 6),
-            pr_suffixes: pick(self.pr_suffixes, 40, 30),
+            pr_suffixes: pick(self.pr_suffixes, 40, 20),
             pr_prefix_len: pick(self.pr_prefix_len, 1536, 1024),
             pr_suffix_len: self.pr_suffix_len,
-            ns_requests: pick(self.ns_requests, 256, 128),
+            ns_requests: pick(self.ns_requests, 256, 96),
             ns_prompt_len: pick(self.ns_prompt_len, 1024, 512),
             mc_requests: match (&self.trace, self.mc_requests) {
                 (_, Some(n)) => Some(n),
                 (Some(_), None) => None,
-                (None, None) => Some(if q { 120 } else { 240 }),
+                (None, None) => Some(if q { 80 } else { 240 }),
             },
             mc_rate: self.mc_rate,
             trace_speed: self.trace_speed,
