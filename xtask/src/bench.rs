@@ -13,8 +13,8 @@
 //!
 //! `cargo xtask bench quality [ARGS]` makes sure the peer routers are
 //! installed (vllm-router and sglang-router, pip-installed into
-//! `target/peers-venv` once; see [`peers`](crate::peers); on failure one
-//! line and the run goes on without them), then runs the release
+//! `target/peers-venv` once by [`crate::peers`]; on failure one line and
+//! the run goes on without them), then runs the release
 //! `router-bench quality` with the release `router-daemon`: prefix-cache
 //! hit rate, TTFT, load balance and router CPU per router on in-process
 //! vllm-sim fleets, written to `target/bench/quality-<timestamp>.md`.
