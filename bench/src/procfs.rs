@@ -1,7 +1,8 @@
 //! What the benchmark reads from the kernel: CPU time (system-wide from
-//! `/proc/stat`, per process tree from `/proc/<pid>/task/*/schedstat`), the
-//! monotonic clock shared by the backend and the load generator, and the
-//! open-file limit.
+//! `/proc/stat`, per process tree from `/proc/<pid>/task/*/schedstat` or
+//! `/proc/<pid>/stat`), peak memory (`/proc/<pid>/status`), the monotonic
+//! clock shared by the backend and the load generator, and the open-file
+//! limit.
 use std::{collections::HashMap, fs, io};
 
 use anyhow::{Context as _, Result};
@@ -137,6 +138,54 @@ pub fn tree_cpu_ns(pid: u32) -> u64 {
         stack.extend(children(pid));
     }
     total
+}
+
+/// What a process tree has used so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// utime + stime of every live member (each process's dead threads
+    /// included), in nanoseconds, at clock-tick resolution.
+    pub cpu_ns: u64,
+    /// The sum of every live member's peak resident set (`VmHWM`), in bytes.
+    pub peak_rss_bytes: u64,
+}
+
+/// CPU time (`/proc/<pid>/stat` utime + stime) and peak resident set
+/// (`/proc/<pid>/status` VmHWM) of a process and its descendants. A process
+/// that is gone counts as zero.
+pub fn tree_usage(pid: u32) -> Usage {
+    let mut out = Usage::default();
+    let mut stack = vec![pid];
+    // Bounded: a process tree on this machine has far fewer members.
+    let mut visited = 0;
+    while let Some(pid) = stack.pop() {
+        visited += 1;
+        if visited > 4096 {
+            break;
+        }
+        out.cpu_ns += stat_ticks(pid).map_or(0, |ticks| ticks * 1_000_000_000 / clock_ticks());
+        out.peak_rss_bytes += peak_rss_bytes(pid).unwrap_or(0);
+        stack.extend(children(pid));
+    }
+    out
+}
+
+/// `VmHWM` of `/proc/<pid>/status`, in bytes (absent for kernel threads
+/// and zombies).
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    vm_hwm(&status)
+}
+
+/// The `VmHWM:  1234 kB` line of a status file, in bytes.
+fn vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let mut fields = line.split_whitespace().skip(1);
+    let value: u64 = fields.next()?.parse().ok()?;
+    match fields.next() {
+        Some("kB") | None => Some(value * 1024),
+        Some(_) => None,
+    }
 }
 
 /// CPU time (utime + stime, clock-tick resolution) of each process on the
@@ -321,4 +370,30 @@ pub fn kernel_release() -> String {
 /// Number of CPUs this process may run on.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_hwm_is_read_in_bytes() {
+        let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t  1234 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(vm_hwm(status), Some(1234 * 1024));
+        assert_eq!(vm_hwm("Name:\tkthreadd\n"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_peak_and_cpu_time() {
+        // Burn a little CPU so at least one tick is counted.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_mul(31).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let usage = tree_usage(std::process::id());
+        assert!(usage.peak_rss_bytes > 1 << 20, "{usage:?}");
+        assert!(usage.cpu_ns > 0, "{usage:?}");
+    }
 }

@@ -11,10 +11,14 @@
 //! them); the report is printed and written to
 //! `target/bench/dataplane-<timestamp>.md`.
 //!
-//! `cargo xtask bench quality [ARGS]` runs the release `router-bench
-//! quality` with the release `router-daemon`: prefix-cache hit rate, TTFT
-//! and load balance per router on in-process vllm-sim fleets, written to
-//! `target/bench/quality-<timestamp>.md`.
+//! `cargo xtask bench quality [ARGS]` makes sure the peer routers are
+//! installed (vllm-router and sglang-router, pip-installed into
+//! `target/peers-venv` once by [`crate::peers`]; on failure one line and
+//! the run goes on without them), then runs the release
+//! `router-bench quality` with the release `router-daemon`: prefix-cache
+//! hit rate, TTFT, load balance and router CPU per router on in-process
+//! vllm-sim fleets, written to `target/bench/quality-<timestamp>.md`.
+//! `--no-peers` skips the peers and their install.
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -22,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::setup;
+use crate::{peers, setup};
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args)]
@@ -55,12 +59,14 @@ enum Bench {
         )]
         args: Vec<String>,
     },
-    /// Routing quality: router-daemon against round-robin and least-loaded
-    /// on vllm-sim fleets (`--help` lists the options).
+    /// Routing quality: router-daemon against round-robin, least-loaded,
+    /// vllm-router and sglang-router on vllm-sim fleets (`--help` lists the
+    /// options).
     ///
-    /// Workloads: shared-prefix, multi-turn, prefix-repetition, no-sharing;
-    /// under 5 minutes, `--quick` under 1. The arguments go to
-    /// `router-bench quality`.
+    /// Workloads: shared-prefix, multi-turn, prefix-repetition, no-sharing,
+    /// mooncake; under 5 minutes, `--quick` under 1. Installs the peers
+    /// into target/peers-venv first (`--no-peers`: not). The arguments go
+    /// to `router-bench quality`.
     #[command(disable_help_flag = true)]
     Quality {
         /// Arguments for `router-bench quality`.
@@ -96,7 +102,7 @@ fn cargo_bench(extra: &[String]) -> Result<()> {
 /// Builds, then runs `router-bench dataplane` with the release router-daemon,
 /// and nginx when it is (or can be) installed.
 fn dataplane(args: &[String]) -> Result<()> {
-    router_bench("dataplane", args, |cmd| {
+    router_bench("dataplane", args, |cmd, _| {
         let wants_nginx = !args
             .iter()
             .any(|a| a == "--no-nginx" || a.starts_with("--nginx-bin"));
@@ -113,18 +119,44 @@ fn dataplane(args: &[String]) -> Result<()> {
     })
 }
 
-/// Builds, then runs `router-bench quality` with the release router-daemon.
+/// Builds, installs the peers unless told not to (or given them), then
+/// runs `router-bench quality` with the release router-daemon.
 fn quality(args: &[String]) -> Result<()> {
-    router_bench("quality", args, |_| {})
+    router_bench("quality", args, |cmd, target_dir| {
+        let wants_peers = !args
+            .iter()
+            .any(|a| a == "--no-peers" || a.starts_with("--peers-dir"));
+        if wants_peers {
+            match peers::ensure(target_dir) {
+                Some(bin) => {
+                    cmd.arg("--peers-dir").arg(bin);
+                }
+                None => {
+                    cmd.arg("--no-peers");
+                }
+            }
+        }
+    })
 }
 
 /// Runs `router-bench <name>` in the workspace root after setup: with the
 /// release router-daemon, the report folder `target/bench` and the command
-/// as invoked (unless asking for help), plus what `extra` adds, then the
-/// caller's arguments last, so they override the ones above.
-fn router_bench(name: &str, args: &[String], extra: impl FnOnce(&mut Command)) -> Result<()> {
+/// as invoked (unless asking for help), plus what `extra` adds (given the
+/// target directory), then the caller's arguments last, so they override
+/// the ones above.
+fn router_bench(
+    name: &str,
+    args: &[String],
+    extra: impl FnOnce(&mut Command, &Path),
+) -> Result<()> {
     let toolchain = setup::run()?;
     let bench_bin = toolchain.release_bin("router-bench")?;
+    // target/release/router-bench: the target directory is two up.
+    let target_dir = bench_bin
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .context("router-bench is not in a target directory")?;
     let router_bin = toolchain.release_bin("router-daemon")?;
     let root = toolchain
         .cargo()
@@ -144,7 +176,7 @@ fn router_bench(name: &str, args: &[String], extra: impl FnOnce(&mut Command)) -
             .arg(root.join("target").join("bench"))
             .arg("--invoked-as")
             .arg(invoked);
-        extra(&mut cmd);
+        extra(&mut cmd, &target_dir);
     }
     cmd.args(args);
     setup::check_status(&mut cmd)

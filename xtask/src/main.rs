@@ -5,6 +5,7 @@
 //! - [`run`]: starts `vllm-sim` instances and `router-daemon` in front of them.
 //! - [`test`](mod@test): fmt, clippy and the workspace tests, as CI runs them.
 //! - [`bench`](mod@bench): the workspace benchmarks.
+//! - [`peers`]: installs the peer routers the quality benchmark compares with.
 //!
 //! This file only parses the command line and dispatches.
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod peers;
 mod run;
 mod setup;
 mod test;
@@ -39,7 +41,8 @@ enum Command {
     /// Setup, then `cargo fmt --check`, `cargo clippy` and `cargo test`, as CI does.
     Test(test::Args),
     /// Setup, then `cargo bench --workspace`; `bench dataplane` and `bench quality` run
-    /// the dataplane and routing-quality benchmarks.
+    /// the dataplane and routing-quality benchmarks (quality installs its peer routers
+    /// into target/peers-venv first).
     Bench(bench::Args),
 }
 

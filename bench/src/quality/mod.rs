@@ -1,35 +1,31 @@
 //! `router-bench quality`: how well each router keeps prefixes cached, and
 //! what that buys in time to first token, on workloads shaped like SGLang's
-//! and vLLM's prefix-caching benchmarks.
+//! and vLLM's prefix-caching benchmarks and on a Mooncake-style trace.
 //!
 //! For every workload and every router the run starts a fresh fleet of
 //! in-process vllm-sim backends (cold caches, KV capacity sized so the
 //! working set fits the fleet but not one simulator), puts the router in
-//! front, and drives the workload closed-loop. Every request streams with
+//! front, and drives the workload closed-loop (or open-loop with `--rate`;
+//! a trace replays at its own timestamps). Every request streams with
 //! `stream_options.include_usage`, so the client sees its TTFT, its cached
-//! tokens and (from `x-served-by`) its backend.
+//! tokens and (from `x-served-by`) its backend. Meanwhile each simulator's
+//! running + waiting requests are sampled, and a router process's CPU time
+//! and peak memory are read from /proc.
 //!
 //! Routers: the router-daemon binary with its default policy; two
 //! client-side baselines, where the load generator itself picks the
 //! backend and talks to it directly (`round-robin`: the next backend in
 //! turn; `least-loaded`: the fewest of this generator's requests in
-//! flight); and any `--peer NAME=CMD` (e.g. vllm-router or sglang-router,
-//! when installed).
-//!
-//! A peer router is any command that listens on `$PORT`; vllm-sim answers
-//! what vllm-router and sglang-router call on a backend (see
-//! `/work/shared/bench/README.md`). With them installed (they are not
-//! dependencies of this workspace):
-//!
-//! ```text
-//! router-bench quality \
-//!   --peer 'vllm-router=vllm-router --host 127.0.0.1 --port $PORT --policy cache_aware --worker-urls ${BACKEND_URLS//,/ } --log-level warning' \
-//!   --peer 'sglang-router=sglang-router launch --host 127.0.0.1 --port $PORT --policy cache_aware --worker-urls ${BACKEND_URLS//,/ } --log-level warn'
-//! ```
+//! flight); vllm-router and sglang-router when installed (see [`peers`];
+//! `--no-peers` leaves them out); and any `--peer NAME=CMD`, a command
+//! that listens on `$PORT`.
 //!
 //! Layout: [`workload`] generates the workloads and their ideal hit rate,
-//! [`run`](mod@run) runs one workload through one router, [`report`]
-//! writes the markdown, [`plot`] draws the PNGs.
+//! [`trace`] reads and synthesises Mooncake traces, [`peers`] knows the
+//! peer routers, [`run`](mod@run) runs one workload through one router,
+//! [`load`] samples the simulators, [`report`] writes the markdown,
+//! [`plot`] draws the PNGs. A router that fails on a workload is a
+//! *failed* row; the run goes on.
 use std::{
     fs,
     path::PathBuf,
@@ -39,9 +35,12 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod load;
+pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod run;
+pub mod trace;
 pub mod workload;
 
 use report::{Report, Row, Section};
@@ -66,7 +65,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "shared-prefix,multi-turn,prefix-repetition,no-sharing"
+        default_value = "shared-prefix,multi-turn,prefix-repetition,no-sharing,mooncake"
     )]
     pub workloads: Vec<Kind>,
     /// Routers to compare.
@@ -81,6 +80,17 @@ pub struct Args {
     /// `$MODEL` set; repeatable.
     #[arg(long = "peer", value_name = "NAME=CMD")]
     pub peers: Vec<String>,
+    /// Leave out vllm-router and sglang-router even when installed.
+    #[arg(long)]
+    pub no_peers: bool,
+    /// Where vllm-router and sglang-router are (default: on `PATH`);
+    /// `cargo xtask bench quality` passes its venv's `bin`.
+    #[arg(long, value_name = "DIR")]
+    pub peers_dir: Option<PathBuf>,
+    /// The peers' policies, one row each [default: cache_aware,round_robin;
+    /// quick: cache_aware].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub peer_policies: Option<Vec<peers::Policy>>,
     /// The router-daemon binary (default: next to this executable).
     #[arg(long, value_name = "PATH")]
     pub router_bin: Option<PathBuf>,
@@ -94,7 +104,8 @@ pub struct Args {
     /// Seed of every workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// About a minute in all: smaller workloads, fewer turns.
+    /// Under a minute in all: smaller workloads, fewer turns, the peers
+    /// under cache_aware only.
     #[arg(long)]
     pub quick: bool,
     /// Simulators in the fleet.
@@ -131,7 +142,7 @@ pub struct Args {
     /// shared-prefix: groups [default: 16, quick 8].
     #[arg(long)]
     pub sp_groups: Option<usize>,
-    /// shared-prefix: prompts per group [default: 32, quick 24].
+    /// shared-prefix: prompts per group [default: 32, quick 16].
     #[arg(long)]
     pub sp_prompts: Option<usize>,
     /// shared-prefix: system-prompt tokens [default: 1536, quick 1024].
@@ -161,7 +172,7 @@ pub struct Args {
     /// prefix-repetition: prefixes [default: 12, quick 6].
     #[arg(long)]
     pub pr_prefixes: Option<usize>,
-    /// prefix-repetition: suffixes per prefix [default: 40, quick 30].
+    /// prefix-repetition: suffixes per prefix [default: 40, quick 20].
     #[arg(long)]
     pub pr_suffixes: Option<usize>,
     /// prefix-repetition: prefix tokens [default: 1536, quick 1024].
@@ -170,12 +181,36 @@ pub struct Args {
     /// prefix-repetition: suffix tokens.
     #[arg(long, default_value_t = 64)]
     pub pr_suffix_len: usize,
-    /// no-sharing: requests [default: 256, quick 128].
+    /// no-sharing: requests [default: 256, quick 96].
     #[arg(long)]
     pub ns_requests: Option<usize>,
     /// no-sharing: prompt tokens [default: 1024, quick 512].
     #[arg(long)]
     pub ns_prompt_len: Option<usize>,
+    /// mooncake: replay this JSONL trace (`{"timestamp": ms,
+    /// "input_length", "output_length", "hash_ids": [..]}` per line, 512
+    /// tokens per hash id) instead of a synthetic one, e.g.
+    /// bench/traces/mooncake-sample.jsonl.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// mooncake: replay speed; timestamps are divided by it.
+    #[arg(long, default_value_t = 1.0)]
+    pub trace_speed: f64,
+    /// mooncake: requests of the synthetic trace, or the first this many
+    /// of --trace [default: 240, quick 80; --trace: all].
+    #[arg(long)]
+    pub mc_requests: Option<usize>,
+    /// mooncake: requests per second of the synthetic trace (Poisson).
+    #[arg(long, default_value_t = 40.0)]
+    pub mc_rate: f64,
+    /// mooncake: at most this many generated tokens per request (a trace's
+    /// output_length is capped).
+    #[arg(long, default_value_t = 256)]
+    pub mc_max_output: usize,
+    /// mooncake: also write the trace replayed (synthetic or the part of
+    /// --trace used) to FILE as JSONL.
+    #[arg(long, value_name = "FILE")]
+    pub save_trace: Option<PathBuf>,
     /// Tokio worker threads of the load generator and simulators (0 = one
     /// per CPU).
     #[arg(long, default_value_t = 0)]
@@ -204,7 +239,7 @@ impl Args {
         Sizes {
             output_len: pick(self.output_len, 16, 8),
             sp_groups: pick(self.sp_groups, 16, 8),
-            sp_prompts: pick(self.sp_prompts, 32, 24),
+            sp_prompts: pick(self.sp_prompts, 32, 16),
             sp_system_len: pick(self.sp_system_len, 1536, 1024),
             sp_question_len: self.sp_question_len,
             mt_conversations: pick(self.mt_conversations, 32, 16),
@@ -214,11 +249,19 @@ impl Args {
             mt_conv_prefix_len: pick(self.mt_conv_prefix_len, 1024, 512),
             mt_question_len: self.mt_question_len,
             pr_prefixes: pick(self.pr_prefixes, 12, 6),
-            pr_suffixes: pick(self.pr_suffixes, 40, 30),
+            pr_suffixes: pick(self.pr_suffixes, 40, 20),
             pr_prefix_len: pick(self.pr_prefix_len, 1536, 1024),
             pr_suffix_len: self.pr_suffix_len,
-            ns_requests: pick(self.ns_requests, 256, 128),
+            ns_requests: pick(self.ns_requests, 256, 96),
             ns_prompt_len: pick(self.ns_prompt_len, 1024, 512),
+            mc_requests: match (&self.trace, self.mc_requests) {
+                (_, Some(n)) => Some(n),
+                (Some(_), None) => None,
+                (None, None) => Some(if q { 80 } else { 240 }),
+            },
+            mc_rate: self.mc_rate,
+            trace_speed: self.trace_speed,
+            mc_max_output: self.mc_max_output,
         }
     }
 
@@ -236,6 +279,12 @@ impl Args {
             && !(rate > 0.0 && rate <= 100_000.0)
         {
             bail!("--rate: above 0 sessions per second");
+        }
+        if !(self.trace_speed > 0.0 && self.trace_speed <= 1e6) {
+            bail!("--trace-speed: above 0");
+        }
+        if !(self.mc_rate > 0.0 && self.mc_rate <= 100_000.0) {
+            bail!("--mc-rate: above 0 requests per second");
         }
         if !(1..=1024).contains(&self.block_size) {
             bail!("--block-size: between 1 and 1024");
@@ -307,6 +356,38 @@ impl Args {
                 kind,
             });
         }
+        if !self.no_peers {
+            let policies = self.peer_policies.clone().unwrap_or_else(|| {
+                if self.quick {
+                    vec![peers::Policy::CacheAware]
+                } else {
+                    vec![peers::Policy::CacheAware, peers::Policy::RoundRobin]
+                }
+            });
+            for peer in peers::ALL {
+                let Some(bin) = peers::find(peer.program(), self.peers_dir.as_deref()) else {
+                    eprintln!(
+                        "router-bench: {} is not installed ({}); leaving it out (`cargo xtask \
+                         bench quality` installs it: pip install {})",
+                        peer.program(),
+                        self.peers_dir.as_ref().map_or_else(
+                            || "not on PATH".to_owned(),
+                            |d| format!("not in {}", d.display())
+                        ),
+                        peers::PIP_SPECS
+                    );
+                    continue;
+                };
+                for &policy in &policies {
+                    out.push(Router {
+                        name: format!("{} {}", peer.program(), policy.as_str()),
+                        kind: RouterKind::Peer {
+                            cmd: peer.command(&bin, policy),
+                        },
+                    });
+                }
+            }
+        }
         for peer in &self.peers {
             let (name, cmd) = peer.split_once('=').context("--peer takes NAME=CMD")?;
             out.push(Router {
@@ -355,11 +436,40 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
         None => run::Arrivals::Closed(args.concurrency.unwrap_or(if args.quick { 8 } else { 16 })),
     };
 
+    let trace = match (&args.trace, args.workloads.contains(&Kind::Mooncake)) {
+        (Some(path), true) => {
+            Some(trace::load(path).with_context(|| format!("the trace {}", path.display()))?)
+        }
+        _ => None,
+    };
+    if let Some(path) = &args.save_trace {
+        let requests = match &trace {
+            Some(t) => t[..sizes.mc_requests.unwrap_or(t.len()).min(t.len())].to_vec(),
+            None => trace::synthetic(&workload::synthetic_shape(&sizes), args.seed),
+        };
+        let mut text = String::new();
+        for r in &requests {
+            text.push_str(&serde_json::to_string(r).context("serialising the trace")?);
+            text.push('\n');
+        }
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "router-bench: wrote the mooncake trace ({} requests) to {}",
+            requests.len(),
+            path.display()
+        );
+    }
+
     let mut sections = Vec::new();
     let mut commands: Vec<String> = Vec::new();
     let mut failed = false;
     for &kind in &args.workloads {
-        let workload = Arc::new(workload::generate(kind, &sizes, args.seed));
+        let workload = Arc::new(workload::generate(
+            kind,
+            &sizes,
+            args.seed,
+            trace.as_deref(),
+        ));
         let ws_blocks = workload.working_set_tokens.div_ceil(args.block_size);
         let kv_blocks =
             ((ws_blocks as f64 * args.kv_fit / args.backends as f64).ceil() as usize).max(1);
@@ -398,7 +508,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
                 Ok(outcome) => {
                     let row = Row::new(&router.name, &outcome);
                     eprintln!(
-                        "router-bench:   {:<14} {:>5.1}% hit, mean TTFT {:>7.1} ms, {:>5.1} req/s, \
+                        "router-bench:   {:<26} {:>5.1}% hit, mean TTFT {:>7.1} ms, {:>5.1} req/s, \
                          {} errors ({:.1} s)",
                         router.name,
                         row.hit_rate() * 100.0,
@@ -435,6 +545,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
                     failed = true;
                     eprintln!("router-bench:   {}: FAILED: {err:#}", router.name);
                     notes.push(format!("{}: FAILED: {err:#}", router.name));
+                    rows.push(Row::failed(&router.name, format!("{err:#}")));
                 }
             }
         }
@@ -453,10 +564,9 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
             }
         }
         let ideal = workload::ideal(&workload, &replies, tokenizer, args.block_size);
-        if let Some(row) = rows
-            .iter()
-            .find(|r| r.errors == 0 && r.prompt_tokens != ideal.prompt_tokens)
-        {
+        if let Some(row) = rows.iter().find(|r| {
+            r.failure.is_none() && r.errors == 0 && r.prompt_tokens != ideal.prompt_tokens
+        }) {
             notes.push(format!(
                 "the simulators counted {} prompt tokens under {}, the ideal's tokenization {}",
                 row.prompt_tokens, row.router, ideal.prompt_tokens
@@ -469,6 +579,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
             ideal,
             kv_blocks,
             working_set_blocks: ws_blocks,
+            backends: (0..args.backends).map(|i| format!("sim-{i}")).collect(),
             rows,
             notes,
         });
@@ -495,7 +606,8 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
             args.backends, args.profile, args.time_scale, args.block_size, args.kv_fit
         ),
         format!(
-            "load: {}, seed {}, every request streamed with `stream_options.include_usage`",
+            "load: {}, seed {}, every request streamed with `stream_options.include_usage`; \
+             mooncake replays its trace's timestamps instead",
             match arrivals {
                 run::Arrivals::Closed(c) => format!(
                     "closed loop, {c} sessions in flight (a request sent as another ends tends to \
@@ -554,6 +666,7 @@ fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<Stri
         let series = s
             .rows
             .iter()
+            .filter(|r| r.failure.is_none())
             .map(|r| (r.router.as_str(), r.ttft_sorted_ms.as_slice()))
             .collect::<Vec<_>>();
         plot::ttft_cdf(
@@ -562,11 +675,29 @@ fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<Stri
             &series,
         )?;
         files.push(file);
+        let file = format!("quality-{stamp}-load-{}.png", s.workload);
+        let panels = s
+            .rows
+            .iter()
+            .filter(|r| r.failure.is_none())
+            .map(|r| (r.router.as_str(), &r.load))
+            .collect::<Vec<_>>();
+        plot::load_over_time(
+            &dir.join(&file),
+            &format!(
+                "running + waiting requests per backend, every {} ms: {}",
+                load::EVERY.as_millis(),
+                s.workload
+            ),
+            &s.backends,
+            &panels,
+        )?;
+        files.push(file);
     }
     let mut routers: Vec<&str> = Vec::new();
     let mut points = Vec::new();
     for s in &report.sections {
-        for r in &s.rows {
+        for r in s.rows.iter().filter(|r| r.failure.is_none()) {
             if !routers.contains(&r.router.as_str()) {
                 routers.push(&r.router);
             }
@@ -622,7 +753,11 @@ mod tests {
             "--pr-prefix-len=64".into(),
             "--ns-requests=4".into(),
             "--ns-prompt-len=40".into(),
+            "--mc-requests=12".into(),
+            "--mc-rate=200".into(),
             "--threads=2".into(),
+            // Peers are not installed for CI; their rows are not tested here.
+            "--no-peers".into(),
             format!("--out-dir={}", out.display()),
         ];
         // The daemon is a separate binary this test does not build: name
@@ -639,7 +774,8 @@ mod tests {
         let (report, path) = run(args).expect("the run completes");
         let text = fs::read_to_string(&path).expect("the report is written");
         assert!(text.contains("| router | hit rate |"));
-        assert_eq!(report.sections.len(), 4);
+        assert!(text.contains("| router CPU s | peak RSS MiB |"));
+        assert_eq!(report.sections.len(), 5);
         for s in &report.sections {
             assert_eq!(s.rows.len(), routers, "{}: {:?}", s.workload, s.notes);
             let ideal = s.ideal.hit_rate();
@@ -663,6 +799,41 @@ mod tests {
                     row.router
                 );
                 assert!(row.max_over_mean() >= 1.0);
+                assert!(row.failure.is_none());
+                // Client-side choices have no process; the daemon does.
+                let process = row.router.starts_with("router-daemon");
+                assert_eq!(row.cpu_s.is_some(), process, "{}", row.router);
+                assert_eq!(row.peak_rss_mib.is_some(), process, "{}", row.router);
+                if let (Some(cpu), Some(rss)) = (row.cpu_s, row.peak_rss_mib) {
+                    assert!((0.0..60.0).contains(&cpu), "{}: {cpu} s", row.router);
+                    assert!(rss > 1.0 && rss < 4096.0, "{}: {rss} MiB", row.router);
+                }
+                // The simulators were sampled, one series each, and saw
+                // the requests.
+                assert_eq!(row.load.per_backend.len(), 2);
+                assert!(!row.load.times.is_empty());
+                assert!(
+                    row.load
+                        .per_backend
+                        .iter()
+                        .all(|v| v.len() == row.load.times.len())
+                );
+            }
+        }
+        let mooncake = &report.sections[4];
+        assert_eq!(mooncake.workload, "mooncake");
+        assert_eq!(mooncake.requests, 12);
+        // Plots need a system font; with one, each is written and linked.
+        if let Ok(files) = &report.plots {
+            assert_eq!(files.len(), 2 * report.sections.len() + 1);
+            for s in &report.sections {
+                let load = format!("-load-{}.png", s.workload);
+                assert!(files.iter().any(|f| f.ends_with(&load)), "{load}");
+            }
+            for file in files {
+                let meta = fs::metadata(out.join(file)).expect("the plot is written");
+                assert!(meta.len() > 1000, "{file}");
+                assert!(text.contains(&format!("]({file})")), "{file} is linked");
             }
         }
         let _ = fs::remove_dir_all(&out);

@@ -1,10 +1,13 @@
 //! PNG plots of the routing-quality report: the TTFT CDF of each router on
-//! one workload, and hit rate against load imbalance for every (workload,
+//! one workload, each backend's load over time under each router on one
+//! workload, and hit rate against load imbalance for every (workload,
 //! router) pair. Text needs a TrueType font from the system (DejaVu or
 //! Liberation Sans); without one the plots are skipped.
 use std::{fs, path::Path, sync::OnceLock};
 
 use plotters::{prelude::*, style::FontStyle};
+
+use super::load::Samples;
 
 /// Where a sans-serif TrueType font usually is.
 const FONTS: &[&str] = &[
@@ -12,6 +15,20 @@ const FONTS: &[&str] = &[
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+/// Line colours of backends (Tableau 10), readable on white.
+const BACKEND_COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// The font family name the plots use.
@@ -141,5 +158,73 @@ pub fn hit_vs_load(path: &Path, routers: &[&str], points: &[Point]) -> Result<()
         .label_font((FAMILY, 16))
         .draw()
         .map_err(text)?;
+    root.present().map_err(text)
+}
+
+/// Each backend's running + waiting requests over time, one panel per
+/// `(router, samples)`, one line per backend (named by `backends`), two
+/// panels a row, all on the same axes.
+pub fn load_over_time(
+    path: &Path,
+    title: &str,
+    backends: &[String],
+    panels: &[(&str, &Samples)],
+) -> Result<(), String> {
+    let cols = if panels.len() > 1 { 2 } else { 1 };
+    let rows = panels.len().div_ceil(cols).max(1);
+    let height = u32::try_from(rows).unwrap_or(8).min(8) * 260 + 50;
+    let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(text)?;
+    let root = root.titled(title, (FAMILY, 22)).map_err(text)?;
+    let max_t = panels
+        .iter()
+        .filter_map(|(_, s)| s.times.last().copied())
+        .fold(0.1, f64::max);
+    let max_y = panels
+        .iter()
+        .map(|(_, s)| s.peak())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    for ((name, samples), area) in panels.iter().zip(root.split_evenly((rows, cols))) {
+        let mut chart = ChartBuilder::on(&area)
+            .caption(*name, (FAMILY, 17))
+            .margin(8)
+            .x_label_area_size(34)
+            .y_label_area_size(44)
+            .build_cartesian_2d(0.0..max_t, 0u32..max_y + 1)
+            .map_err(text)?;
+        chart
+            .configure_mesh()
+            .x_desc("s")
+            .y_desc("running + waiting")
+            .label_style((FAMILY, 12))
+            .draw()
+            .map_err(text)?;
+        for (b, series) in samples.per_backend.iter().enumerate() {
+            let color = BACKEND_COLORS
+                .get(b)
+                .map_or_else(|| Palette99::pick(b).to_rgba(), |c| c.to_rgba());
+            let points = samples.times.iter().copied().zip(series.iter().copied());
+            let label = backends
+                .get(b)
+                .map_or_else(|| format!("backend {b}"), Clone::clone);
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(1)))
+                .map_err(text)?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.85))
+            .label_font((FAMILY, 12))
+            .draw()
+            .map_err(text)?;
+    }
     root.present().map_err(text)
 }

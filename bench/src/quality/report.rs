@@ -1,9 +1,10 @@
 //! The routing-quality report: one table per workload (hit rate against
 //! the workload's ideal, TTFT against round-robin, load balance,
-//! throughput), in markdown.
+//! throughput, the router process's CPU time and peak memory), in
+//! markdown.
 use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
-use super::{run::Outcome, workload::Ideal};
+use super::{load::Samples, run::Outcome, workload::Ideal};
 
 /// One router's numbers on one workload.
 #[derive(Clone, Debug)]
@@ -32,6 +33,15 @@ pub struct Row {
     pub req_per_s: f64,
     /// Every TTFT, ms, ascending (for the CDF plot).
     pub ttft_sorted_ms: Vec<f64>,
+    /// The router processes' CPU time during the run, s (`None`: not a
+    /// process).
+    pub cpu_s: Option<f64>,
+    /// The router processes' peak resident set, MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// Each backend's running + waiting requests over the run.
+    pub load: Samples,
+    /// Why the run failed as a whole (no numbers then).
+    pub failure: Option<String>,
 }
 
 impl Row {
@@ -76,6 +86,34 @@ impl Row {
                 0.0
             },
             ttft_sorted_ms: ttft,
+            cpu_s: outcome.usage.map(|u| u.cpu.as_secs_f64()),
+            peak_rss_mib: outcome
+                .usage
+                .map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
+            load: outcome.load.clone(),
+            failure: None,
+        }
+    }
+
+    /// A router that could not be run on this workload.
+    pub fn failed(router: &str, why: String) -> Self {
+        Row {
+            router: router.to_owned(),
+            requests: 0,
+            errors: 0,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            ttft_mean_ms: 0.0,
+            ttft_p50_ms: 0.0,
+            ttft_p99_ms: 0.0,
+            e2e_mean_ms: 0.0,
+            loads: Vec::new(),
+            req_per_s: 0.0,
+            ttft_sorted_ms: Vec::new(),
+            cpu_s: None,
+            peak_rss_mib: None,
+            load: Samples::default(),
+            failure: Some(why),
         }
     }
 
@@ -124,6 +162,8 @@ pub struct Section {
     pub kv_blocks: usize,
     /// The working-set estimate, in blocks.
     pub working_set_blocks: usize,
+    /// The simulators' ids, in fleet order.
+    pub backends: Vec<String>,
     /// One row per router.
     pub rows: Vec<Row>,
     /// Failures and remarks.
@@ -172,7 +212,10 @@ pub fn render(r: &Report) -> String {
          16-token blocks an earlier request computed, prompt and reply); *TTFT*: request sent to \
          the first streamed token, at the client; *÷ RR*: mean TTFT ÷ round-robin's; *max/mean \
          load*: the busiest backend's requests (`x-served-by`) ÷ the mean per backend; *req/s*: \
-         completed requests ÷ the run's wall time (closed loop: this is latency-bound).\n",
+         completed requests ÷ the run's wall time (closed loop: this is latency-bound); *router \
+         CPU s*: utime + stime of the router's processes from the first request to the last \
+         answer (`/proc/<pid>/stat`, 10 ms ticks); *peak RSS*: their `VmHWM`; both summed over \
+         replicas, – for the client-side baselines, which have no process.\n",
         r.elapsed.as_secs_f64()
     );
     for s in &r.sections {
@@ -192,14 +235,25 @@ pub fn render(r: &Report) -> String {
         let baseline = s
             .rows
             .iter()
-            .find(|row| row.router == BASELINE)
+            .find(|row| row.router == BASELINE && row.failure.is_none())
             .map(|row| row.ttft_mean_ms);
         let _ = writeln!(
             out,
-            "| router | hit rate | % of ideal | mean TTFT ms | p50 TTFT ms | p99 TTFT ms | TTFT ÷ RR | mean e2e ms | max/mean load | per backend | req/s | ok/failed |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|"
+            "| router | hit rate | % of ideal | mean TTFT ms | p50 TTFT ms | p99 TTFT ms | TTFT ÷ RR | mean e2e ms | max/mean load | per backend | req/s | router CPU s | peak RSS MiB | ok/failed |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for row in &s.rows {
+            if row.failure.is_some() {
+                let _ = writeln!(
+                    out,
+                    "| {} | **failed** | – | – | – | – | – | – | – | – | – | – | – | 0/{} |",
+                    row.router, s.requests
+                );
+                continue;
+            }
+            let opt = |v: Option<f64>, digits: usize| {
+                v.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+            };
             let ideal = s.ideal.hit_rate();
             let of_ideal = if ideal > 0.0 {
                 format!("{:.0}%", row.hit_rate() / ideal * 100.0)
@@ -218,7 +272,7 @@ pub fn render(r: &Report) -> String {
                 .join("/");
             let _ = writeln!(
                 out,
-                "| {} | {:.1}% | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.2} | {} | {:.1} | {}/{} |",
+                "| {} | {:.1}% | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {:.2} | {} | {:.1} | {} | {} | {}/{} |",
                 row.router,
                 row.hit_rate() * 100.0,
                 of_ideal,
@@ -230,6 +284,8 @@ pub fn render(r: &Report) -> String {
                 row.max_over_mean(),
                 loads,
                 row.req_per_s,
+                opt(row.cpu_s, 2),
+                opt(row.peak_rss_mib, 0),
                 row.requests,
                 row.errors
             );
@@ -289,6 +345,10 @@ mod tests {
             loads: vec![4, 4],
             req_per_s: 1.0,
             ttft_sorted_ms: vec![1.0],
+            cpu_s: None,
+            peak_rss_mib: None,
+            load: Samples::default(),
+            failure: None,
         };
         assert_eq!(row.max_over_mean(), 1.0);
         assert_eq!(row.hit_rate(), 0.5);
@@ -297,5 +357,65 @@ mod tests {
             ..row
         };
         assert_eq!(skewed.max_over_mean(), 2.0);
+    }
+
+    #[test]
+    fn a_failed_router_is_a_row_and_baselines_have_no_process_numbers() {
+        let ok = Row {
+            failure: None,
+            requests: 2,
+            prompt_tokens: 10,
+            loads: vec![1, 1],
+            ..Row::failed(BASELINE, String::new())
+        };
+        let daemon = Row {
+            router: "router-daemon".into(),
+            cpu_s: Some(0.25),
+            peak_rss_mib: Some(7.4),
+            ..ok.clone()
+        };
+        let report = Report {
+            command: "x".into(),
+            env: Vec::new(),
+            settings: Vec::new(),
+            routers: Vec::new(),
+            sections: vec![Section {
+                workload: "w".into(),
+                description: "d".into(),
+                requests: 2,
+                ideal: Ideal::default(),
+                kv_blocks: 1,
+                working_set_blocks: 1,
+                backends: vec!["sim-0".into(), "sim-1".into()],
+                rows: vec![
+                    ok,
+                    daemon,
+                    Row::failed("vllm-router cache_aware", "exited".into()),
+                ],
+                notes: Vec::new(),
+            }],
+            elapsed: Duration::from_secs(1),
+            plots: Ok(Vec::new()),
+        };
+        let text = render(&report);
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("| {name} |")))
+                .unwrap_or_else(|| panic!("no row for {name}"))
+                .to_owned()
+        };
+        assert!(line(BASELINE).ends_with("| – | – | 2/0 |"));
+        assert!(line("router-daemon").ends_with("| 0.25 | 7 | 2/0 |"));
+        let failed = line("vllm-router cache_aware");
+        assert!(failed.contains("| **failed** |") && failed.ends_with("| 0/2 |"));
+        // Every row has as many cells as the header.
+        let cells = |l: &str| l.matches('|').count();
+        let header = text
+            .lines()
+            .find(|l| l.starts_with("| router |"))
+            .expect("a header");
+        for name in [BASELINE, "router-daemon", "vllm-router cache_aware"] {
+            assert_eq!(cells(&line(name)), cells(header), "{name}");
+        }
     }
 }

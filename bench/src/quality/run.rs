@@ -1,7 +1,9 @@
 //! One measured run: a fresh fleet of in-process vllm-sim backends, one
 //! router in front of it (or a client-side choice of backend), and a
-//! closed-loop load generator that streams every request and records its
-//! TTFT, latency, serving backend and cached tokens.
+//! load generator (closed loop, Poisson arrivals, or a trace's timestamps)
+//! that streams every request and records its TTFT, latency, serving
+//! backend and cached tokens; meanwhile each simulator's load is sampled,
+//! and a router process's CPU time and peak memory are read from /proc.
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
@@ -24,8 +26,11 @@ use tokio::{
 
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
-use super::workload::{Prompt, Session, Workload, chat_messages};
-use crate::{http, procs::Proc};
+use super::{
+    load::{Sampler, Samples},
+    workload::{Prompt, Session, Workload, chat_messages},
+};
+use crate::{http, procfs, procs::Proc};
 
 /// Seed of the generator that sprays requests over router replicas.
 const SPRAY_SEED: u64 = 0x7370_7261_7921;
@@ -127,6 +132,20 @@ pub struct Outcome {
     pub backend_ids: Vec<String>,
     /// The router's command line, when it is a process.
     pub command: Option<String>,
+    /// Each simulator's running + waiting requests over the run.
+    pub load: Samples,
+    /// The router processes' CPU time during the run and peak memory
+    /// (summed over replicas); `None` for client-side choices.
+    pub usage: Option<RouterUsage>,
+}
+
+/// What the router processes used.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouterUsage {
+    /// utime + stime from the first request sent to the last answer.
+    pub cpu: Duration,
+    /// Peak resident set (VmHWM), bytes.
+    pub peak_rss_bytes: u64,
 }
 
 /// Per-request limit.
@@ -138,6 +157,8 @@ struct Fleet {
     ids: Vec<String>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<Result<(), vllm_sim::Error>>>,
+    /// The engines, as each simulator hands it over.
+    engines: Vec<oneshot::Receiver<Arc<vllm_sim::engine::Engine>>>,
 }
 
 impl Fleet {
@@ -147,6 +168,7 @@ impl Fleet {
             ids: Vec::new(),
             stops: Vec::new(),
             tasks: Vec::new(),
+            engines: Vec::new(),
         };
         for i in 0..config.backends {
             let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -163,12 +185,17 @@ impl Fleet {
             let shutdown = async move {
                 let _ = stopped.await;
             };
+            let (engine, engine_rx) = oneshot::channel();
+            let observe = move |e| {
+                let _ = engine.send(e);
+            };
             fleet.addrs.push(addr);
             fleet.ids.push(id);
             fleet.stops.push(stop);
-            fleet
-                .tasks
-                .push(tokio::spawn(vllm_sim::serve(listener, sim, shutdown)));
+            fleet.engines.push(engine_rx);
+            fleet.tasks.push(tokio::spawn(vllm_sim::serve_observed(
+                listener, sim, shutdown, observe,
+            )));
         }
         Ok(fleet)
     }
@@ -262,8 +289,8 @@ pub async fn run(
     session_header: Option<&str>,
     tmp: &Path,
 ) -> Result<Outcome> {
-    let sims = Fleet::start(fleet).await?;
-    let result = drive(workload, router, &sims, arrivals, session_header, tmp).await;
+    let mut sims = Fleet::start(fleet).await?;
+    let result = drive(workload, router, &mut sims, arrivals, session_header, tmp).await;
     let stopped = sims.stop().await;
     let outcome = result?;
     stopped?;
@@ -273,7 +300,7 @@ pub async fn run(
 async fn drive(
     workload: Arc<Workload>,
     router: &Router,
-    sims: &Fleet,
+    sims: &mut Fleet,
     arrivals: Arrivals,
     session_header: Option<&str>,
     tmp: &Path,
@@ -317,7 +344,7 @@ async fn drive(
                     };
                     command = Some(format!("RUST_LOG=warn {}{times}", crate::run::show(&cmd)));
                 }
-                let log = tmp.join(format!("{}-{replica}.log", router.name));
+                let log = tmp.join(format!("{}-{replica}.log", file_name(&router.name)));
                 procs.push(Proc::spawn(&router.name, cmd, &log)?);
                 addrs.push(addr);
             }
@@ -342,7 +369,7 @@ async fn drive(
                 addr.port(),
                 urls.join(",")
             ));
-            let log = tmp.join(format!("{}.log", router.name));
+            let log = tmp.join(format!("{}.log", file_name(&router.name)));
             procs.push(Proc::spawn(&router.name, cmd, &log)?);
             Target::Fixed(addr)
         }
@@ -364,6 +391,14 @@ async fn drive(
         }
         Target::RoundRobin { .. } | Target::LeastLoaded { .. } => {}
     }
+    // Every simulator has answered, so each has handed over its engine.
+    let mut engines = Vec::new();
+    for rx in sims.engines.drain(..) {
+        engines.push(
+            rx.await
+                .context("a simulator did not hand over its engine")?,
+        );
+    }
 
     let shared = Arc::new(Shared {
         workload,
@@ -372,8 +407,23 @@ async fn drive(
         errors: Mutex::new((0, Vec::new())),
         session_header: session_header.map(str::to_owned),
     });
+    let cpu_before = procs
+        .iter()
+        .map(|p| procfs::tree_usage(p.pid()).cpu_ns)
+        .sum::<u64>();
+    let sampler = Sampler::start(engines);
     let started = Instant::now();
     let workers = match arrivals {
+        _ if shared.workload.timed() => {
+            let origin = tokio::time::Instant::now();
+            let mut tasks = Vec::new();
+            for session in 0..shared.workload.sessions.len() {
+                let at = shared.workload.sessions[session].at.unwrap_or_default();
+                tokio::time::sleep_until(origin + at).await;
+                tasks.push(spawn_session(Arc::clone(&shared), session));
+            }
+            tasks
+        }
         Arrivals::Closed(concurrency) => (0..concurrency.max(1))
             .map(|_| tokio::spawn(worker(Arc::clone(&shared))))
             .collect::<Vec<_>>(),
@@ -386,23 +436,39 @@ async fn drive(
                 let u: f64 = 1.0 - rng.random::<f64>();
                 at += Duration::from_secs_f64(-u.ln() / rate);
                 tokio::time::sleep_until(at).await;
-                let shared = Arc::clone(&shared);
-                tasks.push(tokio::spawn(async move {
-                    let mut conns = HashMap::new();
-                    match shared.workload.sessions.get(session) {
-                        Some(s) => run_session(&shared, &mut conns, s).await,
-                        None => Vec::new(),
-                    }
-                }));
+                tasks.push(spawn_session(Arc::clone(&shared), session));
             }
             tasks
         }
     };
     let mut records = Vec::new();
+    let mut panicked = None;
     for w in workers {
-        records.extend(w.await.context("a load task panicked")?);
+        match w.await {
+            Ok(r) => records.extend(r),
+            Err(err) => panicked = Some(err),
+        }
     }
     let elapsed = started.elapsed();
+    let load = sampler.finish().await;
+    let usage = (!procs.is_empty()).then(|| {
+        let now = procs
+            .iter()
+            .map(|p| procfs::tree_usage(p.pid()))
+            .collect::<Vec<_>>();
+        RouterUsage {
+            cpu: Duration::from_nanos(
+                now.iter()
+                    .map(|u| u.cpu_ns)
+                    .sum::<u64>()
+                    .saturating_sub(cpu_before),
+            ),
+            peak_rss_bytes: now.iter().map(|u| u.peak_rss_bytes).sum(),
+        }
+    });
+    if let Some(err) = panicked {
+        bail!("a load task panicked: {err}");
+    }
     for mut p in procs {
         if let Some(status) = p.exited() {
             bail!(
@@ -421,7 +487,34 @@ async fn drive(
         elapsed,
         backend_ids: sims.ids.clone(),
         command,
+        load,
+        usage,
     })
+}
+
+/// Runs one session on its own connections (open-loop arrivals).
+fn spawn_session(shared: Arc<Shared>, session: usize) -> JoinHandle<Vec<Record>> {
+    tokio::spawn(async move {
+        let mut conns = HashMap::new();
+        match shared.workload.sessions.get(session) {
+            Some(s) => run_session(&shared, &mut conns, s).await,
+            None => Vec::new(),
+        }
+    })
+}
+
+/// A router's name as part of a file name: anything but ASCII letters,
+/// digits, `-` and `.` becomes `_`.
+fn file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// A free port on 127.0.0.1 for a router process.
@@ -512,7 +605,7 @@ async fn run_session(
     session: &Session,
 ) -> Vec<Record> {
     let model = vllm_sim::config::DEFAULT_MODEL;
-    let output = shared.workload.output_len;
+    let output = session.output_len.unwrap_or(shared.workload.output_len);
     let mut records = Vec::new();
     let mut replies: Vec<String> = Vec::new();
     let session_id = format!("session-{}", session.id);

@@ -1,14 +1,15 @@
 //! The workloads of `router-bench quality`: seeded generators of sessions
-//! (one completion, or one chat conversation of several turns), and the
-//! ideal prefix-cache hit rate of a workload, computed from the prompts
-//! themselves.
+//! (one completion, or one chat conversation of several turns), a
+//! Mooncake trace's requests as timed sessions, and the ideal prefix-cache
+//! hit rate of a workload, computed from the prompts themselves.
 //!
 //! Prompts are made of words that are each one cl100k token with their
 //! leading space, so a length given in tokens is (about) a length in words.
 //! Distinct random texts share no 16-token block in practice (64 words,
 //! 64^16 combinations).
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
+use super::trace;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
 use vllm_sim::{
     cache::{BlockHash, block_hashes},
@@ -17,7 +18,7 @@ use vllm_sim::{
 };
 
 /// Words of generated prompts, each one token with its leading space.
-const WORDS: &[&str] = &[
+pub const WORDS: &[&str] = &[
     " the", " of", " and", " to", " in", " is", " that", " for", " it", " as", " with", " was",
     " on", " be", " at", " by", " this", " from", " or", " an", " are", " not", " but", " have",
     " which", " one", " all", " can", " their", " more", " time", " model", " data", " system",
@@ -40,6 +41,9 @@ pub enum Kind {
     PrefixRepetition,
     /// Random prompts sharing nothing.
     NoSharing,
+    /// A Mooncake-style trace replayed at its timestamps: hash ids of
+    /// 512-token blocks become text; synthetic unless `--trace FILE`.
+    Mooncake,
 }
 
 impl Kind {
@@ -50,6 +54,7 @@ impl Kind {
             Kind::MultiTurn => "multi-turn",
             Kind::PrefixRepetition => "prefix-repetition",
             Kind::NoSharing => "no-sharing",
+            Kind::Mooncake => "mooncake",
         }
     }
 }
@@ -91,6 +96,15 @@ pub struct Sizes {
     pub ns_requests: usize,
     /// no-sharing: prompt tokens.
     pub ns_prompt_len: usize,
+    /// mooncake: requests of the synthetic trace (of a trace file: at most
+    /// this many, the earliest; `None` is all).
+    pub mc_requests: Option<usize>,
+    /// mooncake: mean requests per second of the synthetic trace.
+    pub mc_rate: f64,
+    /// mooncake: replay speed (timestamps are divided by it).
+    pub trace_speed: f64,
+    /// mooncake: at most this many generated tokens per request.
+    pub mc_max_output: usize,
 }
 
 /// What a session sends.
@@ -125,6 +139,11 @@ pub struct Session {
     pub id: usize,
     /// What it sends.
     pub prompt: Prompt,
+    /// When it starts, from the run's start (a trace's timestamp); `None`
+    /// when the arrival process decides.
+    pub at: Option<Duration>,
+    /// Generated tokens, when not [`Workload::output_len`].
+    pub output_len: Option<usize>,
 }
 
 /// A generated workload.
@@ -148,6 +167,12 @@ impl Workload {
     pub fn requests(&self) -> usize {
         self.sessions.iter().map(|s| s.prompt.requests()).sum()
     }
+
+    /// Whether its sessions carry their own start times (a trace replay),
+    /// which then override `--concurrency` and `--rate`.
+    pub fn timed(&self) -> bool {
+        self.sessions.iter().any(|s| s.at.is_some())
+    }
 }
 
 /// `len` random words.
@@ -160,8 +185,14 @@ fn text(rng: &mut StdRng, len: usize) -> String {
 }
 
 /// Generates `kind` from `seed` (each workload has its own stream, so one
-/// workload's sizes do not change another's prompts).
-pub fn generate(kind: Kind, sizes: &Sizes, seed: u64) -> Workload {
+/// workload's sizes do not change another's prompts). `trace` is the
+/// trace file's requests for [`Kind::Mooncake`] (none: a synthetic one).
+pub fn generate(
+    kind: Kind,
+    sizes: &Sizes,
+    seed: u64,
+    trace: Option<&[trace::Request]>,
+) -> Workload {
     let mut rng =
         StdRng::seed_from_u64(seed ^ (kind as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let s = sizes;
@@ -237,6 +268,7 @@ pub fn generate(kind: Kind, sizes: &Sizes, seed: u64) -> Workload {
                 s.pr_prefixes * s.pr_prefix_len,
             )
         }
+        Kind::Mooncake => return mooncake(sizes, seed, trace),
         Kind::NoSharing => {
             let prompts = (0..s.ns_requests)
                 .map(|_| Prompt::Text(text(&mut rng, s.ns_prompt_len)))
@@ -256,12 +288,88 @@ pub fn generate(kind: Kind, sizes: &Sizes, seed: u64) -> Workload {
     let sessions = prompts
         .into_iter()
         .enumerate()
-        .map(|(id, prompt)| Session { id, prompt })
+        .map(|(id, prompt)| Session {
+            id,
+            prompt,
+            at: None,
+            output_len: None,
+        })
         .collect();
     Workload {
         kind,
         sessions,
         description,
+        working_set_tokens,
+        output_len: s.output_len,
+    }
+}
+
+/// The synthetic Mooncake trace's shape: `--mc-requests` at `--mc-rate`,
+/// outputs of ½ to 2× `--output-len`.
+pub fn synthetic_shape(s: &Sizes) -> trace::Synthetic {
+    trace::Synthetic {
+        requests: s.mc_requests.unwrap_or(0),
+        rate: s.mc_rate,
+        output: (s.output_len.div_ceil(2), s.output_len * 2),
+    }
+}
+
+/// A Mooncake trace as a workload: one completion per line, sent at its
+/// timestamp ÷ `--trace-speed` from the first line's, with its own output
+/// length (capped by `--mc-max-output`), in timestamp order.
+fn mooncake(sizes: &Sizes, seed: u64, file: Option<&[trace::Request]>) -> Workload {
+    let s = sizes;
+    let (requests, origin) = match file {
+        Some(lines) => {
+            let n = s.mc_requests.unwrap_or(lines.len()).min(lines.len());
+            (lines[..n].to_vec(), "trace file")
+        }
+        None => (
+            trace::synthetic(&synthetic_shape(s), seed),
+            "synthetic trace",
+        ),
+    };
+    let start = requests.first().map_or(0, |r| r.timestamp);
+    let speed = if s.trace_speed > 0.0 {
+        s.trace_speed
+    } else {
+        1.0
+    };
+    let mut texts = trace::Texts::default();
+    let sessions = requests
+        .iter()
+        .enumerate()
+        .map(|(id, r)| Session {
+            id,
+            prompt: Prompt::Text(texts.prompt(r)),
+            at: Some(Duration::from_secs_f64(
+                r.timestamp.saturating_sub(start) as f64 / 1e3 / speed,
+            )),
+            output_len: Some(r.output_length.clamp(1, s.mc_max_output.max(1))),
+        })
+        .collect::<Vec<_>>();
+    let span = sessions.last().and_then(|x| x.at).unwrap_or_default();
+    let blocks = requests.iter().map(|r| r.hash_ids.len()).sum::<usize>();
+    let input = requests.iter().map(|r| r.input_length).sum::<usize>();
+    let output = sessions.iter().filter_map(|x| x.output_len).sum::<usize>();
+    let n = requests.len().max(1);
+    let working_set_tokens = trace::working_set_tokens(&requests);
+    Workload {
+        kind: Kind::Mooncake,
+        description: format!(
+            "{origin}: {} requests over {:.1} s (speed ×{speed}); per request on average {:.1} \
+             blocks of {} tokens, {} prompt tokens, {} output tokens (at most {}); {} distinct \
+             blocks; replayed at its timestamps (open loop, whatever --concurrency or --rate)",
+            requests.len(),
+            span.as_secs_f64(),
+            blocks as f64 / n as f64,
+            trace::BLOCK_TOKENS,
+            input / n,
+            output / n,
+            s.mc_max_output,
+            working_set_tokens / trace::BLOCK_TOKENS,
+        ),
+        sessions,
         working_set_tokens,
         output_len: s.output_len,
     }
@@ -385,15 +493,24 @@ mod tests {
             pr_suffix_len: 8,
             ns_requests: 4,
             ns_prompt_len: 40,
+            mc_requests: Some(40),
+            mc_rate: 100.0,
+            trace_speed: 2.0,
+            mc_max_output: 6,
         }
     }
 
     #[test]
     fn the_same_seed_gives_the_same_workload() {
-        for kind in [Kind::SharedPrefix, Kind::MultiTurn, Kind::PrefixRepetition] {
-            let a = generate(kind, &tiny(), 7);
-            let b = generate(kind, &tiny(), 7);
-            let c = generate(kind, &tiny(), 8);
+        for kind in [
+            Kind::SharedPrefix,
+            Kind::MultiTurn,
+            Kind::PrefixRepetition,
+            Kind::Mooncake,
+        ] {
+            let a = generate(kind, &tiny(), 7, None);
+            let b = generate(kind, &tiny(), 7, None);
+            let c = generate(kind, &tiny(), 8, None);
             assert_eq!(format!("{:?}", a.sessions), format!("{:?}", b.sessions));
             assert_ne!(format!("{:?}", a.sessions), format!("{:?}", c.sessions));
         }
@@ -402,9 +519,9 @@ mod tests {
     #[test]
     fn ideal_counts_shared_blocks_only() {
         let tokenizer = Tokenizer::shared().expect("cl100k_base is embedded");
-        let ns = generate(Kind::NoSharing, &tiny(), 1);
+        let ns = generate(Kind::NoSharing, &tiny(), 1, None);
         assert_eq!(ideal(&ns, &[], tokenizer, 16).cached_tokens, 0);
-        let sp = generate(Kind::SharedPrefix, &tiny(), 1);
+        let sp = generate(Kind::SharedPrefix, &tiny(), 1, None);
         let got = ideal(&sp, &[], tokenizer, 16);
         // Two of each group's three prompts reuse the 64-token system
         // prompt (plus BOS): 4 blocks each.
@@ -415,7 +532,7 @@ mod tests {
     #[test]
     fn a_later_turn_reuses_the_earlier_turn_and_its_reply() {
         let tokenizer = Tokenizer::shared().expect("cl100k_base is embedded");
-        let mt = generate(Kind::MultiTurn, &tiny(), 3);
+        let mt = generate(Kind::MultiTurn, &tiny(), 3, None);
         let replies: Vec<Vec<String>> = mt
             .sessions
             .iter()
@@ -424,5 +541,66 @@ mod tests {
         let with = ideal(&mt, &replies, tokenizer, 16);
         let without = ideal(&mt, &[], tokenizer, 16);
         assert!(with.cached_tokens > without.cached_tokens);
+    }
+
+    #[test]
+    fn a_trace_replays_at_its_scaled_timestamps_with_its_own_outputs() {
+        let lines = trace::parse(concat!(
+            r#"{"timestamp": 1000, "input_length": 600, "output_length": 3, "hash_ids": [1, 2]}"#,
+            "\n",
+            r#"{"timestamp": 3000, "input_length": 1100, "output_length": 50, "hash_ids": [1, 2, 3]}"#,
+            "\n",
+            r#"{"timestamp": 5000, "input_length": 40, "output_length": 9, "hash_ids": [4]}"#,
+        ))
+        .expect("valid");
+        let w = generate(Kind::Mooncake, &tiny(), 1, Some(&lines));
+        assert!(w.timed());
+        let at = w.sessions.iter().map(|s| s.at).collect::<Vec<_>>();
+        // Speed 2: 0, 1 s, 2 s after the first line.
+        assert_eq!(
+            at,
+            [0, 1000, 2000].map(|ms| Some(Duration::from_millis(ms)))
+        );
+        let out = w.sessions.iter().map(|s| s.output_len).collect::<Vec<_>>();
+        // Capped at --mc-max-output 6.
+        assert_eq!(out, [Some(3), Some(6), Some(6)]);
+        assert_eq!(w.working_set_tokens, 4 * trace::BLOCK_TOKENS);
+        // --mc-requests keeps the earliest lines.
+        assert_eq!(w.requests(), 3);
+        let sizes = Sizes {
+            mc_requests: Some(2),
+            ..tiny()
+        };
+        assert_eq!(
+            generate(Kind::Mooncake, &sizes, 1, Some(&lines)).requests(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_trace_ideal_counts_its_shared_blocks() {
+        let tokenizer = Tokenizer::shared().expect("cl100k_base is embedded");
+        let lines = trace::parse(concat!(
+            r#"{"timestamp": 0, "input_length": 600, "output_length": 3, "hash_ids": [1, 2]}"#,
+            "\n",
+            r#"{"timestamp": 1, "input_length": 1100, "output_length": 3, "hash_ids": [1, 2, 3]}"#,
+            "\n",
+            r#"{"timestamp": 2, "input_length": 700, "output_length": 3, "hash_ids": [1, 9]}"#,
+            "\n",
+            r#"{"timestamp": 3, "input_length": 512, "output_length": 3, "hash_ids": [8]}"#,
+        ))
+        .expect("valid");
+        let w = generate(Kind::Mooncake, &tiny(), 1, Some(&lines));
+        let got = ideal(&w, &[], tokenizer, 16);
+        // BOS + words, one token each.
+        assert_eq!(got.prompt_tokens, 4 + 600 + 1100 + 700 + 512);
+        // Line 2 reuses line 1's 601 tokens: 37 whole 16-token blocks.
+        // Line 3 shares block 1 (and BOS): 513 tokens, 32 blocks. Line 4
+        // shares nothing.
+        assert_eq!(got.cached_tokens, (37 + 32) * 16);
+        // A synthetic trace shares a good part of its prompts.
+        let synthetic = generate(Kind::Mooncake, &tiny(), 5, None);
+        let rate = ideal(&synthetic, &[], tokenizer, 16).hit_rate();
+        assert!(rate > 0.2 && rate < 0.95, "{rate}");
     }
 }

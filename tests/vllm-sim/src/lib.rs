@@ -39,12 +39,13 @@ pub mod sampler;
 pub mod scheduler;
 pub mod tokenize;
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
 
 pub use crate::api::{SERVED_BY, VLLM_VERSION};
 pub use crate::config::{Config, Profile};
+use crate::engine::Engine;
 pub use crate::error::Error;
 use crate::error::TokenizerError;
 use crate::listener::DyingListener;
@@ -62,6 +63,17 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    serve_observed(listener, config, shutdown, |_| {}).await
+}
+
+/// [`serve`], handing the engine to `observe` once it is built, so an
+/// in-process caller (a benchmark) can read its [`Engine::gauges`].
+pub async fn serve_observed(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    observe: impl FnOnce(Arc<Engine>) + Send,
+) -> Result<(), Error> {
     config.validate()?;
     // Building the vocabulary takes a while on first use: keep it off the
     // runtime's worker threads.
@@ -69,6 +81,7 @@ pub async fn serve(
         .await
         .map_err(TokenizerError::Task)??;
     let (router, engine) = api::router(&config, tokenizer)?;
+    observe(Arc::clone(&engine));
     match listener.local_addr() {
         Ok(addr) => tracing::info!(
             sim = %config.id,
