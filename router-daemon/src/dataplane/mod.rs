@@ -242,6 +242,7 @@ impl Dataplane {
                     Ok(_) => "the sockmap program would load here (--dataplane sockmap)".into(),
                     Err(err) => format!("sockmap unavailable here: {err}"),
                 };
+                release_freed_heap();
                 Ok((
                     Self::userspace(),
                     format!(
@@ -780,6 +781,20 @@ impl<G: Send> Relay<G> {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Gives freed heap back to the system. Loading the sockmap program parses
+/// the kernel's BTF: about 35 MiB of heap that is freed when the probe's
+/// program is dropped, but that glibc would otherwise keep resident for the
+/// daemon's life (measured: 22 MiB resident after an `auto` start against
+/// 5 MiB with `--dataplane userspace`).
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the system; it has no
+    // preconditions and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
