@@ -125,19 +125,22 @@ pub const KTHREADD: u32 = 2;
 /// or, where schedstat is not available, utime + stime from
 /// `/proc/<pid>/stat`. A process that is gone counts as zero.
 pub fn tree_cpu_ns(pid: u32) -> u64 {
-    let mut total = 0;
+    tree(pid).into_iter().map(process_cpu_ns).sum()
+}
+
+/// `pid` and its descendants, depth first; bounded, since a process tree
+/// on this machine has far fewer members than 4096.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut members = Vec::new();
     let mut stack = vec![pid];
-    // Bounded: a process tree on this machine has far fewer members.
-    let mut visited = 0;
     while let Some(pid) = stack.pop() {
-        visited += 1;
-        if visited > 4096 {
+        if members.len() >= 4096 {
             break;
         }
-        total += process_cpu_ns(pid);
+        members.push(pid);
         stack.extend(children(pid));
     }
-    total
+    members
 }
 
 /// What a process tree has used so far.
@@ -154,20 +157,13 @@ pub struct Usage {
 /// (`/proc/<pid>/status` VmHWM) of a process and its descendants. A process
 /// that is gone counts as zero.
 pub fn tree_usage(pid: u32) -> Usage {
-    let mut out = Usage::default();
-    let mut stack = vec![pid];
-    // Bounded: a process tree on this machine has far fewer members.
-    let mut visited = 0;
-    while let Some(pid) = stack.pop() {
-        visited += 1;
-        if visited > 4096 {
-            break;
-        }
-        out.cpu_ns += stat_ticks(pid).map_or(0, |ticks| ticks * 1_000_000_000 / clock_ticks());
-        out.peak_rss_bytes += peak_rss_bytes(pid).unwrap_or(0);
-        stack.extend(children(pid));
-    }
-    out
+    tree(pid)
+        .into_iter()
+        .fold(Usage::default(), |usage, pid| Usage {
+            cpu_ns: usage.cpu_ns
+                + stat_ticks(pid).map_or(0, |ticks| ticks * 1_000_000_000 / clock_ticks()),
+            peak_rss_bytes: usage.peak_rss_bytes + peak_rss_bytes(pid).unwrap_or(0),
+        })
 }
 
 /// `VmHWM` of `/proc/<pid>/status`, in bytes (absent for kernel threads
