@@ -303,11 +303,15 @@ struct Shape {
     items: Option<&'static MessagePaths>,
 }
 
+/// What a prompt without turns may be (completions `prompt`, embeddings
+/// `input`).
+const FLAT_PROMPT: &str = "a string, an array of strings, an array of token ids \
+                           (non-negative integers) or an array of arrays of token ids";
+
 const PROMPT: Shape = Shape {
     wrong: PromptError::WrongType {
         field: "prompt",
-        expected: "a string, an array of strings, an array of token ids \
-                   (non-negative integers) or an array of arrays of token ids",
+        expected: FLAT_PROMPT,
     },
     items: None,
 };
@@ -315,8 +319,7 @@ const PROMPT: Shape = Shape {
 const EMBEDDINGS_INPUT: Shape = Shape {
     wrong: PromptError::WrongType {
         field: "input",
-        expected: "a string, an array of strings, an array of token ids \
-                   (non-negative integers) or an array of arrays of token ids",
+        expected: FLAT_PROMPT,
     },
     items: None,
 };
