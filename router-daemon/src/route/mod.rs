@@ -68,8 +68,9 @@ pub enum Reason {
     Placed,
     /// Sticky to the request's session (rendezvous hash of its value).
     Session,
-    /// The rendezvous choice (placement or session) was over the load bound;
-    /// the next in rendezvous order took it.
+    /// The rendezvous choice (placement or session) was over the load bound,
+    /// or over the placement bound (`--placement-epsilon`); the next in
+    /// rendezvous order took it.
     Overloaded,
 }
 
@@ -325,6 +326,32 @@ mod tests {
             }
         }
         (key, conversation)
+    }
+
+    #[test]
+    fn later_turns_of_unknown_conversations_ignore_the_placement_bound() {
+        let policy = Policy {
+            placement_epsilon: Some(0.25),
+            ..Policy::default()
+        };
+        let bounded = Router::with_policy(32, 1 << 16, policy);
+        let unbounded = Router::new(32, 1 << 16);
+        let system = "You are a helpful assistant. ".repeat(100);
+        let mut moved = 0;
+        for i in 0..64 {
+            // First turns build up placements, and the bound moves some.
+            let (first, conv) = chat(&system, &[&format!("first {i}")]);
+            let d = bounded.decide(&request(&first, conv), &idle(4)).unwrap();
+            moved += usize::from(d.reason == Reason::Overloaded);
+            // A later turn of a conversation this router never saw goes
+            // where a replica without the bound would have placed it.
+            let question = format!("elsewhere {i}");
+            let (later, conv) = chat(&system, &[&question, "an answer", "more"]);
+            let db = bounded.decide(&request(&later, conv), &idle(4)).unwrap();
+            let du = unbounded.decide(&request(&later, conv), &idle(4)).unwrap();
+            assert_eq!((db.backend, db.reason), (du.backend, Reason::Placed), "{i}");
+        }
+        assert!(moved > 0, "the bound never moved a first turn");
     }
 
     #[test]
