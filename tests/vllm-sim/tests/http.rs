@@ -475,11 +475,13 @@ async fn side_endpoints_answer() {
         .await
         .json();
     assert_eq!(rendered["prompt_token_ids"], json!(tokens));
+    assert_eq!(rendered["token_ids"], json!(tokens));
 
     let chat = r#"{"messages": [{"role": "user", "content": "hello"}]}"#;
     let rendered = sim.post("/v1/chat/completions/render", chat).await.json();
     let via_tokenize = sim.post("/tokenize", chat).await.json();
     assert_eq!(rendered["prompt_token_ids"], via_tokenize["tokens"]);
+    assert_eq!(rendered["token_ids"], via_tokenize["tokens"]);
     // And generation sees the same prompt.
     let completion = sim.post("/v1/chat/completions", chat).await.json();
     assert_eq!(completion["usage"]["prompt_tokens"], via_tokenize["count"]);

@@ -93,10 +93,7 @@ pub async fn render(
         &request.messages,
         request.add_generation_prompt.unwrap_or(true),
     );
-    Ok(Json(RenderResponse {
-        prompt_token_ids: &prompt,
-    })
-    .into_response())
+    Ok(Json(RenderResponse::new(&prompt)).into_response())
 }
 
 /// Chat chunks: the role (sent with the first token, as vLLM does once the

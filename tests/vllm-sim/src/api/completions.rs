@@ -80,10 +80,7 @@ pub async fn render(
     let request: CompletionRequest = parse_json(body)?;
     app.check_model(request.model.as_deref())?;
     let prompt = completion_prompt(app.tokenizer, &request.prompt, true)?;
-    Ok(Json(RenderResponse {
-        prompt_token_ids: &prompt,
-    })
-    .into_response())
+    Ok(Json(RenderResponse::new(&prompt)).into_response())
 }
 
 /// Completion chunks: one per token, the last with its finish reason.

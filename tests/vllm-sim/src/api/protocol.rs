@@ -377,11 +377,26 @@ pub struct TokenizeResponse<'a> {
     pub token_strs: Null,
 }
 
-/// `POST /v1/completions/render` and `/v1/chat/completions/render`.
+/// `POST /v1/completions/render` and `/v1/chat/completions/render`: the
+/// prompt as the engine would see it, under both names clients read
+/// (vllm-router 0.1.17's cache-aware policy reads `token_ids` and refuses a
+/// reply without it as `invalid_token_ids`).
 #[derive(Debug, Serialize)]
 pub struct RenderResponse<'a> {
-    /// The prompt as the engine would see it.
+    /// The prompt's token ids.
+    pub token_ids: &'a [TokenId],
+    /// The same ids, under the engine-prompt name.
     pub prompt_token_ids: &'a [TokenId],
+}
+
+impl<'a> RenderResponse<'a> {
+    /// The reply for a prompt of `ids`.
+    pub fn new(ids: &'a [TokenId]) -> Self {
+        Self {
+            token_ids: ids,
+            prompt_token_ids: ids,
+        }
+    }
 }
 
 /// `GET /version`.
