@@ -34,7 +34,9 @@ impl Peer {
     }
 
     /// The `bash -c` line that starts it on `$PORT` in front of
-    /// `$BACKEND_URLS` (comma-separated).
+    /// `$BACKEND_URLS` (comma-separated), with its Prometheus listener on
+    /// `$METRICS_PORT`: both default to port 29000, so a second router (or
+    /// one left running) would otherwise fail to start.
     pub fn command(self, bin: &Path, policy: Policy) -> String {
         let bin = shell_quote(&bin.display().to_string());
         let (sub, level) = match self {
@@ -43,7 +45,8 @@ impl Peer {
         };
         format!(
             "exec {bin}{sub} --host 127.0.0.1 --port $PORT --policy {} \
-             --worker-urls ${{BACKEND_URLS//,/ }} --log-level {level}",
+             --worker-urls ${{BACKEND_URLS//,/ }} --log-level {level} \
+             --prometheus-port $METRICS_PORT",
             policy.as_str()
         )
     }
@@ -104,15 +107,14 @@ mod tests {
         assert_eq!(
             vllm,
             "exec '/v env/bin/vllm-router' --host 127.0.0.1 --port $PORT --policy cache_aware \
-             --worker-urls ${BACKEND_URLS//,/ } --log-level warning"
+             --worker-urls ${BACKEND_URLS//,/ } --log-level warning --prometheus-port $METRICS_PORT"
         );
         let sglang = Peer::SglangRouter.command(Path::new("/b/it's"), Policy::RoundRobin);
         assert!(sglang.starts_with(r"exec '/b/it'\''s' launch --host"));
-        assert!(
-            sglang.ends_with(
-                "--policy round_robin --worker-urls ${BACKEND_URLS//,/ } --log-level warn"
-            )
-        );
+        assert!(sglang.ends_with(
+            "--policy round_robin --worker-urls ${BACKEND_URLS//,/ } --log-level warn \
+                 --prometheus-port $METRICS_PORT"
+        ));
     }
 
     #[test]

@@ -56,7 +56,8 @@ pub enum RouterKind {
     /// of its requests in flight (ties in turn).
     LeastLoaded,
     /// Another router, started with `bash -c CMD` (`$PORT`, `$BACKEND_URLS`
-    /// comma-separated, `$MODEL` in its environment).
+    /// comma-separated, `$MODEL`, and `$METRICS_PORT`, a second free port
+    /// for a metrics listener, in its environment).
     Peer {
         /// The command line.
         cmd: String,
@@ -358,15 +359,18 @@ async fn drive(
         }
         RouterKind::Peer { cmd: line } => {
             let addr = free_addr()?;
+            let metrics = free_addr()?;
             let mut cmd = Command::new("bash");
             cmd.arg("-c")
                 .arg(line)
                 .env("PORT", addr.port().to_string())
+                .env("METRICS_PORT", metrics.port().to_string())
                 .env("BACKEND_URLS", urls.join(","))
                 .env("MODEL", vllm_sim::config::DEFAULT_MODEL);
             command = Some(format!(
-                "PORT={} BACKEND_URLS={} bash -c '{line}'",
+                "PORT={} METRICS_PORT={} BACKEND_URLS={} bash -c '{line}'",
                 addr.port(),
+                metrics.port(),
                 urls.join(",")
             ));
             let log = tmp.join(format!("{}.log", file_name(&router.name)));
