@@ -5,9 +5,11 @@
 //! A backend's load is `in_flight + waiting`. With `n` candidates and total
 //! load `L` (counting the new request), the bound is `ceil((1 + ε) · L / n)`,
 //! and never below `ceil(L / n)`. A backend whose load would exceed the bound
-//! is never chosen; since the least-loaded backend is always within
-//! `ceil(L / n)`, some backend always qualifies ("consistent hashing with
-//! bounded loads", Mirrokni et al.).
+//! is never chosen for a session or a placement; since the least-loaded
+//! backend is always within `ceil(L / n)`, some backend always qualifies
+//! ("consistent hashing with bounded loads", Mirrokni et al.). A
+//! continuation may stretch it by what the backend's cached prefix is worth
+//! (rule 2).
 //!
 //! # Order of rules
 //! 1. **Session.** A request with a session value goes to the backend with the
@@ -19,9 +21,12 @@
 //!    backend's matched prefix covers the request's conversation prefix
 //!    (`matched ≥ conversation`, see
 //!    [`RouteRequest::conversation`](super::RouteRequest::conversation)), the
-//!    request continues something the fleet has cached. Each backend within the
-//!    bound scores `affinity_weight × matched KiB − load_weight × load`; the
-//!    best wins, ties broken by rendezvous score. The reason is
+//!    request continues something the fleet has cached. Each backend whose
+//!    load is below `bound + ⌊affinity_weight × matched KiB / load_weight⌋`
+//!    (the prefix's worth in requests: recomputing a long prefix elsewhere
+//!    costs more than queueing behind a few) scores `affinity_weight ×
+//!    matched KiB − load_weight × load`; the best wins, ties broken by
+//!    rendezvous score. The reason is
 //!    [`Reason::PrefixMatch`] when the winner holds the longest match,
 //!    [`Reason::Spread`] when the backends holding it are over the bound (a
 //!    hot prefix spills to another backend, preferring one that also holds
@@ -30,8 +35,8 @@
 //!
 //!    Note that at low load the bound is tight: of four backends, the only one
 //!    with a request in flight is already at the bound `ceil(1.25 × 2 / 4) =
-//!    1`, so a continuation goes elsewhere rather than queue behind it. Raise
-//!    ε to favour affinity more.
+//!    1`, so a continuation of less than 1 KiB goes elsewhere rather than
+//!    queue behind it. Raise ε or the affinity weight to favour affinity.
 //! 3. **Placement.** Otherwise the request starts a new conversation. A shared
 //!    system prompt (matched, but shorter than the conversation prefix, and
 //!    never a whole earlier prompt, since those end in a user turn) is
