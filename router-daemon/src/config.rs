@@ -34,8 +34,10 @@ pub struct Config {
     pub dataplane: Requested,
 
     /// Prefix-index block size, in prompt bytes (1 to 64). Smaller blocks
-    /// match prefixes more finely and cost more index entries per prompt.
-    #[arg(long, env = "ROUTER_BLOCK_BYTES", default_value_t = 32,
+    /// match prefixes more finely and cost more index entries and hashing
+    /// per prompt; the default is about one vLLM cache block (16 tokens of
+    /// about 4 bytes), the finest grain a backend's cache can reuse.
+    #[arg(long, env = "ROUTER_BLOCK_BYTES", default_value_t = 64,
           value_parser = clap::value_parser!(u8).range(1..=64))]
     pub block_bytes: u8,
 
@@ -144,7 +146,7 @@ impl Config {
             listen,
             backends,
             dataplane: Requested::Auto,
-            block_bytes: 32,
+            block_bytes: 64,
             index_entries: 1 << 20,
             max_body_bytes: 32 << 20,
             max_head_bytes: 16 << 10,

@@ -19,19 +19,27 @@
 //! than the deepest match is not reported as whole.
 //!
 //! # Holders
-//! Each entry remembers up to [`HOLDERS`] backends, most recent first, by a
-//! 32-bit hash of the backend's name ([`BackendId`]), not by its position in
-//! the backend list: a hot prefix (a shared system prompt) ends up recorded on
-//! every backend it was sent to, and a backend that leaves the list is simply
-//! never resolved again (its entries age out, or
-//! [`PrefixIndex::remove_backend`] drops them at once).
+//! Each entry remembers up to [`HOLDERS`] backends, roughly most recent
+//! first, by a 32-bit hash of the backend's name ([`BackendId`]), not by its
+//! position in the backend list: a hot prefix (a shared system prompt) ends up
+//! recorded on every backend it was sent to, and a backend that leaves the
+//! list is simply never resolved again (its entries age out, or
+//! [`PrefixIndex::remove_backend`] drops them at once). A record leaves an
+//! entry alone when it already lists the backend where the next newcomer
+//! would not push it out ([`Entry::keeps`]): otherwise every request of a
+//! shared prefix that goes to a different backend than the one before would
+//! rewrite every boundary of that prefix (measured: a quarter of the daemon's
+//! instructions per request, with two backends sharing a 1.5 KB prefix).
 //!
 //! # Shards and memory
-//! Entries live in up to [`MAX_SHARDS`] shards chosen by bits of the entry's
-//! hash, each behind its own `Mutex`. A lookup or a record groups the prompt's
-//! hashes by shard and takes each shard's lock once, so a decision costs at
-//! most `2 × shards` uncontended lock round trips whatever the prompt length,
-//! and concurrent decisions only meet on the shards they share, briefly.
+//! Entries live in shards chosen by bits of the entry's hash, each behind its
+//! own `Mutex`. A lookup or a record groups the prompt's hashes by shard and
+//! takes each shard's lock once, so a decision costs at most `2 × shards`
+//! uncontended lock round trips whatever the prompt length, and concurrent
+//! decisions only meet on the shards they share, briefly. Those round trips
+//! are not free (measured with 32 shards on 2 cores: their atomic operations
+//! were 40% of a lookup), so the index has [`SHARDS_PER_CPU`] shards per CPU,
+//! between 1 and [`MAX_SHARDS`]: enough that the CPUs rarely meet on one.
 //!
 //! Each shard holds two generations of at most `capacity / (2 × shards)`
 //! entries: when the young one fills, the old one is dropped and the young one
@@ -53,6 +61,8 @@ pub const MAX_BLOCK: usize = 64;
 pub const HOLDERS: usize = 4;
 /// Most shards the index is split into.
 pub const MAX_SHARDS: usize = 32;
+/// Shards per CPU the daemon may run on (rounded up to a power of two).
+pub const SHARDS_PER_CPU: usize = 2;
 /// Most distinct backends a lookup reports (the first met along the prompt).
 pub const MAX_MATCHES: usize = 8;
 /// Salt that keeps tail hashes apart from boundary hashes.
@@ -73,8 +83,8 @@ pub fn backend_id(name: &str) -> BackendId {
 /// What the index knows about one boundary or tail hash.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Entry {
-    /// Backends that received a prompt through here, most recent first; 0 is
-    /// an empty slot (and empty slots come last).
+    /// Backends that received a prompt through here, roughly most recent
+    /// first; 0 is an empty slot (and empty slots come last).
     holders: [BackendId; HOLDERS],
     /// Bit `t` is set when some prompt ended `t` bytes past this boundary.
     tails: u64,
@@ -90,6 +100,12 @@ impl Entry {
             .unwrap_or(HOLDERS - 1);
         self.holders.copy_within(0..at, 1);
         self.holders[0] = id;
+    }
+
+    /// Whether `id` is listed where holding it again may be skipped: the
+    /// next newcomer would not push it out.
+    fn keeps(&self, id: BackendId) -> bool {
+        self.holders[..HOLDERS - 1].contains(&id)
     }
 
     /// Forgets `id`; true when no holder is left.
@@ -166,6 +182,8 @@ impl Shard {
 /// and used for both the lookup and the record.
 #[derive(Debug)]
 pub struct Walk {
+    /// The index's block size.
+    block: usize,
     /// `hashes[k]` is the hash of the boundary after `k` blocks (`hashes[0]`
     /// is the model's root).
     hashes: Vec<u64>,
@@ -178,6 +196,18 @@ pub struct Walk {
     seen: Vec<Entry>,
     /// The tail hash the lookup matched, and its entry.
     tail_seen: Option<(u64, Entry)>,
+}
+
+impl Walk {
+    /// A hash of `key[..len]` (`key` is the walk's key, `len` at most its
+    /// length): equal for equal prefixes of the same model, and costing at
+    /// most one block of hashing, since the walk has hashed the whole blocks.
+    pub fn prefix_hash(&self, key: &[u8], len: usize, salt: u64) -> u64 {
+        let len = len.min(key.len());
+        let blocks = (len / self.block).min(self.hashes.len() - 1);
+        let start = blocks * self.block;
+        xxh3_64_with_seed(&key[start..len], self.hashes[blocks] ^ salt)
+    }
 }
 
 /// Per-backend depth of the longest known prefix of one prompt.
@@ -231,17 +261,29 @@ pub struct PrefixIndex {
 }
 
 impl PrefixIndex {
-    /// An empty index with `block`-byte blocks and at most `capacity` entries.
+    /// An empty index with `block`-byte blocks and at most `capacity`
+    /// entries, sharded for the CPUs this process may run on.
     ///
     /// # Panics
     /// If `block` is 0 or over [`MAX_BLOCK`]; the CLI rejects such values.
     pub fn new(block: usize, capacity: usize) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        Self::with_shards(block, capacity, cpus.saturating_mul(SHARDS_PER_CPU))
+    }
+
+    /// An empty index with `block`-byte blocks, at most `capacity` entries
+    /// and about `shards` shards (a power of two between 1 and
+    /// [`MAX_SHARDS`], and fewer when `capacity` is too small to fill them).
+    ///
+    /// # Panics
+    /// If `block` is 0 or over [`MAX_BLOCK`]; the CLI rejects such values.
+    pub fn with_shards(block: usize, capacity: usize, shards: usize) -> Self {
         assert!(
             (1..=MAX_BLOCK).contains(&block),
             "invariant: block size is validated by the CLI"
         );
         // A power of two, and at least 2 entries per shard when possible.
-        let mut shards = MAX_SHARDS;
+        let mut shards = shards.clamp(1, MAX_SHARDS).next_power_of_two();
         while shards > 1 && capacity / (2 * shards) == 0 {
             shards /= 2;
         }
@@ -298,6 +340,7 @@ impl PrefixIndex {
             next[s] += 1;
         }
         Walk {
+            block: self.block,
             hashes,
             order,
             starts,
@@ -391,13 +434,13 @@ impl PrefixIndex {
             if group.is_empty() {
                 continue;
             }
-            // Entries the lookup saw with `id` in front and the tail bit set
-            // would not change; skipping them halves the work of a repeat.
+            // Entries the lookup saw keeping `id`, with the tail bit set,
+            // are left alone (see "Holders" above).
             let stale = |i: usize| {
                 let tails = if i == last { tail_bit } else { 0 };
                 walk.seen
                     .get(i)
-                    .is_none_or(|e| e.holders[0] != id || e.tails & tails != tails)
+                    .is_none_or(|e| !e.keeps(id) || e.tails & tails != tails)
             };
             if !group.iter().any(|&i| stale(i as usize)) {
                 continue;
@@ -413,7 +456,7 @@ impl PrefixIndex {
         }
         if !tail.is_empty() {
             let hash = xxh3_64_with_seed(tail, walk.hashes[last] ^ TAIL_SALT);
-            if !matches!(walk.tail_seen, Some((h, e)) if h == hash && e.holders[0] == id) {
+            if !matches!(walk.tail_seen, Some((h, e)) if h == hash && e.keeps(id)) {
                 self.lock(self.shard_of(hash))
                     .upsert(hash, id, 0, self.generation_cap);
             }
@@ -540,6 +583,39 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_holder_is_refreshed_only_before_it_would_go() {
+        let index = PrefixIndex::new(4, 1024);
+        let prompt = b"a system prompt every backend gets";
+        let survivors = |ids: &[BackendId]| {
+            let m = index.lookup(MODEL, prompt);
+            ids.iter()
+                .map(|&id| m.get(id) == prompt.len())
+                .collect::<Vec<_>>()
+        };
+        // As a decision does it: look up, then record.
+        let send = |id: BackendId| {
+            let mut walk = index.walk(MODEL, prompt);
+            index.longest_matches(&mut walk, prompt);
+            index.record(&walk, prompt, id);
+        };
+        for id in 1..=4 {
+            send(id);
+        }
+        // Holders 4 3 2 1. 3 is listed and not last: recording it again is
+        // skipped, so three newcomers push out 1, 2, then 3.
+        send(3);
+        for id in 5..=7 {
+            send(id);
+        }
+        assert_eq!(survivors(&[3, 4, 5, 6, 7]), [false, true, true, true, true]);
+        // Holders 7 6 5 4. 4 is last: recording it again moves it to the
+        // front, so the next newcomer pushes out 5 instead.
+        send(4);
+        send(8);
+        assert_eq!(survivors(&[4, 5, 6, 7, 8]), [true, false, true, true, true]);
+    }
+
+    #[test]
     fn removed_backend_is_forgotten() {
         let index = PrefixIndex::new(8, 1024);
         index.insert(MODEL, b"a prompt that two backends received", 1);
@@ -559,28 +635,79 @@ mod tests {
 
     #[test]
     fn memory_stays_bounded_and_recent_entries_survive() {
-        let index = PrefixIndex::new(16, 1000);
-        let kept = b"a prompt that keeps being used, again and again";
-        index.insert(MODEL, kept, 3);
-        for i in 0..10_000u32 {
-            let prompt = format!("{i:08} distinct prompt padding padding padding");
-            index.insert(MODEL, prompt.as_bytes(), 5);
-            assert!(index.len() <= 1000, "len {} after {i}", index.len());
-            if i % 20 == 0 {
-                assert_eq!(best(&index.lookup(MODEL, kept)).unwrap().0, 3);
+        for shards in [1, 4, MAX_SHARDS] {
+            let index = PrefixIndex::with_shards(16, 1000, shards);
+            let kept = b"a prompt that keeps being used, again and again";
+            index.insert(MODEL, kept, 3);
+            for i in 0..10_000u32 {
+                let prompt = format!("{i:08} distinct prompt padding padding padding");
+                index.insert(MODEL, prompt.as_bytes(), 5);
+                assert!(index.len() <= 1000, "len {} after {i}", index.len());
+                if i % 20 == 0 {
+                    assert_eq!(best(&index.lookup(MODEL, kept)).unwrap().0, 3);
+                }
             }
         }
     }
 
     #[test]
     fn tiny_capacities_stay_bounded() {
-        for capacity in 0..70 {
-            let index = PrefixIndex::new(4, capacity);
-            for i in 0..200u32 {
-                index.insert(MODEL, format!("{i} and more text").as_bytes(), 1);
+        for shards in [1, 4, MAX_SHARDS] {
+            for capacity in 0..70 {
+                let index = PrefixIndex::with_shards(4, capacity, shards);
+                for i in 0..200u32 {
+                    index.insert(MODEL, format!("{i} and more text").as_bytes(), 1);
+                }
+                assert!(index.len() <= capacity, "{} > {capacity}", index.len());
             }
-            assert!(index.len() <= capacity, "{} > {capacity}", index.len());
         }
+    }
+
+    #[test]
+    fn shard_counts_give_the_same_answers() {
+        let one = PrefixIndex::with_shards(8, 1 << 12, 1);
+        let many = PrefixIndex::with_shards(8, 1 << 12, MAX_SHARDS);
+        for (i, prompt) in ["system prompt, then alice", "system prompt, then bob"]
+            .iter()
+            .enumerate()
+        {
+            one.insert(MODEL, prompt.as_bytes(), i as BackendId + 1);
+            many.insert(MODEL, prompt.as_bytes(), i as BackendId + 1);
+        }
+        for probe in ["system prompt, then carol", "system prompt, then bob!"] {
+            assert_eq!(
+                one.lookup(MODEL, probe.as_bytes()),
+                many.lookup(MODEL, probe.as_bytes())
+            );
+        }
+        assert_eq!(one.lookup(MODEL, b"system prompt, then bob!").get(2), 23);
+    }
+
+    #[test]
+    fn prefix_hashes_depend_on_the_prefix_and_model_only() {
+        let index = PrefixIndex::new(8, 1024);
+        let hash =
+            |model: &[u8], key: &[u8], len: usize| index.walk(model, key).prefix_hash(key, len, 1);
+        let short = b"a conversation prefix|first turn";
+        let long = b"a conversation prefix|first turn|and a much longer second one";
+        for len in [0, 5, 8, 21, short.len()] {
+            assert_eq!(hash(MODEL, short, len), hash(MODEL, long, len), "len {len}");
+        }
+        assert_ne!(hash(MODEL, short, 21), hash(MODEL, short, 22));
+        assert_ne!(hash(MODEL, short, 21), hash(b"other", short, 21));
+        assert_ne!(
+            hash(MODEL, b"a conversation prefiX|first turn", 21),
+            hash(MODEL, short, 21)
+        );
+        // A difference in a whole block, and one in the tail.
+        assert_ne!(
+            hash(MODEL, short, 16),
+            hash(MODEL, b"A conversation prefix", 16)
+        );
+        assert_ne!(
+            hash(MODEL, short, 20),
+            hash(MODEL, b"a conversation pREFIX", 20)
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@
 pub mod index;
 pub mod policy;
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 pub use self::{
     index::{MAX_BLOCK, PrefixIndex},
@@ -31,6 +31,8 @@ pub use self::{
 
 /// Seed for hashing session values, apart from prompt hashes.
 const SESSION_SEED: u64 = 0x7365_7373_696f_6e21;
+/// Salt that keeps placement seeds apart from the index's hashes.
+const PLACEMENT_SALT: u64 = 0x706c_6163_656d_656e;
 /// Placements per backend over which a placement's weight halves (see
 /// [`Placements`]).
 const PLACEMENT_HALF_LIFE: f64 = 32.0;
@@ -230,7 +232,7 @@ impl Router {
             matched: &matched,
             conversation: request.conversation,
             extends: found.whole > 0,
-            placement: xxh3_64_with_seed(named, xxh3_64(request.model)),
+            placement: walk.prefix_hash(key, named.len(), PLACEMENT_SALT),
             session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
             placed: &[],
             weight: key.len().max(1) as f64 / 1024.0,

@@ -42,9 +42,11 @@
 //!    never a whole earlier prompt, since those end in a user turn) is
 //!    deliberately *not* followed: every backend caches it after one prefill,
 //!    whereas following it would pile all conversations onto one backend. The
-//!    request goes to the rendezvous winner of `xxh3(model, key[..conversation])`
-//!    over backend names ([`Reason::Placed`]), so router replicas with no
-//!    shared state place a conversation alike, or to the next in rendezvous
+//!    request goes to the rendezvous winner of a hash of the model and
+//!    `key[..conversation]` (the index's chained block hash, so it costs at
+//!    most one block of hashing) over backend names ([`Reason::Placed`]), so
+//!    router replicas with no shared state (and the same `--block-bytes`)
+//!    place a conversation alike, or to the next in rendezvous
 //!    order when the winner is over the load bound or the placement bound
 //!    ([`Reason::Overloaded`]).
 //!
