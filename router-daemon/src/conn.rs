@@ -26,11 +26,13 @@ use crate::{
     dataplane::{BackendConn, Client, Exchanged, Forward, RelayError},
     error::ApiError,
     http::{self, ChunkedDecoder, Framing, Head},
-    metrics::{ReasonLabel, StatusLabel},
+    metrics::StatusLabel,
     prompt::{self, Endpoint},
     route::{BackendLoad, Decision, Reason, RouteRequest},
 };
 
+/// Spare room the client buffer has before each read.
+const READ_AT_LEAST: usize = 4096;
 /// How long a closing connection waits for the client to stop sending.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -54,7 +56,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let mut client = shared.dataplane.client(stream);
     loop {
         let next = match read_request(&mut client, &shared).await {
-            Ok(Some(request)) => handle(&mut client, request, &shared).await,
+            Ok(Some(request)) => {
+                let next = handle(&mut client, &request, &shared).await;
+                // The body's buffer serves the next request.
+                client.body = request.body;
+                next
+            }
             Ok(None) => Next::Close,
             Err(Failure::Api(err)) => {
                 warn!(status = err.status, error = %err.message, "bad request");
@@ -93,27 +100,19 @@ async fn read_request(client: &mut Client, shared: &Shared) -> Result<Option<Req
             Err(_) => return Ok(None),
         }
     }
-    match tokio::time::timeout(
-        config.request_timeout(),
-        read_started_request(client, shared),
-    )
-    .await
-    {
-        Ok(request) => request,
-        Err(_) => Err(ApiError::request_timeout(format!(
-            "the request did not arrive within {} ms",
-            config.request_timeout_ms
-        ))
-        .into()),
-    }
+    read_started_request(client, shared).await
 }
 
-/// Reads a request whose first bytes may already be in `pending`.
+/// Reads a request whose first bytes may already be in `pending`, within the
+/// request timeout.
 async fn read_started_request(
     client: &mut Client,
     shared: &Shared,
 ) -> Result<Option<Request>, Failure> {
     let limits = shared.config.limits();
+    // Most requests arrive whole with their first bytes: the timer is set
+    // only once the request has to wait for more.
+    let mut deadline = None;
     let head = loop {
         if let Some(head) =
             http::parse_head(&client.pending, &limits, &shared.config.session_header)?
@@ -126,7 +125,7 @@ async fn read_started_request(
             }
             return Err(ApiError::bad_request("connection closed inside a request head").into());
         }
-        fill(client).await?;
+        fill_by(client, shared, &mut deadline).await?;
     };
     let body = match head.body {
         Framing::Length(len) => {
@@ -145,9 +144,11 @@ async fn read_started_request(
                     ))
                     .into());
                 }
-                fill(client).await?;
+                fill_by(client, shared, &mut deadline).await?;
             }
-            let body = client.pending[head.head_len..total].to_vec();
+            let mut body = std::mem::take(&mut client.body);
+            body.clear();
+            body.extend_from_slice(&client.pending[head.head_len..total]);
             client.pending.drain(..total);
             body
         }
@@ -171,15 +172,39 @@ async fn read_started_request(
                         ApiError::bad_request("connection closed inside a chunked body").into(),
                     );
                 }
-                fill(client).await?;
+                fill_by(client, shared, &mut deadline).await?;
             }
         }
     };
     Ok(Some(Request { head, body }))
 }
 
+/// Reads more bytes of a started request, failing with 408 past the
+/// request timeout (counted from the first wait).
+async fn fill_by(
+    client: &mut Client,
+    shared: &Shared,
+    deadline: &mut Option<tokio::time::Instant>,
+) -> Result<(), Failure> {
+    let deadline = *deadline
+        .get_or_insert_with(|| tokio::time::Instant::now() + shared.config.request_timeout());
+    match tokio::time::timeout_at(deadline, fill(client)).await {
+        Ok(filled) => filled,
+        Err(_) => Err(ApiError::request_timeout(format!(
+            "the request did not arrive within {} ms",
+            shared.config.request_timeout_ms
+        ))
+        .into()),
+    }
+}
+
 /// Reads more bytes from the client into `pending`.
 async fn fill(client: &mut Client) -> Result<(), Failure> {
+    // Room for a typical request in one read (an empty buffer would grow
+    // from 64 bytes, one read each).
+    if client.pending.capacity() - client.pending.len() < READ_AT_LEAST / 2 {
+        client.pending.reserve(READ_AT_LEAST);
+    }
     match client.stream.read_buf(&mut client.pending).await {
         Ok(0) => client.eof = true,
         Ok(_) => {}
@@ -188,13 +213,13 @@ async fn fill(client: &mut Client) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn handle(client: &mut Client, request: Request, shared: &Shared) -> Next {
+async fn handle(client: &mut Client, request: &Request, shared: &Shared) -> Next {
     let Request { head, body } = request;
     let result = match (head.method.as_str(), head.path.as_str()) {
         ("GET", "/health") => {
             local(
                 client,
-                &head,
+                head,
                 http::ok_response("text/plain", b"ok\n", head.close),
             )
             .await
@@ -203,7 +228,7 @@ async fn handle(client: &mut Client, request: Request, shared: &Shared) -> Next 
             let text = shared.metrics.encode();
             let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
             let response = http::ok_response(content_type, text.as_bytes(), head.close);
-            local(client, &head, response).await
+            local(client, head, response).await
         }
         (_, "/health" | "/metrics") => Err(ApiError::method_not_allowed(format!(
             "{} {} is not supported; use GET",
@@ -211,27 +236,20 @@ async fn handle(client: &mut Client, request: Request, shared: &Shared) -> Next 
         ))
         .into()),
         ("POST", "/v1/completions") => {
-            proxy(client, &head, &body, Some(Endpoint::Completions), shared).await
+            proxy(client, head, body, Some(Endpoint::Completions), shared).await
         }
         ("POST", "/v1/embeddings") => {
-            proxy(client, &head, &body, Some(Endpoint::Embeddings), shared).await
+            proxy(client, head, body, Some(Endpoint::Embeddings), shared).await
         }
         ("POST", "/v1/responses") => {
-            proxy(client, &head, &body, Some(Endpoint::Responses), shared).await
+            proxy(client, head, body, Some(Endpoint::Responses), shared).await
         }
         ("POST", "/v1/chat/completions") => {
-            proxy(
-                client,
-                &head,
-                &body,
-                Some(Endpoint::ChatCompletions),
-                shared,
-            )
-            .await
+            proxy(client, head, body, Some(Endpoint::ChatCompletions), shared).await
         }
         // Other OpenAI endpoints (`/v1/models`, …) carry no prompt: any
         // backend can answer them.
-        (_, path) if path.starts_with("/v1/") => proxy(client, &head, &body, None, shared).await,
+        (_, path) if path.starts_with("/v1/") => proxy(client, head, body, None, shared).await,
         (_, path) => Err(ApiError::not_found(format!("no route for {path}")).into()),
     };
     match result {
@@ -264,10 +282,10 @@ async fn proxy(
     endpoint: Option<Endpoint>,
     shared: &Shared,
 ) -> Result<Next, Failure> {
-    let request_id = head
-        .request_id
-        .clone()
-        .unwrap_or_else(|| format!("rtr-{}", shared.next_id.fetch_add(1, Ordering::Relaxed)));
+    let request_id = match &head.request_id {
+        Some(id) => RequestId::Client(id),
+        None => RequestId::Ours(shared.next_id.fetch_add(1, Ordering::Relaxed)),
+    };
     let backends = shared.backends.all();
     let (model, candidates, decision) = match endpoint {
         Some(endpoint) => {
@@ -329,20 +347,20 @@ async fn proxy(
     if let Some(counters) = shared.backend_counters.get(index) {
         counters.requests.inc();
     }
-    shared
-        .metrics
-        .decisions
-        .get_or_create(&ReasonLabel {
-            reason: decision.reason.as_str(),
-        })
-        .inc();
+    shared.metrics.decided(decision.reason);
 
-    let mut request = Vec::with_capacity(head.forward_head.len() + body.len() + 80);
+    // The request as it goes out, built in a buffer the connection keeps.
+    let mut request = std::mem::take(&mut client.outgoing);
+    request.clear();
     request.extend_from_slice(&head.forward_head);
-    if head.request_id.is_none() {
-        request.extend_from_slice(format!("x-request-id: {request_id}\r\n").as_bytes());
+    if let RequestId::Ours(n) = request_id {
+        request.extend_from_slice(b"x-request-id: rtr-");
+        request.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        request.extend_from_slice(b"\r\n");
     }
-    request.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    request.extend_from_slice(b"content-length: ");
+    request.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    request.extend_from_slice(b"\r\n\r\n");
     request.extend_from_slice(body);
     let forward = Forward {
         request: &request,
@@ -351,6 +369,7 @@ async fn proxy(
     };
 
     let result = send(client, index, conn, &forward, shared).await;
+    client.outgoing = request;
     let relayed = match &result {
         Ok(exchanged) => Some(exchanged.relayed),
         Err(RelayError::Backend { relayed, .. } | RelayError::BadResponse { relayed, .. }) => {
@@ -478,6 +497,23 @@ fn io_error(message: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::ConnectionRefused, message)
 }
 
+/// A request's id for the backend and the logs: the client's
+/// `x-request-id`, else one the router numbers.
+#[derive(Clone, Copy)]
+enum RequestId<'a> {
+    Client(&'a str),
+    Ours(u64),
+}
+
+impl std::fmt::Display for RequestId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestId::Client(id) => f.write_str(id),
+            RequestId::Ours(n) => write!(f, "rtr-{n}"),
+        }
+    }
+}
+
 /// A backend's load as routing sees it: requests in flight from this router
 /// plus requests its engine reported waiting.
 fn load_of(backend: &Backend) -> usize {
@@ -512,6 +548,10 @@ async fn acquire<'a>(
     candidates: &[usize],
     shared: &'a Shared,
 ) -> Result<(usize, &'a Arc<Backend>, Pooled), ApiError> {
+    // The common case: the chosen backend has an idle connection.
+    if let (Some(backend), Some(conn)) = (shared.backends.get(first), shared.pool.take(first)) {
+        return Ok((first, backend, Pooled { conn, reused: true }));
+    }
     let backends = shared.backends.all();
     let mut order: Vec<usize> = candidates
         .iter()

@@ -205,7 +205,10 @@ pub fn parse_head(
     forward_head.extend_from_slice(method.as_bytes());
     forward_head.push(b' ');
     forward_head.extend_from_slice(target.as_bytes());
-    forward_head.extend_from_slice(format!(" HTTP/1.{minor}\r\n").as_bytes());
+    forward_head.extend_from_slice(match minor {
+        0 => b" HTTP/1.0\r\n",
+        _ => b" HTTP/1.1\r\n",
+    });
     for header in request.headers.iter() {
         let hop_by_hop = NOT_FORWARDED
             .iter()

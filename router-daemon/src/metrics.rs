@@ -20,7 +20,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{backend::Backend, dataplane::Dataplane, route::Router};
+use crate::{
+    backend::Backend,
+    dataplane::Dataplane,
+    route::{Reason, Router},
+};
 
 /// Label set naming a backend.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,8 +72,11 @@ pub struct Metrics {
     registry: Registry,
     /// Requests forwarded, per backend.
     pub requests: Family<BackendLabel, Counter>,
-    /// Routing decisions, per reason.
+    /// Routing decisions, per reason; count one with [`Metrics::decided`].
     pub decisions: Family<ReasonLabel, Counter>,
+    /// The counters of `decisions`, in [`Reason::ALL`]'s order, looked up
+    /// once instead of per request.
+    decision_counters: [Counter; Reason::ALL.len()],
     /// Requests answered with an error by the router, per status.
     pub errors: Family<StatusLabel, Counter>,
     /// Response bytes copied through userspace.
@@ -149,10 +156,18 @@ impl Metrics {
             first_byte.clone(),
         );
         registry.register_collector(Box::new(KernelCounters(dataplane)));
+        let decision_counters = Reason::ALL.map(|reason| {
+            decisions
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .clone()
+        });
         Self {
             registry,
             requests,
             decisions,
+            decision_counters,
             errors,
             copied_bytes,
             piped_bytes,
@@ -160,6 +175,14 @@ impl Metrics {
             head_bytes,
             connections,
             first_byte,
+        }
+    }
+
+    /// Counts a routing decision made for `reason`.
+    pub fn decided(&self, reason: Reason) {
+        // Reason::ALL lists every reason (a test in `route` checks it).
+        if let Some(at) = Reason::ALL.iter().position(|&r| r == reason) {
+            self.decision_counters[at].inc();
         }
     }
 
