@@ -205,7 +205,7 @@ async fn fill(client: &mut Client) -> Result<(), Failure> {
     if client.pending.capacity() - client.pending.len() < READ_AT_LEAST / 2 {
         client.pending.reserve(READ_AT_LEAST);
     }
-    match client.stream.read_buf(&mut client.pending).await {
+    match client.read_more().await {
         Ok(0) => client.eof = true,
         Ok(_) => {}
         Err(_) => return Err(Failure::Gone),

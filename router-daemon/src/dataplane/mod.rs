@@ -33,7 +33,7 @@ use std::{
 
 use router_common::{Control, Framing, Stat};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
+    io::{AsyncWriteExt as _, Interest},
     net::TcpStream,
 };
 
@@ -529,7 +529,7 @@ impl<G: Send> Relay<G> {
                 ready = backend.stream.readable() => {
                     return ready.map_err(|source| self.backend_error(source));
                 }
-                read = client.stream.read_buf(&mut client.pending), if watch_client => match read {
+                read = client.read_more(), if watch_client => match read {
                     Ok(0) => {
                         client.eof = true;
                         self.half_close(backend);
@@ -551,7 +551,7 @@ impl<G: Send> Relay<G> {
     ) -> Result<usize, RelayError> {
         loop {
             self.backend_readable(client, backend).await?;
-            match backend.stream.try_read_buf(buf) {
+            match tcp::read_draining(&backend.stream, buf) {
                 Ok(n) => {
                     backend.read += n as u64;
                     return Ok(n);
@@ -862,6 +862,18 @@ pub struct Client {
 }
 
 impl Client {
+    /// Waits for the client to send and appends what it sent to `pending`;
+    /// `Ok(0)` at end of stream.
+    pub async fn read_more(&mut self) -> io::Result<usize> {
+        loop {
+            self.stream.readable().await?;
+            match tcp::read_draining(&self.stream, &mut self.pending) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                read => return read,
+            }
+        }
+    }
+
     /// Writes bytes produced or read by the daemon, after any spliced bytes
     /// still on their way.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {

@@ -1,6 +1,12 @@
-//! Socket calls tokio does not offer: cookies, send-queue progress, peeking
-//! and half-closing through a shared reference.
+//! Socket calls tokio does not offer: cookies, send-queue progress, peeking,
+//! half-closing through a shared reference, and reads that note a drained
+//! socket.
 use std::{io, mem, os::fd::AsRawFd};
+
+use tokio::{io::Interest, net::TcpStream};
+
+/// Spare room a read is given when the buffer has none.
+const MIN_READ: usize = 4096;
 
 /// TCP states from the kernel's `include/net/tcp_states.h`.
 const TCP_ESTABLISHED: libc::c_int = 1;
@@ -89,6 +95,49 @@ pub(crate) fn peek(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Reads what `stream` has into the spare capacity of `buf` (made at least
+/// [`MIN_READ`] when there is none) without blocking, like tokio's
+/// `try_read_buf`, except that a read that leaves room in `buf` also tells
+/// tokio the socket is drained, as nginx does. The next wait then goes
+/// straight to epoll instead of first making a read that fails with EAGAIN:
+/// one syscall less per response, per streamed event and per request.
+///
+/// No wake-up is lost: tokio clears readiness only when no readiness event
+/// arrived since the one it reported (bytes landing after the read still wake
+/// the reader), and it never clears a peer's close.
+pub(crate) fn read_draining(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(MIN_READ);
+    }
+    let mut short = None;
+    let read = stream.try_io(Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len();
+        // SAFETY: `spare` is writable for `want` bytes.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                want,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        // SAFETY: the kernel wrote `n` bytes into the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        if n > 0 && n < want {
+            // Returning WouldBlock is how `try_io` clears readiness.
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => read,
+    }
 }
 
 /// Shuts down the sending side (`SHUT_WR`): the peer reads EOF.
