@@ -287,10 +287,19 @@ async fn proxy(
         None => RequestId::Ours(shared.next_id.fetch_add(1, Ordering::Relaxed)),
     };
     let backends = shared.backends.all();
-    let (model, candidates, decision) = match endpoint {
-        Some(endpoint) => {
-            let input = prompt::extract(endpoint, body)
-                .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))?;
+    let input = match endpoint {
+        Some(endpoint) => Some(
+            prompt::extract(endpoint, body)
+                .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))?,
+        ),
+        None => None,
+    };
+    let model = input
+        .as_ref()
+        .and_then(|input| input.model.as_deref())
+        .unwrap_or_default();
+    let (candidates, decision) = match &input {
+        Some(input) => {
             // Only backends serving the model: 404 when none does, 400 when
             // the model is left out of a fleet serving several.
             let candidates = shared
@@ -298,7 +307,6 @@ async fn proxy(
                 .candidates(input.model.as_deref())
                 .map_err(ApiError::from)?;
             let loads = loads(backends, &candidates);
-            let model = input.model.as_deref().unwrap_or_default();
             let request = RouteRequest {
                 model: model.as_bytes(),
                 key: &input.key,
@@ -312,7 +320,7 @@ async fn proxy(
                     ..decision
                 })
             });
-            (model.to_owned(), candidates, decision)
+            (candidates, decision)
         }
         None => {
             // No prompt (`GET /v1/models`, …): the least-loaded backend up.
@@ -331,14 +339,14 @@ async fn proxy(
                     matched: 0,
                     reason: Reason::LeastLoaded,
                 });
-            (String::new(), candidates, decision)
+            (candidates, decision)
         }
     };
     let decision = decision.ok_or_else(|| ApiError::unavailable("no backends configured"))?;
     let (index, backend, conn) = acquire(decision.backend, &candidates, shared).await?;
     info!(
         request_id = %request_id,
-        model = if model.is_empty() { "-" } else { model.as_str() },
+        model = if model.is_empty() { "-" } else { model },
         backend = %backend.url,
         matched = decision.matched,
         reason = decision.reason.as_str(),

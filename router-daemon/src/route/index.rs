@@ -26,7 +26,7 @@
 //! list is simply never resolved again (its entries age out, or
 //! [`PrefixIndex::remove_backend`] drops them at once). A record leaves an
 //! entry alone when it already lists the backend where the next newcomer
-//! would not push it out ([`Entry::keeps`]): otherwise every request of a
+//! would not push it out (`Entry::keeps`): otherwise every request of a
 //! shared prefix that goes to a different backend than the one before would
 //! rewrite every boundary of that prefix (measured: a quarter of the daemon's
 //! instructions per request, with two backends sharing a 1.5 KB prefix).

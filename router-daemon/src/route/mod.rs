@@ -220,9 +220,10 @@ impl Router {
         let key = request.key;
         let mut walk = self.index.walk(request.model, key);
         let found = self.index.longest_matches(&mut walk, key);
-        let ids: Vec<index::BackendId> =
-            backends.iter().map(|b| index::backend_id(b.name)).collect();
-        let matched: Vec<usize> = ids.iter().map(|&id| found.get(id)).collect();
+        let matched: Vec<usize> = backends
+            .iter()
+            .map(|b| found.get(index::backend_id(b.name)))
+            .collect();
         let named = match request.conversation {
             0 => key,
             n => &key[..n.min(key.len())],
@@ -244,6 +245,8 @@ impl Router {
                 .placements
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ids: Vec<index::BackendId> =
+                backends.iter().map(|b| index::backend_id(b.name)).collect();
             let placed = placements.of(&ids);
             inputs.placed = &placed;
             let decision = policy::choose(&self.policy, &inputs)?;
@@ -252,7 +255,9 @@ impl Router {
         } else {
             policy::choose(&self.policy, &inputs)?
         };
-        self.index.record(&walk, key, ids[decision.backend]);
+        let chosen = backends.get(decision.backend)?;
+        self.index
+            .record(&walk, key, index::backend_id(chosen.name));
         Some(decision)
     }
 
