@@ -31,8 +31,6 @@ use crate::{
     route::{BackendLoad, Decision, Reason, RouteRequest},
 };
 
-/// Spare room the client buffer has before each read.
-const READ_AT_LEAST: usize = 4096;
 /// How long a closing connection waits for the client to stop sending.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -200,11 +198,6 @@ async fn fill_by(
 
 /// Reads more bytes from the client into `pending`.
 async fn fill(client: &mut Client) -> Result<(), Failure> {
-    // Room for a typical request in one read (an empty buffer would grow
-    // from 64 bytes, one read each).
-    if client.pending.capacity() - client.pending.len() < READ_AT_LEAST / 2 {
-        client.pending.reserve(READ_AT_LEAST);
-    }
     match client.read_more().await {
         Ok(0) => client.eof = true,
         Ok(_) => {}
