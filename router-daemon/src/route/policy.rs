@@ -291,6 +291,24 @@ mod tests {
             .collect()
     }
 
+    /// A request with no session and no placement bound; placement seed 7.
+    fn inputs<'a>(
+        backends: &'a [BackendLoad<'a>],
+        matched: &'a [usize],
+        conversation: usize,
+    ) -> Inputs<'a> {
+        Inputs {
+            backends,
+            matched,
+            conversation,
+            extends: false,
+            placement: 7,
+            session: None,
+            placed: &[],
+            weight: 1.0,
+        }
+    }
+
     #[test]
     fn bound_is_ceil_of_relaxed_mean() {
         let v = views(&[(3, 0), (1, 0), (0, 0), (0, 0)]);
@@ -324,16 +342,7 @@ mod tests {
     fn continuation_follows_the_longest_match_when_loads_allow() {
         let v = views(&[(1, 0), (1, 0), (0, 0)]);
         let matched = [0, 8192, 4096];
-        let input = Inputs {
-            backends: &v,
-            matched: &matched,
-            conversation: 100,
-            extends: false,
-            placement: 7,
-            session: None,
-            placed: &[],
-            weight: 1.0,
-        };
+        let input = inputs(&v, &matched, 100);
         let d = choose(&Policy::default(), &input).unwrap();
         // 8 KiB − 1 request beats 4 KiB − 0.
         assert_eq!(
@@ -353,16 +362,7 @@ mod tests {
     fn over_the_bound_the_prefix_spills_to_another_holder() {
         let v = views(&[(6, 2), (1, 0), (1, 0), (0, 0)]);
         let matched = [4096, 2048, 0, 0];
-        let input = Inputs {
-            backends: &v,
-            matched: &matched,
-            conversation: 64,
-            extends: false,
-            placement: 7,
-            session: None,
-            placed: &[],
-            weight: 1.0,
-        };
+        let input = inputs(&v, &matched, 64);
         let d = choose(&Policy::default(), &input).unwrap();
         assert_eq!((d.backend, d.reason), (1, Reason::Spread));
     }
@@ -371,16 +371,7 @@ mod tests {
     fn a_continuation_may_pass_the_bound_by_what_its_match_is_worth() {
         // 4 requests over 4 backends (counting this one): bound 2.
         let v = views(&[(3, 0), (0, 0), (0, 0), (0, 0)]);
-        let input = |matched: &'static [usize]| Inputs {
-            backends: &v,
-            matched,
-            conversation: 100,
-            extends: false,
-            placement: 7,
-            session: None,
-            placed: &[],
-            weight: 1.0,
-        };
+        let input = |matched: &'static [usize]| inputs(&v, matched, 100);
         // 4 KiB cached is worth 4 requests: 3 in flight is within 2 + 4.
         let d = choose(&Policy::default(), &input(&[4096, 0, 0, 0])).unwrap();
         assert_eq!((d.backend, d.reason), (0, Reason::PrefixMatch));
@@ -399,14 +390,10 @@ mod tests {
         let mut placed = [4.0; 4];
         placed[winner] = 8.0;
         let input = Inputs {
-            backends: &v,
-            matched: &[0; 4],
-            conversation: 0,
-            extends: false,
             placement: seed,
-            session: None,
             placed: &placed,
             weight: 4.0,
+            ..inputs(&v, &[0; 4], 0)
         };
         let policy = Policy {
             placement_epsilon: Some(0.25),
@@ -439,14 +426,8 @@ mod tests {
         let mut placed = [0; 4];
         for placement in 0..64u64 {
             let input = Inputs {
-                backends: &v,
-                matched: &matched,
-                conversation: 2100,
-                extends: false,
                 placement,
-                session: None,
-                placed: &[],
-                weight: 1.0,
+                ..inputs(&v, &matched, 2100)
             };
             let d = choose(&Policy::default(), &input).unwrap();
             assert_eq!(d.reason, Reason::Placed);
@@ -463,14 +444,9 @@ mod tests {
             .find(|&s| rendezvous_pick(&v, s, |_| true).unwrap().0 != 0)
             .unwrap();
         let input = Inputs {
-            backends: &v,
-            matched: &matched,
-            conversation: 10,
-            extends: false,
             placement: 0,
             session: Some(seed),
-            placed: &[],
-            weight: 1.0,
+            ..inputs(&v, &matched, 10)
         };
         let d = choose(&Policy::default(), &input).unwrap();
         assert_eq!(d.reason, Reason::Session);
