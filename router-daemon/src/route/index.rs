@@ -198,7 +198,34 @@ pub struct Walk {
     tail_seen: Option<(u64, Entry)>,
 }
 
+impl Default for Walk {
+    /// An empty walk, to be filled by [`PrefixIndex::walk_into`].
+    fn default() -> Self {
+        Self {
+            block: 1,
+            hashes: Vec::new(),
+            order: Vec::new(),
+            starts: [0; MAX_SHARDS + 1],
+            seen: Vec::new(),
+            tail_seen: None,
+        }
+    }
+}
+
 impl Walk {
+    /// Boundaries past which a kept walk gives its buffers back: a thread
+    /// keeps buffers for at most this many (about 150 KiB: prompts up to
+    /// 256 KiB with 64-byte blocks) between decisions.
+    pub const KEPT_BOUNDARIES: usize = 4 * 1024;
+
+    /// Frees the buffers if a long prompt grew them past
+    /// [`Self::KEPT_BOUNDARIES`].
+    pub fn shrink(&mut self) {
+        if self.hashes.capacity() > Self::KEPT_BOUNDARIES {
+            *self = Self::default();
+        }
+    }
+
     /// A hash of `key[..len]` (`key` is the walk's key, `len` at most its
     /// length): equal for equal prefixes of the same model, and costing at
     /// most one block of hashing, since the walk has hashed the whole blocks.
@@ -316,7 +343,24 @@ impl PrefixIndex {
 
     /// Hashes `key`'s block boundaries for `model` and groups them by shard.
     pub fn walk(&self, model: &[u8], key: &[u8]) -> Walk {
-        let mut hashes = Vec::with_capacity(key.len() / self.block + 1);
+        let mut walk = Walk::default();
+        self.walk_into(&mut walk, model, key);
+        walk
+    }
+
+    /// [`walk`](Self::walk) into an earlier walk's buffers, so a thread that
+    /// keeps one walk allocates nothing once its buffers are large enough.
+    pub fn walk_into(&self, walk: &mut Walk, model: &[u8], key: &[u8]) {
+        let Walk {
+            block,
+            hashes,
+            order,
+            starts,
+            seen,
+            tail_seen,
+        } = walk;
+        *block = self.block;
+        hashes.clear();
         let mut hash = xxh3_64(model);
         hashes.push(hash);
         for chunk in key.chunks_exact(self.block) {
@@ -324,29 +368,24 @@ impl PrefixIndex {
             hashes.push(hash);
         }
         // Counting sort by shard.
-        let mut starts = [0u32; MAX_SHARDS + 1];
-        for &h in &hashes {
+        *starts = [0u32; MAX_SHARDS + 1];
+        for &h in hashes.iter() {
             starts[self.shard_of(h) + 1] += 1;
         }
         for s in 0..MAX_SHARDS {
             starts[s + 1] += starts[s];
         }
-        let mut next = starts;
-        let mut order = vec![0u32; hashes.len()];
+        let mut next = *starts;
+        order.clear();
+        order.resize(hashes.len(), 0);
         for (i, &h) in hashes.iter().enumerate() {
             let s = self.shard_of(h);
             order[next[s] as usize] =
                 u32::try_from(i).expect("invariant: bodies are far below 4 GiB");
             next[s] += 1;
         }
-        Walk {
-            block: self.block,
-            hashes,
-            order,
-            starts,
-            seen: Vec::new(),
-            tail_seen: None,
-        }
+        seen.clear();
+        *tail_seen = None;
     }
 
     /// For each backend holding a prefix of `key`, the longest such prefix
@@ -358,7 +397,9 @@ impl PrefixIndex {
         }
         // An entry always has a holder, so a default (holder-less) entry
         // stands for "absent".
-        let mut found = vec![Entry::default(); walk.hashes.len()];
+        let mut found = std::mem::take(&mut walk.seen);
+        found.clear();
+        found.resize(walk.hashes.len(), Entry::default());
         for s in 0..self.shards.len() {
             let group = &walk.order[walk.starts[s] as usize..walk.starts[s + 1] as usize];
             if group.is_empty() {
@@ -681,6 +722,33 @@ mod tests {
             );
         }
         assert_eq!(one.lookup(MODEL, b"system prompt, then bob!").get(2), 23);
+    }
+
+    #[test]
+    fn a_reused_walk_answers_as_a_fresh_one() {
+        let reused = PrefixIndex::with_shards(8, 1 << 12, 4);
+        let fresh = PrefixIndex::with_shards(8, 1 << 12, 4);
+        let mut walk = Walk::default();
+        let prompts: [&[u8]; 5] = [
+            b"a long shared system prompt, then question one",
+            b"short",
+            b"a long shared system prompt, then question two",
+            b"a long",
+            b"a long shared system prompt, then question one",
+        ];
+        for (i, prompt) in prompts.iter().enumerate() {
+            let id = i as BackendId % 2 + 1;
+            reused.walk_into(&mut walk, MODEL, prompt);
+            let found = reused.longest_matches(&mut walk, prompt);
+            reused.record(&walk, prompt, id);
+            let mut own = fresh.walk(MODEL, prompt);
+            assert_eq!(found, fresh.longest_matches(&mut own, prompt), "{i}");
+            fresh.record(&own, prompt, id);
+        }
+        for probe in prompts {
+            assert_eq!(reused.lookup(MODEL, probe), fresh.lookup(MODEL, probe));
+        }
+        assert_eq!(reused.len(), fresh.len());
     }
 
     #[test]

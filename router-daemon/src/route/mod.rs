@@ -22,6 +22,8 @@
 pub mod index;
 pub mod policy;
 
+use std::cell::RefCell;
+
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 pub use self::{
@@ -144,6 +146,20 @@ impl<'a> BackendLoad<'a> {
     }
 }
 
+/// Buffers a decision works in, kept per thread: a decision never waits,
+/// so it has its thread's buffers to itself, and allocates nothing once they
+/// are large enough.
+#[derive(Default)]
+struct Scratch {
+    walk: index::Walk,
+    /// Matched key bytes per backend, in the order of `backends`.
+    matched: Vec<usize>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
 /// The routing policy and its state; shared by every connection.
 #[derive(Debug)]
 pub struct Router {
@@ -217,20 +233,36 @@ impl Router {
         if backends.is_empty() {
             return None;
         }
+        SCRATCH.with_borrow_mut(|scratch| {
+            let decision = self.decide_with(request, backends, scratch);
+            scratch.walk.shrink();
+            decision
+        })
+    }
+
+    fn decide_with(
+        &self,
+        request: &RouteRequest,
+        backends: &[BackendLoad],
+        scratch: &mut Scratch,
+    ) -> Option<Decision> {
         let key = request.key;
-        let mut walk = self.index.walk(request.model, key);
-        let found = self.index.longest_matches(&mut walk, key);
-        let matched: Vec<usize> = backends
-            .iter()
-            .map(|b| found.get(index::backend_id(b.name)))
-            .collect();
+        let Scratch { walk, matched } = scratch;
+        self.index.walk_into(walk, request.model, key);
+        let found = self.index.longest_matches(walk, key);
+        matched.clear();
+        matched.extend(
+            backends
+                .iter()
+                .map(|b| found.get(index::backend_id(b.name))),
+        );
         let named = match request.conversation {
             0 => key,
             n => &key[..n.min(key.len())],
         };
         let mut inputs = policy::Inputs {
             backends,
-            matched: &matched,
+            matched,
             conversation: request.conversation,
             extends: found.whole > 0,
             placement: walk.prefix_hash(key, named.len(), PLACEMENT_SALT),
@@ -256,8 +288,7 @@ impl Router {
             policy::choose(&self.policy, &inputs)?
         };
         let chosen = backends.get(decision.backend)?;
-        self.index
-            .record(&walk, key, index::backend_id(chosen.name));
+        self.index.record(walk, key, index::backend_id(chosen.name));
         Some(decision)
     }
 
