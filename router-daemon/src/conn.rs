@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use smallvec::SmallVec;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -33,6 +34,22 @@ use crate::{
 
 /// How long a closing connection waits for the client to stop sending.
 const LINGER: Duration = Duration::from_secs(2);
+/// Fleets up to this size are weighed without a heap allocation.
+const INLINE_BACKENDS: usize = 16;
+
+/// Buffers a connection keeps from one request to the next, so that a
+/// routed request allocates nothing once the connection has served one.
+#[derive(Default)]
+struct Buffers {
+    /// Where the next request's [`Head::forward_head`] is built.
+    head: Vec<u8>,
+    /// Where the next request's body is read.
+    body: Vec<u8>,
+    /// Where the request sent to the backend is put together.
+    outgoing: Vec<u8>,
+    /// The backends that may serve the request.
+    candidates: Vec<usize>,
+}
 
 /// One request read off the connection.
 struct Request {
@@ -52,12 +69,14 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     // Small responses and errors must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let mut client = shared.dataplane.client(stream);
+    let mut buffers = Buffers::default();
     loop {
-        let next = match read_request(&mut client, &shared).await {
+        let next = match read_request(&mut client, &mut buffers, &shared).await {
             Ok(Some(request)) => {
-                let next = handle(&mut client, &request, &shared).await;
-                // The body's buffer serves the next request.
-                client.body = request.body;
+                let next = handle(&mut client, &request, &mut buffers, &shared).await;
+                // The request's buffers serve the next one.
+                buffers.head = request.head.forward_head;
+                buffers.body = request.body;
                 next
             }
             Ok(None) => Next::Close,
@@ -90,7 +109,11 @@ impl From<ApiError> for Failure {
 
 /// Reads the next whole request; `None` when the client closed, or stayed
 /// idle past the idle timeout, between requests.
-async fn read_request(client: &mut Client, shared: &Shared) -> Result<Option<Request>, Failure> {
+async fn read_request(
+    client: &mut Client,
+    buffers: &mut Buffers,
+    shared: &Shared,
+) -> Result<Option<Request>, Failure> {
     let config = &shared.config;
     if client.pending.is_empty() && !client.eof {
         match tokio::time::timeout(config.idle_timeout(), fill(client)).await {
@@ -98,13 +121,14 @@ async fn read_request(client: &mut Client, shared: &Shared) -> Result<Option<Req
             Err(_) => return Ok(None),
         }
     }
-    read_started_request(client, shared).await
+    read_started_request(client, buffers, shared).await
 }
 
 /// Reads a request whose first bytes may already be in `pending`, within the
 /// request timeout.
 async fn read_started_request(
     client: &mut Client,
+    buffers: &mut Buffers,
     shared: &Shared,
 ) -> Result<Option<Request>, Failure> {
     let limits = shared.config.limits();
@@ -112,9 +136,12 @@ async fn read_started_request(
     // only once the request has to wait for more.
     let mut deadline = None;
     let head = loop {
-        if let Some(head) =
-            http::parse_head(&client.pending, &limits, &shared.config.session_header)?
-        {
+        if let Some(head) = http::parse_head(
+            &client.pending,
+            &limits,
+            &shared.config.session_header,
+            &mut buffers.head,
+        )? {
             break head;
         }
         if client.eof {
@@ -144,7 +171,7 @@ async fn read_started_request(
                 }
                 fill_by(client, shared, &mut deadline).await?;
             }
-            let mut body = std::mem::take(&mut client.body);
+            let mut body = std::mem::take(&mut buffers.body);
             body.clear();
             body.extend_from_slice(&client.pending[head.head_len..total]);
             client.pending.drain(..total);
@@ -206,9 +233,14 @@ async fn fill(client: &mut Client) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn handle(client: &mut Client, request: &Request, shared: &Shared) -> Next {
+async fn handle(
+    client: &mut Client,
+    request: &Request,
+    buffers: &mut Buffers,
+    shared: &Shared,
+) -> Next {
     let Request { head, body } = request;
-    let result = match (head.method.as_str(), head.path.as_str()) {
+    let result = match (head.method(), head.path()) {
         ("GET", "/health") => {
             local(
                 client,
@@ -225,30 +257,65 @@ async fn handle(client: &mut Client, request: &Request, shared: &Shared) -> Next
         }
         (_, "/health" | "/metrics") => Err(ApiError::method_not_allowed(format!(
             "{} {} is not supported; use GET",
-            head.method, head.path
+            head.method(),
+            head.path()
         ))
         .into()),
         ("POST", "/v1/completions") => {
-            proxy(client, head, body, Some(Endpoint::Completions), shared).await
+            proxy(
+                client,
+                head,
+                body,
+                Some(Endpoint::Completions),
+                buffers,
+                shared,
+            )
+            .await
         }
         ("POST", "/v1/embeddings") => {
-            proxy(client, head, body, Some(Endpoint::Embeddings), shared).await
+            proxy(
+                client,
+                head,
+                body,
+                Some(Endpoint::Embeddings),
+                buffers,
+                shared,
+            )
+            .await
         }
         ("POST", "/v1/responses") => {
-            proxy(client, head, body, Some(Endpoint::Responses), shared).await
+            proxy(
+                client,
+                head,
+                body,
+                Some(Endpoint::Responses),
+                buffers,
+                shared,
+            )
+            .await
         }
         ("POST", "/v1/chat/completions") => {
-            proxy(client, head, body, Some(Endpoint::ChatCompletions), shared).await
+            proxy(
+                client,
+                head,
+                body,
+                Some(Endpoint::ChatCompletions),
+                buffers,
+                shared,
+            )
+            .await
         }
         // Other OpenAI endpoints (`/v1/models`, …) carry no prompt: any
         // backend can answer them.
-        (_, path) if path.starts_with("/v1/") => proxy(client, head, body, None, shared).await,
+        (_, path) if path.starts_with("/v1/") => {
+            proxy(client, head, body, None, buffers, shared).await
+        }
         (_, path) => Err(ApiError::not_found(format!("no route for {path}")).into()),
     };
     match result {
         Ok(next) => next,
         Err(Failure::Api(err)) => {
-            warn!(path = %head.path, status = err.status, error = %err.message, "request failed");
+            warn!(path = head.path(), status = err.status, error = %err.message, "request failed");
             answer_error(client, shared, &err).await;
             Next::Close
         }
@@ -273,6 +340,7 @@ async fn proxy(
     head: &Head,
     body: &[u8],
     endpoint: Option<Endpoint>,
+    buffers: &mut Buffers,
     shared: &Shared,
 ) -> Result<Next, Failure> {
     let request_id = match &head.request_id {
@@ -291,15 +359,16 @@ async fn proxy(
         .as_ref()
         .and_then(|input| input.model.as_deref())
         .unwrap_or_default();
-    let (candidates, decision) = match &input {
+    let candidates = &mut buffers.candidates;
+    let decision = match &input {
         Some(input) => {
             // Only backends serving the model: 404 when none does, 400 when
             // the model is left out of a fleet serving several.
-            let candidates = shared
+            shared
                 .backends
-                .candidates(input.model.as_deref())
+                .candidates_into(input.model.as_deref(), candidates)
                 .map_err(ApiError::from)?;
-            let loads = loads(backends, &candidates);
+            let loads = loads(backends, candidates);
             let request = RouteRequest {
                 model: model.as_bytes(),
                 key: &input.key,
@@ -307,23 +376,21 @@ async fn proxy(
                 session: head.session.as_deref(),
                 later_turns: input.later_turns,
             };
-            let decision = shared.router.decide(&request, &loads).and_then(|decision| {
+            shared.router.decide(&request, &loads).and_then(|decision| {
                 Some(Decision {
                     backend: *candidates.get(decision.backend)?,
                     ..decision
                 })
-            });
-            (candidates, decision)
+            })
         }
         None => {
             // No prompt (`GET /v1/models`, …): the least-loaded backend up.
-            let mut candidates: Vec<usize> = (0..backends.len())
-                .filter(|&index| backends[index].is_up())
-                .collect();
+            candidates.clear();
+            candidates.extend((0..backends.len()).filter(|&index| backends[index].is_up()));
             if candidates.is_empty() {
-                candidates = (0..backends.len()).collect();
+                candidates.extend(0..backends.len());
             }
-            let decision = candidates
+            candidates
                 .iter()
                 .copied()
                 .min_by_key(|&index| load_of(&backends[index]))
@@ -331,19 +398,18 @@ async fn proxy(
                     backend,
                     matched: 0,
                     reason: Reason::LeastLoaded,
-                });
-            (candidates, decision)
+                })
         }
     };
     let decision = decision.ok_or_else(|| ApiError::unavailable("no backends configured"))?;
-    let (index, backend, conn) = acquire(decision.backend, &candidates, shared).await?;
+    let (index, backend, conn) = acquire(decision.backend, candidates, shared).await?;
     info!(
         request_id = %request_id,
         model = if model.is_empty() { "-" } else { model },
         backend = %backend.url,
         matched = decision.matched,
         reason = decision.reason.as_str(),
-        "{} {}", head.method, head.path
+        "{} {}", head.method(), head.path()
     );
     if let Some(counters) = shared.backend_counters.get(index) {
         counters.requests.inc();
@@ -351,7 +417,7 @@ async fn proxy(
     shared.metrics.decided(decision.reason);
 
     // The request as it goes out, built in a buffer the connection keeps.
-    let mut request = std::mem::take(&mut client.outgoing);
+    let mut request = std::mem::take(&mut buffers.outgoing);
     request.clear();
     request.extend_from_slice(&head.forward_head);
     if let RequestId::Ours(n) = request_id {
@@ -365,12 +431,12 @@ async fn proxy(
     request.extend_from_slice(body);
     let forward = Forward {
         request: &request,
-        head_request: head.method == "HEAD",
+        head_request: head.method() == "HEAD",
         client_close: head.close,
     };
 
     let result = send(client, index, conn, &forward, shared).await;
-    client.outgoing = request;
+    buffers.outgoing = request;
     let relayed = match &result {
         Ok(exchanged) => Some(exchanged.relayed),
         Err(RelayError::Backend { relayed, .. } | RelayError::BadResponse { relayed, .. }) => {
@@ -523,8 +589,12 @@ fn load_of(backend: &Backend) -> usize {
         .saturating_add(usize::try_from(backend.waiting()).unwrap_or(usize::MAX))
 }
 
-/// What routing sees of the `candidates`, in their order.
-fn loads<'a>(backends: &'a [Arc<Backend>], candidates: &[usize]) -> Vec<BackendLoad<'a>> {
+/// What routing sees of the `candidates`, in their order (on the stack for
+/// fleets of up to [`INLINE_BACKENDS`]).
+fn loads<'a>(
+    backends: &'a [Arc<Backend>],
+    candidates: &[usize],
+) -> SmallVec<[BackendLoad<'a>; INLINE_BACKENDS]> {
     candidates
         .iter()
         .filter_map(|&index| backends.get(index))

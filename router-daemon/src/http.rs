@@ -40,10 +40,11 @@ impl Default for Limits {
 /// A parsed request head.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
-    /// Request method, e.g. `POST`.
-    pub method: String,
-    /// Request target without the query string, e.g. `/v1/completions`.
-    pub path: String,
+    /// Length of the method at the start of `forward_head`.
+    method_len: usize,
+    /// Length of the path (the target up to any `?`), which follows the
+    /// method and a space in `forward_head`.
+    path_len: usize,
     /// Length of the head in the buffer, including the blank line.
     pub head_len: usize,
     /// How the body that follows the head is framed.
@@ -61,6 +62,21 @@ pub struct Head {
     /// end-to-end headers. Hop-by-hop and framing headers are left out; the
     /// sender adds `content-length` and the blank line.
     pub forward_head: Vec<u8>,
+}
+
+impl Head {
+    /// Request method, e.g. `POST`.
+    pub fn method(&self) -> &str {
+        std::str::from_utf8(&self.forward_head[..self.method_len])
+            .expect("invariant: copied from the method httparse validated")
+    }
+
+    /// Request target without the query string, e.g. `/v1/completions`.
+    pub fn path(&self) -> &str {
+        let start = self.method_len + 1;
+        std::str::from_utf8(&self.forward_head[start..start + self.path_len])
+            .expect("invariant: copied from the path httparse validated")
+    }
 }
 
 /// How a request body is delimited.
@@ -89,11 +105,14 @@ const NOT_FORWARDED: [&str; 8] = [
 /// the header whose value is kept as [`Head::session`].
 ///
 /// Returns `Ok(None)` when more bytes are needed, and an [`ApiError`] (4xx)
-/// for a head that is malformed or over a limit.
+/// for a head that is malformed or over a limit. [`Head::forward_head`] is
+/// built in `reuse`'s allocation (taken only when the head is complete), so
+/// a connection can keep one buffer for all its requests.
 pub fn parse_head(
     buf: &[u8],
     limits: &Limits,
     session_header: &str,
+    reuse: &mut Vec<u8>,
 ) -> Result<Option<Head>, ApiError> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut storage[..limits.max_headers.min(MAX_HEADERS)]);
@@ -201,7 +220,9 @@ pub fn parse_head(
         return Err(too_large(limits));
     }
 
-    let mut forward_head = Vec::with_capacity(head_len + 32);
+    let mut forward_head = std::mem::take(reuse);
+    forward_head.clear();
+    forward_head.reserve(head_len + 32);
     forward_head.extend_from_slice(method.as_bytes());
     forward_head.push(b' ');
     forward_head.extend_from_slice(target.as_bytes());
@@ -226,8 +247,8 @@ pub fn parse_head(
     }
 
     Ok(Some(Head {
-        method: method.to_owned(),
-        path: path.to_owned(),
+        method_len: method.len(),
+        path_len: path.len(),
         head_len,
         body,
         expect_continue,
@@ -367,11 +388,11 @@ mod tests {
 
     #[test]
     fn parses_the_tutorial_request() {
-        let head = parse_head(TUTORIAL, &Limits::default(), SESSION)
+        let head = parse_head(TUTORIAL, &Limits::default(), SESSION, &mut Vec::new())
             .unwrap()
             .unwrap();
-        assert_eq!(head.method, "POST");
-        assert_eq!(head.path, "/v1/completions");
+        assert_eq!(head.method(), "POST");
+        assert_eq!(head.path(), "/v1/completions");
         assert_eq!(head.body, Framing::Length(2));
         assert!(!head.close);
         assert_eq!(&TUTORIAL[head.head_len..], b"{}");
@@ -381,20 +402,48 @@ mod tests {
     }
 
     #[test]
+    fn a_reused_buffer_gives_the_same_head() {
+        let fresh = parse_head(TUTORIAL, &Limits::default(), SESSION, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        let mut reuse = b"GET /older/and/longer/request HTTP/1.1\r\n".to_vec();
+        let reused = parse_head(TUTORIAL, &Limits::default(), SESSION, &mut reuse)
+            .unwrap()
+            .unwrap();
+        assert_eq!(reused, fresh);
+        assert_eq!(
+            (reused.method(), reused.path()),
+            ("POST", "/v1/completions")
+        );
+    }
+
+    #[test]
     fn every_split_point_is_partial_until_the_head_is_complete() {
-        let head_len = parse_head(TUTORIAL, &Limits::default(), SESSION)
+        let head_len = parse_head(TUTORIAL, &Limits::default(), SESSION, &mut Vec::new())
             .unwrap()
             .unwrap()
             .head_len;
         for split in 0..head_len {
             assert_eq!(
-                parse_head(&TUTORIAL[..split], &Limits::default(), SESSION).unwrap(),
+                parse_head(
+                    &TUTORIAL[..split],
+                    &Limits::default(),
+                    SESSION,
+                    &mut Vec::new()
+                )
+                .unwrap(),
                 None,
                 "split at {split}"
             );
         }
         for split in head_len..=TUTORIAL.len() {
-            let head = parse_head(&TUTORIAL[..split], &Limits::default(), SESSION).unwrap();
+            let head = parse_head(
+                &TUTORIAL[..split],
+                &Limits::default(),
+                SESSION,
+                &mut Vec::new(),
+            )
+            .unwrap();
             assert_eq!(head.unwrap().head_len, head_len, "split at {split}");
         }
     }
@@ -402,10 +451,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_replaced() {
         let raw = b"POST /v1/completions?x=1 HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n";
-        let head = parse_head(raw, &Limits::default(), SESSION)
+        let head = parse_head(raw, &Limits::default(), SESSION, &mut Vec::new())
             .unwrap()
             .unwrap();
-        assert_eq!(head.path, "/v1/completions");
+        assert_eq!(head.path(), "/v1/completions");
         assert!(head.expect_continue);
         let forward = String::from_utf8(head.forward_head).unwrap();
         assert_eq!(forward, "POST /v1/completions?x=1 HTTP/1.1\r\n");
@@ -414,7 +463,7 @@ mod tests {
     #[test]
     fn session_header_is_kept_and_forwarded() {
         let raw = b"POST / HTTP/1.1\r\nX-Session-Id: user-42\r\nContent-Length: 0\r\n\r\n";
-        let head = parse_head(raw, &Limits::default(), SESSION)
+        let head = parse_head(raw, &Limits::default(), SESSION, &mut Vec::new())
             .unwrap()
             .unwrap();
         assert_eq!(head.session.as_deref(), Some(b"user-42".as_slice()));
@@ -423,7 +472,7 @@ mod tests {
                 .unwrap()
                 .contains("X-Session-Id: user-42")
         );
-        let other = parse_head(raw, &Limits::default(), "x-user")
+        let other = parse_head(raw, &Limits::default(), "x-user", &mut Vec::new())
             .unwrap()
             .unwrap();
         assert_eq!(other.session, None);
@@ -432,7 +481,7 @@ mod tests {
     #[test]
     fn connection_close_follows_the_version_rules() {
         let close = |raw: &[u8]| {
-            parse_head(raw, &Limits::default(), SESSION)
+            parse_head(raw, &Limits::default(), SESSION, &mut Vec::new())
                 .unwrap()
                 .unwrap()
                 .close
@@ -451,30 +500,56 @@ mod tests {
             max_body: 10,
         };
         let long = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 100]].concat();
-        assert_eq!(parse_head(&long, &limits, SESSION).unwrap_err().status, 431);
+        assert_eq!(
+            parse_head(&long, &limits, SESSION, &mut Vec::new())
+                .unwrap_err()
+                .status,
+            431
+        );
         let many = b"GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\n\r\n";
-        assert_eq!(parse_head(many, &limits, SESSION).unwrap_err().status, 431);
+        assert_eq!(
+            parse_head(many, &limits, SESSION, &mut Vec::new())
+                .unwrap_err()
+                .status,
+            431
+        );
         let big = b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n";
-        assert_eq!(parse_head(big, &limits, SESSION).unwrap_err().status, 413);
+        assert_eq!(
+            parse_head(big, &limits, SESSION, &mut Vec::new())
+                .unwrap_err()
+                .status,
+            413
+        );
         let bad_len = b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
         assert_eq!(
-            parse_head(bad_len, &limits, SESSION).unwrap_err().status,
+            parse_head(bad_len, &limits, SESSION, &mut Vec::new())
+                .unwrap_err()
+                .status,
             400
         );
         let conflict = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
         assert_eq!(
-            parse_head(conflict, &limits, SESSION).unwrap_err().status,
+            parse_head(conflict, &limits, SESSION, &mut Vec::new())
+                .unwrap_err()
+                .status,
             400
         );
         let garbage = b"\x16\x03\x01\x00 not http\r\n\r\n";
         assert_eq!(
-            parse_head(garbage, &limits, SESSION).unwrap_err().status,
+            parse_head(garbage, &limits, SESSION, &mut Vec::new())
+                .unwrap_err()
+                .status,
             400
         );
         let gzip = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
-        assert_eq!(parse_head(gzip, &limits, SESSION).unwrap_err().status, 501);
+        assert_eq!(
+            parse_head(gzip, &limits, SESSION, &mut Vec::new())
+                .unwrap_err()
+                .status,
+            501
+        );
         let both = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
-        let status = parse_head(both, &Limits::default(), SESSION)
+        let status = parse_head(both, &Limits::default(), SESSION, &mut Vec::new())
             .unwrap_err()
             .status;
         assert_eq!(status, 400);

@@ -290,8 +290,6 @@ impl Dataplane {
             pending: Vec::new(),
             eof: false,
             buffer: Vec::new(),
-            outgoing: Vec::new(),
-            body: Vec::new(),
         }
     }
 
@@ -855,10 +853,6 @@ pub struct Client {
     pub eof: bool,
     /// Response buffer, kept between requests.
     buffer: Vec<u8>,
-    /// Buffer the next outgoing request is built in, kept between requests.
-    pub outgoing: Vec<u8>,
-    /// Buffer the next request body is read into, kept between requests.
-    pub body: Vec<u8>,
 }
 
 impl Client {
