@@ -33,6 +33,11 @@ pub struct Config {
     #[arg(long, env = "ROUTER_DATAPLANE", value_enum, default_value_t = Requested::Auto)]
     pub dataplane: Requested,
 
+    /// Worker threads, each serving the connections it accepts to their
+    /// end on its own event loop; 0 is one per CPU this process may use.
+    #[arg(long, env = "ROUTER_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
     /// Prefix-index block size, in prompt bytes (1 to 64). Smaller blocks
     /// match prefixes more finely and cost more index entries and hashing
     /// per prompt; the default is about one vLLM cache block (16 tokens of
@@ -146,6 +151,7 @@ impl Config {
             listen,
             backends,
             dataplane: Requested::Auto,
+            workers: 0,
             block_bytes: 64,
             index_entries: 1 << 20,
             max_body_bytes: 32 << 20,
@@ -182,6 +188,14 @@ impl Config {
             max_head: self.max_head_bytes,
             max_body: self.max_body_bytes,
             ..Limits::default()
+        }
+    }
+
+    /// Worker threads to run: `--workers`, or one per CPU when it is 0.
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
         }
     }
 

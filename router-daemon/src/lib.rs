@@ -13,6 +13,7 @@
 //! - [`dataplane`]: exchanges on pooled, kept-alive backend connections;
 //!   moving response bytes in the kernel (sockmap), through a pipe (splice)
 //!   or through the daemon (userspace).
+//! - `worker`: one event loop per CPU, each with its own listening socket.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: errors as clients see them.
 //!
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod prompt;
 pub mod response;
 pub mod route;
+mod worker;
 
 use std::{
     future::Future,
@@ -44,7 +46,9 @@ pub use crate::{config::Config, dataplane::Dataplane};
 /// `net.core.somaxconn`, 4096 by default).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`.
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`;
+/// bound without `SO_REUSEPORT`, so it fails while another process
+/// listens there ([`run`] opens its workers' sockets on the port after).
 pub fn listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -65,6 +69,9 @@ pub enum RunError {
     /// Accepting connections failed.
     #[error("accepting connections: {0}")]
     Accept(std::io::Error),
+    /// A worker thread could not be started.
+    #[error("starting a worker thread: {0}")]
+    Worker(std::io::Error),
 }
 
 /// State shared by every connection.
@@ -81,7 +88,9 @@ struct Shared {
     next_id: AtomicU64,
 }
 
-/// Serves clients on `listener` until `shutdown` completes.
+/// Serves clients on `listener` until `shutdown` completes, with
+/// [`Config::workers`] event loops: this task's runtime is the first, and
+/// the others run on threads of their own (see `worker`).
 ///
 /// Connections already open when `shutdown` fires are left to finish.
 pub async fn run(
@@ -111,6 +120,7 @@ pub async fn run(
         router,
         pool: Pool::new(
             backends.all().len(),
+            config.workers(),
             config.pool_max_idle,
             config.pool_idle_timeout(),
         ),
@@ -129,23 +139,25 @@ pub async fn run(
             discovery_interval,
         ));
     }
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    tokio::spawn(conn::serve(stream, Arc::clone(&shared)));
-                }
-                // Out of fds or a connection reset before accept: keep serving.
-                Err(err) if is_transient(&err) => {
-                    tracing::warn!(%err, "accept failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-                Err(err) => return Err(RunError::Accept(err)),
-            },
-            () = &mut shutdown => return Ok(()),
+    // The other workers stop when `_stop` is dropped, as `run` returns.
+    let (_stop, stopped) = tokio::sync::watch::channel(());
+    let mut workers = 1;
+    match worker::share_port(&listener, shared.config.workers() - 1) {
+        Ok(sockets) => {
+            for socket in sockets {
+                worker::spawn(workers, socket, Arc::clone(&shared), stopped.clone())
+                    .map_err(RunError::Worker)?;
+                workers += 1;
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot share the listening port; serving on one worker thread");
         }
     }
+    tracing::info!(workers, "serving, one event loop per worker thread");
+    let mut open = worker::serve(&listener, &shared, shutdown).await?;
+    open.detach_all();
+    Ok(())
 }
 
 /// Closes pooled backend connections idle past their timeout, for as long
