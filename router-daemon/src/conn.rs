@@ -582,11 +582,11 @@ impl std::fmt::Display for RequestId<'_> {
 }
 
 /// A backend's load as routing sees it: requests in flight from this router
-/// plus requests its engine reported waiting.
+/// plus the requests of others its engine reported waiting.
 fn load_of(backend: &Backend) -> usize {
     backend
         .in_flight()
-        .saturating_add(usize::try_from(backend.waiting()).unwrap_or(usize::MAX))
+        .saturating_add(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
 }
 
 /// What routing sees of the `candidates`, in their order (on the stack for
@@ -600,7 +600,7 @@ fn loads<'a>(
         .filter_map(|&index| backends.get(index))
         .map(|backend| {
             BackendLoad::new(&backend.url, backend.in_flight())
-                .with_waiting(usize::try_from(backend.waiting()).unwrap_or(usize::MAX))
+                .with_waiting(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
         })
         .collect()
 }

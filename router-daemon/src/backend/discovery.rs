@@ -159,6 +159,9 @@ impl Backend {
                 }
             }
         }
+        // The engine reads its queue while the scrape is under way; our
+        // requests in it were in flight before or after.
+        let ours_before = self.in_flight();
         let scraped = match probe::get(target, "/metrics").await {
             Ok(response) if (200..300).contains(&response.status) => {
                 Ok(probe::parse_load(&String::from_utf8_lossy(&response.body)))
@@ -171,7 +174,7 @@ impl Backend {
                 if !self.load_ok.swap(true, Ordering::Relaxed) {
                     info!(backend = %self.url, "/metrics is readable again");
                 }
-                self.set_load(load);
+                self.set_load(load, ours_before.max(self.in_flight()));
             }
             Err(why) => {
                 if self.load_ok.swap(false, Ordering::Relaxed) {
@@ -191,7 +194,7 @@ impl Backend {
             .saturating_add(1);
         if failures >= down_after.max(1) && self.up.swap(false, Ordering::Relaxed) {
             warn!(backend = %self.url, failures, %why, "backend down: discovery gets no answer");
-            self.set_load(Load::default());
+            self.set_load(Load::default(), 0);
             self.downs.fetch_add(1, Ordering::Release);
         } else {
             debug!(backend = %self.url, failures, %why, "discovery got no answer");
@@ -218,10 +221,14 @@ impl Backend {
         }
     }
 
-    /// Stores a scrape's load; absent metrics count as 0.
-    pub(super) fn set_load(&self, load: Load) {
-        self.waiting
-            .store(load.waiting.unwrap_or(0), Ordering::Relaxed);
+    /// Stores a scrape's load, taken while `ours` of this router's
+    /// requests were in flight; absent metrics count as 0.
+    pub(super) fn set_load(&self, load: Load, ours: usize) {
+        let waiting = load.waiting.unwrap_or(0);
+        self.waiting.store(waiting, Ordering::Relaxed);
+        let ours = u64::try_from(ours).unwrap_or(u64::MAX);
+        self.others_waiting
+            .store(waiting.saturating_sub(ours), Ordering::Relaxed);
         self.running
             .store(load.running.unwrap_or(0), Ordering::Relaxed);
     }
@@ -233,15 +240,39 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn our_own_requests_in_a_scraped_queue_are_not_counted_twice() {
+        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
+            .await
+            .unwrap();
+        let backend = backends.get(0).unwrap();
+        let queued = |waiting| Load {
+            waiting: Some(waiting),
+            running: Some(1),
+        };
+        // Our one request was queued when the engine was scraped: once it
+        // ends, the backend is idle for routing.
+        backend.set_load(queued(1), 1);
+        assert_eq!((backend.waiting(), backend.others_waiting()), (1, 0));
+        // Two more than ours were queued: another router's.
+        backend.set_load(queued(3), 1);
+        assert_eq!((backend.waiting(), backend.others_waiting()), (3, 2));
+        backend.set_load(queued(2), 0);
+        assert_eq!(backend.others_waiting(), 2);
+    }
+
+    #[tokio::test]
     async fn down_after_threshold_and_up_on_answer() {
         let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
             .await
             .unwrap();
         let backend = backends.get(0).unwrap();
-        backend.set_load(Load {
-            waiting: Some(4),
-            running: Some(2),
-        });
+        backend.set_load(
+            Load {
+                waiting: Some(4),
+                running: Some(2),
+            },
+            0,
+        );
         backend.failed(3, &"refused");
         backend.failed(3, &"refused");
         assert!(backend.is_up());

@@ -80,6 +80,8 @@ pub struct Backend {
     /// Times discovery has marked the backend down.
     downs: AtomicU32,
     waiting: AtomicU64,
+    /// Of `waiting`, those that were not this router's requests.
+    others_waiting: AtomicU64,
     running: AtomicU64,
     /// The models of the last good `/v1/models` answer; `None` until one.
     models: RwLock<Option<Arc<[String]>>>,
@@ -100,6 +102,7 @@ impl Backend {
             failures: AtomicU32::new(0),
             downs: AtomicU32::new(0),
             waiting: AtomicU64::new(0),
+            others_waiting: AtomicU64::new(0),
             running: AtomicU64::new(0),
             models: RwLock::new(None),
             models_ok: AtomicBool::new(true),
@@ -124,6 +127,18 @@ impl Backend {
     /// at the last scrape; 0 when unknown.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Of [`Self::waiting`], the requests that cannot have been this
+    /// router's own: the queue less this router's requests in flight at
+    /// the scrape, which [`Self::in_flight`] counts exactly already. So a
+    /// queue scraped while a request of ours waited stops counting when
+    /// that request ends, instead of at the next scrape (it pushed the
+    /// tutorial's second request off its first one's backend). With one
+    /// router per backend, as deployed, it is 0; other routers' requests
+    /// still count.
+    pub fn others_waiting(&self) -> u64 {
+        self.others_waiting.load(Ordering::Relaxed)
     }
 
     /// Requests running in the backend's engine (`vllm:num_requests_running`)

@@ -4,14 +4,27 @@
 //! cache them almost as well as one router does.
 //!
 //! Routing does not depend on the dataplane, so these run on userspace.
-use std::{collections::HashSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use integration_tests::{
-    Stopper, get, metric, post_json, start_router, start_router_with, start_sim,
+    Stopper, get, loopback_listener, metric, post_json, start_router, start_router_with, start_sim,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use router_daemon::Dataplane;
 use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::Notify,
+};
 
 const MODEL: &str = "meta-llama/Llama-3.2-1B-Instruct";
 
@@ -241,4 +254,135 @@ async fn a_backend_that_goes_down_leaves_the_index() {
     .await;
     assert_eq!(response.status, 200, "{}", response.text());
     assert_eq!(response.header("x-served-by"), Some("sim-0"));
+}
+
+/// A fake vLLM engine named `name` whose `/metrics` reports a completion
+/// as queued while it is in progress, and which answers a completion only
+/// after a scrape has seen it queued (or after 2 s): the router's last
+/// scrape of it then always counts a request that has since ended.
+async fn queueing_engine(name: &'static str) -> String {
+    let listener = loopback_listener();
+    let addr = listener.local_addr().expect("addr");
+    let busy = Arc::new(AtomicUsize::new(0));
+    let scraped = Arc::new(Notify::new());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_queueing(
+                stream,
+                name,
+                Arc::clone(&busy),
+                Arc::clone(&scraped),
+            ));
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn serve_queueing(
+    mut stream: TcpStream,
+    name: &str,
+    busy: Arc<AtomicUsize>,
+    scraped: Arc<Notify>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        // One request: its head, then a Content-Length body.
+        let head_end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let body_len: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map_or(0, |len| len.trim().parse().expect("content-length"));
+        while buf.len() < head_end + body_len {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + body_len);
+        let path = head
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let body = match path.as_str() {
+            "/v1/models" => {
+                json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).to_string()
+            }
+            "/metrics" => {
+                let waiting = busy.load(Ordering::SeqCst);
+                if waiting > 0 {
+                    scraped.notify_waiters();
+                }
+                format!("vllm:num_requests_waiting {waiting}\nvllm:num_requests_running 0\n")
+            }
+            _ => {
+                busy.fetch_add(1, Ordering::SeqCst);
+                let _ = tokio::time::timeout(Duration::from_secs(2), scraped.notified()).await;
+                busy.fetch_sub(1, Ordering::SeqCst);
+                json!({"object": "text_completion", "choices": [{"index": 0, "text": "Paris."}]})
+                    .to_string()
+            }
+        };
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-served-by: {name}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The tutorial's two requests while discovery keeps catching each one
+/// queued in its engine: the scraped queue is the router's own request,
+/// counted exactly already, so once it ended the continuation still finds
+/// its backend idle and stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scraped_queue_of_our_own_requests_does_not_move_a_continuation() {
+    let urls = vec![queueing_engine("a").await, queueing_engine("b").await];
+    let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        // Scrapes come often; the next one after each answer comes well
+        // after the continuation has been routed.
+        config.discovery_interval_ms = 300;
+    })
+    .await;
+    discovered(router, &urls).await;
+    for country in ["France", "Japan", "Peru", "Kenya"] {
+        let first = format!("What is the capital of {country}?");
+        let served = |response: &integration_tests::Response| {
+            assert_eq!(response.status, 200, "{}", response.text());
+            response
+                .header("x-served-by")
+                .expect("x-served-by")
+                .to_owned()
+        };
+        let opening = served(
+            &post_json(
+                router,
+                "/v1/completions",
+                &json!({"model": MODEL, "prompt": first, "max_tokens": 8}),
+            )
+            .await,
+        );
+        let follow_up = served(
+            &post_json(
+                router,
+                "/v1/completions",
+                &json!({"model": MODEL, "prompt": format!("{first} Paris. And its population?"), "max_tokens": 8}),
+            )
+            .await,
+        );
+        assert_eq!(follow_up, opening, "the {country} conversation moved");
+    }
 }
