@@ -8,6 +8,8 @@
 //!   response. It prints a markdown report and writes it to
 //!   `target/bench/dataplane-<timestamp>.md`.
 //! - `router-bench serve --listen ADDR...` is the fake backend alone.
+//! - `router-bench relay --listen ADDR --backend URL...` is the cheapest
+//!   userspace relay (see [`relay`]), a floor for case (b).
 //! - `router-bench quality [options]` measures routing quality instead:
 //!   prefix-cache hit rate, TTFT and load balance of router-daemon against
 //!   client-side round-robin and least-loaded, on in-process vllm-sim
@@ -15,7 +17,7 @@
 //!   `target/bench/quality-<timestamp>.md`.
 //!
 //! Modules: [`run`] orchestrates, [`client`] generates load, [`backend`]
-//! serves, [`report`] writes the report, [`nginx`] configures nginx,
+//! serves, [`relay`] is the floor relay, [`report`] writes the report, [`nginx`] configures nginx,
 //! [`procs`] manages child processes, [`procfs`] reads CPU times and the
 //! clock, [`http`] is the little HTTP/1.1 they share.
 use std::process::ExitCode;
@@ -29,6 +31,7 @@ mod nginx;
 mod procfs;
 mod procs;
 mod quality;
+mod relay;
 mod report;
 mod run;
 
@@ -53,6 +56,9 @@ enum Command {
     Serve(backend::Args),
     /// Routing quality: hit rate, TTFT and load per router, per workload.
     Quality(Box<quality::Args>),
+    /// The cheapest userspace relay (no HTTP), run with router-daemon's
+    /// flags in its place: a floor for case (b).
+    Relay(relay::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
         Command::Dataplane(args) => run::run(*args),
         Command::Serve(args) => backend::run(args),
         Command::Quality(args) => quality::run(*args).map(drop),
+        Command::Relay(args) => relay::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
