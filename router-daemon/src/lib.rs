@@ -50,12 +50,19 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// bound without `SO_REUSEPORT`, so it fails while another process
 /// listens there ([`run`] opens its workers' sockets on the port after).
 pub fn listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    bind(addr, false)
+}
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`, and
+/// `SO_REUSEPORT` when `share_port`.
+fn bind(addr: std::net::SocketAddr, share_port: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(share_port)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
@@ -155,9 +162,11 @@ pub async fn run(
         }
     }
     tracing::info!(workers, "serving, one event loop per worker thread");
-    let mut open = worker::serve(&listener, &shared, shutdown).await?;
+    let mut open = tokio::task::JoinSet::new();
+    let served = worker::serve(&listener, &shared, shutdown, &mut open).await;
+    // This worker's connections are left to finish on the caller's runtime.
     open.detach_all();
-    Ok(())
+    served
 }
 
 /// Closes pooled backend connections idle past their timeout, for as long

@@ -18,11 +18,11 @@
 //! others on threads of their own. A socket is served by the driver of the
 //! runtime that registered it, so backend connections are pooled per worker
 //! ([`current`] says which).
-use std::{cell::Cell, future::Future, io, net::SocketAddr, sync::Arc, thread::JoinHandle};
+use std::{cell::Cell, future::Future, io, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
-use crate::{LISTEN_BACKLOG, RunError, Shared, conn};
+use crate::{RunError, Shared, conn};
 
 thread_local! {
     /// The worker this thread runs; 0 on every thread `run` did not start.
@@ -54,19 +54,9 @@ pub(crate) fn share_port(
     }
     socket2::SockRef::from(listener).set_reuse_port(true)?;
     let addr = listener.local_addr()?;
-    (0..count).map(|_| bind_shared(addr)).collect()
-}
-
-fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)?.into_std()
+    (0..count)
+        .map(|_| crate::bind(addr, true)?.into_std())
+        .collect()
 }
 
 /// Starts worker `index` on a thread of its own, serving `listener` until
@@ -76,7 +66,7 @@ pub(crate) fn spawn(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<()>,
-) -> io::Result<JoinHandle<()>> {
+) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -95,29 +85,28 @@ pub(crate) fn spawn(
                 let stopped = async move {
                     let _ = stop.changed().await;
                 };
-                let served = serve(&listener, &shared, stopped).await;
-                // Accepting stops now: the kernel sends new connections
-                // to the other workers' sockets.
-                drop(listener);
-                match served {
-                    Ok(mut open) => while open.join_next().await.is_some() {},
-                    Err(err) => {
-                        tracing::error!(worker = index, %err, "worker stops accepting");
-                    }
+                let mut open = JoinSet::new();
+                if let Err(err) = serve(&listener, &shared, stopped, &mut open).await {
+                    tracing::error!(worker = index, %err, "worker stops accepting");
                 }
+                // The kernel now sends new connections to the other
+                // workers' sockets; this one's are served to their end.
+                drop(listener);
+                while open.join_next().await.is_some() {}
             });
-        })
+        })?;
+    Ok(())
 }
 
-/// Accepts connections on `listener` and serves each on this runtime until
-/// `stop` completes; returns the connections still open.
+/// Accepts connections on `listener` and serves each on this runtime, in
+/// `open`, until `stop` completes or accepting fails.
 pub(crate) async fn serve(
     listener: &TcpListener,
     shared: &Arc<Shared>,
     stop: impl Future<Output = ()>,
-) -> Result<JoinSet<()>, RunError> {
+    open: &mut JoinSet<()>,
+) -> Result<(), RunError> {
     tokio::pin!(stop);
-    let mut open = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -133,7 +122,7 @@ pub(crate) async fn serve(
             },
             // Reaps ended connections, so the set holds only open ones.
             Some(_) = open.join_next(), if !open.is_empty() => {}
-            () = &mut stop => return Ok(open),
+            () = &mut stop => return Ok(()),
         }
     }
 }

@@ -86,6 +86,19 @@ pub async fn start_sim(config: vllm_sim::Config) -> (SocketAddr, Stopper) {
     (addr, stop)
 }
 
+/// Starts `n` sims (`sim-0`, `sim-1`, …) with test timing; returns their
+/// URLs and stoppers.
+pub async fn start_sims(n: usize) -> (Vec<String>, Vec<Stopper>) {
+    let mut urls = Vec::new();
+    let mut stops = Vec::new();
+    for i in 0..n {
+        let (addr, stop) = start_sim(vllm_sim::Config::for_tests(&format!("sim-{i}"))).await;
+        urls.push(format!("http://{addr}"));
+        stops.push(stop);
+    }
+    (urls, stops)
+}
+
 /// Starts a router in front of `backends` with `dataplane`.
 pub async fn start_router(backends: Vec<String>, dataplane: Dataplane) -> (SocketAddr, Stopper) {
     start_router_with(backends, dataplane, |_| {}).await

@@ -15,7 +15,7 @@ use std::{
 };
 
 use integration_tests::{
-    Stopper, get, loopback_listener, metric, post_json, start_router, start_router_with, start_sim,
+    get, loopback_listener, metric, post_json, start_router, start_router_with, start_sims,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use router_daemon::Dataplane;
@@ -27,18 +27,6 @@ use tokio::{
 };
 
 const MODEL: &str = "meta-llama/Llama-3.2-1B-Instruct";
-
-/// Starts `n` test sims; returns their URLs and stoppers.
-async fn sims(n: usize) -> (Vec<String>, Vec<Stopper>) {
-    let mut urls = Vec::new();
-    let mut stops = Vec::new();
-    for i in 0..n {
-        let (addr, stop) = start_sim(vllm_sim::Config::for_tests(&format!("sim-{i}"))).await;
-        urls.push(format!("http://{addr}"));
-        stops.push(stop);
-    }
-    (urls, stops)
-}
 
 /// Waits (bounded) until the router has learned every backend's models.
 async fn discovered(router: SocketAddr, backends: &[String]) {
@@ -60,7 +48,7 @@ async fn discovered(router: SocketAddr, backends: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_model_is_a_404_naming_the_served_ones() {
-    let (urls, _sims) = sims(2).await;
+    let (urls, _sims) = start_sims(2).await;
     let (router, _stop) = start_router(urls.clone(), Dataplane::userspace()).await;
     discovered(router, &urls).await;
 
@@ -91,7 +79,7 @@ async fn unknown_model_is_a_404_naming_the_served_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_header_keeps_unrelated_prompts_on_one_backend() {
-    let (urls, _sims) = sims(4).await;
+    let (urls, _sims) = start_sims(4).await;
     let (router, _stop) = start_router(urls.clone(), Dataplane::userspace()).await;
     discovered(router, &urls).await;
     for session in ["alice", "bob", "carol"] {
@@ -166,13 +154,13 @@ async fn multi_turn_hit_rate(routers: &[SocketAddr], seed: u64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_keep_conversations_on_their_cache() {
     // One router in front of its own fresh sims: the reference.
-    let (urls, _sims_one) = sims(4).await;
+    let (urls, _sims_one) = start_sims(4).await;
     let (one, _stop_one) = start_router(urls.clone(), Dataplane::userspace()).await;
     discovered(one, &urls).await;
     let single = multi_turn_hit_rate(&[one], 7).await;
 
     // Three routers, no shared state, over another set of fresh sims.
-    let (urls, _sims_three) = sims(4).await;
+    let (urls, _sims_three) = start_sims(4).await;
     let mut routers = Vec::new();
     let mut stops = Vec::new();
     for _ in 0..3 {
@@ -196,7 +184,7 @@ async fn three_replicas_keep_conversations_on_their_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_goes_down_leaves_the_index() {
-    let (urls, mut sims) = sims(2).await;
+    let (urls, mut sims) = start_sims(2).await;
     let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
         config.discovery_interval_ms = 100;
         config.discovery_timeout_ms = 200;

@@ -4,8 +4,8 @@
 use std::io::ErrorKind;
 
 use integration_tests::{
-    EXCHANGE_TIMEOUT, Response, Stopper, dataplane_or_skip, each_mode, get, read_response,
-    start_router_with, start_sim,
+    EXCHANGE_TIMEOUT, Response, dataplane_or_skip, each_mode, get, read_response,
+    start_router_with, start_sims,
 };
 use router_daemon::{Dataplane, dataplane::Mode};
 use serde_json::json;
@@ -16,18 +16,6 @@ const MODEL: &str = "meta-llama/Llama-3.2-1B-Instruct";
 /// on workers other than the one that called `run`.
 const WORKERS: usize = 4;
 const CONVERSATIONS: usize = 12;
-
-/// Starts `n` test sims; returns their URLs and stoppers.
-async fn sims(n: usize) -> (Vec<String>, Vec<Stopper>) {
-    let mut urls = Vec::new();
-    let mut stops = Vec::new();
-    for i in 0..n {
-        let (addr, stop) = start_sim(vllm_sim::Config::for_tests(&format!("sim-{i}"))).await;
-        urls.push(format!("http://{addr}"));
-        stops.push(stop);
-    }
-    (urls, stops)
-}
 
 /// Sends one completion on a new connection and returns the response.
 async fn complete_on_new_connection(
@@ -57,7 +45,7 @@ async fn conversations_keep_their_backend_across_workers(mode: Mode) {
     let Some(dataplane) = dataplane_or_skip(mode) else {
         return;
     };
-    let (urls, _sims) = sims(3).await;
+    let (urls, _sims) = start_sims(3).await;
     let (router, _stop) = start_router_with(urls, dataplane, |config| {
         config.workers = WORKERS;
         // Scrapes often catch an opening queued in its sim (that queue
@@ -93,7 +81,7 @@ each_mode!(conversations_keep_their_backend_across_workers);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_other_process_can_listen_on_a_served_port() {
-    let (urls, _sims) = sims(1).await;
+    let (urls, _sims) = start_sims(1).await;
     let (router, _stop) = start_router_with(urls, Dataplane::userspace(), |config| {
         config.workers = WORKERS;
     })
