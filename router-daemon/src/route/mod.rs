@@ -13,7 +13,8 @@
 //! backends hold which prefix of it, lets [`policy::choose`] pick, and records
 //! the choice in the index. It costs O(prompt length) hashing and takes each
 //! index shard's lock at most twice (plus a probe or two for the prompt's
-//! tail), briefly; there is no global lock.
+//! tail), briefly; there is no global lock. It works in buffers its thread
+//! keeps (`Scratch`), so it allocates nothing once they are large enough.
 //!
 //! Backends are named in the index by a hash of their name
 //! ([`index::backend_id`]), so the order of the `backends` slice may change
