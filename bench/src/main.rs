@@ -17,9 +17,10 @@
 //!   `target/bench/quality-<timestamp>.md`.
 //!
 //! Modules: [`run`] orchestrates, [`client`] generates load, [`backend`]
-//! serves, [`relay`] is the floor relay, [`report`] writes the report, [`nginx`] configures nginx,
-//! [`procs`] manages child processes, [`procfs`] reads CPU times and the
-//! clock, [`http`] is the little HTTP/1.1 they share.
+//! serves, [`relay`] is the floor relay, [`report`] writes the report,
+//! [`nginx`] configures nginx, [`procs`] manages child processes,
+//! [`procfs`] reads CPU times and the clock, [`http`] is the little
+//! HTTP/1.1 they share.
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

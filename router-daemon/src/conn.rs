@@ -75,7 +75,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             Ok(Some(request)) => {
                 let next = handle(&mut client, &request, &mut buffers, &shared).await;
                 // The request's buffers serve the next one.
-                buffers.head = request.head.forward_head;
+                buffers.head = request.head.into_buffer();
                 buffers.body = request.body;
                 next
             }
@@ -419,7 +419,7 @@ async fn proxy(
     // The request as it goes out, built in a buffer the connection keeps.
     let mut request = std::mem::take(&mut buffers.outgoing);
     request.clear();
-    request.extend_from_slice(&head.forward_head);
+    request.extend_from_slice(head.forward_head());
     if let RequestId::Ours(n) = request_id {
         request.extend_from_slice(b"x-request-id: rtr-");
         request.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());

@@ -58,13 +58,24 @@ pub struct Head {
     pub request_id: Option<String>,
     /// The value of the session header (`--session-header`), if present.
     pub session: Option<Vec<u8>>,
-    /// The head to send to the backend, unfinished: the request line and the
-    /// end-to-end headers. Hop-by-hop and framing headers are left out; the
-    /// sender adds `content-length` and the blank line.
-    pub forward_head: Vec<u8>,
+    /// See [`Head::forward_head`]; private, since the method and the path
+    /// are read out of it by their lengths.
+    forward_head: Vec<u8>,
 }
 
 impl Head {
+    /// The head to send to the backend, unfinished: the request line and
+    /// the end-to-end headers. Hop-by-hop and framing headers are left out;
+    /// the sender adds `content-length` and the blank line.
+    pub fn forward_head(&self) -> &[u8] {
+        &self.forward_head
+    }
+
+    /// The forwarded head's buffer, for the next [`parse_head`] to reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.forward_head
+    }
+
     /// Request method, e.g. `POST`.
     pub fn method(&self) -> &str {
         std::str::from_utf8(&self.forward_head[..self.method_len])
@@ -396,7 +407,7 @@ mod tests {
         assert_eq!(head.body, Framing::Length(2));
         assert!(!head.close);
         assert_eq!(&TUTORIAL[head.head_len..], b"{}");
-        let forward = String::from_utf8(head.forward_head).unwrap();
+        let forward = String::from_utf8(head.into_buffer()).unwrap();
         assert!(forward.starts_with("POST /v1/completions HTTP/1.1\r\nHost: localhost:30080\r\n"));
         assert!(forward.ends_with("Accept: */*\r\nContent-Type: application/json\r\n"));
     }
@@ -456,7 +467,7 @@ mod tests {
             .unwrap();
         assert_eq!(head.path(), "/v1/completions");
         assert!(head.expect_continue);
-        let forward = String::from_utf8(head.forward_head).unwrap();
+        let forward = String::from_utf8(head.into_buffer()).unwrap();
         assert_eq!(forward, "POST /v1/completions?x=1 HTTP/1.1\r\n");
     }
 
@@ -468,7 +479,7 @@ mod tests {
             .unwrap();
         assert_eq!(head.session.as_deref(), Some(b"user-42".as_slice()));
         assert!(
-            String::from_utf8(head.forward_head)
+            String::from_utf8(head.into_buffer())
                 .unwrap()
                 .contains("X-Session-Id: user-42")
         );

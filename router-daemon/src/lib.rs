@@ -107,6 +107,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let backends = Backends::resolve(&config.backends).await?;
+    let workers = config.workers();
     // Polls the backends while the daemon serves; stops when `run` returns.
     let _discovery = backends.spawn_discovery(config.discovery());
     let dataplane = Arc::new(dataplane);
@@ -127,7 +128,7 @@ pub async fn run(
         router,
         pool: Pool::new(
             backends.all().len(),
-            config.workers(),
+            workers,
             config.pool_max_idle,
             config.pool_idle_timeout(),
         ),
@@ -148,20 +149,23 @@ pub async fn run(
     }
     // The other workers stop when `_stop` is dropped, as `run` returns.
     let (_stop, stopped) = tokio::sync::watch::channel(());
-    let mut workers = 1;
-    match worker::share_port(&listener, shared.config.workers() - 1) {
+    let mut started = 1;
+    match worker::share_port(&listener, workers - 1) {
         Ok(sockets) => {
             for socket in sockets {
-                worker::spawn(workers, socket, Arc::clone(&shared), stopped.clone())
+                worker::spawn(started, socket, Arc::clone(&shared), stopped.clone())
                     .map_err(RunError::Worker)?;
-                workers += 1;
+                started += 1;
             }
         }
         Err(err) => {
             tracing::warn!(%err, "cannot share the listening port; serving on one worker thread");
         }
     }
-    tracing::info!(workers, "serving, one event loop per worker thread");
+    tracing::info!(
+        workers = started,
+        "serving, one event loop per worker thread"
+    );
     let mut open = tokio::task::JoinSet::new();
     let served = worker::serve(&listener, &shared, shutdown, &mut open).await;
     // This worker's connections are left to finish on the caller's runtime.
