@@ -60,25 +60,33 @@ pub fn run(args: Args) -> Result<()> {
         };
         let (backends, next) = (Arc::clone(&backends), Arc::clone(&next));
         threads.push(std::thread::spawn(move || {
-            runtime.block_on(async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    let backend = backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
-                    tokio::spawn(async move {
-                        let _ = client.set_nodelay(true);
-                        let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else {
-                            return;
-                        };
-                        let _ = upstream.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    });
-                }
-            });
+            runtime.block_on(serve(listener, backends, next));
         }));
     }
     for thread in threads {
         let _ = thread.join();
     }
     Ok(())
+}
+
+/// Relays every connection accepted on `listener` to the next backend in
+/// turn, bytes both ways, until accepting fails.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    backends: Arc<Vec<SocketAddr>>,
+    next: Arc<AtomicUsize>,
+) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        let backend = backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+        tokio::spawn(async move {
+            let _ = client.set_nodelay(true);
+            let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else {
+                return;
+            };
+            let _ = upstream.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        });
+    }
 }
 
 /// A listening socket on `addr` that shares the port with the others, on
@@ -95,4 +103,49 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
         .bind(addr)
         .with_context(|| format!("binding {addr}"))?;
     Ok(socket.listen(4096)?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A backend that answers everything a connection sends, once the
+    /// client has finished sending, with `name:` and those bytes.
+    async fn echo(name: &'static str) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    conn.read_to_end(&mut got).await.unwrap();
+                    conn.write_all(format!("{name}:").as_bytes()).await.unwrap();
+                    conn.write_all(&got).await.unwrap();
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn connections_go_to_the_backends_in_turn_with_every_byte_and_the_close() {
+        let backends = Arc::new(vec![echo("a").await, echo("b").await]);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, backends, Arc::new(AtomicUsize::new(0))));
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for name in ["a", "b", "a"] {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+            conn.write_all(&payload).await.unwrap();
+            // The half-close reaches the backend, which then answers.
+            conn.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            conn.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(&answer[..2], format!("{name}:").as_bytes());
+            assert!(answer[2..] == payload[..], "bytes lost or changed");
+        }
+    }
 }
