@@ -107,18 +107,28 @@ pub struct Config {
           value_parser = non_negative)]
     pub load_epsilon: f64,
 
-    /// Weight of cache affinity: score per KiB of prompt prefix a backend
-    /// already holds (prefill it saves).
+    /// Weight of prefill: cost per KiB of prompt a backend would have to
+    /// prefill for a request (what it does not hold cached, plus what it
+    /// is still prefilling for others).
     #[arg(long, env = "ROUTER_AFFINITY_WEIGHT", default_value_t = 1.0,
           value_parser = non_negative)]
     pub affinity_weight: f64,
 
-    /// Weight of load: score taken off per request in flight or waiting on a
-    /// backend. With the defaults, 1 KiB of cached prefix is worth one queued
-    /// request.
-    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 1.0,
+    /// Weight of load: cost per request in flight or waiting on a backend.
+    /// With the defaults, 512 bytes of prefill (about 128 tokens) cost as
+    /// much as one request: a request already decoding delays a newcomer
+    /// far less than recomputing a cached prefix would.
+    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 0.5,
           value_parser = non_negative)]
     pub load_weight: f64,
+
+    /// Weight of queued prefill: cost per KiB of prompt a backend is still
+    /// prefilling for other requests of this router (sent, no response
+    /// byte yet). An engine prefills what arrives together in one step, so
+    /// a request waits for all of it.
+    #[arg(long, env = "ROUTER_PREFILLING_WEIGHT", default_value_t = 1.0,
+          value_parser = non_negative)]
+    pub prefilling_weight: f64,
 
     /// Placement slack: when set, a new conversation skips a backend that
     /// was recently given more than (1 + this) × its share of new prompt
@@ -129,10 +139,43 @@ pub struct Config {
     #[arg(long, env = "ROUTER_PLACEMENT_EPSILON", value_parser = non_negative)]
     pub placement_epsilon: Option<f64>,
 
+    /// A cached prefix that covers at least this fraction of a request's
+    /// conversation prefix (for a completion, its prompt) is followed to the
+    /// backends that hold it, load permitting: a long system prompt or
+    /// few-shot block followed by different questions stays on one backend
+    /// until load spreads it. A shorter shared part is not worth following;
+    /// such a request is placed by rendezvous hashing.
+    #[arg(long, env = "ROUTER_FOLLOW_FRACTION", default_value_t = 0.5,
+          value_parser = fraction)]
+    pub follow_fraction: f64,
+
+    /// How much a new conversation prefers its rendezvous backend, in cost
+    /// units (see --affinity-weight): another backend must be cheaper by
+    /// more than this to take it. Higher: replicas agree more often; lower:
+    /// bursts spread more evenly.
+    #[arg(long, env = "ROUTER_RENDEZVOUS_WEIGHT", default_value_t = 2.0,
+          value_parser = non_negative)]
+    pub rendezvous_weight: f64,
+
+    /// Placement hashes at most this many leading bytes of the conversation
+    /// prefix, so prompts that share that much are placed alike by every
+    /// replica (a prefix family stays together across routers).
+    #[arg(long, env = "ROUTER_PLACEMENT_PREFIX_BYTES", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub placement_prefix_bytes: u64,
+
     /// Request header whose value pins a session to one backend (by
     /// rendezvous hashing, within the load bound).
     #[arg(long, env = "ROUTER_SESSION_HEADER", default_value = "x-session-id")]
     pub session_header: String,
+}
+
+/// Parses a number from 0 to 1.
+fn fraction(s: &str) -> Result<f64, String> {
+    match non_negative(s)? {
+        v if v <= 1.0 => Ok(v),
+        _ => Err("must be a number from 0 to 1".into()),
+    }
 }
 
 /// Parses a finite number that is 0 or more.
@@ -166,8 +209,12 @@ impl Config {
             down_after_failures: 3,
             load_epsilon: 0.25,
             affinity_weight: 1.0,
-            load_weight: 1.0,
+            load_weight: 0.5,
+            prefilling_weight: 1.0,
             placement_epsilon: None,
+            follow_fraction: 0.5,
+            rendezvous_weight: 2.0,
+            placement_prefix_bytes: 2048,
             session_header: "x-session-id".into(),
         }
     }
@@ -178,7 +225,11 @@ impl Config {
             epsilon: self.load_epsilon,
             affinity_weight: self.affinity_weight,
             load_weight: self.load_weight,
+            prefilling_weight: self.prefilling_weight,
             placement_epsilon: self.placement_epsilon,
+            follow_fraction: self.follow_fraction,
+            rendezvous_weight: self.rendezvous_weight,
+            placement_prefix: usize::try_from(self.placement_prefix_bytes).unwrap_or(usize::MAX),
         }
     }
 
@@ -293,7 +344,14 @@ mod tests {
 
     #[test]
     fn weights_must_be_non_negative() {
-        for flag in ["--load-epsilon", "--affinity-weight", "--load-weight"] {
+        for flag in [
+            "--load-epsilon",
+            "--affinity-weight",
+            "--load-weight",
+            "--prefilling-weight",
+            "--rendezvous-weight",
+            "--follow-fraction",
+        ] {
             for bad in ["-1", "NaN", "inf", "x"] {
                 let err = Config::try_parse_from(["router-daemon", "--backend", "x:1", flag, bad]);
                 assert!(err.is_err(), "{flag} {bad}");
@@ -301,6 +359,14 @@ mod tests {
             let ok = Config::try_parse_from(["router-daemon", "--backend", "x:1", flag, "0.5"]);
             assert!(ok.is_ok(), "{flag}");
         }
+        let over = [
+            "router-daemon",
+            "--backend",
+            "x:1",
+            "--follow-fraction",
+            "1.5",
+        ];
+        assert!(Config::try_parse_from(over).is_err());
     }
 
     #[test]

@@ -24,10 +24,11 @@ use tracing::{debug, info, warn};
 use crate::{
     Shared,
     backend::Backend,
-    dataplane::{BackendConn, Client, Exchanged, Forward, RelayError},
+    backend::InFlight,
+    dataplane::{BackendConn, Client, Exchanged, Forward, RelayError, Watch},
     error::ApiError,
     http::{self, ChunkedDecoder, Framing, Head},
-    metrics::StatusLabel,
+    metrics::{BackendCounters, StatusLabel},
     prompt::{self, Endpoint},
     route::{BackendLoad, Decision, Reason, RouteRequest},
 };
@@ -415,6 +416,14 @@ async fn proxy(
         counters.requests.inc();
     }
     shared.metrics.decided(decision.reason);
+    // What the backend must prefill: the key less what it holds (all of it
+    // when the chosen backend could not be reached and another took it).
+    let key_len = input.as_ref().map_or(0, |input| input.key.len());
+    let prefill = if index == decision.backend {
+        key_len.saturating_sub(decision.matched)
+    } else {
+        key_len
+    };
 
     // The request as it goes out, built in a buffer the connection keeps.
     let mut request = std::mem::take(&mut buffers.outgoing);
@@ -435,7 +444,7 @@ async fn proxy(
         client_close: head.close,
     };
 
-    let result = send(client, index, conn, &forward, shared).await;
+    let result = send(client, index, conn, &forward, prefill, shared).await;
     buffers.outgoing = request;
     let relayed = match &result {
         Ok(exchanged) => Some(exchanged.relayed),
@@ -517,13 +526,20 @@ async fn send(
     index: usize,
     mut conn: Pooled,
     forward: &Forward<'_>,
+    prefill: usize,
     shared: &Shared,
 ) -> Result<Exchanged, RelayError> {
     loop {
-        let in_flight = shared.backends.get(index).map(Backend::start_request);
+        let watched = Watched {
+            in_flight: shared
+                .backends
+                .get(index)
+                .map(|backend| backend.start_request(prefill)),
+            counters: shared.backend_counters.get(index),
+        };
         let result = shared
             .dataplane
-            .exchange(client, &mut conn.conn, forward, in_flight)
+            .exchange(client, &mut conn.conn, forward, watched)
             .await;
         match result {
             Err(RelayError::NoResponse(err) | RelayError::BackendWrite(err)) if conn.reused => {
@@ -557,6 +573,34 @@ async fn send(
             }
             Err(err) => return Err(err),
         }
+    }
+}
+
+/// A routed request as the backend's counts and histograms see it: in
+/// flight until its response ends, prefilling until its body begins.
+struct Watched<'a> {
+    in_flight: Option<InFlight>,
+    counters: Option<&'a BackendCounters>,
+}
+
+impl Watch for Watched<'_> {
+    fn first_body(&mut self, since_sent: Duration) {
+        if let Some(in_flight) = &mut self.in_flight {
+            in_flight.response_began();
+        }
+        if let Some(counters) = self.counters {
+            counters.ttft.observe(since_sent.as_secs_f64());
+        }
+    }
+
+    fn body_gap(&mut self, gap: Duration) {
+        if let Some(counters) = self.counters {
+            counters.itl.observe(gap.as_secs_f64());
+        }
+    }
+
+    fn ended(&mut self) {
+        self.in_flight = None;
     }
 }
 
@@ -601,6 +645,7 @@ fn loads<'a>(
         .map(|backend| {
             BackendLoad::new(&backend.url, backend.in_flight())
                 .with_waiting(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
+                .with_prefill(backend.prefilling())
         })
         .collect()
 }

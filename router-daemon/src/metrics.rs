@@ -64,6 +64,10 @@ pub struct BackendCounters {
     pub requests: Counter,
     /// Connections opened to the backend.
     pub connections: Counter,
+    /// Time to the first response body byte (the first streamed token).
+    pub ttft: Histogram,
+    /// Gaps between later reads of response body bytes (streamed tokens).
+    pub itl: Histogram,
 }
 
 /// The daemon's metrics.
@@ -91,6 +95,25 @@ pub struct Metrics {
     pub connections: Family<BackendLabel, Counter>,
     /// Time from a request written to its response's first byte.
     pub first_byte: Histogram,
+    /// Per backend: time from a request written to its response body's
+    /// first byte.
+    pub ttft: Family<BackendLabel, Histogram>,
+    /// Per backend: gaps between reads of response body bytes.
+    pub itl: Family<BackendLabel, Histogram>,
+}
+
+/// Buckets of `router_backend_time_to_first_token_seconds`: 1 ms to 33 s.
+fn ttft_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 16,
+    ))
+}
+
+/// Buckets of `router_backend_inter_token_seconds`: 0.25 ms to 8 s.
+fn itl_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00025, 2.0, 16,
+    ))
 }
 
 impl Metrics {
@@ -155,6 +178,24 @@ impl Metrics {
             "Time from a request written to the backend to its response's first byte",
             first_byte.clone(),
         );
+        let ttft = Family::<BackendLabel, Histogram>::new_with_constructor(
+            ttft_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "router_backend_time_to_first_token_seconds",
+            "Time from a request written to the backend to the first byte of its response body \
+             (a stream's first token), as the router sees it, by backend",
+            ttft.clone(),
+        );
+        let itl = Family::<BackendLabel, Histogram>::new_with_constructor(
+            itl_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "router_backend_inter_token_seconds",
+            "Gaps between reads of a response body's later bytes (streamed tokens), as the \
+             router sees them, by backend; none on the sockmap dataplane's redirected bytes",
+            itl.clone(),
+        );
         registry.register_collector(Box::new(KernelCounters(dataplane)));
         let decision_counters = Reason::ALL.map(|reason| {
             decisions
@@ -175,6 +216,8 @@ impl Metrics {
             head_bytes,
             connections,
             first_byte,
+            ttft,
+            itl,
         }
     }
 
@@ -208,6 +251,8 @@ impl Metrics {
         BackendCounters {
             requests: self.requests.get_or_create(&label).clone(),
             connections: self.connections.get_or_create(&label).clone(),
+            ttft: self.ttft.get_or_create(&label).clone(),
+            itl: self.itl.get_or_create(&label).clone(),
         }
     }
 

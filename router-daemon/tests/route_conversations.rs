@@ -1,6 +1,7 @@
 //! Prompt extraction and routing together: chat bodies sharing a long system
-//! prompt spread over the fleet, each conversation stays on its backend, and
-//! independent routers agree; many threads may decide at once.
+//! prompt follow it at low load and spread over the fleet under load, each
+//! conversation stays on its backend, and independent routers place the
+//! first alike; many threads may decide at once.
 
 use std::collections::HashSet;
 
@@ -36,22 +37,49 @@ fn decide(router: &Router, body: &[u8], backends: &[BackendLoad]) -> (usize, Rea
 }
 
 #[test]
-fn conversations_sharing_a_system_prompt_spread_and_stick() {
-    let backends: Vec<BackendLoad> = NAMES.iter().map(|n| BackendLoad::new(n, 0)).collect();
+fn conversations_sharing_a_long_system_prompt_follow_it_spread_under_load_and_stick() {
+    let mut backends: Vec<BackendLoad> = NAMES.iter().map(|n| BackendLoad::new(n, 0)).collect();
+    // A 3.9 KB system prompt, short questions: the system prompt is most of
+    // each new conversation's prefill.
     let system = "You are a meticulous assistant for a large bank. ".repeat(80);
-    let (a, b) = (Router::new(32, 1 << 16), Router::new(32, 1 << 16));
-    let mut used = HashSet::new();
+    let router = Router::new(32, 1 << 16);
+    let mut homes: Vec<(String, usize)> = Vec::new();
     for i in 0..64 {
         let question = format!("Customer {i} asks about their account.");
         let first = body(&system, &[&question]);
-        let (on_a, reason) = decide(&a, &first, &backends);
-        assert_eq!(reason, Reason::Placed);
-        assert_eq!(decide(&b, &first, &backends).0, on_a, "routers agree");
-        used.insert(on_a);
-        let later = body(&system, &[&question, "Certainly.", "Thanks, and my card?"]);
-        assert_eq!(decide(&a, &later, &backends), (on_a, Reason::PrefixMatch));
+        let (on, reason) = decide(&router, &first, &backends);
+        if i == 0 {
+            assert_eq!(reason, Reason::Placed);
+            // A router that never saw it places it alike.
+            let fresh = Router::new(32, 1 << 16);
+            assert_eq!(decide(&fresh, &first, &backends).0, on, "routers agree");
+        } else if i < 3 {
+            // At low load the next conversations follow the system prompt.
+            assert_eq!((on, reason), (homes[0].1, Reason::PrefixMatch), "{i}");
+        }
+        // Every conversation stays in flight: load builds up.
+        backends[on].in_flight += 1;
+        homes.push((question, on));
     }
-    assert!(used.len() >= 3, "64 conversations used {used:?}");
+    // Under load the system prompt spread over the fleet.
+    let used: HashSet<usize> = homes.iter().map(|&(_, on)| on).collect();
+    assert_eq!(used.len(), NAMES.len(), "64 conversations used {used:?}");
+    let loads: Vec<usize> = backends.iter().map(BackendLoad::load).collect();
+    let (most, least) = (loads.iter().max(), loads.iter().min());
+    assert!(
+        most.zip(least).is_some_and(|(m, l)| m - l <= 8),
+        "{loads:?}"
+    );
+    // Each conversation's next turn stays where it is: its backend holds
+    // its question and the reply it generated.
+    let reply = "Certainly. Here is what your account shows this month. ".repeat(20);
+    for (question, on) in &homes {
+        let later = body(&system, &[question, &reply, "Thanks, and my card?"]);
+        assert_eq!(
+            decide(&router, &later, &backends),
+            (*on, Reason::PrefixMatch)
+        );
+    }
 }
 
 #[test]

@@ -159,9 +159,11 @@ impl Backend {
                 }
             }
         }
-        // The engine reads its queue while the scrape is under way; our
-        // requests in it were in flight before or after.
+        // The engine reads its queue at some moment of the scrape; any of
+        // our requests in it was in flight when the scrape began or started
+        // during it (one that ended before the scrape returned included).
         let ours_before = self.in_flight();
+        let started_before = self.started();
         let scraped = match probe::get(target, "/metrics").await {
             Ok(response) if (200..300).contains(&response.status) => {
                 Ok(probe::parse_load(&String::from_utf8_lossy(&response.body)))
@@ -174,7 +176,9 @@ impl Backend {
                 if !self.load_ok.swap(true, Ordering::Relaxed) {
                     info!(backend = %self.url, "/metrics is readable again");
                 }
-                self.set_load(load, ours_before.max(self.in_flight()));
+                let started_during = self.started().saturating_sub(started_before);
+                let started_during = usize::try_from(started_during).unwrap_or(usize::MAX);
+                self.set_load(load, ours_before.saturating_add(started_during));
             }
             Err(why) => {
                 if self.load_ok.swap(false, Ordering::Relaxed) {
@@ -310,5 +314,53 @@ mod tests {
         };
         backends.probe_all(&discovery).await;
         assert!(!backends.get(0).unwrap().is_up());
+    }
+
+    /// A request of ours that starts and ends while the engine answers a
+    /// scrape is in the queue it reports, though it was in flight neither
+    /// before nor after the scrape: it must not count as another router's.
+    #[tokio::test]
+    async fn a_request_that_came_and_went_during_a_scrape_is_ours() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backends = Arc::new(
+            Backends::resolve(&[format!("http://{addr}")])
+                .await
+                .unwrap(),
+        );
+        let engine = {
+            let backends = Arc::clone(&backends);
+            tokio::spawn(async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let mut head = vec![0u8; 4096];
+                    let n = stream.read(&mut head).await.unwrap_or(0);
+                    let body = if head[..n].starts_with(b"GET /metrics") {
+                        // Our request arrives, is queued, and is answered,
+                        // all before this scrape's answer goes out.
+                        drop(backends.get(0).unwrap().start_request(0));
+                        "vllm:num_requests_waiting 1\nvllm:num_requests_running 0\n".to_owned()
+                    } else {
+                        r#"{"object":"list","data":[{"id":"m","object":"model"}]}"#.to_owned()
+                    };
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                }
+            })
+        };
+        let discovery = Discovery {
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            down_after: 1,
+        };
+        backends.probe_all(&discovery).await;
+        let backend = backends.get(0).unwrap();
+        assert_eq!((backend.waiting(), backend.others_waiting()), (1, 0));
+        engine.abort();
     }
 }

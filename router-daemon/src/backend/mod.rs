@@ -73,6 +73,12 @@ pub struct Backend {
     /// `host:port`, sent as the `Host` header of probes.
     authority: String,
     in_flight: AtomicUsize,
+    /// Prompt key bytes of requests in flight whose response body has not
+    /// begun: prefill the engine has queued or is computing.
+    prefilling: AtomicUsize,
+    /// Requests ever started here (monotonic), so a scrape can tell which of
+    /// ours may be in the queue it read.
+    started: AtomicU64,
     /// False once discovery failed `down_after` times in a row.
     up: AtomicBool,
     /// Discovery failures since the last answer.
@@ -98,6 +104,8 @@ impl Backend {
             addr,
             authority,
             in_flight: AtomicUsize::new(0),
+            prefilling: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
             up: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             downs: AtomicU32::new(0),
@@ -181,20 +189,55 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Counts one request in flight until the guard drops.
-    pub fn start_request(self: &Arc<Self>) -> InFlight {
+    /// Requests ever started here.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Prompt key bytes sent here that the backend has not begun to answer
+    /// (see [`InFlight::response_began`]).
+    pub fn prefilling(&self) -> usize {
+        self.prefilling.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight until the guard drops, and its
+    /// `prefill` uncached key bytes as prefilling until it is answered.
+    pub fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        self.prefilling.fetch_add(prefill, Ordering::Relaxed);
+        InFlight {
+            backend: Arc::clone(self),
+            prefill,
+        }
     }
 }
 
-/// Holds one unit of a backend's in-flight count.
+/// Holds one unit of a backend's in-flight count, and the request's share
+/// of its prefilling bytes until [`InFlight::response_began`].
 #[derive(Debug)]
-pub struct InFlight(Arc<Backend>);
+pub struct InFlight {
+    backend: Arc<Backend>,
+    /// Bytes still counted in `prefilling`.
+    prefill: usize,
+}
+
+impl InFlight {
+    /// The response body has begun: the request's prompt is prefilled.
+    pub fn response_began(&mut self) {
+        let prefill = std::mem::take(&mut self.prefill);
+        if prefill > 0 {
+            self.backend
+                .prefilling
+                .fetch_sub(prefill, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.response_began();
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -556,12 +599,15 @@ mod tests {
             .await
             .unwrap();
         let backend = backends.get(0).unwrap();
-        let first = backend.start_request();
-        let second = backend.start_request();
-        assert_eq!(backend.in_flight(), 2);
+        let mut first = backend.start_request(100);
+        let second = backend.start_request(20);
+        assert_eq!((backend.in_flight(), backend.prefilling()), (2, 120));
+        first.response_began();
+        first.response_began();
+        assert_eq!((backend.in_flight(), backend.prefilling()), (2, 20));
         drop(first);
-        assert_eq!(backend.in_flight(), 1);
+        assert_eq!((backend.in_flight(), backend.prefilling()), (1, 20));
         drop(second);
-        assert_eq!(backend.in_flight(), 0);
+        assert_eq!((backend.in_flight(), backend.prefilling()), (0, 0));
     }
 }

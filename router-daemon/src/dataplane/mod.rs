@@ -322,36 +322,37 @@ impl Dataplane {
     /// Sends `forward.request` on `backend` and relays the response to
     /// `client`, up to the end of its body.
     ///
-    /// `in_flight` is held while the response is in flight and dropped once
-    /// the backend has sent its last byte, before that byte reaches the
+    /// `watch` hears of the response's body as it arrives
+    /// ([`Watch::body_read`]) and of its end ([`Watch::ended`]), which comes
+    /// once the backend has sent its last byte, before that byte reaches the
     /// client: a client that sends its next request as soon as it has the
     /// answer never finds the previous one still counted.
     ///
     /// On return every relayed byte has been handed to the client socket, so
     /// the caller may write to it or close it.
-    pub async fn exchange<G: Send>(
+    pub async fn exchange<W: Watch>(
         &self,
         client: &mut Client,
         backend: &mut BackendConn,
         forward: &Forward<'_>,
-        in_flight: G,
+        watch: W,
     ) -> Result<Exchanged, RelayError> {
         let mut buf = std::mem::take(&mut client.buffer);
         let result = self
-            .exchange_with(client, backend, forward, &mut buf, in_flight)
+            .exchange_with(client, backend, forward, &mut buf, watch)
             .await;
         buf.clear();
         client.buffer = buf;
         result
     }
 
-    async fn exchange_with<G: Send>(
+    async fn exchange_with<W: Watch>(
         &self,
         client: &mut Client,
         backend: &mut BackendConn,
         forward: &Forward<'_>,
         buf: &mut Vec<u8>,
-        in_flight: G,
+        watch: W,
     ) -> Result<Exchanged, RelayError> {
         backend
             .stream
@@ -362,7 +363,11 @@ impl Dataplane {
         let mut relay = Relay {
             relayed: Relayed::default(),
             reusable: true,
-            in_flight: Some(in_flight),
+            watch,
+            ended: false,
+            sent: started,
+            last_body: None,
+            gaps: true,
         };
         if client.eof {
             relay.half_close(backend);
@@ -410,6 +415,9 @@ impl Dataplane {
         if used < with_head {
             // Bytes past the end of the response: the backend is out of step.
             relay.reusable = false;
+        }
+        if used > 0 {
+            relay.body_read();
         }
         relay.ended_if(&tracker);
         if forward.client_close && !head.says_close {
@@ -461,20 +469,61 @@ impl Dataplane {
     }
 }
 
+/// What the caller of [`Dataplane::exchange`] hears of a response while it
+/// arrives from the backend: for its in-flight counts and latency
+/// histograms. Calls are cheap and never block.
+pub trait Watch: Send {
+    /// The response body's first bytes arrived from the backend (a
+    /// stream's first token), `since_sent` after the request was written.
+    /// On the sockmap dataplane the kernel moves body bytes unseen, so this
+    /// is when the daemon first learns of them.
+    fn first_body(&mut self, since_sent: Duration);
+    /// Later body bytes arrived, `gap` after the read before (streamed
+    /// tokens); not called for bytes the kernel redirects.
+    fn body_gap(&mut self, gap: Duration);
+    /// The backend has sent the whole response; called at most once, and
+    /// not when the exchange fails.
+    fn ended(&mut self);
+}
+
 /// The state of one response on its way.
-struct Relay<G> {
+struct Relay<W: Watch> {
     relayed: Relayed,
     /// The backend connection can carry another request afterwards.
     reusable: bool,
-    /// Held until the backend has sent the whole response.
-    in_flight: Option<G>,
+    watch: W,
+    /// `watch` has heard of the end.
+    ended: bool,
+    /// When the request was written.
+    sent: Instant,
+    /// When body bytes were last read; None before the first.
+    last_body: Option<Instant>,
+    /// Gaps between reads are the stream's own (false while the kernel
+    /// redirects the body, whose reads the daemon does not see).
+    gaps: bool,
 }
 
-impl<G: Send> Relay<G> {
-    /// Releases the in-flight hold once the body has ended.
+impl<W: Watch> Relay<W> {
+    /// Tells the watch once the body has ended.
     fn ended_if(&mut self, tracker: &BodyTracker) {
         if tracker.is_done() {
-            self.in_flight = None;
+            self.end();
+        }
+    }
+
+    fn end(&mut self) {
+        if !std::mem::replace(&mut self.ended, true) {
+            self.watch.ended();
+        }
+    }
+
+    /// Body bytes arrived now.
+    fn body_read(&mut self) {
+        let now = Instant::now();
+        match self.last_body.replace(now) {
+            None => self.watch.first_body(now.duration_since(self.sent)),
+            Some(last) if self.gaps => self.watch.body_gap(now.duration_since(last)),
+            Some(_) => {}
         }
     }
 
@@ -496,7 +545,7 @@ impl<G: Send> Relay<G> {
     /// body is delimited by close.
     fn end_of_stream(&mut self, tracker: &BodyTracker) -> Result<(), RelayError> {
         self.reusable = false;
-        self.in_flight = None;
+        self.end();
         if tracker.until_close() {
             Ok(())
         } else {
@@ -577,6 +626,9 @@ impl<G: Send> Relay<G> {
         let used = tracker
             .advance(bytes)
             .map_err(|source| self.bad_response(source))?;
+        if used > 0 {
+            self.body_read();
+        }
         self.ended_if(tracker);
         client.write(&bytes[..used]).await?;
         self.relayed.copied += used as u64;
@@ -672,6 +724,7 @@ impl<G: Send> Relay<G> {
                     Ok(0) => return self.end_of_stream(&tracker),
                     Ok(n) => {
                         backend.read += n as u64;
+                        self.body_read();
                         if !looked {
                             tracker.skip(n as u64);
                         }
@@ -714,6 +767,9 @@ impl<G: Send> Relay<G> {
         mut tracker: BodyTracker,
         buf: &mut Vec<u8>,
     ) -> Result<(), RelayError> {
+        // The kernel moves body bytes unseen: gaps between the daemon's
+        // reads here are not the stream's.
+        self.gaps = false;
         // The generation published and not yet seen stopped by the kernel.
         let mut published = None;
         let mut stale = true;
@@ -745,6 +801,9 @@ impl<G: Send> Relay<G> {
             let progress = backend.slot().progress()?;
             let spliced = progress.spliced - backend.spliced_seen;
             backend.spliced_seen = progress.spliced;
+            if spliced > 0 {
+                self.body_read();
+            }
             self.relayed.spliced += spliced;
             client.add_spliced(spliced);
             if published.is_some_and(|generation| generation == progress.generation)

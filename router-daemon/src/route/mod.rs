@@ -108,7 +108,9 @@ impl Reason {
 pub struct Decision {
     /// Index of the chosen backend in the slice passed in.
     pub backend: usize,
-    /// Bytes of the prompt key that backend holds per the index (0 if none).
+    /// Bytes of the prompt key that backend holds per the index (0 if
+    /// none), plus the reply it generated when it served the chat's
+    /// previous turn.
     pub matched: usize,
     /// Why this backend.
     pub reason: Reason,
@@ -123,6 +125,9 @@ pub struct BackendLoad<'a> {
     pub in_flight: usize,
     /// Requests queued in vLLM (`vllm:num_requests_waiting`), 0 when unknown.
     pub waiting: usize,
+    /// Key bytes of this router's requests there that the backend has not
+    /// begun to answer: prefill queued ahead of a new request.
+    pub prefill: usize,
 }
 
 impl<'a> BackendLoad<'a> {
@@ -132,6 +137,7 @@ impl<'a> BackendLoad<'a> {
             name,
             in_flight,
             waiting: 0,
+            prefill: 0,
         }
     }
 
@@ -139,6 +145,12 @@ impl<'a> BackendLoad<'a> {
     #[must_use]
     pub fn with_waiting(self, waiting: usize) -> Self {
         Self { waiting, ..self }
+    }
+
+    /// The same view with `prefill` key bytes not yet answered.
+    #[must_use]
+    pub fn with_prefill(self, prefill: usize) -> Self {
+        Self { prefill, ..self }
     }
 
     /// In flight plus waiting.
@@ -206,6 +218,17 @@ impl Placements {
     }
 }
 
+/// Bytes of the assistant message that `rest` (a chat key after an earlier
+/// prompt) opens with, its closing separator included; 0 when it opens with
+/// anything else.
+fn generated_reply(rest: &[u8]) -> usize {
+    const ASSISTANT: &[u8] = b"assistant\x1f";
+    if !rest.starts_with(ASSISTANT) {
+        return 0;
+    }
+    memchr::memchr(crate::prompt::RECORD_SEP, rest).map_or(0, |end| end + 1)
+}
+
 impl Router {
     /// A router with an empty index and the default [`Policy`].
     pub fn new(block: usize, capacity: usize) -> Self {
@@ -257,22 +280,35 @@ impl Router {
                 .iter()
                 .map(|b| found.get(index::backend_id(b.name))),
         );
+        // A backend that served an earlier turn of this chat as a whole
+        // also cached the reply it generated, which the index never saw.
+        let reply = generated_reply(&key[found.whole.min(key.len())..]);
+        if found.whole > 0 && reply > 0 {
+            for m in matched.iter_mut().filter(|m| **m == found.whole) {
+                *m += reply;
+            }
+        }
+        // Placement hashes the leading part: the conversation prefix, cut
+        // to `placement_prefix`, so a prefix family shares one seed.
         let named = match request.conversation {
-            0 => key,
-            n => &key[..n.min(key.len())],
+            0 => key.len(),
+            n => n.min(key.len()),
         };
+        let leading = named.min(self.policy.placement_prefix.max(1));
         let mut inputs = policy::Inputs {
             backends,
             matched,
+            key_len: key.len(),
             conversation: request.conversation,
             extends: found.whole > 0,
-            placement: walk.prefix_hash(key, named.len(), PLACEMENT_SALT),
+            later_turns: request.later_turns,
+            placement: walk.prefix_hash(key, leading, PLACEMENT_SALT),
             session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
             placed: &[],
             weight: key.len().max(1) as f64 / 1024.0,
         };
         let bounded = self.policy.placement_epsilon.is_some();
-        let decision = if bounded && inputs.is_placement() && !request.later_turns {
+        let decision = if bounded && self.policy.is_placement(&inputs) && !request.later_turns {
             // A panic while holding the lock leaves at worst stale weights.
             let mut placements = self
                 .placements
@@ -367,6 +403,15 @@ mod tests {
         (key, conversation)
     }
 
+    /// A first user message that is most of its conversation prefix: a
+    /// question about a document of its own.
+    fn question(asked: &str) -> String {
+        format!(
+            "{asked}: {}",
+            "words of this conversation's document ".repeat(20)
+        )
+    }
+
     #[test]
     fn later_turns_of_unknown_conversations_ignore_the_placement_bound() {
         let policy = Policy {
@@ -375,17 +420,18 @@ mod tests {
         };
         let bounded = Router::with_policy(32, 1 << 16, policy);
         let unbounded = Router::new(32, 1 << 16);
-        let system = "You are a helpful assistant. ".repeat(100);
+        // A system prompt too short to be worth following.
+        let system = "You are a helpful assistant. ".repeat(4);
         let mut moved = 0;
         for i in 0..64 {
             // First turns build up placements, and the bound moves some.
-            let (first, conv) = chat(&system, &[&format!("first {i}")]);
+            let (first, conv) = chat(&system, &[&question(&format!("first {i}"))]);
             let d = bounded.decide(&request(&first, conv), &idle(4)).unwrap();
             moved += usize::from(d.reason == Reason::Overloaded);
             // A later turn of a conversation this router never saw goes
             // where a replica without the bound would have placed it.
-            let question = format!("elsewhere {i}");
-            let (later, conv) = chat(&system, &[&question, "an answer", "more"]);
+            let asked = question(&format!("elsewhere {i}"));
+            let (later, conv) = chat(&system, &[&asked, "an answer", "more"]);
             let db = bounded.decide(&request(&later, conv), &idle(4)).unwrap();
             let du = unbounded.decide(&request(&later, conv), &idle(4)).unwrap();
             assert_eq!((db.backend, db.reason), (du.backend, Reason::Placed), "{i}");
@@ -480,12 +526,37 @@ mod tests {
     }
 
     #[test]
+    fn the_backend_that_wrote_a_reply_is_credited_with_it() {
+        // A shared system prompt that every backend holds, a short question,
+        // then a long reply: only the backend that generated the reply has it
+        // cached, though the index never saw it.
+        let router = Router::new(32, 1 << 16);
+        let system = "You are a helpful assistant. ".repeat(40);
+        let (turn1, conv) = chat(&system, &["hi"]);
+        let home = router.decide(&request(&turn1, conv), &idle(4)).unwrap();
+        for (i, other) in NAMES.iter().enumerate().filter(|&(i, _)| i != home.backend) {
+            let (elsewhere, conv) = chat(&system, &[&format!("another {i}")]);
+            let pin = [BackendLoad::new(other, 0)];
+            router.decide(&request(&elsewhere, conv), &pin).unwrap();
+        }
+        let reply = "Here is a long and careful answer. ".repeat(120);
+        let (turn2, conv2) = chat(&system, &["hi", &reply, "thanks!"]);
+        // The home backend is busier by three requests.
+        let mut busy = idle(4);
+        busy[home.backend].in_flight = 3;
+        let d = router.decide(&request(&turn2, conv2), &busy).unwrap();
+        assert_eq!((d.backend, d.reason), (home.backend, Reason::PrefixMatch));
+        assert!(d.matched > turn1.len() + reply.len(), "{d:?}");
+    }
+
+    #[test]
     fn hot_prefix_spreads_under_load() {
         let router = Router::new(32, 1 << 16);
         let prompt = "the same long few-shot prompt, sent over and over ".repeat(40);
         let mut views = idle(4);
         let mut used = HashSet::new();
         let mut reasons = HashSet::new();
+        let mut reused = 0;
         for _ in 0..32 {
             let d = router
                 .decide(&request(prompt.as_bytes(), 0), &views)
@@ -494,9 +565,15 @@ mod tests {
             views[d.backend].in_flight += 1;
             used.insert(d.backend);
             reasons.insert(d.reason);
+            reused += usize::from(d.matched == prompt.len());
         }
-        assert!(used.len() > 1, "{used:?}");
-        assert!(reasons.contains(&Reason::Spread), "{reasons:?}");
+        assert_eq!(used.len(), 4, "{used:?}");
+        assert!(
+            reasons.contains(&Reason::Spread) || reasons.contains(&Reason::LeastLoaded),
+            "{reasons:?}"
+        );
+        // Each backend computed it once; every other request reused it.
+        assert_eq!(reused, 32 - used.len());
         // The prefix is now recorded on several backends, and once the load
         // evens out the holders share it.
         let found = router.index.lookup(MODEL, prompt.as_bytes());
@@ -512,11 +589,13 @@ mod tests {
         };
         let a = Router::with_policy(32, 1 << 16, policy);
         let b = Router::with_policy(32, 1 << 16, policy);
-        let system = "You are a helpful assistant. ".repeat(100);
+        // A system prompt too short to be worth following.
+        let system = "You are a helpful assistant. ".repeat(4);
         let mut used = HashSet::new();
         let mut agree = 0;
         for i in 0..64 {
-            let (key, conv) = chat(&system, &[&format!("question number {i}")]);
+            let asked = question(&format!("question number {i}"));
+            let (key, conv) = chat(&system, &[&asked]);
             let da = a.decide(&request(&key, conv), &idle(4)).unwrap();
             let db = b.decide(&request(&key, conv), &idle(4)).unwrap();
             assert_eq!(da.backend, db.backend, "conversation {i}");
@@ -524,8 +603,7 @@ mod tests {
             // Later turns of the conversation stay put on its router, and a
             // router that never saw it places it by rendezvous alone: where
             // the first turn went unless the placement bound moved it.
-            let question = format!("question number {i}");
-            let (later, conv2) = chat(&system, &[&question, "an answer", "a follow-up"]);
+            let (later, conv2) = chat(&system, &[&asked, "an answer", "a follow-up"]);
             let fresh = Router::with_policy(32, 1 << 16, policy);
             let dl = a.decide(&request(&later, conv2), &idle(4)).unwrap();
             let df = fresh.decide(&request(&later, conv2), &idle(4)).unwrap();

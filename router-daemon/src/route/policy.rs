@@ -1,54 +1,72 @@
 //! The decision policy: a pure function of what the index matched, the
 //! request's placement hashes and the backends' load.
 //!
+//! # Cost
+//! Backends are compared by an estimate of what the request would wait for
+//! there, in units of KiB of prefill:
+//!
+//! - following a cached prefix (rule 2): `affinity_weight × uncached +
+//!   load_weight × load`, where `uncached` is the KiB of key the backend
+//!   would have to prefill (the key less what the index says it holds) and
+//!   `load` is its requests in flight or waiting ([`BackendLoad::load`]);
+//! - placing a new request (rule 3), which every backend must prefill
+//!   whole: `prefilling_weight × prefilling + load_weight × load`, where
+//!   `prefilling` is the KiB of key of this router's requests there whose
+//!   response has not begun ([`BackendLoad::prefill`]): an engine prefills
+//!   what arrives together in one step, so a newcomer waits for all of it,
+//!   and a burst of new prompts spreads instead of queueing on one backend.
+//!
+//! A request following a cached prefix is weighed without `prefilling`:
+//! waiting behind another request's prefill is cheaper than copying the
+//! prefix to another backend, where it also evicts what that backend held
+//! (measured with `cargo xtask bench quality`: counting it there lost a
+//! third of the hit rate on the shared-prefix workload and raised TTFT).
+//!
 //! # Load bound
-//! A backend's load is `in_flight + waiting`. With `n` candidates and total
-//! load `L` (counting the new request), the bound is `ceil((1 + ε) · L / n)`,
-//! and never below `ceil(L / n)`. A backend whose load would exceed the bound
-//! is never chosen for a session or a placement; since the least-loaded
-//! backend is always within `ceil(L / n)`, some backend always qualifies
-//! ("consistent hashing with bounded loads", Mirrokni et al.). A
-//! continuation may stretch it by what the backend's cached prefix is worth
-//! (rule 2).
+//! With `n` candidates and total load `L` (counting the new request), the
+//! bound is `ceil((1 + ε) · L / n)`, and never below `ceil(L / n)`. A backend
+//! whose load would exceed it is never chosen for a session or a new
+//! conversation; since the least-loaded backend is always within
+//! `ceil(L / n)`, some backend always qualifies ("consistent hashing with
+//! bounded loads", Mirrokni et al.). A request that follows a cached prefix
+//! may stretch it by what the prefix is worth (rule 2).
 //!
 //! # Order of rules
 //! 1. **Session.** A request with a session value goes to the backend with the
 //!    highest rendezvous score for that value ([`Reason::Session`]), or, when
 //!    that one is over the bound, to the next in rendezvous order
 //!    ([`Reason::Overloaded`]).
-//! 2. **Continuation.** When the request extends an earlier prompt as a whole
-//!    (`extends`: the tutorial's second completion extends its first), or some
-//!    backend's matched prefix covers the request's conversation prefix
-//!    (`matched ≥ conversation`, see
-//!    [`RouteRequest::conversation`](super::RouteRequest::conversation)), the
-//!    request continues something the fleet has cached. Each backend whose
-//!    load is below `bound + ⌊affinity_weight × matched KiB / load_weight⌋`
-//!    (the prefix's worth in requests: recomputing a long prefix elsewhere
-//!    costs more than queueing behind a few) scores `affinity_weight ×
-//!    matched KiB − load_weight × load`; the best wins, ties broken by
-//!    rendezvous score. The reason is
+//! 2. **Follow a cached prefix.** When some backend holds a prefix worth
+//!    following, the request goes to the cheapest backend (following cost),
+//!    among those whose load is below `bound + ⌊affinity_weight × matched
+//!    KiB / load_weight⌋` (the prefix's worth in requests); ties go by
+//!    rendezvous score. A prefix is worth following when the request
+//!    extends an earlier prompt as a whole (`extends`: the tutorial's
+//!    second completion), when it covers the request's conversation prefix
+//!    (a later turn, see
+//!    [`RouteRequest::conversation`](super::RouteRequest::conversation)), or
+//!    when it covers at least [`Policy::follow_fraction`] of that
+//!    conversation prefix: a sibling, such as a long system prompt or
+//!    few-shot block followed by a different question. The reason is
 //!    [`Reason::PrefixMatch`] when the winner holds the longest match,
-//!    [`Reason::Spread`] when the backends holding it are over the bound (a
-//!    hot prefix spills to another backend, preferring one that also holds
-//!    some of it, and the index then records the prefix there too), and
-//!    [`Reason::LeastLoaded`] when load outweighed a longer match.
-//!
-//!    Note that at low load the bound is tight: of four backends, the only one
-//!    with a request in flight is already at the bound `ceil(1.25 × 2 / 4) =
-//!    1`, so a continuation of less than 1 KiB goes elsewhere rather than
-//!    queue behind it. Raise ε or the affinity weight to favour affinity.
-//! 3. **Placement.** Otherwise the request starts a new conversation. A shared
-//!    system prompt (matched, but shorter than the conversation prefix, and
-//!    never a whole earlier prompt, since those end in a user turn) is
-//!    deliberately *not* followed: every backend caches it after one prefill,
-//!    whereas following it would pile all conversations onto one backend. The
-//!    request goes to the rendezvous winner of a hash of the model and
-//!    `key[..conversation]` (the index's chained block hash, so it costs at
-//!    most one block of hashing) over backend names ([`Reason::Placed`]), so
-//!    router replicas with no shared state (and the same `--block-bytes`)
-//!    place a conversation alike, or to the next in rendezvous
-//!    order when the winner is over the load bound or the placement bound
-//!    ([`Reason::Overloaded`]).
+//!    [`Reason::Spread`] when the backends holding it are past their bound
+//!    (a hot prefix spills, and the index then records it on the new
+//!    backend too, so it spreads over as many backends as its load needs),
+//!    and [`Reason::LeastLoaded`] when the cost outweighed a longer match.
+//! 3. **Placement.** Otherwise the request starts something new to the
+//!    fleet, and what it shares (a short common preamble) is not worth
+//!    moving it for: it goes by rendezvous hashing of a hash of the model
+//!    and its *leading part* (`key[..min(conversation, placement_prefix)]`,
+//!    see [`super::Router`]), so router replicas with no shared state place
+//!    a new prefix family, or a new conversation, alike. The rendezvous
+//!    winner among backends within the load bound (and the placement bound,
+//!    if set) keeps the request ([`Reason::Placed`]) unless another backend
+//!    is cheaper by more than [`Policy::rendezvous_weight`] cost units
+//!    ([`Reason::LeastLoaded`]: a burst of new prompts does not queue
+//!    behind one prefill), or it is over the bound ([`Reason::Overloaded`]). A later chat turn of a conversation this
+//!    router never saw is placed by rendezvous alone (within the load
+//!    bound): that is where a replica that saw its first turn most likely
+//!    placed it.
 //!
 //! # Placement bound (opt-in)
 //! Hashing a few dozen conversations (or system-prompt groups) onto four
@@ -66,8 +84,8 @@
 //! binds; with a few it does). Hence off by default: one router per GPU node
 //! is this product's shape.
 //!
-//! A conversation length of 0 means "unknown": any match counts as a
-//! continuation, and placement hashes the whole key.
+//! A conversation length of 0 means "unknown": the whole key is the
+//! conversation prefix.
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::{BackendLoad, Decision, Reason};
@@ -77,13 +95,26 @@ use super::{BackendLoad, Decision, Reason};
 pub struct Policy {
     /// ε of the load bound `ceil((1 + ε) · mean load)`; 0 or more.
     pub epsilon: f64,
-    /// Score per KiB of matched prompt prefix (prefill saved).
+    /// Cost per KiB of prompt a backend must prefill for the request
+    /// (uncached, or queued ahead of it).
     pub affinity_weight: f64,
-    /// Score taken off per request in flight or waiting on a backend.
+    /// Cost per request in flight or waiting on a backend.
     pub load_weight: f64,
+    /// Cost per KiB of other requests' prompts a backend is still
+    /// prefilling.
+    pub prefilling_weight: f64,
     /// ε of the placement bound (see the module doc); None: no bound, so
     /// replicas place every new conversation alike.
     pub placement_epsilon: Option<f64>,
+    /// A shared prefix covering at least this fraction of the request's
+    /// conversation prefix is followed (rule 2).
+    pub follow_fraction: f64,
+    /// How much cheaper, in cost units, another backend must be for a new
+    /// conversation to leave its rendezvous winner (rule 3).
+    pub rendezvous_weight: f64,
+    /// Placement hashes at most this many leading key bytes (rule 3), so
+    /// prompts that share that much are placed alike by every replica.
+    pub placement_prefix: usize,
 }
 
 impl Default for Policy {
@@ -91,9 +122,48 @@ impl Default for Policy {
         Self {
             epsilon: 0.25,
             affinity_weight: 1.0,
-            load_weight: 1.0,
+            load_weight: 0.5,
+            prefilling_weight: 1.0,
             placement_epsilon: None,
+            follow_fraction: 0.5,
+            rendezvous_weight: 2.0,
+            placement_prefix: 2048,
         }
+    }
+}
+
+impl Policy {
+    /// True when `input` starts something new (rule 3): no session, and no
+    /// cached prefix worth following.
+    pub fn is_placement(&self, input: &Inputs) -> bool {
+        input.session.is_none() && !self.follows(input)
+    }
+
+    /// Whether the longest match of `input` is worth following (rule 2).
+    fn follows(&self, input: &Inputs) -> bool {
+        let longest = input.longest();
+        let conversation = match input.conversation {
+            0 => input.key_len,
+            n => n.min(input.key_len),
+        };
+        longest > 0
+            && (input.extends
+                || longest >= conversation
+                || longest as f64 >= self.follow_fraction * conversation as f64)
+    }
+
+    /// The cost of following a cached prefix to backend `i` (rule 2):
+    /// what it must prefill for the request, and its load.
+    fn follow_cost(&self, input: &Inputs, i: usize) -> f64 {
+        let uncached = input.key_len.saturating_sub(input.matched(i)) as f64 / 1024.0;
+        self.affinity_weight * uncached + self.load_weight * input.backends[i].load() as f64
+    }
+
+    /// The cost of placing a new request on backend `i` (rule 3): what it
+    /// is still prefilling for others, and its load.
+    fn placement_cost(&self, input: &Inputs, i: usize) -> f64 {
+        let b = &input.backends[i];
+        self.prefilling_weight * b.prefill as f64 / 1024.0 + self.load_weight * b.load() as f64
     }
 }
 
@@ -104,11 +174,16 @@ pub struct Inputs<'a> {
     pub backends: &'a [BackendLoad<'a>],
     /// Key bytes matched in the index, per backend (same order, same length).
     pub matched: &'a [usize],
-    /// Length of the key prefix naming the conversation (0: unknown).
+    /// Length of the whole key.
+    pub key_len: usize,
+    /// Length of the key prefix naming the conversation (0: the whole key).
     pub conversation: usize,
     /// The key extends (or equals) an earlier prompt as a whole.
     pub extends: bool,
-    /// Rendezvous seed for placing the conversation.
+    /// A later chat turn: when nothing cached is worth following, it is
+    /// placed by rendezvous alone (rule 3).
+    pub later_turns: bool,
+    /// Rendezvous seed of the request's leading part.
     pub placement: u64,
     /// Rendezvous seed of the session value, if the request has one.
     pub session: Option<u64>,
@@ -120,11 +195,14 @@ pub struct Inputs<'a> {
 }
 
 impl Inputs<'_> {
-    /// True when the request starts a new conversation (rule 3): no session,
-    /// and nothing the fleet holds covers its conversation prefix.
-    pub fn is_placement(&self) -> bool {
-        let longest = self.matched.iter().copied().max().unwrap_or(0);
-        self.session.is_none() && (longest == 0 || (longest < self.conversation && !self.extends))
+    /// Key bytes backend `i` holds.
+    fn matched(&self, i: usize) -> usize {
+        self.matched.get(i).copied().unwrap_or(0)
+    }
+
+    /// The longest match on any backend.
+    fn longest(&self) -> usize {
+        self.matched.iter().copied().max().unwrap_or(0)
     }
 
     /// Whether backend `i` may take one more placement of `self.weight` KiB.
@@ -168,7 +246,7 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
     let within = |i: usize| backends[i].load() < bound;
     let decide = |backend: usize, reason| Decision {
         backend,
-        matched: input.matched.get(backend).copied().unwrap_or(0),
+        matched: input.matched(backend),
         reason,
     };
     if let Some(seed) = input.session {
@@ -180,49 +258,28 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
         };
         return Some(decide(pick, reason));
     }
-    let longest = input.matched.iter().copied().max().unwrap_or(0);
-    if input.is_placement() {
-        let qualifies = |i: usize| {
-            within(i)
-                && policy
-                    .placement_epsilon
-                    .is_none_or(|epsilon| input.placement_allows(epsilon, i))
-        };
-        let (first, pick) = rendezvous_pick(backends, input.placement, qualifies)?;
-        let reason = if first == pick {
-            Reason::Placed
-        } else {
-            Reason::Overloaded
-        };
-        return Some(decide(pick, reason));
+    if policy.is_placement(input) {
+        return place(policy, input, bound).map(|(pick, reason)| decide(pick, reason));
     }
     // A backend may pass the bound by what its cached prefix is worth in
     // load units: recomputing a long prefix elsewhere costs more than
     // queueing behind a few more requests.
-    let worth = |i: usize| {
-        let kib = input.matched.get(i).copied().unwrap_or(0) as f64 / 1024.0;
-        policy.affinity_weight * kib
-    };
     let slack = |i: usize| {
+        let worth = policy.affinity_weight * input.matched(i) as f64 / 1024.0;
         if policy.load_weight > 0.0 {
-            (worth(i) / policy.load_weight).floor()
+            (worth / policy.load_weight).floor()
         } else {
             f64::INFINITY
         }
     };
     let keeps = |i: usize| (backends[i].load() as f64) < bound as f64 + slack(i);
-    let score = |i: usize| worth(i) - policy.load_weight * backends[i].load() as f64;
-    let better = |a: usize, b: usize| {
-        score(a).total_cmp(&score(b)).then_with(|| {
-            rendezvous(backends[a].name, input.placement)
-                .cmp(&rendezvous(backends[b].name, input.placement))
-        })
-    };
-    let pick = (0..backends.len())
-        .filter(|&i| keeps(i))
-        .max_by(|&a, &b| better(a, b))
-        .unwrap_or_else(|| least_loaded(backends));
-    let holds_longest = |i: usize| input.matched.get(i).copied() == Some(longest);
+    let candidates = (0..backends.len()).filter(|&i| keeps(i));
+    let pick = cheapest(backends, input.placement, candidates, |i| {
+        policy.follow_cost(input, i)
+    })
+    .unwrap_or_else(|| least_loaded(backends));
+    let longest = input.longest();
+    let holds_longest = |i: usize| input.matched(i) == longest;
     let reason = if holds_longest(pick) {
         Reason::PrefixMatch
     } else if (0..backends.len()).any(|i| holds_longest(i) && !keeps(i)) {
@@ -231,6 +288,61 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
         Reason::LeastLoaded
     };
     Some(decide(pick, reason))
+}
+
+/// Rule 3: the rendezvous winner within the bounds, unless another backend
+/// within them is cheaper by more than the rendezvous weight.
+fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason)> {
+    let backends = input.backends;
+    let qualifies = |i: usize| {
+        backends[i].load() < bound
+            && (input.later_turns
+                || policy
+                    .placement_epsilon
+                    .is_none_or(|epsilon| input.placement_allows(epsilon, i)))
+    };
+    let (first, winner) = rendezvous_pick(backends, input.placement, qualifies)?;
+    let on_rendezvous = |pick: usize| {
+        if pick == first {
+            Reason::Placed
+        } else {
+            Reason::Overloaded
+        }
+    };
+    if input.later_turns {
+        return Some((winner, on_rendezvous(winner)));
+    }
+    let favoured = |i: usize| {
+        let bonus = if i == winner {
+            policy.rendezvous_weight
+        } else {
+            0.0
+        };
+        policy.placement_cost(input, i) - bonus
+    };
+    let candidates = (0..backends.len()).filter(|&i| qualifies(i));
+    let pick = cheapest(backends, input.placement, candidates, favoured).unwrap_or(winner);
+    let reason = if pick == winner {
+        on_rendezvous(pick)
+    } else {
+        Reason::LeastLoaded
+    };
+    Some((pick, reason))
+}
+
+/// The cheapest of `candidates` by `cost`, ties going to the higher
+/// rendezvous score for `seed`; None when there are none.
+fn cheapest(
+    backends: &[BackendLoad],
+    seed: u64,
+    candidates: impl Iterator<Item = usize>,
+    cost: impl Fn(usize) -> f64,
+) -> Option<usize> {
+    candidates.min_by(|&a, &b| {
+        cost(a).total_cmp(&cost(b)).then_with(|| {
+            rendezvous(backends[b].name, seed).cmp(&rendezvous(backends[a].name, seed))
+        })
+    })
 }
 
 /// The rendezvous winner for `seed` and the best-scored backend that passes
@@ -287,11 +399,13 @@ mod tests {
                 name,
                 in_flight,
                 waiting,
+                prefill: 0,
             })
             .collect()
     }
 
-    /// A request with no session and no placement bound; placement seed 7.
+    /// A request with no session and no placement bound; placement seed 7;
+    /// its key as long as the longest match or the conversation prefix.
     fn inputs<'a>(
         backends: &'a [BackendLoad<'a>],
         matched: &'a [usize],
@@ -300,13 +414,20 @@ mod tests {
         Inputs {
             backends,
             matched,
+            key_len: matched.iter().copied().fold(conversation, usize::max),
             conversation,
             extends: false,
+            later_turns: false,
             placement: 7,
             session: None,
             placed: &[],
             weight: 1.0,
         }
+    }
+
+    /// The rendezvous winner of `seed` over `v`.
+    fn winner(v: &[BackendLoad], seed: u64) -> usize {
+        rendezvous_pick(v, seed, |_| true).unwrap().0
     }
 
     #[test]
@@ -326,14 +447,8 @@ mod tests {
     #[test]
     fn no_backends_no_decision() {
         let input = Inputs {
-            backends: &[],
-            matched: &[],
-            conversation: 0,
-            extends: false,
-            placement: 1,
             session: Some(2),
-            placed: &[],
-            weight: 1.0,
+            ..inputs(&[], &[], 0)
         };
         assert_eq!(choose(&Policy::default(), &input), None);
     }
@@ -344,7 +459,7 @@ mod tests {
         let matched = [0, 8192, 4096];
         let input = inputs(&v, &matched, 100);
         let d = choose(&Policy::default(), &input).unwrap();
-        // 8 KiB − 1 request beats 4 KiB − 0.
+        // Nothing to prefill and 1 request beats 4 KiB and none.
         assert_eq!(
             (d.backend, d.matched, d.reason),
             (1, 8192, Reason::PrefixMatch)
@@ -360,7 +475,8 @@ mod tests {
 
     #[test]
     fn over_the_bound_the_prefix_spills_to_another_holder() {
-        let v = views(&[(6, 2), (1, 0), (1, 0), (0, 0)]);
+        // Bound 6; 4 KiB is worth 8 requests, and 16 is past 6 + 8.
+        let v = views(&[(14, 2), (1, 0), (1, 0), (0, 0)]);
         let matched = [4096, 2048, 0, 0];
         let input = inputs(&v, &matched, 64);
         let d = choose(&Policy::default(), &input).unwrap();
@@ -372,11 +488,12 @@ mod tests {
         // 4 requests over 4 backends (counting this one): bound 2.
         let v = views(&[(3, 0), (0, 0), (0, 0), (0, 0)]);
         let input = |matched: &'static [usize]| inputs(&v, matched, 100);
-        // 4 KiB cached is worth 4 requests: 3 in flight is within 2 + 4.
+        // At the default load weight, 4 KiB cached is worth 8 requests: 3
+        // in flight is within 2 + 8.
         let d = choose(&Policy::default(), &input(&[4096, 0, 0, 0])).unwrap();
         assert_eq!((d.backend, d.reason), (0, Reason::PrefixMatch));
-        // 1 KiB is worth 1: 3 is not within 2 + 1, so the prefix spills.
-        let d = choose(&Policy::default(), &input(&[1024, 0, 0, 0])).unwrap();
+        // Half a KiB is worth 1: 3 is not within 2 + 1, so the prefix spills.
+        let d = choose(&Policy::default(), &input(&[512, 0, 0, 0])).unwrap();
         assert_ne!(d.backend, 0);
         assert_eq!(d.reason, Reason::Spread);
     }
@@ -386,7 +503,7 @@ mod tests {
         let v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
         // The rendezvous winner of some seed, given twice its share.
         let seed = 11;
-        let (winner, _) = rendezvous_pick(&v, seed, |_| true).unwrap();
+        let winner = winner(&v, seed);
         let mut placed = [4.0; 4];
         placed[winner] = 8.0;
         let input = Inputs {
@@ -420,9 +537,10 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_prefix_shorter_than_the_conversation_is_not_followed() {
+    fn a_short_shared_preamble_is_not_followed() {
+        // 512 bytes shared of a 2,100-byte conversation prefix: placed.
         let v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
-        let matched = [2048, 0, 0, 0];
+        let matched = [512, 0, 0, 0];
         let mut placed = [0; 4];
         for placement in 0..64u64 {
             let input = Inputs {
@@ -430,19 +548,92 @@ mod tests {
                 ..inputs(&v, &matched, 2100)
             };
             let d = choose(&Policy::default(), &input).unwrap();
-            assert_eq!(d.reason, Reason::Placed);
+            assert_eq!(
+                (d.backend, d.reason),
+                (winner(&v, placement), Reason::Placed)
+            );
             placed[d.backend] += 1;
         }
         assert!(placed.iter().all(|&n| n > 0), "{placed:?}");
     }
 
     #[test]
+    fn a_long_shared_prefix_is_followed_until_load_spreads_it() {
+        // Siblings: 6 KiB of system prompt shared, a 300-byte question each.
+        let matched = [6144, 0, 0, 0];
+        let mut v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
+        let mut holders = [false, false, false, false];
+        holders[0] = true;
+        let mut followed = 0;
+        for placement in 0..64u64 {
+            let held: Vec<usize> = (0..4)
+                .map(|i| if holders[i] { matched[0] } else { 0 })
+                .collect();
+            let input = Inputs {
+                placement,
+                ..inputs(&v, &held, 6144 + 300)
+            };
+            let d = choose(&Policy::default(), &input).unwrap();
+            if placement < 4 {
+                // At low load every sibling goes to the holder.
+                assert_eq!((d.backend, d.reason), (0, Reason::PrefixMatch));
+            }
+            followed += usize::from(d.matched > 0);
+            // Nothing finishes: each sibling adds load where it went, and
+            // the backend it went to now holds the prefix too.
+            v[d.backend].in_flight += 1;
+            holders[d.backend] = true;
+        }
+        // Under load the prefix spread to every backend, and every request
+        // after the spread still reused it.
+        assert!(holders.iter().all(|&h| h), "{holders:?}");
+        assert!(followed >= 64 - 3, "{followed} of 64 reused the prefix");
+        let loads: Vec<usize> = v.iter().map(BackendLoad::load).collect();
+        assert!(
+            loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 8,
+            "{loads:?}"
+        );
+    }
+
+    #[test]
+    fn a_backend_busy_prefilling_loses_a_new_conversation() {
+        let mut v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
+        let seed = 5;
+        let first = winner(&v, seed);
+        let input = |v: &[BackendLoad]| {
+            choose(
+                &Policy::default(),
+                &Inputs {
+                    placement: seed,
+                    ..inputs(v, &[0; 4], 4096)
+                },
+            )
+            .unwrap()
+        };
+        // 1 KiB queued for prefill is within the rendezvous weight.
+        v[first].prefill = 1024;
+        assert_eq!(input(&v).backend, first);
+        // 4 KiB queued: a burst does not wait behind it.
+        v[first].prefill = 4096;
+        let d = input(&v);
+        assert_ne!(d.backend, first);
+        assert_eq!(d.reason, Reason::LeastLoaded);
+        // A later turn of an unknown conversation goes where its first turn
+        // most likely went, whatever is queued there.
+        let later = Inputs {
+            placement: seed,
+            later_turns: true,
+            ..inputs(&v, &[0; 4], 4096)
+        };
+        let d = choose(&Policy::default(), &later).unwrap();
+        assert_eq!((d.backend, d.reason), (first, Reason::Placed));
+    }
+
+    #[test]
     fn session_wins_over_affinity_but_not_over_the_bound() {
         let v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
         let matched = [9000, 0, 0, 0];
-        let seed = (0..)
-            .find(|&s| rendezvous_pick(&v, s, |_| true).unwrap().0 != 0)
-            .unwrap();
+        let seed = (0..).find(|&s| winner(&v, s) != 0).unwrap();
         let input = Inputs {
             placement: 0,
             session: Some(seed),
@@ -466,25 +657,46 @@ mod tests {
         /// Whatever the loads, matches and seeds, the choice respects the bound.
         #[test]
         fn bounded_load_holds(
-            loads in prop::collection::vec((0usize..50, 0usize..50), 1..=8),
+            loads in prop::collection::vec((0usize..50, 0usize..50, 0usize..100_000), 1..=8),
             matched in prop::collection::vec(0usize..200_000, 8),
+            extra in 0usize..10_000,
             conversation in 0usize..200_000,
             extends in any::<bool>(),
+            later_turns in any::<bool>(),
             placement in any::<u64>(),
             session in any::<Option<u64>>(),
             epsilon in 0.0f64..2.0,
             affinity_weight in 0.0f64..100.0,
             load_weight in 0.0f64..10.0,
+            prefilling_weight in 0.0f64..10.0,
+            follow_fraction in 0.0f64..=1.0,
+            rendezvous_weight in 0.0f64..10.0,
             placed in prop::collection::vec(0.0f64..1000.0, 8),
             weight in 0.0f64..100.0,
         ) {
-            let v = views(&loads);
-            let policy = Policy { epsilon, affinity_weight, load_weight, placement_epsilon: Some(epsilon) };
+            let v: Vec<BackendLoad> = loads
+                .iter()
+                .zip(NAMES)
+                .map(|(&(in_flight, waiting, prefill), name)| BackendLoad { name, in_flight, waiting, prefill })
+                .collect();
+            let policy = Policy {
+                epsilon,
+                affinity_weight,
+                load_weight,
+                prefilling_weight,
+                placement_epsilon: Some(epsilon),
+                follow_fraction,
+                rendezvous_weight,
+                placement_prefix: 2048,
+            };
+            let matched = &matched[..v.len()];
             let input = Inputs {
                 backends: &v,
-                matched: &matched[..v.len()],
+                matched,
+                key_len: matched.iter().copied().max().unwrap_or(0) + extra,
                 conversation,
                 extends,
+                later_turns,
                 placement,
                 session,
                 placed: &placed[..v.len()],
@@ -496,18 +708,20 @@ mod tests {
             let bound = ((1.0 + epsilon) * total as f64 / v.len() as f64)
                 .ceil()
                 .max(total.div_ceil(v.len()) as f64);
-            // Only a continuation may pass the bound, by its match's worth.
-            let continues = !input.is_placement() && session.is_none();
-            let slack = match (continues, load_weight > 0.0) {
+            // Only a request following a prefix may pass the bound, by its
+            // match's worth.
+            let follows = !policy.is_placement(&input) && session.is_none();
+            let slack = match (follows, load_weight > 0.0) {
                 (false, _) => 0.0,
                 (true, true) => (affinity_weight * matched[d.backend] as f64 / 1024.0 / load_weight).floor(),
                 (true, false) => f64::INFINITY,
             };
             prop_assert!((v[d.backend].load() as f64) < bound + slack,
                 "{:?} chose load {} with bound {} + {}", d, v[d.backend].load(), bound, slack);
-            // A placement respects the placement bound whenever some backend
-            // is within both bounds.
-            if input.is_placement()
+            // A first placement respects the placement bound whenever some
+            // backend is within both bounds.
+            if policy.is_placement(&input)
+                && !later_turns
                 && (0..v.len()).any(|i| (v[i].load() as f64) < bound && input.placement_allows(epsilon, i))
             {
                 prop_assert!(input.placement_allows(epsilon, d.backend), "{:?}", d);

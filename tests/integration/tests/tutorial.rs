@@ -1,4 +1,5 @@
-//! The seed tutorial, reproduced: the second curl lands where the first did.
+//! The seed tutorial, reproduced: the second curl lands where the first did,
+//! and questions behind one shared system prompt all land on one instance.
 use integration_tests::{
     Fleet, assert_bytes_took_path, dataplane_or_skip, each_mode, get, metric, post_json,
 };
@@ -102,3 +103,82 @@ async fn tutorial_pairs(mode: Mode) {
 }
 
 each_mode!(tutorial_pairs);
+
+/// A system prompt of about 1,200 characters (260 tokens), as users put in
+/// front of every question.
+fn system_prompt() -> String {
+    "You are the support assistant of a travel agency. Answer politely and briefly, \
+     name the relevant country's official language and currency when it helps, and \
+     never invent prices or opening hours. "
+        .repeat(6)
+}
+
+const QUESTIONS: [&str; 6] = [
+    "Which documents do I need to visit Japan?",
+    "Is tap water safe to drink in Peru?",
+    "What is the best season to visit Kenya?",
+    "Can I pay by card in rural Norway?",
+    "How long is the train from Paris to Rome?",
+    "Do I need a visa for a short stay in Chile?",
+];
+
+/// The tutorial's promise for the most common sharing pattern: one shared
+/// system prompt followed by different questions, as completions and as
+/// chats. Every request after the first lands on the first one's instance
+/// and reuses the system prompt's cache blocks there.
+async fn shared_system_prompt(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let fleet = Fleet::with_test_sims(2, dataplane).await;
+    let system = system_prompt();
+    assert!((1_100..1_400).contains(&system.len()), "{}", system.len());
+    for chat in [false, true] {
+        // Each pattern gets a system prompt of its own.
+        let system = format!("{}{system}", if chat { "Chat. " } else { "" });
+        let mut first_sim = None;
+        for (i, question) in QUESTIONS.iter().enumerate() {
+            let (path, body) = if chat {
+                let messages = json!([
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ]);
+                (
+                    "/v1/chat/completions",
+                    json!({"model": MODEL, "messages": messages, "max_tokens": 8}),
+                )
+            } else {
+                (
+                    "/v1/completions",
+                    completion(&format!("{system}{question}")),
+                )
+            };
+            let response = post_json(fleet.router, path, &body).await;
+            assert_eq!(response.status, 200, "{}", response.text());
+            let sim = response.header("x-served-by").expect("x-served-by");
+            let first = first_sim.get_or_insert_with(|| sim.to_owned());
+            assert_eq!(
+                sim, first,
+                "question {i} (chat: {chat}) went to another instance"
+            );
+            let usage = &response.json()["usage"];
+            let cached = usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .expect("usage.prompt_tokens_details.cached_tokens");
+            let prompt = usage["prompt_tokens"]
+                .as_u64()
+                .expect("usage.prompt_tokens");
+            if i > 0 {
+                // All of the system prompt's full 16-token blocks are reused:
+                // only the question (under 20 tokens) and the partial
+                // blocks around it are computed again.
+                assert!(
+                    cached + 48 >= prompt,
+                    "question {i} (chat: {chat}): {cached} of {prompt} tokens cached"
+                );
+            }
+        }
+    }
+}
+
+each_mode!(shared_system_prompt);
