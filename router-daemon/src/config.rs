@@ -115,10 +115,10 @@ pub struct Config {
     pub affinity_weight: f64,
 
     /// Weight of load: cost per request in flight or waiting on a backend.
-    /// With the defaults, 512 bytes of prefill (about 128 tokens) cost as
+    /// With the defaults, 256 bytes of prefill (about 64 tokens) cost as
     /// much as one request: a request already decoding delays a newcomer
     /// far less than recomputing a cached prefix would.
-    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 0.5,
+    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 0.25,
           value_parser = non_negative)]
     pub load_weight: f64,
 
@@ -209,7 +209,7 @@ impl Config {
             down_after_failures: 3,
             load_epsilon: 0.25,
             affinity_weight: 1.0,
-            load_weight: 0.5,
+            load_weight: 0.25,
             prefilling_weight: 1.0,
             placement_epsilon: None,
             follow_fraction: 0.5,

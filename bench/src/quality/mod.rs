@@ -58,6 +58,54 @@ pub enum Builtin {
     LeastLoaded,
 }
 
+/// A load level of the run (`--levels`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Level {
+    /// This many sessions in flight; the next starts when one ends.
+    Closed(usize),
+    /// Sessions start at Poisson times, this many per second.
+    Open(f64),
+    /// An open loop at this fraction of the capacity measured at the
+    /// closed level run before it.
+    Capacity(f64),
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let number = |v: &str| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v > 0.0 && *v <= 100_000.0)
+                .ok_or_else(|| format!("{s:?}: a positive number must follow"))
+        };
+        if let Some(n) = s.strip_prefix("cap") {
+            Ok(Level::Capacity(number(n)?))
+        } else if let Some(n) = s.strip_prefix('c') {
+            n.parse::<usize>()
+                .ok()
+                .filter(|&n| (1..=4096).contains(&n))
+                .map(Level::Closed)
+                .ok_or_else(|| format!("{s:?}: c takes 1 to 4096 sessions"))
+        } else if let Some(n) = s.strip_prefix('r') {
+            Ok(Level::Open(number(n)?))
+        } else {
+            Err(format!("{s:?}: a level is cN, rX or capF"))
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Level::Closed(n) => write!(f, "closed loop, {n} sessions"),
+            Level::Open(rate) => write!(f, "open loop, {rate} sessions/s"),
+            Level::Capacity(frac) => write!(f, "open loop at {frac}× capacity"),
+        }
+    }
+}
+
 /// Options of `router-bench quality`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -104,20 +152,28 @@ pub struct Args {
     /// Seed of every workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Under a minute in all: smaller workloads, fewer turns, the peers
-    /// under cache_aware only.
+    /// About three minutes in all: smaller workloads, fewer turns, three
+    /// closed-loop levels, the peers under cache_aware only.
     #[arg(long)]
     pub quick: bool,
     /// Simulators in the fleet.
     #[arg(long, default_value_t = 4)]
     pub backends: usize,
-    /// Sessions in flight at once (closed loop) [default: 16, quick 8].
-    #[arg(long, conflicts_with = "rate")]
+    /// One load level instead of --levels: this many sessions in flight at
+    /// once (closed loop).
+    #[arg(long, conflicts_with_all = ["rate", "levels"])]
     pub concurrency: Option<usize>,
-    /// Open loop instead: sessions start at Poisson times, this many per
-    /// second on average (seeded by --seed).
-    #[arg(long, value_name = "PER_SEC")]
+    /// One load level instead of --levels: open loop, sessions start at
+    /// Poisson times, this many per second on average (seeded by --seed).
+    #[arg(long, value_name = "PER_SEC", conflicts_with = "levels")]
     pub rate: Option<f64>,
+    /// Load levels each workload runs at, in order: `cN` is a closed loop
+    /// of N sessions, `rX` an open loop of X sessions/s, `capF` an open loop
+    /// at F × the fleet's capacity as measured at the closed level before it
+    /// (round-robin's sessions/s) [default: c4,c16,c64,cap0.9; quick
+    /// c2,c8,c32]. A trace replays once, at its own timestamps.
+    #[arg(long, value_delimiter = ',', value_name = "LEVELS")]
+    pub levels: Option<Vec<Level>>,
     /// The simulators' latency profile.
     #[arg(long, value_enum, default_value_t = vllm_sim::Profile::Llama8bH100)]
     pub profile: vllm_sim::Profile,
@@ -265,6 +321,24 @@ impl Args {
         }
     }
 
+    /// The load levels to run, in order.
+    fn levels(&self) -> Vec<Level> {
+        match (self.concurrency, self.rate, &self.levels) {
+            (Some(c), _, _) => vec![Level::Closed(c)],
+            (None, Some(rate), _) => vec![Level::Open(rate)],
+            (None, None, Some(levels)) => levels.clone(),
+            (None, None, None) if self.quick => {
+                vec![Level::Closed(2), Level::Closed(8), Level::Closed(32)]
+            }
+            (None, None, None) => vec![
+                Level::Closed(4),
+                Level::Closed(16),
+                Level::Closed(64),
+                Level::Capacity(0.9),
+            ],
+        }
+    }
+
     fn check(&self, sizes: &Sizes) -> Result<()> {
         if !(1..=64).contains(&self.backends) {
             bail!("--backends: between 1 and 64");
@@ -288,6 +362,13 @@ impl Args {
         }
         if !(1..=1024).contains(&self.block_size) {
             bail!("--block-size: between 1 and 1024");
+        }
+        let levels = self.levels();
+        if levels.is_empty() {
+            bail!("--levels: at least one");
+        }
+        if let Some(Level::Capacity(_)) = levels.first() {
+            bail!("--levels: a capF level needs a closed level before it to measure capacity");
         }
         if sizes.output_len == 0
             || sizes.mt_turns_min == 0
@@ -428,13 +509,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
     ));
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let tokenizer = vllm_sim::tokenize::Tokenizer::shared().context("loading the tokenizer")?;
-    let arrivals = match args.rate {
-        Some(rate) => run::Arrivals::Poisson {
-            rate,
-            seed: args.seed,
-        },
-        None => run::Arrivals::Closed(args.concurrency.unwrap_or(if args.quick { 8 } else { 16 })),
-    };
+    let levels = args.levels();
 
     let trace = match (&args.trace, args.workloads.contains(&Kind::Mooncake)) {
         (Some(path), true) => {
@@ -491,98 +566,156 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
             workload.requests(),
             workload.sessions.len()
         );
-        let mut rows = Vec::new();
-        let mut notes = Vec::new();
-        let mut best: Option<run::Outcome> = None;
-        for router in &routers {
-            let t = Instant::now();
-            let outcome = runtime.block_on(run::run(
-                Arc::clone(&workload),
-                router,
-                &fleet,
-                arrivals,
-                args.session_header.as_deref(),
-                &tmp,
-            ));
-            match outcome {
-                Ok(outcome) => {
-                    let row = Row::new(&router.name, &outcome);
-                    eprintln!(
-                        "router-bench:   {:<26} {:>5.1}% hit, mean TTFT {:>7.1} ms, {:>5.1} req/s, \
-                         {} errors ({:.1} s)",
-                        router.name,
-                        row.hit_rate() * 100.0,
-                        row.ttft_mean_ms,
-                        row.req_per_s,
-                        outcome.errors,
-                        t.elapsed().as_secs_f64()
-                    );
-                    if outcome.errors > 0 {
-                        failed = true;
-                        notes.push(format!(
-                            "{}: {} requests failed, e.g. {}",
+        // Sessions per second the fleet completed at the last closed level
+        // (round-robin's, else the best router's): what capF levels scale.
+        let mut capacity: Option<f64> = None;
+        // A trace replays at its own timestamps: one level is all it has.
+        let workload_levels = if workload.timed() {
+            &levels[..1]
+        } else {
+            &levels[..]
+        };
+        for &level in workload_levels {
+            let (arrivals, level_name) = match level {
+                // Ignored by a trace, which keeps its own timestamps.
+                _ if workload.timed() => (run::Arrivals::Closed(1), "trace".to_owned()),
+                Level::Closed(n) => (run::Arrivals::Closed(n), format!("c{n}")),
+                Level::Open(rate) => (
+                    run::Arrivals::Poisson {
+                        rate,
+                        seed: args.seed,
+                    },
+                    format!("r{rate}"),
+                ),
+                Level::Capacity(fraction) => {
+                    let measured =
+                        capacity.context("a capF level needs a closed level before it")?;
+                    let rate = fraction * measured;
+                    (
+                        run::Arrivals::Poisson {
+                            rate,
+                            seed: args.seed,
+                        },
+                        format!("cap{fraction} ({rate:.1} sessions/s)"),
+                    )
+                }
+            };
+            if workload_levels.len() > 1 {
+                eprintln!("router-bench:  level {level_name}: {level}");
+            }
+            let mut rows = Vec::new();
+            let mut notes = Vec::new();
+            let mut best: Option<run::Outcome> = None;
+            for router in &routers {
+                let t = Instant::now();
+                let outcome = runtime.block_on(run::run(
+                    Arc::clone(&workload),
+                    router,
+                    &fleet,
+                    arrivals,
+                    args.session_header.as_deref(),
+                    &tmp,
+                ));
+                match outcome {
+                    Ok(outcome) => {
+                        let row = Row::new(&router.name, &outcome);
+                        eprintln!(
+                            "router-bench:   {:<26} {:>5.1}% hit, mean TTFT {:>7.1} ms, {:>5.1} req/s, \
+                             {} errors ({:.1} s)",
                             router.name,
+                            row.hit_rate() * 100.0,
+                            row.ttft_mean_ms,
+                            row.req_per_s,
                             outcome.errors,
-                            outcome.error_samples.join("; ")
-                        ));
+                            t.elapsed().as_secs_f64()
+                        );
+                        if outcome.errors > 0 {
+                            failed = true;
+                            notes.push(format!(
+                                "{}: {} requests failed, e.g. {}",
+                                router.name,
+                                outcome.errors,
+                                outcome.error_samples.join("; ")
+                            ));
+                        }
+                        // One command line per router (ports differ between runs).
+                        let label = format!("{}:", router.name);
+                        if let Some(cmd) = &outcome.command
+                            && !commands.iter().any(|c| c.starts_with(&label))
+                        {
+                            commands.push(format!("{label} `{cmd}`"));
+                        }
+                        rows.push(row);
+                        if best
+                            .as_ref()
+                            .is_none_or(|b| b.records.len() < outcome.records.len())
+                        {
+                            best = Some(outcome);
+                        }
                     }
-                    // One command line per router (ports differ between runs).
-                    let label = format!("{}:", router.name);
-                    if let Some(cmd) = &outcome.command
-                        && !commands.iter().any(|c| c.starts_with(&label))
-                    {
-                        commands.push(format!("{label} `{cmd}`"));
+                    Err(err) => {
+                        failed = true;
+                        eprintln!("router-bench:   {}: FAILED: {err:#}", router.name);
+                        notes.push(format!("{}: FAILED: {err:#}", router.name));
+                        rows.push(Row::failed(&router.name, format!("{err:#}")));
                     }
-                    rows.push(row);
-                    if best
-                        .as_ref()
-                        .is_none_or(|b| b.records.len() < outcome.records.len())
-                    {
-                        best = Some(outcome);
-                    }
-                }
-                Err(err) => {
-                    failed = true;
-                    eprintln!("router-bench:   {}: FAILED: {err:#}", router.name);
-                    notes.push(format!("{}: FAILED: {err:#}", router.name));
-                    rows.push(Row::failed(&router.name, format!("{err:#}")));
-                }
-            }
-        }
-        // The replies of the most complete run (a simulator's reply depends
-        // only on the prompt, so every router saw the same ones).
-        let mut replies = vec![Vec::new(); workload.sessions.len()];
-        if let Some(b) = &best {
-            let mut recs = b.records.iter().collect::<Vec<_>>();
-            recs.sort_by_key(|r| (r.session, r.turn));
-            for r in recs {
-                if let Some(session) = replies.get_mut(r.session)
-                    && session.len() == r.turn
-                {
-                    session.push(r.reply.clone());
                 }
             }
+            // The replies of the most complete run (a simulator's reply depends
+            // only on the prompt, so every router saw the same ones).
+            let mut replies = vec![Vec::new(); workload.sessions.len()];
+            if let Some(b) = &best {
+                let mut recs = b.records.iter().collect::<Vec<_>>();
+                recs.sort_by_key(|r| (r.session, r.turn));
+                for r in recs {
+                    if let Some(session) = replies.get_mut(r.session)
+                        && session.len() == r.turn
+                    {
+                        session.push(r.reply.clone());
+                    }
+                }
+            }
+            let ideal = workload::ideal(&workload, &replies, tokenizer, args.block_size);
+            if let Some(row) = rows.iter().find(|r| {
+                r.failure.is_none() && r.errors == 0 && r.prompt_tokens != ideal.prompt_tokens
+            }) {
+                notes.push(format!(
+                    "the simulators counted {} prompt tokens under {}, the ideal's tokenization {}",
+                    row.prompt_tokens, row.router, ideal.prompt_tokens
+                ));
+            }
+            if let Level::Closed(_) = level {
+                let per_session =
+                    workload.sessions.len() as f64 / workload.requests().max(1) as f64;
+                let baseline = rows
+                    .iter()
+                    .filter(|r| r.failure.is_none())
+                    .find(|r| r.router == report::BASELINE)
+                    .map(|r| r.req_per_s);
+                let best = rows
+                    .iter()
+                    .filter(|r| r.failure.is_none())
+                    .map(|r| r.req_per_s)
+                    .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+                capacity = baseline.or(best).map(|req_per_s| req_per_s * per_session);
+            }
+            sections.push(Section {
+                workload: kind.as_str().to_owned(),
+                level: if workload_levels.len() > 1 || levels.len() > 1 {
+                    Some(level_name.clone())
+                } else {
+                    None
+                },
+                description: workload.description.clone(),
+                requests: workload.requests(),
+                ideal,
+                kv_blocks,
+                working_set_blocks: ws_blocks,
+                backends: (0..args.backends).map(|i| format!("sim-{i}")).collect(),
+                rows,
+                notes,
+            });
         }
-        let ideal = workload::ideal(&workload, &replies, tokenizer, args.block_size);
-        if let Some(row) = rows.iter().find(|r| {
-            r.failure.is_none() && r.errors == 0 && r.prompt_tokens != ideal.prompt_tokens
-        }) {
-            notes.push(format!(
-                "the simulators counted {} prompt tokens under {}, the ideal's tokenization {}",
-                row.prompt_tokens, row.router, ideal.prompt_tokens
-            ));
-        }
-        sections.push(Section {
-            workload: kind.as_str().to_owned(),
-            description: workload.description.clone(),
-            requests: workload.requests(),
-            ideal,
-            kv_blocks,
-            working_set_blocks: ws_blocks,
-            backends: (0..args.backends).map(|i| format!("sim-{i}")).collect(),
-            rows,
-            notes,
-        });
     }
 
     let command = args.invoked_as.clone().unwrap_or_else(|| {
@@ -606,17 +739,15 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
             args.backends, args.profile, args.time_scale, args.block_size, args.kv_fit
         ),
         format!(
-            "load: {}, seed {}, every request streamed with `stream_options.include_usage`; \
-             mooncake replays its trace's timestamps instead",
-            match arrivals {
-                run::Arrivals::Closed(c) => format!(
-                    "closed loop, {c} sessions in flight (a request sent as another ends tends to \
-                     reach a simulator just as an engine step starts, and waits for all of it: \
-                     compare TTFT with `--rate` too)"
-                ),
-                run::Arrivals::Poisson { rate, .. } =>
-                    format!("open loop, sessions start at Poisson times, {rate}/s on average"),
-            },
+            "load: {}; seed {}, every request streamed with `stream_options.include_usage`; \
+             mooncake replays its trace's timestamps instead (a closed loop tends to send a \
+             request as another ends, right as an engine step starts, where it waits for all \
+             of it: compare the open-loop levels too)",
+            levels
+                .iter()
+                .map(Level::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
             args.seed
         ),
     ];
@@ -662,7 +793,7 @@ fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<Stri
     plot::font()?;
     let mut files = Vec::new();
     for s in &report.sections {
-        let file = format!("quality-{stamp}-ttft-{}.png", s.workload);
+        let file = format!("quality-{stamp}-ttft-{}.png", s.slug());
         let series = s
             .rows
             .iter()
@@ -675,7 +806,7 @@ fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<Stri
             &series,
         )?;
         files.push(file);
-        let file = format!("quality-{stamp}-load-{}.png", s.workload);
+        let file = format!("quality-{stamp}-load-{}.png", s.slug());
         let panels = s
             .rows
             .iter()
@@ -712,6 +843,24 @@ fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<Stri
     let file = format!("quality-{stamp}-hit-vs-load.png");
     plot::hit_vs_load(&dir.join(&file), &routers, &points)?;
     files.push(file);
+    for workload in report::workloads(report) {
+        let (levels, series) = report::ttft_by_level(report, &workload);
+        if levels.len() < 2 {
+            continue;
+        }
+        let file = format!("quality-{stamp}-ttft-vs-load-{workload}.png");
+        let series: Vec<(&str, &[Option<f64>])> = series
+            .iter()
+            .map(|(router, v)| (router.as_str(), v.as_slice()))
+            .collect();
+        plot::ttft_vs_load(
+            &dir.join(&file),
+            &format!("mean TTFT against load: {workload}"),
+            &levels,
+            &series,
+        )?;
+        files.push(file);
+    }
     Ok(files)
 }
 
@@ -837,5 +986,42 @@ mod tests {
             }
         }
         let _ = fs::remove_dir_all(&out);
+    }
+
+    #[test]
+    fn levels_parse_and_default_by_mode() {
+        let parse = |s: &str| s.parse::<Level>();
+        assert_eq!(parse("c16"), Ok(Level::Closed(16)));
+        assert_eq!(parse("r12.5"), Ok(Level::Open(12.5)));
+        assert_eq!(parse("cap0.9"), Ok(Level::Capacity(0.9)));
+        for bad in ["c0", "c", "x4", "r-1", "capNaN", "r"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let args = |argv: &[&str]| {
+            Cli::try_parse_from(std::iter::once("router-bench").chain(argv.iter().copied()))
+                .map(|cli| cli.args)
+        };
+        let quick = args(&["--quick"]).expect("valid arguments");
+        assert_eq!(
+            quick.levels(),
+            [Level::Closed(2), Level::Closed(8), Level::Closed(32)]
+        );
+        let full = args(&[]).expect("valid arguments");
+        assert_eq!(full.levels().len(), 4);
+        assert_eq!(
+            args(&["--concurrency=3"])
+                .expect("valid arguments")
+                .levels(),
+            [Level::Closed(3)]
+        );
+        assert_eq!(
+            args(&["--levels=c1,cap0.5"])
+                .expect("valid arguments")
+                .levels(),
+            [Level::Closed(1), Level::Capacity(0.5)]
+        );
+        assert!(args(&["--levels=c1", "--rate=3"]).is_err());
+        let capacity_first = args(&["--levels=cap0.5,c4"]).expect("valid arguments");
+        assert!(capacity_first.check(&capacity_first.sizes()).is_err());
     }
 }

@@ -1,11 +1,11 @@
 //! PNG plots of the routing-quality report: the TTFT CDF of each router on
 //! one workload, each backend's load over time under each router on one
-//! workload, and hit rate against load imbalance for every (workload,
-//! router) pair. Text needs a TrueType font from the system (DejaVu or
+//! workload, hit rate against load imbalance for every (workload, router)
+//! pair, and each router's mean TTFT against the load levels of a workload. Text needs a TrueType font from the system (DejaVu or
 //! Liberation Sans); without one the plots are skipped.
 use std::{fs, path::Path, sync::OnceLock};
 
-use plotters::{prelude::*, style::FontStyle};
+use plotters::{coord::types::RangedCoordf64, prelude::*, style::FontStyle};
 
 use super::load::Samples;
 
@@ -54,6 +54,25 @@ fn text<E: std::fmt::Display>(err: E) -> String {
     err.to_string()
 }
 
+/// A chart of the plots' shape: two f64 axes on a PNG.
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draws the series' legend at `position`, boxed, in the plots' font.
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .label_font((FAMILY, 16))
+        .draw()
+        .map_err(text)
+}
+
 /// The TTFT CDF of each `(router, sorted TTFTs in ms)`.
 pub fn ttft_cdf(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result<(), String> {
     let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
@@ -90,14 +109,7 @@ pub fn ttft_cdf(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result<(
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .label_font((FAMILY, 16))
-        .draw()
-        .map_err(text)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(text)
 }
 
@@ -150,14 +162,74 @@ pub fn hit_vs_load(path: &Path, routers: &[&str], points: &[Point]) -> Result<()
             }))
             .map_err(text)?;
     }
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+    root.present().map_err(text)
+}
+
+/// Mean TTFT (ms) of each `(router, value per level)` against the load
+/// levels, in order: one line per router, a gap where a level failed.
+pub fn ttft_vs_load(
+    path: &Path,
+    title: &str,
+    levels: &[String],
+    series: &[(&str, &[Option<f64>])],
+) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(text)?;
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten())
+        .copied()
+        .fold(1.0, f64::max);
+    let n = levels.len().max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FAMILY, 22))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(-0.2..(n as f64 - 0.8), 0.0..max * 1.1)
+        .map_err(text)?;
     chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.85))
-        .label_font((FAMILY, 16))
+        .configure_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                levels
+                    .get(i as usize)
+                    .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("load level")
+        .y_desc("mean TTFT (ms)")
         .draw()
         .map_err(text)?;
+    for (i, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = values
+            .iter()
+            .enumerate()
+            .filter_map(|(k, v)| v.map(|v| (k as f64, v)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(text)?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, color.filled())),
+            )
+            .map_err(text)?;
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(text)
 }
 

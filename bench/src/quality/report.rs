@@ -152,6 +152,9 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 pub struct Section {
     /// The workload's name.
     pub workload: String,
+    /// The load level's short name (`c16`, `cap0.9 (…)`), when the run had
+    /// several.
+    pub level: Option<String>,
     /// Its parameters.
     pub description: String,
     /// Requests it sends.
@@ -189,6 +192,157 @@ pub struct Report {
     pub plots: Result<Vec<String>, String>,
 }
 
+impl Section {
+    /// The heading: the workload, and the level if any.
+    pub fn title(&self) -> String {
+        match &self.level {
+            Some(level) => format!("{} · {level}", self.workload),
+            None => self.workload.clone(),
+        }
+    }
+
+    /// A file-name part: the workload, and the level's short name.
+    pub fn slug(&self) -> String {
+        match &self.level {
+            Some(level) => {
+                let short = level.split(' ').next().unwrap_or_default();
+                format!("{}-{short}", self.workload)
+            }
+            None => self.workload.clone(),
+        }
+    }
+}
+
+/// The workloads of `r`, in order of first appearance.
+pub fn workloads(r: &Report) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in &r.sections {
+        if !out.contains(&s.workload) {
+            out.push(s.workload.clone());
+        }
+    }
+    out
+}
+
+/// A router's mean TTFT (ms) at each level of a workload, None where it
+/// failed or did not run.
+pub type LevelSeries = (String, Vec<Option<f64>>);
+
+/// For one workload: its levels in order, and each router's series.
+pub fn ttft_by_level(r: &Report, workload: &str) -> (Vec<String>, Vec<LevelSeries>) {
+    let sections: Vec<&Section> = r
+        .sections
+        .iter()
+        .filter(|s| s.workload == workload)
+        .collect();
+    let levels = sections
+        .iter()
+        .map(|s| s.level.clone().unwrap_or_default())
+        .collect();
+    let mut series: Vec<LevelSeries> = Vec::new();
+    for (i, s) in sections.iter().enumerate() {
+        for row in &s.rows {
+            let at = match series.iter().position(|(name, _)| *name == row.router) {
+                Some(at) => at,
+                None => {
+                    series.push((row.router.clone(), vec![None; sections.len()]));
+                    series.len() - 1
+                }
+            };
+            if row.failure.is_none() {
+                series[at].1[i] = Some(row.ttft_mean_ms);
+            }
+        }
+    }
+    (levels, series)
+}
+
+/// The summary across levels: per workload, each router's mean and p99
+/// TTFT and hit rate (% of ideal) at each level.
+fn render_levels(out: &mut String, r: &Report) {
+    if !r.sections.iter().any(|s| s.level.is_some()) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## TTFT against load
+
+Mean / p99 TTFT in ms, and hit rate as % of the ideal, at each \
+         level; the best mean and the best p99 of each level in bold. Each level's own \
+         section below has every column.
+"
+    );
+    for workload in workloads(r) {
+        let sections: Vec<&Section> = r
+            .sections
+            .iter()
+            .filter(|s| s.workload == workload)
+            .collect();
+        let _ = writeln!(
+            out,
+            "### {workload}
+"
+        );
+        let mut head = "| router |".to_owned();
+        let mut rule = "|---|".to_owned();
+        for s in &sections {
+            let _ = write!(head, " {} |", s.level.as_deref().unwrap_or("-"));
+            rule.push_str("---|");
+        }
+        let _ = writeln!(
+            out,
+            "{head}
+{rule}"
+        );
+        let mut routers: Vec<&str> = Vec::new();
+        for s in &sections {
+            for row in &s.rows {
+                if !routers.contains(&row.router.as_str()) {
+                    routers.push(&row.router);
+                }
+            }
+        }
+        for router in routers {
+            let mut line = format!("| {router} |");
+            for s in &sections {
+                let ok = s.rows.iter().filter(|row| row.failure.is_none());
+                let best_mean = ok
+                    .clone()
+                    .map(|row| row.ttft_mean_ms)
+                    .fold(f64::INFINITY, f64::min);
+                let best_p99 = ok.map(|row| row.ttft_p99_ms).fold(f64::INFINITY, f64::min);
+                let cell = match s.rows.iter().find(|row| row.router == router) {
+                    Some(row) if row.failure.is_none() => {
+                        let bold = |v: f64, best: f64| {
+                            if v <= best {
+                                format!("**{v:.0}**")
+                            } else {
+                                format!("{v:.0}")
+                            }
+                        };
+                        let ideal = s.ideal.hit_rate();
+                        let hit = if ideal > 0.0 {
+                            format!("{:.0}%", row.hit_rate() / ideal * 100.0)
+                        } else {
+                            "–".to_owned()
+                        };
+                        format!(
+                            "{} / {} ({hit})",
+                            bold(row.ttft_mean_ms, best_mean),
+                            bold(row.ttft_p99_ms, best_p99)
+                        )
+                    }
+                    Some(_) => "failed".to_owned(),
+                    None => "–".to_owned(),
+                };
+                let _ = write!(line, " {cell} |");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        out.push('\n');
+    }
+}
+
 /// The name of the baseline TTFT ratios are taken against.
 pub const BASELINE: &str = "round-robin";
 
@@ -218,8 +372,9 @@ pub fn render(r: &Report) -> String {
          replicas, – for the client-side baselines, which have no process.\n",
         r.elapsed.as_secs_f64()
     );
+    render_levels(&mut out, r);
     for s in &r.sections {
-        let _ = writeln!(out, "## {}\n", s.workload);
+        let _ = writeln!(out, "## {}\n", s.title());
         let _ = writeln!(
             out,
             "{}. {} requests; ideal hit rate **{:.1}%** ({} of {} prompt tokens); working set \
@@ -381,6 +536,7 @@ mod tests {
             routers: Vec::new(),
             sections: vec![Section {
                 workload: "w".into(),
+                level: None,
                 description: "d".into(),
                 requests: 2,
                 ideal: Ideal::default(),
@@ -417,5 +573,69 @@ mod tests {
         for name in [BASELINE, "router-daemon", "vllm-router cache_aware"] {
             assert_eq!(cells(&line(name)), cells(header), "{name}");
         }
+    }
+
+    #[test]
+    fn levels_are_summarised_with_the_best_of_each_level_in_bold() {
+        let row = |router: &str, mean: f64, p99: f64| Row {
+            router: router.into(),
+            ttft_mean_ms: mean,
+            ttft_p99_ms: p99,
+            ..Row::failed(router, String::new())
+        };
+        let row = |router: &str, mean: f64, p99: f64| Row {
+            failure: None,
+            ..row(router, mean, p99)
+        };
+        let section = |level: &str, rows: Vec<Row>| Section {
+            workload: "w".into(),
+            level: Some(level.into()),
+            description: "d".into(),
+            requests: 2,
+            ideal: Ideal::default(),
+            kv_blocks: 1,
+            working_set_blocks: 1,
+            backends: vec!["sim-0".into()],
+            rows,
+            notes: Vec::new(),
+        };
+        let report = Report {
+            command: "x".into(),
+            env: Vec::new(),
+            settings: Vec::new(),
+            routers: Vec::new(),
+            sections: vec![
+                section("c4", vec![row(BASELINE, 50.0, 90.0), row("d", 30.0, 95.0)]),
+                section(
+                    "c64",
+                    vec![
+                        row(BASELINE, 200.0, 400.0),
+                        Row::failed("d", "exited".into()),
+                    ],
+                ),
+            ],
+            elapsed: Duration::from_secs(1),
+            plots: Ok(Vec::new()),
+        };
+        let text = render(&report);
+        assert!(text.contains("## TTFT against load"), "{text}");
+        assert!(text.contains("| router | c4 | c64 |"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "| {BASELINE} | 50 / **90** (–) | **200** / **400** (–) |"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("| d | **30** / 95 (–) | failed |"), "{text}");
+        assert!(text.contains("## w · c64"), "{text}");
+        let (levels, series) = ttft_by_level(&report, "w");
+        assert_eq!(levels, ["c4", "c64"]);
+        assert_eq!(
+            series,
+            [
+                (BASELINE.to_owned(), vec![Some(50.0), Some(200.0)]),
+                ("d".to_owned(), vec![Some(30.0), None]),
+            ]
+        );
     }
 }

@@ -297,6 +297,17 @@ mod tests {
         assert_eq!((backend.is_up(), backend.downs()), (false, 2));
     }
 
+    /// Discovery that probes when asked, and marks a backend down at its
+    /// first failure.
+    fn one_shot() -> Discovery {
+        Discovery {
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            down_after: 1,
+        }
+    }
+
     #[tokio::test]
     async fn a_refused_probe_counts_as_a_failure() {
         // A port nobody listens on: bind, note it, close.
@@ -306,12 +317,7 @@ mod tests {
         let backends = Backends::resolve(&[format!("http://{addr}")])
             .await
             .unwrap();
-        let discovery = Discovery {
-            interval: Duration::from_secs(3600),
-            timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
-            down_after: 1,
-        };
+        let discovery = one_shot();
         backends.probe_all(&discovery).await;
         assert!(!backends.get(0).unwrap().is_up());
     }
@@ -352,12 +358,7 @@ mod tests {
                 }
             })
         };
-        let discovery = Discovery {
-            interval: Duration::from_secs(3600),
-            timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
-            down_after: 1,
-        };
+        let discovery = one_shot();
         backends.probe_all(&discovery).await;
         let backend = backends.get(0).unwrap();
         assert_eq!((backend.waiting(), backend.others_waiting()), (1, 0));
