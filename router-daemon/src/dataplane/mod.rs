@@ -323,7 +323,7 @@ impl Dataplane {
     /// `client`, up to the end of its body.
     ///
     /// `watch` hears of the response's body as it arrives
-    /// ([`Watch::body_read`]) and of its end ([`Watch::ended`]), which comes
+    /// ([`Watch::first_body`], [`Watch::body_gap`]) and of its end ([`Watch::ended`]), which comes
     /// once the backend has sent its last byte, before that byte reaches the
     /// client: a client that sends its next request as soon as it has the
     /// answer never finds the previous one still counted.
