@@ -218,6 +218,15 @@ impl Placements {
     }
 }
 
+/// The length of a chat conversation prefix's messages before its first
+/// user message (the system part), when there are any: `conversation` ends
+/// with that user message's separator.
+fn preamble(conversation: &[u8]) -> Option<usize> {
+    let before = conversation.strip_suffix(&[crate::prompt::RECORD_SEP])?;
+    let start = memchr::memrchr(crate::prompt::RECORD_SEP, before)? + 1;
+    before[start..].starts_with(b"user\x1f").then_some(start)
+}
+
 /// Bytes of the assistant message that `rest` (a chat key after an earlier
 /// prompt) opens with, its closing separator included; 0 when it opens with
 /// anything else.
@@ -294,7 +303,14 @@ impl Router {
             0 => key.len(),
             n => n.min(key.len()),
         };
-        let leading = named.min(self.policy.placement_prefix.max(1));
+        let leading = match preamble(&key[..named]) {
+            // A chat whose system part is most of its conversation prefix
+            // belongs to that system prompt's family, which rule 2 follows:
+            // every replica places the family, and so each of its
+            // conversations, by the system part alone.
+            Some(system) if system as f64 >= self.policy.follow_fraction * named as f64 => system,
+            _ => named.min(self.policy.placement_prefix.max(1)),
+        };
         let mut inputs = policy::Inputs {
             backends,
             matched,
@@ -523,6 +539,23 @@ mod tests {
             (first.backend, Reason::PrefixMatch)
         );
         assert!(second.matched >= turn1.len());
+    }
+
+    #[test]
+    fn replicas_agree_on_conversations_behind_a_long_system_prompt() {
+        // The system prompt is most of each first turn: its conversations
+        // follow it, and a replica that never saw one of them sends its
+        // later turns to the same backend.
+        let system = "You are a helpful assistant. ".repeat(40);
+        let seen = Router::new(32, 1 << 16);
+        for i in 0..16 {
+            let (first, conv) = chat(&system, &[&format!("question {i}")]);
+            let home = seen.decide(&request(&first, conv), &idle(4)).unwrap();
+            let (later, conv) = chat(&system, &[&format!("question {i}"), "an answer", "more"]);
+            let fresh = Router::new(32, 1 << 16);
+            let there = fresh.decide(&request(&later, conv), &idle(4)).unwrap();
+            assert_eq!(there.backend, home.backend, "conversation {i}");
+        }
     }
 
     #[test]

@@ -57,8 +57,10 @@
 //!    fleet, and what it shares (a short common preamble) is not worth
 //!    moving it for: it goes by rendezvous hashing of a hash of the model
 //!    and its *leading part* (`key[..min(conversation, placement_prefix)]`,
-//!    see [`super::Router`]), so router replicas with no shared state place
-//!    a new prefix family, or a new conversation, alike. The rendezvous
+//!    or for a chat whose messages before the first user message are at
+//!    least [`Policy::follow_fraction`] of its conversation prefix, those
+//!    alone; see [`super::Router`]), so router replicas with no shared state
+//!    place a new prefix family, or a new conversation, alike. The rendezvous
 //!    winner among backends within the load bound (and the placement bound,
 //!    if set) keeps the request ([`Reason::Placed`]) unless another backend
 //!    is cheaper by more than [`Policy::rendezvous_weight`] cost units
