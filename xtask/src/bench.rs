@@ -64,7 +64,8 @@ enum Bench {
     /// options).
     ///
     /// Workloads: shared-prefix, multi-turn, prefix-repetition, no-sharing,
-    /// mooncake; under 5 minutes, `--quick` under 1. Installs the peers
+    /// mooncake, each at four load levels (`--levels`); about 15 minutes,
+    /// `--quick` about 3. Installs the peers
     /// into target/peers-venv first (`--no-peers`: not). The arguments go
     /// to `router-bench quality`.
     #[command(disable_help_flag = true)]
