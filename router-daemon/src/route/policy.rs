@@ -19,8 +19,10 @@
 //! A request following a cached prefix is weighed without `prefilling`:
 //! waiting behind another request's prefill is cheaper than copying the
 //! prefix to another backend, where it also evicts what that backend held
-//! (measured with `cargo xtask bench quality`: counting it there lost a
-//! third of the hit rate on the shared-prefix workload and raised TTFT).
+//! (in one `--quick` run of `cargo xtask bench quality` while this policy
+//! was written, counting it there dropped shared-prefix from 77% to 51% of
+//! the ideal hit rate and raised the mean TTFT; that variant is not kept as
+//! a flag).
 //!
 //! # Load bound
 //! With `n` candidates and total load `L` (counting the new request), the
