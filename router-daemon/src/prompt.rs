@@ -1312,6 +1312,25 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// In a chat key's conversation prefix (see [`RoutingInput::conversation`]),
+/// the length of the messages before its first user message (the system
+/// part), when there are any.
+pub fn preamble_len(conversation: &[u8]) -> Option<usize> {
+    let before = conversation.strip_suffix(&[RECORD_SEP])?;
+    let start = memchr::memrchr(RECORD_SEP, before)? + 1;
+    before[start..].starts_with(b"user\x1f").then_some(start)
+}
+
+/// The length of the assistant message that `rest` (what follows an
+/// earlier prompt within a chat key) opens with, its separator included;
+/// 0 when it opens with anything else.
+pub fn opening_reply_len(rest: &[u8]) -> usize {
+    if !rest.starts_with(b"assistant\x1f") {
+        return 0;
+    }
+    memchr(RECORD_SEP, rest).map_or(0, |end| end + 1)
+}
+
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,
@@ -2236,6 +2255,32 @@ mod tests {
             Responses,
             r#"{"input":[{"role":"user","content":5}]}"#
         )));
+    }
+
+    #[test]
+    fn the_system_part_and_an_opening_reply_are_found_in_chat_keys() {
+        let chat = |messages: Value| {
+            let body = serde_json::json!({"model": "m", "messages": messages}).to_string();
+            let input = extract(Endpoint::ChatCompletions, body.as_bytes()).expect("valid");
+            (input.key.to_vec(), input.conversation)
+        };
+        let (key, conversation) = chat(serde_json::json!([
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "bye"},
+        ]));
+        let system = preamble_len(&key[..conversation]).expect("a system part");
+        assert_eq!(&key[..system], b"system\x1fbe brief\x1e");
+        let reply = opening_reply_len(&key[conversation..]);
+        assert_eq!(
+            &key[conversation..conversation + reply],
+            b"assistant\x1fhello there\x1e"
+        );
+        // No system message; a user turn is no reply.
+        let (key, conversation) = chat(serde_json::json!([{"role": "user", "content": "hi"}]));
+        assert_eq!(preamble_len(&key[..conversation]), None);
+        assert_eq!(opening_reply_len(&key), 0);
     }
 
     #[test]

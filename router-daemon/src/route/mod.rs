@@ -27,6 +27,8 @@ use std::cell::RefCell;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::prompt;
+
 pub use self::{
     index::{MAX_BLOCK, PrefixIndex},
     policy::Policy,
@@ -218,26 +220,6 @@ impl Placements {
     }
 }
 
-/// The length of a chat conversation prefix's messages before its first
-/// user message (the system part), when there are any: `conversation` ends
-/// with that user message's separator.
-fn preamble(conversation: &[u8]) -> Option<usize> {
-    let before = conversation.strip_suffix(&[crate::prompt::RECORD_SEP])?;
-    let start = memchr::memrchr(crate::prompt::RECORD_SEP, before)? + 1;
-    before[start..].starts_with(b"user\x1f").then_some(start)
-}
-
-/// Bytes of the assistant message that `rest` (a chat key after an earlier
-/// prompt) opens with, its closing separator included; 0 when it opens with
-/// anything else.
-fn generated_reply(rest: &[u8]) -> usize {
-    const ASSISTANT: &[u8] = b"assistant\x1f";
-    if !rest.starts_with(ASSISTANT) {
-        return 0;
-    }
-    memchr::memchr(crate::prompt::RECORD_SEP, rest).map_or(0, |end| end + 1)
-}
-
 impl Router {
     /// A router with an empty index and the default [`Policy`].
     pub fn new(block: usize, capacity: usize) -> Self {
@@ -291,7 +273,7 @@ impl Router {
         );
         // A backend that served an earlier turn of this chat as a whole
         // also cached the reply it generated, which the index never saw.
-        let reply = generated_reply(&key[found.whole.min(key.len())..]);
+        let reply = prompt::opening_reply_len(&key[found.whole.min(key.len())..]);
         if found.whole > 0 && reply > 0 {
             for m in matched.iter_mut().filter(|m| **m == found.whole) {
                 *m += reply;
@@ -303,7 +285,7 @@ impl Router {
             0 => key.len(),
             n => n.min(key.len()),
         };
-        let leading = match preamble(&key[..named]) {
+        let leading = match prompt::preamble_len(&key[..named]) {
             // A chat whose system part is most of its conversation prefix
             // belongs to that system prompt's family, which rule 2 follows:
             // every replica places the family, and so each of its
