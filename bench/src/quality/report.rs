@@ -40,6 +40,9 @@ pub struct Row {
     pub peak_rss_mib: Option<f64>,
     /// Each backend's running + waiting requests over the run.
     pub load: Samples,
+    /// router-daemon's decisions by reason, most frequent first (empty for
+    /// other routers).
+    pub decisions: Vec<(String, u64)>,
     /// Why the run failed as a whole (no numbers then).
     pub failure: Option<String>,
 }
@@ -91,6 +94,7 @@ impl Row {
                 .usage
                 .map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
             load: outcome.load.clone(),
+            decisions: outcome.decisions.clone(),
             failure: None,
         }
     }
@@ -113,6 +117,7 @@ impl Row {
             cpu_s: None,
             peak_rss_mib: None,
             load: Samples::default(),
+            decisions: Vec::new(),
             failure: Some(why),
         }
     }
@@ -446,10 +451,21 @@ pub fn render(r: &Report) -> String {
             );
         }
         out.push('\n');
+        let decided = s.rows.iter().filter(|row| !row.decisions.is_empty());
+        let listed = decided.clone().count();
+        for row in decided {
+            let reasons = row
+                .decisions
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect::<Vec<_>>()
+                .join(" · ");
+            let _ = writeln!(out, "- {} decisions: {reasons}", row.router);
+        }
         for note in &s.notes {
             let _ = writeln!(out, "- {note}");
         }
-        if !s.notes.is_empty() {
+        if listed > 0 || !s.notes.is_empty() {
             out.push('\n');
         }
     }
@@ -503,6 +519,7 @@ mod tests {
             cpu_s: None,
             peak_rss_mib: None,
             load: Samples::default(),
+            decisions: Vec::new(),
             failure: None,
         };
         assert_eq!(row.max_over_mean(), 1.0);
@@ -527,6 +544,7 @@ mod tests {
             router: "router-daemon".into(),
             cpu_s: Some(0.25),
             peak_rss_mib: Some(7.4),
+            decisions: vec![("prefix-match".into(), 30), ("placed".into(), 2)],
             ..ok.clone()
         };
         let report = Report {
@@ -564,6 +582,12 @@ mod tests {
         assert!(line("router-daemon").ends_with("| 0.25 | 7 | 2/0 |"));
         let failed = line("vllm-router cache_aware");
         assert!(failed.contains("| **failed** |") && failed.ends_with("| 0/2 |"));
+        // The daemon's decisions are listed under the table, in its order.
+        assert!(
+            text.contains("- router-daemon decisions: prefix-match 30 · placed 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains(&format!("- {BASELINE} decisions")));
         // Every row has as many cells as the header.
         let cells = |l: &str| l.matches('|').count();
         let header = text

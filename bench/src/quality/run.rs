@@ -138,6 +138,9 @@ pub struct Outcome {
     /// The router processes' CPU time during the run and peak memory
     /// (summed over replicas); `None` for client-side choices.
     pub usage: Option<RouterUsage>,
+    /// router-daemon's routing decisions during the run, by reason, summed
+    /// over replicas (`router_route_decisions_total`); empty for others.
+    pub decisions: Vec<(String, u64)>,
 }
 
 /// What the router processes used.
@@ -411,6 +414,12 @@ async fn drive(
         errors: Mutex::new((0, Vec::new())),
         session_header: session_header.map(str::to_owned),
     });
+    let daemons = match (&router.kind, &shared.target) {
+        (RouterKind::Daemon { .. }, Target::Fixed(addr)) => vec![*addr],
+        (RouterKind::Daemon { .. }, Target::Spray { addrs, .. }) => addrs.clone(),
+        _ => Vec::new(),
+    };
+    let decisions_before = decisions(&daemons).await;
     let cpu_before = procs
         .iter()
         .map(|p| procfs::tree_usage(p.pid()).cpu_ns)
@@ -473,6 +482,14 @@ async fn drive(
     if let Some(err) = panicked {
         bail!("a load task panicked: {err}");
     }
+    let mut decided = decisions(&daemons).await;
+    for (reason, n) in &mut decided {
+        if let Some((_, before)) = decisions_before.iter().find(|(r, _)| r == reason) {
+            *n = n.saturating_sub(*before);
+        }
+    }
+    decided.retain(|(_, n)| *n > 0);
+    decided.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     for mut p in procs {
         if let Some(status) = p.exited() {
             bail!(
@@ -493,7 +510,54 @@ async fn drive(
         command,
         load,
         usage,
+        decisions: decided,
     })
+}
+
+/// Name of router-daemon's decision counter in its `/metrics` text.
+const DECISIONS_METRIC: &str = "router_route_decisions_total{reason=\"";
+
+/// router-daemon's decisions so far, by reason, summed over `daemons`
+/// (their `/metrics`); a replica that does not answer adds nothing, so a
+/// missing count shows as a short total rather than failing the run.
+async fn decisions(daemons: &[SocketAddr]) -> Vec<(String, u64)> {
+    let mut total: Vec<(String, u64)> = Vec::new();
+    for addr in daemons {
+        let Ok(text) = metrics_text(*addr).await else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(DECISIONS_METRIC) else {
+                continue;
+            };
+            let Some((reason, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let Ok(n) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            match total.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, sum)) => *sum += n as u64,
+                None => total.push((reason.to_owned(), n as u64)),
+            }
+        }
+    }
+    total
+}
+
+/// `GET /metrics` from `addr`, on a connection of its own.
+async fn metrics_text(addr: SocketAddr) -> Result<String> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .context("connecting for /metrics timed out")??;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut body))
+        .await
+        .context("reading /metrics timed out")??;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Runs one session on its own connections (open-loop arrivals).
