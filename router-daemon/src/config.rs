@@ -164,6 +164,16 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub placement_prefix_bytes: u64,
 
+    /// How strongly a new prompt keeps to its rendezvous backend when load
+    /// would move it: its leading part (see --placement-prefix-bytes),
+    /// weighed by how often recent requests reused a cached prefix, counts
+    /// like a cached prefix of that size (see --load-weight). With traffic
+    /// that shares prefixes, a new family stays where every replica places
+    /// it; with traffic that does not, placement spreads by load. 0: off.
+    #[arg(long, env = "ROUTER_FAMILY_WEIGHT", default_value_t = 1.0,
+          value_parser = non_negative)]
+    pub family_weight: f64,
+
     /// Request header whose value pins a session to one backend (by
     /// rendezvous hashing, within the load bound).
     #[arg(long, env = "ROUTER_SESSION_HEADER", default_value = "x-session-id")]
@@ -215,6 +225,7 @@ impl Config {
             follow_fraction: 0.5,
             rendezvous_weight: 2.0,
             placement_prefix_bytes: 2048,
+            family_weight: 1.0,
             session_header: "x-session-id".into(),
         }
     }
@@ -230,6 +241,7 @@ impl Config {
             follow_fraction: self.follow_fraction,
             rendezvous_weight: self.rendezvous_weight,
             placement_prefix: usize::try_from(self.placement_prefix_bytes).unwrap_or(usize::MAX),
+            family_weight: self.family_weight,
         }
     }
 

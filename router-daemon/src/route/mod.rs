@@ -22,6 +22,7 @@
 //! [`Router::remove_backend`] also drops what the index holds for it.
 pub mod index;
 pub mod policy;
+mod reuse;
 
 use std::cell::RefCell;
 
@@ -181,6 +182,7 @@ pub struct Router {
     index: PrefixIndex,
     policy: Policy,
     placements: std::sync::Mutex<Placements>,
+    reuse: reuse::ReuseRate,
 }
 
 /// KiB of new conversations recently placed on each backend, for the
@@ -233,6 +235,7 @@ impl Router {
             index: PrefixIndex::new(block, capacity),
             policy,
             placements: std::sync::Mutex::default(),
+            reuse: reuse::ReuseRate::default(),
         }
     }
 
@@ -301,12 +304,17 @@ impl Router {
             extends: found.whole > 0,
             later_turns: request.later_turns,
             placement: walk.prefix_hash(key, leading, PLACEMENT_SALT),
+            reuse: self.reuse.get(),
             session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
             placed: &[],
             weight: key.len().max(1) as f64 / 1024.0,
         };
+        let placement = self.policy.is_placement(&inputs);
+        if inputs.session.is_none() {
+            self.reuse.observe(!placement);
+        }
         let bounded = self.policy.placement_epsilon.is_some();
-        let decision = if bounded && self.policy.is_placement(&inputs) && !request.later_turns {
+        let decision = if bounded && placement && !request.later_turns {
             // A panic while holding the lock leaves at worst stale weights.
             let mut placements = self
                 .placements
@@ -521,6 +529,45 @@ mod tests {
             (first.backend, Reason::PrefixMatch)
         );
         assert!(second.matched >= turn1.len());
+    }
+
+    #[test]
+    fn replicas_agree_on_a_new_family_where_traffic_shares_prefixes() {
+        let family = format!(
+            "{}Which plan fits me?",
+            "A tenant's RAG template. ".repeat(80)
+        );
+        let probe = Router::new(64, 1 << 16);
+        let home = route(&probe, MODEL, family.as_bytes(), &idle(4))
+            .unwrap()
+            .backend;
+        // A replica that sees the family's first request while its home
+        // is busy: 6 in flight there, 1 elsewhere (bound 4).
+        let busy: Vec<BackendLoad> = NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| BackendLoad::new(name, if i == home { 6 } else { 1 }))
+            .collect();
+        let warmed = |shares: bool| {
+            let router = Router::new(64, 1 << 16);
+            let system = "You are the support agent of a shop. ".repeat(60);
+            for i in 0..256 {
+                let key = if shares {
+                    format!("{system}Question {i}?")
+                } else {
+                    format!("{i}: a prompt of its own {}", "words ".repeat(300))
+                };
+                route(&router, MODEL, key.as_bytes(), &idle(4)).unwrap();
+            }
+            router
+        };
+        // Its recent traffic followed cached prefixes: the new prompt likely
+        // starts a family, and it goes where the idle replica put it.
+        let d = route(&warmed(true), MODEL, family.as_bytes(), &busy).unwrap();
+        assert_eq!((d.backend, d.reason), (home, Reason::Placed));
+        // Its recent traffic shared nothing: load spreads it.
+        let d = route(&warmed(false), MODEL, family.as_bytes(), &busy).unwrap();
+        assert_ne!(d.backend, home);
     }
 
     #[test]
