@@ -1201,7 +1201,7 @@ impl Bench {
                 "router_dataplane_info",
                 "router_userspace_copied_bytes_total",
                 "router_splice_piped_bytes_total",
-                "router_sockmap_spliced",
+                "router_sockmap_redirected",
                 "router_backend_failures_total",
                 "router_errors_total",
             ];

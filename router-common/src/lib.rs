@@ -7,7 +7,7 @@
 //!
 //! # Maps
 //! - [`MAP_BACKENDS`]: sockhash of backend sockets, keyed by socket cookie.
-//!   The stream-verdict program [`PROG_SPLICE`] is attached to it, so every
+//!   The stream-verdict program [`PROG_REDIRECT`] is attached to it, so every
 //!   byte a backend sends is judged by the kernel program. A pooled backend
 //!   connection stays in it for its whole life.
 //! - [`MAP_CLIENTS`]: sockhash of client sockets, keyed by socket cookie, with
@@ -36,7 +36,7 @@
 #![no_std]
 
 /// Name of the stream-verdict program in the object file.
-pub const PROG_SPLICE: &str = "splice_response";
+pub const PROG_REDIRECT: &str = "redirect_response";
 /// Name of the sockhash holding backend sockets (the verdict program's map).
 pub const MAP_BACKENDS: &str = "BACKENDS";
 /// Name of the sockhash holding client sockets (redirect targets only).
@@ -124,7 +124,7 @@ pub struct Progress {
     /// daemon to read.
     pub passed: u64,
     /// Bytes redirected to clients.
-    pub spliced: u64,
+    pub redirected: u64,
     /// The body's framing after the last redirected byte; frozen when the
     /// program stops splicing, so it is the framing at the first byte the
     /// daemon reads next.
@@ -147,9 +147,9 @@ const _: () = assert!(align_of::<Progress>() == 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
     /// Backend skbs redirected to a client socket.
-    SplicedSkbs = 0,
+    RedirectedSkbs = 0,
     /// Payload bytes redirected to a client socket.
-    SplicedBytes = 1,
+    RedirectedBytes = 1,
     /// Zero-length skbs (FIN) passed to userspace, never redirected.
     PassedFin = 2,
     /// Skbs from a backend socket with no map entries, passed to userspace.
@@ -166,8 +166,8 @@ impl Stat {
     pub const COUNT: u32 = 6;
     /// Every counter, in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
-        Stat::SplicedSkbs,
-        Stat::SplicedBytes,
+        Stat::RedirectedSkbs,
+        Stat::RedirectedBytes,
         Stat::PassedFin,
         Stat::PassedUnmapped,
         Stat::RedirectFailed,
@@ -177,8 +177,8 @@ impl Stat {
     /// The counter's name as exported in `/metrics`.
     pub const fn name(self) -> &'static str {
         match self {
-            Stat::SplicedSkbs => "spliced_skbs",
-            Stat::SplicedBytes => "spliced_bytes",
+            Stat::RedirectedSkbs => "redirected_skbs",
+            Stat::RedirectedBytes => "redirected_bytes",
             Stat::PassedFin => "passed_fin",
             Stat::PassedUnmapped => "passed_unmapped",
             Stat::RedirectFailed => "redirect_failed",

@@ -15,22 +15,19 @@ use std::{
 };
 
 use smallvec::SmallVec;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::{
-    Shared,
-    backend::Backend,
-    backend::InFlight,
-    dataplane::{BackendConn, Client, Exchanged, Forward, RelayError, Watch},
-    error::ApiError,
+    backend::{Backend, InFlight},
+    daemon::Shared,
+    dataplane::{Client, Exchanged, Forward, RelayError, Watch},
+    error::{ApiError, Fault},
     http::{self, ChunkedDecoder, Framing, Head},
     metrics::{BackendCounters, StatusLabel},
     prompt::{self, Endpoint},
-    route::{BackendLoad, Decision, Reason, RouteRequest},
+    route::{BackendLoad, Decision, RouteRequest, Walked},
+    upstream::SendError,
 };
 
 /// How long a closing connection waits for the client to stop sending.
@@ -50,6 +47,8 @@ struct Buffers {
     outgoing: Vec<u8>,
     /// The backends that may serve the request.
     candidates: Vec<usize>,
+    /// Those backends in the order to try them.
+    order: Vec<usize>,
 }
 
 /// One request read off the connection.
@@ -82,7 +81,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             }
             Ok(None) => Next::Close,
             Err(Failure::Api(err)) => {
-                warn!(status = err.status, error = %err.message, "bad request");
+                warn!(status = err.status, fault = err.fault().as_str(), error = %err.message, "bad request");
                 answer_error(&mut client, &shared, &err).await;
                 Next::Close
             }
@@ -92,7 +91,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             break;
         }
     }
-    close(client).await;
+    client.close(LINGER).await;
 }
 
 enum Failure {
@@ -116,7 +115,7 @@ async fn read_request(
     shared: &Shared,
 ) -> Result<Option<Request>, Failure> {
     let config = &shared.config;
-    if client.pending.is_empty() && !client.eof {
+    if client.pending().is_empty() && !client.at_eof() {
         match tokio::time::timeout(config.idle_timeout(), fill(client)).await {
             Ok(filled) => filled?,
             Err(_) => return Ok(None),
@@ -138,15 +137,15 @@ async fn read_started_request(
     let mut deadline = None;
     let head = loop {
         if let Some(head) = http::parse_head(
-            &client.pending,
+            client.pending(),
             &limits,
             &shared.config.session_header,
             &mut buffers.head,
         )? {
             break head;
         }
-        if client.eof {
-            if client.pending.is_empty() {
+        if client.at_eof() {
+            if client.pending().is_empty() {
                 return Ok(None);
             }
             return Err(ApiError::bad_request("connection closed inside a request head").into());
@@ -156,17 +155,17 @@ async fn read_started_request(
     let body = match head.body {
         Framing::Length(len) => {
             let total = head.head_len + len;
-            if head.expect_continue && client.pending.len() < total {
+            if head.expect_continue && client.pending().len() < total {
                 client
                     .write(http::CONTINUE)
                     .await
                     .map_err(|_| Failure::Gone)?;
             }
-            while client.pending.len() < total {
-                if client.eof {
+            while client.pending().len() < total {
+                if client.at_eof() {
                     return Err(ApiError::bad_request(format!(
                         "connection closed after {} of {len} body bytes",
-                        client.pending.len() - head.head_len
+                        client.pending().len() - head.head_len
                     ))
                     .into());
                 }
@@ -174,16 +173,16 @@ async fn read_started_request(
             }
             let mut body = std::mem::take(&mut buffers.body);
             body.clear();
-            body.extend_from_slice(&client.pending[head.head_len..total]);
-            client.pending.drain(..total);
+            body.extend_from_slice(&client.pending()[head.head_len..total]);
+            client.consume(total);
             body
         }
         Framing::Chunked => {
             let mut decoder = ChunkedDecoder::default();
             let mut continued = false;
             loop {
-                if let Some(used) = decoder.decode(&client.pending[head.head_len..], &limits)? {
-                    client.pending.drain(..head.head_len + used);
+                if let Some(used) = decoder.decode(&client.pending()[head.head_len..], &limits)? {
+                    client.consume(head.head_len + used);
                     break decoder.into_body();
                 }
                 if head.expect_continue && !continued {
@@ -193,7 +192,7 @@ async fn read_started_request(
                         .await
                         .map_err(|_| Failure::Gone)?;
                 }
-                if client.eof {
+                if client.at_eof() {
                     return Err(
                         ApiError::bad_request("connection closed inside a chunked body").into(),
                     );
@@ -224,14 +223,9 @@ async fn fill_by(
     }
 }
 
-/// Reads more bytes from the client into `pending`.
+/// Reads more bytes from the client (see [`Client::fill`]).
 async fn fill(client: &mut Client) -> Result<(), Failure> {
-    match client.read_more().await {
-        Ok(0) => client.eof = true,
-        Ok(_) => {}
-        Err(_) => return Err(Failure::Gone),
-    }
-    Ok(())
+    client.fill().await.map(drop).map_err(|_| Failure::Gone)
 }
 
 async fn handle(
@@ -262,49 +256,8 @@ async fn handle(
             head.path()
         ))
         .into()),
-        ("POST", "/v1/completions") => {
-            proxy(
-                client,
-                head,
-                body,
-                Some(Endpoint::Completions),
-                buffers,
-                shared,
-            )
-            .await
-        }
-        ("POST", "/v1/embeddings") => {
-            proxy(
-                client,
-                head,
-                body,
-                Some(Endpoint::Embeddings),
-                buffers,
-                shared,
-            )
-            .await
-        }
-        ("POST", "/v1/responses") => {
-            proxy(
-                client,
-                head,
-                body,
-                Some(Endpoint::Responses),
-                buffers,
-                shared,
-            )
-            .await
-        }
-        ("POST", "/v1/chat/completions") => {
-            proxy(
-                client,
-                head,
-                body,
-                Some(Endpoint::ChatCompletions),
-                buffers,
-                shared,
-            )
-            .await
+        ("POST", path) if let Some(endpoint) = Endpoint::of_path(path) => {
+            proxy(client, head, body, Some(endpoint), buffers, shared).await
         }
         // Other OpenAI endpoints (`/v1/models`, …) carry no prompt: any
         // backend can answer them.
@@ -316,7 +269,7 @@ async fn handle(
     match result {
         Ok(next) => next,
         Err(Failure::Api(err)) => {
-            warn!(path = head.path(), status = err.status, error = %err.message, "request failed");
+            warn!(path = head.path(), status = err.status, fault = err.fault().as_str(), error = %err.message, "request failed");
             answer_error(client, shared, &err).await;
             Next::Close
         }
@@ -335,7 +288,8 @@ async fn local(client: &mut Client, head: &Head, response: Vec<u8>) -> Result<Ne
     })
 }
 
-/// Routes a request to a backend and relays its response.
+/// Routes a request to a backend and relays its response: extract the
+/// prompt, select, connect, record, exchange.
 async fn proxy(
     client: &mut Client,
     head: &Head,
@@ -348,7 +302,6 @@ async fn proxy(
         Some(id) => RequestId::Client(id),
         None => RequestId::Ours(shared.next_id.fetch_add(1, Ordering::Relaxed)),
     };
-    let backends = shared.backends.all();
     let input = match endpoint {
         Some(endpoint) => Some(
             prompt::extract(endpoint, body)
@@ -360,50 +313,30 @@ async fn proxy(
         .as_ref()
         .and_then(|input| input.model.as_deref())
         .unwrap_or_default();
-    let candidates = &mut buffers.candidates;
-    let decision = match &input {
-        Some(input) => {
-            // Only backends serving the model: 404 when none does, 400 when
-            // the model is left out of a fleet serving several.
-            shared
-                .backends
-                .candidates_into(input.model.as_deref(), candidates)
-                .map_err(ApiError::from)?;
-            let loads = loads(backends, candidates);
-            let request = RouteRequest {
-                model: model.as_bytes(),
-                key: &input.key,
-                conversation: input.conversation,
-                session: head.session.as_deref(),
-                later_turns: input.later_turns,
-            };
-            shared.router.decide(&request, &loads).and_then(|decision| {
-                Some(Decision {
-                    backend: *candidates.get(decision.backend)?,
-                    ..decision
-                })
-            })
-        }
-        None => {
-            // No prompt (`GET /v1/models`, …): the least-loaded backend up.
-            candidates.clear();
-            candidates.extend((0..backends.len()).filter(|&index| backends[index].is_up()));
-            if candidates.is_empty() {
-                candidates.extend(0..backends.len());
-            }
-            candidates
-                .iter()
-                .copied()
-                .min_by_key(|&index| load_of(&backends[index]))
-                .map(|backend| Decision {
-                    backend,
-                    matched: 0,
-                    reason: Reason::LeastLoaded,
-                })
+    let (decision, walked) = select(head, input.as_ref(), buffers, shared)?;
+    let leg = match shared
+        .upstream
+        .acquire(&buffers.order, &shared.backends, &shared.backend_counters)
+        .await
+    {
+        Ok(leg) => leg,
+        Err(err) => {
+            warn!(
+                request_id = %request_id,
+                fault = err.fault().as_str(),
+                retry_safe = err.retry_safe(),
+                error = %err,
+                "no backend took the request"
+            );
+            return Err(ApiError::from(err).into());
         }
     };
-    let decision = decision.ok_or_else(|| ApiError::unavailable("no backends configured"))?;
-    let (index, backend, conn) = acquire(decision.backend, candidates, shared).await?;
+    let (index, backend) = (leg.index, leg.backend);
+    // The backend took the connection: from now on its cache is where the
+    // prompt is, whatever becomes of the response.
+    if let (Some(walked), Some(input)) = (walked, &input) {
+        shared.router.record(walked, &input.key, &backend.url);
+    }
     info!(
         request_id = %request_id,
         model = if model.is_empty() { "-" } else { model },
@@ -419,45 +352,33 @@ async fn proxy(
     // What the backend must prefill: the key less what it holds (all of it
     // when the chosen backend could not be reached and another took it).
     let key_len = input.as_ref().map_or(0, |input| input.key.len());
-    let prefill = if index == decision.backend {
+    let prefill = if index == buffers.order[0] {
         key_len.saturating_sub(decision.matched)
     } else {
         key_len
     };
 
-    // The request as it goes out, built in a buffer the connection keeps.
-    let mut request = std::mem::take(&mut buffers.outgoing);
-    request.clear();
-    request.extend_from_slice(head.forward_head());
-    if let RequestId::Ours(n) = request_id {
-        request.extend_from_slice(b"x-request-id: rtr-");
-        request.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        request.extend_from_slice(b"\r\n");
-    }
-    request.extend_from_slice(b"content-length: ");
-    request.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-    request.extend_from_slice(b"\r\n\r\n");
-    request.extend_from_slice(body);
+    let request = outgoing(
+        head,
+        body,
+        request_id,
+        std::mem::take(&mut buffers.outgoing),
+    );
     let forward = Forward {
         request: &request,
         head_request: head.method() == "HEAD",
         client_close: head.close,
     };
-
-    let result = send(client, index, conn, &forward, prefill, shared).await;
-    buffers.outgoing = request;
-    let relayed = match &result {
-        Ok(exchanged) => Some(exchanged.relayed),
-        Err(RelayError::Backend { relayed, .. } | RelayError::BadResponse { relayed, .. }) => {
-            Some(*relayed)
-        }
-        Err(_) => None,
+    let watch = || Watched {
+        in_flight: Some(backend.start_request(prefill)),
+        counters: shared.backend_counters.get(index),
     };
-    if let Some(relayed) = relayed {
-        shared.metrics.head_bytes.inc_by(relayed.head);
-        shared.metrics.copied_bytes.inc_by(relayed.copied);
-        shared.metrics.piped_bytes.inc_by(relayed.piped);
-    }
+    let result = shared
+        .upstream
+        .exchange(client, leg, &forward, &shared.backend_counters, watch)
+        .await;
+    buffers.outgoing = request;
+    count_relayed(&result, shared);
     match result {
         Ok(exchanged) => {
             shared
@@ -465,113 +386,143 @@ async fn proxy(
                 .first_byte
                 .observe(exchanged.first_byte.as_secs_f64());
             debug!(request_id = %request_id, status = exchanged.status, relayed = ?exchanged.relayed, "response relayed");
-            Ok(if exchanged.client_keep_alive && !client.eof {
+            Ok(if exchanged.client_keep_alive && !client.at_eof() {
                 Next::KeepAlive
             } else {
                 Next::Close
             })
         }
-        Err(RelayError::NoResponse(err) | RelayError::BackendWrite(err)) => {
-            shared.metrics.backend_failures.inc();
-            Err(ApiError::bad_gateway(format!(
-                "backend {} closed the connection without a response ({err})",
-                backend.url
-            ))
-            .into())
-        }
-        Err(RelayError::BadResponse { relayed, source }) => {
-            shared.metrics.backend_failures.inc();
-            warn!(request_id = %request_id, backend = %backend.url, %source, "invalid response from the backend");
-            if relayed.any() {
-                Err(Failure::Gone)
-            } else {
-                Err(ApiError::bad_gateway(format!(
-                    "backend {} sent an invalid response: {source}",
-                    backend.url
-                ))
-                .into())
-            }
-        }
-        Err(RelayError::Backend { relayed, source }) => {
-            shared.metrics.backend_failures.inc();
-            if relayed.any() {
-                warn!(request_id = %request_id, backend = %backend.url, %source, "backend failed mid-response; closing the client");
-                Err(Failure::Gone)
-            } else {
-                Err(
-                    ApiError::bad_gateway(format!("backend {} failed: {source}", backend.url))
-                        .into(),
-                )
-            }
-        }
-        Err(RelayError::Client(err)) => {
-            debug!(request_id = %request_id, %err, "client went away");
-            Err(Failure::Gone)
-        }
-        Err(err @ RelayError::Sockmap(_)) => {
-            // Map operations fail only after the head went out (the body
-            // hand-over), so the client cannot get an error response: close.
-            warn!(request_id = %request_id, %err, "dataplane failure");
-            Err(Failure::Gone)
-        }
+        Err(err) => Err(send_failure(err, backend, request_id, shared)),
     }
 }
 
-/// Runs the exchange on `conn`; when a pooled connection turns out to have
-/// been closed by the backend before answering, sends the request again on
-/// another one (the backend never answered it, and the client saw nothing).
-/// A clean connection goes back to the pool.
-async fn send(
-    client: &mut Client,
-    index: usize,
-    mut conn: Pooled,
-    forward: &Forward<'_>,
-    prefill: usize,
+/// Picks the backend for a request (`input`: its prompt, if its endpoint
+/// has one) among those that may serve it, and leaves every candidate's
+/// backend index in `buffers.order`, in the order to try them.
+fn select(
+    head: &Head,
+    input: Option<&prompt::RoutingInput>,
+    buffers: &mut Buffers,
     shared: &Shared,
-) -> Result<Exchanged, RelayError> {
-    loop {
-        let watched = Watched {
-            in_flight: shared
-                .backends
-                .get(index)
-                .map(|backend| backend.start_request(prefill)),
-            counters: shared.backend_counters.get(index),
-        };
-        let result = shared
-            .dataplane
-            .exchange(client, &mut conn.conn, forward, watched)
-            .await;
-        match result {
-            Err(RelayError::NoResponse(err) | RelayError::BackendWrite(err)) if conn.reused => {
-                debug!(%err, "a pooled backend connection was stale; sending again");
-                conn = match shared.pool.take(index) {
-                    Some(pooled) => Pooled {
-                        conn: pooled,
-                        reused: true,
-                    },
-                    None => {
-                        let backend = shared
-                            .backends
-                            .get(index)
-                            .expect("invariant: index came from the backend list");
-                        let fresh = open(backend, shared)
-                            .await
-                            .map_err(|err| RelayError::NoResponse(io_error(err)))?;
-                        count_connection(shared, index);
-                        Pooled {
-                            conn: fresh,
-                            reused: false,
-                        }
-                    }
-                };
+) -> Result<(Decision, Option<Walked>), Failure> {
+    let Buffers {
+        candidates, order, ..
+    } = buffers;
+    match input {
+        // Only backends serving the model: 404 when none does, 400 when the
+        // model is left out of a fleet serving several.
+        Some(input) => shared
+            .backends
+            .candidates_into(input.model.as_deref(), candidates)
+            .map_err(ApiError::from)?,
+        None => shared.backends.reachable_into(candidates),
+    }
+    let loads = loads(shared.backends.all(), candidates);
+    let request = input.map(|input| RouteRequest {
+        model: input.model.as_deref().unwrap_or_default().as_bytes(),
+        key: &input.key,
+        conversation: input.conversation,
+        session: head.session.as_deref(),
+        later_turns: input.later_turns,
+    });
+    let (decision, walked) = shared
+        .router
+        .select(request.as_ref(), &loads, order)
+        .ok_or_else(|| ApiError::unavailable("no backends configured"))?;
+    // Positions among the candidates → backend indexes.
+    for slot in order.iter_mut() {
+        *slot = candidates[*slot];
+    }
+    Ok((decision, walked))
+}
+
+/// The request as it goes to the backend, built in `buffer` (a buffer the
+/// connection keeps): the head as forwarded, our request id if the client
+/// sent none, the body's length, the body.
+fn outgoing(head: &Head, body: &[u8], request_id: RequestId, mut buffer: Vec<u8>) -> Vec<u8> {
+    buffer.clear();
+    buffer.extend_from_slice(head.forward_head());
+    if let RequestId::Ours(n) = request_id {
+        buffer.extend_from_slice(b"x-request-id: rtr-");
+        buffer.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        buffer.extend_from_slice(b"\r\n");
+    }
+    buffer.extend_from_slice(b"content-length: ");
+    buffer.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    buffer.extend_from_slice(b"\r\n\r\n");
+    buffer.extend_from_slice(body);
+    buffer
+}
+
+/// Counts the bytes an exchange relayed, by how they moved.
+fn count_relayed(result: &Result<Exchanged, SendError>, shared: &Shared) {
+    let relayed = match result {
+        Ok(exchanged) => exchanged.relayed,
+        Err(SendError::Relay(
+            RelayError::Backend { relayed, .. } | RelayError::BadResponse { relayed, .. },
+        )) => *relayed,
+        Err(_) => return,
+    };
+    shared.metrics.head_bytes.inc_by(relayed.head);
+    shared.metrics.copied_bytes.inc_by(relayed.copied);
+    shared.metrics.piped_bytes.inc_by(relayed.piped);
+}
+
+/// What the client gets when an exchange with `backend` failed: a 502 if
+/// nothing of the response reached it yet, else the connection closes.
+fn send_failure(
+    err: SendError,
+    backend: &Backend,
+    request_id: RequestId,
+    shared: &Shared,
+) -> Failure {
+    let err = match err {
+        SendError::Reconnect(err) => {
+            shared.metrics.backend_failures.inc();
+            return ApiError::bad_gateway(format!("backend {} failed: {err}", backend.url)).into();
+        }
+        SendError::Relay(err) => err,
+    };
+    if err.fault() == Fault::Backend {
+        shared.metrics.backend_failures.inc();
+    }
+    match err {
+        RelayError::NoResponse(err) | RelayError::BackendWrite(err) => {
+            ApiError::bad_gateway(format!(
+                "backend {} closed the connection without a response ({err})",
+                backend.url
+            ))
+            .into()
+        }
+        RelayError::BadResponse { relayed, source } => {
+            warn!(request_id = %request_id, backend = %backend.url, %source, "invalid response from the backend");
+            if relayed.any() {
+                Failure::Gone
+            } else {
+                ApiError::bad_gateway(format!(
+                    "backend {} sent an invalid response: {source}",
+                    backend.url
+                ))
+                .into()
             }
-            Ok(exchanged) => {
-                if exchanged.backend_reusable {
-                    shared.pool.put(index, conn.conn);
-                }
-                return Ok(exchanged);
+        }
+        RelayError::Backend { relayed, source } => {
+            if relayed.any() {
+                warn!(request_id = %request_id, backend = %backend.url, %source, "backend failed mid-response; closing the client");
+                Failure::Gone
+            } else {
+                ApiError::bad_gateway(format!("backend {} failed: {source}", backend.url)).into()
             }
-            Err(err) => return Err(err),
+        }
+        RelayError::Client(err) => {
+            debug!(request_id = %request_id, %err, "client went away");
+            Failure::Gone
+        }
+        err @ RelayError::Sockmap(_) => {
+            // Map operations fail only after the head went out (the body
+            // hand-over), so the client cannot get an error response: close.
+            warn!(request_id = %request_id, %err, "dataplane failure");
+            Failure::Gone
         }
     }
 }
@@ -604,10 +555,6 @@ impl Watch for Watched<'_> {
     }
 }
 
-fn io_error(message: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::ConnectionRefused, message)
-}
-
 /// A request's id for the backend and the logs: the client's
 /// `x-request-id`, else one the router numbers.
 #[derive(Clone, Copy)]
@@ -623,14 +570,6 @@ impl std::fmt::Display for RequestId<'_> {
             RequestId::Ours(n) => write!(f, "rtr-{n}"),
         }
     }
-}
-
-/// A backend's load as routing sees it: requests in flight from this router
-/// plus the requests of others its engine reported waiting.
-fn load_of(backend: &Backend) -> usize {
-    backend
-        .in_flight()
-        .saturating_add(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
 }
 
 /// What routing sees of the `candidates`, in their order (on the stack for
@@ -650,81 +589,6 @@ fn loads<'a>(
         .collect()
 }
 
-/// A backend connection, and whether it came from the pool.
-struct Pooled {
-    conn: BackendConn,
-    reused: bool,
-}
-
-/// A connection to the chosen backend: a pooled one, else a new one; when
-/// connecting fails, the next least-loaded backend's (no request byte has
-/// left the router yet, so moving on is safe).
-async fn acquire<'a>(
-    first: usize,
-    candidates: &[usize],
-    shared: &'a Shared,
-) -> Result<(usize, &'a Arc<Backend>, Pooled), ApiError> {
-    // The common case: the chosen backend has an idle connection.
-    if let (Some(backend), Some(conn)) = (shared.backends.get(first), shared.pool.take(first)) {
-        return Ok((first, backend, Pooled { conn, reused: true }));
-    }
-    let backends = shared.backends.all();
-    let mut order: Vec<usize> = candidates
-        .iter()
-        .copied()
-        .filter(|&index| index != first)
-        .collect();
-    order.sort_by_key(|&index| backends.get(index).map_or(usize::MAX, |b| load_of(b)));
-    order.insert(0, first);
-    let mut last_error = String::from("no backends configured");
-    for index in order {
-        let Some(backend) = shared.backends.get(index) else {
-            continue;
-        };
-        if let Some(conn) = shared.pool.take(index) {
-            return Ok((index, backend, Pooled { conn, reused: true }));
-        }
-        match open(backend, shared).await {
-            Ok(conn) => {
-                count_connection(shared, index);
-                return Ok((
-                    index,
-                    backend,
-                    Pooled {
-                        conn,
-                        reused: false,
-                    },
-                ));
-            }
-            Err(err) => last_error = err,
-        }
-        warn!(backend = %backend.url, error = %last_error, "backend connect failed; trying the next");
-    }
-    Err(ApiError::bad_gateway(format!(
-        "no backend could be reached (last: {last_error})"
-    )))
-}
-
-fn count_connection(shared: &Shared, index: usize) {
-    if let Some(counters) = shared.backend_counters.get(index) {
-        counters.connections.inc();
-    }
-}
-
-/// Opens a new connection to `backend` within the connect timeout.
-async fn open(backend: &Backend, shared: &Shared) -> Result<BackendConn, String> {
-    let attempt = tokio::time::timeout(
-        shared.config.connect_timeout(),
-        shared.dataplane.connect(backend.addr),
-    )
-    .await;
-    match attempt {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(err)) => Err(format!("{}: {err}", backend.url)),
-        Err(_) => Err(format!("{}: connect timed out", backend.url)),
-    }
-}
-
 async fn answer_error(client: &mut Client, shared: &Shared, err: &ApiError) {
     shared
         .metrics
@@ -732,23 +596,4 @@ async fn answer_error(client: &mut Client, shared: &Shared, err: &ApiError) {
         .get_or_create(&StatusLabel { status: err.status })
         .inc();
     let _ = client.write(&err.to_response()).await;
-}
-
-/// Closes the connection without losing the last response: shut down our
-/// sending side, then read until the client closes too (or [`LINGER`]), so
-/// that unread client bytes do not turn our close into a reset.
-async fn close(mut client: Client) {
-    if client.stream.shutdown().await.is_err() {
-        return;
-    }
-    let drain = async {
-        let mut sink = [0u8; 4096];
-        while !client.eof {
-            match client.stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
 }

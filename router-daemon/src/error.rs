@@ -17,6 +17,17 @@ pub enum Fault {
     Internal,
 }
 
+impl Fault {
+    /// Short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Client => "client",
+            Fault::Backend => "backend",
+            Fault::Internal => "internal",
+        }
+    }
+}
+
 /// An error answered to the client as an HTTP response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{status} {message}")]

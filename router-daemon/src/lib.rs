@@ -4,219 +4,41 @@
 //! - [`config`]: flags and their environment twins.
 //! - `conn`: one client connection's life: read a request, answer it
 //!   locally or route it, relay the response.
-//! - [`http`]: HTTP/1.1 request framing (httparse) and the head sent on.
-//! - [`response`]: response heads from backends, and where each body ends.
+//! - [`http`]: HTTP/1.1 framing (httparse): client requests and the head
+//!   sent on, backend response heads and where each body ends.
 //! - [`prompt`]: the model and prompt key, scanned out of the JSON body.
 //! - [`route`]: the prefix index and the selection policy.
 //! - [`backend`]: the backend set, each backend's in-flight count, and what
 //!   discovery learns of it: models, health, engine queue.
-//! - [`dataplane`]: exchanges on pooled, kept-alive backend connections;
-//!   moving response bytes in the kernel (sockmap), through a pipe (splice)
-//!   or through the daemon (userspace).
+//! - `upstream`: getting a request to a backend: the connection pool,
+//!   connecting in fallback order, resending on a stale pooled connection.
+//! - [`dataplane`]: exchanges on kept-alive backend connections; moving
+//!   response bytes in the kernel (sockmap), through a pipe (splice) or
+//!   through the daemon (userspace).
 //! - `worker`: one event loop per CPU, each with its own listening socket.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: errors as clients see them.
 //!
+//! - `daemon`: the shared state, [`run`] and the upkeep beside it.
+//!
 //! [`run`] serves a listener until a shutdown signal; `main` is a thin shell
-//! around it, and tests call it in-process.
+//! around it, and tests call it in-process. This file only lays out the
+//! modules.
 pub mod backend;
 pub mod config;
 mod conn;
+mod daemon;
 pub mod dataplane;
 pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod prompt;
-pub mod response;
 pub mod route;
+mod upstream;
 mod worker;
 
-use std::{
-    future::Future,
-    sync::{Arc, atomic::AtomicU64},
+pub use crate::{
+    config::Config,
+    daemon::{LISTEN_BACKLOG, RunError, listener, run},
+    dataplane::Dataplane,
 };
-
-use tokio::net::TcpListener;
-
-use crate::{backend::Backends, dataplane::Pool, metrics::Metrics, route::Router};
-pub use crate::{config::Config, dataplane::Dataplane};
-
-/// Listen backlog for [`listener`]: bursts of new clients wait in the
-/// kernel's accept queue instead of being refused (capped by
-/// `net.core.somaxconn`, 4096 by default).
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`;
-/// bound without `SO_REUSEPORT`, so it fails while another process
-/// listens there ([`run`] opens its workers' sockets on the port after).
-pub fn listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    bind(addr, false)
-}
-
-/// A listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`, and
-/// `SO_REUSEPORT` when `share_port`.
-fn bind(addr: std::net::SocketAddr, share_port: bool) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(share_port)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
-/// Why the daemon could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// A backend URL is unusable.
-    #[error(transparent)]
-    Backend(#[from] backend::BackendError),
-    /// Accepting connections failed.
-    #[error("accepting connections: {0}")]
-    Accept(std::io::Error),
-    /// A worker thread could not be started.
-    #[error("starting a worker thread: {0}")]
-    Worker(std::io::Error),
-}
-
-/// State shared by every connection.
-#[derive(Debug)]
-struct Shared {
-    config: Config,
-    backends: Backends,
-    router: Arc<Router>,
-    dataplane: Arc<Dataplane>,
-    pool: Pool,
-    metrics: Metrics,
-    /// Per-backend counters, by backend index.
-    backend_counters: Vec<metrics::BackendCounters>,
-    next_id: AtomicU64,
-}
-
-/// Serves clients on `listener` until `shutdown` completes, with
-/// [`Config::workers`] event loops: this task's runtime is the first, and
-/// the others run on threads of their own (see `worker`).
-///
-/// Connections already open when `shutdown` fires are left to finish.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    dataplane: Dataplane,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
-    let backends = Backends::resolve(&config.backends).await?;
-    let workers = config.workers();
-    // Polls the backends while the daemon serves; stops when `run` returns.
-    let _discovery = backends.spawn_discovery(config.discovery());
-    let dataplane = Arc::new(dataplane);
-    let mut metrics = Metrics::new(Arc::clone(&dataplane));
-    metrics.register_backends(backends.all());
-    let router = Arc::new(Router::with_policy(
-        usize::from(config.block_bytes),
-        config.index_entries,
-        config.policy(),
-    ));
-    metrics.register_index(Arc::clone(&router));
-    let backend_counters = backends
-        .all()
-        .iter()
-        .map(|backend| metrics.backend_counters(&backend.url))
-        .collect();
-    let shared = Arc::new(Shared {
-        router,
-        pool: Pool::new(
-            backends.all().len(),
-            workers,
-            config.pool_max_idle,
-            config.pool_idle_timeout(),
-        ),
-        metrics,
-        backend_counters,
-        backends,
-        dataplane,
-        config,
-        next_id: AtomicU64::new(1),
-    });
-    tokio::spawn(reap_idle(Arc::downgrade(&shared)));
-    let discovery_interval = shared.config.discovery().interval;
-    if !discovery_interval.is_zero() {
-        tokio::spawn(forget_down_backends(
-            Arc::downgrade(&shared),
-            discovery_interval,
-        ));
-    }
-    // The other workers stop when `_stop` is dropped, as `run` returns.
-    let (_stop, stopped) = tokio::sync::watch::channel(());
-    let mut started = 1;
-    match worker::share_port(&listener, workers - 1) {
-        Ok(sockets) => {
-            for socket in sockets {
-                worker::spawn(started, socket, Arc::clone(&shared), stopped.clone())
-                    .map_err(RunError::Worker)?;
-                started += 1;
-            }
-        }
-        Err(err) => {
-            tracing::warn!(%err, "cannot share the listening port; serving on one worker thread");
-        }
-    }
-    tracing::info!(
-        workers = started,
-        "serving, one event loop per worker thread"
-    );
-    let mut open = tokio::task::JoinSet::new();
-    let served = worker::serve(&listener, &shared, shutdown, &mut open).await;
-    // This worker's connections are left to finish on the caller's runtime.
-    open.detach_all();
-    served
-}
-
-/// Closes pooled backend connections idle past their timeout, for as long
-/// as the daemon's state lives.
-async fn reap_idle(shared: std::sync::Weak<Shared>) {
-    let Some(interval) = shared.upgrade().map(|shared| shared.pool.reap_interval()) else {
-        return;
-    };
-    loop {
-        tokio::time::sleep(interval).await;
-        match shared.upgrade() {
-            Some(shared) => shared.pool.reap(),
-            None => return,
-        }
-    }
-}
-
-/// Drops what the prefix index holds for a backend when discovery marks it
-/// down: its cache is likely gone (a restart), and the index's bounded
-/// memory is better spent on live backends. Checks once per discovery
-/// interval, for as long as the daemon's state lives.
-async fn forget_down_backends(shared: std::sync::Weak<Shared>, interval: std::time::Duration) {
-    // Compares down counts rather than sampling `is_up`: a backend that came
-    // up and went down again between two ticks still has its entries dropped.
-    let mut seen: Vec<u32> = Vec::new();
-    loop {
-        tokio::time::sleep(interval).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let backends = shared.backends.all();
-        seen.resize(backends.len(), 0);
-        for (backend, seen) in backends.iter().zip(seen.iter_mut()) {
-            let downs = backend.downs();
-            if downs != *seen {
-                *seen = downs;
-                shared.router.remove_backend(&backend.url);
-                tracing::info!(backend = %backend.url, "backend down; its prefix index entries are dropped");
-            }
-        }
-    }
-}
-
-fn is_transient(err: &std::io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
-    ) || err.kind() == std::io::ErrorKind::ConnectionAborted
-}

@@ -1,7 +1,7 @@
 //! Prometheus metrics served at `GET /metrics`.
 //!
 //! Request counters live here; the kernel program's counters are read from
-//! its map at scrape time, so a scrape shows what the kernel really spliced.
+//! its map at scrape time, so a scrape shows what the kernel really redirected.
 //! Likewise each backend's health, engine queue and models are read from the
 //! backend set at scrape time (`router_backend_*`).
 use std::sync::Arc;

@@ -22,7 +22,10 @@ use std::{cell::Cell, future::Future, io, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
-use crate::{RunError, Shared, conn};
+use crate::{
+    conn,
+    daemon::{RunError, Shared, is_transient},
+};
 
 thread_local! {
     /// The worker this thread runs; 0 on every thread `run` did not start.
@@ -55,7 +58,7 @@ pub(crate) fn share_port(
     socket2::SockRef::from(listener).set_reuse_port(true)?;
     let addr = listener.local_addr()?;
     (0..count)
-        .map(|_| crate::bind(addr, true)?.into_std())
+        .map(|_| crate::daemon::bind(addr, true)?.into_std())
         .collect()
 }
 
@@ -114,7 +117,7 @@ pub(crate) async fn serve(
                     open.spawn(conn::serve(stream, Arc::clone(shared)));
                 }
                 // Out of fds or a connection reset before accept: keep serving.
-                Err(err) if crate::is_transient(&err) => {
+                Err(err) if is_transient(&err) => {
                     tracing::warn!(%err, "accept failed; retrying");
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }

@@ -325,6 +325,17 @@ impl Backends {
         Ok(())
     }
 
+    /// The backends that may answer a request with no model (`GET
+    /// /v1/models`, …) into a reused buffer: those up, or all of them when
+    /// none is.
+    pub fn reachable_into(&self, out: &mut Vec<usize>) {
+        out.clear();
+        out.extend((0..self.list.len()).filter(|&index| self.list[index].is_up()));
+        if out.is_empty() {
+            out.extend(0..self.list.len());
+        }
+    }
+
     /// Every model some backend listed, sorted and deduplicated.
     pub fn served_models(&self) -> Vec<String> {
         let mut served: Vec<String> = self

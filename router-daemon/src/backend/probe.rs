@@ -6,7 +6,7 @@
 //! times a second at most, so it favours simplicity (a fresh connection per
 //! GET, `connection: close`, serde_json) over speed. Every read is bounded:
 //! connect and whole-exchange timeouts, at most [`MAX_RESPONSE_BYTES`] of
-//! response; heads and their framing are read by [`crate::response`], as on
+//! response; heads and their framing are read by [`crate::http::response`], as on
 //! the request path.
 use std::{net::SocketAddr, time::Duration};
 
@@ -15,8 +15,8 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{
-    http::{ChunkedDecoder, Limits},
+use crate::http::{
+    ChunkedDecoder, Limits,
     response::{self, BodyFraming},
 };
 

@@ -4,7 +4,7 @@
 //! writes the request, reads the response head itself (the router needs the
 //! status and the body's framing), writes the head to the client, then moves
 //! the body until [`BodyTracker`] says it has ended, so the backend
-//! connection can go back to the [`Pool`] for the next request, whichever
+//! connection can go back to the pool (`upstream`) for the next request, whichever
 //! client sends it. Three modes move the body:
 //! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects body
 //!   bytes from the backend socket to the client socket while it can follow
@@ -21,7 +21,6 @@
 //! request order), and the client's FIN is passed on to the backend as a
 //! half-close, which makes vLLM abort a generation nobody will read.
 mod pipe;
-mod pool;
 mod sockmap;
 mod tcp;
 
@@ -33,18 +32,18 @@ use std::{
 
 use router_common::{Control, Framing, Stat};
 use tokio::{
-    io::{AsyncWriteExt as _, Interest},
+    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::TcpStream,
 };
 
+pub use self::sockmap::SockmapError;
 use self::{
     pipe::Pipe,
     sockmap::{BackendSlot, ClientSlot, Sockmap},
 };
-pub use self::{pool::Pool, sockmap::SockmapError};
-use crate::response::{self, BodyFraming, BodyTracker, FramingError};
+use crate::http::response::{self, BodyFraming, BodyTracker, FramingError, ResponseHead};
 
-/// How long to wait for the kernel to hand spliced bytes to a client socket
+/// How long to wait for the kernel to hand redirected bytes to a client socket
 /// before giving up on the connection.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffer for response bytes that pass through the daemon.
@@ -58,7 +57,7 @@ const PEEK_WINDOW: usize = 4 * 1024;
 /// A dataplane mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Body bytes are spliced to the client by the sockmap program.
+    /// Body bytes are redirected to the client by the sockmap program.
     Sockmap,
     /// Body bytes move through a pipe with splice(2).
     Splice,
@@ -112,7 +111,7 @@ pub struct Relayed {
     /// Response head bytes, written by the daemon.
     pub head: u64,
     /// Body bytes the sockmap program redirected to the client.
-    pub spliced: u64,
+    pub redirected: u64,
     /// Body bytes moved through a pipe with splice(2).
     pub piped: u64,
     /// Body bytes the daemon copied to the client.
@@ -122,7 +121,7 @@ pub struct Relayed {
 impl Relayed {
     /// Whether any response byte reached the client.
     pub fn any(&self) -> bool {
-        self.head + self.spliced + self.piped + self.copied > 0
+        self.head + self.redirected + self.piped + self.copied > 0
     }
 }
 
@@ -186,6 +185,27 @@ pub enum RelayError {
     /// A kernel map operation failed.
     #[error("sockmap: {0}")]
     Sockmap(#[from] SockmapError),
+}
+
+impl RelayError {
+    /// True when the backend answered nothing and nothing reached the
+    /// client: the request may be sent again if the connection was a reused
+    /// one (a keep-alive the backend closed while it was idle).
+    pub fn unanswered(&self) -> bool {
+        matches!(
+            self,
+            RelayError::NoResponse(_) | RelayError::BackendWrite(_)
+        )
+    }
+
+    /// Whose fault the failure is.
+    pub fn fault(&self) -> crate::error::Fault {
+        match self {
+            RelayError::Client(_) => crate::error::Fault::Client,
+            RelayError::Sockmap(_) => crate::error::Fault::Internal,
+            _ => crate::error::Fault::Backend,
+        }
+    }
 }
 
 impl Dataplane {
@@ -314,7 +334,7 @@ impl Dataplane {
             stream,
             read: 0,
             generation: 0,
-            spliced_seen: 0,
+            redirected_seen: 0,
             idle_since: Instant::now(),
         })
     }
@@ -373,99 +393,63 @@ impl Dataplane {
             relay.half_close(backend);
         }
 
-        // The head, after any interim (1xx) responses.
-        buf.clear();
-        let mut first_byte = None;
-        let head = loop {
-            match response::parse_head(buf, forward.head_request) {
-                Ok(Some(head)) if head.interim => {
-                    client.write(&buf[..head.len]).await?;
-                    relay.relayed.head += head.len as u64;
-                    buf.drain(..head.len);
-                    continue;
-                }
-                Ok(Some(head)) => break head,
-                Ok(None) => {}
-                Err(source) => return Err(relay.bad_response(source)),
-            }
-            buf.reserve(COPY_BUFFER);
-            let n = relay.read(client, backend, buf).await?;
-            first_byte.get_or_insert_with(|| started.elapsed());
-            if n == 0 {
-                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a response");
-                return Err(if relay.relayed.any() {
-                    relay.backend_error(eof)
-                } else {
-                    RelayError::NoResponse(eof)
-                });
-            }
-        };
+        let (head, first_byte) = relay
+            .read_head(client, backend, forward.head_request, buf, started)
+            .await?;
         if !head.keep_alive {
             relay.reusable = false;
         }
         let client_keep_alive =
             !forward.client_close && !head.says_close && head.body != BodyFraming::UntilClose;
-        // The head and the body bytes that came with it, in one write when
-        // the head goes out as it came.
-        let mut tracker = BodyTracker::new(head.body);
-        let with_head = buf.len() - head.len;
-        let used = tracker
-            .advance(&buf[head.len..])
-            .map_err(|source| relay.bad_response(source))?;
-        if used < with_head {
-            // Bytes past the end of the response: the backend is out of step.
-            relay.reusable = false;
-        }
-        if used > 0 {
-            relay.body_read();
-        }
-        relay.ended_if(&tracker);
-        if forward.client_close && !head.says_close {
-            // The client is told the connection ends, as it asked.
-            let blank = head.len - 2;
-            client.write(&buf[..blank]).await?;
-            client.write(b"connection: close\r\n\r\n").await?;
-            client.write(&buf[head.len..head.len + used]).await?;
-            relay.relayed.head += head.len as u64 + 19;
-        } else {
-            client.write(&buf[..head.len + used]).await?;
-            relay.relayed.head += head.len as u64;
-        }
-        relay.relayed.copied += used as u64;
-
+        let tracker = relay
+            .write_head(client, &head, forward.client_close, buf)
+            .await?;
         if !tracker.is_done() {
-            match &self.engine {
-                Engine::Userspace => relay.copy_body(client, backend, tracker, buf).await?,
-                Engine::Splice => relay.splice_body(client, backend, tracker, buf).await?,
-                Engine::Sockmap(sockmap) => {
-                    if client.slot.is_none() {
-                        match sockmap.add_client(&client.stream) {
-                            Ok(slot) => client.slot = Some(slot),
-                            Err(err) => tracing::debug!(%err, "sockmap refused the client socket"),
-                        }
-                    }
-                    match (
-                        backend.slot.is_some(),
-                        client.slot.as_ref().map(ClientSlot::cookie),
-                    ) {
-                        (true, Some(cookie)) => {
-                            relay
-                                .sockmap_body(client, backend, cookie, tracker, buf)
-                                .await?;
-                        }
-                        _ => relay.copy_body(client, backend, tracker, buf).await?,
-                    }
-                }
-            }
+            self.move_body(&mut relay, client, backend, tracker, buf)
+                .await?;
         }
         client.flushed().await?;
         Ok(Exchanged {
             relayed: relay.relayed,
             status: head.status,
-            first_byte: first_byte.unwrap_or_default(),
+            first_byte,
             backend_reusable: relay.reusable && !client.eof,
             client_keep_alive,
         })
+    }
+
+    /// Moves the rest of a body by this dataplane's engine (sockmap falls
+    /// back to copying for a socket the kernel map refused).
+    async fn move_body<W: Watch>(
+        &self,
+        relay: &mut Relay<W>,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        tracker: BodyTracker,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RelayError> {
+        let sockmap = match &self.engine {
+            Engine::Userspace => return relay.copy_body(client, backend, tracker, buf).await,
+            Engine::Splice => return relay.splice_body(client, backend, tracker, buf).await,
+            Engine::Sockmap(sockmap) => sockmap,
+        };
+        if client.slot.is_none() {
+            match sockmap.add_client(&client.stream) {
+                Ok(slot) => client.slot = Some(slot),
+                Err(err) => tracing::debug!(%err, "sockmap refused the client socket"),
+            }
+        }
+        match (
+            backend.slot.is_some(),
+            client.slot.as_ref().map(ClientSlot::cookie),
+        ) {
+            (true, Some(cookie)) => {
+                relay
+                    .sockmap_body(client, backend, cookie, tracker, buf)
+                    .await
+            }
+            _ => relay.copy_body(client, backend, tracker, buf).await,
+        }
     }
 }
 
@@ -504,6 +488,85 @@ struct Relay<W: Watch> {
 }
 
 impl<W: Watch> Relay<W> {
+    /// Reads the response head into `buf`, passing any interim (1xx)
+    /// responses on to the client; returns it with the time from `sent` to
+    /// its first byte.
+    async fn read_head(
+        &mut self,
+        client: &mut Client,
+        backend: &mut BackendConn,
+        head_request: bool,
+        buf: &mut Vec<u8>,
+        sent: Instant,
+    ) -> Result<(ResponseHead, Duration), RelayError> {
+        buf.clear();
+        let mut first_byte = None;
+        loop {
+            match response::parse_head(buf, head_request) {
+                Ok(Some(head)) if head.interim => {
+                    client.write(&buf[..head.len]).await?;
+                    self.relayed.head += head.len as u64;
+                    buf.drain(..head.len);
+                    continue;
+                }
+                Ok(Some(head)) => {
+                    return Ok((head, first_byte.unwrap_or_default()));
+                }
+                Ok(None) => {}
+                Err(source) => return Err(self.bad_response(source)),
+            }
+            buf.reserve(COPY_BUFFER);
+            let n = self.read(client, backend, buf).await?;
+            first_byte.get_or_insert_with(|| sent.elapsed());
+            if n == 0 {
+                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a response");
+                return Err(if self.relayed.any() {
+                    self.backend_error(eof)
+                } else {
+                    RelayError::NoResponse(eof)
+                });
+            }
+        }
+    }
+
+    /// Writes `head` (in `buf`, with the body bytes that came after it) to
+    /// the client, in one write when it goes out as it came, and returns
+    /// the tracker of the rest of the body. With `client_close`, the client
+    /// is told the connection ends, as it asked.
+    async fn write_head(
+        &mut self,
+        client: &mut Client,
+        head: &ResponseHead,
+        client_close: bool,
+        buf: &[u8],
+    ) -> Result<BodyTracker, RelayError> {
+        let mut tracker = BodyTracker::new(head.body);
+        let with_head = buf.len() - head.len;
+        let used = tracker
+            .advance(&buf[head.len..])
+            .map_err(|source| self.bad_response(source))?;
+        if used < with_head {
+            // Bytes past the end of the response: the backend is out of step.
+            self.reusable = false;
+        }
+        if used > 0 {
+            self.body_read();
+        }
+        self.ended_if(&tracker);
+        if client_close && !head.says_close {
+            let blank = head.len - 2;
+            client.write(&buf[..blank]).await?;
+            client.write(b"connection: close\r\n\r\n").await?;
+            client.write(&buf[head.len..head.len + used]).await?;
+            self.relayed.head += head.len as u64 + 19;
+        } else {
+            client.write(&buf[..head.len + used]).await?;
+            self.relayed.head += head.len as u64;
+        }
+        self.relayed.copied += used as u64;
+        Ok(tracker)
+    }
+
     /// Tells the watch once the body has ended.
     fn ended_if(&mut self, tracker: &BodyTracker) {
         if tracker.is_done() {
@@ -799,13 +862,13 @@ impl<W: Watch> Relay<W> {
             stale = true;
             // What the kernel did before these bytes were passed up.
             let progress = backend.slot().progress()?;
-            let spliced = progress.spliced - backend.spliced_seen;
-            backend.spliced_seen = progress.spliced;
-            if spliced > 0 {
+            let redirected = progress.redirected - backend.redirected_seen;
+            backend.redirected_seen = progress.redirected;
+            if redirected > 0 {
                 self.body_read();
             }
-            self.relayed.spliced += spliced;
-            client.add_spliced(spliced);
+            self.relayed.redirected += redirected;
+            client.add_redirected(redirected);
             if published.is_some_and(|generation| generation == progress.generation)
                 && progress.splicing == 0
             {
@@ -869,8 +932,8 @@ pub struct BackendConn {
     read: u64,
     /// The last control generation published (sockmap).
     generation: u64,
-    /// The program's spliced count when last looked at (sockmap).
-    spliced_seen: u64,
+    /// The program's redirected count when last looked at (sockmap).
+    redirected_seen: u64,
     /// When the connection last went back to the pool.
     idle_since: Instant,
 }
@@ -882,9 +945,19 @@ impl BackendConn {
             .expect("invariant: the sockmap body path is taken only for a backend with a slot")
     }
 
+    /// How long since the connection last went idle ([`Self::mark_idle`]).
+    pub(crate) fn idle_for(&self) -> Duration {
+        self.idle_since.elapsed()
+    }
+
+    /// Notes that the connection goes idle now (back to a pool).
+    pub(crate) fn mark_idle(&mut self) {
+        self.idle_since = Instant::now();
+    }
+
     /// Whether the idle connection still looks usable: nothing to read (a
     /// FIN or stray bytes mean the backend closed or is out of step).
-    fn looks_alive(&self) -> bool {
+    pub(crate) fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
     }
@@ -900,24 +973,71 @@ pub struct Client {
     /// connection's life.
     pipe: Option<Pipe>,
     /// The client socket.
-    pub stream: TcpStream,
+    stream: TcpStream,
     /// Bytes that should have entered the client socket's send queue: what
-    /// the daemon wrote plus what the kernel spliced.
+    /// the daemon wrote plus what the kernel redirected.
     delivered: u64,
-    /// Spliced bytes were added to `delivered` since the last flush.
+    /// Redirected bytes were added to `delivered` since the last flush.
     unflushed: bool,
     /// Bytes read from the client and not yet consumed.
-    pub pending: Vec<u8>,
+    pending: Vec<u8>,
     /// The client has shut down its sending side.
-    pub eof: bool,
+    eof: bool,
     /// Response buffer, kept between requests.
     buffer: Vec<u8>,
 }
 
 impl Client {
+    /// Bytes read from the client and not yet consumed: the start of the
+    /// next request, or a pipelined one read while a response was relayed.
+    pub fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
+    /// Drops the first `n` pending bytes (a request that has been read).
+    pub fn consume(&mut self, n: usize) {
+        self.pending.drain(..n.min(self.pending.len()));
+    }
+
+    /// Whether the client has shut down its sending side.
+    pub fn at_eof(&self) -> bool {
+        self.eof
+    }
+
+    /// Waits for the client to send and appends what it sent to the pending
+    /// bytes; `Ok(0)`, and [`Client::at_eof`] from then on, at end of
+    /// stream.
+    pub async fn fill(&mut self) -> io::Result<usize> {
+        let n = self.read_more().await?;
+        if n == 0 {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+
+    /// Closes the connection without losing the last response: shuts down
+    /// the sending side, then reads until the client closes too (or
+    /// `linger` passes), so that unread client bytes do not turn the close
+    /// into a reset.
+    pub async fn close(mut self, linger: Duration) {
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
+        let drain = async {
+            let mut sink = [0u8; 4096];
+            while !self.eof {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(linger, drain).await;
+    }
+
     /// Waits for the client to send and appends what it sent to `pending`;
     /// `Ok(0)` at end of stream.
-    pub async fn read_more(&mut self) -> io::Result<usize> {
+    async fn read_more(&mut self) -> io::Result<usize> {
         loop {
             self.stream.readable().await?;
             match tcp::read_draining(&self.stream, &mut self.pending) {
@@ -927,7 +1047,7 @@ impl Client {
         }
     }
 
-    /// Writes bytes produced or read by the daemon, after any spliced bytes
+    /// Writes bytes produced or read by the daemon, after any redirected bytes
     /// still on their way.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
         if bytes.is_empty() {
@@ -942,7 +1062,7 @@ impl Client {
         Ok(())
     }
 
-    fn add_spliced(&mut self, bytes: u64) {
+    fn add_redirected(&mut self, bytes: u64) {
         if bytes > 0 {
             self.delivered += bytes;
             self.unflushed = true;
@@ -968,7 +1088,7 @@ impl Client {
         Ok(())
     }
 
-    /// Waits until every byte spliced so far sits in the client socket's send
+    /// Waits until every byte redirected so far sits in the client socket's send
     /// queue (or was already acknowledged).
     ///
     /// The kernel program hands redirected skbs to a kernel worker that sends
@@ -1000,7 +1120,7 @@ impl Client {
                 return Err(RelayError::Client(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "the kernel handed {} of {} spliced bytes to the client",
+                        "the kernel handed {} of {} redirected bytes to the client",
                         progress.queued, self.delivered
                     ),
                 )));

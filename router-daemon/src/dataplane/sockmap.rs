@@ -39,7 +39,7 @@
 //! 8. **Flushed before the daemon writes**: the kernel worker sends
 //!    redirected skbs asynchronously, so before writing passed-up bytes, or
 //!    closing, the daemon waits until the client's send queue has taken every
-//!    spliced byte (see `Client::flushed`).
+//!    redirected byte (see `Client::flushed`).
 //! 9. **FIN passed up**: zero-length skbs are never redirected; the daemon
 //!    reads EOF on the backend and passes the half-close on itself.
 //! 10. **Entries removed** when the [`BackendSlot`] drops (the connection
@@ -55,7 +55,7 @@ use aya::{
     programs::SkSkb,
 };
 use router_common::{
-    Control, MAP_BACKENDS, MAP_CLIENTS, MAP_CONTROL, MAP_PROGRESS, MAP_STATS, PROG_SPLICE,
+    Control, MAP_BACKENDS, MAP_CLIENTS, MAP_CONTROL, MAP_PROGRESS, MAP_STATS, PROG_REDIRECT,
     Progress, Stat,
 };
 
@@ -162,8 +162,8 @@ impl Sockmap {
             HashMap::<_, u64, Progress>::try_from(take(MAP_PROGRESS)?).map_err(load_err)?;
         let stats = PerCpuArray::<_, u64>::try_from(take(MAP_STATS)?).map_err(load_err)?;
         let program: &mut SkSkb = ebpf
-            .program_mut(PROG_SPLICE)
-            .ok_or_else(|| load_err(format!("program {PROG_SPLICE} missing from the object")))?
+            .program_mut(PROG_REDIRECT)
+            .ok_or_else(|| load_err(format!("program {PROG_REDIRECT} missing from the object")))?
             .try_into()
             .map_err(load_err)?;
         program.load().map_err(load_err)?;
@@ -310,7 +310,7 @@ impl Drop for BackendSlot {
 
 #[cfg(test)]
 mod tests {
-    use router_common::{MAP_NAMES, PROG_SPLICE};
+    use router_common::{MAP_NAMES, PROG_REDIRECT};
 
     use super::OBJECT;
 
@@ -331,8 +331,8 @@ mod tests {
             assert!(object.maps.contains_key(map), "map {map} missing");
         }
         assert!(
-            object.programs.contains_key(PROG_SPLICE),
-            "program {PROG_SPLICE} missing; have {:?}",
+            object.programs.contains_key(PROG_REDIRECT),
+            "program {PROG_REDIRECT} missing; have {:?}",
             object.programs.keys().collect::<Vec<_>>()
         );
     }

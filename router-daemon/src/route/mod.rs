@@ -9,9 +9,11 @@
 //!   doc states the rules.
 //!
 //! # A decision
-//! [`Router::decide`] hashes the prompt key once, asks the index which
-//! backends hold which prefix of it, lets [`policy::choose`] pick, and records
-//! the choice in the index. It costs O(prompt length) hashing and takes each
+//! [`Router::select`] hashes the prompt key once, asks the index which
+//! backends hold which prefix of it, lets [`policy::choose`] pick, and lists
+//! the other candidates in fallback order; once a backend has accepted the
+//! request, [`Router::record`] writes it into the index with the same
+//! hashes. ([`Router::decide`] does both at once.) It costs O(prompt length) hashing and takes each
 //! index shard's lock at most twice (plus a probe or two for the prompt's
 //! tail), briefly; there is no global lock. It works in buffers its thread
 //! keeps (`Scratch`), so it allocates nothing once they are large enough.
@@ -34,6 +36,11 @@ pub use self::{
     index::{MAX_BLOCK, PrefixIndex},
     policy::Policy,
 };
+
+/// A selection's walk of its prompt key: what [`Router::record`] needs to
+/// write the choice into the index without hashing the key again.
+#[derive(Debug)]
+pub struct Walked(index::Walk);
 
 /// Seed for hashing session values, apart from prompt hashes.
 const SESSION_SEED: u64 = 0x7365_7373_696f_6e21;
@@ -162,6 +169,15 @@ impl<'a> BackendLoad<'a> {
     }
 }
 
+/// Every candidate in the order to try them: `first`, then the others from
+/// least to most loaded (ties in their order).
+fn fallback_order(first: usize, backends: &[BackendLoad], order: &mut Vec<usize>) {
+    order.clear();
+    order.push(first);
+    order.extend((0..backends.len()).filter(|&i| i != first));
+    order[1..].sort_by_key(|&i| backends[i].load());
+}
+
 /// Buffers a decision works in, kept per thread: a decision never waits,
 /// so it has its thread's buffers to itself, and allocates nothing once they
 /// are large enough.
@@ -244,7 +260,9 @@ impl Router {
         &self.policy
     }
 
-    /// Picks a backend for `request` and records the choice in the index.
+    /// Picks a backend for `request` and records the choice in the index
+    /// at once (for a caller with nothing to wait for; the daemon uses
+    /// [`Router::select`] and [`Router::record`]).
     ///
     /// Returns `None` only when `backends` is empty.
     pub fn decide(&self, request: &RouteRequest, backends: &[BackendLoad]) -> Option<Decision> {
@@ -252,20 +270,82 @@ impl Router {
             return None;
         }
         SCRATCH.with_borrow_mut(|scratch| {
-            let decision = self.decide_with(request, backends, scratch);
-            scratch.walk.shrink();
+            let Scratch { walk, matched } = scratch;
+            let decision = self.decide_with(request, backends, walk, matched);
+            if let Some(chosen) = decision.and_then(|d| backends.get(d.backend)) {
+                self.index
+                    .record(walk, request.key, index::backend_id(chosen.name));
+            }
+            walk.shrink();
             decision
         })
     }
 
+    /// Picks a backend for `request`, or for a request without a prompt
+    /// (`None`: `GET /v1/models`, …, which any backend can answer, goes to
+    /// the least loaded), and fills `order` with every candidate in the
+    /// order to try them: the choice first, then the others from least to
+    /// most loaded. Positions are into `backends`.
+    ///
+    /// The index is left alone: once a backend has accepted the request,
+    /// [`Router::record`] writes it there with the returned [`Walked`], so
+    /// the index never points at a backend the request did not reach.
+    /// Returns `None` only when `backends` is empty.
+    pub fn select(
+        &self,
+        request: Option<&RouteRequest>,
+        backends: &[BackendLoad],
+        order: &mut Vec<usize>,
+    ) -> Option<(Decision, Option<Walked>)> {
+        order.clear();
+        if backends.is_empty() {
+            return None;
+        }
+        let (decision, walked) = match request {
+            Some(request) => SCRATCH.with_borrow_mut(|scratch| {
+                // The walk goes with the request to `record`, which may run
+                // on another thread after the connect; this thread gets it
+                // (or another) back there.
+                let mut walk = std::mem::take(&mut scratch.walk);
+                let decision = self.decide_with(request, backends, &mut walk, &mut scratch.matched);
+                decision.map(|d| (d, Some(Walked(walk))))
+            })?,
+            None => (
+                Decision {
+                    backend: policy::least_loaded(backends),
+                    matched: 0,
+                    reason: Reason::LeastLoaded,
+                },
+                None,
+            ),
+        };
+        fallback_order(decision.backend, backends, order);
+        Some((decision, walked))
+    }
+
+    /// Records that the backend called `name` now holds `key`, the key of
+    /// the request whose [`Router::select`] gave `walked`.
+    pub fn record(&self, walked: Walked, key: &[u8], name: &str) {
+        let Walked(mut walk) = walked;
+        self.index.record(&walk, key, index::backend_id(name));
+        walk.shrink();
+        SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.walk.capacity() < walk.capacity() {
+                scratch.walk = walk;
+            }
+        });
+    }
+
+    /// The decision for `request`, hashing its key into `walk`; records
+    /// nothing.
     fn decide_with(
         &self,
         request: &RouteRequest,
         backends: &[BackendLoad],
-        scratch: &mut Scratch,
+        walk: &mut index::Walk,
+        matched: &mut Vec<usize>,
     ) -> Option<Decision> {
         let key = request.key;
-        let Scratch { walk, matched } = scratch;
         self.index.walk_into(walk, request.model, key);
         let found = self.index.longest_matches(walk, key);
         matched.clear();
@@ -330,8 +410,6 @@ impl Router {
         } else {
             policy::choose(&self.policy, &inputs)?
         };
-        let chosen = backends.get(decision.backend)?;
-        self.index.record(walk, key, index::backend_id(chosen.name));
         Some(decision)
     }
 
@@ -529,6 +607,60 @@ mod tests {
             (first.backend, Reason::PrefixMatch)
         );
         assert!(second.matched >= turn1.len());
+    }
+
+    #[test]
+    fn selection_lists_every_candidate_chosen_first_then_by_load() {
+        let router = Router::new(64, 1 << 16);
+        let loads: Vec<BackendLoad> = NAMES
+            .iter()
+            .zip([5, 0, 9, 2])
+            .map(|(name, load)| BackendLoad::new(name, load))
+            .collect();
+        let mut order = Vec::new();
+        // No prompt: the least loaded, then the rest by load.
+        let (d, walked) = router.select(None, &loads, &mut order).unwrap();
+        assert_eq!(
+            (d.backend, d.reason, d.matched),
+            (1, Reason::LeastLoaded, 0)
+        );
+        assert!(walked.is_none());
+        assert_eq!(order, [1, 3, 0, 2]);
+        // A prompt: its choice first, whatever its load.
+        let key = b"Summarise this report for the board.";
+        let (d, walked) = router
+            .select(Some(&request(key, 0)), &loads, &mut order)
+            .unwrap();
+        assert!(walked.is_some());
+        assert_eq!(order[0], d.backend);
+        let mut rest = order[1..].to_vec();
+        rest.sort_by_key(|&i| loads[i].load());
+        assert_eq!(rest, order[1..]);
+        assert_eq!(order.len(), 4);
+        // No candidates, no selection.
+        assert!(router.select(None, &[], &mut order).is_none());
+        assert!(order.is_empty());
+    }
+
+    #[test]
+    fn a_selection_is_learned_only_where_it_is_recorded() {
+        let router = Router::new(64, 1 << 16);
+        let backends = idle(4);
+        let first = "You are a careful assistant. ".repeat(40);
+        let second = format!("{first}And a follow-up.");
+        let mut order = Vec::new();
+        let (chosen, walked) = router
+            .select(Some(&request(first.as_bytes(), 0)), &backends, &mut order)
+            .unwrap();
+        // The chosen backend could not be reached; the request went to the
+        // last in the fallback order, and only that is recorded.
+        let took = *order.last().unwrap();
+        assert_ne!(took, chosen.backend);
+        assert_eq!(router.index_len(), 0, "select alone records nothing");
+        router.record(walked.unwrap(), first.as_bytes(), backends[took].name);
+        let d = route(&router, MODEL, second.as_bytes(), &backends).unwrap();
+        assert_eq!((d.backend, d.reason), (took, Reason::PrefixMatch));
+        assert_eq!(d.matched, first.len());
     }
 
     #[test]

@@ -432,7 +432,7 @@ fn rendezvous_pick(
 /// The least-loaded backend (first among equals). The load bound always
 /// admits it, except when loads near `usize::MAX` saturate the sum; this is
 /// the answer then rather than a panic on the request path.
-fn least_loaded(backends: &[BackendLoad]) -> usize {
+pub(crate) fn least_loaded(backends: &[BackendLoad]) -> usize {
     (0..backends.len())
         .min_by_key(|&i| backends[i].load())
         .unwrap_or(0)

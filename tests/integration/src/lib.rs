@@ -469,7 +469,7 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
 
 /// The value of a sample in a `/metrics` text. `sample` is a metric name,
 /// optionally with labels (`name{a="1"}`); a line matches when it has that
-/// name and at least those labels, e.g. `router_sockmap_spliced_bytes_total`
+/// name and at least those labels, e.g. `router_sockmap_redirected_bytes_total`
 /// or `vllm:request_success_total{finished_reason="abort"}`.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     let (want_name, want_labels) = split_sample(sample);
@@ -503,11 +503,11 @@ pub const MODES: [Mode; 3] = [Mode::Sockmap, Mode::Splice, Mode::Userspace];
 /// Which metric counts the response bytes of `mode`, and that no other path
 /// carried any: (the mode's own counter, the counters that must stay 0).
 pub fn byte_counters(mode: Mode) -> (&'static str, Vec<&'static str>) {
-    const SPLICED: &str = "router_sockmap_spliced_bytes_total";
+    const REDIRECTED: &str = "router_sockmap_redirected_bytes_total";
     const PIPED: &str = "router_splice_piped_bytes_total";
     const COPIED: &str = "router_userspace_copied_bytes_total";
     match mode {
-        Mode::Sockmap => (SPLICED, vec![PIPED, COPIED]),
+        Mode::Sockmap => (REDIRECTED, vec![PIPED, COPIED]),
         Mode::Splice => (PIPED, vec![COPIED]),
         Mode::Userspace => (COPIED, vec![PIPED]),
     }

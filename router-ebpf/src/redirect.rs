@@ -44,7 +44,7 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 const SIZE_LINE: usize = 16;
 
 #[stream_verdict]
-pub fn splice_response(ctx: SkBuffContext) -> u32 {
+pub fn redirect_response(ctx: SkBuffContext) -> u32 {
     let len = ctx.len();
     if len == 0 {
         count(Stat::PassedFin, 1);
@@ -93,9 +93,9 @@ pub fn splice_response(ctx: SkBuffContext) -> u32 {
         return SK_DROP;
     }
     progress.framing = framing;
-    progress.spliced += u64::from(len);
-    count(Stat::SplicedSkbs, 1);
-    count(Stat::SplicedBytes, u64::from(len));
+    progress.redirected += u64::from(len);
+    count(Stat::RedirectedSkbs, 1);
+    count(Stat::RedirectedBytes, u64::from(len));
     SK_PASS
 }
 

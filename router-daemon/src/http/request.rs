@@ -1,4 +1,4 @@
-//! HTTP/1.1 request framing: finds one request in a byte buffer.
+//! Request framing: finds one client request in a byte buffer.
 //!
 //! [`parse_head`] checks a buffer for a complete request head, parses it with
 //! httparse within [`Limits`], and returns the facts the router needs plus
@@ -9,12 +9,9 @@
 //!
 //! The head sent to the backend leaves out hop-by-hop headers: the backend
 //! connection is the router's own, kept alive and reused across clients (see
-//! `response` for how the end of each response is found).
+//! [`super::response`] for how the end of each response is found).
+use super::{MAX_HEADERS, MAX_LINE, chunk};
 use crate::error::ApiError;
-
-/// Most header fields any request may have (the ceiling of
-/// [`Limits::max_headers`]); parsed into a stack array.
-pub const MAX_HEADERS: usize = 64;
 
 /// Size limits applied while reading a request.
 #[derive(Clone, Copy, Debug)]
@@ -127,35 +124,9 @@ pub fn parse_head(
 ) -> Result<Option<Head>, ApiError> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut storage[..limits.max_headers.min(MAX_HEADERS)]);
-    let head_len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > limits.max_head {
-                return Err(ApiError::header_too_large(format!(
-                    "request head is over {} bytes",
-                    limits.max_head
-                )));
-            }
-            return Ok(None);
-        }
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(ApiError::header_too_large(format!(
-                "request has more than {} header fields",
-                limits.max_headers
-            )));
-        }
-        Err(err) => {
-            return Err(ApiError::bad_request(format!(
-                "malformed HTTP request: {err}"
-            )));
-        }
+    let Some(head_len) = complete_head(&mut request, buf, limits)? else {
+        return Ok(None);
     };
-    if head_len > limits.max_head {
-        return Err(ApiError::header_too_large(format!(
-            "request head is over {} bytes",
-            limits.max_head
-        )));
-    }
     let method = request
         .method
         .expect("invariant: a complete parse has a method");
@@ -166,70 +137,9 @@ pub fn parse_head(
         .version
         .expect("invariant: a complete parse has a version");
     let path = target.split_once('?').map_or(target, |(path, _query)| path);
-
-    let mut body_len: Option<usize> = None;
-    let mut chunked = false;
-    let mut expect_continue = false;
-    let mut request_id = None;
-    let mut session = None;
-    // Headers named in `Connection` are hop-by-hop too.
-    let mut connection_named: Vec<String> = Vec::new();
-    for header in request.headers.iter() {
-        let name = header.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let len = parse_content_length(header.value)?;
-            if body_len.is_some_and(|seen| seen != len) {
-                return Err(ApiError::bad_request("conflicting Content-Length headers"));
-            }
-            body_len = Some(len);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if !header.value.eq_ignore_ascii_case(b"chunked") || chunked {
-                return Err(ApiError::not_implemented(
-                    "only `Transfer-Encoding: chunked` request bodies are supported",
-                ));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("expect") {
-            if header.value.eq_ignore_ascii_case(b"100-continue") {
-                expect_continue = true;
-            } else {
-                return Err(ApiError::bad_request(
-                    "only `Expect: 100-continue` is supported",
-                ));
-            }
-        } else if name.eq_ignore_ascii_case("connection") {
-            connection_named.extend(
-                String::from_utf8_lossy(header.value)
-                    .split(',')
-                    .map(|token| token.trim().to_ascii_lowercase())
-                    .filter(|token| !token.is_empty()),
-            );
-        } else if name.eq_ignore_ascii_case("x-request-id") {
-            request_id = std::str::from_utf8(header.value).ok().map(str::to_owned);
-        } else if name.eq_ignore_ascii_case(session_header) && !header.value.is_empty() {
-            session = Some(header.value.to_vec());
-        }
-    }
-    let close = if minor == 0 {
-        !connection_named.iter().any(|token| token == "keep-alive")
-    } else {
-        connection_named.iter().any(|token| token == "close")
-    };
-    let body = match (chunked, body_len) {
-        // Both would let two parsers disagree on where the request ends.
-        (true, Some(_)) => {
-            return Err(ApiError::bad_request(
-                "both Content-Length and Transfer-Encoding: chunked",
-            ));
-        }
-        (true, None) => Framing::Chunked,
-        (false, len) => Framing::Length(len.unwrap_or(0)),
-    };
-    if let Framing::Length(len) = body
-        && len > limits.max_body
-    {
-        return Err(too_large(limits));
-    }
+    let facts = HeaderFacts::read(request.headers, session_header)?;
+    let body = facts.framing(limits)?;
+    let close = facts.close(minor);
 
     let mut forward_head = std::mem::take(reuse);
     forward_head.clear();
@@ -242,13 +152,7 @@ pub fn parse_head(
         _ => b" HTTP/1.1\r\n",
     });
     for header in request.headers.iter() {
-        let hop_by_hop = NOT_FORWARDED
-            .iter()
-            .any(|hop| header.name.eq_ignore_ascii_case(hop))
-            || connection_named
-                .iter()
-                .any(|named| header.name.eq_ignore_ascii_case(named));
-        if hop_by_hop {
+        if facts.is_hop_by_hop(header.name) {
             continue;
         }
         forward_head.extend_from_slice(header.name.as_bytes());
@@ -262,12 +166,131 @@ pub fn parse_head(
         path_len: path.len(),
         head_len,
         body,
-        expect_continue,
+        expect_continue: facts.expect_continue,
         close,
-        request_id,
-        session,
+        request_id: facts.request_id,
+        session: facts.session,
         forward_head,
     }))
+}
+
+/// Runs httparse over `buf`: the head's length once it is complete and
+/// within the limits, `None` while more bytes may complete it.
+fn complete_head<'b>(
+    request: &mut httparse::Request<'_, 'b>,
+    buf: &'b [u8],
+    limits: &Limits,
+) -> Result<Option<usize>, ApiError> {
+    let over_size =
+        || ApiError::header_too_large(format!("request head is over {} bytes", limits.max_head));
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > limits.max_head => Err(over_size()),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buf.len() > limits.max_head => Err(over_size()),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(ApiError::header_too_large(format!(
+            "request has more than {} header fields",
+            limits.max_headers
+        ))),
+        Err(err) => Err(ApiError::bad_request(format!(
+            "malformed HTTP request: {err}"
+        ))),
+    }
+}
+
+/// What a request's header fields say, as far as the router cares.
+#[derive(Default)]
+struct HeaderFacts {
+    /// `Content-Length`, if given.
+    body_len: Option<usize>,
+    /// `Transfer-Encoding: chunked`.
+    chunked: bool,
+    /// `Expect: 100-continue`.
+    expect_continue: bool,
+    /// `x-request-id`.
+    request_id: Option<String>,
+    /// The session header's value, if not empty.
+    session: Option<Vec<u8>>,
+    /// Header names listed in `Connection` (hop-by-hop too), lowercased.
+    connection_named: Vec<String>,
+}
+
+impl HeaderFacts {
+    /// Reads `headers`, refusing what the router cannot frame or forward
+    /// safely.
+    fn read(headers: &[httparse::Header<'_>], session_header: &str) -> Result<Self, ApiError> {
+        let mut facts = Self::default();
+        for header in headers {
+            let name = header.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                let len = parse_content_length(header.value)?;
+                if facts.body_len.is_some_and(|seen| seen != len) {
+                    return Err(ApiError::bad_request("conflicting Content-Length headers"));
+                }
+                facts.body_len = Some(len);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                if !header.value.eq_ignore_ascii_case(b"chunked") || facts.chunked {
+                    return Err(ApiError::not_implemented(
+                        "only `Transfer-Encoding: chunked` request bodies are supported",
+                    ));
+                }
+                facts.chunked = true;
+            } else if name.eq_ignore_ascii_case("expect") {
+                if !header.value.eq_ignore_ascii_case(b"100-continue") {
+                    return Err(ApiError::bad_request(
+                        "only `Expect: 100-continue` is supported",
+                    ));
+                }
+                facts.expect_continue = true;
+            } else if name.eq_ignore_ascii_case("connection") {
+                facts.connection_named.extend(
+                    String::from_utf8_lossy(header.value)
+                        .split(',')
+                        .map(|token| token.trim().to_ascii_lowercase())
+                        .filter(|token| !token.is_empty()),
+                );
+            } else if name.eq_ignore_ascii_case("x-request-id") {
+                facts.request_id = std::str::from_utf8(header.value).ok().map(str::to_owned);
+            } else if name.eq_ignore_ascii_case(session_header) && !header.value.is_empty() {
+                facts.session = Some(header.value.to_vec());
+            }
+        }
+        Ok(facts)
+    }
+
+    /// Whether the connection closes after this request (HTTP/1.`minor`).
+    fn close(&self, minor: u8) -> bool {
+        let named = |token: &str| self.connection_named.iter().any(|t| t == token);
+        if minor == 0 {
+            !named("keep-alive")
+        } else {
+            named("close")
+        }
+    }
+
+    /// How the body is delimited, within the body limit.
+    fn framing(&self, limits: &Limits) -> Result<Framing, ApiError> {
+        match (self.chunked, self.body_len) {
+            // Both would let two parsers disagree on where the request ends.
+            (true, Some(_)) => Err(ApiError::bad_request(
+                "both Content-Length and Transfer-Encoding: chunked",
+            )),
+            (true, None) => Ok(Framing::Chunked),
+            (false, len) if len.unwrap_or(0) > limits.max_body => Err(too_large(limits)),
+            (false, len) => Ok(Framing::Length(len.unwrap_or(0))),
+        }
+    }
+
+    /// Whether the header called `name` stays on this hop.
+    fn is_hop_by_hop(&self, name: &str) -> bool {
+        NOT_FORWARDED
+            .iter()
+            .any(|hop| name.eq_ignore_ascii_case(hop))
+            || self
+                .connection_named
+                .iter()
+                .any(|named| name.eq_ignore_ascii_case(named))
+    }
 }
 
 fn too_large(limits: &Limits) -> ApiError {
@@ -289,9 +312,6 @@ pub struct ChunkedDecoder {
     body: Vec<u8>,
 }
 
-/// Longest chunk-size or trailer line accepted.
-const MAX_CHUNK_LINE: usize = 4096;
-
 impl ChunkedDecoder {
     /// Advances over `input` (all bytes after the head so far). Returns the
     /// number of input bytes the whole chunked body took once its last chunk
@@ -299,7 +319,7 @@ impl ChunkedDecoder {
     pub fn decode(&mut self, input: &[u8], limits: &Limits) -> Result<Option<usize>, ApiError> {
         loop {
             let rest = &input[self.consumed..];
-            let Some(line_end) = find_crlf(rest, MAX_CHUNK_LINE)? else {
+            let Some(line_end) = find_crlf(rest, MAX_LINE)? else {
                 return Ok(None);
             };
             let size = parse_chunk_size(&rest[..line_end])?;
@@ -308,7 +328,7 @@ impl ChunkedDecoder {
                 // Trailer fields, then a blank line.
                 let mut at = data_start;
                 loop {
-                    let Some(end) = find_crlf(&rest[at..], MAX_CHUNK_LINE)? else {
+                    let Some(end) = find_crlf(&rest[at..], MAX_LINE)? else {
                         return Ok(None);
                     };
                     at += end + 2;
@@ -348,27 +368,18 @@ fn find_crlf(bytes: &[u8], max: usize) -> Result<Option<usize>, ApiError> {
     }
 }
 
-/// The size in a chunk-size line (hex digits, optional `;extensions`).
+/// The size in a chunk-size line (without its CRLF).
 fn parse_chunk_size(line: &[u8]) -> Result<usize, ApiError> {
-    let invalid = || ApiError::bad_request("invalid chunk size");
-    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-    let digits = digits.trim_ascii_end();
-    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return Err(invalid());
-    }
-    let text = std::str::from_utf8(digits).map_err(|_| invalid())?;
-    usize::from_str_radix(text, 16).map_err(|_| invalid())
+    chunk::chunk_size(line)
+        .and_then(|size| usize::try_from(size).ok())
+        .ok_or_else(|| ApiError::bad_request("invalid chunk size"))
 }
 
+/// The length a `Content-Length` value gives.
 fn parse_content_length(value: &[u8]) -> Result<usize, ApiError> {
-    let invalid = || ApiError::bad_request("invalid Content-Length header");
-    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
-        return Err(invalid());
-    }
-    std::str::from_utf8(value)
-        .map_err(|_| invalid())?
-        .parse()
-        .map_err(|_| invalid())
+    chunk::content_length(value)
+        .and_then(|len| usize::try_from(len).ok())
+        .ok_or_else(|| ApiError::bad_request("invalid Content-Length header"))
 }
 
 /// A `200 OK` response with the given content type and body; `close` adds

@@ -10,15 +10,14 @@
 //! closes idle connections after 5 s, so the default stays below that); one
 //! idle for more than [`PROBE_AFTER`] is first checked for a FIN or stray
 //! bytes. A request that still meets a connection the backend closed in the
-//! meantime is sent again on a new one (see `conn.rs`): nothing of it had
+//! meantime is sent again on a new one (see [`super`]): nothing of it had
 //! been answered. Busy connections skip the probe, a syscall per request.
 use std::{
     sync::{Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use super::BackendConn;
-use crate::worker;
+use crate::{dataplane::BackendConn, worker};
 
 /// Idle time after which a pooled connection is probed before reuse.
 pub const PROBE_AFTER: Duration = Duration::from_millis(500);
@@ -65,7 +64,7 @@ impl Pool {
         let list = self.list(backend)?;
         loop {
             let conn = list.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
-            let idle = conn.idle_since.elapsed();
+            let idle = conn.idle_for();
             if idle < self.idle_timeout && (idle < PROBE_AFTER || conn.looks_alive()) {
                 return Some(conn);
             }
@@ -78,7 +77,7 @@ impl Pool {
         let Some(list) = self.list(backend) else {
             return;
         };
-        conn.idle_since = Instant::now();
+        conn.mark_idle();
         let mut list = list.lock().unwrap_or_else(PoisonError::into_inner);
         if list.len() < self.max_idle {
             list.push(conn);
@@ -92,7 +91,7 @@ impl Pool {
                 let mut list = list.lock().unwrap_or_else(PoisonError::into_inner);
                 let (keep, expired) = std::mem::take(&mut *list)
                     .into_iter()
-                    .partition(|conn| conn.idle_since.elapsed() < self.idle_timeout);
+                    .partition(|conn| conn.idle_for() < self.idle_timeout);
                 *list = keep;
                 expired
             };
@@ -102,6 +101,7 @@ impl Pool {
     }
 
     /// Idle connections held, per backend (all workers').
+    #[cfg(test)]
     pub fn idle_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.backends];
         for (slot, list) in self.idle.iter().enumerate() {
@@ -121,7 +121,7 @@ impl Pool {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
-    use crate::Dataplane;
+    use crate::dataplane::Dataplane;
 
     #[tokio::test]
     async fn a_connection_is_reused_only_by_the_worker_that_opened_it() {

@@ -12,12 +12,10 @@
 //! framing is expressible (see `dataplane/sockmap.rs`).
 use router_common::Framing;
 
+use super::{MAX_HEADERS, MAX_LINE, chunk};
+
 /// Longest response head accepted from a backend.
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Most header fields accepted in a response head.
-const MAX_HEADERS: usize = 64;
-/// Longest chunk-size or trailer line accepted.
-const MAX_LINE: usize = 4096;
 
 /// A backend response that breaks HTTP/1.1 framing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -93,9 +91,7 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>
     let mut close = minor == 0;
     for header in response.headers.iter() {
         if header.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value)
-                .ok()
-                .and_then(|text| text.trim().parse::<u64>().ok())
+            let value = chunk::content_length(header.value)
                 .ok_or_else(|| FramingError::Head("invalid Content-Length".into()))?;
             if length.is_some_and(|seen| seen != value) {
                 return Err(FramingError::Head("conflicting Content-Length".into()));
@@ -325,19 +321,9 @@ fn take_line(line: &mut Vec<u8>, rest: &[u8]) -> Result<(usize, bool), FramingEr
     Ok((used, complete))
 }
 
-/// The size in a complete chunk-size line (hex digits, optional
-/// `;extensions`, then CRLF).
+/// The size in a complete chunk-size line (its CRLF included).
 fn chunk_size(line: &[u8]) -> Result<u64, FramingError> {
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return Err(FramingError::ChunkSize);
-    }
-    let text = std::str::from_utf8(digits).map_err(|_| FramingError::ChunkSize)?;
-    u64::from_str_radix(text, 16).map_err(|_| FramingError::ChunkSize)
+    chunk::chunk_size(line).ok_or(FramingError::ChunkSize)
 }
 
 #[cfg(test)]
