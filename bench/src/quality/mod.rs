@@ -185,6 +185,14 @@ pub struct Args {
     /// the default 1.5 and 4 simulators one holds 37.5% of it.
     #[arg(long, default_value_t = 1.5)]
     pub kv_fit: f64,
+    /// Simulator i listens on 127.0.0.1:(this + i), so backend URLs, and
+    /// with them rendezvous placements, are the same in every run and for
+    /// every router: two runs differ by timing alone (0: any free ports,
+    /// a different hash layout each time; a taken port falls back to a
+    /// free one). Below Linux's ephemeral range, so the routers' own free
+    /// ports never take it.
+    #[arg(long, default_value_t = 18600)]
+    pub backend_port_base: u16,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -559,6 +567,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
         let fleet = FleetConfig {
             backends: args.backends,
             sim,
+            port_base: (args.backend_port_base > 0).then_some(args.backend_port_base),
         };
         eprintln!(
             "router-bench: {} ({} requests, {} sessions)",
@@ -735,8 +744,19 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
         format!(
             "fleet: {} in-process vllm-sim, profile `{}`, time scale {}, block {} tokens, \
              KV cache sized to {}× the workload's working set across the fleet; fresh \
-             simulators (cold caches) for every router",
-            args.backends, args.profile, args.time_scale, args.block_size, args.kv_fit
+             simulators (cold caches) for every router, {}",
+            args.backends,
+            args.profile,
+            args.time_scale,
+            args.block_size,
+            args.kv_fit,
+            match args.backend_port_base {
+                0 => "on free ports (backend URLs differ run to run)".to_owned(),
+                base => format!(
+                    "on ports {base}–{} where free (the same backend URLs every run)",
+                    u32::from(base) + args.backends.saturating_sub(1) as u32
+                ),
+            }
         ),
         format!(
             "load: {}; seed {}, every request streamed with `stream_options.include_usage`; \

@@ -80,6 +80,8 @@ pub struct FleetConfig {
     pub backends: usize,
     /// A simulator's base configuration (its id is set per instance).
     pub sim: vllm_sim::Config,
+    /// Simulator i listens on this + i when that port is free.
+    pub port_base: Option<u16>,
 }
 
 /// When sessions start.
@@ -175,9 +177,25 @@ impl Fleet {
             engines: Vec::new(),
         };
         for i in 0..config.backends {
-            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .context("binding a simulator")?;
+            let fixed = config
+                .port_base
+                .and_then(|base| u16::try_from(usize::from(base) + i).ok());
+            let fixed = match fixed {
+                Some(port) => match TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
+                    Ok(listener) => Some(listener),
+                    Err(err) => {
+                        eprintln!("router-bench: port {port} is taken ({err}); a free one instead");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let listener = match fixed {
+                Some(listener) => listener,
+                None => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                    .await
+                    .context("binding a simulator")?,
+            };
             let addr = listener.local_addr().context("simulator address")?;
             let id = format!("sim-{i}");
             let sim = vllm_sim::Config {
