@@ -27,7 +27,7 @@ use crate::{
     metrics::{BackendCounters, StatusLabel},
     prompt::{self, Endpoint},
     route::{BackendLoad, Decision, RouteRequest, Walked},
-    upstream::SendError,
+    upstream::{Leg, SendError},
 };
 
 /// How long a closing connection waits for the client to stop sending.
@@ -314,23 +314,7 @@ async fn proxy(
         .and_then(|input| input.model.as_deref())
         .unwrap_or_default();
     let (decision, walked) = select(head, input.as_ref(), buffers, shared)?;
-    let leg = match shared
-        .upstream
-        .acquire(&buffers.order, &shared.backends, &shared.backend_counters)
-        .await
-    {
-        Ok(leg) => leg,
-        Err(err) => {
-            warn!(
-                request_id = %request_id,
-                fault = err.fault().as_str(),
-                retry_safe = err.retry_safe(),
-                error = %err,
-                "no backend took the request"
-            );
-            return Err(ApiError::from(err).into());
-        }
-    };
+    let leg = connect(&buffers.order, request_id, shared).await?;
     let (index, backend) = (leg.index, leg.backend);
     // The backend took the connection: from now on its cache is where the
     // prompt is, whatever becomes of the response.
@@ -380,19 +364,23 @@ async fn proxy(
     buffers.outgoing = request;
     count_relayed(&result, shared);
     match result {
-        Ok(exchanged) => {
-            shared
-                .metrics
-                .first_byte
-                .observe(exchanged.first_byte.as_secs_f64());
-            debug!(request_id = %request_id, status = exchanged.status, relayed = ?exchanged.relayed, "response relayed");
-            Ok(if exchanged.client_keep_alive && !client.at_eof() {
-                Next::KeepAlive
-            } else {
-                Next::Close
-            })
-        }
+        Ok(exchanged) => Ok(relayed(&exchanged, client, request_id, shared)),
         Err(err) => Err(send_failure(err, backend, request_id, shared)),
+    }
+}
+
+/// Notes a response relayed whole; the client connection stays open if
+/// both sides allow it.
+fn relayed(exchanged: &Exchanged, client: &Client, request_id: RequestId, shared: &Shared) -> Next {
+    shared
+        .metrics
+        .first_byte
+        .observe(exchanged.first_byte.as_secs_f64());
+    debug!(request_id = %request_id, status = exchanged.status, relayed = ?exchanged.relayed, "response relayed");
+    if exchanged.client_keep_alive && !client.at_eof() {
+        Next::KeepAlive
+    } else {
+        Next::Close
     }
 }
 
@@ -434,6 +422,29 @@ fn select(
         *slot = candidates[*slot];
     }
     Ok((decision, walked))
+}
+
+/// A connection to the first backend of `order` that takes one (see
+/// [`crate::upstream::Upstream::acquire`]); a 502/503 when none does.
+async fn connect<'a>(
+    order: &[usize],
+    request_id: RequestId<'_>,
+    shared: &'a Shared,
+) -> Result<Leg<'a>, Failure> {
+    let acquired = shared
+        .upstream
+        .acquire(order, &shared.backends, &shared.backend_counters)
+        .await;
+    acquired.map_err(|err| {
+        warn!(
+            request_id = %request_id,
+            fault = err.fault().as_str(),
+            retry_safe = err.retry_safe(),
+            error = %err,
+            "no backend took the request"
+        );
+        ApiError::from(err).into()
+    })
 }
 
 /// The request as it goes to the backend, built in `buffer` (a buffer the
