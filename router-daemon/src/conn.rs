@@ -26,7 +26,7 @@ use crate::{
     http::{self, ChunkedDecoder, Framing, Head},
     metrics::{BackendCounters, StatusLabel},
     prompt::{self, Endpoint},
-    route::{BackendLoad, Decision, RouteRequest, Walked},
+    route::{BackendLoad, Decision, RouteRequest, Walk},
     upstream::{Leg, SendError},
 };
 
@@ -49,6 +49,8 @@ struct Buffers {
     candidates: Vec<usize>,
     /// Those backends in the order to try them.
     order: Vec<usize>,
+    /// The prompt key's hashes, from selection to the index's record.
+    walk: Walk,
 }
 
 /// One request read off the connection.
@@ -313,13 +315,15 @@ async fn proxy(
         .as_ref()
         .and_then(|input| input.model.as_deref())
         .unwrap_or_default();
-    let (decision, walked) = select(head, input.as_ref(), buffers, shared)?;
+    let decision = select(head, input.as_ref(), buffers, shared)?;
     let leg = connect(&buffers.order, request_id, shared).await?;
     let (index, backend) = (leg.index, leg.backend);
     // The backend took the connection: from now on its cache is where the
     // prompt is, whatever becomes of the response.
-    if let (Some(walked), Some(input)) = (walked, &input) {
-        shared.router.record(walked, &input.key, &backend.url);
+    if let Some(input) = &input {
+        shared
+            .router
+            .record(&mut buffers.walk, &input.key, &backend.url);
     }
     info!(
         request_id = %request_id,
@@ -392,9 +396,12 @@ fn select(
     input: Option<&prompt::RoutingInput>,
     buffers: &mut Buffers,
     shared: &Shared,
-) -> Result<(Decision, Option<Walked>), Failure> {
+) -> Result<Decision, Failure> {
     let Buffers {
-        candidates, order, ..
+        candidates,
+        order,
+        walk,
+        ..
     } = buffers;
     match input {
         // Only backends serving the model: 404 when none does, 400 when the
@@ -413,15 +420,15 @@ fn select(
         session: head.session.as_deref(),
         later_turns: input.later_turns,
     });
-    let (decision, walked) = shared
+    let decision = shared
         .router
-        .select(request.as_ref(), &loads, order)
+        .select(request.as_ref(), &loads, walk, order)
         .ok_or_else(|| ApiError::unavailable("no backends configured"))?;
     // Positions among the candidates → backend indexes.
     for slot in order.iter_mut() {
         *slot = candidates[*slot];
     }
-    Ok((decision, walked))
+    Ok(decision)
 }
 
 /// A connection to the first backend of `order` that takes one (see

@@ -218,11 +218,6 @@ impl Walk {
     /// 256 KiB with 64-byte blocks) between decisions.
     pub const KEPT_BOUNDARIES: usize = 4 * 1024;
 
-    /// Boundaries the walk has room for without growing.
-    pub(crate) fn capacity(&self) -> usize {
-        self.hashes.capacity()
-    }
-
     /// Frees the buffers if a long prompt grew them past
     /// [`Self::KEPT_BOUNDARIES`].
     pub fn shrink(&mut self) {

@@ -33,14 +33,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use crate::prompt;
 
 pub use self::{
-    index::{MAX_BLOCK, PrefixIndex},
+    index::{MAX_BLOCK, PrefixIndex, Walk},
     policy::Policy,
 };
-
-/// A selection's walk of its prompt key: what [`Router::record`] needs to
-/// write the choice into the index without hashing the key again.
-#[derive(Debug)]
-pub struct Walked(index::Walk);
 
 /// Seed for hashing session values, apart from prompt hashes.
 const SESSION_SEED: u64 = 0x7365_7373_696f_6e21;
@@ -183,7 +178,7 @@ fn fallback_order(first: usize, backends: &[BackendLoad], order: &mut Vec<usize>
 /// are large enough.
 #[derive(Default)]
 struct Scratch {
-    walk: index::Walk,
+    walk: Walk,
     /// Matched key bytes per backend, in the order of `backends`.
     matched: Vec<usize>,
 }
@@ -288,52 +283,41 @@ impl Router {
     /// most loaded. Positions are into `backends`.
     ///
     /// The index is left alone: once a backend has accepted the request,
-    /// [`Router::record`] writes it there with the returned [`Walked`], so
-    /// the index never points at a backend the request did not reach.
+    /// [`Router::record`] writes it there with the hashes left in `walk`
+    /// (the caller's, kept with the request across the connect), so the
+    /// index never points at a backend the request did not reach.
     /// Returns `None` only when `backends` is empty.
     pub fn select(
         &self,
         request: Option<&RouteRequest>,
         backends: &[BackendLoad],
+        walk: &mut Walk,
         order: &mut Vec<usize>,
-    ) -> Option<(Decision, Option<Walked>)> {
+    ) -> Option<Decision> {
         order.clear();
         if backends.is_empty() {
             return None;
         }
-        let (decision, walked) = match request {
+        let decision = match request {
             Some(request) => SCRATCH.with_borrow_mut(|scratch| {
-                // The walk goes with the request to `record`, which may run
-                // on another thread after the connect; this thread gets it
-                // (or another) back there.
-                let mut walk = std::mem::take(&mut scratch.walk);
-                let decision = self.decide_with(request, backends, &mut walk, &mut scratch.matched);
-                decision.map(|d| (d, Some(Walked(walk))))
+                self.decide_with(request, backends, walk, &mut scratch.matched)
             })?,
-            None => (
-                Decision {
-                    backend: policy::least_loaded(backends),
-                    matched: 0,
-                    reason: Reason::LeastLoaded,
-                },
-                None,
-            ),
+            None => Decision {
+                backend: policy::least_loaded(backends),
+                matched: 0,
+                reason: Reason::LeastLoaded,
+            },
         };
         fallback_order(decision.backend, backends, order);
-        Some((decision, walked))
+        Some(decision)
     }
 
     /// Records that the backend called `name` now holds `key`, the key of
-    /// the request whose [`Router::select`] gave `walked`.
-    pub fn record(&self, walked: Walked, key: &[u8], name: &str) {
-        let Walked(mut walk) = walked;
-        self.index.record(&walk, key, index::backend_id(name));
+    /// the request whose [`Router::select`] left its hashes in `walk`; then
+    /// lets `walk` give back buffers a long prompt grew.
+    pub fn record(&self, walk: &mut Walk, key: &[u8], name: &str) {
+        self.index.record(walk, key, index::backend_id(name));
         walk.shrink();
-        SCRATCH.with_borrow_mut(|scratch| {
-            if scratch.walk.capacity() < walk.capacity() {
-                scratch.walk = walk;
-            }
-        });
     }
 
     /// The decision for `request`, hashing its key into `walk`; records
@@ -342,7 +326,7 @@ impl Router {
         &self,
         request: &RouteRequest,
         backends: &[BackendLoad],
-        walk: &mut index::Walk,
+        walk: &mut Walk,
         matched: &mut Vec<usize>,
     ) -> Option<Decision> {
         let key = request.key;
@@ -617,28 +601,26 @@ mod tests {
             .zip([5, 0, 9, 2])
             .map(|(name, load)| BackendLoad::new(name, load))
             .collect();
-        let mut order = Vec::new();
+        let (mut walk, mut order) = (Walk::default(), Vec::new());
         // No prompt: the least loaded, then the rest by load.
-        let (d, walked) = router.select(None, &loads, &mut order).unwrap();
+        let d = router.select(None, &loads, &mut walk, &mut order).unwrap();
         assert_eq!(
             (d.backend, d.reason, d.matched),
             (1, Reason::LeastLoaded, 0)
         );
-        assert!(walked.is_none());
         assert_eq!(order, [1, 3, 0, 2]);
         // A prompt: its choice first, whatever its load.
         let key = b"Summarise this report for the board.";
-        let (d, walked) = router
-            .select(Some(&request(key, 0)), &loads, &mut order)
+        let d = router
+            .select(Some(&request(key, 0)), &loads, &mut walk, &mut order)
             .unwrap();
-        assert!(walked.is_some());
         assert_eq!(order[0], d.backend);
         let mut rest = order[1..].to_vec();
         rest.sort_by_key(|&i| loads[i].load());
         assert_eq!(rest, order[1..]);
         assert_eq!(order.len(), 4);
         // No candidates, no selection.
-        assert!(router.select(None, &[], &mut order).is_none());
+        assert!(router.select(None, &[], &mut walk, &mut order).is_none());
         assert!(order.is_empty());
     }
 
@@ -648,16 +630,21 @@ mod tests {
         let backends = idle(4);
         let first = "You are a careful assistant. ".repeat(40);
         let second = format!("{first}And a follow-up.");
-        let mut order = Vec::new();
-        let (chosen, walked) = router
-            .select(Some(&request(first.as_bytes(), 0)), &backends, &mut order)
+        let (mut walk, mut order) = (Walk::default(), Vec::new());
+        let chosen = router
+            .select(
+                Some(&request(first.as_bytes(), 0)),
+                &backends,
+                &mut walk,
+                &mut order,
+            )
             .unwrap();
         // The chosen backend could not be reached; the request went to the
         // last in the fallback order, and only that is recorded.
         let took = *order.last().unwrap();
         assert_ne!(took, chosen.backend);
         assert_eq!(router.index_len(), 0, "select alone records nothing");
-        router.record(walked.unwrap(), first.as_bytes(), backends[took].name);
+        router.record(&mut walk, first.as_bytes(), backends[took].name);
         let d = route(&router, MODEL, second.as_bytes(), &backends).unwrap();
         assert_eq!((d.backend, d.reason), (took, Reason::PrefixMatch));
         assert_eq!(d.matched, first.len());
