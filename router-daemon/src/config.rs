@@ -198,35 +198,21 @@ fn non_negative(s: &str) -> Result<f64, String> {
 }
 
 impl Config {
-    /// A configuration for `backends` with every other knob at its default.
+    /// A configuration for `backends` with every other knob at its
+    /// default: the flags' own defaults, parsed with the environment left
+    /// out (so a `ROUTER_*` variable set around a test changes nothing).
     pub fn with_backends(listen: SocketAddr, backends: Vec<String>) -> Self {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let command = Self::command().mut_args(|arg| arg.env(None));
+        let matches = command
+            .try_get_matches_from(["router-daemon", "--backend", "http://placeholder:1"])
+            .expect("invariant: one --backend is all the flags require");
+        let defaults = Self::from_arg_matches(&matches)
+            .expect("invariant: matches from this struct's own command");
         Self {
             listen,
             backends,
-            dataplane: Requested::Auto,
-            workers: 0,
-            block_bytes: 64,
-            index_entries: 1 << 20,
-            max_body_bytes: 32 << 20,
-            max_head_bytes: 16 << 10,
-            connect_timeout_ms: 2_000,
-            pool_max_idle: 1024,
-            pool_idle_timeout_ms: 4_000,
-            request_timeout_ms: 30_000,
-            idle_timeout_ms: 120_000,
-            discovery_interval_ms: 5_000,
-            discovery_timeout_ms: 2_000,
-            down_after_failures: 3,
-            load_epsilon: 0.25,
-            affinity_weight: 1.0,
-            load_weight: 0.25,
-            prefilling_weight: 1.0,
-            placement_epsilon: None,
-            follow_fraction: 0.5,
-            rendezvous_weight: 2.0,
-            placement_prefix_bytes: 2048,
-            family_weight: 1.0,
-            session_header: "x-session-id".into(),
+            ..defaults
         }
     }
 
