@@ -183,7 +183,10 @@ async fn read_started_request(
             let mut decoder = ChunkedDecoder::default();
             let mut continued = false;
             loop {
-                if let Some(used) = decoder.decode(&client.pending()[head.head_len..], &limits)? {
+                if let Some(used) = decoder
+                    .decode(&client.pending()[head.head_len..], limits.max_body)
+                    .map_err(ApiError::from)?
+                {
                     client.consume(head.head_len + used);
                     break decoder.into_body();
                 }

@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use crate::http::{
-    ChunkedDecoder, Limits,
+    ChunkedDecoder,
     response::{self, BodyFraming},
 };
 
@@ -155,15 +155,11 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, ProbeEr
         let body = match head.body {
             BodyFraming::Empty => Some(Vec::new()),
             BodyFraming::Chunked => {
-                let limits = Limits {
-                    max_body: MAX_RESPONSE_BYTES,
-                    ..Limits::default()
-                };
                 let mut decoder = ChunkedDecoder::default();
-                match decoder.decode(body, &limits) {
+                match decoder.decode(body, MAX_RESPONSE_BYTES) {
                     Ok(Some(_)) => Some(decoder.into_body()),
                     Ok(None) => None,
-                    Err(err) => return Err(ProbeError::Malformed(err.message)),
+                    Err(err) => return Err(ProbeError::Malformed(err.to_string())),
                 }
             }
             BodyFraming::Length(len) => match usize::try_from(len) {

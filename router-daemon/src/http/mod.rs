@@ -1,11 +1,14 @@
 //! HTTP/1.1 framing, both ways: client requests ([`request`]) and backend
 //! responses ([`response`]), with one parser for each framing field both
 //! read (`chunk`) and one set of limits.
-pub(crate) mod chunk;
+pub mod chunk;
 pub mod request;
 pub mod response;
 
-pub use self::request::{CONTINUE, ChunkedDecoder, Framing, Head, Limits, ok_response, parse_head};
+pub use self::{
+    chunk::{ChunkError, ChunkedDecoder},
+    request::{CONTINUE, Framing, Head, Limits, ok_response, parse_head},
+};
 
 /// Most header fields in any head, request or response; parsed into a stack
 /// array (and the ceiling of [`Limits::max_headers`]).

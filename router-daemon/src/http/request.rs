@@ -4,13 +4,16 @@
 //! httparse within [`Limits`], and returns the facts the router needs plus
 //! the head rewritten for the backend. The body is framed by
 //! `Content-Length` or by `Transfer-Encoding: chunked`, which
-//! [`ChunkedDecoder`] decodes so the body can be scanned and forwarded with a
+//! [`ChunkedDecoder`](super::ChunkedDecoder) decodes so the body can be scanned and forwarded with a
 //! `Content-Length`.
 //!
 //! The head sent to the backend leaves out hop-by-hop headers: the backend
 //! connection is the router's own, kept alive and reused across clients (see
 //! [`super::response`] for how the end of each response is found).
-use super::{MAX_HEADERS, MAX_LINE, chunk};
+use super::{
+    MAX_HEADERS,
+    chunk::{self, ChunkError},
+};
 use crate::error::ApiError;
 
 /// Size limits applied while reading a request.
@@ -300,79 +303,17 @@ fn too_large(limits: &Limits) -> ApiError {
     ))
 }
 
-/// Decodes a chunked body as its bytes arrive.
-///
-/// Feed it the bytes after the head, each time with everything received so
-/// far; it resumes where it stopped, so a large body costs O(length) overall.
-#[derive(Debug, Default)]
-pub struct ChunkedDecoder {
-    /// Input bytes consumed by complete chunks so far.
-    consumed: usize,
-    /// Decoded body so far.
-    body: Vec<u8>,
-}
-
-impl ChunkedDecoder {
-    /// Advances over `input` (all bytes after the head so far). Returns the
-    /// number of input bytes the whole chunked body took once its last chunk
-    /// and trailers are complete, `None` while more bytes are needed.
-    pub fn decode(&mut self, input: &[u8], limits: &Limits) -> Result<Option<usize>, ApiError> {
-        loop {
-            let rest = &input[self.consumed..];
-            let Some(line_end) = find_crlf(rest, MAX_LINE)? else {
-                return Ok(None);
-            };
-            let size = parse_chunk_size(&rest[..line_end])?;
-            let data_start = line_end + 2;
-            if size == 0 {
-                // Trailer fields, then a blank line.
-                let mut at = data_start;
-                loop {
-                    let Some(end) = find_crlf(&rest[at..], MAX_LINE)? else {
-                        return Ok(None);
-                    };
-                    at += end + 2;
-                    if end == 0 {
-                        self.consumed += at;
-                        return Ok(Some(self.consumed));
-                    }
-                }
+impl From<ChunkError> for ApiError {
+    /// A chunked request body the router cannot decode is the client's
+    /// fault: 413 past the body limit, 400 otherwise.
+    fn from(err: ChunkError) -> Self {
+        match err {
+            ChunkError::TooLarge { limit } => {
+                ApiError::payload_too_large(format!("request body is over the {limit} byte limit"))
             }
-            if self.body.len().saturating_add(size) > limits.max_body {
-                return Err(too_large(limits));
-            }
-            let data_end = data_start + size;
-            if rest.len() < data_end + 2 {
-                return Ok(None);
-            }
-            if &rest[data_end..data_end + 2] != b"\r\n" {
-                return Err(ApiError::bad_request("chunk data not followed by CRLF"));
-            }
-            self.body.extend_from_slice(&rest[data_start..data_end]);
-            self.consumed += data_end + 2;
+            other => ApiError::bad_request(other),
         }
     }
-
-    /// The decoded body.
-    pub fn into_body(self) -> Vec<u8> {
-        self.body
-    }
-}
-
-/// Position of the first CRLF in `bytes`, if within `max` bytes.
-fn find_crlf(bytes: &[u8], max: usize) -> Result<Option<usize>, ApiError> {
-    match memchr::memmem::find(&bytes[..bytes.len().min(max + 2)], b"\r\n") {
-        Some(at) => Ok(Some(at)),
-        None if bytes.len() > max => Err(ApiError::bad_request("chunk line too long")),
-        None => Ok(None),
-    }
-}
-
-/// The size in a chunk-size line (without its CRLF).
-fn parse_chunk_size(line: &[u8]) -> Result<usize, ApiError> {
-    chunk::chunk_size(line)
-        .and_then(|size| usize::try_from(size).ok())
-        .ok_or_else(|| ApiError::bad_request("invalid chunk size"))
 }
 
 /// The length a `Content-Length` value gives.
@@ -402,7 +343,7 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
-    use super::*;
+    use super::{super::ChunkedDecoder, *};
 
     const SESSION: &str = "x-session-id";
 
@@ -586,14 +527,14 @@ mod tests {
             let mut decoder = ChunkedDecoder::default();
             let limits = Limits::default();
             assert_eq!(
-                decoder.decode(&CHUNKED[..split], &limits).unwrap(),
+                decoder.decode(&CHUNKED[..split], limits.max_body).unwrap(),
                 None,
                 "split {split}"
             );
             let mut input = CHUNKED.to_vec();
             input.extend_from_slice(b"GET /next HTTP/1.1\r\n");
             assert_eq!(
-                decoder.decode(&input, &limits).unwrap(),
+                decoder.decode(&input, limits.max_body).unwrap(),
                 Some(CHUNKED.len())
             );
             assert_eq!(decoder.into_body(), b"Wikipedia in \r\nchunks.");
@@ -606,7 +547,11 @@ mod tests {
             max_body: 8,
             ..Limits::default()
         };
-        let decode = |input: &[u8]| ChunkedDecoder::default().decode(input, &limits);
+        let decode = |input: &[u8]| {
+            ChunkedDecoder::default()
+                .decode(input, limits.max_body)
+                .map_err(ApiError::from)
+        };
         assert_eq!(decode(b"zz\r\n").unwrap_err().status, 400);
         assert_eq!(decode(b"3\r\nabcX\r\n").unwrap_err().status, 400);
         assert_eq!(decode(b"9\r\n").unwrap_err().status, 413);
