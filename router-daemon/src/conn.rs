@@ -53,6 +53,30 @@ struct Buffers {
     walk: Walk,
 }
 
+/// Buffers larger than this are given back after a request, so that a
+/// kept-alive connection holds little memory whatever its last request was
+/// (a client could otherwise park up to the body limit per connection).
+const KEPT_BUFFER: usize = 64 << 10;
+
+impl Buffers {
+    /// Gives back any buffer a large request grew past [`KEPT_BUFFER`].
+    fn trim(&mut self) {
+        for buffer in [&mut self.head, &mut self.body, &mut self.outgoing] {
+            if buffer.capacity() > KEPT_BUFFER {
+                *buffer = Vec::new();
+            }
+        }
+        // A walk holds about 36 bytes per 64-byte block of key.
+        self.walk.shrink_to(KEPT_BUFFER / 64);
+    }
+
+    /// Bytes the buffers hold (for tests).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.head.capacity() + self.body.capacity() + self.outgoing.capacity()
+    }
+}
+
 /// One request read off the connection.
 struct Request {
     head: Head,
@@ -79,6 +103,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 // The request's buffers serve the next one.
                 buffers.head = request.head.into_buffer();
                 buffers.body = request.body;
+                buffers.trim();
                 next
             }
             Ok(None) => Next::Close,
@@ -617,4 +642,21 @@ async fn answer_error(client: &mut Client, shared: &Shared, err: &ApiError) {
         .get_or_create(&StatusLabel { status: err.status })
         .inc();
     let _ = client.write(&err.to_response()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_of_a_large_request_are_given_back() {
+        let mut buffers = Buffers::default();
+        buffers.body.reserve(4 << 20);
+        buffers.outgoing.reserve(4 << 20);
+        buffers.head.reserve(1024);
+        buffers.trim();
+        assert!(buffers.held() <= 2 * KEPT_BUFFER, "{}", buffers.held());
+        // Small ones are kept for the next request.
+        assert!(buffers.head.capacity() >= 1024);
+    }
 }

@@ -221,7 +221,12 @@ impl Walk {
     /// Frees the buffers if a long prompt grew them past
     /// [`Self::KEPT_BOUNDARIES`].
     pub fn shrink(&mut self) {
-        if self.hashes.capacity() > Self::KEPT_BOUNDARIES {
+        self.shrink_to(Self::KEPT_BOUNDARIES);
+    }
+
+    /// Frees the buffers if they have room for more than `boundaries`.
+    pub fn shrink_to(&mut self, boundaries: usize) {
+        if self.hashes.capacity() > boundaries {
             *self = Self::default();
         }
     }
