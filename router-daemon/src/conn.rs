@@ -344,8 +344,26 @@ async fn proxy(
         .and_then(|input| input.model.as_deref())
         .unwrap_or_default();
     let decision = select(head, input.as_ref(), buffers, shared)?;
+    // What the backend must prefill: the key less what it holds (all of it
+    // when the chosen backend could not be reached and another took it).
+    let key_len = input.as_ref().map_or(0, |input| input.key.len());
+    let chosen_prefill = key_len.saturating_sub(decision.matched);
+    // The request counts on its backend from the moment it is chosen, so
+    // the requests selected while it connects see it there (a burst of new
+    // prompts would otherwise all see the same stale loads).
+    let mut reserved = buffers
+        .order
+        .first()
+        .and_then(|&first| shared.backends.get(first))
+        .map(|chosen| chosen.start_request(chosen_prefill));
     let leg = connect(&buffers.order, request_id, shared).await?;
     let (index, backend) = (leg.index, leg.backend);
+    let prefill = if index == buffers.order[0] {
+        chosen_prefill
+    } else {
+        reserved = Some(backend.start_request(key_len));
+        key_len
+    };
     // The backend took the connection: from now on its cache is where the
     // prompt is, whatever becomes of the response.
     if let Some(input) = &input {
@@ -365,14 +383,6 @@ async fn proxy(
         counters.requests.inc();
     }
     shared.metrics.decided(decision.reason);
-    // What the backend must prefill: the key less what it holds (all of it
-    // when the chosen backend could not be reached and another took it).
-    let key_len = input.as_ref().map_or(0, |input| input.key.len());
-    let prefill = if index == buffers.order[0] {
-        key_len.saturating_sub(decision.matched)
-    } else {
-        key_len
-    };
 
     let request = outgoing(
         head,
@@ -386,7 +396,11 @@ async fn proxy(
         client_close: head.close,
     };
     let watch = || Watched {
-        in_flight: Some(backend.start_request(prefill)),
+        in_flight: Some(
+            reserved
+                .take()
+                .unwrap_or_else(|| backend.start_request(prefill)),
+        ),
         counters: shared.backend_counters.get(index),
     };
     let result = shared
