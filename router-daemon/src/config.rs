@@ -115,10 +115,11 @@ pub struct Config {
     pub affinity_weight: f64,
 
     /// Weight of load: cost per request in flight or waiting on a backend.
-    /// With the defaults, 256 bytes of prefill (about 64 tokens) cost as
+    /// With the defaults, 100 bytes of prefill (about 25 tokens) cost as
     /// much as one request: a request already decoding delays a newcomer
-    /// far less than recomputing a cached prefix would.
-    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 0.25,
+    /// far less than recomputing a cached prefix would, which also evicts
+    /// what the other backend held.
+    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 0.1,
           value_parser = non_negative)]
     pub load_weight: f64,
 
@@ -170,7 +171,7 @@ pub struct Config {
     /// like a cached prefix of that size (see --load-weight). With traffic
     /// that shares prefixes, a new family stays where every replica places
     /// it; with traffic that does not, placement spreads by load. 0: off.
-    #[arg(long, env = "ROUTER_FAMILY_WEIGHT", default_value_t = 1.0,
+    #[arg(long, env = "ROUTER_FAMILY_WEIGHT", default_value_t = 10.0,
           value_parser = non_negative)]
     pub family_weight: f64,
 

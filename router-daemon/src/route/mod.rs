@@ -23,6 +23,7 @@
 //! between calls, and a backend missing from it is simply never chosen.
 //! [`Router::remove_backend`] also drops what the index holds for it.
 pub mod index;
+mod pending;
 pub mod policy;
 mod reuse;
 
@@ -194,6 +195,8 @@ pub struct Router {
     policy: Policy,
     placements: std::sync::Mutex<Placements>,
     reuse: reuse::ReuseRate,
+    /// Recent placements the index has not learned yet, by seed.
+    pending: std::sync::Mutex<pending::Pending>,
 }
 
 /// KiB of new conversations recently placed on each backend, for the
@@ -247,6 +250,7 @@ impl Router {
             policy,
             placements: std::sync::Mutex::default(),
             reuse: reuse::ReuseRate::default(),
+            pending: std::sync::Mutex::default(),
         }
     }
 
@@ -370,12 +374,25 @@ impl Router {
             placement: walk.prefix_hash(key, leading, PLACEMENT_SALT),
             reuse: self.reuse.get(),
             session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
+            pending: None,
             placed: &[],
             weight: key.len().max(1) as f64 / 1024.0,
         };
         let placement = self.policy.is_placement(&inputs);
         if inputs.session.is_none() {
             self.reuse.observe(!placement);
+        }
+        // A sibling placed moments ago, still connecting: its backend is
+        // where the family goes (see `pending`).
+        let seed = inputs.placement;
+        let now = placement.then(std::time::Instant::now);
+        if let Some(now) = now {
+            let sibling = self.pending_placements().get(inputs.placement, now);
+            inputs.pending = sibling.and_then(|id| {
+                backends
+                    .iter()
+                    .position(|b| index::backend_id(b.name) == id)
+            });
         }
         let bounded = self.policy.placement_epsilon.is_some();
         let decision = if bounded && placement && !request.later_turns {
@@ -394,7 +411,19 @@ impl Router {
         } else {
             policy::choose(&self.policy, &inputs)?
         };
+        if let (Some(now), Some(chosen)) = (now, backends.get(decision.backend)) {
+            self.pending_placements()
+                .put(seed, index::backend_id(chosen.name), now);
+        }
         Some(decision)
+    }
+
+    /// The table of pending placements; a panic while holding its lock
+    /// leaves at worst a stale entry, which expires.
+    fn pending_placements(&self) -> std::sync::MutexGuard<'_, pending::Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Forgets everything the index holds for the backend called `name`
@@ -651,6 +680,52 @@ mod tests {
     }
 
     #[test]
+    fn siblings_selected_before_the_first_is_recorded_stay_together() {
+        let router = Router::new(64, 1 << 16);
+        // Recent traffic shared nothing, so a new prompt alone is free to
+        // spread by load.
+        for i in 0..256 {
+            let own = format!("{i}: a prompt of its own {}", "words ".repeat(300));
+            route(&router, MODEL, own.as_bytes(), &idle(4)).unwrap();
+        }
+        // A burst of a new family: the same 3 KiB template, different
+        // questions, all selected before the first one's backend took it.
+        let template = "Answer from the attached contract only. ".repeat(80);
+        let (mut walk, mut order) = (Walk::default(), Vec::new());
+        let mut views = idle(4);
+        let mut chosen = HashSet::new();
+        for question in ["Who signs?", "When does it end?", "What does it cost?"] {
+            let key = format!("{template}{question}");
+            let d = router
+                .select(
+                    Some(&request(key.as_bytes(), 0)),
+                    &views,
+                    &mut walk,
+                    &mut order,
+                )
+                .unwrap();
+            // The request counts on its backend from its selection on:
+            // one more in flight, its whole prompt queued for prefill.
+            let there = &mut views[d.backend];
+            there.in_flight += 1;
+            there.prefill += key.len();
+            chosen.insert(d.backend);
+        }
+        assert_eq!(chosen.len(), 1, "the family was copied to {chosen:?}");
+        // A prompt of another family still spreads away from that prefill.
+        let other = format!("{}Next?", "A different template altogether. ".repeat(80));
+        let d = router
+            .select(
+                Some(&request(other.as_bytes(), 0)),
+                &views,
+                &mut walk,
+                &mut order,
+            )
+            .unwrap();
+        assert!(!chosen.contains(&d.backend), "{d:?}");
+    }
+
+    #[test]
     fn replicas_agree_on_a_new_family_where_traffic_shares_prefixes() {
         let family = format!(
             "{}Which plan fits me?",
@@ -661,11 +736,11 @@ mod tests {
             .unwrap()
             .backend;
         // A replica that sees the family's first request while its home
-        // is busy: 6 in flight there, 1 elsewhere (bound 4).
+        // is busy: 10 in flight there, 1 elsewhere (bound 5).
         let busy: Vec<BackendLoad> = NAMES
             .iter()
             .enumerate()
-            .map(|(i, name)| BackendLoad::new(name, if i == home { 6 } else { 1 }))
+            .map(|(i, name)| BackendLoad::new(name, if i == home { 10 } else { 1 }))
             .collect();
         let warmed = |shares: bool| {
             let router = Router::new(64, 1 << 16);
@@ -738,7 +813,8 @@ mod tests {
         let mut used = HashSet::new();
         let mut reasons = HashSet::new();
         let mut reused = 0;
-        for _ in 0..32 {
+        let sent = 160;
+        for _ in 0..sent {
             let d = router
                 .decide(&request(prompt.as_bytes(), 0), &views)
                 .unwrap();
@@ -754,7 +830,7 @@ mod tests {
             "{reasons:?}"
         );
         // Each backend computed it once; every other request reused it.
-        assert_eq!(reused, 32 - used.len());
+        assert_eq!(reused, sent - used.len());
         // The prefix is now recorded on several backends, and once the load
         // evens out the holders share it.
         let found = router.index.lookup(MODEL, prompt.as_bytes());

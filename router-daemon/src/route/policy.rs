@@ -71,7 +71,11 @@
 //!    both margins grow with what the prompt is worth as a family (below).
 //!    A later chat turn of a conversation this router never saw is placed
 //!    by rendezvous alone (within the load bound): that is where a replica
-//!    that saw its first turn most likely placed it.
+//!    that saw its first turn most likely placed it. A sibling of a request
+//!    placed moments ago, which the index has not learned yet because that
+//!    request is still connecting ([`Inputs::pending`]), takes the
+//!    rendezvous winner's part: a burst of one family's first requests
+//!    lands on one backend instead of being copied onto several.
 //!
 //! # A new prompt's family
 //! A new prompt's first request cannot tell a one-off from the first of a
@@ -86,9 +90,25 @@
 //! in requests, and another backend must be cheaper by that much more than
 //! the rendezvous weight. Where nothing is reused, `reuse` falls to 0 and
 //! placement spreads by load as before. In `router-bench quality --levels
-//! c16 --daemon-replicas 3` (three runs each) this raised three replicas'
-//! hit rate from 71–74% to 82–86% of the ideal on shared-prefix and from
-//! 75–81% to 87–93% on prefix-repetition, one router staying at 98–99%.
+//! c16 --daemon-replicas 3` (three runs each) family weight 1 raised three
+//! replicas' hit rate from 71–74% to 82–86% of the ideal on shared-prefix
+//! and from 75–81% to 87–93% on prefix-repetition, one router staying at
+//! 98–99%. The defaults (family weight 10, load weight 0.1) come from
+//! `router-bench quality --no-peers --routers router-daemon --levels
+//! c4,c16,c64 --daemon-replicas 3 --workloads
+//! shared-prefix,prefix-repetition,no-sharing,multi-turn`, run with and
+//! without them: at 64 sessions one router went from 93% / 88% of the ideal
+//! (shared-prefix / prefix-repetition) to 97% / 98%, three replicas from
+//! 78% / 76% to 98% / 98%, and the mean TTFT from 148–269 ms to 97–112 ms;
+//! at 16 sessions three replicas went from 86% / 90% to 99% / 99%. Load
+//! weight 0.25 made a holder of a long prefix copy it elsewhere once it
+//! had 30 more requests in flight, which at 64 sessions happened to every
+//! family's busiest holder, and each copy evicted other families. The cost
+//! is a cold start on traffic that shares nothing: `reuse` starts at 1 and
+//! takes a few hundred requests to fall, so the first no-sharing requests
+//! are held to their rendezvous backends (256 requests at 4 sessions: mean
+//! TTFT 71 ms against 61 ms; over 1,024 requests 62 ms against
+//! round-robin's 59 ms, `--workloads no-sharing --ns-requests 1024`).
 //!
 //! # Placement bound (opt-in)
 //! Hashing a few dozen conversations (or system-prompt groups) onto four
@@ -148,13 +168,13 @@ impl Default for Policy {
         Self {
             epsilon: 0.25,
             affinity_weight: 1.0,
-            load_weight: 0.25,
+            load_weight: 0.1,
             prefilling_weight: 1.0,
             placement_epsilon: None,
             follow_fraction: 0.5,
             rendezvous_weight: 2.0,
             placement_prefix: 2048,
-            family_weight: 1.0,
+            family_weight: 10.0,
         }
     }
 }
@@ -188,11 +208,13 @@ impl Policy {
     /// of its family (siblings, later turns, other replicas' requests) will
     /// find there, weighed by how likely it is to have a family.
     fn family_worth(&self, input: &Inputs) -> f64 {
-        self.family_weight
-            * input.reuse.clamp(0.0, 1.0)
-            * self.affinity_weight
-            * input.conversation_len() as f64
-            / 1024.0
+        // A sibling already placed proves the family.
+        let reuse = if input.pending.is_some() {
+            1.0
+        } else {
+            input.reuse.clamp(0.0, 1.0)
+        };
+        self.family_weight * reuse * self.affinity_weight * input.conversation_len() as f64 / 1024.0
     }
 
     /// `worth` cost units in requests of load (what a backend may pass the
@@ -236,6 +258,11 @@ pub struct Inputs<'a> {
     pub reuse: f64,
     /// Rendezvous seed of the session value, if the request has one.
     pub session: Option<u64>,
+    /// A backend (position in `backends`) that a request with the same
+    /// placement seed, a sibling, was placed on moments ago, before the
+    /// index could learn it (see [`super::Router`]). Rule 3 prefers it to
+    /// the rendezvous winner, as the family's backend.
+    pub pending: Option<usize>,
     /// Recently placed KiB per backend (same order; empty: no placement
     /// bound). See the module doc.
     pub placed: &'a [f64],
@@ -348,7 +375,10 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
 /// cached prefix stretches it in rule 2, and its lead in cost.
 fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason)> {
     let backends = input.backends;
-    let first = rendezvous_first(backends, input.placement)?;
+    let first = match input.pending {
+        Some(sibling) if sibling < backends.len() => sibling,
+        _ => rendezvous_first(backends, input.placement)?,
+    };
     let worth = policy.family_worth(input);
     let stretch = policy.in_requests(worth);
     let qualifies = |i: usize| {
@@ -363,7 +393,11 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
                     .placement_epsilon
                     .is_none_or(|epsilon| input.placement_allows(epsilon, i)))
     };
-    let (_, winner) = rendezvous_pick(backends, input.placement, qualifies)?;
+    let winner = if qualifies(first) {
+        first
+    } else {
+        rendezvous_pick(backends, input.placement, qualifies)?.1
+    };
     let on_rendezvous = |pick: usize| {
         if pick == first {
             Reason::Placed
@@ -486,6 +520,7 @@ mod tests {
             placement: 7,
             reuse: 0.0,
             session: None,
+            pending: None,
             placed: &[],
             weight: 1.0,
         }
@@ -616,6 +651,12 @@ mod tests {
         // The rendezvous winner of seed 5 has 6 requests in flight, the
         // others 1: over the bound of ceil(1.25 × 10 / 4) = 4.
         let seed = 5;
+        // Weights that keep the arithmetic below small.
+        let policy = Policy {
+            load_weight: 0.25,
+            family_weight: 1.0,
+            ..Policy::default()
+        };
         let idle = views(&[(0, 0); 4]);
         let first = winner(&idle, seed);
         let mut loads = [(1, 0); 4];
@@ -627,18 +668,18 @@ mod tests {
             reuse,
             ..inputs(&v, &[0; 4], 4096)
         };
-        let d = choose(&Policy::default(), &input(0.0)).unwrap();
+        let d = choose(&policy, &input(0.0)).unwrap();
         assert_ne!(d.backend, first);
         assert_eq!(d.reason, Reason::Overloaded);
         // When most of it followed a cached prefix, the prompt likely starts
         // a family, which every replica places on `first`: 4 KiB × 0.9 at
         // load weight 0.25 is worth 14 requests, and 6 is within 4 + 14.
-        let d = choose(&Policy::default(), &input(0.9)).unwrap();
+        let d = choose(&policy, &input(0.9)).unwrap();
         assert_eq!((d.backend, d.reason), (first, Reason::Placed));
         // Family weight 0 turns that off.
         let off = Policy {
             family_weight: 0.0,
-            ..Policy::default()
+            ..policy
         };
         let d = choose(&off, &input(0.9)).unwrap();
         assert_ne!(d.backend, first);
@@ -647,7 +688,7 @@ mod tests {
         loads[first] = (30, 0);
         let v = views(&loads);
         let d = choose(
-            &Policy::default(),
+            &policy,
             &Inputs {
                 backends: &v,
                 ..input(0.9)
@@ -710,7 +751,8 @@ mod tests {
         let mut holders = [false, false, false, false];
         holders[0] = true;
         let mut followed = 0;
-        for placement in 0..160u64 {
+        let sent = 400;
+        for placement in 0..sent {
             let held: Vec<usize> = (0..4)
                 .map(|i| if holders[i] { matched[0] } else { 0 })
                 .collect();
@@ -730,10 +772,14 @@ mod tests {
             holders[d.backend] = true;
         }
         // Under load the prefix spread to every backend (each copy once the
-        // holders were busier by the 6 KiB's worth, 24 requests), every
+        // holders were busier by the 6 KiB's worth, 61 requests), every
         // other request reused it, and the load evened out.
         assert!(holders.iter().all(|&h| h), "{holders:?}");
-        assert_eq!(followed, 160 - 3, "{followed} of 160 reused the prefix");
+        assert_eq!(
+            followed,
+            sent as usize - 3,
+            "{followed} of {sent} reused the prefix"
+        );
         let loads: Vec<usize> = v.iter().map(BackendLoad::load).collect();
         assert!(
             loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 2,
@@ -821,6 +867,7 @@ mod tests {
             weight in 0.0f64..100.0,
             family_weight in 0.0f64..4.0,
             reuse in 0.0f64..=1.0,
+            pending in any::<Option<usize>>(),
         ) {
             let v: Vec<BackendLoad> = loads
                 .iter()
@@ -849,6 +896,7 @@ mod tests {
                 placement,
                 reuse,
                 session,
+                pending: pending.map(|p| p % (v.len() + 1)),
                 placed: &placed[..v.len()],
                 weight,
             };
@@ -862,8 +910,11 @@ mod tests {
             // match's worth, or a new one placed on its rendezvous winner, by
             // its conversation prefix's worth as a family.
             let follows = !policy.is_placement(&input) && session.is_none();
-            let first = (0..v.len()).max_by_key(|&i| rendezvous(v[i].name, placement)).unwrap();
+            let first = input.pending.filter(|&p| p < v.len()).unwrap_or_else(|| {
+                (0..v.len()).max_by_key(|&i| rendezvous(v[i].name, placement)).unwrap()
+            });
             let placed_first = policy.is_placement(&input) && session.is_none() && d.backend == first;
+            let reuse = if input.pending.is_some() { 1.0 } else { reuse };
             let conversation_len = if conversation == 0 { input.key_len } else { conversation.min(input.key_len) };
             let worth = if follows {
                 affinity_weight * matched[d.backend] as f64 / 1024.0
