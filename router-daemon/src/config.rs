@@ -84,6 +84,14 @@ pub struct Config {
     #[arg(long, env = "ROUTER_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
     pub idle_timeout_ms: u64,
 
+    /// Most client connections open at once; past it a new connection is
+    /// answered 503 and closed. Default: half the open-file limit (which
+    /// the daemon raises to its hard ceiling at start; each client
+    /// connection may hold a backend connection too), less 128 for the
+    /// daemon's own files and listeners.
+    #[arg(long, env = "ROUTER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+
     /// How often each backend is asked for its models (`GET /v1/models`)
     /// and load (`GET /metrics`), in milliseconds; 0 turns discovery off
     /// (every backend then counts as up, serving any model).
@@ -247,6 +255,15 @@ impl Config {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
         }
+    }
+
+    /// Most client connections open at once: `--max-connections`, or what
+    /// an open-file limit of `open_files` allows.
+    pub fn max_connections(&self, open_files: u64) -> usize {
+        let limit = self
+            .max_connections
+            .unwrap_or_else(|| (open_files / 2).saturating_sub(128).max(1));
+        usize::try_from(limit).unwrap_or(usize::MAX)
     }
 
     /// How long a started request may take to arrive.

@@ -19,10 +19,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::{
+    admission::Admitted,
     backend::{Backend, InFlight},
     daemon::Shared,
     dataplane::{Client, Exchanged, Forward, RelayError, Watch},
-    error::{ApiError, Fault},
+    error::{ApiError, Fault, Limit},
     http::{self, ChunkedDecoder, Framing, Head},
     metrics::{BackendCounters, StatusLabel},
     prompt::{self, Endpoint},
@@ -90,8 +91,27 @@ enum Next {
     Close,
 }
 
-/// Serves one client connection to its end.
-pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+/// How long a refused connection is drained before it closes (see
+/// [`refuse`]): enough for a request already sent to arrive, short enough
+/// that refusals hold few descriptors.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
+
+/// Answers a connection over `--max-connections` with a 503 and closes it.
+pub(crate) async fn refuse(stream: TcpStream, shared: Arc<Shared>) {
+    let mut client = shared.dataplane.client(stream);
+    let err = ApiError::unavailable(format!(
+        "the router holds its most client connections ({}, --max-connections); retry shortly",
+        shared.admission.max()
+    ))
+    .over(Limit::Connections);
+    warn!(fault = err.fault().as_str(), error = %err.message, "connection refused");
+    answer_error(&mut client, &shared, &err).await;
+    client.close(REFUSAL_LINGER).await;
+}
+
+/// Serves one client connection to its end; `_admitted` holds its place
+/// under `--max-connections` until then.
+pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Admitted) {
     // Small responses and errors must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let mut client = shared.dataplane.client(stream);
@@ -145,7 +165,10 @@ async fn read_request(
     if client.pending().is_empty() && !client.at_eof() {
         match tokio::time::timeout(config.idle_timeout(), fill(client)).await {
             Ok(filled) => filled?,
-            Err(_) => return Ok(None),
+            Err(_) => {
+                shared.metrics.limit_exceeded(Limit::IdleTime);
+                return Ok(None);
+            }
         }
     }
     read_started_request(client, buffers, shared).await
@@ -205,11 +228,11 @@ async fn read_started_request(
             body
         }
         Framing::Chunked => {
-            let mut decoder = ChunkedDecoder::default();
+            let mut decoder = ChunkedDecoder::new(limits.chunked(head.head_len));
             let mut continued = false;
             loop {
                 if let Some(used) = decoder
-                    .decode(&client.pending()[head.head_len..], limits.max_body)
+                    .decode(&client.pending()[head.head_len..])
                     .map_err(ApiError::from)?
                 {
                     client.consume(head.head_len + used);
@@ -249,6 +272,7 @@ async fn fill_by(
             "the request did not arrive within {} ms",
             shared.config.request_timeout_ms
         ))
+        .over(Limit::RequestTime)
         .into()),
     }
 }
@@ -655,6 +679,9 @@ async fn answer_error(client: &mut Client, shared: &Shared, err: &ApiError) {
         .errors
         .get_or_create(&StatusLabel { status: err.status })
         .inc();
+    if let Some(limit) = err.limit {
+        shared.metrics.limit_exceeded(limit);
+    }
     let _ = client.write(&err.to_response()).await;
 }
 

@@ -9,9 +9,11 @@ use std::{
 use tokio::net::TcpListener;
 
 use crate::{
+    admission::Admission,
     backend::{self, Backends},
     config::Config,
     dataplane::Dataplane,
+    fd_limit,
     metrics::{self, Metrics},
     route::Router,
     upstream::{Pool, Upstream},
@@ -77,6 +79,8 @@ pub(crate) struct Shared {
     pub(crate) backend_counters: Vec<metrics::BackendCounters>,
     /// The next request id the router numbers.
     pub(crate) next_id: AtomicU64,
+    /// Open client connections, against `--max-connections`.
+    pub(crate) admission: Admission,
 }
 
 /// Serves clients on `listener` until `shutdown` completes, with
@@ -103,6 +107,16 @@ pub async fn run(
         config.policy(),
     ));
     metrics.register_index(Arc::clone(&router));
+    let open_files = fd_limit::current().map_or(1024, |limit| limit.soft);
+    let admission = Admission::new(
+        metrics.client_connections.clone(),
+        config.max_connections(open_files),
+    );
+    tracing::info!(
+        max_connections = admission.max(),
+        open_files,
+        "client connections past the limit are answered 503"
+    );
     let backend_counters = backends
         .all()
         .iter()
@@ -126,6 +140,7 @@ pub async fn run(
         dataplane,
         config,
         next_id: AtomicU64::new(1),
+        admission,
     });
     tokio::spawn(reap_idle(Arc::downgrade(&shared)));
     let discovery_interval = shared.config.discovery().interval;

@@ -28,6 +28,50 @@ impl Fault {
     }
 }
 
+/// A bound on what a client may make the router hold; each is a flag, and
+/// each refusal is counted by the one it hit
+/// (`router_limit_exceeded_total{limit}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// The request head (`--max-head-bytes`, and at most 64 fields).
+    Head,
+    /// The body, decoded or as sent (`--max-body-bytes`).
+    Body,
+    /// A chunked body's trailers (the head's limits).
+    Trailers,
+    /// The whole request's time (`--request-timeout-ms`).
+    RequestTime,
+    /// A kept-alive connection's wait for its next request
+    /// (`--idle-timeout-ms`).
+    IdleTime,
+    /// Open client connections (`--max-connections`).
+    Connections,
+}
+
+impl Limit {
+    /// Every limit, for metrics that pre-create their labels.
+    pub const ALL: [Limit; 6] = [
+        Limit::Head,
+        Limit::Body,
+        Limit::Trailers,
+        Limit::RequestTime,
+        Limit::IdleTime,
+        Limit::Connections,
+    ];
+
+    /// Short name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Head => "head",
+            Limit::Body => "body",
+            Limit::Trailers => "trailers",
+            Limit::RequestTime => "request_time",
+            Limit::IdleTime => "idle_time",
+            Limit::Connections => "connections",
+        }
+    }
+}
+
 /// An error answered to the client as an HTTP response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{status} {message}")]
@@ -36,6 +80,8 @@ pub struct ApiError {
     pub status: u16,
     /// Human-readable message, returned in `error.message`.
     pub message: String,
+    /// The limit the request passed, if that is why it failed.
+    pub limit: Option<Limit>,
 }
 
 impl ApiError {
@@ -88,6 +134,16 @@ impl ApiError {
         Self {
             status,
             message: message.to_string(),
+            limit: None,
+        }
+    }
+
+    /// The same error, marked as caused by passing `limit`.
+    #[must_use]
+    pub fn over(self, limit: Limit) -> Self {
+        Self {
+            limit: Some(limit),
+            ..self
         }
     }
 

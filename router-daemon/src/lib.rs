@@ -16,6 +16,9 @@
 //!   response bytes in the kernel (sockmap), through a pipe (splice) or
 //!   through the daemon (userspace).
 //! - `worker`: one event loop per CPU, each with its own listening socket.
+//! - `admission`: how many client connections are open, against
+//!   `--max-connections`.
+//! - [`fd_limit`]: the open-file limit, raised at start.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: errors as clients see them.
 //!
@@ -24,12 +27,14 @@
 //! [`run`] serves a listener until a shutdown signal; `main` is a thin shell
 //! around it, and tests call it in-process. This file only lays out the
 //! modules.
+mod admission;
 pub mod backend;
 pub mod config;
 mod conn;
 mod daemon;
 pub mod dataplane;
 pub mod error;
+pub mod fd_limit;
 pub mod http;
 pub mod metrics;
 pub mod prompt;

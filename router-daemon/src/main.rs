@@ -13,6 +13,18 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let config = Config::parse();
+    // Every connection is a descriptor: the soft default would cap the
+    // daemon long before the machine does.
+    match router_daemon::fd_limit::raise() {
+        Ok((before, after)) => {
+            tracing::info!(
+                before = before.soft,
+                now = after.soft,
+                "open-file limit raised to its hard ceiling"
+            );
+        }
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+    }
     let (dataplane, why) = Dataplane::select(config.dataplane).context("dataplane")?;
     tracing::info!(mode = dataplane.mode().as_str(), "dataplane: {why}");
     let listener = router_daemon::listener(config.listen)

@@ -13,7 +13,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
         info::Info,
     },
@@ -23,6 +23,7 @@ use prometheus_client::{
 use crate::{
     backend::Backend,
     dataplane::Dataplane,
+    error::Limit,
     route::{Reason, Router},
 };
 
@@ -47,6 +48,13 @@ pub struct BackendModelLabel {
 pub struct ReasonLabel {
     /// [`crate::route::Reason::as_str`].
     pub reason: &'static str,
+}
+
+/// Label set naming a limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// [`crate::error::Limit::as_str`].
+    pub limit: &'static str,
 }
 
 /// Label set naming an error status.
@@ -81,6 +89,10 @@ pub struct Metrics {
     /// The counters of `decisions`, in [`Reason::ALL`]'s order, looked up
     /// once instead of per request.
     decision_counters: [Counter; Reason::ALL.len()],
+    /// `router_limit_exceeded_total`'s counters, in [`Limit::ALL`] order.
+    limit_counters: [Counter; Limit::ALL.len()],
+    /// Client connections open now (`router_client_connections`).
+    pub client_connections: Gauge,
     /// Requests answered with an error by the router, per status.
     pub errors: Family<StatusLabel, Counter>,
     /// Response bytes copied through userspace.
@@ -197,6 +209,25 @@ impl Metrics {
             itl.clone(),
         );
         registry.register_collector(Box::new(KernelCounters(dataplane)));
+        let client_connections = Gauge::default();
+        registry.register(
+            "router_client_connections",
+            "Client connections open (see --max-connections)",
+            client_connections.clone(),
+        );
+        let limits = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "router_limit_exceeded",
+            "Requests refused and connections closed for passing a limit, by limit",
+            limits.clone(),
+        );
+        let limit_counters = Limit::ALL.map(|limit| {
+            limits
+                .get_or_create(&LimitLabel {
+                    limit: limit.as_str(),
+                })
+                .clone()
+        });
         let decision_counters = Reason::ALL.map(|reason| {
             decisions
                 .get_or_create(&ReasonLabel {
@@ -209,6 +240,8 @@ impl Metrics {
             requests,
             decisions,
             decision_counters,
+            limit_counters,
+            client_connections,
             errors,
             copied_bytes,
             piped_bytes,
@@ -218,6 +251,14 @@ impl Metrics {
             first_byte,
             ttft,
             itl,
+        }
+    }
+
+    /// Counts a request refused, or a connection closed, for passing
+    /// `limit`.
+    pub fn limit_exceeded(&self, limit: Limit) {
+        if let Some(at) = Limit::ALL.iter().position(|&l| l == limit) {
+            self.limit_counters[at].inc();
         }
     }
 

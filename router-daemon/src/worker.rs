@@ -113,9 +113,14 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    open.spawn(conn::serve(stream, Arc::clone(shared)));
-                }
+                Ok((stream, _peer)) => match shared.admission.admit() {
+                    Some(admitted) => {
+                        open.spawn(conn::serve(stream, Arc::clone(shared), admitted));
+                    }
+                    None => {
+                        open.spawn(conn::refuse(stream, Arc::clone(shared)));
+                    }
+                },
                 // Out of fds or a connection reset before accept: keep serving.
                 Err(err) if is_transient(&err) => {
                     tracing::warn!(%err, "accept failed; retrying");

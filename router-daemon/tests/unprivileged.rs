@@ -3,7 +3,8 @@
 //!
 //! This runs the real binary. As root it drops to `nobody` with `setpriv`
 //! (no capabilities), so the sockmap program cannot load; as any other user
-//! it is unprivileged already.
+//! it is unprivileged already. It starts with a soft open-file limit of
+//! 256, which the daemon raises to its hard limit.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
@@ -61,6 +62,22 @@ fn exchange(addr: &str, request: &[u8]) -> String {
     response
 }
 
+/// The soft and hard "Max open files" of process `pid`, from
+/// `/proc/<pid>/limits`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut numbers = line
+        .split_whitespace()
+        .filter_map(|word| word.parse::<u64>().ok());
+    let soft = numbers.next().expect("soft limit");
+    let hard = numbers.next().expect("hard limit");
+    (soft, hard)
+}
+
 #[test]
 fn unprivileged_daemon_serves_through_userspace_and_says_why() {
     let daemon = env!("CARGO_BIN_EXE_router-daemon");
@@ -73,16 +90,16 @@ fn unprivileged_daemon_serves_through_userspace_and_says_why() {
         "--dataplane",
         "auto",
     ];
-    let mut command = if is_root() {
-        let mut command = Command::new("setpriv");
+    // Started with a low soft open-file limit, which the daemon raises.
+    let mut command = Command::new("sh");
+    command.args(["-c", "ulimit -S -n 256 && exec \"$@\"", "sh"]);
+    if is_root() {
         command
+            .arg("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
-            .arg(daemon);
-        command
-    } else {
-        Command::new(daemon)
-    };
+            .args(["--inh-caps=-all", "--bounding-set=-all", "--"]);
+    }
+    command.arg(daemon);
     let child = command
         .args(args)
         .env("NO_COLOR", "1")
@@ -120,6 +137,18 @@ fn unprivileged_daemon_serves_through_userspace_and_says_why() {
     assert!(
         fallback.contains("sockmap unavailable") && fallback.contains("auto: userspace"),
         "{fallback}"
+    );
+
+    let (soft, hard) = open_file_limits(daemon.0.id());
+    assert!(
+        hard > 256,
+        "the hard limit ({hard}) leaves nothing to raise"
+    );
+    assert_eq!(soft, hard, "the daemon raises its soft open-file limit");
+    assert!(
+        log.iter()
+            .any(|line| line.contains("open-file limit raised")),
+        "{log:#?}"
     );
 
     let response = exchange(

@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use crate::http::{
-    ChunkedDecoder,
+    ChunkLimits, ChunkedDecoder,
     response::{self, BodyFraming},
 };
 
@@ -155,8 +155,8 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, ProbeEr
         let body = match head.body {
             BodyFraming::Empty => Some(Vec::new()),
             BodyFraming::Chunked => {
-                let mut decoder = ChunkedDecoder::default();
-                match decoder.decode(body, MAX_RESPONSE_BYTES) {
+                let mut decoder = ChunkedDecoder::new(ChunkLimits::total(MAX_RESPONSE_BYTES));
+                match decoder.decode(body) {
                     Ok(Some(_)) => Some(decoder.into_body()),
                     Ok(None) => None,
                     Err(err) => return Err(ProbeError::Malformed(err.to_string())),

@@ -1,7 +1,7 @@
 //! What both directions parse alike: a chunk-size line, a `Content-Length`
 //! value (RFC 9112 §7.1, RFC 9110 §8.6), and a whole chunked body
 //! ([`ChunkedDecoder`]: request bodies, and discovery's responses).
-use super::MAX_LINE;
+use super::{MAX_HEADERS, MAX_LINE};
 
 /// Most hex digits of a chunk size: 15 keep it below 2⁶⁰.
 const MAX_SIZE_DIGITS: usize = 15;
@@ -50,33 +50,102 @@ pub enum ChunkError {
     /// A chunk's data is not followed by CRLF.
     #[error("chunk data not followed by CRLF")]
     MissingCrlf,
-    /// The decoded body would pass `limit` bytes.
+    /// The decoded body would pass [`ChunkLimits::body`].
     #[error("body is over the {limit} byte limit")]
     TooLarge {
-        /// The limit passed to [`ChunkedDecoder::decode`].
+        /// The limit.
         limit: usize,
     },
+    /// The body as sent (chunk sizes, extensions, data, line ends and
+    /// trailers) would pass [`ChunkLimits::raw`].
+    #[error(
+        "chunked body is over the {limit} byte limit as sent (chunk sizes, extensions and trailers included)"
+    )]
+    RawTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// More trailer fields than [`ChunkLimits::trailer_fields`].
+    #[error("more than {limit} trailer fields")]
+    TooManyTrailers {
+        /// The limit.
+        limit: usize,
+    },
+    /// The trailer section is over [`ChunkLimits::trailer_bytes`].
+    #[error("trailer section is over the {limit} byte limit")]
+    TrailersTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// What one chunked body may take: everything a sender controls is
+/// bounded, so a body of tiny chunks with long extensions, or a flood of
+/// trailer lines, ends in an error rather than in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLimits {
+    /// Most decoded body bytes.
+    pub body: usize,
+    /// Most bytes of the body as sent: sizes, extensions, data, line ends
+    /// and trailers.
+    pub raw: usize,
+    /// Most trailer fields.
+    pub trailer_fields: usize,
+    /// Most bytes of the trailer section.
+    pub trailer_bytes: usize,
+}
+
+impl ChunkLimits {
+    /// Limits for a body that may take `bytes` in all, decoded or as sent,
+    /// with at most [`MAX_HEADERS`] trailer fields.
+    pub fn total(bytes: usize) -> Self {
+        Self {
+            body: bytes,
+            raw: bytes,
+            trailer_fields: MAX_HEADERS,
+            trailer_bytes: bytes,
+        }
+    }
 }
 
 /// Decodes a chunked body as its bytes arrive.
 ///
 /// Feed it the bytes after the head, each time with everything received so
-/// far; it resumes where it stopped, so a large body costs O(length) overall.
-#[derive(Debug, Default)]
+/// far; it resumes where it stopped (within chunks and within trailers), so
+/// a large body costs O(length) overall.
+#[derive(Debug)]
 pub struct ChunkedDecoder {
-    /// Input bytes consumed by complete chunks so far.
+    limits: ChunkLimits,
+    /// Input bytes consumed so far: whole chunks, then whole trailer lines.
     consumed: usize,
+    /// The last chunk has been read; `consumed` is within the trailers.
+    in_trailers: bool,
+    /// Trailer fields read so far.
+    trailer_fields: usize,
+    /// Bytes of trailer fields read so far.
+    trailer_bytes: usize,
     /// Decoded body so far.
     body: Vec<u8>,
 }
 
 impl ChunkedDecoder {
-    /// Advances over `input` (all bytes after the head so far), decoding at
-    /// most `max_body` bytes. Returns the number of input bytes the whole
-    /// chunked body took once its last chunk and trailers are complete,
-    /// `None` while more bytes are needed.
-    pub fn decode(&mut self, input: &[u8], max_body: usize) -> Result<Option<usize>, ChunkError> {
-        loop {
+    /// A decoder for one body within `limits`.
+    pub fn new(limits: ChunkLimits) -> Self {
+        Self {
+            limits,
+            consumed: 0,
+            in_trailers: false,
+            trailer_fields: 0,
+            trailer_bytes: 0,
+            body: Vec::new(),
+        }
+    }
+
+    /// Advances over `input` (all bytes after the head so far). Returns the
+    /// number of input bytes the whole chunked body took once its last
+    /// chunk and trailers are complete, `None` while more bytes are needed.
+    pub fn decode(&mut self, input: &[u8]) -> Result<Option<usize>, ChunkError> {
+        while !self.in_trailers {
             let rest = &input[self.consumed..];
             let Some(line_end) = find_crlf(rest)? else {
                 return Ok(None);
@@ -86,23 +155,20 @@ impl ChunkedDecoder {
                 .ok_or(ChunkError::BadSize)?;
             let data_start = line_end + 2;
             if size == 0 {
-                // Trailer fields, then a blank line.
-                let mut at = data_start;
-                loop {
-                    let Some(end) = find_crlf(&rest[at..])? else {
-                        return Ok(None);
-                    };
-                    at += end + 2;
-                    if end == 0 {
-                        self.consumed += at;
-                        return Ok(Some(self.consumed));
-                    }
-                }
+                self.consumed += data_start;
+                self.in_trailers = true;
+                break;
             }
-            if self.body.len().saturating_add(size) > max_body {
-                return Err(ChunkError::TooLarge { limit: max_body });
+            if self.body.len().saturating_add(size) > self.limits.body {
+                return Err(ChunkError::TooLarge {
+                    limit: self.limits.body,
+                });
             }
             let data_end = data_start + size;
+            // Checked before the data is waited for, so it is never buffered.
+            if self.consumed.saturating_add(data_end + 2) > self.limits.raw {
+                return Err(self.raw_too_large());
+            }
             if rest.len() < data_end + 2 {
                 return Ok(None);
             }
@@ -112,11 +178,42 @@ impl ChunkedDecoder {
             self.body.extend_from_slice(&rest[data_start..data_end]);
             self.consumed += data_end + 2;
         }
+        // Trailer fields, then a blank line; each line is read once.
+        loop {
+            if self.consumed > self.limits.raw {
+                return Err(self.raw_too_large());
+            }
+            let Some(end) = find_crlf(&input[self.consumed..])? else {
+                return Ok(None);
+            };
+            self.consumed += end + 2;
+            if end == 0 {
+                return Ok(Some(self.consumed));
+            }
+            self.trailer_fields += 1;
+            self.trailer_bytes += end + 2;
+            if self.trailer_fields > self.limits.trailer_fields {
+                return Err(ChunkError::TooManyTrailers {
+                    limit: self.limits.trailer_fields,
+                });
+            }
+            if self.trailer_bytes > self.limits.trailer_bytes {
+                return Err(ChunkError::TrailersTooLarge {
+                    limit: self.limits.trailer_bytes,
+                });
+            }
+        }
     }
 
     /// The decoded body.
     pub fn into_body(self) -> Vec<u8> {
         self.body
+    }
+
+    fn raw_too_large(&self) -> ChunkError {
+        ChunkError::RawTooLarge {
+            limit: self.limits.raw,
+        }
     }
 }
 

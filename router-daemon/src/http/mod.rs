@@ -6,7 +6,7 @@ pub mod request;
 pub mod response;
 
 pub use self::{
-    chunk::{ChunkError, ChunkedDecoder},
+    chunk::{ChunkError, ChunkLimits, ChunkedDecoder},
     request::{CONTINUE, Framing, Head, Limits, ok_response, parse_head},
 };
 

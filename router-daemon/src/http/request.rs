@@ -12,9 +12,9 @@
 //! [`super::response`] for how the end of each response is found).
 use super::{
     MAX_HEADERS,
-    chunk::{self, ChunkError},
+    chunk::{self, ChunkError, ChunkLimits},
 };
-use crate::error::ApiError;
+use crate::error::{ApiError, Limit};
 
 /// Size limits applied while reading a request.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +25,24 @@ pub struct Limits {
     pub max_headers: usize,
     /// Longest request body in bytes.
     pub max_body: usize,
+}
+
+impl Limits {
+    /// What a chunked body after a head of `head_len` bytes may take: its
+    /// decoded bytes within `max_body`, the whole request as sent (head,
+    /// chunk sizes, extensions, data and trailers) within `max_head +
+    /// max_body`, and its trailers within the head's limits.
+    pub fn chunked(&self, head_len: usize) -> ChunkLimits {
+        ChunkLimits {
+            body: self.max_body,
+            raw: self
+                .max_head
+                .saturating_add(self.max_body)
+                .saturating_sub(head_len),
+            trailer_fields: self.max_headers,
+            trailer_bytes: self.max_head,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -184,8 +202,10 @@ fn complete_head<'b>(
     buf: &'b [u8],
     limits: &Limits,
 ) -> Result<Option<usize>, ApiError> {
-    let over_size =
-        || ApiError::header_too_large(format!("request head is over {} bytes", limits.max_head));
+    let over_size = || {
+        ApiError::header_too_large(format!("request head is over {} bytes", limits.max_head))
+            .over(Limit::Head)
+    };
     match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len > limits.max_head => Err(over_size()),
         Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
@@ -194,7 +214,8 @@ fn complete_head<'b>(
         Err(httparse::Error::TooManyHeaders) => Err(ApiError::header_too_large(format!(
             "request has more than {} header fields",
             limits.max_headers
-        ))),
+        ))
+        .over(Limit::Head)),
         Err(err) => Err(ApiError::bad_request(format!(
             "malformed HTTP request: {err}"
         ))),
@@ -301,15 +322,24 @@ fn too_large(limits: &Limits) -> ApiError {
         "request body is over the {} byte limit",
         limits.max_body
     ))
+    .over(Limit::Body)
 }
 
 impl From<ChunkError> for ApiError {
     /// A chunked request body the router cannot decode is the client's
-    /// fault: 413 past the body limit, 400 otherwise.
+    /// fault: 413 past a body limit, 431 past a trailer limit, 400
+    /// otherwise.
     fn from(err: ChunkError) -> Self {
         match err {
             ChunkError::TooLarge { limit } => {
                 ApiError::payload_too_large(format!("request body is over the {limit} byte limit"))
+                    .over(Limit::Body)
+            }
+            ChunkError::RawTooLarge { .. } => {
+                ApiError::payload_too_large(format!("request {err}")).over(Limit::Body)
+            }
+            ChunkError::TooManyTrailers { .. } | ChunkError::TrailersTooLarge { .. } => {
+                ApiError::header_too_large(format!("request {err}")).over(Limit::Trailers)
             }
             other => ApiError::bad_request(other),
         }
@@ -524,19 +554,15 @@ mod tests {
     #[test]
     fn chunked_body_decodes_at_every_split_point() {
         for split in 0..CHUNKED.len() {
-            let mut decoder = ChunkedDecoder::default();
-            let limits = Limits::default();
+            let mut decoder = ChunkedDecoder::new(Limits::default().chunked(0));
             assert_eq!(
-                decoder.decode(&CHUNKED[..split], limits.max_body).unwrap(),
+                decoder.decode(&CHUNKED[..split]).unwrap(),
                 None,
                 "split {split}"
             );
             let mut input = CHUNKED.to_vec();
             input.extend_from_slice(b"GET /next HTTP/1.1\r\n");
-            assert_eq!(
-                decoder.decode(&input, limits.max_body).unwrap(),
-                Some(CHUNKED.len())
-            );
+            assert_eq!(decoder.decode(&input).unwrap(), Some(CHUNKED.len()));
             assert_eq!(decoder.into_body(), b"Wikipedia in \r\nchunks.");
         }
     }
@@ -548,8 +574,8 @@ mod tests {
             ..Limits::default()
         };
         let decode = |input: &[u8]| {
-            ChunkedDecoder::default()
-                .decode(input, limits.max_body)
+            ChunkedDecoder::new(limits.chunked(0))
+                .decode(input)
                 .map_err(ApiError::from)
         };
         assert_eq!(decode(b"zz\r\n").unwrap_err().status, 400);
@@ -557,5 +583,75 @@ mod tests {
         assert_eq!(decode(b"9\r\n").unwrap_err().status, 413);
         assert_eq!(decode(b"5\r\nabcde\r\n5\r\n").unwrap_err().status, 413);
         assert_eq!(decode(&[b'1'; 5000]).unwrap_err().status, 400);
+    }
+
+    /// Feeds `input` to a decoder in 1000-byte steps, as reads would.
+    fn decode_in_steps(limits: &Limits, input: &[u8]) -> Result<Option<usize>, ApiError> {
+        let mut decoder = ChunkedDecoder::new(limits.chunked(0));
+        for end in (1000..input.len()).step_by(1000).chain([input.len()]) {
+            if let Some(used) = decoder.decode(&input[..end]).map_err(ApiError::from)? {
+                return Ok(Some(used));
+            }
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn chunk_metadata_counts_against_the_request_limit() {
+        let limits = Limits {
+            max_head: 1024,
+            max_body: 64 * 1024,
+            ..Limits::default()
+        };
+        // One-byte chunks, each with a 4,000-byte extension: 64 decoded
+        // bytes, 256 KiB as sent.
+        let extension = format!(";{}", "e".repeat(4000));
+        let chunk = format!("1{extension}\r\nx\r\n");
+        let flood = chunk.repeat(64);
+        let err = decode_in_steps(&limits, flood.as_bytes()).unwrap_err();
+        assert_eq!((err.status, err.limit), (413, Some(Limit::Body)), "{err}");
+        // The same chunks within the limit decode.
+        let fits = format!("{}0\r\n\r\n", chunk.repeat(8));
+        assert_eq!(
+            decode_in_steps(&limits, fits.as_bytes()).unwrap(),
+            Some(fits.len())
+        );
+    }
+
+    #[test]
+    fn trailers_are_bounded_in_count_and_size() {
+        let limits = Limits {
+            max_head: 16 * 1024,
+            max_headers: 8,
+            ..Limits::default()
+        };
+        let body = |trailers: &str| format!("3\r\nabc\r\n0\r\n{trailers}\r\n");
+        let few = body(&"T: 1\r\n".repeat(8));
+        assert_eq!(
+            decode_in_steps(&limits, few.as_bytes()).unwrap(),
+            Some(few.len())
+        );
+        let many = body(&"T: 1\r\n".repeat(9));
+        let err = decode_in_steps(&limits, many.as_bytes()).unwrap_err();
+        assert_eq!(
+            (err.status, err.limit),
+            (431, Some(Limit::Trailers)),
+            "{err}"
+        );
+        // Long lines, each under the line limit: 5 × 4,000 bytes.
+        let long = body(&format!("T: {}\r\n", "v".repeat(3995)).repeat(5));
+        let err = decode_in_steps(&limits, long.as_bytes()).unwrap_err();
+        assert_eq!(
+            (err.status, err.limit),
+            (431, Some(Limit::Trailers)),
+            "{err}"
+        );
+        // An endless flood stops at the first limit it passes, however
+        // much more follows.
+        let flood = format!(
+            "0\r\n{}",
+            format!("T: {}\r\n", "v".repeat(3995)).repeat(1000)
+        );
+        assert!(decode_in_steps(&limits, flood.as_bytes()).is_err());
     }
 }
