@@ -5,6 +5,7 @@
 //! - [`run`]: starts `vllm-sim` instances and `router-daemon` in front of them.
 //! - [`test`](mod@test): fmt, clippy and the workspace tests, as CI runs them.
 //! - [`bench`](mod@bench): the workspace benchmarks.
+//! - [`fuzz`]: the cargo-fuzz targets, run for a while each.
 //! - [`peers`]: installs the peer routers the quality benchmark compares with.
 //!
 //! This file only parses the command line and dispatches.
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod peers;
 mod run;
 mod setup;
@@ -44,6 +46,8 @@ enum Command {
     /// the dataplane and routing-quality benchmarks (quality installs its peer routers
     /// into target/peers-venv first).
     Bench(bench::Args),
+    /// Setup, then run the fuzz targets (one, or all) from their seed corpora.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

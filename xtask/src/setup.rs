@@ -66,6 +66,16 @@ impl Toolchain {
         cmd
     }
 
+    /// The workspace root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `PATH` with the tools setup found or installed.
+    pub fn path(&self) -> &OsStr {
+        &self.path
+    }
+
     /// The path of the release executable `name` that setup built.
     pub fn release_bin(&self, name: &str) -> Result<&Path> {
         self.executables

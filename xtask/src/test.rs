@@ -1,7 +1,8 @@
 //! `cargo xtask test`: what CI runs (through `.ci/run`). Setup, then
 //! `cargo fmt --check`, `cargo clippy -D warnings`, `cargo doc` (warnings
 //! denied) and `cargo test`, all in
-//! release mode so they reuse setup's build, and a closing line naming each
+//! release mode so they reuse setup's build, then each fuzz target for
+//! [`fuzz::SECONDS_IN_TEST`] seconds, and a closing line naming each
 //! stage's result. Under `CI=true` the tests get `ROUTER_REQUIRE_SOCKMAP=1`,
 //! so they fail instead of skipping when the eBPF dataplane cannot load.
 use std::path::Path;
@@ -9,7 +10,10 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Result, bail};
 
-use crate::setup::{self, Toolchain};
+use crate::{
+    fuzz,
+    setup::{self, Toolchain},
+};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args)]
@@ -29,7 +33,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         Err(err) => {
             stages.record("setup", Err(err));
-            return stages.finish(&["fmt", "clippy", "doc", "python-deps", "test"]);
+            return stages.finish(&["fmt", "clippy", "doc", "python-deps", "test", "fuzz"]);
         }
     };
 
@@ -61,6 +65,12 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut test = test_command(&toolchain, &args);
     stages.run("test", &mut test);
+
+    // Each fuzz target for a bounded time: a crash fails the run.
+    stages.record(
+        "fuzz",
+        fuzz::run_targets(&toolchain, &fuzz::TARGETS, fuzz::SECONDS_IN_TEST),
+    );
 
     stages.finish(&[])
 }
