@@ -44,7 +44,7 @@ fn conversations_sharing_a_long_system_prompt_follow_it_spread_under_load_and_st
     let system = "You are a meticulous assistant for a large bank. ".repeat(80);
     let router = Router::new(32, 1 << 16);
     let mut homes: Vec<(String, usize)> = Vec::new();
-    for i in 0..64 {
+    for i in 0..256 {
         let question = format!("Customer {i} asks about their account.");
         let first = body(&system, &[&question]);
         let (on, reason) = decide(&router, &first, &backends);
@@ -61,9 +61,12 @@ fn conversations_sharing_a_long_system_prompt_follow_it_spread_under_load_and_st
         backends[on].in_flight += 1;
         homes.push((question, on));
     }
-    // Under load the system prompt spread over the fleet.
     let used: HashSet<usize> = homes.iter().map(|&(_, on)| on).collect();
-    assert_eq!(used.len(), NAMES.len(), "64 conversations used {used:?}");
+    // Under load the system prompt spread over the fleet: a holder takes
+    // up to what the prefix is worth (3.9 KB at the default load weight,
+    // 0.1: 39 requests) more than an idle backend before another computes
+    // it, so with 256 conversations in flight every backend holds it.
+    assert_eq!(used.len(), NAMES.len(), "256 conversations used {used:?}");
     let loads: Vec<usize> = backends.iter().map(BackendLoad::load).collect();
     let (most, least) = (loads.iter().max(), loads.iter().min());
     assert!(
