@@ -75,16 +75,20 @@ pub fn run(args: Args) -> Result<()> {
     stages.finish(&[])
 }
 
-/// The Python packages of vllm-sim's OpenAI SDK test, relative to the
-/// workspace root.
-const SDK_REQUIREMENTS: &str = "tests/vllm-sim/tests/sdk/requirements.txt";
+/// The Python packages tests drive, relative to the workspace root:
+/// vllm-sim's OpenAI SDK test, and h11 for the framing comparison.
+const PYTHON_REQUIREMENTS: [&str; 2] = [
+    "tests/vllm-sim/tests/sdk/requirements.txt",
+    "router-daemon/tests/framing/requirements.txt",
+];
 
-/// Installs the OpenAI Python SDK that vllm-sim's SDK test drives, unless
-/// `import openai` already works. Under CI a failed install fails the stage;
-/// elsewhere it is reported and that test skips with a message.
+/// Installs the Python packages the tests drive (the OpenAI SDK, h11),
+/// unless `import openai, h11` already works. Under CI a failed install
+/// fails the stage; elsewhere it is reported and those tests skip with a
+/// message.
 fn python_test_deps() -> Result<()> {
     let importable = Command::new("python3")
-        .args(["-c", "import openai"])
+        .args(["-c", "import openai, h11"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -92,24 +96,26 @@ fn python_test_deps() -> Result<()> {
     if importable {
         return Ok(());
     }
-    let requirements = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(SDK_REQUIREMENTS);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut pip = Command::new("python3");
     pip.args(["-m", "pip", "install", "--quiet", "--no-input"])
         .args(["--disable-pip-version-check", "--root-user-action=ignore"])
-        .arg("-r")
-        .arg(&requirements);
+        .args(
+            PYTHON_REQUIREMENTS
+                .iter()
+                .flat_map(|file| [std::ffi::OsString::from("-r"), root.join(file).into()]),
+        );
     eprintln!("xtask test: python-deps: {}", setup::describe(&pip));
     match setup::check_status(&mut pip) {
         Ok(()) => Ok(()),
         Err(err) if setup::is_ci() => {
-            Err(err.context("CI=true needs the OpenAI Python SDK for vllm-sim's SDK test"))
+            Err(err.context("CI=true needs the OpenAI Python SDK and h11 for the tests"))
         }
         Err(err) => {
             eprintln!(
-                "xtask test: python-deps: {err:#}\n       vllm-sim's SDK test will skip; \
-                 fix: python3 -m pip install -r {SDK_REQUIREMENTS}"
+                "xtask test: python-deps: {err:#}\n       vllm-sim's SDK test and the h11 \
+                 framing comparison will skip; fix: python3 -m pip install -r {}",
+                PYTHON_REQUIREMENTS.join(" -r ")
             );
             Ok(())
         }
