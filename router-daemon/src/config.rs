@@ -84,6 +84,12 @@ pub struct Config {
     #[arg(long, env = "ROUTER_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
     pub idle_timeout_ms: u64,
 
+    /// Run as this user (from the password database) once start-up is
+    /// done: after the listener is bound and the sockmap program loaded.
+    /// Every capability is dropped then either way.
+    #[arg(long, env = "ROUTER_USER")]
+    pub user: Option<String>,
+
     /// Most client connections open at once; past it a new connection is
     /// answered 503 and closed. Default: half the open-file limit (which
     /// the daemon raises to its hard ceiling at start; each client

@@ -19,6 +19,8 @@
 //! - `admission`: how many client connections are open, against
 //!   `--max-connections`.
 //! - [`fd_limit`]: the open-file limit, raised at start.
+//! - [`privilege`]: dropping capabilities (and root, with `--user`) once
+//!   start-up is done.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: errors as clients see them.
 //!
@@ -37,6 +39,7 @@ pub mod error;
 pub mod fd_limit;
 pub mod http;
 pub mod metrics;
+pub mod privilege;
 pub mod prompt;
 pub mod route;
 mod upstream;

@@ -30,6 +30,15 @@ async fn main() -> anyhow::Result<()> {
     let listener = router_daemon::listener(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
     let bound = listener.local_addr().context("reading the bound address")?;
+    // Start-up is done with privilege: the port is bound, the program
+    // loaded. Nothing after needs it.
+    if let Some(user) = &config.user {
+        let (uid, gid) = router_daemon::privilege::switch_user(user)
+            .with_context(|| format!("switching to user {user}"))?;
+        tracing::info!(user, uid, gid, "running as an unprivileged user");
+    }
+    router_daemon::privilege::drop_all().context("dropping capabilities")?;
+    tracing::info!("capabilities dropped: the daemon holds none from here on");
     tracing::info!(listen = %bound, backends = ?config.backends, "router-daemon ready");
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let shutdown = async move {
