@@ -84,6 +84,12 @@ pub struct Config {
     #[arg(long, env = "ROUTER_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
     pub idle_timeout_ms: u64,
 
+    /// Serve `/metrics`, `/health` and `/ready` on this address instead
+    /// (e.g. the pod IP), so the client-facing port serves only the OpenAI
+    /// API. Unset: the client-facing port serves both.
+    #[arg(long, env = "ROUTER_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Run as this user (from the password database) once start-up is
     /// done: after the listener is bound and the sockmap program loaded.
     /// Every capability is dropped then either way.

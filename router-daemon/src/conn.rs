@@ -109,9 +109,30 @@ pub(crate) async fn refuse(stream: TcpStream, shared: Arc<Shared>) {
     client.close(REFUSAL_LINGER).await;
 }
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The OpenAI API and the daemon's own endpoints (no `--admin-listen`).
+    Both,
+    /// The OpenAI API only (the client-facing port under `--admin-listen`).
+    Api,
+    /// `/metrics`, `/health` and `/ready` only (`--admin-listen`).
+    Admin,
+}
+
+impl Role {
+    fn serves_api(self) -> bool {
+        self != Role::Admin
+    }
+
+    fn serves_admin(self) -> bool {
+        self != Role::Api
+    }
+}
+
 /// Serves one client connection to its end; `_admitted` holds its place
 /// under `--max-connections` until then.
-pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Admitted) {
+pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Admitted, role: Role) {
     // Small responses and errors must not wait for Nagle.
     let _ = stream.set_nodelay(true);
     let mut client = shared.dataplane.client(stream);
@@ -119,7 +140,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Adm
     loop {
         let next = match read_request(&mut client, &mut buffers, &shared).await {
             Ok(Some(request)) => {
-                let next = handle(&mut client, &request, &mut buffers, &shared).await;
+                let next = handle(&mut client, &request, &mut buffers, &shared, role).await;
                 // The request's buffers serve the next one.
                 buffers.head = request.head.into_buffer();
                 buffers.body = request.body;
@@ -287,38 +308,37 @@ async fn handle(
     request: &Request,
     buffers: &mut Buffers,
     shared: &Shared,
+    role: Role,
 ) -> Next {
     let Request { head, body } = request;
-    let result = match (head.method(), head.path()) {
-        ("GET", "/health") => {
-            local(
-                client,
-                head,
-                http::ok_response("text/plain", b"ok\n", head.close),
-            )
-            .await
+    let path = head.path();
+    let result = if ADMIN_PATHS.contains(&path) {
+        if role.serves_admin() {
+            admin(client, head, shared).await
+        } else {
+            Err(ApiError::not_found(format!(
+                "{path} is served on the admin listener (--admin-listen)"
+            ))
+            .into())
         }
-        ("GET", "/metrics") => {
-            let text = shared.metrics.encode();
-            let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-            let response = http::ok_response(content_type, text.as_bytes(), head.close);
-            local(client, head, response).await
-        }
-        (_, "/health" | "/metrics") => Err(ApiError::method_not_allowed(format!(
-            "{} {} is not supported; use GET",
-            head.method(),
-            head.path()
+    } else if !role.serves_api() {
+        Err(ApiError::not_found(format!(
+            "no route for {path}: this listener serves {}",
+            ADMIN_PATHS.join(", ")
         ))
-        .into()),
-        ("POST", path) if let Some(endpoint) = Endpoint::of_path(path) => {
-            proxy(client, head, body, Some(endpoint), buffers, shared).await
+        .into())
+    } else {
+        match (head.method(), path) {
+            ("POST", path) if let Some(endpoint) = Endpoint::of_path(path) => {
+                proxy(client, head, body, Some(endpoint), buffers, shared).await
+            }
+            // Other OpenAI endpoints (`/v1/models`, …) carry no prompt: any
+            // backend can answer them.
+            (_, path) if path.starts_with("/v1/") => {
+                proxy(client, head, body, None, buffers, shared).await
+            }
+            (_, path) => Err(ApiError::not_found(format!("no route for {path}")).into()),
         }
-        // Other OpenAI endpoints (`/v1/models`, …) carry no prompt: any
-        // backend can answer them.
-        (_, path) if path.starts_with("/v1/") => {
-            proxy(client, head, body, None, buffers, shared).await
-        }
-        (_, path) => Err(ApiError::not_found(format!("no route for {path}")).into()),
     };
     match result {
         Ok(next) => next,
@@ -329,6 +349,36 @@ async fn handle(
         }
         Err(Failure::Gone) => Next::Close,
     }
+}
+
+/// The daemon's own endpoints: liveness, readiness, metrics.
+const ADMIN_PATHS: [&str; 3] = ["/health", "/ready", "/metrics"];
+
+/// Answers one of [`ADMIN_PATHS`]: `/health` while the daemon runs,
+/// `/ready` while some backend is up (503 otherwise), `/metrics` in the
+/// OpenMetrics text format.
+async fn admin(client: &mut Client, head: &Head, shared: &Shared) -> Result<Next, Failure> {
+    if head.method() != "GET" {
+        return Err(ApiError::method_not_allowed(format!(
+            "{} {} is not supported; use GET",
+            head.method(),
+            head.path()
+        ))
+        .into());
+    }
+    let response = match head.path() {
+        "/health" => http::ok_response("text/plain", b"ok\n", head.close),
+        "/ready" if shared.backends.any_up() => {
+            http::ok_response("text/plain", b"ready\n", head.close)
+        }
+        "/ready" => return Err(ApiError::unavailable("no backend is up").into()),
+        _ => {
+            let text = shared.metrics.encode();
+            let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            http::ok_response(content_type, text.as_bytes(), head.close)
+        }
+    };
+    local(client, head, response).await
 }
 
 /// Writes a response produced by the daemon; the connection stays open

@@ -58,6 +58,9 @@ pub enum RunError {
     /// A worker thread could not be started.
     #[error("starting a worker thread: {0}")]
     Worker(std::io::Error),
+    /// The admin listener (`--admin-listen`) could not be bound.
+    #[error("binding the admin listener: {0}")]
+    Admin(std::io::Error),
 }
 
 /// State shared by every connection.
@@ -169,6 +172,18 @@ pub async fn run(
         workers = started,
         "serving, one event loop per worker thread"
     );
+    if let Some(addr) = shared.config.admin_listen {
+        let admin = bind(addr, false).map_err(RunError::Admin)?;
+        tracing::info!(admin = %admin.local_addr().unwrap_or(addr), "serving /metrics, /health and /ready there only");
+        let mut stop = stopped.clone();
+        tokio::spawn(worker::serve_admin(
+            admin,
+            Arc::clone(&shared),
+            async move {
+                let _ = stop.changed().await;
+            },
+        ));
+    }
     let mut open = tokio::task::JoinSet::new();
     let served = worker::serve(&listener, &shared, shutdown, &mut open).await;
     // This worker's connections are left to finish on the caller's runtime.

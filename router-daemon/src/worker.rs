@@ -23,7 +23,8 @@ use std::{cell::Cell, future::Future, io, sync::Arc};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use crate::{
-    conn,
+    admission::Admission,
+    conn::{self, Role},
     daemon::{RunError, Shared, is_transient},
 };
 
@@ -109,13 +110,50 @@ pub(crate) async fn serve(
     stop: impl Future<Output = ()>,
     open: &mut JoinSet<()>,
 ) -> Result<(), RunError> {
+    let role = if shared.config.admin_listen.is_some() {
+        Role::Api
+    } else {
+        Role::Both
+    };
+    accept(listener, shared, role, &shared.admission, stop, open).await
+}
+
+/// Serves the admin endpoints on `listener` (`--admin-listen`) until `stop`
+/// completes, with connections of their own, so a client-facing port at
+/// its limit still answers the probes and the scrapes.
+pub(crate) async fn serve_admin(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: impl Future<Output = ()>,
+) {
+    let mut open = JoinSet::new();
+    let admission = Admission::new(Default::default(), ADMIN_CONNECTIONS);
+    if let Err(err) = accept(&listener, &shared, Role::Admin, &admission, stop, &mut open).await {
+        tracing::error!(%err, "the admin listener stops accepting");
+    }
+}
+
+/// Most connections open at once on the admin listener.
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// Accepts connections on `listener` and serves each as `role`, admitted by
+/// `admission`, on this runtime, in `open`, until `stop` completes or
+/// accepting fails.
+async fn accept(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    role: Role,
+    admission: &Admission,
+    stop: impl Future<Output = ()>,
+    open: &mut JoinSet<()>,
+) -> Result<(), RunError> {
     tokio::pin!(stop);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => match shared.admission.admit() {
+                Ok((stream, _peer)) => match admission.admit() {
                     Some(admitted) => {
-                        open.spawn(conn::serve(stream, Arc::clone(shared), admitted));
+                        open.spawn(conn::serve(stream, Arc::clone(shared), admitted, role));
                     }
                     None => {
                         open.spawn(conn::refuse(stream, Arc::clone(shared)));

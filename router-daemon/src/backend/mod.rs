@@ -325,6 +325,11 @@ impl Backends {
         Ok(())
     }
 
+    /// Whether some backend is up (discovery's last word on it).
+    pub fn any_up(&self) -> bool {
+        self.list.iter().any(|backend| backend.is_up())
+    }
+
     /// The backends that may answer a request with no model (`GET
     /// /v1/models`, …) into a reused buffer: those up, or all of them when
     /// none is.
