@@ -15,6 +15,10 @@
 //!   client-side round-robin and least-loaded, on in-process vllm-sim
 //!   fleets (see [`quality`]); its report goes to
 //!   `target/bench/quality-<timestamp>.md`.
+//! - `router-bench soak [options]` holds many kept-alive connections
+//!   against one router for a long while and samples its memory,
+//!   descriptors and counts (see [`soak`]); its report goes to
+//!   `target/bench/soak-<timestamp>.md`.
 //!
 //! Modules: [`run`] orchestrates, [`client`] generates load, [`backend`]
 //! serves, [`relay`] is the floor relay, [`report`] writes the report,
@@ -35,6 +39,7 @@ mod quality;
 mod relay;
 mod report;
 mod run;
+mod soak;
 
 /// Dataplane benchmark for router-daemon.
 #[derive(Parser)]
@@ -60,6 +65,9 @@ enum Command {
     /// The cheapest userspace relay (no HTTP), run with router-daemon's
     /// flags in its place: a floor for case (b).
     Relay(relay::Args),
+    /// Many kept-alive connections against one router for a long while:
+    /// memory, descriptors and counts over time.
+    Soak(Box<soak::Args>),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +76,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => backend::run(args),
         Command::Quality(args) => quality::run(*args).map(drop),
         Command::Relay(args) => relay::run(args),
+        Command::Soak(args) => soak::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -78,6 +78,21 @@ enum Bench {
         )]
         args: Vec<String>,
     },
+    /// A soak: 10,000 kept-alive connections (a few streaming, with client
+    /// aborts) against one router-daemon for 10 minutes, a backend
+    /// restarted half-way; memory, descriptors and counts over time
+    /// (`--help` lists the options). The arguments go to `router-bench
+    /// soak`.
+    #[command(disable_help_flag = true)]
+    Soak {
+        /// Arguments for `router-bench soak`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
 }
 
 /// The Debian package and binary of the comparison proxy.
@@ -89,6 +104,7 @@ pub fn run(args: Args) -> Result<()> {
         None => cargo_bench(&args.cargo_bench_args),
         Some(Bench::Dataplane { args }) => dataplane(&args),
         Some(Bench::Quality { args }) => quality(&args),
+        Some(Bench::Soak { args }) => router_bench("soak", &args, |_, _| {}),
     }
 }
 

@@ -8,7 +8,8 @@
 //! missing (into `$CARGO_HOME/bin`, which outlives any clone), and the fuzz
 //! build lives in `target/fuzz`. New inputs the fuzzer finds go to
 //! `target/fuzz/corpus/<target>`, not into the committed seeds; a crash
-//! leaves its input in `fuzz/artifacts/<target>`.
+//! leaves its input in `fuzz/artifacts/<target>`. Each run's output goes to
+//! `target/fuzz/logs/<target>.log`; a failing one prints its end.
 use std::{
     path::Path,
     process::{Command, Stdio},
@@ -77,11 +78,35 @@ pub fn run_targets(toolchain: &Toolchain, targets: &[&str], seconds: u64) -> Res
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
         .arg("-rss_limit_mb=4096");
+        // libFuzzer prints a line per new input: that goes to a log, and
+        // only its end to the terminal when the target fails.
+        let log_path = toolchain
+            .root()
+            .join("target/fuzz/logs")
+            .join(format!("{target}.log"));
+        if let Some(dir) = log_path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        fuzz.stdout(log.try_clone()?).stderr(log);
         eprintln!(
-            "xtask fuzz: {target} for {seconds} s: {}",
+            "xtask fuzz: {target} for {seconds} s (log: {}): {}",
+            log_path.display(),
             setup::describe(&fuzz)
         );
-        setup::check_status(&mut fuzz).with_context(|| format!("fuzz target {target}"))?;
+        let result = setup::check_status(&mut fuzz);
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Err(err) = result {
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            return Err(err.context(format!("fuzz target {target}")));
+        }
+        if let Some(done) = text.lines().rev().find(|line| line.starts_with("Done ")) {
+            eprintln!("xtask fuzz: {target}: {done}, no crash");
+        }
     }
     Ok(())
 }
