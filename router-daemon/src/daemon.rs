@@ -12,39 +12,13 @@ use crate::{
     admission::Admission,
     backend::{self, Backends},
     config::Config,
-    dataplane::Dataplane,
+    dataplane::{Dataplane, listen},
     fd_limit,
     metrics::{self, Metrics},
     route::Router,
     upstream::{Pool, Upstream},
     worker,
 };
-
-/// Listen backlog for [`listener`]: bursts of new clients wait in the
-/// kernel's accept queue instead of being refused (capped by
-/// `net.core.somaxconn`, 4096 by default).
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`;
-/// bound without `SO_REUSEPORT`, so it fails while another process
-/// listens there ([`run`] opens its workers' sockets on the port after).
-pub fn listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    bind(addr, false)
-}
-
-/// A listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`, and
-/// `SO_REUSEPORT` when `share_port`.
-pub(crate) fn bind(addr: std::net::SocketAddr, share_port: bool) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(share_port)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +130,7 @@ pub async fn run(
     // The other workers stop when `_stop` is dropped, as `run` returns.
     let (_stop, stopped) = tokio::sync::watch::channel(());
     let mut started = 1;
-    match worker::share_port(&listener, workers - 1) {
+    match listen::share_port(&listener, workers - 1) {
         Ok(sockets) => {
             for socket in sockets {
                 worker::spawn(started, socket, Arc::clone(&shared), stopped.clone())
@@ -173,7 +147,7 @@ pub async fn run(
         "serving, one event loop per worker thread"
     );
     if let Some(addr) = shared.config.admin_listen {
-        let admin = bind(addr, false).map_err(RunError::Admin)?;
+        let admin = listen::bind(addr, false).map_err(RunError::Admin)?;
         tracing::info!(admin = %admin.local_addr().unwrap_or(addr), "serving /metrics, /health and /ready there only");
         let mut stop = stopped.clone();
         tokio::spawn(worker::serve_admin(

@@ -12,7 +12,8 @@
 //!   discovery learns of it: models, health, engine queue.
 //! - `upstream`: getting a request to a backend: the connection pool,
 //!   connecting in fallback order, resending on a stale pooled connection.
-//! - [`dataplane`]: exchanges on kept-alive backend connections; moving
+//! - [`dataplane`]: the sockets: listening ones ([`dataplane::listen`]),
+//!   the client's, exchanges on kept-alive backend connections; moving
 //!   response bytes in the kernel (sockmap), through a pipe (splice) or
 //!   through the daemon (userspace).
 //! - `worker`: one event loop per CPU, each with its own listening socket.
@@ -47,6 +48,7 @@ mod worker;
 
 pub use crate::{
     config::Config,
-    daemon::{LISTEN_BACKLOG, RunError, listener, run},
+    daemon::{RunError, run},
     dataplane::Dataplane,
+    dataplane::listen::{LISTEN_BACKLOG, listener},
 };

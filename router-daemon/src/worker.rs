@@ -43,26 +43,6 @@ pub(crate) fn enter(index: usize) {
     INDEX.set(index);
 }
 
-/// Opens `count` more listening sockets on `listener`'s address, sharing
-/// its port: `SO_REUSEPORT` is set on `listener` (bound without it, so no
-/// other process could join) and on each new socket.
-///
-/// The sockets come back deregistered from this runtime, ready to be
-/// handed to the workers' own.
-pub(crate) fn share_port(
-    listener: &TcpListener,
-    count: usize,
-) -> io::Result<Vec<std::net::TcpListener>> {
-    if count == 0 {
-        return Ok(Vec::new());
-    }
-    socket2::SockRef::from(listener).set_reuse_port(true)?;
-    let addr = listener.local_addr()?;
-    (0..count)
-        .map(|_| crate::daemon::bind(addr, true)?.into_std())
-        .collect()
-}
-
 /// Starts worker `index` on a thread of its own, serving `listener` until
 /// `stop` changes or its sender is dropped, then until its connections end.
 pub(crate) fn spawn(

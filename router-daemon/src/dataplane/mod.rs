@@ -20,6 +20,7 @@
 //! a pipelined request wait in [`Client::pending`] (so responses go out in
 //! request order), and the client's FIN is passed on to the backend as a
 //! half-close, which makes vLLM abort a generation nobody will read.
+pub mod listen;
 mod pipe;
 mod sockmap;
 mod tcp;
