@@ -417,27 +417,13 @@ async fn proxy(
         .as_ref()
         .and_then(|input| input.model.as_deref())
         .unwrap_or_default();
-    let decision = select(head, input.as_ref(), buffers, shared)?;
-    // What the backend must prefill: the key less what it holds (all of it
-    // when the chosen backend could not be reached and another took it).
-    let key_len = input.as_ref().map_or(0, |input| input.key.len());
-    let chosen_prefill = key_len.saturating_sub(decision.matched);
-    // The request counts on its backend from the moment it is chosen, so
-    // the requests selected while it connects see it there (a burst of new
-    // prompts would otherwise all see the same stale loads).
-    let mut reserved = buffers
-        .order
-        .first()
-        .and_then(|&first| shared.backends.get(first))
-        .map(|chosen| chosen.start_request(chosen_prefill));
-    let leg = connect(&buffers.order, request_id, shared).await?;
+    let Routed {
+        decision,
+        leg,
+        in_flight,
+        prefill,
+    } = route(head, input.as_ref(), request_id, buffers, shared).await?;
     let (index, backend) = (leg.index, leg.backend);
-    let prefill = if index == buffers.order[0] {
-        chosen_prefill
-    } else {
-        reserved = Some(backend.start_request(key_len));
-        key_len
-    };
     // The backend took the connection: from now on its cache is where the
     // prompt is, whatever becomes of the response.
     if let Some(input) = &input {
@@ -469,9 +455,12 @@ async fn proxy(
         head_request: head.method() == "HEAD",
         client_close: head.close,
     };
+    // The first attempt carries the count `route` started; a resend on a
+    // fresh connection starts its own.
+    let mut first_count = Some(in_flight);
     let watch = || Watched {
         in_flight: Some(
-            reserved
+            first_count
                 .take()
                 .unwrap_or_else(|| backend.start_request(prefill)),
         ),
@@ -502,6 +491,50 @@ fn relayed(exchanged: &Exchanged, client: &Client, request_id: RequestId, shared
     } else {
         Next::Close
     }
+}
+
+/// A request's way to a backend: why it was chosen, the connection, and
+/// its count there.
+struct Routed<'a> {
+    decision: Decision,
+    leg: Leg<'a>,
+    /// The request in flight on `leg`'s backend.
+    in_flight: InFlight,
+    /// Key bytes that backend must prefill: the key less what it holds, or
+    /// all of it when the chosen backend could not be reached.
+    prefill: usize,
+}
+
+/// Selects a backend and connects in fallback order. The request counts on
+/// its backend from the moment it is chosen, so requests selected while it
+/// connects see it there (a burst of new prompts would otherwise all see
+/// the same stale loads); the count moves if another backend takes it.
+async fn route<'a>(
+    head: &Head,
+    input: Option<&prompt::RoutingInput<'_>>,
+    request_id: RequestId<'_>,
+    buffers: &mut Buffers,
+    shared: &'a Shared,
+) -> Result<Routed<'a>, Failure> {
+    let decision = select(head, input, buffers, shared)?;
+    let key_len = input.map_or(0, |input| input.key.len());
+    let chosen_prefill = key_len.saturating_sub(decision.matched);
+    let reserved = buffers
+        .order
+        .first()
+        .and_then(|&first| shared.backends.get(first))
+        .map(|chosen| chosen.start_request(chosen_prefill));
+    let leg = connect(&buffers.order, request_id, shared).await?;
+    let (in_flight, prefill) = match reserved {
+        Some(reserved) if buffers.order.first() == Some(&leg.index) => (reserved, chosen_prefill),
+        _ => (leg.backend.start_request(key_len), key_len),
+    };
+    Ok(Routed {
+        decision,
+        leg,
+        in_flight,
+        prefill,
+    })
 }
 
 /// Picks the backend for a request (`input`: its prompt, if its endpoint

@@ -396,18 +396,7 @@ impl Router {
         }
         let bounded = self.policy.placement_epsilon.is_some();
         let decision = if bounded && placement && !request.later_turns {
-            // A panic while holding the lock leaves at worst stale weights.
-            let mut placements = self
-                .placements
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ids: Vec<index::BackendId> =
-                backends.iter().map(|b| index::backend_id(b.name)).collect();
-            let placed = placements.of(&ids);
-            inputs.placed = &placed;
-            let decision = policy::choose(&self.policy, &inputs)?;
-            placements.add(ids[decision.backend], inputs.weight, ids.len());
-            decision
+            self.choose_within_placement_bound(inputs)?
         } else {
             policy::choose(&self.policy, &inputs)?
         };
@@ -415,6 +404,30 @@ impl Router {
             self.pending_placements()
                 .put(seed, index::backend_id(chosen.name), now);
         }
+        Some(decision)
+    }
+
+    /// [`policy::choose`] for a placement under `--placement-epsilon`:
+    /// with what each backend was recently given to cache, which the choice
+    /// then adds to.
+    fn choose_within_placement_bound(&self, inputs: policy::Inputs) -> Option<Decision> {
+        // A panic while holding the lock leaves at worst stale weights.
+        let mut placements = self
+            .placements
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ids: Vec<index::BackendId> = inputs
+            .backends
+            .iter()
+            .map(|b| index::backend_id(b.name))
+            .collect();
+        let placed = placements.of(&ids);
+        let inputs = policy::Inputs {
+            placed: &placed,
+            ..inputs
+        };
+        let decision = policy::choose(&self.policy, &inputs)?;
+        placements.add(ids[decision.backend], inputs.weight, ids.len());
         Some(decision)
     }
 
