@@ -208,21 +208,32 @@ async fn soak(args: Args) -> Result<()> {
     }
     // The clients are gone: every count must come back to zero.
     // Idle pooled backend connections close after the pool's idle timeout
-    // (4 s by default), so descriptors get 20 s to come back.
+    // (4 s by default): descriptors get 30 s to come back to where they
+    // were before any client.
+    let left = Instant::now();
     let mut end = sample(&router, router_addr, start).await;
-    for _ in 0..200 {
-        let settled = end.fds <= baseline.fds + 16;
+    for _ in 0..300 {
+        let settled = end.fds <= baseline.fds;
         if end.in_flight == 0.0 && end.clients <= 1.0 && settled {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         end = sample(&router, router_addr, start).await;
     }
+    let settled_after = left.elapsed();
     router.stop();
     for sim in sims {
         sim.stop().await;
     }
-    write_report(&args, &started, baseline, &samples, end, restarted, &counts)
+    write_report(
+        &args,
+        &started,
+        baseline,
+        &samples,
+        (end, settled_after),
+        restarted,
+        &counts,
+    )
 }
 
 /// A kept-alive client that sends a one-token completion about every
@@ -515,7 +526,7 @@ fn write_report(
     stamp: &str,
     baseline: Sample,
     samples: &[Sample],
-    end: Sample,
+    (end, settled_after): (Sample, Duration),
     restarted: Option<f64>,
     counts: &Counts,
 ) -> Result<()> {
@@ -583,7 +594,8 @@ fn write_report(
     let _ = writeln!(out, "| client connections open, peak | {peak_clients:.0} |");
     let _ = writeln!(
         out,
-        "| descriptors before any client / peak / after the clients left | {} / {} / {} |",
+        "| descriptors before any client / peak / after the clients left ({:.1} s later) | {} / {} / {} |",
+        settled_after.as_secs_f64(),
         baseline.fds,
         samples.iter().map(|s| s.fds).max().unwrap_or(0),
         end.fds
