@@ -159,16 +159,17 @@ async fn connections_past_the_limit_are_refused(mode: Mode) {
     else {
         return;
     };
-    let first = TcpStream::connect(router).await.expect("first");
-    let second = TcpStream::connect(router).await.expect("second");
-    // Both are admitted once the router accepted them; a request on one
-    // proves the router has seen it.
-    let mut second = second;
-    second
-        .write_all(b"GET /health HTTP/1.1\r\nHost: r\r\n\r\n")
-        .await
-        .expect("send");
-    assert_eq!(read_response(&mut second).await.status, 200);
+    // Both are admitted once each has had an answer (the workers accept
+    // from sockets of their own, so connecting alone proves nothing).
+    let mut first = TcpStream::connect(router).await.expect("first");
+    let mut second = TcpStream::connect(router).await.expect("second");
+    for stream in [&mut first, &mut second] {
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: r\r\n\r\n")
+            .await
+            .expect("send");
+        assert_eq!(read_response(stream).await.status, 200);
+    }
     let mut third = TcpStream::connect(router).await.expect("third");
     third
         .write_all(b"GET /health HTTP/1.1\r\nHost: r\r\n\r\n")
