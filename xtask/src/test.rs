@@ -122,10 +122,12 @@ fn python_test_deps() -> Result<()> {
     }
 }
 
-/// `cargo test --workspace --release` with the caller's extra arguments.
+/// `cargo test --workspace --release --no-fail-fast` with the caller's
+/// extra arguments: a failing test binary does not hide the others'
+/// results.
 fn test_command(toolchain: &Toolchain, args: &Args) -> Command {
     let mut test = toolchain.cargo();
-    test.args(["test", "--workspace", "--release"])
+    test.args(["test", "--workspace", "--release", "--no-fail-fast"])
         .args(&args.cargo_test_args);
     // The quality benchmark's smoke test runs the real router too.
     if let Ok(daemon) = toolchain.release_bin("router-daemon") {
