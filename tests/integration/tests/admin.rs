@@ -30,7 +30,7 @@ async fn router_with_admin(
     })
     .await;
     // The admin listener is bound as the daemon starts.
-    for _ in 0..200 {
+    for _ in 0..800 {
         if TcpStream::connect(admin).await.is_ok() {
             return Some((router, admin, vec![sim_stop, stop]));
         }
@@ -128,7 +128,7 @@ async fn ready_says_no_while_no_backend_is_up() {
         "alive all the same"
     );
     let mut status = 0;
-    for _ in 0..200 {
+    for _ in 0..800 {
         status = get(router, "/ready").await.status;
         if status == 503 {
             break;

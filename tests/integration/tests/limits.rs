@@ -185,7 +185,7 @@ async fn connections_past_the_limit_are_refused(mode: Mode) {
     // The first leaves; its place frees once the router sees it go.
     drop(first);
     let mut admitted = None;
-    for _ in 0..200 {
+    for _ in 0..800 {
         let mut stream = TcpStream::connect(router).await.expect("connect");
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: r\r\n\r\n")
