@@ -14,7 +14,7 @@
 //! every burst). RSS is still reported in the failure message.
 //!
 //! Sized by `LEAK_TEST_REQUESTS` (default 100,000, over 1,000 concurrent
-//! clients); CI runs the full size, about 35 s per dataplane here.
+//! clients); CI runs the full size, about 20 s per dataplane here.
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     net::SocketAddr,
@@ -38,6 +38,46 @@ struct CountingAllocator;
 
 static LIVE_HEAP: AtomicUsize = AtomicUsize::new(0);
 
+/// Live heap bytes by allocation size class (log2 of the size), so a
+/// failure names the sizes that grew.
+static LIVE_BY_CLASS: [AtomicUsize; 48] = [const { AtomicUsize::new(0) }; 48];
+
+fn class(size: usize) -> usize {
+    (usize::BITS - size.leading_zeros()) as usize % LIVE_BY_CLASS.len()
+}
+
+fn count(size: usize, live: bool) {
+    if live {
+        LIVE_HEAP.fetch_add(size, Ordering::Relaxed);
+        LIVE_BY_CLASS[class(size)].fetch_add(size, Ordering::Relaxed);
+    } else {
+        LIVE_HEAP.fetch_sub(size, Ordering::Relaxed);
+        LIVE_BY_CLASS[class(size)].fetch_sub(size, Ordering::Relaxed);
+    }
+}
+
+/// Live bytes per size class now.
+fn by_class() -> Vec<usize> {
+    LIVE_BY_CLASS
+        .iter()
+        .map(|bytes| bytes.load(Ordering::Relaxed))
+        .collect()
+}
+
+/// The size classes whose live bytes changed from `before` to `after`.
+fn class_changes(before: &[usize], after: &[usize]) -> String {
+    before
+        .iter()
+        .zip(after)
+        .enumerate()
+        .filter(|(_, (b, a))| b != a)
+        .map(|(class, (b, a))| {
+            let low = (1usize << class) >> 1;
+            format!("  sizes {low}..{}: {b} -> {a}\n", 1usize << class)
+        })
+        .collect()
+}
+
 // SAFETY: every call is forwarded to the system allocator unchanged; the
 // counter only observes sizes.
 unsafe impl GlobalAlloc for CountingAllocator {
@@ -45,7 +85,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
         // SAFETY: the caller's contract for `alloc` is passed on as is.
         let ptr = unsafe { System.alloc(layout) };
         if !ptr.is_null() {
-            LIVE_HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+            count(layout.size(), true);
         }
         ptr
     }
@@ -53,15 +93,15 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: the caller's contract for `dealloc` is passed on as is.
         unsafe { System.dealloc(ptr, layout) };
-        LIVE_HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+        count(layout.size(), false);
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller's contract for `realloc` is passed on as is.
         let new = unsafe { System.realloc(ptr, layout, new_size) };
         if !new.is_null() {
-            LIVE_HEAP.fetch_add(new_size, Ordering::Relaxed);
-            LIVE_HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+            count(new_size, true);
+            count(layout.size(), false);
         }
         new
     }
@@ -265,6 +305,15 @@ async fn settled(router: SocketAddr, mode: Mode, baseline: usize) -> (usize, Str
     (fds, metrics)
 }
 
+/// Live heap bytes, in total and by size class, once the last exchange's
+/// buffers are gone: the router frees a finished connection's buffers when
+/// its lingering close ends, and `settled`'s last `/metrics` fetch is one
+/// (about 10 KB, half the margin, measured right after it).
+async fn quiet_heap() -> (usize, Vec<usize>) {
+    tokio::time::sleep(LINGER_WINDOW).await;
+    (LIVE_HEAP.load(Ordering::Relaxed), by_class())
+}
+
 /// The modes run one at a time: each brings 1,000 concurrent clients, and
 /// the memory check reads the whole test process.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -294,20 +343,21 @@ async fn no_leaks_after_many_random_closes(mode: Mode) {
     let (baseline_fds, _) = settled(router, mode, usize::MAX).await;
 
     let metrics = leak_free_round(router, mode, requests / 2, 2, baseline_fds).await;
-    let (heap_half, rss_half) = (LIVE_HEAP.load(Ordering::Relaxed), rss_bytes());
+    let (heap_half, classes_half) = quiet_heap().await;
+    let rss_half = rss_bytes();
     let metrics_half = metrics;
 
     let metrics = leak_free_round(router, mode, requests - requests / 2, 3, baseline_fds).await;
     // Both rounds' /metrics texts are alive now, only one was at the half:
     // the one kept for the message is not the router's.
-    let heap_end = LIVE_HEAP
-        .load(Ordering::Relaxed)
-        .saturating_sub(metrics_half.capacity());
+    let (heap_end, classes_end) = quiet_heap().await;
+    let heap_end = heap_end.saturating_sub(metrics_half.capacity());
     let rss_end = rss_bytes();
+    let changes = class_changes(&classes_half, &classes_end);
     assert!(
         heap_end * 10 <= heap_half * 11,
         "live heap grew from {heap_half} to {heap_end} bytes over the second half \
-         (RSS {rss_half} -> {rss_end})\n{metrics_half}\n{metrics}"
+         (RSS {rss_half} -> {rss_end}), by size:\n{changes}\n{metrics_half}\n{metrics}"
     );
 }
 
