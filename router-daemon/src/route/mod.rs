@@ -379,9 +379,6 @@ impl Router {
             weight: key.len().max(1) as f64 / 1024.0,
         };
         let placement = self.policy.is_placement(&inputs);
-        if inputs.session.is_none() {
-            self.reuse.observe(!placement);
-        }
         // A sibling placed moments ago, still connecting: its backend is
         // where the family goes (see `pending`).
         let seed = inputs.placement;
@@ -393,6 +390,11 @@ impl Router {
                     .iter()
                     .position(|b| index::backend_id(b.name) == id)
             });
+        }
+        // A request joining a sibling still connecting reuses its prefix as
+        // surely as one that follows the index.
+        if inputs.session.is_none() {
+            self.reuse.observe(!placement || inputs.pending.is_some());
         }
         let bounded = self.policy.placement_epsilon.is_some();
         let decision = if bounded && placement && !request.later_turns {

@@ -11,32 +11,58 @@
 //! nothing was reused, placement is free to spread by load. The policy
 //! weighs a placement's leading part by this rate (see
 //! [`Policy::family_weight`](super::Policy::family_weight)).
-use std::sync::atomic::{AtomicU32, Ordering};
+//!
+//! The rate starts at 1, but that start counts as only [`PRIOR`]
+//! observations: until [`SPAN`] requests have been seen, each moves the rate
+//! by 1/(observations so far + `PRIOR`), a plain average, and only then by
+//! 1/`SPAN`. Traffic that shares nothing brings it near 0 within a few dozen
+//! requests, where a fixed 1/`SPAN` step took hundreds, each held to its
+//! rendezvous backend instead of spread by load.
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Fixed-point scale of the rate: 1.0 is stored as `ONE`.
 const ONE: u32 = 1 << 16;
-/// The rate moves 1/`SPAN` of the way to each new observation, so it
-/// forgets over a few `SPAN`s of requests.
+/// Once warmed up, the rate moves 1/`SPAN` of the way to each new
+/// observation, so it forgets over a few `SPAN`s of requests.
 const SPAN: u32 = 64;
+/// How many observations the starting rate of 1 is worth.
+const PRIOR: u32 = 2;
 
 /// An exponentially weighted fraction of recent requests that followed a
-/// cached prefix; lock-free, shared by every connection.
+/// cached prefix, averaged plainly over its first [`SPAN`] observations;
+/// lock-free, shared by every connection.
 #[derive(Debug)]
-pub(crate) struct ReuseRate(AtomicU32);
+pub(crate) struct ReuseRate(AtomicU64);
+
+/// The rate (low 32 bits) and how many observations it has seen, capped at
+/// [`SPAN`] (high 32 bits), in one word so both move together.
+fn pack(rate: u32, seen: u32) -> u64 {
+    u64::from(seen) << 32 | u64::from(rate)
+}
+
+fn unpack(word: u64) -> (u32, u32) {
+    // Truncation keeps exactly the low half, the rate.
+    #[allow(clippy::cast_possible_truncation, reason = "splitting a packed word")]
+    let rate = word as u32;
+    #[allow(clippy::cast_possible_truncation, reason = "splitting a packed word")]
+    let seen = (word >> 32) as u32;
+    (rate, seen)
+}
 
 impl Default for ReuseRate {
     /// Starts at 1: a router in front of a prefix cache is deployed for
     /// traffic that shares prefixes, and the first families of a cold start
     /// are placed before the rate has seen anything.
     fn default() -> Self {
-        Self(AtomicU32::new(ONE))
+        Self(AtomicU64::new(pack(ONE, 0)))
     }
 }
 
 impl ReuseRate {
     /// The current rate, from 0 (nothing reused) to 1 (everything).
     pub(crate) fn get(&self) -> f64 {
-        f64::from(self.0.load(Ordering::Relaxed)) / f64::from(ONE)
+        let (rate, _) = unpack(self.0.load(Ordering::Relaxed));
+        f64::from(rate) / f64::from(ONE)
     }
 
     /// Records one request: `reused` when it followed a cached prefix.
@@ -46,12 +72,15 @@ impl ReuseRate {
         // for a statistic.
         let _ = self
             .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |rate| {
-                Some(if target > rate {
-                    rate + (target - rate).div_ceil(SPAN)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let (rate, seen) = unpack(word);
+                let step = (seen + PRIOR + 1).min(SPAN);
+                let rate = if target > rate {
+                    rate + (target - rate).div_ceil(step)
                 } else {
-                    rate - (rate - target).div_ceil(SPAN)
-                })
+                    rate - (rate - target).div_ceil(step)
+                };
+                Some(pack(rate, (seen + 1).min(SPAN)))
             });
     }
 }
@@ -72,6 +101,26 @@ mod tests {
             rate.observe(true);
         }
         assert!(rate.get() > 0.95, "{}", rate.get());
+    }
+
+    #[test]
+    fn a_cold_start_on_unshared_traffic_falls_within_a_few_dozen_requests() {
+        let rate = ReuseRate::default();
+        for _ in 0..32 {
+            rate.observe(false);
+        }
+        // The start is worth PRIOR of 34 observations.
+        assert!(rate.get() < 0.07, "{}", rate.get());
+    }
+
+    #[test]
+    fn a_cold_start_on_shared_traffic_stays_high() {
+        // One new family's first request, then its siblings, four families.
+        let rate = ReuseRate::default();
+        for i in 0..64 {
+            rate.observe(i % 16 != 0);
+            assert!(rate.get() > 0.5, "after {i}: {}", rate.get());
+        }
     }
 
     #[test]
