@@ -104,6 +104,18 @@ pub struct Config {
     #[arg(long, env = "ROUTER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: Option<u64>,
 
+    /// How often the `--backend` host names are resolved again, in
+    /// milliseconds; every address of a name is a backend, and the set
+    /// follows their changes while the daemon serves. 0 resolves once.
+    #[arg(long, env = "ROUTER_RESOLVE_INTERVAL_MS", default_value_t = 5_000)]
+    pub resolve_interval_ms: u64,
+
+    /// A file of `ADDRESS NAME...` lines (`/etc/hosts` form) giving the
+    /// addresses of `--backend` host names ahead of DNS; read again at each
+    /// resolution.
+    #[arg(long, env = "ROUTER_HOSTS_FILE")]
+    pub hosts_file: Option<std::path::PathBuf>,
+
     /// How often each backend is asked for its models (`GET /v1/models`)
     /// and load (`GET /metrics`), in milliseconds; 0 turns discovery off
     /// (every backend then counts as up, serving any model).

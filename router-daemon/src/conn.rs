@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admission::Admitted,
-    backend::{Backend, InFlight},
+    backend::{Backend, Backends, InFlight},
     daemon::Shared,
     dataplane::{Client, Exchanged, Forward, RelayError, Watch},
     error::{ApiError, Fault, Limit},
@@ -368,7 +368,7 @@ async fn admin(client: &mut Client, head: &Head, shared: &Shared) -> Result<Next
     }
     let response = match head.path() {
         "/health" => http::ok_response("text/plain", b"ok\n", head.close),
-        "/ready" if shared.backends.any_up() => {
+        "/ready" if shared.backends.snapshot().any_up() => {
             http::ok_response("text/plain", b"ready\n", head.close)
         }
         "/ready" => return Err(ApiError::unavailable("no backend is up").into()),
@@ -423,7 +423,7 @@ async fn proxy(
         in_flight,
         prefill,
     } = route(head, input.as_ref(), request_id, buffers, shared).await?;
-    let (index, backend) = (leg.index, leg.backend);
+    let backend = Arc::clone(&leg.backend);
     // The backend took the connection: from now on its cache is where the
     // prompt is, whatever becomes of the response.
     if let Some(input) = &input {
@@ -439,9 +439,7 @@ async fn proxy(
         reason = decision.reason.as_str(),
         "{} {}", head.method(), head.path()
     );
-    if let Some(counters) = shared.backend_counters.get(index) {
-        counters.requests.inc();
-    }
+    backend.counters.requests.inc();
     shared.metrics.decided(decision.reason);
 
     let request = outgoing(
@@ -464,17 +462,14 @@ async fn proxy(
                 .take()
                 .unwrap_or_else(|| backend.start_request(prefill)),
         ),
-        counters: shared.backend_counters.get(index),
+        counters: &backend.counters,
     };
-    let result = shared
-        .upstream
-        .exchange(client, leg, &forward, &shared.backend_counters, watch)
-        .await;
+    let result = shared.upstream.exchange(client, leg, &forward, watch).await;
     buffers.outgoing = request;
     count_relayed(&result, shared);
     match result {
         Ok(exchanged) => Ok(relayed(&exchanged, client, request_id, shared)),
-        Err(err) => Err(send_failure(err, backend, request_id, shared)),
+        Err(err) => Err(send_failure(err, &backend, request_id, shared)),
     }
 }
 
@@ -495,9 +490,9 @@ fn relayed(exchanged: &Exchanged, client: &Client, request_id: RequestId, shared
 
 /// A request's way to a backend: why it was chosen, the connection, and
 /// its count there.
-struct Routed<'a> {
+struct Routed {
     decision: Decision,
-    leg: Leg<'a>,
+    leg: Leg,
     /// The request in flight on `leg`'s backend.
     in_flight: InFlight,
     /// Key bytes that backend must prefill: the key less what it holds, or
@@ -505,26 +500,28 @@ struct Routed<'a> {
     prefill: usize,
 }
 
-/// Selects a backend and connects in fallback order. The request counts on
-/// its backend from the moment it is chosen, so requests selected while it
-/// connects see it there (a burst of new prompts would otherwise all see
-/// the same stale loads); the count moves if another backend takes it.
-async fn route<'a>(
+/// Selects a backend and connects in fallback order, both on one snapshot
+/// of the fleet. The request counts on its backend from the moment it is
+/// chosen, so requests selected while it connects see it there (a burst of
+/// new prompts would otherwise all see the same stale loads); the count
+/// moves if another backend takes it.
+async fn route(
     head: &Head,
     input: Option<&prompt::RoutingInput<'_>>,
     request_id: RequestId<'_>,
     buffers: &mut Buffers,
-    shared: &'a Shared,
-) -> Result<Routed<'a>, Failure> {
-    let decision = select(head, input, buffers, shared)?;
+    shared: &Shared,
+) -> Result<Routed, Failure> {
+    let backends = shared.backends.snapshot();
+    let decision = select(head, input, buffers, &backends, shared)?;
     let key_len = input.map_or(0, |input| input.key.len());
     let chosen_prefill = key_len.saturating_sub(decision.matched);
     let reserved = buffers
         .order
         .first()
-        .and_then(|&first| shared.backends.get(first))
+        .and_then(|&first| backends.get(first))
         .map(|chosen| chosen.start_request(chosen_prefill));
-    let leg = connect(&buffers.order, request_id, shared).await?;
+    let leg = connect(&buffers.order, &backends, request_id, shared).await?;
     let (in_flight, prefill) = match reserved {
         Some(reserved) if buffers.order.first() == Some(&leg.index) => (reserved, chosen_prefill),
         _ => (leg.backend.start_request(key_len), key_len),
@@ -538,12 +535,14 @@ async fn route<'a>(
 }
 
 /// Picks the backend for a request (`input`: its prompt, if its endpoint
-/// has one) among those that may serve it, and leaves every candidate's
-/// backend index in `buffers.order`, in the order to try them.
+/// has one) among those of `backends` that may serve it, and leaves every
+/// candidate's position in `backends` in `buffers.order`, in the order to
+/// try them.
 fn select(
     head: &Head,
     input: Option<&prompt::RoutingInput>,
     buffers: &mut Buffers,
+    backends: &Backends,
     shared: &Shared,
 ) -> Result<Decision, Failure> {
     let Buffers {
@@ -555,13 +554,12 @@ fn select(
     match input {
         // Only backends serving the model: 404 when none does, 400 when the
         // model is left out of a fleet serving several.
-        Some(input) => shared
-            .backends
+        Some(input) => backends
             .candidates_into(input.model.as_deref(), candidates)
             .map_err(ApiError::from)?,
-        None => shared.backends.reachable_into(candidates),
+        None => backends.reachable_into(candidates),
     }
-    let loads = loads(shared.backends.all(), candidates);
+    let loads = loads(backends.all(), candidates);
     let request = input.map(|input| RouteRequest {
         model: input.model.as_deref().unwrap_or_default().as_bytes(),
         key: &input.key,
@@ -582,15 +580,13 @@ fn select(
 
 /// A connection to the first backend of `order` that takes one (see
 /// [`crate::upstream::Upstream::acquire`]); a 502/503 when none does.
-async fn connect<'a>(
+async fn connect(
     order: &[usize],
+    backends: &Backends,
     request_id: RequestId<'_>,
-    shared: &'a Shared,
-) -> Result<Leg<'a>, Failure> {
-    let acquired = shared
-        .upstream
-        .acquire(order, &shared.backends, &shared.backend_counters)
-        .await;
+    shared: &Shared,
+) -> Result<Leg, Failure> {
+    let acquired = shared.upstream.acquire(order, backends).await;
     acquired.map_err(|err| {
         warn!(
             request_id = %request_id,
@@ -698,7 +694,7 @@ fn send_failure(
 /// flight until its response ends, prefilling until its body begins.
 struct Watched<'a> {
     in_flight: Option<InFlight>,
-    counters: Option<&'a BackendCounters>,
+    counters: &'a BackendCounters,
 }
 
 impl Watch for Watched<'_> {
@@ -706,15 +702,11 @@ impl Watch for Watched<'_> {
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.response_began();
         }
-        if let Some(counters) = self.counters {
-            counters.ttft.observe(since_sent.as_secs_f64());
-        }
+        self.counters.ttft.observe(since_sent.as_secs_f64());
     }
 
     fn body_gap(&mut self, gap: Duration) {
-        if let Some(counters) = self.counters {
-            counters.itl.observe(gap.as_secs_f64());
-        }
+        self.counters.itl.observe(gap.as_secs_f64());
     }
 
     fn ended(&mut self) {

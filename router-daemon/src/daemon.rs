@@ -1,20 +1,22 @@
 //! The daemon's life: its shared state, starting it ([`run`]), and the
-//! upkeep tasks that run beside the connections (pool reaping, forgetting
-//! backends that went down).
+//! upkeep tasks that run beside the connections (following the backend
+//! endpoints, pool reaping, forgetting backends that went down).
 use std::{
+    collections::HashMap,
     future::Future,
     sync::{Arc, atomic::AtomicU64},
+    time::Duration,
 };
 
 use tokio::net::TcpListener;
 
 use crate::{
     admission::Admission,
-    backend::{self, Backends},
+    backend::{self, BackendId, DiscoveryTask, Fleet, StaticSource},
     config::Config,
     dataplane::{Dataplane, listen},
     fd_limit,
-    metrics::{self, Metrics},
+    metrics::Metrics,
     route::Router,
     upstream::{Pool, Upstream},
     worker,
@@ -42,8 +44,8 @@ pub enum RunError {
 pub(crate) struct Shared {
     /// The daemon's configuration.
     pub(crate) config: Config,
-    /// The backend set and what discovery learns of it.
-    pub(crate) backends: Backends,
+    /// The backend set as it changes, and what discovery learns of it.
+    pub(crate) backends: Arc<Fleet>,
     /// The prefix index and the policy.
     pub(crate) router: Arc<Router>,
     /// How response bodies move.
@@ -52,8 +54,6 @@ pub(crate) struct Shared {
     pub(crate) upstream: Upstream,
     /// Prometheus metrics.
     pub(crate) metrics: Metrics,
-    /// Per-backend counters, by backend index.
-    pub(crate) backend_counters: Vec<metrics::BackendCounters>,
     /// The next request id the router numbers.
     pub(crate) next_id: AtomicU64,
     /// Open client connections, against `--max-connections`.
@@ -71,13 +71,12 @@ pub async fn run(
     dataplane: Dataplane,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let backends = Backends::resolve(&config.backends).await?;
+    let mut source = StaticSource::new(&config.backends, config.hosts_file.clone())?;
     let workers = config.workers();
-    // Polls the backends while the daemon serves; stops when `run` returns.
-    let _discovery = backends.spawn_discovery(config.discovery());
     let dataplane = Arc::new(dataplane);
     let mut metrics = Metrics::new(Arc::clone(&dataplane));
-    metrics.register_backends(backends.all());
+    let backends = Arc::new(Fleet::new(metrics.backend_series.clone()));
+    metrics.register_backends(Arc::clone(&backends));
     let router = Arc::new(Router::with_policy(
         usize::from(config.block_bytes),
         config.index_entries,
@@ -94,31 +93,31 @@ pub async fn run(
         open_files,
         "client connections past the limit are answered 503"
     );
-    let backend_counters = backends
-        .all()
-        .iter()
-        .map(|backend| metrics.backend_counters(&backend.url))
-        .collect();
     let shared = Arc::new(Shared {
         router,
         upstream: Upstream::new(
-            Pool::new(
-                backends.all().len(),
-                workers,
-                config.pool_max_idle,
-                config.pool_idle_timeout(),
-            ),
+            Pool::new(workers, config.pool_max_idle, config.pool_idle_timeout()),
             Arc::clone(&dataplane),
             config.connect_timeout(),
         ),
         metrics,
-        backend_counters,
         backends,
         dataplane,
         config,
         next_id: AtomicU64::new(1),
         admission,
     });
+    // Resolved once before serving, then followed while `run` serves: the
+    // set's tasks (and the discovery pollers they own) stop when it drops.
+    let mut discovery = DiscoveryTask::default();
+    follow(&shared, &mut source, &mut discovery).await;
+    let mut upkeep = tokio::task::JoinSet::new();
+    upkeep.spawn(follow_endpoints(
+        Arc::downgrade(&shared),
+        source,
+        discovery,
+        Duration::from_millis(shared.config.resolve_interval_ms),
+    ));
     tokio::spawn(reap_idle(Arc::downgrade(&shared)));
     let discovery_interval = shared.config.discovery().interval;
     if !discovery_interval.is_zero() {
@@ -165,8 +164,55 @@ pub async fn run(
     served
 }
 
-/// Closes pooled backend connections idle past their timeout, for as long
-/// as the daemon's state lives.
+/// Resolves the endpoints again every `interval` (never when zero) and
+/// applies them (see [`follow`]), for as long as the daemon's state lives;
+/// owns the discovery pollers.
+async fn follow_endpoints(
+    shared: std::sync::Weak<Shared>,
+    mut source: StaticSource,
+    mut discovery: DiscoveryTask,
+    interval: Duration,
+) {
+    if interval.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        follow(&shared, &mut source, &mut discovery).await;
+    }
+}
+
+/// Resolves `source` once and makes the result the fleet: new backends are
+/// polled by `discovery`; departed ones lose their prefix index entries
+/// (their connections close as the pool meets them).
+async fn follow(shared: &Shared, source: &mut StaticSource, discovery: &mut DiscoveryTask) {
+    let (endpoints, failures) = source.resolve().await;
+    for failure in failures {
+        tracing::warn!(error = %failure, "resolving a backend failed; its last addresses stand");
+    }
+    let change = shared.backends.apply(&endpoints);
+    for backend in &change.added {
+        tracing::info!(backend = %backend.url, addr = %backend.addr, "backend added");
+        discovery.watch(backend, shared.config.discovery());
+    }
+    for backend in &change.removed {
+        shared.router.remove_backend(&backend.url);
+        tracing::info!(
+            backend = %backend.url,
+            in_flight = backend.in_flight(),
+            "backend removed; its requests in flight finish there"
+        );
+    }
+    if endpoints.is_empty() {
+        tracing::warn!("no backend address is known; requests are answered 503");
+    }
+}
+
+/// Closes pooled backend connections idle past their timeout, and those of
+/// departed backends, for as long as the daemon's state lives.
 async fn reap_idle(shared: std::sync::Weak<Shared>) {
     let Some(interval) = shared
         .upgrade()
@@ -177,7 +223,10 @@ async fn reap_idle(shared: std::sync::Weak<Shared>) {
     loop {
         tokio::time::sleep(interval).await;
         match shared.upgrade() {
-            Some(shared) => shared.upstream.pool().reap(),
+            Some(shared) => shared
+                .upstream
+                .pool()
+                .reap(shared.backends.snapshot().all()),
             None => return,
         }
     }
@@ -187,19 +236,20 @@ async fn reap_idle(shared: std::sync::Weak<Shared>) {
 /// down: its cache is likely gone (a restart), and the index's bounded
 /// memory is better spent on live backends. Checks once per discovery
 /// interval, for as long as the daemon's state lives.
-async fn forget_down_backends(shared: std::sync::Weak<Shared>, interval: std::time::Duration) {
+async fn forget_down_backends(shared: std::sync::Weak<Shared>, interval: Duration) {
     // Compares down counts rather than sampling `is_up`: a backend that came
     // up and went down again between two ticks still has its entries dropped.
-    let mut seen: Vec<u32> = Vec::new();
+    let mut seen: HashMap<BackendId, u32> = HashMap::new();
     loop {
         tokio::time::sleep(interval).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let backends = shared.backends.all();
-        seen.resize(backends.len(), 0);
-        for (backend, seen) in backends.iter().zip(seen.iter_mut()) {
+        let backends = shared.backends.snapshot();
+        seen.retain(|id, _| backends.all().iter().any(|backend| backend.id == *id));
+        for backend in backends.all() {
             let downs = backend.downs();
+            let seen = seen.entry(backend.id).or_default();
             if downs != *seen {
                 *seen = downs;
                 shared.router.remove_backend(&backend.url);

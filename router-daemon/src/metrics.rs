@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, Fleet},
     dataplane::Dataplane,
     error::Limit,
     route::{Reason, Router},
@@ -82,8 +82,8 @@ pub struct BackendCounters {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Requests forwarded, per backend.
-    pub requests: Family<BackendLabel, Counter>,
+    /// The per-backend series, each backend's taken as it joins the fleet.
+    pub backend_series: BackendSeries,
     /// Routing decisions, per reason; count one with [`Metrics::decided`].
     pub decisions: Family<ReasonLabel, Counter>,
     /// The counters of `decisions`, in [`Reason::ALL`]'s order, looked up
@@ -103,15 +103,97 @@ pub struct Metrics {
     pub backend_failures: Counter,
     /// Response head bytes written by the daemon.
     pub head_bytes: Counter,
-    /// Backend connections opened, per backend (the rest were reused).
-    pub connections: Family<BackendLabel, Counter>,
     /// Time from a request written to its response's first byte.
     pub first_byte: Histogram,
+}
+
+/// The series labelled by backend: each backend's [`BackendCounters`] come
+/// from here when it joins the fleet, and its series leave with it.
+#[derive(Clone, Debug)]
+pub struct BackendSeries {
+    /// Requests forwarded, per backend.
+    requests: Family<BackendLabel, Counter>,
+    /// Backend connections opened, per backend (the rest were reused).
+    connections: Family<BackendLabel, Counter>,
     /// Per backend: time from a request written to its response body's
     /// first byte.
-    pub ttft: Family<BackendLabel, Histogram>,
+    ttft: Family<BackendLabel, Histogram>,
     /// Per backend: gaps between reads of response body bytes.
-    pub itl: Family<BackendLabel, Histogram>,
+    itl: Family<BackendLabel, Histogram>,
+}
+
+impl Default for BackendSeries {
+    /// Empty series, in no registry until [`Metrics::new`] registers them.
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            connections: Family::default(),
+            ttft: Family::new_with_constructor(ttft_histogram as fn() -> Histogram),
+            itl: Family::new_with_constructor(itl_histogram as fn() -> Histogram),
+        }
+    }
+}
+
+impl BackendSeries {
+    /// The counters of the backend named `name`, created if new.
+    pub fn counters(&self, name: &str) -> BackendCounters {
+        let label = BackendLabel {
+            backend: name.to_owned(),
+        };
+        BackendCounters {
+            requests: self.requests.get_or_create(&label).clone(),
+            connections: self.connections.get_or_create(&label).clone(),
+            ttft: self.ttft.get_or_create(&label).clone(),
+            itl: self.itl.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Drops the series of the backend named `name`, gone from the fleet.
+    pub fn remove(&self, name: &str) {
+        let label = BackendLabel {
+            backend: name.to_owned(),
+        };
+        self.requests.remove(&label);
+        self.connections.remove(&label);
+        self.ttft.remove(&label);
+        self.itl.remove(&label);
+    }
+
+    /// The series' exposition text, for tests.
+    #[cfg(test)]
+    pub(crate) fn encode_for_test(&self) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .expect("invariant: writing to a String cannot fail");
+        text
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "router_requests",
+            "Requests forwarded, by backend",
+            self.requests.clone(),
+        );
+        registry.register(
+            "router_backend_connections_opened",
+            "Backend connections opened, by backend; other requests reused a pooled one",
+            self.connections.clone(),
+        );
+        registry.register(
+            "router_backend_time_to_first_token_seconds",
+            "Time from a request written to the backend to the first byte of its response body \
+             (a stream's first token), as the router sees it, by backend",
+            self.ttft.clone(),
+        );
+        registry.register(
+            "router_backend_inter_token_seconds",
+            "Gaps between reads of a response body's later bytes (streamed tokens), as the \
+             router sees them, by backend; none on the sockmap dataplane's redirected bytes",
+            self.itl.clone(),
+        );
+    }
 }
 
 /// Buckets of `router_backend_time_to_first_token_seconds`: 1 ms to 33 s.
@@ -134,12 +216,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let info = Info::new(vec![("mode", dataplane.mode().as_str())]);
         registry.register("router_dataplane", "The dataplane in use", info);
-        let requests = Family::<BackendLabel, Counter>::default();
-        registry.register(
-            "router_requests",
-            "Requests forwarded, by backend",
-            requests.clone(),
-        );
+        let backend_series = BackendSeries::default();
+        backend_series.register(&mut registry);
         let decisions = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "router_route_decisions",
@@ -176,12 +254,6 @@ impl Metrics {
             "Response head bytes written by the daemon (every dataplane)",
             head_bytes.clone(),
         );
-        let connections = Family::<BackendLabel, Counter>::default();
-        registry.register(
-            "router_backend_connections_opened",
-            "Backend connections opened, by backend; other requests reused a pooled one",
-            connections.clone(),
-        );
         let first_byte = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -189,24 +261,6 @@ impl Metrics {
             "router_backend_first_byte_seconds",
             "Time from a request written to the backend to its response's first byte",
             first_byte.clone(),
-        );
-        let ttft = Family::<BackendLabel, Histogram>::new_with_constructor(
-            ttft_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "router_backend_time_to_first_token_seconds",
-            "Time from a request written to the backend to the first byte of its response body \
-             (a stream's first token), as the router sees it, by backend",
-            ttft.clone(),
-        );
-        let itl = Family::<BackendLabel, Histogram>::new_with_constructor(
-            itl_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "router_backend_inter_token_seconds",
-            "Gaps between reads of a response body's later bytes (streamed tokens), as the \
-             router sees them, by backend; none on the sockmap dataplane's redirected bytes",
-            itl.clone(),
         );
         registry.register_collector(Box::new(KernelCounters(dataplane)));
         let client_connections = Gauge::default();
@@ -237,7 +291,7 @@ impl Metrics {
         });
         Self {
             registry,
-            requests,
+            backend_series,
             decisions,
             decision_counters,
             limit_counters,
@@ -247,10 +301,7 @@ impl Metrics {
             piped_bytes,
             backend_failures,
             head_bytes,
-            connections,
             first_byte,
-            ttft,
-            itl,
         }
     }
 
@@ -277,24 +328,11 @@ impl Metrics {
     }
 
     /// Adds the per-backend gauges (`router_backend_in_flight`, `_up`,
-    /// `_waiting`, `_running`, `_models`), read from `backends` at scrape
-    /// time.
-    pub fn register_backends(&mut self, backends: &[Arc<Backend>]) {
+    /// `_waiting`, `_running`, `_models`), read from the fleet's backends at
+    /// scrape time.
+    pub fn register_backends(&mut self, fleet: Arc<Fleet>) {
         self.registry
-            .register_collector(Box::new(BackendGauges(backends.to_vec())));
-    }
-
-    /// The counters of the backend named `url`.
-    pub fn backend_counters(&self, url: &str) -> BackendCounters {
-        let label = BackendLabel {
-            backend: url.to_owned(),
-        };
-        BackendCounters {
-            requests: self.requests.get_or_create(&label).clone(),
-            connections: self.connections.get_or_create(&label).clone(),
-            ttft: self.ttft.get_or_create(&label).clone(),
-            itl: self.itl.get_or_create(&label).clone(),
-        }
+            .register_collector(Box::new(BackendGauges(fleet)));
     }
 
     /// The OpenMetrics text exposition.
@@ -325,7 +363,7 @@ impl Collector for IndexEntries {
 
 /// Each backend's discovery state, read at scrape time.
 #[derive(Debug)]
-struct BackendGauges(Vec<Arc<Backend>>);
+struct BackendGauges(Arc<Fleet>);
 
 impl Collector for BackendGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -352,9 +390,10 @@ impl Collector for BackendGauges {
                 |backend| i64::try_from(backend.running()).unwrap_or(i64::MAX),
             ),
         ];
+        let backends = self.0.snapshot();
         for (name, help, value) in per_backend {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for backend in &self.0 {
+            for backend in backends.all() {
                 let label = BackendLabel {
                     backend: backend.url.clone(),
                 };
@@ -367,7 +406,7 @@ impl Collector for BackendGauges {
             None,
             MetricType::Gauge,
         )?;
-        for backend in &self.0 {
+        for backend in backends.all() {
             for model in backend.models().iter().flat_map(|models| models.iter()) {
                 let label = BackendModelLabel {
                     backend: backend.url.clone(),

@@ -58,33 +58,38 @@ impl Drop for DiscoveryTask {
     }
 }
 
-impl Backends {
-    /// Starts one polling task per backend; they run until the returned
-    /// guard or the backends are dropped. With a zero interval nothing is
-    /// started and every backend stays up with unknown models.
-    pub fn spawn_discovery(&self, discovery: Discovery) -> DiscoveryTask {
+impl DiscoveryTask {
+    /// Starts polling `backend` every `discovery.interval` until the
+    /// backend or this guard is dropped; nothing with a zero interval (the
+    /// backend then stays up with unknown models).
+    pub fn watch(&mut self, backend: &Arc<Backend>, discovery: Discovery) {
         if discovery.interval.is_zero() {
-            return DiscoveryTask::default();
+            return;
         }
-        let tasks = self
-            .all()
-            .iter()
-            .map(|backend| {
-                let backend = Arc::downgrade(backend);
-                tokio::spawn(async move {
-                    let mut ticks = tokio::time::interval(discovery.interval);
-                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        ticks.tick().await;
-                        let Some(backend) = backend.upgrade() else {
-                            return;
-                        };
-                        backend.probe(&discovery).await;
-                    }
-                })
-            })
-            .collect();
-        DiscoveryTask { tasks }
+        self.tasks.retain(|task| !task.is_finished());
+        let backend = Arc::downgrade(backend);
+        self.tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(discovery.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(backend) = backend.upgrade() else {
+                    return;
+                };
+                backend.probe(&discovery).await;
+            }
+        }));
+    }
+}
+
+impl Backends {
+    /// Starts one polling task per backend (see [`DiscoveryTask::watch`]).
+    pub fn spawn_discovery(&self, discovery: Discovery) -> DiscoveryTask {
+        let mut task = DiscoveryTask::default();
+        for backend in self.all() {
+            task.watch(backend, discovery);
+        }
+        task
     }
 
     /// Probes every backend once, concurrently, and returns when all are

@@ -1,8 +1,10 @@
 //! The backend set: where each vLLM instance is, what it serves, whether
 //! it is up, and its live load.
 //!
-//! Backends are given as URLs (`http://host:port`) and resolved once at
-//! start. Each carries an exact in-flight count, maintained by
+//! Backends are given as URLs (`http://host:port`), resolved to every
+//! address and followed as they change ([`endpoints`]); the set in use is a
+//! snapshot a request holds to its end ([`fleet`]). Each backend has a
+//! stable [`BackendId`], its own counters, and an exact in-flight count, maintained by
 //! [`InFlight`] guards that the connection code holds for the life of a
 //! forwarded request, and what the [`discovery`] poller last learned from
 //! it: its models (`GET /v1/models`), whether it answers, and its engine
@@ -30,6 +32,8 @@
 //! `--discovery-interval-ms`, so the request path still handles connect
 //! failures itself.
 pub mod discovery;
+pub mod endpoints;
+pub mod fleet;
 pub mod probe;
 
 use std::{
@@ -41,8 +45,10 @@ use std::{
     },
 };
 
-use crate::error::ApiError;
+use crate::{error::ApiError, metrics::BackendCounters};
 pub use discovery::{Discovery, DiscoveryTask};
+pub use endpoints::{Endpoint, StaticSource};
+pub use fleet::Fleet;
 
 /// A backend URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,12 +67,36 @@ pub enum BackendError {
         /// Why resolution failed.
         source: std::io::Error,
     },
+    /// `--hosts-file` could not be read.
+    #[error("hosts file {}: {source}", path.display())]
+    HostsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why reading it failed.
+        source: std::io::Error,
+    },
+}
+
+/// A backend's identity for the daemon's life: never reused, unlike a
+/// position in the set or an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId(u64);
+
+impl BackendId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 /// One backend instance.
 #[derive(Debug)]
 pub struct Backend {
-    /// The URL as given on the command line, used as its name in logs and metrics.
+    /// Its identity.
+    pub id: BackendId,
+    /// Its name in logs, metrics and placement: the URL as given, or
+    /// `http://ADDRESS:PORT` for one address of a host name (see
+    /// [`endpoints`]).
     pub url: String,
     /// The resolved address the router connects to.
     pub addr: SocketAddr,
@@ -95,14 +125,19 @@ pub struct Backend {
     /// that problems are logged once per change, not once per poll.
     models_ok: AtomicBool,
     load_ok: AtomicBool,
+    /// Gone from the endpoints: no new request comes here.
+    retired: AtomicBool,
+    /// Its request, connection and latency series.
+    pub counters: BackendCounters,
 }
 
 impl Backend {
-    fn new(url: &str, authority: String, addr: SocketAddr) -> Self {
+    fn new(endpoint: &Endpoint, counters: BackendCounters) -> Self {
         Self {
-            url: url.trim_end_matches('/').to_owned(),
-            addr,
-            authority,
+            id: BackendId::next(),
+            url: endpoint.name.clone(),
+            addr: endpoint.addr,
+            authority: endpoint.authority.clone(),
             in_flight: AtomicUsize::new(0),
             prefilling: AtomicUsize::new(0),
             started: AtomicU64::new(0),
@@ -115,7 +150,19 @@ impl Backend {
             models: RwLock::new(None),
             models_ok: AtomicBool::new(true),
             load_ok: AtomicBool::new(true),
+            retired: AtomicBool::new(false),
+            counters,
         }
+    }
+
+    /// Whether the backend left the endpoints (see [`Fleet`]): the requests
+    /// already on it finish, its idle connections are closed.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// False when discovery has failed `--down-after-failures` times in a
@@ -241,31 +288,26 @@ impl Drop for InFlight {
     }
 }
 
-/// The backends, in the order given.
+/// One snapshot of the backend set (see [`Fleet`]), in URL order.
 #[derive(Debug, Default)]
 pub struct Backends {
     list: Vec<Arc<Backend>>,
 }
 
 impl Backends {
-    /// Parses and resolves backend URLs.
+    /// Parses and resolves backend URLs once, every address counting, with
+    /// counters that no registry exports: a fixed set, for tools and tests.
+    /// The daemon keeps a [`Fleet`] instead.
     pub async fn resolve(urls: &[String]) -> Result<Self, BackendError> {
-        let mut list = Vec::with_capacity(urls.len());
-        for url in urls {
-            let authority = authority(url)?;
-            let addr = tokio::net::lookup_host(authority.as_str())
-                .await
-                .and_then(|mut addrs| {
-                    addrs
-                        .next()
-                        .ok_or_else(|| std::io::Error::other("no addresses"))
-                })
-                .map_err(|source| BackendError::Resolve {
-                    url: url.clone(),
-                    source,
-                })?;
-            list.push(Arc::new(Backend::new(url, authority, addr)));
+        let (endpoints, failures) = StaticSource::new(urls, None)?.resolve().await;
+        if let Some(failure) = failures.into_iter().next() {
+            return Err(failure);
         }
+        let series = crate::metrics::BackendSeries::default();
+        let list = endpoints
+            .iter()
+            .map(|endpoint| Arc::new(Backend::new(endpoint, series.counters(&endpoint.name))))
+            .collect();
         Ok(Self { list })
     }
 
@@ -452,51 +494,10 @@ impl fmt::Display for List<'_> {
     }
 }
 
-/// The `host:port` of an `http://` URL (port 80 when absent).
-fn authority(url: &str) -> Result<String, BackendError> {
-    let rest = match url.split_once("://") {
-        Some(("http", rest)) => rest,
-        Some(_) => return Err(BackendError::Scheme(url.to_owned())),
-        None => url,
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(BackendError::Malformed(url.to_owned()));
-    }
-    let has_port = authority
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| !port.contains(']') && !port.is_empty());
-    Ok(if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    })
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
-
-    #[test]
-    fn authority_of_urls() {
-        assert_eq!(
-            authority("http://127.0.0.1:8001").unwrap(),
-            "127.0.0.1:8001"
-        );
-        assert_eq!(authority("http://sim:8001/").unwrap(), "sim:8001");
-        assert_eq!(authority("localhost:9").unwrap(), "localhost:9");
-        assert_eq!(authority("http://vllm").unwrap(), "vllm:80");
-        assert_eq!(authority("http://[::1]:8001").unwrap(), "[::1]:8001");
-        assert!(matches!(
-            authority("https://x:1"),
-            Err(BackendError::Scheme(_))
-        ));
-        assert!(matches!(
-            authority("http:///v1"),
-            Err(BackendError::Malformed(_))
-        ));
-    }
 
     /// Backends on unused loopback ports; nothing is contacted.
     async fn fleet(n: usize) -> Backends {

@@ -24,7 +24,6 @@ use crate::{
     backend::{Backend, Backends},
     dataplane::{BackendConn, Client, Dataplane, Exchanged, Forward, RelayError, Watch},
     error::{ApiError, Fault},
-    metrics::BackendCounters,
 };
 
 /// Connections to the backends: the idle pool, and how to open new ones.
@@ -37,11 +36,12 @@ pub(crate) struct Upstream {
 
 /// The backend a request is going to, and the connection it goes out on.
 #[derive(Debug)]
-pub(crate) struct Leg<'a> {
-    /// The backend's index in the backend set.
+pub(crate) struct Leg {
+    /// The backend's index in the snapshot the request was routed on.
     pub(crate) index: usize,
-    /// The backend.
-    pub(crate) backend: &'a Arc<Backend>,
+    /// The backend, held until the request ends even if it leaves the
+    /// fleet meanwhile.
+    pub(crate) backend: Arc<Backend>,
     conn: BackendConn,
     /// The connection came from the pool (it may have gone stale there).
     reused: bool,
@@ -131,34 +131,33 @@ impl Upstream {
         &self.pool
     }
 
-    /// A connection to the first backend of `order` that has an idle one or
-    /// accepts a new one, trying them in turn; each new connection is
-    /// counted in its backend's `counters`.
-    pub(crate) async fn acquire<'a>(
+    /// A connection to the first backend of `order` (positions in
+    /// `backends`) that has an idle one or accepts a new one, trying them in
+    /// turn; each new connection is counted on its backend.
+    pub(crate) async fn acquire(
         &self,
         order: &[usize],
-        backends: &'a Backends,
-        counters: &[BackendCounters],
-    ) -> Result<Leg<'a>, UpstreamError> {
+        backends: &Backends,
+    ) -> Result<Leg, UpstreamError> {
         let mut last = None;
         for &index in order {
             let Some(backend) = backends.get(index) else {
                 continue;
             };
-            if let Some(conn) = self.pool.take(index) {
+            if let Some(conn) = self.pool.take(backend) {
                 return Ok(Leg {
                     index,
-                    backend,
+                    backend: Arc::clone(backend),
                     conn,
                     reused: true,
                 });
             }
             match self.open(backend).await {
                 Ok(conn) => {
-                    count_connection(counters, index);
+                    backend.counters.connections.inc();
                     return Ok(Leg {
                         index,
-                        backend,
+                        backend: Arc::clone(backend),
                         conn,
                         reused: false,
                     });
@@ -182,9 +181,8 @@ impl Upstream {
     pub(crate) async fn exchange<W: Watch>(
         &self,
         client: &mut Client,
-        mut leg: Leg<'_>,
+        mut leg: Leg,
         forward: &Forward<'_>,
-        counters: &[BackendCounters],
         mut watch: impl FnMut() -> W,
     ) -> Result<Exchanged, SendError> {
         loop {
@@ -195,18 +193,18 @@ impl Upstream {
             match result {
                 Err(err) if leg.reused && err.unanswered() => {
                     debug!(%err, "a pooled backend connection was stale; sending again");
-                    (leg.conn, leg.reused) = match self.pool.take(leg.index) {
+                    (leg.conn, leg.reused) = match self.pool.take(&leg.backend) {
                         Some(pooled) => (pooled, true),
                         None => {
-                            let fresh = self.open(leg.backend).await?;
-                            count_connection(counters, leg.index);
+                            let fresh = self.open(&leg.backend).await?;
+                            leg.backend.counters.connections.inc();
                             (fresh, false)
                         }
                     };
                 }
                 Ok(exchanged) => {
                     if exchanged.backend_reusable {
-                        self.pool.put(leg.index, leg.conn);
+                        self.pool.put(&leg.backend, leg.conn);
                     }
                     return Ok(exchanged);
                 }
@@ -228,12 +226,5 @@ impl Upstream {
                 backend: backend.url.clone(),
             }),
         }
-    }
-}
-
-/// Counts a new connection to backend `index`.
-fn count_connection(counters: &[BackendCounters], index: usize) {
-    if let Some(counters) = counters.get(index) {
-        counters.connections.inc();
     }
 }

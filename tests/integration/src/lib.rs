@@ -66,7 +66,9 @@ impl Drop for Stopper {
     }
 }
 
-fn stopper() -> (Stopper, impl Future<Output = ()> + Send + 'static) {
+/// A [`Stopper`] and the future that completes when it is dropped, for a
+/// server started in the background.
+pub fn stopper() -> (Stopper, impl Future<Output = ()> + Send + 'static) {
     let (tx, rx) = oneshot::channel();
     (Stopper(Some(tx)), async move {
         let _ = rx.await;

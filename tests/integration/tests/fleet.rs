@@ -1,0 +1,225 @@
+//! A fleet that changes while the router serves: a `--backend` host name
+//! whose address moves sends new requests to the new address, while a
+//! stream already on the old one finishes whole, and the departed backend's
+//! metric series leave with it.
+//!
+//! The name resolves through `--hosts-file`, rewritten by the test; the two
+//! backends listen on one port at two loopback addresses, as two pods behind
+//! a headless Service would.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use integration_tests::{
+    Stopper, dataplane_or_skip, each_mode, get, metric, post_json, start_router_with, stopper,
+};
+use router_daemon::dataplane::Mode;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::Notify,
+};
+
+/// The model the simulator serves.
+const MODEL: &str = "meta-llama/Llama-3.2-1B-Instruct";
+/// How long a bounded wait in this file may take on a busy machine.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A backend at `addr` that answers every request with a short SSE stream
+/// served by `a`; the first request's stream stops after its first event
+/// until `gate` is notified.
+async fn gated_backend(addr: SocketAddr, gate: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+    let listener = router_daemon::listener(addr).expect("bind the gated backend");
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let gate = first.then(|| Arc::clone(&gate));
+            first = false;
+            tokio::spawn(async move {
+                // Each request is one small POST; its head and body arrive
+                // well within one read of this size on loopback.
+                let mut request = [0u8; 64 * 1024];
+                while let Ok(n) = stream.read(&mut request).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                                x-served-by: a\r\ntransfer-encoding: chunked\r\n\r\n";
+                    let one = chunk("data: one\n\n");
+                    if stream
+                        .write_all(format!("{head}{one}").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if let Some(gate) = &gate {
+                        gate.notified().await;
+                    }
+                    let rest = format!(
+                        "{}{}0\r\n\r\n",
+                        chunk("data: two\n\n"),
+                        chunk("data: [DONE]\n\n")
+                    );
+                    if stream.write_all(rest.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+fn chunk(data: &str) -> String {
+    format!("{:x}\r\n{data}\r\n", data.len())
+}
+
+/// Binds `127.0.0.2:P` and `127.0.0.3:P` for one free port P.
+fn two_addresses_one_port() -> (SocketAddr, SocketAddr) {
+    for _ in 0..20 {
+        let probe = std::net::TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+        let port = probe.local_addr().expect("probe addr").port();
+        drop(probe);
+        let (a, b) = (
+            SocketAddr::from(([127, 0, 0, 2], port)),
+            SocketAddr::from(([127, 0, 0, 3], port)),
+        );
+        if std::net::TcpListener::bind(a).is_ok() && std::net::TcpListener::bind(b).is_ok() {
+            return (a, b);
+        }
+    }
+    panic!("no port free on both 127.0.0.2 and 127.0.0.3");
+}
+
+/// Starts a `vllm-sim` named `sim-b` at `addr`.
+fn start_sim_at(addr: SocketAddr) -> Stopper {
+    let listener = router_daemon::listener(addr).expect("bind the sim");
+    let (stop, shutdown) = stopper();
+    tokio::spawn(async move {
+        let config = vllm_sim::Config::for_tests("sim-b");
+        if let Err(err) = vllm_sim::serve(listener, config, shutdown).await {
+            panic!("vllm-sim failed: {err}");
+        }
+    });
+    stop
+}
+
+/// Reads from `stream` until `needle` has arrived (bounded); returns all
+/// bytes read.
+async fn read_until(stream: &mut TcpStream, received: &mut Vec<u8>, needle: &str) {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(PATIENCE, async {
+        while !String::from_utf8_lossy(received).contains(needle) {
+            let n = stream.read(&mut buf).await.expect("read the stream");
+            assert!(
+                n > 0,
+                "the stream ended before {needle:?}: {:?}",
+                String::from_utf8_lossy(received)
+            );
+            received.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no {needle:?} within {PATIENCE:?}: {:?}",
+            String::from_utf8_lossy(received)
+        )
+    });
+}
+
+async fn a_moved_name_is_followed_and_its_stream_finishes(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let (a, b) = two_addresses_one_port();
+    let gate = Arc::new(Notify::new());
+    let _a = gated_backend(a, Arc::clone(&gate)).await;
+    let _b = start_sim_at(b);
+    let dir = std::env::temp_dir().join(format!("fleet-{}-{}", std::process::id(), mode.as_str()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 fleet.test\n").expect("write hosts");
+    let url = format!("http://fleet.test:{}", a.port());
+    let hosts_file = hosts.clone();
+    let (router, _stop) = start_router_with(vec![url], dataplane, move |config| {
+        config.hosts_file = Some(hosts_file);
+        config.resolve_interval_ms = 50;
+        config.discovery_interval_ms = 0;
+    })
+    .await;
+
+    // A stream starts on the name's first address and pauses there.
+    let body =
+        json!({"model": MODEL, "prompt": "a stream across a move", "stream": true}).to_string();
+    let mut stream = TcpStream::connect(router).await.expect("connect");
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: r\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut received = Vec::new();
+    read_until(&mut stream, &mut received, "data: one").await;
+    assert!(String::from_utf8_lossy(&received).contains("x-served-by: a"));
+
+    // The name moves: new requests follow it.
+    std::fs::write(&hosts, "127.0.0.3 fleet.test\n").expect("rewrite hosts");
+    let old = format!("backend=\"http://{a}\"");
+    let new = format!("backend=\"http://{b}\"");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let response = post_json(
+            router,
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "where now", "max_tokens": 2}),
+        )
+        .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        if response.header("x-served-by") == Some("sim-b") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests never followed the name to {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once moved, every request lands there.
+    for _ in 0..5 {
+        let response = post_json(
+            router,
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "and now", "max_tokens": 2}),
+        )
+        .await;
+        assert_eq!(
+            response.header("x-served-by"),
+            Some("sim-b"),
+            "{}",
+            response.text()
+        );
+    }
+    // The departed backend's series are gone, the new one's are there.
+    let metrics = get(router, "/metrics").await.text();
+    assert!(!metrics.contains(&old), "{old} still exported:\n{metrics}");
+    let requests_new = format!("router_requests_total{{{new}}}");
+    assert!(
+        metric(&metrics, &requests_new).is_some_and(|n| n >= 6.0),
+        "{metrics}"
+    );
+
+    // The stream that was on the departed backend finishes whole.
+    gate.notify_one();
+    read_until(&mut stream, &mut received, "0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&received);
+    let events: Vec<_> = text
+        .lines()
+        .filter(|line| line.starts_with("data: "))
+        .collect();
+    assert_eq!(events, ["data: one", "data: two", "data: [DONE]"], "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+each_mode!(a_moved_name_is_followed_and_its_stream_finishes);
