@@ -570,7 +570,7 @@ fn select(
     let decision = shared
         .router
         .select(request.as_ref(), &loads, walk, order)
-        .ok_or_else(|| ApiError::unavailable("no backends configured"))?;
+        .ok_or_else(|| ApiError::unavailable("no backend is available: the fleet is empty"))?;
     // Positions among the candidates → backend indexes.
     for slot in order.iter_mut() {
         *slot = candidates[*slot];

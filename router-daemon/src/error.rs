@@ -72,6 +72,9 @@ impl Limit {
     }
 }
 
+/// Seconds a 503's `Retry-After` asks the client to wait.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
 /// An error answered to the client as an HTTP response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{status} {message}")]
@@ -168,7 +171,10 @@ impl ApiError {
         }
     }
 
-    /// The full HTTP/1.1 response: status line, headers, JSON body.
+    /// The full HTTP/1.1 response: status line, headers, JSON body. A 503
+    /// says `Retry-After` ([`RETRY_AFTER_SECS`]): nothing was sent to a
+    /// backend, and the fleet or the connection count may have changed by
+    /// then.
     ///
     /// It always closes the connection: after an error the client's byte
     /// stream may be out of sync with request boundaries.
@@ -182,8 +188,13 @@ impl ApiError {
             }
         })
         .to_string();
+        let retry_after = if self.status == 503 {
+            format!("retry-after: {RETRY_AFTER_SECS}\r\n")
+        } else {
+            String::new()
+        };
         format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry_after}connection: close\r\n\r\n{}",
             self.status,
             reason_phrase(self.status),
             body.len(),

@@ -52,7 +52,7 @@ pub(crate) struct Leg {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     /// The fallback order was empty.
-    #[error("no backends configured")]
+    #[error("no backend is available: the fleet is empty")]
     NoBackends,
     /// Every backend in the order failed to connect.
     #[error("no backend could be reached (last: {last})")]

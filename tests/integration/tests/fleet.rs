@@ -3,6 +3,9 @@
 //! stream already on the old one finishes whole, and the departed backend's
 //! metric series leave with it.
 //!
+//! With no address at all (scale to zero), requests get 503 with
+//! `Retry-After`, and 200s again once an address appears.
+//!
 //! The name resolves through `--hosts-file`, rewritten by the test; the two
 //! backends listen on one port at two loopback addresses, as two pods behind
 //! a headless Service would.
@@ -138,8 +141,7 @@ async fn a_moved_name_is_followed_and_its_stream_finishes(mode: Mode) {
     let gate = Arc::new(Notify::new());
     let _a = gated_backend(a, Arc::clone(&gate)).await;
     let _b = start_sim_at(b);
-    let dir = std::env::temp_dir().join(format!("fleet-{}-{}", std::process::id(), mode.as_str()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = hosts_dir(mode.as_str());
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, "127.0.0.2 fleet.test\n").expect("write hosts");
     let url = format!("http://fleet.test:{}", a.port());
@@ -219,6 +221,61 @@ async fn a_moved_name_is_followed_and_its_stream_finishes(mode: Mode) {
         .filter(|line| line.starts_with("data: "))
         .collect();
     assert_eq!(events, ["data: one", "data: two", "data: [DONE]"], "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A fresh directory for one test's hosts file.
+fn hosts_dir(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fleet-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_to_zero_is_503_with_retry_after_then_back() {
+    let (_, b) = two_addresses_one_port();
+    let _b = start_sim_at(b);
+    let dir = hosts_dir("zero");
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "# no pods yet\n").expect("write hosts");
+    let url = format!("http://fleet.test:{}", b.port());
+    let hosts_file = hosts.clone();
+    let (router, _stop) = start_router_with(
+        vec![url],
+        router_daemon::Dataplane::userspace(),
+        move |config| {
+            config.hosts_file = Some(hosts_file);
+            config.resolve_interval_ms = 50;
+            config.discovery_interval_ms = 0;
+        },
+    )
+    .await;
+    let question = json!({"model": MODEL, "prompt": "anyone there", "max_tokens": 2});
+    let ask = || post_json(router, "/v1/completions", &question);
+
+    let response = ask().await;
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.header("retry-after"), Some("1"));
+    assert_eq!(response.json()["error"]["type"], "ServiceUnavailableError");
+    assert_eq!(get(router, "/ready").await.status, 503);
+
+    // A pod appears: served again, without a restart.
+    std::fs::write(&hosts, "127.0.0.3 fleet.test\n").expect("rewrite hosts");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let response = ask().await;
+        if response.status == 200 {
+            assert_eq!(response.header("x-served-by"), Some("sim-b"));
+            break;
+        }
+        assert_eq!(response.status, 503, "{}", response.text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never served after the address appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(router, "/ready").await.status, 200);
     std::fs::remove_dir_all(&dir).ok();
 }
 

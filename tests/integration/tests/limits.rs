@@ -177,6 +177,7 @@ async fn connections_past_the_limit_are_refused(mode: Mode) {
         .expect("send");
     let refused = read_response(&mut third).await;
     assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("1"));
     assert!(
         refused.text().contains("--max-connections"),
         "{}",
