@@ -541,6 +541,42 @@ mod tests {
     }
 
     #[test]
+    fn a_departed_backend_moves_only_its_own_conversations() {
+        // Idle backends, new conversations placed by rendezvous alone.
+        let policy = Policy {
+            rendezvous_weight: f64::INFINITY,
+            ..Policy::default()
+        };
+        let all = views(&[(0, 0); 4]);
+        let without_2: Vec<_> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 2)
+            .map(|(_, b)| *b)
+            .collect();
+        let mut moved = 0;
+        for seed in 0..2_000u64 {
+            let place = |backends: &[BackendLoad<'static>]| -> &'static str {
+                let matched = vec![0; backends.len()];
+                let input = Inputs {
+                    placement: seed,
+                    ..inputs(backends, &matched, 4096)
+                };
+                backends[choose(&policy, &input).unwrap().backend].name
+            };
+            let before = place(&all);
+            let after = place(&without_2);
+            if before == all[2].name {
+                moved += 1;
+            } else {
+                assert_eq!(before, after, "seed {seed} moved off a backend that stayed");
+            }
+        }
+        // About a quarter lived on the departed backend.
+        assert!((400..600).contains(&moved), "{moved}");
+    }
+
+    #[test]
     fn bound_is_ceil_of_relaxed_mean() {
         let v = views(&[(3, 0), (1, 0), (0, 0), (0, 0)]);
         // 5 requests over 4 backends: mean 1.25, × 1.25 = 1.5625 → 2.
