@@ -59,6 +59,13 @@ pub struct Config {
     #[arg(long, env = "ROUTER_MAX_HEAD_BYTES", default_value_t = 16 << 10)]
     pub max_head_bytes: usize,
 
+    /// Most bytes of pipelined requests read ahead per client while a
+    /// response is relayed; past it the client is not read until the
+    /// response ends, so TCP pushes back on it
+    /// (`router_limit_exceeded_total{limit="pipelined"}` counts each time).
+    #[arg(long, env = "ROUTER_MAX_PIPELINED_BYTES", default_value_t = 1 << 20)]
+    pub max_pipelined_bytes: usize,
+
     /// How long to wait for a backend connection before trying another, in
     /// milliseconds.
     #[arg(long, env = "ROUTER_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]

@@ -467,6 +467,9 @@ async fn proxy(
     let result = shared.upstream.exchange(client, leg, &forward, watch).await;
     buffers.outgoing = request;
     count_relayed(&result, shared);
+    if client.take_held_back() {
+        shared.metrics.limit_exceeded(Limit::Pipelined);
+    }
     match result {
         Ok(exchanged) => Ok(relayed(&exchanged, client, request_id, shared)),
         Err(err) => Err(send_failure(err, &backend, request_id, shared)),

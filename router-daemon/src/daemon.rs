@@ -73,7 +73,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let mut source = StaticSource::new(&config.backends, config.hosts_file.clone())?;
     let workers = config.workers();
-    let dataplane = Arc::new(dataplane);
+    let dataplane = Arc::new(dataplane.with_pipelined_limit(config.max_pipelined_bytes));
     let mut metrics = Metrics::new(Arc::clone(&dataplane));
     let backends = Arc::new(Fleet::new(metrics.backend_series.clone()));
     metrics.register_backends(Arc::clone(&backends));

@@ -46,17 +46,21 @@ pub enum Limit {
     IdleTime,
     /// Open client connections (`--max-connections`).
     Connections,
+    /// Pipelined request bytes read ahead while a response is relayed
+    /// (`--max-pipelined-bytes`); the client is then held back, not refused.
+    Pipelined,
 }
 
 impl Limit {
     /// Every limit, for metrics that pre-create their labels.
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 7] = [
         Limit::Head,
         Limit::Body,
         Limit::Trailers,
         Limit::RequestTime,
         Limit::IdleTime,
         Limit::Connections,
+        Limit::Pipelined,
     ];
 
     /// Short name for logs and metrics.
@@ -68,6 +72,7 @@ impl Limit {
             Limit::RequestTime => "request_time",
             Limit::IdleTime => "idle_time",
             Limit::Connections => "connections",
+            Limit::Pipelined => "pipelined",
         }
     }
 }

@@ -49,9 +49,8 @@ use crate::http::response::{self, BodyFraming, BodyTracker, FramingError, Respon
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffer for response bytes that pass through the daemon.
 const COPY_BUFFER: usize = 64 * 1024;
-/// Most bytes of pipelined requests buffered while a response is relayed;
-/// past it the client is not read until the response ends.
-const PENDING_LIMIT: usize = 1 << 20;
+/// Default of [`Dataplane::with_pipelined_limit`] (`--max-pipelined-bytes`).
+pub const PIPELINED_LIMIT: usize = 1 << 20;
 /// Window peeked at to read chunk-size lines in splice mode.
 const PEEK_WINDOW: usize = 4 * 1024;
 
@@ -96,6 +95,9 @@ pub enum Requested {
 #[derive(Debug)]
 pub struct Dataplane {
     engine: Engine,
+    /// Most bytes of pipelined requests read ahead per client while a
+    /// response is relayed.
+    pipelined_limit: usize,
 }
 
 #[derive(Debug)]
@@ -214,6 +216,7 @@ impl Dataplane {
     pub fn userspace() -> Self {
         Self {
             engine: Engine::Userspace,
+            pipelined_limit: PIPELINED_LIMIT,
         }
     }
 
@@ -221,6 +224,7 @@ impl Dataplane {
     pub fn splice() -> Self {
         Self {
             engine: Engine::Splice,
+            pipelined_limit: PIPELINED_LIMIT,
         }
     }
 
@@ -228,6 +232,7 @@ impl Dataplane {
     pub fn sockmap() -> Result<Self, SockmapError> {
         Ok(Self {
             engine: Engine::Sockmap(Box::new(Sockmap::load()?)),
+            pipelined_limit: PIPELINED_LIMIT,
         })
     }
 
@@ -300,9 +305,22 @@ impl Dataplane {
         self.sockmap_engine().map(Sockmap::backend_entries)
     }
 
+    /// The same dataplane, reading at most `bytes` of pipelined requests
+    /// ahead per client while a response is relayed: past it the client is
+    /// not read until the response ends (TCP then pushes back on it).
+    #[must_use]
+    pub fn with_pipelined_limit(self, bytes: usize) -> Self {
+        Self {
+            pipelined_limit: bytes,
+            ..self
+        }
+    }
+
     /// Prepares a client connection for exchanges.
     pub fn client(&self, stream: TcpStream) -> Client {
         Client {
+            pipelined_limit: self.pipelined_limit,
+            held_back: false,
             slot: None,
             pipe: None,
             stream,
@@ -635,7 +653,9 @@ impl<W: Watch> Relay<W> {
         backend: &BackendConn,
     ) -> Result<(), RelayError> {
         loop {
-            let watch_client = !client.eof && client.pending.len() < PENDING_LIMIT;
+            let full = client.pending.len() >= client.pipelined_limit;
+            client.held_back |= full && !client.eof;
+            let watch_client = !client.eof && !full;
             tokio::select! {
                 ready = backend.stream.readable() => {
                     return ready.map_err(|source| self.backend_error(source));
@@ -986,9 +1006,19 @@ pub struct Client {
     eof: bool,
     /// Response buffer, kept between requests.
     buffer: Vec<u8>,
+    /// Most pipelined bytes read ahead (see [`Dataplane::with_pipelined_limit`]).
+    pipelined_limit: usize,
+    /// Reading ahead stopped at the limit since [`Client::take_held_back`].
+    held_back: bool,
 }
 
 impl Client {
+    /// Whether reading pipelined requests ahead stopped at the limit since
+    /// the last call.
+    pub fn take_held_back(&mut self) -> bool {
+        std::mem::take(&mut self.held_back)
+    }
+
     /// Bytes read from the client and not yet consumed: the start of the
     /// next request, or a pipelined one read while a response was relayed.
     pub fn pending(&self) -> &[u8] {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    dataplane_or_skip, each_mode, get, metric, parse_response, read_response, start_router_with,
-    start_sim,
+    dataplane_or_skip, each_mode, get, metric, parse_response, read_response, scripted_backend,
+    start_router_with, start_sim,
 };
 use router_daemon::{config::Config, dataplane::Mode};
 use tokio::{
@@ -207,7 +207,51 @@ async fn connections_past_the_limit_are_refused(mode: Mode) {
     assert!(refused_count >= 1.0, "{refused_count}");
 }
 
+/// Pipelined requests behind a large response the client does not read yet
+/// are read ahead only up to `--max-pipelined-bytes`; the rest waits in
+/// TCP, and every response still arrives whole and in order.
+async fn pipelined_read_ahead_is_bounded(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let body = vec![b'x'; 256 << 10];
+    let mut response =
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+    response.extend_from_slice(&body);
+    let backend = scripted_backend(response.clone(), 64 * 1024).await;
+    let (router, _stop) = start_router_with(vec![backend], dataplane, |config| {
+        config.max_pipelined_bytes = 1024;
+    })
+    .await;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: r\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // 24 requests, about 4 KiB: four times the read-ahead limit.
+    let requests = 24;
+    let mut stream = TcpStream::connect(router).await.expect("connect");
+    stream
+        .write_all(request.repeat(requests).as_bytes())
+        .await
+        .expect("send the pipelined requests");
+    let mut received = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let expected = response.len() * requests;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while received < expected {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed after {received} of {expected} bytes");
+            received += n;
+        }
+    })
+    .await
+    .expect("every response within 60 s");
+    assert_eq!(received, expected);
+    assert!(refusals(router, "pipelined").await >= 1.0);
+}
+
 each_mode!(
+    pipelined_read_ahead_is_bounded,
     trailer_flood_is_cut_off,
     chunk_extension_flood_is_cut_off,
     a_head_that_never_ends_times_out,
