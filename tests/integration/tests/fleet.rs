@@ -18,7 +18,7 @@ use router_daemon::dataplane::Mode;
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
     sync::Notify,
 };
 
@@ -27,11 +27,10 @@ const MODEL: &str = "meta-llama/Llama-3.2-1B-Instruct";
 /// How long a bounded wait in this file may take on a busy machine.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A backend at `addr` that answers every request with a short SSE stream
-/// served by `a`; the first request's stream stops after its first event
-/// until `gate` is notified.
-async fn gated_backend(addr: SocketAddr, gate: Arc<Notify>) -> tokio::task::JoinHandle<()> {
-    let listener = router_daemon::listener(addr).expect("bind the gated backend");
+/// A backend on `listener` that answers every request with a short SSE
+/// stream served by `a`; the first request's stream stops after its first
+/// event until `gate` is notified.
+fn gated_backend(listener: TcpListener, gate: Arc<Notify>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut first = true;
         loop {
@@ -79,26 +78,25 @@ fn chunk(data: &str) -> String {
     format!("{:x}\r\n{data}\r\n", data.len())
 }
 
-/// Binds `127.0.0.2:P` and `127.0.0.3:P` for one free port P.
-fn two_addresses_one_port() -> (SocketAddr, SocketAddr) {
+/// Listeners on `127.0.0.2:P` and `127.0.0.3:P` for one free port P,
+/// kept bound so that nothing else can take either in between.
+fn two_addresses_one_port() -> (TcpListener, TcpListener) {
     for _ in 0..20 {
-        let probe = std::net::TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
-        let port = probe.local_addr().expect("probe addr").port();
-        drop(probe);
-        let (a, b) = (
-            SocketAddr::from(([127, 0, 0, 2], port)),
-            SocketAddr::from(([127, 0, 0, 3], port)),
-        );
-        if std::net::TcpListener::bind(a).is_ok() && std::net::TcpListener::bind(b).is_ok() {
+        let a = router_daemon::listener(([127, 0, 0, 2], 0).into()).expect("bind 127.0.0.2");
+        let port = a.local_addr().expect("addr").port();
+        if let Ok(b) = router_daemon::listener(([127, 0, 0, 3], port).into()) {
             return (a, b);
         }
     }
     panic!("no port free on both 127.0.0.2 and 127.0.0.3");
 }
 
-/// Starts a `vllm-sim` named `sim-b` at `addr`.
-fn start_sim_at(addr: SocketAddr) -> Stopper {
-    let listener = router_daemon::listener(addr).expect("bind the sim");
+fn addr_of(listener: &TcpListener) -> SocketAddr {
+    listener.local_addr().expect("listener addr")
+}
+
+/// Starts a `vllm-sim` named `sim-b` on `listener`.
+fn start_sim_on(listener: TcpListener) -> Stopper {
     let (stop, shutdown) = stopper();
     tokio::spawn(async move {
         let config = vllm_sim::Config::for_tests("sim-b");
@@ -137,10 +135,11 @@ async fn a_moved_name_is_followed_and_its_stream_finishes(mode: Mode) {
     let Some(dataplane) = dataplane_or_skip(mode) else {
         return;
     };
-    let (a, b) = two_addresses_one_port();
+    let (a_listener, b_listener) = two_addresses_one_port();
+    let (a, b) = (addr_of(&a_listener), addr_of(&b_listener));
     let gate = Arc::new(Notify::new());
-    let _a = gated_backend(a, Arc::clone(&gate)).await;
-    let _b = start_sim_at(b);
+    let _a = gated_backend(a_listener, Arc::clone(&gate));
+    let _b = start_sim_on(b_listener);
     let dir = hosts_dir(mode.as_str());
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, "127.0.0.2 fleet.test\n").expect("write hosts");
@@ -233,8 +232,9 @@ fn hosts_dir(test: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaled_to_zero_is_503_with_retry_after_then_back() {
-    let (_, b) = two_addresses_one_port();
-    let _b = start_sim_at(b);
+    let (_, b_listener) = two_addresses_one_port();
+    let b = addr_of(&b_listener);
+    let _b = start_sim_on(b_listener);
     let dir = hosts_dir("zero");
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, "# no pods yet\n").expect("write hosts");
