@@ -63,7 +63,8 @@ pub struct Config {
     /// response is relayed; past it the client is not read until the
     /// response ends, so TCP pushes back on it
     /// (`router_limit_exceeded_total{limit="pipelined"}` counts each time).
-    #[arg(long, env = "ROUTER_MAX_PIPELINED_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "ROUTER_MAX_PIPELINED_BYTES",
+          default_value_t = crate::dataplane::PIPELINED_LIMIT)]
     pub max_pipelined_bytes: usize,
 
     /// How long to wait for a backend connection before trying another, in

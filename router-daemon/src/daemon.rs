@@ -110,7 +110,9 @@ pub async fn run(
     // Resolved once before serving, then followed while `run` serves: the
     // set's tasks (and the discovery pollers they own) stop when it drops.
     let mut discovery = DiscoveryTask::default();
-    follow(&shared, &mut source, &mut discovery).await;
+    if follow(&shared, &mut source, &mut discovery).await {
+        tracing::warn!("no backend address is known yet; requests are answered 503");
+    }
     let mut upkeep = tokio::task::JoinSet::new();
     upkeep.spawn(follow_endpoints(
         Arc::downgrade(&shared),
@@ -181,14 +183,18 @@ async fn follow_endpoints(
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        follow(&shared, &mut source, &mut discovery).await;
+        let had_backends = !shared.backends.snapshot().all().is_empty();
+        if follow(&shared, &mut source, &mut discovery).await && had_backends {
+            tracing::warn!("every backend address is gone; requests are answered 503");
+        }
     }
 }
 
 /// Resolves `source` once and makes the result the fleet: new backends are
 /// polled by `discovery`; departed ones lose their prefix index entries
-/// (their connections close as the pool meets them).
-async fn follow(shared: &Shared, source: &mut StaticSource, discovery: &mut DiscoveryTask) {
+/// (their connections close as the pool meets them). Returns whether the
+/// fleet is empty.
+async fn follow(shared: &Shared, source: &mut StaticSource, discovery: &mut DiscoveryTask) -> bool {
     let (endpoints, failures) = source.resolve().await;
     for failure in failures {
         tracing::warn!(error = %failure, "resolving a backend failed; its last addresses stand");
@@ -206,9 +212,7 @@ async fn follow(shared: &Shared, source: &mut StaticSource, discovery: &mut Disc
             "backend removed; its requests in flight finish there"
         );
     }
-    if endpoints.is_empty() {
-        tracing::warn!("no backend address is known; requests are answered 503");
-    }
+    endpoints.is_empty()
 }
 
 /// Closes pooled backend connections idle past their timeout, and those of

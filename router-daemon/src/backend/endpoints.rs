@@ -26,6 +26,10 @@ use std::{
 
 use super::BackendError;
 
+/// Longest wait for one name's DNS answer; past it the name keeps its last
+/// addresses until the next resolution.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One backend address and how to name it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
@@ -138,8 +142,15 @@ impl Url {
         }
         let mut ips = lookup_hosts(hosts, &self.host);
         if ips.is_empty() {
-            ips = tokio::net::lookup_host((self.host.as_str(), self.port))
-                .await
+            let lookup = tokio::net::lookup_host((self.host.as_str(), self.port));
+            let found = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+                Ok(found) => found,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "DNS lookup timed out",
+                )),
+            };
+            ips = found
                 .map_err(|source| BackendError::Resolve {
                     url: self.given.clone(),
                     source,
