@@ -83,18 +83,21 @@ async fn client_abort_stops_the_generation(mode: Mode) {
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
     drop(stream);
 
-    // Bounded wait for the sim to count the abort; generation alone would
-    // run for 18 s.
+    // Bounded wait for the sim to count the abort and free the slot;
+    // generation alone would run for 18 s. One scrape may read the running
+    // gauge before the abort and the counter after it, so both are awaited.
     let aborted = "vllm:request_success_total{finished_reason=\"abort\"}";
-    for _ in 0..50 {
-        let metrics = get(sim, "/metrics").await.text();
-        if metric(&metrics, aborted) == Some(1.0) {
-            assert_eq!(metric(&metrics, "vllm:num_requests_running"), Some(0.0));
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = get(sim, "/metrics").await.text();
+        if metric(&metrics, aborted) == Some(1.0)
+            && metric(&metrics, "vllm:num_requests_running") == Some(0.0)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the sim did not abort the generation after the client left");
+    panic!("the sim did not abort the generation after the client left:\n{metrics}");
 }
 
 /// A backend that sends part of a response, then resets the connection.
