@@ -36,6 +36,11 @@ impl Admission {
         })
     }
 
+    /// Connections admitted and not yet ended.
+    pub(crate) fn open(&self) -> usize {
+        usize::try_from(self.open.get()).unwrap_or(0)
+    }
+
     /// The limit.
     pub(crate) fn max(&self) -> usize {
         self.max
@@ -59,7 +64,7 @@ mod tests {
         let first = admission.admit().expect("first");
         let second = admission.admit().expect("second");
         assert!(admission.admit().is_none(), "a third is over the limit");
-        assert_eq!(open.get(), 2);
+        assert_eq!(admission.open(), 2);
         drop(first);
         let third = admission.admit().expect("a place was freed");
         drop((second, third));

@@ -92,6 +92,21 @@ pub struct Config {
     #[arg(long, env = "ROUTER_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
     pub idle_timeout_ms: u64,
 
+    /// After SIGTERM (or SIGINT), how long the daemon keeps accepting
+    /// connections, in milliseconds, while `/ready` answers 503 and every
+    /// response says `connection: close`: time for Kubernetes to take the
+    /// pod out of its Service's endpoints. Then the listener closes.
+    #[arg(long, env = "ROUTER_DRAIN_DELAY_MS", default_value_t = 5_000)]
+    pub drain_delay_ms: u64,
+
+    /// After SIGTERM (or SIGINT), how long in-flight requests and streams
+    /// have to finish, in milliseconds, counted from the signal (the drain
+    /// delay included); then the daemon exits. Set the pod's
+    /// `terminationGracePeriodSeconds` above it. A second signal exits at
+    /// once.
+    #[arg(long, env = "ROUTER_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+
     /// Serve `/metrics`, `/health` and `/ready` on this address instead
     /// (e.g. the pod IP), so the client-facing port serves only the OpenAI
     /// API. Unset: the client-facing port serves both.
@@ -316,6 +331,14 @@ impl Config {
     /// The backend connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The drain's timing after a shutdown signal.
+    pub(crate) fn drain(&self) -> crate::drain::DrainTiming {
+        crate::drain::DrainTiming {
+            delay: Duration::from_millis(self.drain_delay_ms),
+            timeout: Duration::from_millis(self.drain_timeout_ms),
+        }
     }
 
     /// The discovery poller's settings; its connects are bounded by both

@@ -155,7 +155,11 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Adm
             }
             Err(Failure::Gone) => Next::Close,
         };
-        if matches!(next, Next::Close) {
+        // Draining: a response that began before the signal could not say
+        // `connection: close`; the connection closes after it all the same,
+        // unless a pipelined request is waiting (its response will say it).
+        let drained = shared.drain.is_draining() && client.pending().is_empty();
+        if matches!(next, Next::Close) || drained {
             break;
         }
     }
@@ -176,7 +180,8 @@ impl From<ApiError> for Failure {
 }
 
 /// Reads the next whole request; `None` when the client closed, or stayed
-/// idle past the idle timeout, between requests.
+/// idle past the idle timeout or until the drain closed the listeners,
+/// between requests.
 async fn read_request(
     client: &mut Client,
     buffers: &mut Buffers,
@@ -184,12 +189,15 @@ async fn read_request(
 ) -> Result<Option<Request>, Failure> {
     let config = &shared.config;
     if client.pending().is_empty() && !client.at_eof() {
-        match tokio::time::timeout(config.idle_timeout(), fill(client)).await {
-            Ok(filled) => filled?,
-            Err(_) => {
-                shared.metrics.limit_exceeded(Limit::IdleTime);
-                return Ok(None);
-            }
+        tokio::select! {
+            filled = tokio::time::timeout(config.idle_timeout(), fill(client)) => match filled {
+                Ok(filled) => filled?,
+                Err(_) => {
+                    shared.metrics.limit_exceeded(Limit::IdleTime);
+                    return Ok(None);
+                }
+            },
+            () = shared.drain.closed() => return Ok(None),
         }
     }
     read_started_request(client, buffers, shared).await
@@ -355,8 +363,8 @@ async fn handle(
 const ADMIN_PATHS: [&str; 3] = ["/health", "/ready", "/metrics"];
 
 /// Answers one of [`ADMIN_PATHS`]: `/health` while the daemon runs,
-/// `/ready` while some backend is up (503 otherwise), `/metrics` in the
-/// OpenMetrics text format.
+/// `/ready` while some backend is up and the daemon is not draining (503
+/// otherwise), `/metrics` in the OpenMetrics text format.
 async fn admin(client: &mut Client, head: &Head, shared: &Shared) -> Result<Next, Failure> {
     if head.method() != "GET" {
         return Err(ApiError::method_not_allowed(format!(
@@ -366,30 +374,27 @@ async fn admin(client: &mut Client, head: &Head, shared: &Shared) -> Result<Next
         ))
         .into());
     }
+    let close = head.close || shared.drain.is_draining();
     let response = match head.path() {
-        "/health" => http::ok_response("text/plain", b"ok\n", head.close),
+        "/health" => http::ok_response("text/plain", b"ok\n", close),
+        "/ready" if shared.drain.is_draining() => {
+            return Err(ApiError::unavailable(
+                "the router is draining after a shutdown signal; it takes no new requests soon",
+            )
+            .into());
+        }
         "/ready" if shared.backends.snapshot().any_up() => {
-            http::ok_response("text/plain", b"ready\n", head.close)
+            http::ok_response("text/plain", b"ready\n", close)
         }
         "/ready" => return Err(ApiError::unavailable("no backend is up").into()),
         _ => {
             let text = shared.metrics.encode();
             let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-            http::ok_response(content_type, text.as_bytes(), head.close)
+            http::ok_response(content_type, text.as_bytes(), close)
         }
     };
-    local(client, head, response).await
-}
-
-/// Writes a response produced by the daemon; the connection stays open
-/// unless the client asked to close it.
-async fn local(client: &mut Client, head: &Head, response: Vec<u8>) -> Result<Next, Failure> {
     client.write(&response).await.map_err(|_| Failure::Gone)?;
-    Ok(if head.close {
-        Next::Close
-    } else {
-        Next::KeepAlive
-    })
+    Ok(if close { Next::Close } else { Next::KeepAlive })
 }
 
 /// Routes a request to a backend and relays its response: extract the
@@ -451,7 +456,8 @@ async fn proxy(
     let forward = Forward {
         request: &request,
         head_request: head.method() == "HEAD",
-        client_close: head.close,
+        // Draining: tell the client to take its next request elsewhere.
+        client_close: head.close || shared.drain.is_draining(),
     };
     // The first attempt carries the count `route` started; a resend on a
     // fresh connection starts its own.

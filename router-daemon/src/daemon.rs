@@ -15,6 +15,7 @@ use crate::{
     backend::{self, BackendId, DiscoveryTask, Fleet, StaticSource},
     config::Config,
     dataplane::{Dataplane, listen},
+    drain::{self, Drain},
     fd_limit,
     metrics::Metrics,
     route::Router,
@@ -58,13 +59,14 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// Open client connections, against `--max-connections`.
     pub(crate) admission: Admission,
+    /// Where the daemon is in its drain after a shutdown signal.
+    pub(crate) drain: Drain,
 }
 
-/// Serves clients on `listener` until `shutdown` completes, with
-/// [`Config::workers`] event loops: this task's runtime is the first, and
-/// the others run on threads of their own (see `worker`).
-///
-/// Connections already open when `shutdown` fires are left to finish.
+/// Serves clients on `listener` until `shutdown` completes, then drains
+/// (see `drain`): returns once the connections have ended, or at the drain
+/// timeout. Runs [`Config::workers`] event loops: this task's runtime is the
+/// first, and the others run on threads of their own (see `worker`).
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -106,6 +108,7 @@ pub async fn run(
         config,
         next_id: AtomicU64::new(1),
         admission,
+        drain: Drain::default(),
     });
     // Resolved once before serving, then followed while `run` serves: the
     // set's tasks (and the discovery pollers they own) stop when it drops.
@@ -128,7 +131,8 @@ pub async fn run(
             discovery_interval,
         ));
     }
-    // The other workers stop when `_stop` is dropped, as `run` returns.
+    // The other workers stop accepting when the drain closes the listeners,
+    // and stop altogether when `_stop` is dropped, as `run` returns.
     let (_stop, stopped) = tokio::sync::watch::channel(());
     let mut started = 1;
     match listen::share_port(&listener, workers - 1) {
@@ -160,10 +164,27 @@ pub async fn run(
         ));
     }
     let mut open = tokio::task::JoinSet::new();
-    let served = worker::serve(&listener, &shared, shutdown, &mut open).await;
-    // This worker's connections are left to finish on the caller's runtime.
-    open.detach_all();
-    served
+    let draining = shared.drain.on(shutdown, shared.config.drain());
+    let serving = worker::serve(&listener, &shared, std::future::pending(), &mut open);
+    let deadline = tokio::select! {
+        // Serving ends by itself only when accepting failed.
+        served = serving => return served,
+        // The listeners are to close: this worker's stops accepting as
+        // `serving` is dropped, and closes here.
+        deadline = draining => deadline,
+    };
+    drop(listener);
+    let left = drain::settle(|| shared.admission.open(), deadline).await;
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain timeout (--drain-timeout-ms): closing the connections still open"
+        );
+    } else {
+        tracing::info!("drained: every connection has ended");
+    }
+    open.abort_all();
+    Ok(())
 }
 
 /// Resolves the endpoints again every `interval` (never when zero) and

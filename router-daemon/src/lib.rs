@@ -17,6 +17,7 @@
 //!   response bytes in the kernel (sockmap), through a pipe (splice) or
 //!   through the daemon (userspace).
 //! - `worker`: one event loop per CPU, each with its own listening socket.
+//! - `drain`: the graceful drain after a shutdown signal.
 //! - `admission`: how many client connections are open, against
 //!   `--max-connections`.
 //! - [`fd_limit`]: the open-file limit, raised at start.
@@ -36,6 +37,7 @@ pub mod config;
 mod conn;
 mod daemon;
 pub mod dataplane;
+mod drain;
 pub mod error;
 pub mod fd_limit;
 pub mod http;

@@ -1,5 +1,6 @@
 //! `router-daemon`: parses flags, sets up logging, picks the dataplane and
-//! serves until SIGINT or SIGTERM.
+//! serves until SIGINT or SIGTERM, then drains (see the README's
+//! "Stopping" section) and exits 0.
 use anyhow::Context as _;
 use clap::Parser as _;
 use router_daemon::{Config, Dataplane};
@@ -41,12 +42,36 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("capabilities dropped: the daemon holds none from here on");
     tracing::info!(listen = %bound, backends = ?config.backends, "router-daemon ready");
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let (signalled, shutdown) = tokio::sync::oneshot::channel::<()>();
+    // The first signal starts the drain; a second one ends the daemon at once.
+    tokio::spawn(async move {
+        let mut signalled = Some(signalled);
+        loop {
+            let name = tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            };
+            match signalled.take() {
+                Some(signalled) => {
+                    tracing::info!(
+                        signal = name,
+                        "shutting down; a second signal exits at once"
+                    );
+                    let _ = signalled.send(());
+                }
+                None => {
+                    tracing::warn!(
+                        signal = name,
+                        "second signal: exiting without waiting for open connections"
+                    );
+                    std::process::exit(1);
+                }
+            }
         }
-        tracing::info!("shutting down");
+    });
+    let shutdown = async move {
+        let _ = shutdown.await;
     };
     router_daemon::run(listener, config, dataplane, shutdown).await?;
     Ok(())

@@ -44,7 +44,8 @@ pub(crate) fn enter(index: usize) {
 }
 
 /// Starts worker `index` on a thread of its own, serving `listener` until
-/// `stop` changes or its sender is dropped, then until its connections end.
+/// the drain closes the listeners or `stop`'s sender is dropped, then until
+/// its connections end.
 pub(crate) fn spawn(
     index: usize,
     listener: std::net::TcpListener,
@@ -66,8 +67,12 @@ pub(crate) fn spawn(
                         return;
                     }
                 };
+                let drain = Arc::clone(&shared);
                 let stopped = async move {
-                    let _ = stop.changed().await;
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        () = drain.drain.closed() => {}
+                    }
                 };
                 let mut open = JoinSet::new();
                 if let Err(err) = serve(&listener, &shared, stopped, &mut open).await {

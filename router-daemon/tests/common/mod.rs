@@ -71,6 +71,8 @@ pub struct Daemon {
     pub listen: String,
     /// Its log lines up to the one saying where it listens.
     pub log: Vec<String>,
+    /// Its later log lines, as it writes them.
+    lines: mpsc::Receiver<String>,
 }
 
 impl Daemon {
@@ -103,7 +105,43 @@ impl Daemon {
                 break rest.split_whitespace().next().expect("address").to_owned();
             }
         };
-        Self { child, listen, log }
+        Self {
+            child,
+            listen,
+            log,
+            lines: lines_rx,
+        }
+    }
+
+    /// Waits up to `wait` for a log line containing `needle`, keeping the
+    /// lines read on the way in [`Self::log`].
+    pub fn wait_for_log(&mut self, needle: &str, wait: Duration) -> String {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "no log line with {needle:?} within {wait:?}; log: {:#?}",
+                    self.log
+                )
+            });
+            self.log.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill");
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
     }
 
     /// The process id.
