@@ -1,7 +1,12 @@
 //! Command-line and environment configuration.
 use std::{net::SocketAddr, time::Duration};
 
-use crate::{backend::Discovery, dataplane::Requested, http::Limits, route::Policy};
+use crate::{
+    backend::Discovery,
+    dataplane::{Requested, ResponseTimeouts},
+    http::Limits,
+    route::Policy,
+};
 
 /// Everything the daemon can be told; each flag has an environment twin.
 #[derive(Clone, Debug, clap::Parser)]
@@ -71,6 +76,26 @@ pub struct Config {
     /// milliseconds.
     #[arg(long, env = "ROUTER_CONNECT_TIMEOUT_MS", default_value_t = 2_000)]
     pub connect_timeout_ms: u64,
+
+    /// How long a backend may take to send its response's first byte, in
+    /// milliseconds, from the request sent; past it the client gets a 504
+    /// and the backend connection closes (vLLM then aborts the request).
+    /// Generous: queueing and prefill come first, and a request that does
+    /// not stream gets its first byte only when the whole answer is done.
+    /// 0 waits forever.
+    #[arg(long, env = "ROUTER_FIRST_BYTE_TIMEOUT_MS", default_value_t = 300_000)]
+    pub first_byte_timeout_ms: u64,
+
+    /// The longest silence between a response's bytes once it began (a
+    /// stream's gap between tokens), in milliseconds; past it the client
+    /// connection closes (or gets a 504 if nothing reached it yet) and so
+    /// does the backend's. 0 waits forever.
+    #[arg(
+        long,
+        env = "ROUTER_RESPONSE_IDLE_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub response_idle_timeout_ms: u64,
 
     /// Most idle kept-alive connections held per backend for reuse.
     #[arg(long, env = "ROUTER_POOL_MAX_IDLE", default_value_t = 1024)]
@@ -333,6 +358,15 @@ impl Config {
         Duration::from_millis(self.connect_timeout_ms)
     }
 
+    /// How long a backend may keep a response waiting.
+    pub fn response_timeouts(&self) -> ResponseTimeouts {
+        let bound = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        ResponseTimeouts {
+            first_byte: bound(self.first_byte_timeout_ms),
+            idle: bound(self.response_idle_timeout_ms),
+        }
+    }
+
     /// The drain's timing after a shutdown signal.
     pub(crate) fn drain(&self) -> crate::drain::DrainTiming {
         crate::drain::DrainTiming {
@@ -369,6 +403,30 @@ mod tests {
             vec!["http://a:1".into()],
         );
         assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+    }
+
+    #[test]
+    fn response_timeouts_default_to_the_dataplane_s_and_zero_turns_them_off() {
+        let built = Config::with_backends(
+            "0.0.0.0:30080".parse().expect("addr"),
+            vec!["http://a:1".into()],
+        );
+        assert_eq!(built.response_timeouts(), ResponseTimeouts::DEFAULT);
+        let off = Config::try_parse_from([
+            "router-daemon",
+            "--backend",
+            "x:1",
+            "--first-byte-timeout-ms",
+            "0",
+            "--response-idle-timeout-ms",
+            "0",
+        ])
+        .expect("valid flags");
+        let none = ResponseTimeouts {
+            first_byte: None,
+            idle: None,
+        };
+        assert_eq!(off.response_timeouts(), none);
     }
 
     #[test]

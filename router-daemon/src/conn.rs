@@ -23,7 +23,7 @@ use crate::{
     backend::{Backend, Backends, InFlight},
     daemon::Shared,
     dataplane::{Client, Exchanged, Forward, RelayError, Watch},
-    error::{ApiError, Fault, Limit},
+    error::{ApiError, Fault, Limit, Timeout},
     http::{self, ChunkedDecoder, Framing, Head},
     metrics::{BackendCounters, StatusLabel},
     prompt::{self, Endpoint},
@@ -631,7 +631,9 @@ fn count_relayed(result: &Result<Exchanged, SendError>, shared: &Shared) {
     let relayed = match result {
         Ok(exchanged) => exchanged.relayed,
         Err(SendError::Relay(
-            RelayError::Backend { relayed, .. } | RelayError::BadResponse { relayed, .. },
+            RelayError::Backend { relayed, .. }
+            | RelayError::BadResponse { relayed, .. }
+            | RelayError::TimedOut { relayed, .. },
         )) => *relayed,
         Err(_) => return,
     };
@@ -684,6 +686,29 @@ fn send_failure(
                 Failure::Gone
             } else {
                 ApiError::bad_gateway(format!("backend {} failed: {source}", backend.url)).into()
+            }
+        }
+        RelayError::TimedOut {
+            timeout,
+            after,
+            relayed,
+        } => {
+            shared.metrics.timeout_counter(timeout).inc();
+            let waited = match timeout {
+                Timeout::ResponseIdle => "stopped sending its response for",
+                _ => "sent no response within",
+            };
+            let message = format!(
+                "backend {} {waited} {} ms ({})",
+                backend.url,
+                after.as_millis(),
+                timeout.flag()
+            );
+            if relayed.any() {
+                warn!(request_id = %request_id, "{message}; closing the client");
+                Failure::Gone
+            } else {
+                ApiError::gateway_timeout(message).into()
             }
         }
         RelayError::Client(err) => {

@@ -16,6 +16,7 @@ use crate::{
     config::Config,
     dataplane::{Dataplane, listen},
     drain::{self, Drain},
+    error::Timeout,
     fd_limit,
     metrics::Metrics,
     route::Router,
@@ -75,7 +76,11 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let mut source = StaticSource::new(&config.backends, config.hosts_file.clone())?;
     let workers = config.workers();
-    let dataplane = Arc::new(dataplane.with_pipelined_limit(config.max_pipelined_bytes));
+    let dataplane = Arc::new(
+        dataplane
+            .with_pipelined_limit(config.max_pipelined_bytes)
+            .with_response_timeouts(config.response_timeouts()),
+    );
     let mut metrics = Metrics::new(Arc::clone(&dataplane));
     let backends = Arc::new(Fleet::new(metrics.backend_series.clone()));
     metrics.register_backends(Arc::clone(&backends));
@@ -101,6 +106,7 @@ pub async fn run(
             Pool::new(workers, config.pool_max_idle, config.pool_idle_timeout()),
             Arc::clone(&dataplane),
             config.connect_timeout(),
+            metrics.timeout_counter(Timeout::Connect).clone(),
         ),
         metrics,
         backends,
@@ -108,7 +114,7 @@ pub async fn run(
         config,
         next_id: AtomicU64::new(1),
         admission,
-        drain: Drain::default(),
+        drain: Drain::new(workers),
     });
     // Resolved once before serving, then followed while `run` serves: the
     // set's tasks (and the discovery pollers they own) stop when it drops.

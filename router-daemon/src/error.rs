@@ -77,6 +77,44 @@ impl Limit {
     }
 }
 
+/// A bound on how long the router waits for a backend; each is a flag, and
+/// each time one passes is counted (`router_backend_timeouts_total{timeout}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Timeout {
+    /// Opening a connection (`--connect-timeout-ms`); the next backend is
+    /// tried.
+    Connect,
+    /// From the request sent to the response's first byte
+    /// (`--first-byte-timeout-ms`).
+    FirstByte,
+    /// A silence between response bytes once the response began
+    /// (`--response-idle-timeout-ms`).
+    ResponseIdle,
+}
+
+impl Timeout {
+    /// Every timeout, for metrics that pre-create their labels.
+    pub const ALL: [Timeout; 3] = [Timeout::Connect, Timeout::FirstByte, Timeout::ResponseIdle];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Timeout::Connect => "connect",
+            Timeout::FirstByte => "first_byte",
+            Timeout::ResponseIdle => "response_idle",
+        }
+    }
+
+    /// The flag that sets it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Timeout::Connect => "--connect-timeout-ms",
+            Timeout::FirstByte => "--first-byte-timeout-ms",
+            Timeout::ResponseIdle => "--response-idle-timeout-ms",
+        }
+    }
+}
+
 /// Seconds a 503's `Retry-After` asks the client to wait.
 pub const RETRY_AFTER_SECS: u32 = 1;
 
@@ -136,6 +174,11 @@ impl ApiError {
     /// 503: no backend can take the request.
     pub fn unavailable(message: impl fmt::Display) -> Self {
         Self::new(503, message)
+    }
+
+    /// 504: the backend did not answer in time.
+    pub fn gateway_timeout(message: impl fmt::Display) -> Self {
+        Self::new(504, message)
     }
 
     fn new(status: u16, message: impl fmt::Display) -> Self {
@@ -223,6 +266,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Unknown",
     }
 }

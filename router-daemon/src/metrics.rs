@@ -23,7 +23,7 @@ use prometheus_client::{
 use crate::{
     backend::{Backend, Fleet},
     dataplane::Dataplane,
-    error::Limit,
+    error::{Limit, Timeout},
     route::{Reason, Router},
 };
 
@@ -55,6 +55,13 @@ pub struct ReasonLabel {
 pub struct LimitLabel {
     /// [`crate::error::Limit::as_str`].
     pub limit: &'static str,
+}
+
+/// Label set naming a backend timeout.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabel {
+    /// [`crate::error::Timeout::as_str`].
+    pub timeout: &'static str,
 }
 
 /// Label set naming an error status.
@@ -91,6 +98,8 @@ pub struct Metrics {
     decision_counters: [Counter; Reason::ALL.len()],
     /// `router_limit_exceeded_total`'s counters, in [`Limit::ALL`] order.
     limit_counters: [Counter; Limit::ALL.len()],
+    /// `router_backend_timeouts_total`'s counters, in [`Timeout::ALL`] order.
+    timeout_counters: [Counter; Timeout::ALL.len()],
     /// Client connections open now (`router_client_connections`).
     pub client_connections: Gauge,
     /// Requests answered with an error by the router, per status.
@@ -282,6 +291,20 @@ impl Metrics {
                 })
                 .clone()
         });
+        let timeouts = Family::<TimeoutLabel, Counter>::default();
+        registry.register(
+            "router_backend_timeouts",
+            "Waits for a backend cut short by a timeout, by timeout: connect (the next backend \
+             is tried), first_byte (504) and response_idle (504, or the client connection closes)",
+            timeouts.clone(),
+        );
+        let timeout_counters = Timeout::ALL.map(|timeout| {
+            timeouts
+                .get_or_create(&TimeoutLabel {
+                    timeout: timeout.as_str(),
+                })
+                .clone()
+        });
         let decision_counters = Reason::ALL.map(|reason| {
             decisions
                 .get_or_create(&ReasonLabel {
@@ -295,6 +318,7 @@ impl Metrics {
             decisions,
             decision_counters,
             limit_counters,
+            timeout_counters,
             client_connections,
             errors,
             copied_bytes,
@@ -311,6 +335,15 @@ impl Metrics {
         if let Some(at) = Limit::ALL.iter().position(|&l| l == limit) {
             self.limit_counters[at].inc();
         }
+    }
+
+    /// The counter of `timeout` passing.
+    pub fn timeout_counter(&self, timeout: Timeout) -> &Counter {
+        let at = Timeout::ALL
+            .iter()
+            .position(|&t| t == timeout)
+            .expect("invariant: Timeout::ALL lists every timeout");
+        &self.timeout_counters[at]
     }
 
     /// Counts a routing decision made for `reason`.

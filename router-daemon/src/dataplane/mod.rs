@@ -28,6 +28,7 @@ mod tcp;
 use std::{
     io,
     net::SocketAddr,
+    pin::Pin,
     time::{Duration, Instant},
 };
 
@@ -35,6 +36,7 @@ use router_common::{Control, Framing, Stat};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::TcpStream,
+    time::Sleep,
 };
 
 pub use self::sockmap::SockmapError;
@@ -42,7 +44,10 @@ use self::{
     pipe::Pipe,
     sockmap::{BackendSlot, ClientSlot, Sockmap},
 };
-use crate::http::response::{self, BodyFraming, BodyTracker, FramingError, ResponseHead};
+use crate::{
+    error::Timeout,
+    http::response::{self, BodyFraming, BodyTracker, FramingError, ResponseHead},
+};
 
 /// How long to wait for the kernel to hand redirected bytes to a client socket
 /// before giving up on the connection.
@@ -53,6 +58,28 @@ const COPY_BUFFER: usize = 64 * 1024;
 pub const PIPELINED_LIMIT: usize = 1 << 20;
 /// Window peeked at to read chunk-size lines in splice mode.
 const PEEK_WINDOW: usize = 4 * 1024;
+/// A deadline that never comes, for a timeout turned off.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// How long a backend may keep a response waiting; `None` waits forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResponseTimeouts {
+    /// From the request's first byte sent to the response's first byte
+    /// (`--first-byte-timeout-ms`). Queueing and prefill come before it,
+    /// and for a request that does not stream, the whole generation.
+    pub first_byte: Option<Duration>,
+    /// The longest silence between response bytes once the response began
+    /// (`--response-idle-timeout-ms`): a stream's gap between tokens.
+    pub idle: Option<Duration>,
+}
+
+impl ResponseTimeouts {
+    /// Defaults of the flags: 5 minutes to the first byte, 1 minute idle.
+    pub const DEFAULT: Self = Self {
+        first_byte: Some(Duration::from_secs(300)),
+        idle: Some(Duration::from_secs(60)),
+    };
+}
 
 /// A dataplane mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +125,8 @@ pub struct Dataplane {
     /// Most bytes of pipelined requests read ahead per client while a
     /// response is relayed.
     pipelined_limit: usize,
+    /// How long a backend may keep a response waiting.
+    timeouts: ResponseTimeouts,
 }
 
 #[derive(Debug)]
@@ -182,6 +211,16 @@ pub enum RelayError {
         /// The backend's error.
         source: io::Error,
     },
+    /// The backend kept the response waiting past `timeout`.
+    #[error("the backend sent nothing for {} ms ({})", after.as_millis(), timeout.flag())]
+    TimedOut {
+        /// Which wait passed its bound.
+        timeout: Timeout,
+        /// The bound.
+        after: Duration,
+        /// What reached the client before.
+        relayed: Relayed,
+    },
     /// The client connection failed or was reset.
     #[error("client went away: {0}")]
     Client(io::Error),
@@ -217,6 +256,7 @@ impl Dataplane {
         Self {
             engine: Engine::Userspace,
             pipelined_limit: PIPELINED_LIMIT,
+            timeouts: ResponseTimeouts::DEFAULT,
         }
     }
 
@@ -225,6 +265,7 @@ impl Dataplane {
         Self {
             engine: Engine::Splice,
             pipelined_limit: PIPELINED_LIMIT,
+            timeouts: ResponseTimeouts::DEFAULT,
         }
     }
 
@@ -233,6 +274,7 @@ impl Dataplane {
         Ok(Self {
             engine: Engine::Sockmap(Box::new(Sockmap::load()?)),
             pipelined_limit: PIPELINED_LIMIT,
+            timeouts: ResponseTimeouts::DEFAULT,
         })
     }
 
@@ -316,6 +358,15 @@ impl Dataplane {
         }
     }
 
+    /// The same dataplane, cutting responses short by `timeouts`: with a
+    /// 504 when nothing reached the client yet, else by closing its
+    /// connection. Either way the backend connection closes, which makes
+    /// vLLM abort the request.
+    #[must_use]
+    pub fn with_response_timeouts(self, timeouts: ResponseTimeouts) -> Self {
+        Self { timeouts, ..self }
+    }
+
     /// Prepares a client connection for exchanges.
     pub fn client(&self, stream: TcpStream) -> Client {
         Client {
@@ -393,21 +444,32 @@ impl Dataplane {
         buf: &mut Vec<u8>,
         watch: W,
     ) -> Result<Exchanged, RelayError> {
-        backend
-            .stream
-            .write_all(forward.request)
-            .await
-            .map_err(RelayError::BackendWrite)?;
-        let started = Instant::now();
+        let writing = Instant::now();
+        let first_byte_due = writing + self.timeouts.first_byte.unwrap_or(NEVER);
+        // One timer per exchange, moved only when it fires (see
+        // `Relay::on_timer`), not per read: it first fires at the nearer
+        // bound, so no move is needed when the response begins.
+        let idle = self.timeouts.idle.unwrap_or(NEVER);
+        let timer = tokio::time::sleep_until(first_byte_due.min(writing + idle).into());
+        tokio::pin!(timer);
         let mut relay = Relay {
             relayed: Relayed::default(),
             reusable: true,
             watch,
             ended: false,
-            sent: started,
+            sent: writing,
             last_body: None,
             gaps: true,
+            timer,
+            timeouts: self.timeouts,
+            first_byte_due,
+            responding: false,
+            waiting_since: writing,
+            kernel_mark: backend.redirected_seen,
         };
+        relay.send(backend, forward.request).await?;
+        let started = Instant::now();
+        relay.sent = started;
         if client.eof {
             relay.half_close(backend);
         }
@@ -441,7 +503,7 @@ impl Dataplane {
     /// back to copying for a socket the kernel map refused).
     async fn move_body<W: Watch>(
         &self,
-        relay: &mut Relay<W>,
+        relay: &mut Relay<'_, W>,
         client: &mut Client,
         backend: &mut BackendConn,
         tracker: BodyTracker,
@@ -490,7 +552,7 @@ pub trait Watch: Send {
 }
 
 /// The state of one response on its way.
-struct Relay<W: Watch> {
+struct Relay<'t, W: Watch> {
     relayed: Relayed,
     /// The backend connection can carry another request afterwards.
     reusable: bool,
@@ -504,9 +566,88 @@ struct Relay<W: Watch> {
     /// Gaps between reads are the stream's own (false while the kernel
     /// redirects the body, whose reads the daemon does not see).
     gaps: bool,
+    /// Fires at the first-byte deadline, then at the idle one; waits for
+    /// the backend select on it.
+    timer: Pin<&'t mut Sleep>,
+    timeouts: ResponseTimeouts,
+    /// When the first response byte is due.
+    first_byte_due: Instant,
+    /// Some response byte has arrived: the idle timeout applies.
+    responding: bool,
+    /// When the current wait for the backend began.
+    waiting_since: Instant,
+    /// The kernel program's redirected count when last looked at for the
+    /// idle timeout (sockmap: redirected bytes are activity too).
+    kernel_mark: u64,
 }
 
-impl<W: Watch> Relay<W> {
+impl<W: Watch> Relay<'_, W> {
+    /// Writes the request to the backend, within the first-byte timeout.
+    async fn send(&mut self, backend: &mut BackendConn, request: &[u8]) -> Result<(), RelayError> {
+        let write = backend.stream.write_all(request);
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                biased;
+                written = &mut write => return written.map_err(RelayError::BackendWrite),
+                () = self.timer.as_mut() => self.on_timer(None)?,
+            }
+        }
+    }
+
+    /// The timer fired while the daemon waited for the backend: a timeout
+    /// if the wait really passed its bound, else the timer moves to the
+    /// bound (it is left behind as bytes arrive, to keep reads free of
+    /// timer updates).
+    /// `slot` is the backend's registration with the kernel program, whose
+    /// progress counts as the response's (sockmap).
+    fn on_timer(&mut self, slot: Option<&BackendSlot>) -> Result<(), RelayError> {
+        let now = Instant::now();
+        let idle = self.timeouts.idle.unwrap_or(NEVER);
+        let due = if self.responding {
+            if !self.gaps
+                && let Some(slot) = slot
+                && let Ok(progress) = slot.progress()
+                && progress.redirected != self.kernel_mark
+            {
+                // The kernel moved body bytes the daemon did not see.
+                self.kernel_mark = progress.redirected;
+                self.waiting_since = now;
+            }
+            self.waiting_since + idle
+        } else {
+            self.first_byte_due
+        };
+        if now < due {
+            // Before the first byte, the timer still wakes every idle
+            // bound, so it never sits past a response's idle deadline.
+            let next = if self.responding {
+                due
+            } else {
+                due.min(now + idle)
+            };
+            self.timer.as_mut().reset(next.into());
+            return Ok(());
+        }
+        Err(self.timed_out(if self.responding {
+            Timeout::ResponseIdle
+        } else {
+            Timeout::FirstByte
+        }))
+    }
+
+    fn timed_out(&self, timeout: Timeout) -> RelayError {
+        let after = match timeout {
+            Timeout::ResponseIdle => self.timeouts.idle,
+            _ => self.timeouts.first_byte,
+        };
+        RelayError::TimedOut {
+            timeout,
+            after: after.unwrap_or(NEVER),
+            relayed: self.relayed,
+        }
+    }
+
     /// Reads the response head into `buf`, passing any interim (1xx)
     /// responses on to the client; returns it with the time from `sent` to
     /// its first byte.
@@ -536,7 +677,11 @@ impl<W: Watch> Relay<W> {
             }
             buf.reserve(COPY_BUFFER);
             let n = self.read(client, backend, buf).await?;
-            first_byte.get_or_insert_with(|| sent.elapsed());
+            if first_byte.is_none() && n > 0 {
+                first_byte = Some(sent.elapsed());
+                // From now on silences are bounded by the idle timeout.
+                self.responding = true;
+            }
             if n == 0 {
                 let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a response");
                 return Err(if self.relayed.any() {
@@ -652,11 +797,15 @@ impl<W: Watch> Relay<W> {
         client: &mut Client,
         backend: &BackendConn,
     ) -> Result<(), RelayError> {
+        self.waiting_since = Instant::now();
         loop {
             let full = client.pending.len() >= client.pipelined_limit;
             client.held_back |= full && !client.eof;
             let watch_client = !client.eof && !full;
             tokio::select! {
+                // The backend first: a timer that fires along with its
+                // bytes is not a timeout.
+                biased;
                 ready = backend.stream.readable() => {
                     return ready.map_err(|source| self.backend_error(source));
                 }
@@ -668,6 +817,7 @@ impl<W: Watch> Relay<W> {
                     Ok(_) => {}
                     Err(err) => return Err(RelayError::Client(err)),
                 },
+                () = self.timer.as_mut() => self.on_timer(backend.slot.as_ref())?,
             }
         }
     }

@@ -17,6 +17,7 @@ mod pool;
 
 use std::{io, sync::Arc, time::Duration};
 
+use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, warn};
 
 pub use self::pool::Pool;
@@ -32,6 +33,8 @@ pub(crate) struct Upstream {
     pool: Pool,
     dataplane: Arc<Dataplane>,
     connect_timeout: Duration,
+    /// Counts connects that passed `connect_timeout`.
+    connect_timeouts: Counter,
 }
 
 /// The backend a request is going to, and the connection it goes out on.
@@ -116,13 +119,20 @@ pub(crate) enum SendError {
 }
 
 impl Upstream {
-    /// Connections through `dataplane`, opened within `connect_timeout` and
-    /// kept idle in `pool`.
-    pub(crate) fn new(pool: Pool, dataplane: Arc<Dataplane>, connect_timeout: Duration) -> Self {
+    /// Connections through `dataplane`, opened within `connect_timeout`
+    /// (each one past it counted in `connect_timeouts`) and kept idle in
+    /// `pool`.
+    pub(crate) fn new(
+        pool: Pool,
+        dataplane: Arc<Dataplane>,
+        connect_timeout: Duration,
+        connect_timeouts: Counter,
+    ) -> Self {
         Self {
             pool,
             dataplane,
             connect_timeout,
+            connect_timeouts,
         }
     }
 
@@ -222,9 +232,12 @@ impl Upstream {
                 backend: backend.url.clone(),
                 source,
             }),
-            Err(_) => Err(ConnectError::TimedOut {
-                backend: backend.url.clone(),
-            }),
+            Err(_) => {
+                self.connect_timeouts.inc();
+                Err(ConnectError::TimedOut {
+                    backend: backend.url.clone(),
+                })
+            }
         }
     }
 }

@@ -156,30 +156,39 @@ async fn scripted(response: Vec<u8>, piece: usize, once: bool) -> String {
     format!("http://{addr}")
 }
 
-async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize, once: bool) {
-    let mut request = Vec::new();
+/// Reads one whole request off `stream` as a backend does, head and
+/// `Content-Length` body, keeping bytes past it in `pending` for the next;
+/// false when the peer closed (or failed) first.
+pub async fn read_request(stream: &mut TcpStream, pending: &mut Vec<u8>) -> bool {
     let mut buf = [0u8; 4096];
     loop {
-        // Read a whole request, head and Content-Length body, as a real
-        // server does: closing with unread bytes would reset the connection.
-        loop {
-            if let Some(head_end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
-                let body_len = head
-                    .lines()
-                    .find_map(|line| line.strip_prefix("content-length:"))
-                    .and_then(|len| len.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                let end = head_end + 4 + body_len;
-                if request.len() >= end {
-                    request.drain(..end);
-                    break;
-                }
+        if let Some(head_end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..head_end]).to_ascii_lowercase();
+            let body_len = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|len| len.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let end = head_end + 4 + body_len;
+            if pending.len() >= end {
+                pending.drain(..end);
+                return true;
             }
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => request.extend_from_slice(&buf[..n]),
-            }
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+async fn serve_scripted(mut stream: TcpStream, response: Vec<u8>, piece: usize, once: bool) {
+    let mut request = Vec::new();
+    loop {
+        // The whole request, as a real server reads it: closing with unread
+        // bytes would reset the connection.
+        if !read_request(&mut stream, &mut request).await {
+            return;
         }
         for (i, chunk) in response.chunks(piece).enumerate() {
             if stream.write_all(chunk).await.is_err() {
