@@ -2,7 +2,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::{
-    backend::Discovery,
+    backend::{Discovery, Ejection},
     dataplane::{Requested, ResponseTimeouts},
     http::Limits,
     route::Policy,
@@ -96,6 +96,25 @@ pub struct Config {
         default_value_t = 60_000
     )]
     pub response_idle_timeout_ms: u64,
+
+    /// How many more backends a request may be sent to after one that took
+    /// nothing of it: refused or timed out the connection, or answered 503
+    /// before any byte reached the client. Never after response bytes
+    /// reached the client.
+    #[arg(long, env = "ROUTER_RETRIES", default_value_t = 2)]
+    pub retries: u32,
+
+    /// Requests failing in a row on a backend (connect failures, a close
+    /// or reset before the response, a 5xx head, a response timeout) that
+    /// eject it: it gets no new request for `--eject-ms`, then one to try
+    /// it. 0 never ejects.
+    #[arg(long, env = "ROUTER_EJECT_AFTER_FAILURES", default_value_t = 5)]
+    pub eject_after_failures: u32,
+
+    /// How long a first ejection lasts, in milliseconds; each ejection in a
+    /// row doubles it, up to 16 times.
+    #[arg(long, env = "ROUTER_EJECT_MS", default_value_t = 10_000)]
+    pub eject_ms: u64,
 
     /// Most idle kept-alive connections held per backend for reuse.
     #[arg(long, env = "ROUTER_POOL_MAX_IDLE", default_value_t = 1024)]
@@ -367,6 +386,14 @@ impl Config {
         }
     }
 
+    /// When passive health ejects a backend.
+    pub fn ejection(&self) -> Ejection {
+        Ejection {
+            after_failures: self.eject_after_failures,
+            period: Duration::from_millis(self.eject_ms),
+        }
+    }
+
     /// The drain's timing after a shutdown signal.
     pub(crate) fn drain(&self) -> crate::drain::DrainTiming {
         crate::drain::DrainTiming {
@@ -412,6 +439,7 @@ mod tests {
             vec!["http://a:1".into()],
         );
         assert_eq!(built.response_timeouts(), ResponseTimeouts::DEFAULT);
+        assert_eq!(built.ejection(), Ejection::DEFAULT);
         let off = Config::try_parse_from([
             "router-daemon",
             "--backend",

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admission::Admitted,
-    backend::{Backend, Backends, InFlight},
+    backend::{Backend, Backends, InFlight, Outcome},
     daemon::Shared,
     dataplane::{Client, Exchanged, Forward, RelayError, Watch},
     error::{ApiError, Fault, Limit, Timeout},
@@ -424,53 +424,85 @@ async fn proxy(
         .unwrap_or_default();
     let Routed {
         decision,
-        leg,
+        backends,
+        mut leg,
         in_flight,
         prefill,
     } = route(head, input.as_ref(), request_id, buffers, shared).await?;
-    let backend = Arc::clone(&leg.backend);
-    // The backend took the connection: from now on its cache is where the
-    // prompt is, whatever becomes of the response.
-    if let Some(input) = &input {
-        shared
-            .router
-            .record(&mut buffers.walk, &input.key, &backend.url);
-    }
-    info!(
-        request_id = %request_id,
-        model = if model.is_empty() { "-" } else { model },
-        backend = %backend.url,
-        matched = decision.matched,
-        reason = decision.reason.as_str(),
-        "{} {}", head.method(), head.path()
-    );
-    backend.counters.requests.inc();
     shared.metrics.decided(decision.reason);
-
+    let key_len = input.as_ref().map_or(0, |input| input.key.len());
+    let attempts = attempts(&buffers.order, shared);
     let request = outgoing(
         head,
         body,
         request_id,
         std::mem::take(&mut buffers.outgoing),
     );
-    let forward = Forward {
-        request: &request,
-        head_request: head.method() == "HEAD",
-        // Draining: tell the client to take its next request elsewhere.
-        client_close: head.close || shared.drain.is_draining(),
+    let mut count = Some((in_flight, prefill));
+    // Each turn sends the request to `leg`'s backend; a 503 that reached
+    // no client byte sends it on to the next backend in the order, while
+    // the budget lasts.
+    let (result, backend) = loop {
+        let backend = Arc::clone(&leg.backend);
+        backend.chosen();
+        // The backend took the connection: from now on its cache is where
+        // the prompt is, whatever becomes of the response.
+        if let Some(input) = &input {
+            shared
+                .router
+                .record(&mut buffers.walk, &input.key, &backend.url);
+        }
+        info!(
+            request_id = %request_id,
+            model = if model.is_empty() { "-" } else { model },
+            backend = %backend.url,
+            matched = decision.matched,
+            reason = decision.reason.as_str(),
+            "{} {}", head.method(), head.path()
+        );
+        backend.counters.requests.inc();
+        let tried = buffers.order[..attempts]
+            .iter()
+            .position(|&index| index == leg.index)
+            .map_or(attempts, |at| at + 1);
+        let forward = Forward {
+            request: &request,
+            head_request: head.method() == "HEAD",
+            // Draining: tell the client to take its next request elsewhere.
+            client_close: head.close || shared.drain.is_draining(),
+            retry_unavailable: tried < attempts,
+        };
+        // The first attempt carries the count `route` started; a resend on
+        // a fresh connection starts its own.
+        let (in_flight, prefill) = count
+            .take()
+            .unwrap_or_else(|| (backend.start_request(key_len), key_len));
+        let mut first_count = Some(in_flight);
+        let watch = || Watched {
+            in_flight: Some(
+                first_count
+                    .take()
+                    .unwrap_or_else(|| backend.start_request(prefill)),
+            ),
+            counters: &backend.counters,
+        };
+        let result = shared.upstream.exchange(client, leg, &forward, watch).await;
+        if let Some(outcome) = outcome(&result) {
+            backend.record(outcome);
+        }
+        if !matches!(result, Err(SendError::Relay(RelayError::Unavailable))) {
+            break (result, backend);
+        }
+        shared.metrics.unavailable_retries.inc();
+        warn!(request_id = %request_id, backend = %backend.url, "backend answered 503; sending the request to the next one");
+        leg = connect(
+            &buffers.order[tried..attempts],
+            &backends,
+            request_id,
+            shared,
+        )
+        .await?;
     };
-    // The first attempt carries the count `route` started; a resend on a
-    // fresh connection starts its own.
-    let mut first_count = Some(in_flight);
-    let watch = || Watched {
-        in_flight: Some(
-            first_count
-                .take()
-                .unwrap_or_else(|| backend.start_request(prefill)),
-        ),
-        counters: &backend.counters,
-    };
-    let result = shared.upstream.exchange(client, leg, &forward, watch).await;
     buffers.outgoing = request;
     count_relayed(&result, shared);
     if client.take_held_back() {
@@ -479,6 +511,24 @@ async fn proxy(
     match result {
         Ok(exchanged) => Ok(relayed(&exchanged, client, request_id, shared)),
         Err(err) => Err(send_failure(err, &backend, request_id, shared)),
+    }
+}
+
+/// How many backends of `order` a request may be sent to: the first and
+/// `--retries` more.
+fn attempts(order: &[usize], shared: &Shared) -> usize {
+    let budget = usize::try_from(shared.config.retries).unwrap_or(usize::MAX);
+    order.len().min(budget.saturating_add(1))
+}
+
+/// What an exchange says of its backend's health; `None` when the client
+/// or the router failed it.
+fn outcome(result: &Result<Exchanged, SendError>) -> Option<Outcome> {
+    match result {
+        Ok(exchanged) if exchanged.status >= 500 => Some(Outcome::Failure),
+        Ok(_) => Some(Outcome::Success),
+        Err(SendError::Relay(RelayError::Client(_) | RelayError::Sockmap(_))) => None,
+        Err(_) => Some(Outcome::Failure),
     }
 }
 
@@ -501,6 +551,9 @@ fn relayed(exchanged: &Exchanged, client: &Client, request_id: RequestId, shared
 /// its count there.
 struct Routed {
     decision: Decision,
+    /// The fleet snapshot the request was routed on (`leg.index` and the
+    /// connection's `buffers.order` are positions in it).
+    backends: Arc<Backends>,
     leg: Leg,
     /// The request in flight on `leg`'s backend.
     in_flight: InFlight,
@@ -530,13 +583,15 @@ async fn route(
         .first()
         .and_then(|&first| backends.get(first))
         .map(|chosen| chosen.start_request(chosen_prefill));
-    let leg = connect(&buffers.order, &backends, request_id, shared).await?;
+    let attempts = attempts(&buffers.order, shared);
+    let leg = connect(&buffers.order[..attempts], &backends, request_id, shared).await?;
     let (in_flight, prefill) = match reserved {
         Some(reserved) if buffers.order.first() == Some(&leg.index) => (reserved, chosen_prefill),
         _ => (leg.backend.start_request(key_len), key_len),
     };
     Ok(Routed {
         decision,
+        backends,
         leg,
         in_flight,
         prefill,
@@ -596,6 +651,11 @@ async fn connect(
     shared: &Shared,
 ) -> Result<Leg, Failure> {
     let acquired = shared.upstream.acquire(order, backends).await;
+    if let Ok(leg) = &acquired
+        && let Some(skipped) = order.iter().position(|&index| index == leg.index)
+    {
+        shared.metrics.connect_retries.inc_by(skipped as u64);
+    }
     acquired.map_err(|err| {
         warn!(
             request_id = %request_id,
@@ -710,6 +770,10 @@ fn send_failure(
             } else {
                 ApiError::gateway_timeout(message).into()
             }
+        }
+        // Only returned while another backend may be tried (see `proxy`).
+        RelayError::Unavailable => {
+            ApiError::unavailable(format!("backend {} answered 503", backend.url)).into()
         }
         RelayError::Client(err) => {
             debug!(request_id = %request_id, %err, "client went away");

@@ -82,7 +82,8 @@ pub async fn run(
             .with_response_timeouts(config.response_timeouts()),
     );
     let mut metrics = Metrics::new(Arc::clone(&dataplane));
-    let backends = Arc::new(Fleet::new(metrics.backend_series.clone()));
+    let backends =
+        Arc::new(Fleet::new(metrics.backend_series.clone()).with_ejection(config.ejection()));
     metrics.register_backends(Arc::clone(&backends));
     let router = Arc::new(Router::with_policy(
         usize::from(config.block_bytes),

@@ -110,6 +110,12 @@ pub struct Metrics {
     pub piped_bytes: Counter,
     /// Responses cut short by a backend failure.
     pub backend_failures: Counter,
+    /// Requests sent to another backend after one refused or timed out
+    /// the connection (`router_retries_total{reason="connect"}`).
+    pub connect_retries: Counter,
+    /// Requests sent to another backend after one answered 503
+    /// (`router_retries_total{reason="unavailable"}`).
+    pub unavailable_retries: Counter,
     /// Response head bytes written by the daemon.
     pub head_bytes: Counter,
     /// Time from a request written to its response's first byte.
@@ -257,6 +263,19 @@ impl Metrics {
             "Responses cut short by a backend failure",
             backend_failures.clone(),
         );
+        let retries_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "router_retries",
+            "Requests sent to another backend after one took nothing of them (--retries), by \
+             reason: connect (refused or timed out) or unavailable (a 503 before any byte reached \
+             the client)",
+            retries_family.clone(),
+        );
+        let [connect_retries, unavailable_retries] = ["connect", "unavailable"].map(|reason| {
+            retries_family
+                .get_or_create(&ReasonLabel { reason })
+                .clone()
+        });
         let head_bytes = Counter::default();
         registry.register(
             "router_response_head_bytes",
@@ -324,6 +343,8 @@ impl Metrics {
             copied_bytes,
             piped_bytes,
             backend_failures,
+            connect_retries,
+            unavailable_retries,
             head_bytes,
             first_byte,
         }
@@ -401,7 +422,7 @@ struct BackendGauges(Arc<Fleet>);
 impl Collector for BackendGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Reading = fn(&Backend) -> i64;
-        let per_backend: [(&str, &str, Reading); 4] = [
+        let per_backend: [(&str, &str, Reading); 5] = [
             (
                 "router_backend_in_flight",
                 "Requests forwarded to the backend whose response has not ended (exact)",
@@ -411,6 +432,12 @@ impl Collector for BackendGauges {
                 "router_backend_up",
                 "Whether the backend answers discovery (1) or is marked down (0)",
                 |backend| i64::from(backend.is_up()),
+            ),
+            (
+                "router_backend_ejected",
+                "Whether passive health has ejected the backend (1): its requests kept failing \
+                 (--eject-after-failures)",
+                |backend| i64::from(backend.is_ejected()),
             ),
             (
                 "router_backend_waiting",

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
-use super::{Backend, Backends, endpoints::Endpoint};
+use super::{Backend, Backends, Ejection, endpoints::Endpoint};
 use crate::metrics::BackendSeries;
 
 /// The backend set as it changes at runtime.
@@ -23,6 +23,8 @@ pub struct Fleet {
     series: BackendSeries,
     /// Serializes changes, so two never build on the same snapshot.
     changing: Mutex<()>,
+    /// When passive health ejects a backend.
+    ejection: Ejection,
 }
 
 /// What one [`Fleet::apply`] changed.
@@ -48,7 +50,14 @@ impl Fleet {
             current: ArcSwap::from_pointee(Backends::default()),
             series,
             changing: Mutex::new(()),
+            ejection: Ejection::DEFAULT,
         }
+    }
+
+    /// The same fleet, its backends ejected by `ejection`.
+    #[must_use]
+    pub fn with_ejection(self, ejection: Ejection) -> Self {
+        Self { ejection, ..self }
     }
 
     /// The backend set now; hold it for the whole request.
@@ -71,8 +80,11 @@ impl Fleet {
                 match kept {
                     Some(backend) => Arc::clone(backend),
                     None => {
-                        let backend =
-                            Arc::new(Backend::new(endpoint, self.series.counters(&endpoint.name)));
+                        let backend = Arc::new(Backend::new(
+                            endpoint,
+                            self.series.counters(&endpoint.name),
+                            self.ejection,
+                        ));
                         change.added.push(Arc::clone(&backend));
                         backend
                     }

@@ -34,6 +34,7 @@
 pub mod discovery;
 pub mod endpoints;
 pub mod fleet;
+pub mod health;
 pub mod probe;
 
 use std::{
@@ -49,6 +50,7 @@ use crate::{error::ApiError, metrics::BackendCounters};
 pub use discovery::{Discovery, DiscoveryTask};
 pub use endpoints::{Endpoint, StaticSource};
 pub use fleet::Fleet;
+pub use health::{Ejection, Outcome};
 
 /// A backend URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -127,12 +129,16 @@ pub struct Backend {
     load_ok: AtomicBool,
     /// Gone from the endpoints: no new request comes here.
     retired: AtomicBool,
+    /// What requests have learned of it (see [`health`]).
+    health: health::Health,
+    /// When its health ejects it.
+    ejection: Ejection,
     /// Its request, connection and latency series.
     pub counters: BackendCounters,
 }
 
 impl Backend {
-    fn new(endpoint: &Endpoint, counters: BackendCounters) -> Self {
+    fn new(endpoint: &Endpoint, counters: BackendCounters, ejection: Ejection) -> Self {
         Self {
             id: BackendId::next(),
             url: endpoint.name.clone(),
@@ -151,7 +157,51 @@ impl Backend {
             models_ok: AtomicBool::new(true),
             load_ok: AtomicBool::new(true),
             retired: AtomicBool::new(false),
+            health: health::Health::default(),
+            ejection,
             counters,
+        }
+    }
+
+    /// Whether passive health lets the backend take a new request: not
+    /// ejected, or on trial with none in flight. `now` is read from
+    /// [`health::clock`] the first time some backend needs it.
+    fn admits(&self, now: &mut Option<u64>) -> bool {
+        if self.health.is_clear() {
+            return true;
+        }
+        let now = *now.get_or_insert_with(health::clock);
+        self.health.admits(now, &self.ejection)
+    }
+
+    /// Whether passive health has ejected the backend now.
+    pub fn is_ejected(&self) -> bool {
+        self.health.is_ejected(health::clock())
+    }
+
+    /// A request was sent here: on trial, it is the one trial request.
+    pub fn chosen(&self) {
+        if !self.health.is_clear() {
+            self.health.chosen(health::clock());
+        }
+    }
+
+    /// Records what a request learned of the backend, and logs an
+    /// ejection or a readmission.
+    pub fn record(&self, outcome: Outcome) {
+        if outcome == Outcome::Success && self.health.is_healthy() {
+            return;
+        }
+        match self.health.record(outcome, health::clock(), &self.ejection) {
+            health::Change::None => {}
+            health::Change::Ejected { period } => tracing::warn!(
+                backend = %self.url,
+                period_ms = period.as_millis(),
+                "backend ejected: its requests keep failing; it gets no new request for the period, then one to try it"
+            ),
+            health::Change::Readmitted => {
+                tracing::info!(backend = %self.url, "backend readmitted: its trial request succeeded");
+            }
         }
     }
 
@@ -306,7 +356,13 @@ impl Backends {
         let series = crate::metrics::BackendSeries::default();
         let list = endpoints
             .iter()
-            .map(|endpoint| Arc::new(Backend::new(endpoint, series.counters(&endpoint.name))))
+            .map(|endpoint| {
+                Arc::new(Backend::new(
+                    endpoint,
+                    series.counters(&endpoint.name),
+                    Ejection::DEFAULT,
+                ))
+            })
             .collect();
         Ok(Self { list })
     }
@@ -364,7 +420,21 @@ impl Backends {
         } else if any_up {
             out.retain(|&index| self.list[index].is_up());
         }
+        self.drop_ejected(out);
         Ok(())
+    }
+
+    /// Drops ejected backends from `out`, unless every one of them is:
+    /// passive health is advisory, and trying an ejected backend beats
+    /// refusing the request.
+    fn drop_ejected(&self, out: &mut Vec<usize>) {
+        let mut now = None;
+        if out.iter().all(|&index| self.list[index].admits(&mut now)) {
+            return;
+        }
+        if out.iter().any(|&index| self.list[index].admits(&mut now)) {
+            out.retain(|&index| self.list[index].admits(&mut now));
+        }
     }
 
     /// Whether some backend is up (discovery's last word on it).
@@ -381,6 +451,7 @@ impl Backends {
         if out.is_empty() {
             out.extend(0..self.list.len());
         }
+        self.drop_ejected(out);
     }
 
     /// Every model some backend listed, sorted and deduplicated.

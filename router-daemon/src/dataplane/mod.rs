@@ -167,6 +167,10 @@ pub struct Forward<'a> {
     /// The client asked to close after this response; the head relayed to
     /// it says `connection: close`.
     pub client_close: bool,
+    /// A 503 head is not relayed but returned as
+    /// [`RelayError::Unavailable`], so the request can go to another
+    /// backend.
+    pub retry_unavailable: bool,
 }
 
 /// How one exchange went.
@@ -221,6 +225,11 @@ pub enum RelayError {
         /// What reached the client before.
         relayed: Relayed,
     },
+    /// The backend answered 503 and [`Forward::retry_unavailable`] was set:
+    /// nothing reached the client, and the backend connection is not
+    /// reused (its body was not read).
+    #[error("the backend answered 503")]
+    Unavailable,
     /// The client connection failed or was reset.
     #[error("client went away: {0}")]
     Client(io::Error),
@@ -477,6 +486,9 @@ impl Dataplane {
         let (head, first_byte) = relay
             .read_head(client, backend, forward.head_request, buf, started)
             .await?;
+        if forward.retry_unavailable && head.status == 503 && !relay.relayed.any() {
+            return Err(RelayError::Unavailable);
+        }
         if !head.keep_alive {
             relay.reusable = false;
         }

@@ -4,7 +4,10 @@
 //!
 //! # Retries
 //! A request moves to the next backend in the order only while no byte of
-//! it has left the router: connecting failed or timed out. Once it was
+//! it has left the router (connecting failed or timed out), or when the
+//! backend answered 503 before any byte reached the client (`conn`), and
+//! only to `--retries` more backends. Every attempt's outcome goes to the
+//! backend's passive health (`backend::health`). Once it was
 //! written, it is sent again only when it went out on a *reused*
 //! connection and the backend answered nothing at all: a keep-alive
 //! connection the backend closed while it sat in the pool, which never
@@ -22,7 +25,7 @@ use tracing::{debug, warn};
 
 pub use self::pool::Pool;
 use crate::{
-    backend::{Backend, Backends},
+    backend::{Backend, Backends, Outcome},
     dataplane::{BackendConn, Client, Dataplane, Exchanged, Forward, RelayError, Watch},
     error::{ApiError, Fault},
 };
@@ -174,6 +177,7 @@ impl Upstream {
                 }
                 Err(err) => {
                     warn!(backend = %backend.url, error = %err, "backend connect failed; trying the next");
+                    backend.record(Outcome::Failure);
                     last = Some(err);
                 }
             }

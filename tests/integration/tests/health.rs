@@ -1,0 +1,314 @@
+//! Passive health and retries, on every dataplane, with two backends: one
+//! that misbehaves as told and one that always answers.
+//!
+//! - A 503 that reached no client byte sends the request on to the other
+//!   backend; with `--retries 0` the client gets the backend's own 503.
+//! - A backend that resets inside its response head, or accepts and never
+//!   answers, fails its requests (502, 504: they may have reached the
+//!   engine, so they are not retried), is ejected after
+//!   `--eject-after-failures`, gets no request while ejected, and is
+//!   readmitted by one trial request once it answers again.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Stopper, dataplane_or_skip, each_mode, get, loopback_listener, metric, post_json, read_request,
+    start_router_with,
+};
+use router_daemon::{Config, dataplane::Mode};
+use serde_json::json;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+
+/// How a backend answers, switchable while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Behaviour {
+    /// 200 naming the backend.
+    Answer,
+    /// 503 naming the backend.
+    Unavailable,
+    /// Part of a response head, then a reset.
+    ResetMidHead,
+    /// Nothing, ever (the connection stays open).
+    Silent,
+}
+
+/// A backend and its switch; `requests` counts what reached it.
+struct Backend {
+    url: String,
+    behaviour: Arc<AtomicU8>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    async fn start(name: &'static str, behaviour: Behaviour) -> Self {
+        let listener = loopback_listener();
+        let addr = listener.local_addr().expect("addr");
+        let switch = Arc::new(AtomicU8::new(behaviour as u8));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (read_switch, count) = (Arc::clone(&switch), Arc::clone(&requests));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve(
+                    stream,
+                    name,
+                    Arc::clone(&read_switch),
+                    Arc::clone(&count),
+                ));
+            }
+        });
+        Self {
+            url: format!("http://{addr}"),
+            behaviour: switch,
+            requests,
+        }
+    }
+
+    fn set(&self, behaviour: Behaviour) {
+        self.behaviour.store(behaviour as u8, Ordering::SeqCst);
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    name: &'static str,
+    behaviour: Arc<AtomicU8>,
+    requests: Arc<AtomicUsize>,
+) {
+    let mut pending = Vec::new();
+    while read_request(&mut stream, &mut pending).await {
+        requests.fetch_add(1, Ordering::SeqCst);
+        let (status, reason) = match behaviour.load(Ordering::SeqCst) {
+            b if b == Behaviour::Answer as u8 => (200, "OK"),
+            b if b == Behaviour::Unavailable as u8 => (503, "Service Unavailable"),
+            b if b == Behaviour::ResetMidHead as u8 => {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-").await;
+                let _ = stream.set_zero_linger();
+                return;
+            }
+            _ => {
+                // Silent: hold the connection until the router closes it.
+                std::future::pending::<()>().await;
+                return;
+            }
+        };
+        let body = format!("{{\"served_by\":\"{name}\",\"status\":{status}}}");
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A router in front of `bad` then `good`, with discovery off (its probes
+/// would meet the behaviours too) and `configure`'s settings.
+async fn router(
+    mode: Mode,
+    bad: &Backend,
+    good: &Backend,
+    configure: impl FnOnce(&mut Config),
+) -> Option<(SocketAddr, Stopper)> {
+    let dataplane = dataplane_or_skip(mode)?;
+    Some(
+        start_router_with(
+            vec![bad.url.clone(), good.url.clone()],
+            dataplane,
+            |config| {
+                config.discovery_interval_ms = 0;
+                configure(config);
+            },
+        )
+        .await,
+    )
+}
+
+/// Sends a completion with prompt number `i`: the status and who served it.
+async fn complete(router: SocketAddr, i: usize) -> (u16, String) {
+    let body = json!({"model": "m", "prompt": format!("Question number {i}: why?")});
+    let response = post_json(router, "/v1/completions", &body).await;
+    let served_by = response.json()["served_by"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (response.status, served_by)
+}
+
+async fn metrics(router: SocketAddr) -> String {
+    get(router, "/metrics").await.text()
+}
+
+async fn a_503_goes_to_the_next_backend(mode: Mode) {
+    let bad = Backend::start("bad", Behaviour::Unavailable).await;
+    let good = Backend::start("good", Behaviour::Answer).await;
+    let Some((router, _stop)) = router(mode, &bad, &good, |config| {
+        // Not ejected here: every request routed to `bad` first is retried.
+        config.eject_after_failures = 0;
+    })
+    .await
+    else {
+        return;
+    };
+    for i in 0..20 {
+        assert_eq!(
+            complete(router, i).await,
+            (200, "good".to_owned()),
+            "request {i}"
+        );
+    }
+    let tried_bad = bad.requests();
+    assert!(
+        tried_bad > 0,
+        "no request was routed to the 503 backend first"
+    );
+    let text = metrics(router).await;
+    assert_eq!(
+        metric(&text, "router_retries_total{reason=\"unavailable\"}"),
+        Some(tried_bad as f64),
+        "{text}"
+    );
+
+    // Answering again, it gets its prompts back: a 503 moved only the
+    // request that met it.
+    bad.set(Behaviour::Answer);
+    let served = complete_many(router, 20).await;
+    assert!(
+        served.iter().all(|(status, _)| *status == 200),
+        "{served:?}"
+    );
+    assert!(served.iter().any(|(_, by)| by == "bad"), "{served:?}");
+}
+
+/// `n` completions with prompts unlike the other tests' ones.
+async fn complete_many(router: SocketAddr, n: usize) -> Vec<(u16, String)> {
+    let mut served = Vec::new();
+    for i in 100..100 + n {
+        served.push(complete(router, i).await);
+    }
+    served
+}
+
+async fn without_retries_the_client_gets_the_backend_s_503(mode: Mode) {
+    let bad = Backend::start("bad", Behaviour::Unavailable).await;
+    let good = Backend::start("good", Behaviour::Answer).await;
+    let Some((router, _stop)) = router(mode, &bad, &good, |config| {
+        config.retries = 0;
+        config.eject_after_failures = 0;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        answers.push(complete(router, i).await);
+    }
+    assert!(
+        answers.contains(&(503, "bad".to_owned())),
+        "the backend's own 503 reaches the client: {answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|(status, _)| *status == 503).count(),
+        bad.requests()
+    );
+    let text = metrics(router).await;
+    assert_eq!(
+        metric(&text, "router_retries_total{reason=\"unavailable\"}"),
+        Some(0.0)
+    );
+}
+
+/// `failing` fails its requests, is ejected, gets nothing while ejected,
+/// and is readmitted once it answers again.
+async fn ejected_then_readmitted(mode: Mode, failing: Behaviour, status: u16) {
+    let bad = Backend::start("bad", failing).await;
+    let good = Backend::start("good", Behaviour::Answer).await;
+    let Some((router, _stop)) = router(mode, &bad, &good, |config| {
+        config.eject_after_failures = 2;
+        config.eject_ms = 5_000;
+        config.first_byte_timeout_ms = 300;
+    })
+    .await
+    else {
+        return;
+    };
+    let ejected = format!("router_backend_ejected{{backend=\"{}\"}}", bad.url);
+    // Until it is ejected, the requests routed to it fail (not retried:
+    // they may have reached the engine).
+    let mut failed = 0;
+    let mut i = 0;
+    while metric(&metrics(router).await, &ejected) != Some(1.0) {
+        let (got, by) = complete(router, i).await;
+        if got != 200 {
+            assert_eq!(got, status, "request {i}");
+            failed += 1;
+        } else {
+            assert_eq!(by, "good");
+        }
+        i += 1;
+        assert!(i < 100, "never ejected");
+    }
+    assert_eq!(failed, 2, "ejected at the second failure in a row");
+    assert_eq!(bad.requests(), 2);
+
+    // While ejected, everything goes to the other backend.
+    let before = Instant::now();
+    for j in 0..10 {
+        assert_eq!(complete(router, 1000 + j).await, (200, "good".to_owned()));
+    }
+    if metric(&metrics(router).await, &ejected) == Some(1.0) {
+        assert_eq!(bad.requests(), 2, "no request reached it while ejected");
+    } else {
+        eprintln!(
+            "the machine took {:?} for 10 requests, past the ejection",
+            before.elapsed()
+        );
+    }
+
+    // It recovers: after the period one trial request readmits it, and
+    // prompts hashed to it return.
+    bad.set(Behaviour::Answer);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut j = 0;
+    loop {
+        let (got, by) = complete(router, 2000 + j).await;
+        assert_eq!(got, 200);
+        if by == "bad" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never readmitted");
+        j += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&metrics(router).await, &ejected), Some(0.0));
+}
+
+async fn a_backend_resetting_mid_head_is_ejected_and_readmitted(mode: Mode) {
+    ejected_then_readmitted(mode, Behaviour::ResetMidHead, 502).await;
+}
+
+async fn a_silent_backend_is_ejected_and_readmitted(mode: Mode) {
+    ejected_then_readmitted(mode, Behaviour::Silent, 504).await;
+}
+
+each_mode!(
+    a_503_goes_to_the_next_backend,
+    without_retries_the_client_gets_the_backend_s_503,
+    a_backend_resetting_mid_head_is_ejected_and_readmitted,
+    a_silent_backend_is_ejected_and_readmitted,
+);
