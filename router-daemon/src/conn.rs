@@ -440,8 +440,9 @@ async fn proxy(
     );
     let mut count = Some((in_flight, prefill));
     // Each turn sends the request to `leg`'s backend; a 503 that reached
-    // no client byte sends it on to the next backend in the order, while
-    // the budget lasts.
+    // no client byte, or a backend that closed its pooled connection and
+    // refuses a new one, sends it on to the next backend in the order,
+    // while the budget lasts.
     let (result, backend) = loop {
         let backend = Arc::clone(&leg.backend);
         backend.chosen();
@@ -490,11 +491,23 @@ async fn proxy(
         if let Some(outcome) = outcome(&result) {
             backend.record(outcome);
         }
-        if !matches!(result, Err(SendError::Relay(RelayError::Unavailable))) {
+        // Nothing of the request reached an engine, nor any response byte
+        // the client: the next backend may take it.
+        let retry = match &result {
+            Err(SendError::Relay(RelayError::Unavailable)) => {
+                Some(("answered 503", &shared.metrics.unavailable_retries))
+            }
+            Err(SendError::Reconnect(_)) if tried < attempts => Some((
+                "closed its pooled connection and refuses new ones",
+                &shared.metrics.connect_retries,
+            )),
+            _ => None,
+        };
+        let Some((why, retries)) = retry else {
             break (result, backend);
-        }
-        shared.metrics.unavailable_retries.inc();
-        warn!(request_id = %request_id, backend = %backend.url, "backend answered 503; sending the request to the next one");
+        };
+        retries.inc();
+        warn!(request_id = %request_id, backend = %backend.url, "backend {why}; sending the request to the next one");
         leg = connect(
             &buffers.order[tried..attempts],
             &backends,

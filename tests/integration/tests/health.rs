@@ -19,7 +19,7 @@ use std::{
 
 use integration_tests::{
     Stopper, dataplane_or_skip, each_mode, get, loopback_listener, metric, post_json, read_request,
-    start_router_with,
+    read_response, start_router_with,
 };
 use router_daemon::{Config, dataplane::Mode};
 use serde_json::json;
@@ -37,6 +37,10 @@ enum Behaviour {
     ResetMidHead,
     /// Nothing, ever (the connection stays open).
     Silent,
+    /// At the next request: stop listening, and close that connection
+    /// without an answer (a server going away under a kept-alive
+    /// connection).
+    Vanish,
 }
 
 /// A backend and its switch; `requests` counts what reached it.
@@ -46,30 +50,40 @@ struct Backend {
     requests: Arc<AtomicUsize>,
 }
 
+/// What a backend's connections share: its switch, its count, and how to
+/// stop its listener.
+#[derive(Clone)]
+struct Shared {
+    name: &'static str,
+    behaviour: Arc<AtomicU8>,
+    requests: Arc<AtomicUsize>,
+    listening: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
+}
+
 impl Backend {
     async fn start(name: &'static str, behaviour: Behaviour) -> Self {
         let listener = loopback_listener();
         let addr = listener.local_addr().expect("addr");
-        let switch = Arc::new(AtomicU8::new(behaviour as u8));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let (read_switch, count) = (Arc::clone(&switch), Arc::clone(&requests));
-        tokio::spawn(async move {
+        let shared = Shared {
+            name,
+            behaviour: Arc::new(AtomicU8::new(behaviour as u8)),
+            requests: Arc::new(AtomicUsize::new(0)),
+            listening: Arc::default(),
+        };
+        let connections = shared.clone();
+        let accepting = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(serve(
-                    stream,
-                    name,
-                    Arc::clone(&read_switch),
-                    Arc::clone(&count),
-                ));
+                tokio::spawn(serve(stream, connections.clone()));
             }
         });
+        *shared.listening.lock().expect("lock") = Some(accepting.abort_handle());
         Self {
             url: format!("http://{addr}"),
-            behaviour: switch,
-            requests,
+            behaviour: shared.behaviour,
+            requests: shared.requests,
         }
     }
 
@@ -82,12 +96,13 @@ impl Backend {
     }
 }
 
-async fn serve(
-    mut stream: TcpStream,
-    name: &'static str,
-    behaviour: Arc<AtomicU8>,
-    requests: Arc<AtomicUsize>,
-) {
+async fn serve(mut stream: TcpStream, shared: Shared) {
+    let Shared {
+        name,
+        behaviour,
+        requests,
+        listening,
+    } = shared;
     let mut pending = Vec::new();
     while read_request(&mut stream, &mut pending).await {
         requests.fetch_add(1, Ordering::SeqCst);
@@ -97,6 +112,12 @@ async fn serve(
             b if b == Behaviour::ResetMidHead as u8 => {
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-").await;
                 let _ = stream.set_zero_linger();
+                return;
+            }
+            b if b == Behaviour::Vanish as u8 => {
+                if let Some(accepting) = listening.lock().expect("lock").take() {
+                    accepting.abort();
+                }
                 return;
             }
             _ => {
@@ -142,6 +163,22 @@ async fn router(
 async fn complete(router: SocketAddr, i: usize) -> (u16, String) {
     let body = json!({"model": "m", "prompt": format!("Question number {i}: why?")});
     let response = post_json(router, "/v1/completions", &body).await;
+    let served_by = response.json()["served_by"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (response.status, served_by)
+}
+
+/// [`complete`] on a kept-alive connection.
+async fn complete_on(client: &mut TcpStream, i: usize) -> (u16, String) {
+    let body = json!({"model": "m", "prompt": format!("Question number {i}: why?")}).to_string();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.expect("send");
+    let response = read_response(client).await;
     let served_by = response.json()["served_by"]
         .as_str()
         .unwrap_or_default()
@@ -233,6 +270,37 @@ async fn without_retries_the_client_gets_the_backend_s_503(mode: Mode) {
     );
 }
 
+async fn a_backend_gone_under_a_pooled_connection_sends_its_request_on(mode: Mode) {
+    let bad = Backend::start("bad", Behaviour::Answer).await;
+    let good = Backend::start("good", Behaviour::Answer).await;
+    // One worker, so the request meets the connection its prompt's earlier
+    // request left in that worker's pool.
+    let Some((router, _stop)) = router(mode, &bad, &good, |config| config.workers = 1).await else {
+        return;
+    };
+    // A kept-alive client: one that says `connection: close` may have its
+    // FIN passed on to the backend, whose connection is then not pooled.
+    let mut client = TcpStream::connect(router).await.expect("connect");
+    let mut on_bad = None;
+    for i in 0..40 {
+        if complete_on(&mut client, i).await == (200, "bad".to_owned()) {
+            on_bad = Some(i);
+            break;
+        }
+    }
+    let i = on_bad.expect("some prompt is routed to the first backend");
+    bad.set(Behaviour::Vanish);
+    // The pooled connection is closed unanswered and no new one is taken:
+    // nothing reached an engine, so the next backend answers.
+    assert_eq!(complete_on(&mut client, i).await, (200, "good".to_owned()));
+    let text = metrics(router).await;
+    assert_eq!(
+        metric(&text, "router_retries_total{reason=\"connect\"}"),
+        Some(1.0),
+        "{text}"
+    );
+}
+
 /// `failing` fails its requests, is ejected, gets nothing while ejected,
 /// and is readmitted once it answers again.
 async fn ejected_then_readmitted(mode: Mode, failing: Behaviour, status: u16) {
@@ -308,6 +376,7 @@ async fn a_silent_backend_is_ejected_and_readmitted(mode: Mode) {
 
 each_mode!(
     a_503_goes_to_the_next_backend,
+    a_backend_gone_under_a_pooled_connection_sends_its_request_on,
     without_retries_the_client_gets_the_backend_s_503,
     a_backend_resetting_mid_head_is_ejected_and_readmitted,
     a_silent_backend_is_ejected_and_readmitted,
