@@ -3,6 +3,7 @@
 //! - [`setup`]: installs the eBPF toolchain when it is missing and builds the
 //!   release binaries; every other task runs it first.
 //! - [`run`]: starts `vllm-sim` instances and `router-daemon` in front of them.
+//! - [`control`]: `cargo xtask sim stop|start N`, steering a running `run`.
 //! - [`test`](mod@test): fmt, clippy and the workspace tests, as CI runs them.
 //! - [`bench`](mod@bench): the workspace benchmarks.
 //! - [`fuzz`]: the cargo-fuzz targets, run for a while each.
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod control;
 mod fuzz;
 mod peers;
 mod run;
@@ -40,6 +42,8 @@ enum Command {
     Setup,
     /// Start vllm-sim instances and router-daemon in front of them; Ctrl-C stops all.
     Run(run::Args),
+    /// Stop or start one simulator of a running `cargo xtask run`, from another terminal.
+    Sim(control::Args),
     /// Setup, then `cargo fmt --check`, `cargo clippy` and `cargo test`, as CI does.
     Test(test::Args),
     /// Setup, then `cargo bench --workspace`; `bench dataplane` and `bench quality` run
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Setup => setup::run().map(drop),
         Command::Run(args) => run::run(args),
+        Command::Sim(args) => setup::workspace_root().and_then(|root| control::run(args, &root)),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),

@@ -2,7 +2,10 @@
 //! `--backend` names real ones) and `router-daemon` in front of them, prints
 //! how to reach it, and streams every child's log prefixed with its name.
 //!
-//! Ctrl-C (or SIGTERM/SIGHUP to xtask), or any child exiting, stops them all:
+//! `cargo xtask sim stop N` / `sim start N`, from another terminal, stop
+//! and start one simulator while the rest run (see `control`).
+//!
+//! Ctrl-C (or SIGTERM/SIGHUP to xtask), or any child exiting unasked, stops them all:
 //! SIGTERM, up to 3 s of grace, then SIGKILL. Children run in their own
 //! process group, so the terminal's Ctrl-C reaches only xtask, and with a
 //! parent-death signal, so they die with xtask even if it is killed.
@@ -10,7 +13,7 @@ use std::{
     io::{self, BufRead as _, BufReader, IsTerminal as _, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs as _},
     os::unix::process::CommandExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc::{self, RecvTimeoutError},
     thread::{self, JoinHandle},
@@ -19,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::setup;
+use crate::{control, setup};
 
 /// The model of the tutorial's requests.
 const DEFAULT_MODEL: &str = "meta-llama/Llama-3.2-1B-Instruct";
@@ -95,15 +98,26 @@ pub fn run(args: Args) -> Result<()> {
         let _ = interrupt.send(());
     })
     .context("installing the Ctrl-C handler")?;
+    // Simulators can be stopped and started from another terminal.
+    let socket = control::socket_path(toolchain.root());
+    let control = if sim_addrs.is_empty() {
+        None
+    } else {
+        Some(control::listen(&socket)?)
+    };
     let mut fleet = Fleet {
         procs: Vec::new(),
         interrupts,
+        control,
+        sims: Vec::new(),
+        sim_bin: sim_bin.to_owned(),
+        model: args.model.clone(),
     };
 
     let backends = if sim_addrs.is_empty() {
         args.backends.clone()
     } else {
-        fleet.start_sims(sim_bin, &args.model, &sim_addrs)?
+        fleet.start_sims(&sim_addrs)?
     };
 
     let mut cmd = Command::new(router_bin);
@@ -125,6 +139,9 @@ pub fn run(args: Args) -> Result<()> {
     print_banner(&args, listen, &backends);
     let outcome = fleet.supervise();
     fleet.stop();
+    if fleet.control.is_some() {
+        let _ = std::fs::remove_file(&socket);
+    }
     outcome
 }
 
@@ -196,12 +213,19 @@ fn print_banner(args: &Args, listen: SocketAddr, backends: &[String]) {
          backends: {backends}\n\n\
          Try it:\n\n{first}\n\n{second}\n\n\
          Add -i (curl -i {url} ...) to see the response headers: \
-         x-served-by names the instance that answered.\n\
+         x-served-by names the instance that answered.\n{control}\
          Ctrl-C stops everything.\n",
         dataplane = args.dataplane,
         backends = backends.join(", "),
         first = request("What is the capital of France?"),
         second = request("What is the capital of France? And what is its population?"),
+        control = if args.backends.is_empty() {
+            "In another terminal, `cargo xtask sim stop 1` stops sim-1 and \
+             `cargo xtask sim start 1` starts it again: the router's log and its \
+             /metrics (router_backend_up, router_backend_ejected) follow.\n"
+        } else {
+            ""
+        },
     );
     // A closed stdout must not stop the fleet.
     let _ = writeln!(io::stdout().lock(), "{banner}");
@@ -214,6 +238,8 @@ struct Proc {
     child: Child,
     /// Its exit status, once reaped.
     status: Option<ExitStatus>,
+    /// Stopped on request (`cargo xtask sim stop`): its exit is expected.
+    stopped: bool,
     /// The threads copying its stdout and stderr.
     pumps: Vec<JoinHandle<()>>,
 }
@@ -228,6 +254,19 @@ impl Proc {
                 .with_context(|| format!("waiting for {}", self.name))?;
         }
         Ok(self.status)
+    }
+
+    /// Stops the child: SIGTERM, up to [`STOP_GRACE`], then SIGKILL.
+    fn stop_now(&mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while matches!(self.poll(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if self.status.is_none() {
+            self.signal(libc::SIGKILL);
+            self.status = self.child.wait().ok();
+        }
     }
 
     /// Sends `signal` to the child's process group (it leads its own).
@@ -249,6 +288,12 @@ struct Fleet {
     procs: Vec<Proc>,
     /// Ctrl-C, SIGTERM or SIGHUP to xtask.
     interrupts: mpsc::Receiver<()>,
+    /// `cargo xtask sim` commands, when the fleet runs simulators.
+    control: Option<mpsc::Receiver<control::Request>>,
+    /// The simulators: their index in `procs` and their address, by number.
+    sims: Vec<(usize, SocketAddr)>,
+    sim_bin: PathBuf,
+    model: String,
 }
 
 impl Fleet {
@@ -295,6 +340,7 @@ impl Fleet {
             name: name.to_owned(),
             child,
             status: None,
+            stopped: false,
             pumps,
         });
         Ok(self.procs.len() - 1)
@@ -302,19 +348,61 @@ impl Fleet {
 
     /// Starts one `vllm-sim` per address, waits until all are healthy and
     /// returns their URLs.
-    fn start_sims(&mut self, bin: &Path, model: &str, addrs: &[SocketAddr]) -> Result<Vec<String>> {
-        let mut started = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let name = format!("sim-{i}");
-            let mut cmd = Command::new(bin);
-            cmd.args(["--host", "127.0.0.1", "--port", &addr.port().to_string()])
-                .args(["--model", model, "--id", &name]);
-            started.push(self.spawn(&name, cmd)?);
+    fn start_sims(&mut self, addrs: &[SocketAddr]) -> Result<Vec<String>> {
+        for (n, &addr) in addrs.iter().enumerate() {
+            let index = self.spawn_sim(n, addr)?;
+            self.sims.push((index, addr));
         }
-        for (&index, &addr) in started.iter().zip(addrs) {
+        for (index, addr) in self.sims.clone() {
             self.wait_healthy(index, addr)?;
         }
         Ok(addrs.iter().map(|addr| format!("http://{addr}")).collect())
+    }
+
+    /// Starts simulator `sim-n` on `addr`; returns its index in `procs`.
+    fn spawn_sim(&mut self, n: usize, addr: SocketAddr) -> Result<usize> {
+        let name = format!("sim-{n}");
+        let mut cmd = Command::new(&self.sim_bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args(["--model", &self.model, "--id", &name]);
+        self.spawn(&name, cmd)
+    }
+
+    /// Carries out a `cargo xtask sim` command.
+    fn steer(&mut self, action: control::Action) -> Result<String, String> {
+        let n = match action {
+            control::Action::Stop { n } | control::Action::Start { n } => n,
+        };
+        let Some(&(index, addr)) = self.sims.get(n) else {
+            return Err(format!(
+                "there is no sim-{n} (sims: 0..{})",
+                self.sims.len()
+            ));
+        };
+        let proc = &mut self.procs[index];
+        let running = matches!(proc.poll(), Ok(None));
+        match action {
+            control::Action::Stop { .. } if !running => Err(format!("sim-{n} is not running")),
+            control::Action::Stop { .. } => {
+                proc.stopped = true;
+                proc.stop_now();
+                eprintln!("xtask: sim-{n} stopped on request");
+                Ok(format!("sim-{n} ({addr}) stopped"))
+            }
+            control::Action::Start { .. } if running => Err(format!("sim-{n} is running already")),
+            control::Action::Start { .. } => {
+                let fresh = self.spawn_sim(n, addr).map_err(|err| format!("{err:#}"))?;
+                // The new process takes the old one's place.
+                let last = self.procs.len() - 1;
+                debug_assert_eq!(fresh, last);
+                self.procs.swap(index, last);
+                self.procs.pop();
+                self.wait_healthy(index, addr)
+                    .map_err(|err| format!("{err:#}"))?;
+                eprintln!("xtask: sim-{n} started on request");
+                Ok(format!("sim-{n} ({addr}) started"))
+            }
+        }
     }
 
     /// Waits until child `index` answers `GET /health` on `addr`.
@@ -325,7 +413,9 @@ impl Fleet {
                 bail!("interrupted during startup");
             }
             for proc in &mut self.procs {
-                if let Some(status) = proc.poll()? {
+                if let Some(status) = proc.poll()?
+                    && !proc.stopped
+                {
                     bail!("{} exited during startup ({status})", proc.name);
                 }
             }
@@ -343,7 +433,8 @@ impl Fleet {
         }
     }
 
-    /// Runs until an interrupt (`Ok`) or a child exits (`Err`).
+    /// Runs until an interrupt (`Ok`) or a child exits unasked (`Err`),
+    /// carrying out `cargo xtask sim` commands meanwhile.
     fn supervise(&mut self) -> Result<()> {
         loop {
             match self.interrupts.recv_timeout(POLL) {
@@ -354,8 +445,14 @@ impl Fleet {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => thread::sleep(POLL),
             }
+            while let Some(request) = self.control.as_ref().and_then(|c| c.try_recv().ok()) {
+                let outcome = self.steer(request.action);
+                request.reply(outcome);
+            }
             for proc in &mut self.procs {
-                if let Some(status) = proc.poll()? {
+                if let Some(status) = proc.poll()?
+                    && !proc.stopped
+                {
                     bail!("{} exited unexpectedly ({status})", proc.name);
                 }
             }

@@ -503,7 +503,7 @@ fn strip_ansi(line: &str) -> String {
 }
 
 /// The workspace root: the parent of this crate's directory.
-fn workspace_root() -> Result<PathBuf> {
+pub fn workspace_root() -> Result<PathBuf> {
     let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     manifest_dir
