@@ -1,27 +1,25 @@
-//! Asking a backend what it serves and how loaded it is: a one-shot
-//! HTTP/1.1 GET client, and parsers for vLLM's `/v1/models` (OpenAI list
-//! JSON) and `/metrics` (Prometheus text).
+//! Asking a backend what it serves and how loaded it is: one-shot GETs
+//! with hyper's HTTP/1.1 client, and parsers for vLLM's `/v1/models`
+//! (OpenAI list JSON) and `/metrics` (Prometheus text).
 //!
 //! This is off the request path: it runs from the discovery poller a few
 //! times a second at most, so it favours simplicity (a fresh connection per
 //! GET, `connection: close`, serde_json) over speed. Every read is bounded:
 //! connect and whole-exchange timeouts, at most [`MAX_RESPONSE_BYTES`] of
-//! response; heads and their framing are read by [`crate::http::response`], as on
-//! the request path.
+//! body.
 use std::{net::SocketAddr, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+use http_body_util::{BodyExt as _, Empty, LengthLimitError, Limited};
+use hyper::{
+    Request,
+    body::Bytes,
+    header::{ACCEPT, CONNECTION, HOST, USER_AGENT},
 };
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
-use crate::http::{
-    ChunkLimits, ChunkedDecoder,
-    response::{self, BodyFraming},
-};
-
-/// Largest response (head and body) a probe reads; vLLM's `/metrics` is
-/// tens of kilobytes, its `/v1/models` far less.
+/// Largest response body a probe reads; vLLM's `/metrics` is tens of
+/// kilobytes, its `/v1/models` far less.
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 /// The vLLM gauge counting requests queued for the engine.
@@ -39,18 +37,20 @@ pub enum ProbeError {
     /// The connect or the whole exchange took too long.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    /// Reading or writing the connection failed.
-    #[error("i/o: {0}")]
-    Io(std::io::Error),
-    /// The connection closed before the response was complete.
-    #[error("connection closed mid-response")]
-    Truncated,
-    /// The response is not valid HTTP/1.1.
-    #[error("malformed response: {0}")]
-    Malformed(String),
-    /// The response is larger than [`MAX_RESPONSE_BYTES`].
-    #[error("response over {MAX_RESPONSE_BYTES} bytes")]
+    /// The exchange failed: a reset, a close mid-response, bytes that are
+    /// not HTTP/1.1.
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built (a path or host that is not valid in
+    /// a request head).
+    #[error("request: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// The body is larger than [`MAX_RESPONSE_BYTES`].
+    #[error("response body over {MAX_RESPONSE_BYTES} bytes")]
     TooLarge,
+    /// Reading the body failed otherwise.
+    #[error("reading the body: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Why a `/v1/models` body could not be read as a model list.
@@ -95,83 +95,42 @@ pub async fn get(target: Target<'_>, path: &str) -> Result<Response, ProbeError>
 }
 
 async fn exchange(target: Target<'_>, path: &str) -> Result<Response, ProbeError> {
-    let mut stream = tokio::time::timeout(target.connect_timeout, TcpStream::connect(target.addr))
+    let stream = tokio::time::timeout(target.connect_timeout, TcpStream::connect(target.addr))
         .await
         .map_err(|_| ProbeError::Timeout(target.connect_timeout))?
         .map_err(ProbeError::Connect)?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: prefix-router\r\n\
-         accept: */*\r\nconnection: close\r\n\r\n",
-        target.host
-    );
-    stream
-        .write_all(request.as_bytes())
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    // The connection's own task moves the bytes; it ends with the exchange,
+    // and is stopped if the exchange is given up (a timeout).
+    let _connection = AbortOnDrop(tokio::spawn(connection));
+    let request = Request::get(path)
+        .header(HOST, target.host)
+        .header(USER_AGENT, "prefix-router")
+        .header(ACCEPT, "*/*")
+        .header(CONNECTION, "close")
+        .body(Empty::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
         .await
-        .map_err(ProbeError::Io)?;
-    let mut buf = Vec::with_capacity(8 << 10);
-    loop {
-        let eof = read_more(&mut stream, &mut buf).await?;
-        if let Some(response) = parse_response(&buf, eof)? {
-            return Ok(response);
-        }
-        if eof {
-            return Err(ProbeError::Truncated);
-        }
-    }
+        .map_err(|err| match err.downcast::<hyper::Error>() {
+            Ok(err) => ProbeError::Http(*err),
+            Err(err) if err.is::<LengthLimitError>() => ProbeError::TooLarge,
+            Err(err) => ProbeError::Body(err),
+        })?
+        .to_bytes()
+        .to_vec();
+    Ok(Response { status, body })
 }
 
-/// Reads what is available onto `buf`; true at end of stream.
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<bool, ProbeError> {
-    if buf.len() >= MAX_RESPONSE_BYTES {
-        return Err(ProbeError::TooLarge);
-    }
-    let mut chunk = [0u8; 8 << 10];
-    let room = chunk.len().min(MAX_RESPONSE_BYTES - buf.len());
-    let n = stream
-        .read(&mut chunk[..room])
-        .await
-        .map_err(ProbeError::Io)?;
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(n == 0)
-}
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-/// Parses `buf` (everything received so far) as a response to a GET.
-/// `Ok(None)` while more bytes are needed; `eof` says none will come, which
-/// ends a body that has neither Content-Length nor chunked framing.
-pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, ProbeError> {
-    let mut at = 0;
-    loop {
-        let head = match response::parse_head(&buf[at..], false) {
-            Ok(Some(head)) => head,
-            Ok(None) => return Ok(None),
-            Err(err) => return Err(ProbeError::Malformed(err.to_string())),
-        };
-        // An interim response (100 Continue and friends) precedes the real one.
-        if head.interim {
-            at += head.len;
-            continue;
-        }
-        let body = &buf[at + head.len..];
-        let body = match head.body {
-            BodyFraming::Empty => Some(Vec::new()),
-            BodyFraming::Chunked => {
-                let mut decoder = ChunkedDecoder::new(ChunkLimits::total(MAX_RESPONSE_BYTES));
-                match decoder.decode(body) {
-                    Ok(Some(_)) => Some(decoder.into_body()),
-                    Ok(None) => None,
-                    Err(err) => return Err(ProbeError::Malformed(err.to_string())),
-                }
-            }
-            BodyFraming::Length(len) => match usize::try_from(len) {
-                Ok(len) if len <= MAX_RESPONSE_BYTES => body.get(..len).map(<[u8]>::to_vec),
-                _ => return Err(ProbeError::TooLarge),
-            },
-            BodyFraming::UntilClose => eof.then(|| body.to_vec()),
-        };
-        return Ok(body.map(|body| Response {
-            status: head.status,
-            body,
-        }));
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -366,68 +325,141 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
         }
     }
 
-    #[test]
-    fn response_with_content_length_at_every_split() {
-        let raw =
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\nhello";
-        for split in 0..raw.len() {
-            assert!(
-                parse_response(&raw[..split], false).unwrap().is_none(),
-                "{split}"
-            );
+    /// Serves one connection: reads the request head, checks it is the
+    /// probe's GET, then writes `raw` in pieces of `piece` bytes and
+    /// closes (or, with `hold`, keeps the connection open, silent).
+    async fn serve_raw(raw: Vec<u8>, piece: usize, hold: bool) -> SocketAddr {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed inside the request");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            assert!(head.starts_with("get /probe http/1.1\r\n"), "{head}");
+            assert!(head.contains("host: vllm.test:8000\r\n"), "{head}");
+            for chunk in raw.chunks(piece.max(1)) {
+                stream.write_all(chunk).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            if hold {
+                std::future::pending::<()>().await;
+            }
+        });
+        addr
+    }
+
+    async fn probe(raw: &[u8], piece: usize) -> Result<Response, ProbeError> {
+        probe_within(raw, piece, false, Duration::from_secs(10)).await
+    }
+
+    async fn probe_within(
+        raw: &[u8],
+        piece: usize,
+        hold: bool,
+        timeout: Duration,
+    ) -> Result<Response, ProbeError> {
+        let addr = serve_raw(raw.to_vec(), piece, hold).await;
+        let target = Target {
+            addr,
+            host: "vllm.test:8000",
+            connect_timeout: timeout,
+            timeout,
+        };
+        get(target, "/probe").await
+    }
+
+    #[tokio::test]
+    async fn responses_are_read_whole_whatever_their_framing_and_pieces() {
+        let cases: [(&[u8], u16, &[u8]); 4] = [
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\nhello",
+                200,
+                b"hello",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3\r\nhel\r\n2;ext=1\r\nlo\r\n0\r\n\r\n",
+                200,
+                b"hello",
+            ),
+            // Interim responses are skipped; a body without framing ends
+            // at the close.
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\n\r\nloading",
+                503,
+                b"loading",
+            ),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+        ];
+        for (raw, status, body) in cases {
+            for piece in [1, 7, raw.len()] {
+                let response = probe(raw, piece)
+                    .await
+                    .unwrap_or_else(|err| panic!("{err}: {:?}", String::from_utf8_lossy(raw)));
+                assert_eq!(
+                    (response.status, &response.body[..]),
+                    (status, body),
+                    "pieces of {piece}"
+                );
+            }
         }
-        let response = parse_response(raw, false).unwrap().unwrap();
-        assert_eq!((response.status, &response.body[..]), (200, &b"hello"[..]));
     }
 
-    #[test]
-    fn chunked_response_at_every_split() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
-                    3\r\nhel\r\n2;ext=1\r\nlo\r\n0\r\n\r\n";
-        for split in 0..raw.len() {
-            assert!(
-                parse_response(&raw[..split], false).unwrap().is_none(),
-                "{split}"
-            );
-        }
-        let response = parse_response(raw, false).unwrap().unwrap();
-        assert_eq!(response.body, b"hello");
-    }
-
-    #[test]
-    fn unframed_body_ends_at_close_and_interim_responses_are_skipped() {
-        let raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\n\r\nloading";
-        assert!(parse_response(raw, false).unwrap().is_none());
-        let response = parse_response(raw, true).unwrap().unwrap();
-        assert_eq!(
-            (response.status, &response.body[..]),
-            (503, &b"loading"[..])
-        );
-        let raw = b"HTTP/1.1 204 No Content\r\n\r\n";
-        assert!(parse_response(raw, false).unwrap().unwrap().body.is_empty());
-    }
-
-    #[test]
-    fn malformed_responses_are_errors() {
+    #[tokio::test]
+    async fn malformed_truncated_and_huge_responses_are_errors() {
         for raw in [
             &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            b"",
         ] {
+            let result = probe(raw, raw.len()).await;
             assert!(
-                matches!(parse_response(raw, true), Err(ProbeError::Malformed(_))),
-                "{:?}",
+                matches!(result, Err(ProbeError::Http(_))),
+                "{:?}: {result:?}",
                 String::from_utf8_lossy(raw)
             );
         }
-        let huge = format!(
+        let mut huge = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
             MAX_RESPONSE_BYTES + 1
-        );
+        )
+        .into_bytes();
+        huge.resize(huge.len() + MAX_RESPONSE_BYTES + 1, b'x');
         assert!(matches!(
-            parse_response(huge.as_bytes(), false),
+            probe(&huge, 64 << 10).await,
             Err(ProbeError::TooLarge)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_backend_times_out_and_a_closed_port_fails_to_connect() {
+        let silent = probe_within(b"", 1, true, Duration::from_millis(200)).await;
+        assert!(matches!(silent, Err(ProbeError::Timeout(_))), "{silent:?}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let target = Target {
+            addr,
+            host: "vllm.test:8000",
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+        };
+        let refused = get(target, "/probe").await;
+        assert!(
+            matches!(refused, Err(ProbeError::Connect(_))),
+            "{refused:?}"
+        );
     }
 }

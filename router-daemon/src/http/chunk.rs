@@ -1,7 +1,7 @@
 //! What both directions parse alike: a chunk-size line, a `Content-Length`
 //! value (RFC 9112 §7.1, RFC 9110 §8.6), and a whole chunked body
 //! ([`ChunkedDecoder`]: request bodies, and discovery's responses).
-use super::{MAX_HEADERS, MAX_LINE};
+use super::MAX_LINE;
 
 /// Most hex digits of a chunk size: 15 keep it below 2⁶⁰.
 const MAX_SIZE_DIGITS: usize = 15;
@@ -93,19 +93,6 @@ pub struct ChunkLimits {
     pub trailer_fields: usize,
     /// Most bytes of the trailer section.
     pub trailer_bytes: usize,
-}
-
-impl ChunkLimits {
-    /// Limits for a body that may take `bytes` in all, decoded or as sent,
-    /// with at most [`MAX_HEADERS`] trailer fields.
-    pub fn total(bytes: usize) -> Self {
-        Self {
-            body: bytes,
-            raw: bytes,
-            trailer_fields: MAX_HEADERS,
-            trailer_bytes: bytes,
-        }
-    }
 }
 
 /// Decodes a chunked body as its bytes arrive.
