@@ -2,11 +2,26 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::{
-    backend::{Discovery, Ejection},
+    backend::{
+        Discovery, Ejection,
+        kubernetes::{self, PodSelector},
+    },
     dataplane::{Requested, ResponseTimeouts},
     http::Limits,
     route::Policy,
 };
+
+/// Where the backend set comes from (`--discovery`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The `--backend` URLs.
+    Static,
+    /// Pods watched through the Kubernetes API server.
+    K8s,
+}
+
+/// Where a pod's service account says its namespace is.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// Everything the daemon can be told; each flag has an environment twin.
 #[derive(Clone, Debug, clap::Parser)]
@@ -22,13 +37,36 @@ pub struct Config {
 
     /// A backend URL (http://host:port); repeat the flag, or comma-separate in
     /// the environment variable, for each vLLM instance.
-    #[arg(
-        long = "backend",
-        env = "ROUTER_BACKENDS",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "backend", env = "ROUTER_BACKENDS", value_delimiter = ',')]
     pub backends: Vec<String>,
+
+    /// Where the backends come from: `static`, the `--backend` URLs (host
+    /// names re-resolved every `--resolve-interval-ms`, every address
+    /// counting); or `k8s`, the Ready, non-terminating pods that
+    /// `--k8s-selector` picks in `--k8s-namespace`, watched through the
+    /// Kubernetes API server (in-cluster service account, or KUBECONFIG).
+    #[arg(long, env = "ROUTER_DISCOVERY", value_enum, default_value_t = Source::Static)]
+    pub discovery: Source,
+
+    /// `--discovery k8s`: the namespace whose pods are watched. Default:
+    /// the router's own (its service account's), else `default`.
+    #[arg(long, env = "ROUTER_K8S_NAMESPACE")]
+    pub k8s_namespace: Option<String>,
+
+    /// `--discovery k8s`: the label selector of the vLLM pods. The default
+    /// is the labels production-stack's Helm chart gives its engine pods.
+    #[arg(long, env = "ROUTER_K8S_SELECTOR", default_value = kubernetes::DEFAULT_SELECTOR)]
+    pub k8s_selector: String,
+
+    /// `--discovery k8s`: the vLLM port in each pod, unless
+    /// `--k8s-port-name` names one of its container ports.
+    #[arg(long, env = "ROUTER_K8S_PORT", default_value_t = 8000)]
+    pub k8s_port: u16,
+
+    /// `--discovery k8s`: a container port name whose number is used
+    /// where a pod declares it.
+    #[arg(long, env = "ROUTER_K8S_PORT_NAME")]
+    pub k8s_port_name: Option<String>,
 
     /// How response bytes travel: `sockmap` redirects them in the kernel
     /// (needs privilege; lowest latency), `splice` moves them through a pipe
@@ -383,6 +421,23 @@ impl Config {
         ResponseTimeouts {
             first_byte: bound(self.first_byte_timeout_ms),
             idle: bound(self.response_idle_timeout_ms),
+        }
+    }
+
+    /// The pods `--discovery k8s` takes as backends.
+    pub fn pod_selector(&self) -> PodSelector {
+        let namespace = self.k8s_namespace.clone().unwrap_or_else(|| {
+            std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                .map(|namespace| namespace.trim().to_owned())
+                .ok()
+                .filter(|namespace| !namespace.is_empty())
+                .unwrap_or_else(|| "default".to_owned())
+        });
+        PodSelector {
+            namespace,
+            labels: self.k8s_selector.clone(),
+            port: self.k8s_port,
+            port_name: self.k8s_port_name.clone(),
         }
     }
 

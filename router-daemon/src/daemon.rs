@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 
 use crate::{
     admission::Admission,
-    backend::{self, BackendId, DiscoveryTask, Fleet, StaticSource},
-    config::Config,
+    backend::{
+        self, BackendId, DiscoveryTask, Endpoint, Fleet, StaticSource, kubernetes::PodWatch,
+    },
+    config::{Config, Source},
     dataplane::{Dataplane, listen},
     drain::{self, Drain},
     error::Timeout,
@@ -39,6 +41,12 @@ pub enum RunError {
     /// The admin listener (`--admin-listen`) could not be bound.
     #[error("binding the admin listener: {0}")]
     Admin(std::io::Error),
+    /// `--discovery static` with no `--backend`.
+    #[error("no backend given: pass --backend URL, or --discovery k8s")]
+    NoBackends,
+    /// `--discovery k8s` cannot reach the API server's configuration.
+    #[error(transparent)]
+    Kube(#[from] backend::kubernetes::KubeError),
 }
 
 /// State shared by every connection.
@@ -74,7 +82,18 @@ pub async fn run(
     dataplane: Dataplane,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let mut source = StaticSource::new(&config.backends, config.hosts_file.clone())?;
+    let source = match config.discovery {
+        Source::Static if config.backends.is_empty() => return Err(RunError::NoBackends),
+        Source::Static => Endpoints::Static(StaticSource::new(
+            &config.backends,
+            config.hosts_file.clone(),
+        )?),
+        Source::K8s => {
+            let selector = config.pod_selector();
+            tracing::info!(namespace = %selector.namespace, selector = %selector.labels, "watching pods for backends");
+            Endpoints::Pods(PodWatch::start(selector).await?)
+        }
+    };
     let workers = config.workers();
     let dataplane = Arc::new(
         dataplane
@@ -117,19 +136,37 @@ pub async fn run(
         admission,
         drain: Drain::new(workers),
     });
-    // Resolved once before serving, then followed while `run` serves: the
+    // Known once before serving, then followed while `run` serves: the
     // set's tasks (and the discovery pollers they own) stop when it drops.
     let mut discovery = DiscoveryTask::default();
-    if follow(&shared, &mut source, &mut discovery).await {
-        tracing::warn!("no backend address is known yet; requests are answered 503");
-    }
     let mut upkeep = tokio::task::JoinSet::new();
-    upkeep.spawn(follow_endpoints(
-        Arc::downgrade(&shared),
-        source,
-        discovery,
-        Duration::from_millis(shared.config.resolve_interval_ms),
-    ));
+    match source {
+        Endpoints::Static(mut source) => {
+            if follow(&shared, &mut source, &mut discovery).await {
+                tracing::warn!("no backend address is known yet; requests are answered 503");
+            }
+            upkeep.spawn(follow_endpoints(
+                Arc::downgrade(&shared),
+                source,
+                discovery,
+                Duration::from_millis(shared.config.resolve_interval_ms),
+            ));
+        }
+        Endpoints::Pods(mut pods) => {
+            match tokio::time::timeout(FIRST_LIST, pods.next()).await {
+                Ok(endpoints) => {
+                    if apply(&shared, &endpoints, &mut discovery) {
+                        tracing::warn!("no pod is ready yet; requests are answered 503");
+                    }
+                }
+                Err(_) => tracing::warn!(
+                    "the API server did not list the pods within {} s; requests are answered 503 until it does",
+                    FIRST_LIST.as_secs()
+                ),
+            }
+            upkeep.spawn(follow_pods(Arc::downgrade(&shared), pods, discovery));
+        }
+    }
     tokio::spawn(reap_idle(Arc::downgrade(&shared)));
     let discovery_interval = shared.config.discovery().interval;
     if !discovery_interval.is_zero() {
@@ -194,6 +231,34 @@ pub async fn run(
     Ok(())
 }
 
+/// Where the backend set comes from.
+enum Endpoints {
+    Static(StaticSource),
+    Pods(PodWatch),
+}
+
+/// How long the first pod list may take before the daemon serves anyway.
+const FIRST_LIST: Duration = Duration::from_secs(10);
+
+/// Applies each change of the watched pods (see [`apply`]), for as long as
+/// the daemon's state lives; owns the discovery pollers.
+async fn follow_pods(
+    shared: std::sync::Weak<Shared>,
+    mut pods: PodWatch,
+    mut discovery: DiscoveryTask,
+) {
+    loop {
+        let endpoints = pods.next().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let had_backends = !shared.backends.snapshot().all().is_empty();
+        if apply(&shared, &endpoints, &mut discovery) && had_backends {
+            tracing::warn!("no pod is ready any more; requests are answered 503");
+        }
+    }
+}
+
 /// Resolves the endpoints again every `interval` (never when zero) and
 /// applies them (see [`follow`]), for as long as the daemon's state lives;
 /// owns the discovery pollers.
@@ -218,16 +283,21 @@ async fn follow_endpoints(
     }
 }
 
-/// Resolves `source` once and makes the result the fleet: new backends are
-/// polled by `discovery`; departed ones lose their prefix index entries
-/// (their connections close as the pool meets them). Returns whether the
-/// fleet is empty.
+/// Resolves `source` once and makes the result the fleet (see [`apply`]).
+/// Returns whether the fleet is empty.
 async fn follow(shared: &Shared, source: &mut StaticSource, discovery: &mut DiscoveryTask) -> bool {
     let (endpoints, failures) = source.resolve().await;
     for failure in failures {
         tracing::warn!(error = %failure, "resolving a backend failed; its last addresses stand");
     }
-    let change = shared.backends.apply(&endpoints);
+    apply(shared, &endpoints, discovery)
+}
+
+/// Makes `endpoints` the fleet: new backends are polled by `discovery`;
+/// departed ones lose their prefix index entries (their connections close
+/// as the pool meets them). Returns whether the fleet is empty.
+fn apply(shared: &Shared, endpoints: &[Endpoint], discovery: &mut DiscoveryTask) -> bool {
+    let change = shared.backends.apply(endpoints);
     for backend in &change.added {
         tracing::info!(backend = %backend.url, addr = %backend.addr, "backend added");
         discovery.watch(backend, shared.config.discovery());

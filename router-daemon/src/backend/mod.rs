@@ -35,6 +35,7 @@ pub mod discovery;
 pub mod endpoints;
 pub mod fleet;
 pub mod health;
+pub mod kubernetes;
 pub mod probe;
 
 use std::{
