@@ -7,6 +7,7 @@
 //! - [`test`](mod@test): fmt, clippy and the workspace tests, as CI runs them.
 //! - [`bench`](mod@bench): the workspace benchmarks.
 //! - [`fuzz`]: the cargo-fuzz targets, run for a while each.
+//! - [`kube`]: etcd and kube-apiserver for the Kubernetes discovery tests.
 //! - [`peers`]: installs the peer routers the quality benchmark compares with.
 //!
 //! This file only parses the command line and dispatches.
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod control;
 mod fuzz;
+mod kube;
 mod peers;
 mod run;
 mod setup;

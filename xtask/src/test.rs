@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Result, bail};
 
 use crate::{
-    fuzz,
+    fuzz, kube,
     setup::{self, Toolchain},
 };
 
@@ -63,7 +63,27 @@ pub fn run(args: Args) -> Result<()> {
     // SDK tests) go here, before `test`.
     stages.record("python-deps", python_test_deps());
 
+    // The Kubernetes discovery tests' API server, built once per machine.
+    let control_plane = match kube::ensure() {
+        Ok(control_plane) => {
+            stages.record("kube", Ok(()));
+            Some(control_plane)
+        }
+        Err(err) if setup::is_ci() => {
+            stages.record("kube", Err(err));
+            None
+        }
+        Err(err) => {
+            eprintln!("xtask test: kube: {err:#}\n       the Kubernetes discovery tests will skip");
+            None
+        }
+    };
+
     let mut test = test_command(&toolchain, &args);
+    if let Some(control_plane) = &control_plane {
+        test.env("ROUTER_TEST_KUBE_APISERVER", &control_plane.apiserver)
+            .env("ROUTER_TEST_ETCD", &control_plane.etcd);
+    }
     stages.run("test", &mut test);
 
     // Each fuzz target for a bounded time: a crash fails the run.

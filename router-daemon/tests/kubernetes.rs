@@ -1,0 +1,533 @@
+//! `--discovery k8s` against a real API server: etcd and kube-apiserver
+//! (built by `cargo xtask test`, see `xtask/src/kube.rs`), no kubelet. The
+//! test creates pods and patches their status as a kubelet would (Ready or
+//! not, a pod IP of 127.0.0.x, where a vllm-sim listens), and runs the
+//! router binary with a kubeconfig for that API server.
+//!
+//! One control plane serves the whole scenario (it takes seconds to start):
+//! pods appear and become ready; the selector and the namespace filter;
+//! readiness lost and regained; a pod terminating while its stream runs
+//! (the stream completes); the API server restarted after a pod was deleted
+//! behind its back (straight from etcd), so only a new list can show it;
+//! scale to zero (503 with Retry-After) and back.
+mod common;
+
+use std::{
+    net::{Ipv4Addr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::Daemon;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+/// Bound on every wait, so a hang fails instead of stalling CI.
+const WAIT: Duration = Duration::from_secs(60);
+const MODEL: &str = "org/model";
+const TOKEN: &str = "router-test-token";
+const NAMESPACE: &str = "vllm";
+const LABELS: [(&str, &str); 2] = [("environment", "test"), ("release", "test")];
+
+/// The control plane's binaries, from `cargo xtask test`; `None` (the test
+/// skips) when run otherwise, unless CI requires it.
+fn binaries() -> Option<(PathBuf, PathBuf)> {
+    let apiserver = std::env::var_os("ROUTER_TEST_KUBE_APISERVER").map(PathBuf::from);
+    let etcd = std::env::var_os("ROUTER_TEST_ETCD").map(PathBuf::from);
+    match (apiserver, etcd) {
+        (Some(apiserver), Some(etcd)) => Some((apiserver, etcd)),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true: the Kubernetes tests need ROUTER_TEST_KUBE_APISERVER and ROUTER_TEST_ETCD (cargo xtask test sets them)"
+            );
+            eprintln!(
+                "skipped: run through `cargo xtask test`, which builds kube-apiserver and sets ROUTER_TEST_KUBE_APISERVER"
+            );
+            None
+        }
+    }
+}
+
+/// A free port on 127.0.0.1 (bound and released: the processes take it
+/// by number).
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// etcd and kube-apiserver in a temporary directory.
+struct ControlPlane {
+    dir: PathBuf,
+    apiserver_bin: PathBuf,
+    etcd_port: u16,
+    port: u16,
+    _etcd: Proc,
+    apiserver: Option<Proc>,
+    kubeconfig: PathBuf,
+}
+
+impl ControlPlane {
+    fn start(apiserver_bin: PathBuf, etcd_bin: &Path) -> Self {
+        let dir = std::env::temp_dir().join(format!("router-kube-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("certs")).expect("temp dir");
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl");
+            assert!(status.success(), "openssl {args:?}");
+        };
+        openssl(&["genrsa", "-out", "sa.key", "2048"]);
+        openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{TOKEN},admin,admin,system:masters\n"),
+        )
+        .expect("tokens");
+        let (etcd_port, peer_port, port) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd = Command::new(etcd_bin)
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &etcd_url])
+            .args(["--advertise-client-urls", &etcd_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\n\
+                 users:\n- name: admin\n  user:\n    token: {TOKEN}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\ncurrent-context: test\n"
+            ),
+        )
+        .expect("kubeconfig");
+        let mut plane = Self {
+            dir,
+            apiserver_bin,
+            etcd_port,
+            port,
+            _etcd: Proc(etcd),
+            apiserver: None,
+            kubeconfig,
+        };
+        plane.start_apiserver();
+        plane
+    }
+
+    fn start_apiserver(&mut self) {
+        let dir = &self.dir;
+        let child = Command::new(&self.apiserver_bin)
+            .arg(format!(
+                "--etcd-servers=http://127.0.0.1:{}",
+                self.etcd_port
+            ))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--secure-port={}", self.port))
+            .arg(format!("--cert-dir={}", dir.join("certs").display()))
+            .arg(format!(
+                "--token-auth-file={}",
+                dir.join("tokens.csv").display()
+            ))
+            .args(["--authorization-mode=RBAC", "--allow-privileged=true"])
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg(format!(
+                "--service-account-key-file={}",
+                dir.join("sa.pub").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                dir.join("sa.key").display()
+            ))
+            .args([
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--insecure-port=0",
+            ])
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kube-apiserver");
+        self.apiserver = Some(Proc(child));
+    }
+
+    fn stop_apiserver(&mut self) {
+        self.apiserver = None;
+    }
+
+    async fn client(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("config");
+        Client::try_from(config).expect("client")
+    }
+
+    /// Waits until the API server answers a namespace list.
+    async fn ready(&self) -> Client {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let client = self.client().await;
+            let namespaces: Api<Namespace> = Api::all(client.clone());
+            if namespaces.list(&Default::default()).await.is_ok() {
+                return client;
+            }
+            assert!(Instant::now() < deadline, "the API server did not start");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Deletes a pod straight from etcd (its v3 JSON gateway), as if it
+    /// went while nobody watched.
+    async fn delete_behind_the_back(&self, name: &str) {
+        use base64_like::encode;
+        let key = encode(format!("/registry/pods/{NAMESPACE}/{name}").as_bytes());
+        let body = json!({ "key": key }).to_string();
+        let mut stream = TcpStream::connect(("127.0.0.1", self.etcd_port))
+            .await
+            .expect("connect etcd");
+        let request = format!(
+            "POST /v3/kv/deleterange HTTP/1.1\r\nhost: etcd\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("\"deleted\":\"1\""), "{response}");
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.apiserver = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Standard base64, for etcd's JSON gateway (keys are bytes).
+mod base64_like {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A vllm-sim on `ip:port`, named `id`; with `paced`, in real time at
+/// 20 ms a token (else as fast as it can).
+async fn sim(id: &str, ip: Ipv4Addr, port: u16, paced: bool) {
+    let mut config = vllm_sim::Config::for_tests(id);
+    config.model = MODEL.to_owned();
+    if paced {
+        config.time_scale = 1.0;
+        config.itl_ms = 20.0;
+    }
+    let listener = tokio::net::TcpListener::bind((ip, port))
+        .await
+        .expect("bind sim");
+    tokio::spawn(async move {
+        let _ = vllm_sim::serve(listener, config, std::future::pending()).await;
+    });
+}
+
+/// A pod `name` in `namespace` with `labels`, bound to a node no kubelet
+/// runs (so a graceful delete leaves it terminating).
+fn pod(name: &str, labels: &[(&str, &str)]) -> Pod {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": labels },
+        "spec": {
+            "nodeName": "no-kubelet",
+            "containers": [{ "name": "vllm", "image": "vllm/vllm-openai" }]
+        }
+    }))
+    .expect("pod")
+}
+
+/// Patches a pod's status as a kubelet would.
+async fn set_status(pods: &Api<Pod>, name: &str, ip: Ipv4Addr, ready: bool) {
+    let status = json!({
+        "status": {
+            "phase": "Running",
+            "podIP": ip.to_string(),
+            "conditions": [{ "type": "Ready", "status": if ready { "True" } else { "False" } }]
+        }
+    });
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("patch status");
+}
+
+/// A completion with prompt number `i`: the status and who served it.
+async fn complete(router: &str, i: usize) -> (u16, String, String) {
+    let body = json!({"model": MODEL, "prompt": format!("Pod question {i}: why is the sky blue?"), "max_tokens": 4})
+        .to_string();
+    let mut stream = TcpStream::connect(router).await.expect("connect router");
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let served_by = text
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("x-served-by:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, served_by, text)
+}
+
+/// Who serves 16 prompts never sent before (a prompt sent before stays
+/// where its prefix is cached), sorted and deduplicated.
+async fn serving(router: &str) -> Vec<String> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1000);
+    let mut who = Vec::new();
+    for _ in 0..16 {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (status, by, text) = complete(router, i).await;
+        assert_eq!(status, 200, "{text}");
+        who.push(by);
+    }
+    who.sort();
+    who.dedup();
+    who
+}
+
+/// Waits until 16 prompts are served by exactly `expected`.
+async fn until_served_by(router: &str, expected: &[&str]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let who = serving(router).await;
+        if who == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "served by {who:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_come_and_go_and_the_router_follows() {
+    let Some((apiserver, etcd)) = binaries() else {
+        return;
+    };
+    let mut plane = ControlPlane::start(apiserver, &etcd);
+    let client = plane.ready().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for namespace in [NAMESPACE, "elsewhere"] {
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+    }
+
+    // Simulators on 127.0.0.2-5, one port.
+    let port = free_port();
+    let ip = |last: u8| Ipv4Addr::new(127, 0, 0, last);
+    for (id, last) in [
+        ("a", 2),
+        ("b", 3),
+        ("other-labels", 4),
+        ("other-namespace", 5),
+    ] {
+        sim(id, ip(last), port, id == "b").await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let elsewhere: Api<Pod> = Api::namespaced(client.clone(), "elsewhere");
+    let create = PostParams::default();
+    pods.create(&create, &pod("a", &LABELS))
+        .await
+        .expect("pod a");
+    pods.create(&create, &pod("b", &LABELS))
+        .await
+        .expect("pod b");
+    pods.create(&create, &pod("other-labels", &[("app", "else")]))
+        .await
+        .expect("pod other-labels");
+    elsewhere
+        .create(&create, &pod("other-namespace", &LABELS))
+        .await
+        .expect("pod other-namespace");
+    set_status(&pods, "a", ip(2), true).await;
+    set_status(&pods, "b", ip(3), false).await;
+    set_status(&pods, "other-labels", ip(4), true).await;
+    set_status(&elsewhere, "other-namespace", ip(5), true).await;
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
+    command
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .args(["--listen", "127.0.0.1:0", "--discovery", "k8s"])
+        .args([
+            "--k8s-namespace",
+            NAMESPACE,
+            "--k8s-port",
+            &port.to_string(),
+        ])
+        .args(["--discovery-interval-ms", "200", "--dataplane", "userspace"]);
+    let mut daemon = tokio::task::block_in_place(|| Daemon::start(command));
+    let router = daemon.listen.clone();
+
+    // Only the ready pod that matches, in the namespace.
+    until_served_by(&router, &["a"]).await;
+    // b becomes ready; the other two never count.
+    set_status(&pods, "b", ip(3), true).await;
+    until_served_by(&router, &["a", "b"]).await;
+    // b loses readiness, and gets it back.
+    set_status(&pods, "b", ip(3), false).await;
+    until_served_by(&router, &["a"]).await;
+    set_status(&pods, "b", ip(3), true).await;
+    until_served_by(&router, &["a", "b"]).await;
+
+    // b terminates while a stream runs on it: the stream completes.
+    let mut on_b = None;
+    for i in 0..64 {
+        if complete(&router, i).await.1 == "b" {
+            on_b = Some(i);
+            break;
+        }
+    }
+    let on_b = on_b.expect("a prompt served by b");
+    let body = json!({"model": MODEL, "prompt": format!("Pod question {on_b}: why is the sky blue?"), "max_tokens": 200, "stream": true}).to_string();
+    let mut stream = TcpStream::connect(&router).await.expect("connect");
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut first = [0u8; 256];
+    let n = stream.read(&mut first).await.expect("first bytes");
+    assert!(String::from_utf8_lossy(&first[..n]).contains("x-served-by: b"));
+    pods.delete("b", &DeleteParams::default())
+        .await
+        .expect("graceful delete");
+    until_served_by(&router, &["a"]).await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends")
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&rest).contains("data: [DONE]"),
+        "the stream on the terminating pod completed"
+    );
+    pods.delete(
+        "b",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .expect("delete");
+
+    // The API server goes away; a pod is deleted behind its back; it comes
+    // back. Only a new list shows the deletion.
+    pods.create(&create, &pod("c", &LABELS))
+        .await
+        .expect("pod c");
+    sim("c", ip(6), port, false).await;
+    set_status(&pods, "c", ip(6), true).await;
+    until_served_by(&router, &["a", "c"]).await;
+    plane.stop_apiserver();
+    plane.delete_behind_the_back("c").await;
+    plane.start_apiserver();
+    plane.ready().await;
+    until_served_by(&router, &["a"]).await;
+
+    // Scale to zero: 503 with Retry-After; then back.
+    pods.delete(
+        "a",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .expect("delete a");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _, text) = complete(&router, 0).await;
+        if status == 503 {
+            assert!(
+                text.to_ascii_lowercase().contains("retry-after: 1"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pods.create(&create, &pod("a", &LABELS))
+        .await
+        .expect("pod a again");
+    set_status(&pods, "a", ip(2), true).await;
+    until_served_by(&router, &["a"]).await;
+    assert!(daemon.try_wait().is_none(), "the router kept running");
+}
