@@ -47,7 +47,9 @@ pub fn ensure() -> Result<ControlPlane> {
     let dir = cache_dir()?.join(format!("kubernetes-{VERSION}"));
     let apiserver = dir.join("kube-apiserver");
     let etcd = PathBuf::from("/usr/bin/etcd");
-    if apiserver.is_file() && etcd.is_file() {
+    // The tests make the API server's service-account key with openssl.
+    let openssl = Path::new("/usr/bin/openssl");
+    if apiserver.is_file() && etcd.is_file() && openssl.is_file() {
         return Ok(ControlPlane { apiserver, etcd });
     }
     apt_packages()?;
@@ -57,7 +59,8 @@ pub fn ensure() -> Result<ControlPlane> {
     Ok(ControlPlane { apiserver, etcd })
 }
 
-/// etcd, and Go and rsync for the build, from Debian.
+/// etcd and openssl for the tests, Go and rsync for the build, from
+/// Debian.
 fn apt_packages() -> Result<()> {
     if !Path::new(DEB_SRC).is_file() {
         fs::write(
@@ -70,7 +73,7 @@ fn apt_packages() -> Result<()> {
     run(Command::new("apt-get").args(["update", "-q"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(["golang-go", "rsync", "etcd-server"])
+        .args(["golang-go", "rsync", "etcd-server", "openssl"])
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
