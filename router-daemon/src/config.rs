@@ -68,6 +68,13 @@ pub struct Config {
     #[arg(long, env = "ROUTER_K8S_PORT_NAME")]
     pub k8s_port_name: Option<String>,
 
+    /// `--discovery k8s`: the node the router runs on (the downward API's
+    /// `spec.nodeName`). Its pods win when costs are close: a tie, or
+    /// against a pod cheaper by less than half a request of load; never
+    /// against a cached prefix or its rendezvous placement.
+    #[arg(long, env = "ROUTER_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// How response bytes travel: `sockmap` redirects them in the kernel
     /// (needs privilege; lowest latency), `splice` moves them through a pipe
     /// with splice(2), `userspace` copies them through the daemon; `auto` is
@@ -438,6 +445,7 @@ impl Config {
             labels: self.k8s_selector.clone(),
             port: self.k8s_port,
             port_name: self.k8s_port_name.clone(),
+            node: self.node_name.clone(),
         }
     }
 

@@ -855,6 +855,7 @@ fn loads<'a>(
             BackendLoad::new(&backend.url, backend.in_flight())
                 .with_waiting(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
                 .with_prefill(backend.prefilling())
+                .with_local(backend.local)
         })
         .collect()
 }

@@ -39,6 +39,9 @@ pub struct Endpoint {
     pub authority: String,
     /// The address the router connects to.
     pub addr: SocketAddr,
+    /// On the router's own node (`--discovery k8s` with `--node-name`):
+    /// preferred when costs are close.
+    pub local: bool,
 }
 
 /// A `--backend` URL, checked once, resolved as often as asked.
@@ -138,6 +141,7 @@ impl Url {
                 name: self.given.clone(),
                 authority: self.authority.clone(),
                 addr: SocketAddr::new(ip, self.port),
+                local: false,
             }]);
         }
         let mut ips = lookup_hosts(hosts, &self.host);
@@ -177,6 +181,7 @@ impl Url {
                     name: format!("http://{addr}"),
                     authority: self.authority.clone(),
                     addr,
+                    local: false,
                 }
             })
             .collect())

@@ -118,6 +118,7 @@ mod tests {
             name: format!("http://{addr}"),
             authority: "vllm.test:8000".into(),
             addr,
+            local: false,
         }
     }
 

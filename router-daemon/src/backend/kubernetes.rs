@@ -39,6 +39,9 @@ pub struct PodSelector {
     pub port: u16,
     /// A container port name whose number is used where a pod has it.
     pub port_name: Option<String>,
+    /// The router's own node (`--node-name`): its pods are preferred when
+    /// costs are close.
+    pub node: Option<String>,
 }
 
 /// Why pods cannot be watched.
@@ -163,10 +166,12 @@ pub fn endpoint(pod: &Pod, selector: &PodSelector) -> Option<Endpoint> {
         .and_then(|name| named_port(pod, name))
         .unwrap_or(selector.port);
     let addr = SocketAddr::new(ip, port);
+    let node = pod.spec.as_ref().and_then(|spec| spec.node_name.as_deref());
     Some(Endpoint {
         name: format!("http://{addr}"),
         authority: addr.to_string(),
         addr,
+        local: node.is_some() && node == selector.node.as_deref(),
     })
 }
 
@@ -196,6 +201,7 @@ mod tests {
             labels: DEFAULT_SELECTOR.into(),
             port: 8000,
             port_name: port_name.map(str::to_owned),
+            node: Some("gpu-1".into()),
         }
     }
 
@@ -239,6 +245,20 @@ mod tests {
         let mut terminating = pod(Some("10.1.2.3"), "True");
         terminating.metadata.deletion_timestamp = Some(Time(Default::default()));
         assert!(endpoint(&terminating, &selector(None)).is_none());
+    }
+
+    #[test]
+    fn pods_on_the_router_s_node_are_local() {
+        let mut on_node = pod(Some("10.1.2.3"), "True");
+        let elsewhere = endpoint(&on_node, &selector(None)).expect("ready");
+        assert!(!elsewhere.local, "no node name: not local");
+        if let Some(spec) = on_node.spec.as_mut() {
+            spec.node_name = Some("gpu-1".into());
+        }
+        assert!(endpoint(&on_node, &selector(None)).expect("ready").local);
+        let mut unnamed = selector(None);
+        unnamed.node = None;
+        assert!(!endpoint(&on_node, &unnamed).expect("ready").local);
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct Backend {
     pub url: String,
     /// The resolved address the router connects to.
     pub addr: SocketAddr,
+    /// On the router's own node: preferred when costs are close.
+    pub local: bool,
     /// `host:port`, sent as the `Host` header of probes.
     authority: String,
     in_flight: AtomicUsize,
@@ -144,6 +146,7 @@ impl Backend {
             id: BackendId::next(),
             url: endpoint.name.clone(),
             addr: endpoint.addr,
+            local: endpoint.local,
             authority: endpoint.authority.clone(),
             in_flight: AtomicUsize::new(0),
             prefilling: AtomicUsize::new(0),

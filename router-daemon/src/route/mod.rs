@@ -134,6 +134,9 @@ pub struct BackendLoad<'a> {
     /// Key bytes of this router's requests there that the backend has not
     /// begun to answer: prefill queued ahead of a new request.
     pub prefill: usize,
+    /// On the router's own node: wins when costs are close (see
+    /// `policy::LOCAL_MARGIN`).
+    pub local: bool,
 }
 
 impl<'a> BackendLoad<'a> {
@@ -144,7 +147,14 @@ impl<'a> BackendLoad<'a> {
             in_flight,
             waiting: 0,
             prefill: 0,
+            local: false,
         }
+    }
+
+    /// The same view, on the router's own node or not.
+    #[must_use]
+    pub fn with_local(self, local: bool) -> Self {
+        Self { local, ..self }
     }
 
     /// The same view with `waiting` queued requests.

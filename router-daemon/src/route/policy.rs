@@ -361,9 +361,13 @@ pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
         |i: usize| policy.in_requests(policy.affinity_weight * input.matched(i) as f64 / 1024.0);
     let keeps = |i: usize| (backends[i].load() as f64) < bound as f64 + slack(i);
     let candidates = (0..backends.len()).filter(|&i| keeps(i));
-    let pick = cheapest(backends, input.placement, candidates, |i| {
-        policy.follow_cost(input, i)
-    })
+    let pick = cheapest(
+        backends,
+        input.placement,
+        policy.load_weight,
+        candidates,
+        |i| policy.follow_cost(input, i),
+    )
     .unwrap_or_else(|| least_loaded(backends));
     let longest = input.longest();
     let holds_longest = |i: usize| input.matched(i) == longest;
@@ -423,7 +427,14 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
         policy.placement_cost(input, i) - bonus
     };
     let candidates = (0..backends.len()).filter(|&i| qualifies(i));
-    let pick = cheapest(backends, input.placement, candidates, favoured).unwrap_or(winner);
+    let pick = cheapest(
+        backends,
+        input.placement,
+        policy.load_weight,
+        candidates,
+        favoured,
+    )
+    .unwrap_or(winner);
     let reason = if pick == winner {
         on_rendezvous(pick)
     } else {
@@ -432,16 +443,34 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
     Some((pick, reason))
 }
 
-/// The cheapest of `candidates` by `cost`, ties going to the higher
-/// rendezvous score for `seed`; None when there are none.
+/// How much cheaper, in load units, a backend on the router's own node
+/// counts ([`BackendLoad::local`], `--node-name`): half a request. So a
+/// local backend wins a tie, or against a remote one that is cheaper by
+/// less than half a request of load, but never against one with a whole
+/// request less, nor against the rendezvous lead that keeps a prefix's
+/// family together (worth more than a network hop across nodes).
+pub const LOCAL_MARGIN: f64 = 0.5;
+
+/// The cheapest of `candidates` by `cost` (a backend on the router's node
+/// cheaper by [`LOCAL_MARGIN`] requests of `load_weight`), ties going to
+/// the higher rendezvous score for `seed`; None when there are none.
 fn cheapest(
     backends: &[BackendLoad],
     seed: u64,
+    load_weight: f64,
     candidates: impl Iterator<Item = usize>,
     cost: impl Fn(usize) -> f64,
 ) -> Option<usize> {
+    let weighed = |i: usize| {
+        let local = if backends[i].local {
+            LOCAL_MARGIN * load_weight
+        } else {
+            0.0
+        };
+        cost(i) - local
+    };
     candidates.min_by(|&a, &b| {
-        cost(a).total_cmp(&cost(b)).then_with(|| {
+        weighed(a).total_cmp(&weighed(b)).then_with(|| {
             rendezvous(backends[b].name, seed).cmp(&rendezvous(backends[a].name, seed))
         })
     })
@@ -508,6 +537,7 @@ mod tests {
                 in_flight,
                 waiting,
                 prefill: 0,
+                local: false,
             })
             .collect()
     }
@@ -617,6 +647,33 @@ mod tests {
         };
         let d = choose(&heavy, &input).unwrap();
         assert_eq!((d.backend, d.reason), (2, Reason::LeastLoaded));
+    }
+
+    #[test]
+    fn a_backend_on_the_router_s_node_wins_only_when_costs_are_close() {
+        // Two backends hold the prefix; equal loads: rendezvous decides.
+        let matched = [4096, 4096, 0];
+        let mut v = views(&[(1, 0), (1, 0), (0, 0)]);
+        let by_rendezvous = choose(&Policy::default(), &inputs(&v, &matched, 100))
+            .unwrap()
+            .backend;
+        let other = 1 - by_rendezvous;
+        // The other one is on the router's node: the tie goes to it.
+        v[other].local = true;
+        let d = choose(&Policy::default(), &inputs(&v, &matched, 100)).unwrap();
+        assert_eq!(d.backend, other);
+        // One more request there is more than the margin.
+        v[other].in_flight = 2;
+        let d = choose(&Policy::default(), &inputs(&v, &matched, 100)).unwrap();
+        assert_eq!(d.backend, by_rendezvous);
+        // And a cached prefix elsewhere beats being local.
+        v[other].in_flight = 1;
+        let only_one = [4096, 0, 0];
+        v[0].local = false;
+        v[1].local = false;
+        v[2].local = true;
+        let d = choose(&Policy::default(), &inputs(&v, &only_one, 100)).unwrap();
+        assert_eq!(d.backend, 0);
     }
 
     #[test]
@@ -917,7 +974,7 @@ mod tests {
             let v: Vec<BackendLoad> = loads
                 .iter()
                 .zip(NAMES)
-                .map(|(&(in_flight, waiting, prefill), name)| BackendLoad { name, in_flight, waiting, prefill })
+                .map(|(&(in_flight, waiting, prefill), name)| BackendLoad { name, in_flight, waiting, prefill, local: false })
                 .collect();
             let policy = Policy {
                 epsilon,

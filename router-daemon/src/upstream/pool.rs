@@ -208,6 +208,7 @@ mod tests {
             name: format!("http://127.0.0.1:{port}"),
             authority: format!("127.0.0.1:{port}"),
             addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            local: false,
         };
         fleet.apply(&[endpoint(1), endpoint(2)]);
         let backends = fleet.snapshot().all().to_vec();
