@@ -451,7 +451,7 @@ async fn proxy(
         if let Some(input) = &input {
             shared
                 .router
-                .record(&mut buffers.walk, &input.key, &backend.url);
+                .record(&buffers.walk, &input.key, &backend.url);
         }
         info!(
             request_id = %request_id,
@@ -507,6 +507,12 @@ async fn proxy(
             break (result, backend);
         };
         retries.inc();
+        if let Some(input) = &input {
+            // It cached nothing: its siblings should not follow it there.
+            shared
+                .router
+                .forget(&buffers.walk, &input.key, &backend.url);
+        }
         warn!(request_id = %request_id, backend = %backend.url, "backend {why}; sending the request to the next one");
         leg = connect(
             &buffers.order[tried..attempts],

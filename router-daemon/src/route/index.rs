@@ -168,6 +168,19 @@ impl Shard {
         self.put_young(hash, entry, cap);
     }
 
+    /// Takes `id` off the entry of `hash`, in either generation; an entry
+    /// left with no holder goes.
+    fn release(&mut self, hash: u64, id: BackendId) {
+        for generation in [&mut self.young, &mut self.old] {
+            if let Some(entry) = generation.get_mut(&hash) {
+                if entry.release(id) {
+                    generation.remove(&hash);
+                }
+                return;
+            }
+        }
+    }
+
     fn put_young(&mut self, hash: u64, entry: Entry, cap: usize) {
         if self.young.len() >= cap {
             // Age the young generation; reuse the old one's allocation.
@@ -509,6 +522,42 @@ impl PrefixIndex {
         }
     }
 
+    /// Undoes [`record`](Self::record) of `key` (whose walk is `walk`, its
+    /// lookup done) on backend `id`, which took the request but cached
+    /// nothing of it (it answered 503): `id` leaves the entries the lookup
+    /// did not already find it in, and entries left with no holder go. What
+    /// `id` held before, such as a system prompt its earlier requests
+    /// shared, stays.
+    pub fn forget(&self, walk: &Walk, key: &[u8], id: BackendId) {
+        let Some(last) = walk.hashes.len().checked_sub(1) else {
+            return;
+        };
+        let held_before = |i: usize| walk.seen.get(i).is_some_and(|e| e.holders.contains(&id));
+        let tail = &key[(last * self.block).min(key.len())..];
+        let tail_hash = (!tail.is_empty())
+            .then(|| xxh3_64_with_seed(tail, walk.hashes[last] ^ TAIL_SALT))
+            .filter(|&hash| {
+                !matches!(walk.tail_seen, Some((h, e)) if h == hash && e.holders.contains(&id))
+            });
+        for s in 0..self.shards.len() {
+            let group = &walk.order[walk.starts[s] as usize..walk.starts[s + 1] as usize];
+            let added = group
+                .iter()
+                .map(|&i| i as usize)
+                .filter(|&i| !held_before(i))
+                .map(|i| walk.hashes[i]);
+            let tail_here = tail_hash.filter(|&hash| self.shard_of(hash) == s);
+            let mut added = added.chain(tail_here).peekable();
+            if added.peek().is_none() {
+                continue;
+            }
+            let mut shard = self.lock(s);
+            for hash in added {
+                shard.release(hash, id);
+            }
+        }
+    }
+
     /// The longest known prefix of `key` for each backend (lookup only).
     pub fn lookup(&self, model: &[u8], key: &[u8]) -> Matches {
         self.longest_matches(&mut self.walk(model, key), key)
@@ -611,6 +660,35 @@ mod tests {
         assert_eq!(m.get(1), 12);
         assert_eq!(m.get(2), 12);
         assert_eq!(index.lookup(MODEL, b"system prompt|bob, again").get(2), 17);
+    }
+
+    /// Looks `key` up, records it on `id` and forgets it there again, as a
+    /// request that met a 503 does.
+    fn record_then_forget(index: &PrefixIndex, key: &[u8], id: BackendId) {
+        let mut walk = index.walk(MODEL, key);
+        index.longest_matches(&mut walk, key);
+        index.record(&walk, key, id);
+        assert_eq!(index.lookup(MODEL, key).get(id), key.len());
+        index.forget(&walk, key, id);
+    }
+
+    #[test]
+    fn forgetting_undoes_only_what_the_record_added() {
+        let index = PrefixIndex::new(4, 1024);
+        index.insert(MODEL, b"system prompt|alice", 1);
+        // Backend 2 answered 503 to a sibling: it holds none of it.
+        record_then_forget(&index, b"system prompt|bob", 2);
+        let m = index.lookup(MODEL, b"system prompt|bob");
+        assert_eq!((m.get(1), m.get(2), m.whole), (12, 0, 0));
+        // What backend 2 held before a 503 stays: here the shared part.
+        index.insert(MODEL, b"system prompt|carol", 2);
+        record_then_forget(&index, b"system prompt|dave, a longer one", 2);
+        let m = index.lookup(MODEL, b"system prompt|dave, a longer one");
+        assert_eq!((m.get(1), m.get(2)), (12, 12));
+        // A prompt no one else held leaves no entry behind.
+        let entries = index.len();
+        record_then_forget(&index, b"a prompt of its own, tail included", 3);
+        assert_eq!(index.len(), entries);
     }
 
     #[test]

@@ -327,11 +327,17 @@ impl Router {
     }
 
     /// Records that the backend called `name` now holds `key`, the key of
-    /// the request whose [`Router::select`] left its hashes in `walk`; then
-    /// lets `walk` give back buffers a long prompt grew.
-    pub fn record(&self, walk: &mut Walk, key: &[u8], name: &str) {
+    /// the request whose [`Router::select`] left its hashes in `walk` (the
+    /// caller gives back a long prompt's buffers once done with the request:
+    /// a retry records the same walk again).
+    pub fn record(&self, walk: &Walk, key: &[u8], name: &str) {
         self.index.record(walk, key, index::backend_id(name));
-        walk.shrink();
+    }
+
+    /// Undoes [`Router::record`] of `key` on the backend called `name`,
+    /// which took the request but cached nothing of it (it answered 503).
+    pub fn forget(&self, walk: &Walk, key: &[u8], name: &str) {
+        self.index.forget(walk, key, index::backend_id(name));
     }
 
     /// The decision for `request`, hashing its key into `walk`; records
@@ -698,7 +704,7 @@ mod tests {
         let took = *order.last().unwrap();
         assert_ne!(took, chosen.backend);
         assert_eq!(router.index_len(), 0, "select alone records nothing");
-        router.record(&mut walk, first.as_bytes(), backends[took].name);
+        router.record(&walk, first.as_bytes(), backends[took].name);
         let d = route(&router, MODEL, second.as_bytes(), &backends).unwrap();
         assert_eq!((d.backend, d.reason), (took, Reason::PrefixMatch));
         assert_eq!(d.matched, first.len());

@@ -3,6 +3,7 @@
 //!
 //! - A 503 that reached no client byte sends the request on to the other
 //!   backend; with `--retries 0` the client gets the backend's own 503.
+//!   The prefix index then holds the prompt only where it was served.
 //! - A backend that resets inside its response head, or accepts and never
 //!   answers, fails its requests (502, 504: they may have reached the
 //!   engine, so they are not retried), is ejected after
@@ -231,6 +232,62 @@ async fn a_503_goes_to_the_next_backend(mode: Mode) {
     assert!(served.iter().any(|(_, by)| by == "bad"), "{served:?}");
 }
 
+/// A prompt of `len` bytes of its own, starting with `i`.
+fn long_prompt(i: usize, len: usize) -> String {
+    let mut prompt = format!("Document {i}:");
+    while prompt.len() < len {
+        prompt.push_str(&format!(" paragraph {} of document {i}.", prompt.len()));
+    }
+    prompt
+}
+
+/// Sends `prompt` as a completion: the status and who served it.
+async fn complete_prompt(router: SocketAddr, prompt: &str) -> (u16, String) {
+    let body = json!({"model": "m", "prompt": prompt});
+    let response = post_json(router, "/v1/completions", &body).await;
+    let served_by = response.json()["served_by"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (response.status, served_by)
+}
+
+async fn a_503_leaves_no_prefix_behind_even_for_a_long_prompt(mode: Mode) {
+    let bad = Backend::start("bad", Behaviour::Unavailable).await;
+    let good = Backend::start("good", Behaviour::Answer).await;
+    let Some((router, _stop)) = router(mode, &bad, &good, |config| {
+        config.eject_after_failures = 0;
+    })
+    .await
+    else {
+        return;
+    };
+    // Longer than the 4,096 index blocks (256 KiB) past which the router
+    // gives back the buffers that hashed a prompt.
+    let prompts: Vec<String> = (0..8).map(|i| long_prompt(i, 300_000)).collect();
+    let mut met_503 = Vec::new();
+    for prompt in &prompts {
+        let before = bad.requests();
+        assert_eq!(
+            complete_prompt(router, prompt).await,
+            (200, "good".to_owned())
+        );
+        if bad.requests() > before {
+            met_503.push(prompt);
+        }
+    }
+    assert!(!met_503.is_empty(), "no prompt was routed to `bad` first");
+    // Once `bad` answers, a prompt that met its 503 is cached only where it
+    // was served, and is sent there again.
+    bad.set(Behaviour::Answer);
+    for prompt in met_503 {
+        assert_eq!(
+            complete_prompt(router, prompt).await,
+            (200, "good".to_owned())
+        );
+    }
+}
+
 /// `n` completions with prompts unlike the other tests' ones.
 async fn complete_many(router: SocketAddr, n: usize) -> Vec<(u16, String)> {
     let mut served = Vec::new();
@@ -376,6 +433,7 @@ async fn a_silent_backend_is_ejected_and_readmitted(mode: Mode) {
 
 each_mode!(
     a_503_goes_to_the_next_backend,
+    a_503_leaves_no_prefix_behind_even_for_a_long_prompt,
     a_backend_gone_under_a_pooled_connection_sends_its_request_on,
     without_retries_the_client_gets_the_backend_s_503,
     a_backend_resetting_mid_head_is_ejected_and_readmitted,
