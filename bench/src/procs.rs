@@ -122,6 +122,16 @@ impl Proc {
     }
 }
 
+/// The environment every benchmark starts router-daemon with: warnings
+/// only, no colour, and no drain delay (a benchmark stops the router once
+/// its clients are done, so the delay that lets a load balancer notice a
+/// draining pod would only hold up each stop).
+pub fn router_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .env("ROUTER_DRAIN_DELAY_MS", "0")
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();

@@ -23,7 +23,7 @@ use crate::{
     client::{self, Errors, RequestLoad, StreamLoad},
     nginx,
     procfs::{self, HostCpu, HostCpuDelta},
-    procs::Proc,
+    procs::{Proc, router_env},
     report,
 };
 
@@ -763,7 +763,7 @@ impl Bench {
             for backend in &backends {
                 cmd.arg("--backend").arg(format!("http://{backend}"));
             }
-            cmd.env("RUST_LOG", "warn").env("NO_COLOR", "1");
+            router_env(&mut cmd);
             commands.push(format!(
                 "router {}: `RUST_LOG=warn {}`",
                 dp.as_str(),

@@ -40,7 +40,7 @@ use tokio::{
 use crate::{
     http::{Dechunker, Framing, parse_response},
     procfs,
-    procs::Proc,
+    procs::{Proc, router_env},
 };
 
 /// Options of `router-bench soak`.
@@ -143,9 +143,8 @@ async fn soak(args: Args) -> Result<()> {
     .args([
         "--max-connections",
         &(args.connections + args.streams + 1024).to_string(),
-    ])
-    .env("RUST_LOG", "warn")
-    .env("NO_COLOR", "1");
+    ]);
+    router_env(&mut cmd);
     let log = std::env::temp_dir().join(format!("router-soak-{}.log", std::process::id()));
     let mut router = Proc::spawn("router-daemon", cmd, &log)?;
     wait_ready(router_addr).await?;

@@ -30,7 +30,10 @@ use super::{
     load::{Sampler, Samples},
     workload::{Prompt, Session, Workload, chat_messages},
 };
-use crate::{http, procfs, procs::Proc};
+use crate::{
+    http, procfs,
+    procs::{Proc, router_env},
+};
 
 /// Seed of the generator that sprays requests over router replicas.
 const SPRAY_SEED: u64 = 0x7370_7261_7921;
@@ -357,7 +360,7 @@ async fn drive(
                 for url in &urls {
                     cmd.arg("--backend").arg(url);
                 }
-                cmd.args(extra).env("RUST_LOG", "warn").env("NO_COLOR", "1");
+                router_env(cmd.args(extra));
                 if replica == 0 {
                     let times = if *replicas > 1 {
                         format!(" (×{replicas}, each on its own port)")
