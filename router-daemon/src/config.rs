@@ -20,6 +20,15 @@ pub enum Source {
     K8s,
 }
 
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event; coloured only on a terminal.
+    Text,
+    /// One JSON object per line, for log pipelines (Loki, Elasticsearch).
+    Json,
+}
+
 /// Where a pod's service account says its namespace is.
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
@@ -34,6 +43,12 @@ pub struct Config {
     /// Address to accept client connections on.
     #[arg(long, env = "ROUTER_LISTEN", default_value = "0.0.0.0:30080")]
     pub listen: SocketAddr,
+
+    /// How log lines are written: `text`, coloured only when standard
+    /// output is a terminal (and `NO_COLOR` is unset), or `json`, one object
+    /// per line. `RUST_LOG` sets the level (default `info`).
+    #[arg(long, env = "ROUTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// A backend URL (http://host:port); repeat the flag, or comma-separate in
     /// the environment variable, for each vLLM instance.

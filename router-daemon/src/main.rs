@@ -3,17 +3,32 @@
 //! "Stopping" section) and exits 0.
 use anyhow::Context as _;
 use clap::Parser as _;
+use router_daemon::config::{LogFormat, Source};
 use router_daemon::{Config, Dataplane};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+/// Sets up logging: `RUST_LOG`'s level (default `info`), in `format`.
+/// Colour only on a terminal, so `kubectl logs` and log files get plain
+/// text.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => {
+            let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            logs.with_ansi(colour).init();
+        }
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
 // The main thread is worker 0; `run` starts the other workers' threads.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let config = Config::parse();
+    init_logging(config.log_format);
     // Every connection is a descriptor: the soft default would cap the
     // daemon long before the machine does.
     match router_daemon::fd_limit::raise() {
@@ -40,7 +55,17 @@ async fn main() -> anyhow::Result<()> {
     }
     router_daemon::privilege::drop_all().context("dropping capabilities")?;
     tracing::info!("capabilities dropped: the daemon holds none from here on");
-    tracing::info!(listen = %bound, backends = ?config.backends, "router-daemon ready");
+    match config.discovery {
+        Source::Static => {
+            tracing::info!(listen = %bound, backends = ?config.backends, "router-daemon ready");
+        }
+        Source::K8s => tracing::info!(
+            listen = %bound,
+            selector = %config.k8s_selector,
+            namespace = config.k8s_namespace.as_deref().unwrap_or("(its own)"),
+            "router-daemon ready; backends are the Ready pods the selector picks"
+        ),
+    }
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let (signalled, shutdown) = tokio::sync::oneshot::channel::<()>();
