@@ -10,6 +10,12 @@
 //! (the stream completes); the API server restarted after a pod was deleted
 //! behind its back (straight from etcd), so only a new list can show it;
 //! scale to zero (503 with Retry-After) and back.
+//!
+//! A second control plane checks the Helm chart's RBAC (rendered by the
+//! helm `cargo xtask test` installs): with a token for the chart's
+//! ServiceAccount, pods can be listed and watched in the engines'
+//! namespace, and nothing else (secrets, writes, other namespaces) is
+//! allowed; the router, with that token, finds a Ready pod and serves.
 mod common;
 
 use std::{
@@ -89,7 +95,10 @@ struct ControlPlane {
 
 impl ControlPlane {
     fn start(apiserver_bin: PathBuf, etcd_bin: &Path) -> Self {
-        let dir = std::env::temp_dir().join(format!("router-kube-{}", std::process::id()));
+        // One directory per control plane: a test binary may start two.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("router-kube-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs")).expect("temp dir");
         let openssl = |args: &[&str]| {
@@ -185,13 +194,23 @@ impl ControlPlane {
         self.apiserver = None;
     }
 
+    /// A kubeconfig for this API server that authenticates with `token`.
+    fn kubeconfig_with(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{}\n    insecure-skip-tls-verify: true\n\
+                 users:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\ncurrent-context: test\n",
+                self.port
+            ),
+        )
+        .expect("kubeconfig");
+        path
+    }
+
     async fn client(&self) -> Client {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .expect("config");
-        Client::try_from(config).expect("client")
+        client_of(&self.kubeconfig).await
     }
 
     /// Waits until the API server answers a namespace list.
@@ -227,6 +246,15 @@ impl ControlPlane {
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(response.contains("\"deleted\":\"1\""), "{response}");
     }
+}
+
+/// A client of the API server and user `kubeconfig` names.
+async fn client_of(kubeconfig: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(config).expect("client")
 }
 
 impl Drop for ControlPlane {
@@ -530,4 +558,153 @@ async fn pods_come_and_go_and_the_router_follows() {
     set_status(&pods, "a", ip(2), true).await;
     until_served_by(&router, &["a"]).await;
     assert!(daemon.try_wait().is_none(), "the router kept running");
+}
+
+/// The helm binary from `cargo xtask test`; `None` (the test skips) when
+/// run otherwise, unless CI requires it.
+fn helm() -> Option<PathBuf> {
+    let helm = std::env::var_os("ROUTER_TEST_HELM").map(PathBuf::from);
+    if helm.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: the chart's RBAC test needs ROUTER_TEST_HELM (cargo xtask test sets it)"
+        );
+        eprintln!("skipped: run through `cargo xtask test`, which installs helm");
+    }
+    helm
+}
+
+/// The chart's ServiceAccount, Role and RoleBinding for a release `vllm`
+/// in `NAMESPACE` watching that namespace's pods, as `helm template`
+/// renders them.
+fn chart_rbac(helm: &Path) -> Vec<serde_json::Value> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/prefix-router");
+    let out = Command::new(helm)
+        .args(["template", "vllm"])
+        .arg(chart)
+        .args(["--namespace", NAMESPACE])
+        .args(["--show-only", "templates/serviceaccount.yaml"])
+        .args(["--show-only", "templates/rbac.yaml"])
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let objects: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+    let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(kinds, ["ServiceAccount", "Role", "RoleBinding"]);
+    objects
+}
+
+/// The HTTP status of a failed API call (0 if it did not fail that way).
+fn status_of<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> u16 {
+    match result {
+        Err(kube::Error::Api(status)) => status.code,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_s_service_account_reads_pods_and_nothing_else() {
+    use k8s_openapi::api::{
+        authentication::v1::TokenRequest,
+        core::v1::{Secret, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
+    };
+    let Some((apiserver, etcd)) = binaries() else {
+        return;
+    };
+    let Some(helm) = helm() else {
+        return;
+    };
+    let objects = chart_rbac(&helm);
+    let plane = ControlPlane::start(apiserver, &etcd);
+    let admin = plane.ready().await;
+    let namespace: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).expect("namespace");
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("create namespace");
+    let create = PostParams::default();
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+    let account: ServiceAccount = serde_json::from_value(objects[0].clone()).expect("account");
+    accounts.create(&create, &account).await.expect("account");
+    let role: Role = serde_json::from_value(objects[1].clone()).expect("role");
+    Api::<Role>::namespaced(admin.clone(), NAMESPACE)
+        .create(&create, &role)
+        .await
+        .expect("role");
+    let binding: RoleBinding = serde_json::from_value(objects[2].clone()).expect("binding");
+    Api::<RoleBinding>::namespaced(admin.clone(), NAMESPACE)
+        .create(&create, &binding)
+        .await
+        .expect("binding");
+
+    // A token for the chart's account, as a pod of the DaemonSet gets.
+    let name = account.metadata.name.clone().expect("an account name");
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 600}
+    }))
+    .expect("token request");
+    let token = accounts
+        .create_token_request(&name, &create, &request)
+        .await
+        .expect("token")
+        .status
+        .expect("a token status")
+        .token;
+    let kubeconfig = plane.kubeconfig_with("router", &token);
+    let router = client_of(&kubeconfig).await;
+
+    // What discovery needs: list and watch pods in its namespace.
+    let pods: Api<Pod> = Api::namespaced(router.clone(), NAMESPACE);
+    pods.list(&Default::default()).await.expect("list pods");
+    let _events = pods
+        .watch(&Default::default(), "0")
+        .await
+        .expect("watch pods");
+    // Nothing else: no secrets, no writes, no other namespace.
+    let secrets: Api<Secret> = Api::namespaced(router.clone(), NAMESPACE);
+    assert_eq!(status_of(secrets.list(&Default::default()).await), 403);
+    assert_eq!(
+        status_of(pods.create(&create, &pod("x", &LABELS)).await),
+        403
+    );
+    assert_eq!(
+        status_of(pods.delete("anything", &DeleteParams::default()).await),
+        403
+    );
+    let elsewhere: Api<Pod> = Api::namespaced(router.clone(), "default");
+    assert_eq!(status_of(elsewhere.list(&Default::default()).await), 403);
+
+    // And that is enough: the router, with that token, finds a Ready pod
+    // and sends it a request.
+    let port = free_port();
+    let ip = Ipv4Addr::new(127, 0, 0, 7);
+    sim("rbac", ip, port, false).await;
+    let admin_pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+    admin_pods
+        .create(&create, &pod("rbac", &LABELS))
+        .await
+        .expect("pod");
+    set_status(&admin_pods, "rbac", ip, true).await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
+    command
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["--listen", "127.0.0.1:0", "--discovery", "k8s"])
+        .args([
+            "--k8s-namespace",
+            NAMESPACE,
+            "--k8s-port",
+            &port.to_string(),
+        ])
+        .args(["--discovery-interval-ms", "200", "--dataplane", "userspace"]);
+    let daemon = tokio::task::block_in_place(|| Daemon::start(command));
+    until_served_by(&daemon.listen, &["rbac"]).await;
 }

@@ -8,7 +8,7 @@
 //! The recipe is `../shared/notes/kubernetes-offline.md`'s, done here in
 //! steps that are each skipped when their result is there.
 use std::{
-    env, fs,
+    fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -32,19 +32,9 @@ pub struct ControlPlane {
     pub etcd: PathBuf,
 }
 
-/// Where built tools are kept across clones: `$XDG_CACHE_HOME` or
-/// `~/.cache`, under `prefix-router`.
-fn cache_dir() -> Result<PathBuf> {
-    let base = env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .context("neither XDG_CACHE_HOME nor HOME is set")?;
-    Ok(base.join("prefix-router"))
-}
-
 /// Installs etcd and builds kube-apiserver if they are missing.
 pub fn ensure() -> Result<ControlPlane> {
-    let dir = cache_dir()?.join(format!("kubernetes-{VERSION}"));
+    let dir = setup::cache_dir()?.join(format!("kubernetes-{VERSION}"));
     let apiserver = dir.join("kube-apiserver");
     let etcd = PathBuf::from("/usr/bin/etcd");
     // The tests make the API server's service-account key with openssl.
@@ -70,11 +60,13 @@ fn apt_packages() -> Result<()> {
         )
         .with_context(|| format!("writing {DEB_SRC} (needs root)"))?;
     }
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(["golang-go", "rsync", "etcd-server", "openssl"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    setup::run_announced(Command::new("apt-get").args(["update", "-q"]))?;
+    setup::run_announced(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["golang-go", "rsync", "etcd-server", "openssl"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// Downloads the source package into `dir/src`, builds kube-apiserver,
@@ -94,24 +86,30 @@ fn build(dir: &Path, apiserver: &Path) -> Result<()> {
             .find(|path| path.to_string_lossy().ends_with(".orig.tar.gz")))
     };
     if orig(&src)?.is_none() {
-        run(Command::new("apt-get")
-            .args(["source", "--download-only", "kubernetes"])
-            .current_dir(&src))?;
+        setup::run_announced(
+            Command::new("apt-get")
+                .args(["source", "--download-only", "kubernetes"])
+                .current_dir(&src),
+        )?;
     }
     let tarball = orig(&src)?.context("apt-get source left no .orig.tar.gz")?;
     let tree = src.join(format!("kubernetes-{VERSION}"));
     if tree.exists() {
         fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
     }
-    run(Command::new("tar")
-        .arg("xzf")
-        .arg(&tarball)
-        .current_dir(&src))?;
-    run(Command::new("make")
-        .arg("WHAT=cmd/kube-apiserver")
-        .env("GOPROXY", "off")
-        .env("GOFLAGS", "-p=1")
-        .current_dir(&tree))?;
+    setup::run_announced(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(&tarball)
+            .current_dir(&src),
+    )?;
+    setup::run_announced(
+        Command::new("make")
+            .arg("WHAT=cmd/kube-apiserver")
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "-p=1")
+            .current_dir(&tree),
+    )?;
     let built = tree.join("_output/bin/kube-apiserver");
     let staged = dir.join("kube-apiserver.partial");
     fs::copy(&built, &staged).with_context(|| format!("copying {}", built.display()))?;
@@ -119,10 +117,4 @@ fn build(dir: &Path, apiserver: &Path) -> Result<()> {
     fs::rename(&staged, apiserver)?;
     fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
     Ok(())
-}
-
-/// Announces and runs `cmd`, failing unless it succeeds.
-fn run(cmd: &mut Command) -> Result<()> {
-    eprintln!("xtask: {}", setup::describe(cmd));
-    setup::check_status(cmd)
 }

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod control;
 mod fuzz;
+mod helm;
 mod kube;
 mod peers;
 mod run;

@@ -502,6 +502,17 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
+/// Where built and downloaded tools are kept across clones (CI's clone
+/// starts with an empty `target/`): `$XDG_CACHE_HOME` or `~/.cache`, under
+/// `prefix-router`.
+pub fn cache_dir() -> Result<PathBuf> {
+    let base = env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .context("neither XDG_CACHE_HOME nor HOME is set")?;
+    Ok(base.join("prefix-router"))
+}
+
 /// The workspace root: the parent of this crate's directory.
 pub fn workspace_root() -> Result<PathBuf> {
     let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
@@ -609,6 +620,13 @@ pub fn check_status(cmd: &mut Command) -> Result<()> {
         bail!("{} failed ({status})", describe(cmd));
     }
     Ok(())
+}
+
+/// Announces `cmd` on stderr (`xtask: ...`), then runs it as
+/// [`check_status`] does.
+pub fn run_announced(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {}", describe(cmd));
+    check_status(cmd)
 }
 
 /// A command as a shell-like string, for messages.

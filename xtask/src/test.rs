@@ -1,7 +1,9 @@
 //! `cargo xtask test`: what CI runs (through `.ci/run`). Setup, then
 //! `cargo fmt --check`, `cargo clippy -D warnings`, `cargo doc` (warnings
 //! denied) and `cargo test`, all in
-//! release mode so they reuse setup's build, then each fuzz target for
+//! release mode so they reuse setup's build (the tests get the Kubernetes
+//! API server and helm that the `kube` and `helm` stages cache per
+//! machine), then each fuzz target for
 //! [`fuzz::SECONDS_IN_TEST`] seconds, and a closing line naming each
 //! stage's result. Under `CI=true` the tests get `ROUTER_REQUIRE_SOCKMAP=1`,
 //! so they fail instead of skipping when the eBPF dataplane cannot load.
@@ -11,7 +13,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Result, bail};
 
 use crate::{
-    fuzz, kube,
+    fuzz, helm, kube,
     setup::{self, Toolchain},
 };
 
@@ -33,7 +35,16 @@ pub fn run(args: Args) -> Result<()> {
         }
         Err(err) => {
             stages.record("setup", Err(err));
-            return stages.finish(&["fmt", "clippy", "doc", "python-deps", "test", "fuzz"]);
+            return stages.finish(&[
+                "fmt",
+                "clippy",
+                "doc",
+                "python-deps",
+                "kube",
+                "helm",
+                "test",
+                "fuzz",
+            ]);
         }
     };
 
@@ -79,10 +90,29 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
 
+    // helm for the chart's tests, unpacked once per machine.
+    let helm = match helm::ensure() {
+        Ok(tools) => {
+            stages.record("helm", Ok(()));
+            Some(tools)
+        }
+        Err(err) if setup::is_ci() => {
+            stages.record("helm", Err(err));
+            None
+        }
+        Err(err) => {
+            eprintln!("xtask test: helm: {err:#}\n       the chart tests will skip");
+            None
+        }
+    };
+
     let mut test = test_command(&toolchain, &args);
     if let Some(control_plane) = &control_plane {
         test.env("ROUTER_TEST_KUBE_APISERVER", &control_plane.apiserver)
             .env("ROUTER_TEST_ETCD", &control_plane.etcd);
+    }
+    if let Some(helm) = &helm {
+        test.env("ROUTER_TEST_HELM", &helm.helm);
     }
     stages.run("test", &mut test);
 
@@ -96,19 +126,21 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// The Python packages tests drive, relative to the workspace root:
-/// vllm-sim's OpenAI SDK test, and h11 for the framing comparison.
-const PYTHON_REQUIREMENTS: [&str; 2] = [
+/// vllm-sim's OpenAI SDK test, h11 for the framing comparison, and
+/// kubernetes-validate for the chart's manifests.
+const PYTHON_REQUIREMENTS: [&str; 3] = [
     "tests/vllm-sim/tests/sdk/requirements.txt",
     "router-daemon/tests/framing/requirements.txt",
+    "deploy/requirements.txt",
 ];
 
-/// Installs the Python packages the tests drive (the OpenAI SDK, h11),
-/// unless `import openai, h11` already works. Under CI a failed install
+/// Installs the Python packages the tests drive (the OpenAI SDK, h11,
+/// kubernetes-validate), unless importing them all already works. Under CI a failed install
 /// fails the stage; elsewhere it is reported and those tests skip with a
 /// message.
 fn python_test_deps() -> Result<()> {
     let importable = Command::new("python3")
-        .args(["-c", "import openai, h11"])
+        .args(["-c", "import openai, h11, kubernetes_validate"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -128,13 +160,14 @@ fn python_test_deps() -> Result<()> {
     eprintln!("xtask test: python-deps: {}", setup::describe(&pip));
     match setup::check_status(&mut pip) {
         Ok(()) => Ok(()),
-        Err(err) if setup::is_ci() => {
-            Err(err.context("CI=true needs the OpenAI Python SDK and h11 for the tests"))
-        }
+        Err(err) if setup::is_ci() => Err(err.context(
+            "CI=true needs the OpenAI Python SDK, h11 and kubernetes-validate for the tests",
+        )),
         Err(err) => {
             eprintln!(
-                "xtask test: python-deps: {err:#}\n       vllm-sim's SDK test and the h11 \
-                 framing comparison will skip; fix: python3 -m pip install -r {}",
+                "xtask test: python-deps: {err:#}\n       vllm-sim's SDK test, the h11 \
+                 framing comparison and the chart validation will skip; fix: python3 -m pip \
+                 install -r {}",
                 PYTHON_REQUIREMENTS.join(" -r ")
             );
             Ok(())
