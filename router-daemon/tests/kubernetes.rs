@@ -335,6 +335,19 @@ async fn set_status(pods: &Api<Pod>, name: &str, ip: Ipv4Addr, ready: bool) {
         .expect("patch status");
 }
 
+/// The router binary watching `NAMESPACE`'s pods as `kubeconfig`'s user,
+/// sending to their `port`.
+fn start_router(kubeconfig: &Path, port: u16) -> Daemon {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .args(["--listen", "127.0.0.1:0", "--discovery", "k8s"])
+        .args(["--k8s-namespace", NAMESPACE])
+        .args(["--k8s-port", &port.to_string()])
+        .args(["--discovery-interval-ms", "200", "--dataplane", "userspace"]);
+    tokio::task::block_in_place(|| Daemon::start(command))
+}
+
 /// A completion with prompt number `i`: the status and who served it.
 async fn complete(router: &str, i: usize) -> (u16, String, String) {
     let body = json!({"model": MODEL, "prompt": format!("Pod question {i}: why is the sky blue?"), "max_tokens": 4})
@@ -448,18 +461,7 @@ async fn pods_come_and_go_and_the_router_follows() {
     set_status(&pods, "other-labels", ip(4), true).await;
     set_status(&elsewhere, "other-namespace", ip(5), true).await;
 
-    let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
-    command
-        .env("KUBECONFIG", &plane.kubeconfig)
-        .args(["--listen", "127.0.0.1:0", "--discovery", "k8s"])
-        .args([
-            "--k8s-namespace",
-            NAMESPACE,
-            "--k8s-port",
-            &port.to_string(),
-        ])
-        .args(["--discovery-interval-ms", "200", "--dataplane", "userspace"]);
-    let mut daemon = tokio::task::block_in_place(|| Daemon::start(command));
+    let mut daemon = start_router(&plane.kubeconfig, port);
     let router = daemon.listen.clone();
 
     // Only the ready pod that matches, in the namespace.
@@ -694,17 +696,6 @@ async fn the_chart_s_service_account_reads_pods_and_nothing_else() {
         .await
         .expect("pod");
     set_status(&admin_pods, "rbac", ip, true).await;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
-    command
-        .env("KUBECONFIG", &kubeconfig)
-        .args(["--listen", "127.0.0.1:0", "--discovery", "k8s"])
-        .args([
-            "--k8s-namespace",
-            NAMESPACE,
-            "--k8s-port",
-            &port.to_string(),
-        ])
-        .args(["--discovery-interval-ms", "200", "--dataplane", "userspace"]);
-    let daemon = tokio::task::block_in_place(|| Daemon::start(command));
+    let daemon = start_router(&kubeconfig, port);
     until_served_by(&daemon.listen, &["rbac"]).await;
 }

@@ -94,6 +94,17 @@ fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
         .and_then(|var| var["value"].as_str())
 }
 
+/// The number of `container`'s port called `name`.
+fn port<'a>(container: &'a Value, name: &str) -> &'a Value {
+    let port = container["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|port| port["name"] == name)
+        .unwrap_or_else(|| panic!("a port called {name}"));
+    &port["containerPort"]
+}
+
 /// The value sets the tests render: defaults, the README's example, sockmap
 /// with the optional objects, and static backends.
 const VALUE_SETS: [&[&str]; 3] = [
@@ -194,15 +205,9 @@ fn the_service_is_the_one_the_tutorial_curls() {
         daemonset["spec"]["template"]["metadata"]["labels"]
     );
     let router = router_container(&objects);
-    let http = router["ports"]
-        .as_array()
-        .expect("ports")
-        .iter()
-        .find(|port| port["name"] == "http")
-        .expect("an http port");
     assert_eq!(
         env(router, "ROUTER_LISTEN"),
-        Some(format!("0.0.0.0:{}", http["containerPort"]).as_str())
+        Some(format!("0.0.0.0:{}", port(router, "http")).as_str())
     );
     // One router per GPU node, tolerating the GPU taint.
     let pod = &daemonset["spec"]["template"]["spec"];
@@ -285,15 +290,9 @@ fn probes_and_grace_period_fit_the_drain() {
         router["readinessProbe"]["httpGet"],
         json!({"path": "/ready", "port": "admin"})
     );
-    let admin = router["ports"]
-        .as_array()
-        .expect("ports")
-        .iter()
-        .find(|port| port["name"] == "admin")
-        .expect("an admin port");
     assert_eq!(
         env(router, "ROUTER_ADMIN_LISTEN"),
-        Some(format!("0.0.0.0:{}", admin["containerPort"]).as_str())
+        Some(format!("0.0.0.0:{}", port(router, "admin")).as_str())
     );
     let grace = one(&objects, "DaemonSet", None)["spec"]["template"]["spec"]
         ["terminationGracePeriodSeconds"]
