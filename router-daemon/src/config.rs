@@ -262,14 +262,14 @@ pub struct Config {
     /// Load slack ε: no backend takes a request that would put its load
     /// (in flight plus waiting) above ceil((1 + ε) × mean load) while another
     /// backend is below that.
-    #[arg(long, env = "ROUTER_LOAD_EPSILON", default_value_t = 0.25,
+    #[arg(long, env = "ROUTER_LOAD_EPSILON", default_value_t = Policy::DEFAULT.epsilon,
           value_parser = non_negative)]
     pub load_epsilon: f64,
 
     /// Weight of prefill: cost per KiB of prompt a backend would have to
     /// prefill for a request (what it does not hold cached, plus what it
     /// is still prefilling for others).
-    #[arg(long, env = "ROUTER_AFFINITY_WEIGHT", default_value_t = 1.0,
+    #[arg(long, env = "ROUTER_AFFINITY_WEIGHT", default_value_t = Policy::DEFAULT.affinity_weight,
           value_parser = non_negative)]
     pub affinity_weight: f64,
 
@@ -278,7 +278,7 @@ pub struct Config {
     /// much as one request: a request already decoding delays a newcomer
     /// far less than recomputing a cached prefix would, which also evicts
     /// what the other backend held.
-    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = 0.1,
+    #[arg(long, env = "ROUTER_LOAD_WEIGHT", default_value_t = Policy::DEFAULT.load_weight,
           value_parser = non_negative)]
     pub load_weight: f64,
 
@@ -286,7 +286,7 @@ pub struct Config {
     /// prefilling for other requests of this router (sent, no response
     /// byte yet). An engine prefills what arrives together in one step, so
     /// a request waits for all of it.
-    #[arg(long, env = "ROUTER_PREFILLING_WEIGHT", default_value_t = 1.0,
+    #[arg(long, env = "ROUTER_PREFILLING_WEIGHT", default_value_t = Policy::DEFAULT.prefilling_weight,
           value_parser = non_negative)]
     pub prefilling_weight: f64,
 
@@ -305,7 +305,7 @@ pub struct Config {
     /// few-shot block followed by different questions stays on one backend
     /// until load spreads it. A shorter shared part is not worth following;
     /// such a request is placed by rendezvous hashing.
-    #[arg(long, env = "ROUTER_FOLLOW_FRACTION", default_value_t = 0.5,
+    #[arg(long, env = "ROUTER_FOLLOW_FRACTION", default_value_t = Policy::DEFAULT.follow_fraction,
           value_parser = fraction)]
     pub follow_fraction: f64,
 
@@ -313,14 +313,15 @@ pub struct Config {
     /// units (see --affinity-weight): another backend must be cheaper by
     /// more than this to take it. Higher: replicas agree more often; lower:
     /// bursts spread more evenly.
-    #[arg(long, env = "ROUTER_RENDEZVOUS_WEIGHT", default_value_t = 2.0,
+    #[arg(long, env = "ROUTER_RENDEZVOUS_WEIGHT", default_value_t = Policy::DEFAULT.rendezvous_weight,
           value_parser = non_negative)]
     pub rendezvous_weight: f64,
 
     /// Placement hashes at most this many leading bytes of the conversation
     /// prefix, so prompts that share that much are placed alike by every
     /// replica (a prefix family stays together across routers).
-    #[arg(long, env = "ROUTER_PLACEMENT_PREFIX_BYTES", default_value_t = 2048,
+    #[arg(long, env = "ROUTER_PLACEMENT_PREFIX_BYTES",
+          default_value_t = Policy::DEFAULT.placement_prefix as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub placement_prefix_bytes: u64,
 
@@ -330,7 +331,7 @@ pub struct Config {
     /// like a cached prefix of that size (see --load-weight). With traffic
     /// that shares prefixes, a new family stays where every replica places
     /// it; with traffic that does not, placement spreads by load. 0: off.
-    #[arg(long, env = "ROUTER_FAMILY_WEIGHT", default_value_t = 10.0,
+    #[arg(long, env = "ROUTER_FAMILY_WEIGHT", default_value_t = Policy::DEFAULT.family_weight,
           value_parser = non_negative)]
     pub family_weight: f64,
 

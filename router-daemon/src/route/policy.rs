@@ -172,19 +172,25 @@ pub struct Policy {
     pub family_weight: f64,
 }
 
+impl Policy {
+    /// The defaults, which the daemon's flags also default to (see
+    /// `Config`): the measured choices the module doc explains.
+    pub const DEFAULT: Self = Self {
+        epsilon: 0.25,
+        affinity_weight: 1.0,
+        load_weight: 0.1,
+        prefilling_weight: 1.0,
+        placement_epsilon: None,
+        follow_fraction: 0.5,
+        rendezvous_weight: 2.0,
+        placement_prefix: 2048,
+        family_weight: 10.0,
+    };
+}
+
 impl Default for Policy {
     fn default() -> Self {
-        Self {
-            epsilon: 0.25,
-            affinity_weight: 1.0,
-            load_weight: 0.1,
-            prefilling_weight: 1.0,
-            placement_epsilon: None,
-            follow_fraction: 0.5,
-            rendezvous_weight: 2.0,
-            placement_prefix: 2048,
-            family_weight: 10.0,
-        }
+        Self::DEFAULT
     }
 }
 
