@@ -451,12 +451,12 @@ async fn proxy(
         if let Some(input) = &input {
             shared
                 .router
-                .record(&buffers.walk, &input.key, &backend.url);
+                .record(&buffers.walk, &input.key, &backend.name);
         }
         info!(
             request_id = %request_id,
             model = if model.is_empty() { "-" } else { model },
-            backend = %backend.url,
+            backend = %backend.name,
             matched = decision.matched,
             reason = decision.reason.as_str(),
             "{} {}", head.method(), head.path()
@@ -511,9 +511,9 @@ async fn proxy(
             // It cached nothing: its siblings should not follow it there.
             shared
                 .router
-                .forget(&buffers.walk, &input.key, &backend.url);
+                .forget(&buffers.walk, &input.key, &backend.name);
         }
-        warn!(request_id = %request_id, backend = %backend.url, "backend {why}; sending the request to the next one");
+        warn!(request_id = %request_id, backend = %backend.name, "backend {why}; sending the request to the next one");
         leg = connect(
             &buffers.order[tried..attempts],
             &backends,
@@ -732,7 +732,7 @@ fn send_failure(
     let err = match err {
         SendError::Reconnect(err) => {
             shared.metrics.backend_failures.inc();
-            return ApiError::bad_gateway(format!("backend {} failed: {err}", backend.url)).into();
+            return ApiError::bad_gateway(format!("backend {} failed: {err}", backend.name)).into();
         }
         SendError::Relay(err) => err,
     };
@@ -743,28 +743,28 @@ fn send_failure(
         RelayError::NoResponse(err) | RelayError::BackendWrite(err) => {
             ApiError::bad_gateway(format!(
                 "backend {} closed the connection without a response ({err})",
-                backend.url
+                backend.name
             ))
             .into()
         }
         RelayError::BadResponse { relayed, source } => {
-            warn!(request_id = %request_id, backend = %backend.url, %source, "invalid response from the backend");
+            warn!(request_id = %request_id, backend = %backend.name, %source, "invalid response from the backend");
             if relayed.any() {
                 Failure::Gone
             } else {
                 ApiError::bad_gateway(format!(
                     "backend {} sent an invalid response: {source}",
-                    backend.url
+                    backend.name
                 ))
                 .into()
             }
         }
         RelayError::Backend { relayed, source } => {
             if relayed.any() {
-                warn!(request_id = %request_id, backend = %backend.url, %source, "backend failed mid-response; closing the client");
+                warn!(request_id = %request_id, backend = %backend.name, %source, "backend failed mid-response; closing the client");
                 Failure::Gone
             } else {
-                ApiError::bad_gateway(format!("backend {} failed: {source}", backend.url)).into()
+                ApiError::bad_gateway(format!("backend {} failed: {source}", backend.name)).into()
             }
         }
         RelayError::TimedOut {
@@ -779,7 +779,7 @@ fn send_failure(
             };
             let message = format!(
                 "backend {} {waited} {} ms ({})",
-                backend.url,
+                backend.name,
                 after.as_millis(),
                 timeout.flag()
             );
@@ -792,7 +792,7 @@ fn send_failure(
         }
         // Only returned while another backend may be tried (see `proxy`).
         RelayError::Unavailable => {
-            ApiError::unavailable(format!("backend {} answered 503", backend.url)).into()
+            ApiError::unavailable(format!("backend {} answered 503", backend.name)).into()
         }
         RelayError::Client(err) => {
             debug!(request_id = %request_id, %err, "client went away");
@@ -858,7 +858,7 @@ fn loads<'a>(
         .iter()
         .filter_map(|&index| backends.get(index))
         .map(|backend| {
-            BackendLoad::new(&backend.url, backend.in_flight())
+            BackendLoad::new(&backend.name, backend.in_flight())
                 .with_waiting(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
                 .with_prefill(backend.prefilling())
                 .with_local(backend.local)

@@ -299,13 +299,13 @@ async fn follow(shared: &Shared, source: &mut StaticSource, discovery: &mut Disc
 fn apply(shared: &Shared, endpoints: &[Endpoint], discovery: &mut DiscoveryTask) -> bool {
     let change = shared.backends.apply(endpoints);
     for backend in &change.added {
-        tracing::info!(backend = %backend.url, addr = %backend.addr, "backend added");
+        tracing::info!(backend = %backend.name, addr = %backend.addr, "backend added");
         discovery.watch(backend, shared.config.discovery());
     }
     for backend in &change.removed {
-        shared.router.remove_backend(&backend.url);
+        shared.router.remove_backend(&backend.name);
         tracing::info!(
-            backend = %backend.url,
+            backend = %backend.name,
             in_flight = backend.in_flight(),
             "backend removed; its requests in flight finish there"
         );
@@ -354,8 +354,8 @@ async fn forget_down_backends(shared: std::sync::Weak<Shared>, interval: Duratio
             let seen = seen.entry(backend.id).or_default();
             if downs != *seen {
                 *seen = downs;
-                shared.router.remove_backend(&backend.url);
-                tracing::info!(backend = %backend.url, "backend down; its prefix index entries are dropped");
+                shared.router.remove_backend(&backend.name);
+                tracing::info!(backend = %backend.name, "backend down; its prefix index entries are dropped");
             }
         }
     }

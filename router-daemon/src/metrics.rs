@@ -455,7 +455,7 @@ impl Collector for BackendGauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for backend in backends.all() {
                 let label = BackendLabel {
-                    backend: backend.url.clone(),
+                    backend: backend.name.clone(),
                 };
                 ConstGauge::new(value(backend)).encode(family.encode_family(&label)?)?;
             }
@@ -469,7 +469,7 @@ impl Collector for BackendGauges {
         for backend in backends.all() {
             for model in backend.models().iter().flat_map(|models| models.iter()) {
                 let label = BackendModelLabel {
-                    backend: backend.url.clone(),
+                    backend: backend.name.clone(),
                     model: model.clone(),
                 };
                 ConstGauge::new(1i64).encode(family.encode_family(&label)?)?;

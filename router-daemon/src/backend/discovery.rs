@@ -151,13 +151,13 @@ impl Backend {
                 match listed {
                     Ok(models) => {
                         if !self.models_ok.swap(true, Ordering::Relaxed) {
-                            info!(backend = %self.url, "/v1/models is readable again");
+                            info!(backend = %self.name, "/v1/models is readable again");
                         }
                         self.set_models(models);
                     }
                     Err(why) => {
                         if self.models_ok.swap(false, Ordering::Relaxed) {
-                            warn!(backend = %self.url, %why,
+                            warn!(backend = %self.name, %why,
                                 "/v1/models gives no model list; keeping the last known models");
                         }
                     }
@@ -179,7 +179,7 @@ impl Backend {
         match scraped {
             Ok(load) => {
                 if !self.load_ok.swap(true, Ordering::Relaxed) {
-                    info!(backend = %self.url, "/metrics is readable again");
+                    info!(backend = %self.name, "/metrics is readable again");
                 }
                 let started_during = self.started().saturating_sub(started_before);
                 let started_during = usize::try_from(started_during).unwrap_or(usize::MAX);
@@ -187,7 +187,7 @@ impl Backend {
             }
             Err(why) => {
                 if self.load_ok.swap(false, Ordering::Relaxed) {
-                    warn!(backend = %self.url, %why,
+                    warn!(backend = %self.name, %why,
                         "scraping /metrics failed; keeping the last load values");
                 }
             }
@@ -202,11 +202,11 @@ impl Backend {
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
         if failures >= down_after.max(1) && self.up.swap(false, Ordering::Relaxed) {
-            warn!(backend = %self.url, failures, %why, "backend down: discovery gets no answer");
+            warn!(backend = %self.name, failures, %why, "backend down: discovery gets no answer");
             self.set_load(Load::default(), 0);
             self.downs.fetch_add(1, Ordering::Release);
         } else {
-            debug!(backend = %self.url, failures, %why, "discovery got no answer");
+            debug!(backend = %self.name, failures, %why, "discovery got no answer");
         }
     }
 
@@ -214,7 +214,7 @@ impl Backend {
     pub(super) fn answered(&self) {
         self.failures.store(0, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
-            info!(backend = %self.url, "backend up: discovery answered again");
+            info!(backend = %self.name, "backend up: discovery answered again");
         }
     }
 
@@ -225,7 +225,7 @@ impl Backend {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if known.as_deref() != Some(models.as_slice()) {
-            info!(backend = %self.url, ?models, "models discovered");
+            info!(backend = %self.name, ?models, "models discovered");
             *known = Some(models.into());
         }
     }

@@ -76,7 +76,7 @@ impl Fleet {
                 let kept = old
                     .all()
                     .iter()
-                    .find(|b| b.url == endpoint.name && b.addr == endpoint.addr);
+                    .find(|b| b.name == endpoint.name && b.addr == endpoint.addr);
                 match kept {
                     Some(backend) => Arc::clone(backend),
                     None => {
@@ -94,8 +94,8 @@ impl Fleet {
         for backend in old.all() {
             if !list.iter().any(|b| Arc::ptr_eq(b, backend)) {
                 backend.retire();
-                if !list.iter().any(|b| b.url == backend.url) {
-                    self.series.remove(&backend.url);
+                if !list.iter().any(|b| b.name == backend.name) {
+                    self.series.remove(&backend.name);
                 }
                 change.removed.push(Arc::clone(backend));
             }
@@ -123,7 +123,7 @@ mod tests {
     }
 
     fn names(backends: &Backends) -> Vec<&str> {
-        backends.all().iter().map(|b| b.url.as_str()).collect()
+        backends.all().iter().map(|b| b.name.as_str()).collect()
     }
 
     #[test]
@@ -142,7 +142,7 @@ mod tests {
             change
                 .added
                 .iter()
-                .map(|b| b.url.as_str())
+                .map(|b| b.name.as_str())
                 .collect::<Vec<_>>(),
             ["http://127.0.0.4:8000"]
         );

@@ -98,9 +98,9 @@ pub struct Backend {
     /// Its identity.
     pub id: BackendId,
     /// Its name in logs, metrics and placement: the URL as given, or
-    /// `http://ADDRESS:PORT` for one address of a host name (see
-    /// [`endpoints`]).
-    pub url: String,
+    /// `http://ADDRESS:PORT` for one address of a host name, or for a pod
+    /// (see [`endpoints`]).
+    pub name: String,
     /// The resolved address the router connects to.
     pub addr: SocketAddr,
     /// On the router's own node: preferred when costs are close.
@@ -144,7 +144,7 @@ impl Backend {
     fn new(endpoint: &Endpoint, counters: BackendCounters, ejection: Ejection) -> Self {
         Self {
             id: BackendId::next(),
-            url: endpoint.name.clone(),
+            name: endpoint.name.clone(),
             addr: endpoint.addr,
             local: endpoint.local,
             authority: endpoint.authority.clone(),
@@ -199,12 +199,12 @@ impl Backend {
         match self.health.record(outcome, health::clock(), &self.ejection) {
             health::Change::None => {}
             health::Change::Ejected { period } => tracing::warn!(
-                backend = %self.url,
+                backend = %self.name,
                 period_ms = period.as_millis(),
                 "backend ejected: its requests keep failing; it gets no new request for the period, then one to try it"
             ),
             health::Change::Readmitted => {
-                tracing::info!(backend = %self.url, "backend readmitted: its trial request succeeded");
+                tracing::info!(backend = %self.name, "backend readmitted: its trial request succeeded");
             }
         }
     }

@@ -96,7 +96,7 @@ pub(crate) enum ConnectError {
     /// The connection was refused, reset or could not be set up.
     #[error("{backend}: {source}")]
     Failed {
-        /// The backend's URL.
+        /// The backend's name ([`Backend::name`](crate::backend::Backend::name)).
         backend: String,
         /// What the socket layer said.
         source: io::Error,
@@ -104,7 +104,7 @@ pub(crate) enum ConnectError {
     /// No connection within the connect timeout.
     #[error("{backend}: connect timed out")]
     TimedOut {
-        /// The backend's URL.
+        /// The backend's name.
         backend: String,
     },
 }
@@ -176,7 +176,7 @@ impl Upstream {
                     });
                 }
                 Err(err) => {
-                    warn!(backend = %backend.url, error = %err, "backend connect failed; trying the next");
+                    warn!(backend = %backend.name, error = %err, "backend connect failed; trying the next");
                     backend.record(Outcome::Failure);
                     last = Some(err);
                 }
@@ -233,13 +233,13 @@ impl Upstream {
         {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(source)) => Err(ConnectError::Failed {
-                backend: backend.url.clone(),
+                backend: backend.name.clone(),
                 source,
             }),
             Err(_) => {
                 self.connect_timeouts.inc();
                 Err(ConnectError::TimedOut {
-                    backend: backend.url.clone(),
+                    backend: backend.name.clone(),
                 })
             }
         }
