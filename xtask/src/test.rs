@@ -75,36 +75,13 @@ pub fn run(args: Args) -> Result<()> {
     stages.record("python-deps", python_test_deps());
 
     // The Kubernetes discovery tests' API server, built once per machine.
-    let control_plane = match kube::ensure() {
-        Ok(control_plane) => {
-            stages.record("kube", Ok(()));
-            Some(control_plane)
-        }
-        Err(err) if setup::is_ci() => {
-            stages.record("kube", Err(err));
-            None
-        }
-        Err(err) => {
-            eprintln!("xtask test: kube: {err:#}\n       the Kubernetes discovery tests will skip");
-            None
-        }
-    };
-
+    let control_plane = stages.optional(
+        "kube",
+        kube::ensure(),
+        "the Kubernetes discovery tests will skip",
+    );
     // helm for the chart's tests, unpacked once per machine.
-    let helm = match helm::ensure() {
-        Ok(tools) => {
-            stages.record("helm", Ok(()));
-            Some(tools)
-        }
-        Err(err) if setup::is_ci() => {
-            stages.record("helm", Err(err));
-            None
-        }
-        Err(err) => {
-            eprintln!("xtask test: helm: {err:#}\n       the chart tests will skip");
-            None
-        }
-    };
+    let helm = stages.optional("helm", helm::ensure(), "the chart tests will skip");
 
     let mut test = test_command(&toolchain, &args);
     if let Some(control_plane) = &control_plane {
@@ -210,6 +187,26 @@ impl Stages {
             eprintln!("xtask test: {name} failed: {err:#}");
         }
         self.results.push((name, result.is_ok()));
+    }
+
+    /// A stage that prepares tools some tests need: under CI its failure
+    /// is the stage's; elsewhere it is reported, the stage counts as done,
+    /// and those tests skip (`without` says which).
+    fn optional<T>(&mut self, name: &'static str, result: Result<T>, without: &str) -> Option<T> {
+        match result {
+            Ok(tools) => {
+                self.record(name, Ok(()));
+                Some(tools)
+            }
+            Err(err) if setup::is_ci() => {
+                self.record(name, Err(err));
+                None
+            }
+            Err(err) => {
+                eprintln!("xtask test: {name}: {err:#}\n       {without}");
+                None
+            }
+        }
     }
 
     /// Prints the closing line (`skipped` stages last) and fails if a stage did.

@@ -160,6 +160,23 @@ async fn router(
     )
 }
 
+/// A backend answering 503 and one answering, behind a router that never
+/// ejects (every request routed to the first one first meets its 503),
+/// with `configure`'s settings too.
+async fn unavailable_and_good(
+    mode: Mode,
+    configure: impl FnOnce(&mut Config),
+) -> Option<(Backend, Backend, SocketAddr, Stopper)> {
+    let bad = Backend::start("bad", Behaviour::Unavailable).await;
+    let good = Backend::start("good", Behaviour::Answer).await;
+    let (router, stop) = router(mode, &bad, &good, |config| {
+        config.eject_after_failures = 0;
+        configure(config);
+    })
+    .await?;
+    Some((bad, good, router, stop))
+}
+
 /// Sends a completion with prompt number `i`: the status and who served it.
 async fn complete(router: SocketAddr, i: usize) -> (u16, String) {
     complete_prompt(router, &format!("Question number {i}: why?")).await
@@ -186,14 +203,7 @@ async fn metrics(router: SocketAddr) -> String {
 }
 
 async fn a_503_goes_to_the_next_backend(mode: Mode) {
-    let bad = Backend::start("bad", Behaviour::Unavailable).await;
-    let good = Backend::start("good", Behaviour::Answer).await;
-    let Some((router, _stop)) = router(mode, &bad, &good, |config| {
-        // Not ejected here: every request routed to `bad` first is retried.
-        config.eject_after_failures = 0;
-    })
-    .await
-    else {
+    let Some((bad, _good, router, _stop)) = unavailable_and_good(mode, |_| {}).await else {
         return;
     };
     for i in 0..20 {
@@ -247,13 +257,7 @@ async fn complete_prompt(router: SocketAddr, prompt: &str) -> (u16, String) {
 }
 
 async fn a_503_leaves_no_prefix_behind_even_for_a_long_prompt(mode: Mode) {
-    let bad = Backend::start("bad", Behaviour::Unavailable).await;
-    let good = Backend::start("good", Behaviour::Answer).await;
-    let Some((router, _stop)) = router(mode, &bad, &good, |config| {
-        config.eject_after_failures = 0;
-    })
-    .await
-    else {
+    let Some((bad, _good, router, _stop)) = unavailable_and_good(mode, |_| {}).await else {
         return;
     };
     // Longer than the 4,096 index blocks (256 KiB) past which the router
@@ -297,13 +301,8 @@ async fn complete_many(router: SocketAddr, n: usize) -> Vec<(u16, String)> {
 }
 
 async fn without_retries_the_client_gets_the_backend_s_503(mode: Mode) {
-    let bad = Backend::start("bad", Behaviour::Unavailable).await;
-    let good = Backend::start("good", Behaviour::Answer).await;
-    let Some((router, _stop)) = router(mode, &bad, &good, |config| {
-        config.retries = 0;
-        config.eject_after_failures = 0;
-    })
-    .await
+    let Some((bad, _good, router, _stop)) =
+        unavailable_and_good(mode, |config| config.retries = 0).await
     else {
         return;
     };
