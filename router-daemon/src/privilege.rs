@@ -1,6 +1,6 @@
 //! Giving up privilege once start-up no longer needs it.
 //!
-//! Root (or CAP_BPF + CAP_NET_ADMIN) is needed only to load and attach the
+//! Root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON) is needed only to load and attach the
 //! sockmap program, and CAP_NET_BIND_SERVICE only to bind a port below
 //! 1024. Both happen before the daemon serves; afterwards the maps are used
 //! through the descriptors it already holds, which needs no capability. So

@@ -1,6 +1,8 @@
 //! Once started, the daemon holds no capability, and with `--user` no
 //! root either, while the sockmap dataplane keeps moving bytes in the
-//! kernel through the descriptors it opened while privileged.
+//! kernel through the descriptors it opened while privileged. And root
+//! bounded to the three capabilities the Helm chart grants a sockmap pod,
+//! with no_new_privs, is enough to load the program.
 //!
 //! This runs the real binary as root (skipped otherwise; CI runs as root).
 mod common;
@@ -13,6 +15,16 @@ use common::{Daemon, backend_streaming, is_root};
 const BODY_BYTES: usize = 1 << 20;
 
 fn start(extra: &[&str]) -> Option<Daemon> {
+    start_under(&[], extra)
+}
+
+/// The capabilities the Helm chart grants a `dataplane: sockmap` pod
+/// (`deploy/helm/prefix-router/templates/daemonset.yaml`; the chart's own
+/// test checks it grants exactly these), as `setpriv` names them.
+const CHART_SOCKMAP_CAPS: &str = "+bpf,+net_admin,+perfmon";
+
+/// [`start`], run by `setpriv` with `setpriv_args` when there are any.
+fn start_under(setpriv_args: &[&str], extra: &[&str]) -> Option<Daemon> {
     if !is_root() {
         eprintln!("skipped: the privilege test needs root to load the sockmap program");
         return None;
@@ -20,7 +32,14 @@ fn start(extra: &[&str]) -> Option<Daemon> {
     // Streamed in pieces, so the body's path is set up before most of it
     // arrives (bytes already queued when it is go through the daemon).
     let backend = backend_streaming(vec![b'x'; BODY_BYTES], Duration::from_millis(10));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
+    let daemon = env!("CARGO_BIN_EXE_router-daemon");
+    let mut command = if setpriv_args.is_empty() {
+        Command::new(daemon)
+    } else {
+        let mut setpriv = Command::new("setpriv");
+        setpriv.args(setpriv_args).arg("--").arg(daemon);
+        setpriv
+    };
     command
         .args(["--listen", "127.0.0.1:0", "--backend", &backend])
         .args(["--dataplane", "sockmap", "--discovery-interval-ms", "0"])
@@ -64,6 +83,27 @@ fn after_start_up_the_daemon_holds_no_capability() {
         assert_eq!(daemon.status_field(set), "0000000000000000", "{set}");
     }
     assert_eq!(daemon.status_field("NoNewPrivs"), "1");
+    completion_arrives(&daemon);
+    assert!(redirected(&daemon) > 0.0, "the kernel moved no bytes");
+}
+
+#[test]
+fn the_chart_s_capabilities_are_enough_for_sockmap() {
+    // Root whose capabilities are bounded to the chart's, with
+    // no_new_privs (the chart's allowPrivilegeEscalation: false), as the
+    // container runtime starts the pod.
+    let bounding = format!("-all,{CHART_SOCKMAP_CAPS}");
+    let Some(daemon) = start_under(
+        &[
+            "--no-new-privs",
+            "--bounding-set",
+            &bounding,
+            "--inh-caps=-all",
+        ],
+        &[],
+    ) else {
+        return;
+    };
     completion_arrives(&daemon);
     assert!(redirected(&daemon) > 0.0, "the kernel moved no bytes");
 }

@@ -80,7 +80,9 @@ pub enum SockmapError {
     #[error("kernel {0} is older than {major}.{minor}", major = MIN_KERNEL.0, minor = MIN_KERNEL.1)]
     OldKernel(String),
     /// Loading or attaching failed (often: not privileged).
-    #[error("loading the eBPF program failed (needs root or CAP_BPF+CAP_NET_ADMIN): {0}")]
+    #[error(
+        "loading the eBPF program failed (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_PERFMON): {0}"
+    )]
     Load(String),
     /// A map operation failed.
     #[error("{what}: {source}")]
