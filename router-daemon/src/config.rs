@@ -8,7 +8,7 @@ use crate::{
     },
     dataplane::{Requested, ResponseTimeouts},
     http::Limits,
-    route::Policy,
+    route::{Logic, Policy},
 };
 
 /// Where the backend set comes from (`--discovery`).
@@ -335,6 +335,14 @@ pub struct Config {
           value_parser = non_negative)]
     pub family_weight: f64,
 
+    /// How backends are picked: `prefixaware` (by prefix affinity weighed
+    /// against load; the flags above and --session-header tune it) or
+    /// `roundrobin` (each in turn, whatever the prompt or session; no prefix
+    /// index: a baseline, or for engines without a prefix cache).
+    /// The production-stack chart's `routingLogic`.
+    #[arg(long, env = "ROUTER_ROUTING_LOGIC", value_enum, default_value_t = Policy::DEFAULT.logic)]
+    pub routing_logic: Logic,
+
     /// Request header whose value pins a session to one backend (by
     /// rendezvous hashing, within the load bound).
     #[arg(long, env = "ROUTER_SESSION_HEADER", default_value = "x-session-id")]
@@ -380,6 +388,7 @@ impl Config {
     /// The routing policy's tunables.
     pub fn policy(&self) -> Policy {
         Policy {
+            logic: self.routing_logic,
             epsilon: self.load_epsilon,
             affinity_weight: self.affinity_weight,
             load_weight: self.load_weight,

@@ -52,6 +52,9 @@ use workload::{Kind, Sizes};
 pub enum Builtin {
     /// router-daemon with its default policy.
     RouterDaemon,
+    /// router-daemon with `--routing-logic roundrobin`: round-robin with
+    /// the proxy hop, to set against the client-side one.
+    RouterDaemonRoundrobin,
     /// Client-side: the next backend in turn.
     RoundRobin,
     /// Client-side: the backend with the fewest requests in flight.
@@ -116,7 +119,8 @@ pub struct Args {
         default_value = "shared-prefix,multi-turn,prefix-repetition,no-sharing,mooncake"
     )]
     pub workloads: Vec<Kind>,
-    /// Routers to compare.
+    /// Routers to compare (`router-daemon-roundrobin` adds the daemon
+    /// under `--routing-logic roundrobin`: what the proxy hop costs).
     #[arg(
         long,
         value_delimiter = ',',
@@ -393,7 +397,7 @@ impl Args {
             let (name, kind) = match b {
                 Builtin::RoundRobin => (report::BASELINE, RouterKind::RoundRobin),
                 Builtin::LeastLoaded => ("least-loaded", RouterKind::LeastLoaded),
-                Builtin::RouterDaemon => {
+                Builtin::RouterDaemon | Builtin::RouterDaemonRoundrobin => {
                     let bin = match &self.router_bin {
                         Some(bin) => bin.clone(),
                         None => std::env::current_exe()
@@ -409,7 +413,19 @@ impl Args {
                             bin.display()
                         );
                     }
-                    let extra = self.router_args.clone();
+                    let mut extra = self.router_args.clone();
+                    if *b == Builtin::RouterDaemonRoundrobin {
+                        extra.extend(["--routing-logic".to_owned(), "roundrobin".to_owned()]);
+                        out.push(Router {
+                            name: "router-daemon roundrobin".to_owned(),
+                            kind: RouterKind::Daemon {
+                                bin,
+                                extra,
+                                replicas: 1,
+                            },
+                        });
+                        continue;
+                    }
                     if self.daemon_replicas > 1 {
                         out.push(Router {
                             name: "router-daemon".to_owned(),

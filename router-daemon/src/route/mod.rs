@@ -27,7 +27,10 @@ mod pending;
 pub mod policy;
 mod reuse;
 
-use std::cell::RefCell;
+use std::{
+    cell::RefCell,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -35,7 +38,7 @@ use crate::prompt;
 
 pub use self::{
     index::{MAX_BLOCK, PrefixIndex, Walk},
-    policy::Policy,
+    policy::{Logic, Policy},
 };
 
 /// Seed for hashing session values, apart from prompt hashes.
@@ -83,17 +86,20 @@ pub enum Reason {
     /// or over the placement bound (`--placement-epsilon`); the next in
     /// rendezvous order took it.
     Overloaded,
+    /// Its turn (`--routing-logic roundrobin`).
+    RoundRobin,
 }
 
 impl Reason {
     /// Every reason, for metrics that pre-create their labels.
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::PrefixMatch,
         Reason::LeastLoaded,
         Reason::Spread,
         Reason::Placed,
         Reason::Session,
         Reason::Overloaded,
+        Reason::RoundRobin,
     ];
 
     /// Short name for logs and metrics.
@@ -105,6 +111,7 @@ impl Reason {
             Reason::Placed => "placed",
             Reason::Session => "session",
             Reason::Overloaded => "overloaded",
+            Reason::RoundRobin => "round-robin",
         }
     }
 }
@@ -207,6 +214,8 @@ pub struct Router {
     reuse: reuse::ReuseRate,
     /// Recent placements the index has not learned yet, by seed.
     pending: std::sync::Mutex<pending::Pending>,
+    /// Decisions taken under [`Logic::RoundRobin`], whose count picks the next.
+    turns: AtomicUsize,
 }
 
 /// KiB of new conversations recently placed on each backend, for the
@@ -261,6 +270,7 @@ impl Router {
             placements: std::sync::Mutex::default(),
             reuse: reuse::ReuseRate::default(),
             pending: std::sync::Mutex::default(),
+            turns: AtomicUsize::new(0),
         }
     }
 
@@ -277,6 +287,9 @@ impl Router {
     pub fn decide(&self, request: &RouteRequest, backends: &[BackendLoad]) -> Option<Decision> {
         if backends.is_empty() {
             return None;
+        }
+        if let Some(turn) = self.round_robin(backends) {
+            return Some(turn);
         }
         SCRATCH.with_borrow_mut(|scratch| {
             let Scratch { walk, matched } = scratch;
@@ -313,6 +326,7 @@ impl Router {
             return None;
         }
         let decision = match request {
+            _ if self.policy.logic == Logic::RoundRobin => self.round_robin(backends)?,
             Some(request) => SCRATCH.with_borrow_mut(|scratch| {
                 self.decide_with(request, backends, walk, &mut scratch.matched)
             })?,
@@ -331,13 +345,31 @@ impl Router {
     /// caller gives back a long prompt's buffers once done with the request:
     /// a retry records the same walk again).
     pub fn record(&self, walk: &Walk, key: &[u8], name: &str) {
-        self.index.record(walk, key, index::backend_id(name));
+        if self.policy.logic == Logic::PrefixAware {
+            self.index.record(walk, key, index::backend_id(name));
+        }
     }
 
     /// Undoes [`Router::record`] of `key` on the backend called `name`,
     /// which took the request but cached nothing of it (it answered 503).
     pub fn forget(&self, walk: &Walk, key: &[u8], name: &str) {
-        self.index.forget(walk, key, index::backend_id(name));
+        if self.policy.logic == Logic::PrefixAware {
+            self.index.forget(walk, key, index::backend_id(name));
+        }
+    }
+
+    /// Under [`Logic::RoundRobin`], the next backend in turn; None under
+    /// prefix-aware routing (or with no backends).
+    fn round_robin(&self, backends: &[BackendLoad]) -> Option<Decision> {
+        if self.policy.logic != Logic::RoundRobin || backends.is_empty() {
+            return None;
+        }
+        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
+        Some(Decision {
+            backend: turn % backends.len(),
+            matched: 0,
+            reason: Reason::RoundRobin,
+        })
     }
 
     /// The decision for `request`, hashing its key into `walk`; records
@@ -905,6 +937,30 @@ mod tests {
         assert!(used.len() == 4, "64 conversations used only {used:?}");
         eprintln!("a router that never saw them agrees on {agree} of 64 conversations");
         assert!(agree >= 48, "a fresh router agrees on only {agree} of 64");
+    }
+
+    #[test]
+    fn round_robin_ignores_prefixes_and_learns_nothing() {
+        let router = Router::with_policy(
+            32,
+            1 << 16,
+            Policy {
+                logic: Logic::RoundRobin,
+                ..Policy::default()
+            },
+        );
+        let key = "the same long prompt, sent again and again".repeat(8);
+        let chosen: Vec<usize> = (0..8)
+            .map(|_| {
+                let d = router
+                    .decide(&request(key.as_bytes(), key.len()), &idle(4))
+                    .unwrap();
+                assert_eq!((d.reason, d.matched), (Reason::RoundRobin, 0));
+                d.backend
+            })
+            .collect();
+        assert_eq!(chosen, [0, 1, 2, 3, 0, 1, 2, 3]);
+        assert_eq!(router.index_len(), 0);
     }
 
     #[test]

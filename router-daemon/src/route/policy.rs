@@ -141,9 +141,25 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::{BackendLoad, Decision, Reason};
 
+/// How the router picks a backend (`--routing-logic`; the production-stack
+/// chart's `routingLogic`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Logic {
+    /// By prefix affinity weighed against load: this module's rules.
+    #[value(name = "prefixaware")]
+    PrefixAware,
+    /// Each backend in turn, ignoring prompts and load: the baseline that
+    /// shows what prefix awareness is worth, and for fleets without a
+    /// prefix cache. Keeps no prefix index.
+    #[value(name = "roundrobin")]
+    RoundRobin,
+}
+
 /// The policy's tunables.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Policy {
+    /// Prefix-aware (the rules above) or round-robin.
+    pub logic: Logic,
     /// ε of the load bound `ceil((1 + ε) · mean load)`; 0 or more.
     pub epsilon: f64,
     /// Cost per KiB of prompt a backend must prefill for the request
@@ -176,6 +192,7 @@ impl Policy {
     /// The defaults, which the daemon's flags also default to (see
     /// `Config`): the measured choices the module doc explains.
     pub const DEFAULT: Self = Self {
+        logic: Logic::PrefixAware,
         epsilon: 0.25,
         affinity_weight: 1.0,
         load_weight: 0.1,
@@ -983,6 +1000,7 @@ mod tests {
                 .map(|(&(in_flight, waiting, prefill), name)| BackendLoad { name, in_flight, waiting, prefill, local: false })
                 .collect();
             let policy = Policy {
+                logic: Logic::PrefixAware,
                 epsilon,
                 affinity_weight,
                 load_weight,

@@ -387,12 +387,28 @@ fn every_variable_the_chart_sets_is_one_the_daemon_reads() {
 }
 
 #[test]
+fn routing_logic_reaches_the_daemon() {
+    let Some(helm) = helm() else { return };
+    for (args, logic) in [
+        (&[][..], "prefixaware"),
+        (
+            &["--set", "routerSpec.routingLogic=roundrobin"][..],
+            "roundrobin",
+        ),
+    ] {
+        let objects = rendered(&helm, args);
+        let router = router_container(&objects);
+        assert_eq!(env(router, "ROUTER_ROUTING_LOGIC"), Some(logic), "{args:?}");
+    }
+}
+
+#[test]
 fn values_the_router_cannot_run_with_are_refused() {
     let Some(helm) = helm() else { return };
     for (set, says) in [
         (
-            "routerSpec.routingLogic=roundrobin",
-            "always routes by prefix",
+            "routerSpec.routingLogic=kvaware",
+            "use \"prefixaware\" or \"roundrobin\"",
         ),
         (
             "routerSpec.serviceDiscovery=static",

@@ -103,6 +103,54 @@ async fn a_session_header_keeps_unrelated_prompts_on_one_backend() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_logic_takes_each_backend_in_turn_whatever_the_prompt() {
+    let (urls, _sims) = start_sims(3).await;
+    let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        config.routing_logic = router_daemon::route::Logic::RoundRobin;
+    })
+    .await;
+    discovered(router, &urls).await;
+    let before = get(router, "/metrics").await.text();
+    let counted = |metrics: &str| {
+        metric(
+            metrics,
+            "router_route_decisions_total{reason=\"round-robin\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    // The tutorial's pair, repeated: the second prompt extends the first,
+    // which prefix-aware routing would keep on one backend.
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        for prompt in [
+            "Hello, how are you?",
+            "Hello, how are you? What is the capital of France?",
+        ] {
+            let response = post_json(
+                router,
+                "/v1/completions",
+                &json!({"model": MODEL, "prompt": prompt, "max_tokens": 4}),
+            )
+            .await;
+            assert_eq!(response.status, 200, "{}", response.text());
+            served.push(
+                response
+                    .header("x-served-by")
+                    .expect("x-served-by")
+                    .to_owned(),
+            );
+        }
+    }
+    // Each window of three consecutive requests covers every backend once.
+    for window in served.chunks(3) {
+        let distinct: HashSet<&String> = window.iter().collect();
+        assert_eq!(distinct.len(), 3, "not in turn: {served:?}");
+    }
+    let after = get(router, "/metrics").await.text();
+    assert_eq!(counted(&after) - counted(&before), 6.0, "{after}");
+}
+
 /// One multi-turn chat workload in the shape of vLLM's multi-turn benchmark:
 /// a system prompt shared by every conversation, a first user message of
 /// its own per conversation, then turns that resend the whole history.

@@ -47,8 +47,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 {{/* Refuses values the router cannot run with, with a message saying why. */}}
 {{- define "router.validate" -}}
 {{- $spec := .Values.routerSpec -}}
-{{- if ne $spec.routingLogic "prefixaware" -}}
-{{- fail (printf "routerSpec.routingLogic %q: this router always routes by prefix; use \"prefixaware\"" $spec.routingLogic) -}}
+{{- if not (has $spec.routingLogic (list "prefixaware" "roundrobin")) -}}
+{{- fail (printf "routerSpec.routingLogic %q: use \"prefixaware\" or \"roundrobin\"" $spec.routingLogic) -}}
 {{- end -}}
 {{- if not (has $spec.serviceDiscovery (list "k8s" "static")) -}}
 {{- fail (printf "routerSpec.serviceDiscovery %q: use \"k8s\" or \"static\"" $spec.serviceDiscovery) -}}
