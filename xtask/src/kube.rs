@@ -60,13 +60,7 @@ fn apt_packages() -> Result<()> {
         )
         .with_context(|| format!("writing {DEB_SRC} (needs root)"))?;
     }
-    setup::run_announced(Command::new("apt-get").args(["update", "-q"]))?;
-    setup::run_announced(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(["golang-go", "rsync", "etcd-server", "openssl"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    setup::apt_install(&["golang-go", "rsync", "etcd-server", "openssl"])
 }
 
 /// Downloads the source package into `dir/src`, builds kube-apiserver,

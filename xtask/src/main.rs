@@ -19,6 +19,7 @@ mod bench;
 mod control;
 mod fuzz;
 mod helm;
+mod image;
 mod kube;
 mod peers;
 mod run;
@@ -55,6 +56,9 @@ enum Command {
     Bench(bench::Args),
     /// Setup, then run the fuzz targets (one, or all) from their seed corpora.
     Fuzz(fuzz::Args),
+    /// Build the router's container image from deploy/Dockerfile (`--prebuilt
+    /// --local-base` needs no registry).
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::Image(args) => image::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

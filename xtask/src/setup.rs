@@ -565,6 +565,23 @@ fn llvm_installed() -> bool {
         })
 }
 
+/// Whether `program` is an executable on the caller's `PATH`.
+pub fn on_path(program: &str) -> bool {
+    env::var_os("PATH").is_some_and(|path| find_in(program, &path).is_some())
+}
+
+/// Installs Debian `packages` (`apt-get update`, then `apt-get install`
+/// without recommends); needs root.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    run_announced(Command::new("apt-get").args(["update", "-q"]))?;
+    run_announced(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 /// The first executable `program` on `path`.
 fn find_in(program: &str, path: &OsStr) -> Option<PathBuf> {
     env::split_paths(path).find_map(|dir| executable(&dir.join(program)))

@@ -3,7 +3,8 @@
 //! denied) and `cargo test`, all in
 //! release mode so they reuse setup's build (the tests get the Kubernetes
 //! API server and helm that the `kube` and `helm` stages cache per
-//! machine), then each fuzz target for
+//! machine, and the router image the `image` stage builds), then each fuzz
+//! target for
 //! [`fuzz::SECONDS_IN_TEST`] seconds, and a closing line naming each
 //! stage's result. Under `CI=true` the tests get `ROUTER_REQUIRE_SOCKMAP=1`,
 //! so they fail instead of skipping when the eBPF dataplane cannot load.
@@ -13,7 +14,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Result, bail};
 
 use crate::{
-    fuzz, helm, kube,
+    fuzz, helm, image, kube,
     setup::{self, Toolchain},
 };
 
@@ -42,6 +43,7 @@ pub fn run(args: Args) -> Result<()> {
                 "python-deps",
                 "kube",
                 "helm",
+                "image",
                 "test",
                 "fuzz",
             ]);
@@ -83,6 +85,16 @@ pub fn run(args: Args) -> Result<()> {
     // helm for the chart's tests, unpacked once per machine.
     let helm = stages.optional("helm", helm::ensure(), "the chart tests will skip");
 
+    // The router image from this checkout's release binary on a local
+    // bookworm base, in a Docker daemon kept up until the tests are done.
+    let image = stages.optional(
+        "image",
+        toolchain
+            .release_bin("router-daemon")
+            .and_then(image::for_tests),
+        "the image test will skip",
+    );
+
     let mut test = test_command(&toolchain, &args);
     if let Some(control_plane) = &control_plane {
         test.env("ROUTER_TEST_KUBE_APISERVER", &control_plane.apiserver)
@@ -91,7 +103,15 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(helm) = &helm {
         test.env("ROUTER_TEST_HELM", &helm.helm);
     }
+    if let Some(image) = &image {
+        test.env("ROUTER_TEST_IMAGE", &image.tag);
+        if let Some(host) = image.docker.host() {
+            test.env("DOCKER_HOST", host);
+        }
+    }
     stages.run("test", &mut test);
+    // Stops the Docker daemon the image stage started, if it did.
+    drop(image);
 
     // Each fuzz target for a bounded time: a crash fails the run.
     stages.record(

@@ -447,3 +447,238 @@ fn the_dashboard_ships_in_the_chart() {
         "{monitor}"
     );
 }
+
+/// The image `cargo xtask test` built (`cargo xtask image --prebuilt
+/// --local-base`: this checkout's release binary on a debootstrapped
+/// bookworm) and `DOCKER_HOST` for the daemon holding it, or `None` (with a
+/// message) where the test may skip.
+fn image_under_test() -> Option<String> {
+    match std::env::var("ROUTER_TEST_IMAGE") {
+        Ok(image) => Some(image),
+        Err(_) => {
+            assert!(
+                !ci(),
+                "CI=true needs ROUTER_TEST_IMAGE (cargo xtask test builds it)"
+            );
+            eprintln!("SKIPPED: ROUTER_TEST_IMAGE is not set; run cargo xtask test");
+            None
+        }
+    }
+}
+
+/// A loopback port nobody listens on (the container binds it on the
+/// host's network).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral loopback port")
+        .port()
+}
+
+/// `docker run` arguments for `container` as the kubelet would run it:
+/// its user, capabilities, read-only root, no privilege escalation, memory
+/// limit, environment (`overrides` replace or add variables; a variable set
+/// from the downward API must be among them) and arguments. On the host's
+/// network, so the test's simulators on loopback are reachable.
+fn docker_run_args(container: &Value, name: &str, overrides: &[(&str, String)]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--detach",
+        "--rm",
+        "--network",
+        "host",
+        "--name",
+        name,
+    ]
+    .map(String::from)
+    .to_vec();
+    let security = &container["securityContext"];
+    assert_ne!(security["privileged"], true, "never privileged");
+    if let Some(uid) = security["runAsUser"].as_u64() {
+        let user = match security["runAsGroup"].as_u64() {
+            Some(gid) => format!("{uid}:{gid}"),
+            None => uid.to_string(),
+        };
+        args.extend(["--user".into(), user]);
+    }
+    if security["readOnlyRootFilesystem"] == true {
+        args.push("--read-only".into());
+    }
+    if security["allowPrivilegeEscalation"] == false {
+        args.extend(["--security-opt".into(), "no-new-privileges".into()]);
+    }
+    for (flag, key) in [("--cap-drop", "drop"), ("--cap-add", "add")] {
+        for cap in security["capabilities"][key]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let cap = cap.as_str().expect("a capability name");
+            args.extend([flag.to_owned(), cap.to_owned()]);
+        }
+    }
+    if let Some(memory) = container["resources"]["limits"]["memory"].as_str() {
+        // Kubernetes' Gi/Mi are docker's g/m.
+        args.extend([
+            "--memory".into(),
+            memory.trim_end_matches('i').to_lowercase(),
+        ]);
+    }
+    for var in container["env"].as_array().expect("env") {
+        let key = var["name"].as_str().expect("a name");
+        if overrides.iter().any(|(name, _)| *name == key) {
+            continue;
+        }
+        let value = var["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key} is set from the pod; the test must give it"));
+        args.extend(["--env".into(), format!("{key}={value}")]);
+    }
+    for (key, value) in overrides {
+        args.extend(["--env".into(), format!("{key}={value}")]);
+    }
+    args.push(container["image"].as_str().expect("image").to_owned());
+    for arg in container["args"].as_array().into_iter().flatten() {
+        args.push(arg.as_str().expect("a string argument").to_owned());
+    }
+    args
+}
+
+/// `docker ARGS`, its standard output, or a panic with its standard error.
+fn docker(args: &[String]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes the container when dropped, printing its log first (what a
+/// failing test needs to see).
+struct Running(String);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("docker").args(["logs", &self.0]).output() {
+            eprintln!(
+                "container {} log:\n{}{}",
+                self.0,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let _ = Command::new("docker")
+            .args(["rm", "--force", &self.0])
+            .output();
+    }
+}
+
+/// The image runs as the rendered DaemonSet says (user, capabilities,
+/// read-only root, no privilege escalation, memory limit, environment from
+/// the example values with static backends): the process has the chart's
+/// uid and no capabilities, and serves the tutorial, the second prompt (which
+/// extends the first) landing on the same engine.
+///
+/// The sockmap values are not run here: Debian's Docker 20.10 does not know
+/// the BPF and PERFMON capabilities (`invalid CapAdd: unknown capability:
+/// "CAP_BPF"`); `privilege.rs` checks that capability set on the host
+/// binary instead.
+#[test]
+fn the_image_serves_the_tutorial_as_the_daemonset_runs_it() {
+    let Some(helm) = helm() else { return };
+    let Some(image) = image_under_test() else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let (urls, _sims) = runtime.block_on(integration_tests::start_sims(2));
+    let backends = urls.join("\\,");
+    let example = example_values();
+    let example = example.to_str().expect("a UTF-8 path");
+    let objects = rendered(
+        &helm,
+        &[
+            "-f",
+            example,
+            "--set",
+            "routerSpec.serviceDiscovery=static",
+            "--set",
+            &format!("routerSpec.staticBackends={backends}"),
+        ],
+    );
+    let container = router_container(&objects);
+    assert_eq!(
+        container["image"],
+        image.as_str(),
+        "the chart's default image"
+    );
+    let (listen, admin) = (free_port(), free_port());
+    let name = format!("prefix-router-test-{}", std::process::id());
+    let args = docker_run_args(
+        container,
+        &name,
+        &[
+            ("ROUTER_LISTEN", format!("127.0.0.1:{listen}")),
+            ("ROUTER_ADMIN_LISTEN", format!("127.0.0.1:{admin}")),
+            ("ROUTER_NODE_NAME", "test-node".to_owned()),
+        ],
+    );
+    docker(&args);
+    let _running = Running(name.clone());
+    let listen: std::net::SocketAddr = ([127, 0, 0, 1], listen).into();
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin).into();
+    runtime.block_on(async {
+        // Ready once an engine answered discovery (bounded: about 60 s).
+        let mut ready = false;
+        for _ in 0..600 {
+            let listening = tokio::net::TcpStream::connect(admin).await.is_ok();
+            if listening && integration_tests::get(admin, "/ready").await.status == 200 {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(ready, "the container never became ready");
+        let mut served = Vec::new();
+        for prompt in [
+            "Hello, how are you?",
+            "Hello, how are you? What is the capital of France?",
+        ] {
+            let response = integration_tests::post_json(
+                listen,
+                "/v1/completions",
+                &json!({"model": "meta-llama/Llama-3.2-1B-Instruct",
+                        "prompt": prompt, "max_tokens": 8}),
+            )
+            .await;
+            assert_eq!(response.status, 200, "{}", response.text());
+            served.push(response.header("x-served-by").map(str::to_owned));
+        }
+        assert!(served[0].is_some(), "no x-served-by");
+        assert_eq!(served[0], served[1], "the tutorial's pair split");
+    });
+    // What the kernel says the process is.
+    let pid = docker(&[
+        "inspect".into(),
+        "--format".into(),
+        "{{.State.Pid}}".into(),
+        name,
+    ]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))
+        .expect("the container's /proc/PID/status");
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("{key} in {status}"))
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534");
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("CapPrm:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+}
