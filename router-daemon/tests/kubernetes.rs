@@ -9,7 +9,9 @@
 //! readiness lost and regained; a pod terminating while its stream runs
 //! (the stream completes); the API server restarted after a pod was deleted
 //! behind its back (straight from etcd), so only a new list can show it;
-//! scale to zero (503 with Retry-After) and back.
+//! scale to zero (503 with Retry-After) and back. Three routers follow it
+//! at once, one per dataplane (sockmap only as root), each stream and
+//! request checked on each.
 //!
 //! A second control plane checks the Helm chart's RBAC (rendered by the
 //! helm `cargo xtask test` installs): with a token for the chart's
@@ -335,17 +337,31 @@ async fn set_status(pods: &Api<Pod>, name: &str, ip: Ipv4Addr, ready: bool) {
         .expect("patch status");
 }
 
-/// The router binary watching `NAMESPACE`'s pods as `kubeconfig`'s user,
-/// sending to their `port`.
-fn start_router(kubeconfig: &Path, port: u16) -> Daemon {
+/// The router binary on `dataplane`, watching `NAMESPACE`'s pods as
+/// `kubeconfig`'s user, sending to their `port`.
+fn start_router(kubeconfig: &Path, port: u16, dataplane: &str) -> Daemon {
     let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
     command
         .env("KUBECONFIG", kubeconfig)
         .args(["--listen", "127.0.0.1:0", "--discovery", "k8s"])
         .args(["--k8s-namespace", NAMESPACE])
         .args(["--k8s-port", &port.to_string()])
-        .args(["--discovery-interval-ms", "200", "--dataplane", "userspace"]);
+        .args(["--discovery-interval-ms", "200", "--dataplane", dataplane]);
     tokio::task::block_in_place(|| Daemon::start(command))
+}
+
+/// The dataplanes the scenario runs on: all three as root; without root,
+/// sockmap is left out (unless `ROUTER_REQUIRE_SOCKMAP` says it must run).
+fn dataplanes() -> Vec<&'static str> {
+    if common::is_root() {
+        return vec!["userspace", "splice", "sockmap"];
+    }
+    assert!(
+        std::env::var_os("ROUTER_REQUIRE_SOCKMAP").is_none(),
+        "ROUTER_REQUIRE_SOCKMAP is set, but the sockmap dataplane needs root"
+    );
+    eprintln!("sockmap skipped: it needs root");
+    vec!["userspace", "splice"]
 }
 
 /// A completion with prompt number `i`: the status and who served it.
@@ -381,14 +397,15 @@ async fn complete(router: &str, i: usize) -> (u16, String, String) {
 }
 
 /// Who serves 16 prompts never sent before (a prompt sent before stays
-/// where its prefix is cached), sorted and deduplicated.
+/// where its prefix is cached), sorted and deduplicated. Every answer must
+/// be a 200: while the router knows a Ready pod, no request fails.
 async fn serving(router: &str) -> Vec<String> {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1000);
     let mut who = Vec::new();
     for _ in 0..16 {
         let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (status, by, text) = complete(router, i).await;
-        assert_eq!(status, 200, "{text}");
+        assert_eq!(status, 200, "{router}: {text}");
         who.push(by);
     }
     who.sort();
@@ -406,10 +423,77 @@ async fn until_served_by(router: &str, expected: &[&str]) {
         }
         assert!(
             Instant::now() < deadline,
-            "served by {who:?}, expected {expected:?}"
+            "{router}: served by {who:?}, expected {expected:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until each of `routers` knows a Ready pod (`/ready` answers 200):
+/// from an empty fleet (just started, or scaled to zero), the pod's watch
+/// event takes a moment to arrive, more on a busy machine.
+async fn until_ready(routers: &[String]) {
+    for router in routers {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut stream = TcpStream::connect(router).await.expect("connect router");
+            stream
+                .write_all(b"GET /ready HTTP/1.1\r\nhost: router\r\nconnection: close\r\n\r\n")
+                .await
+                .expect("send");
+            let mut response = Vec::new();
+            tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+                .await
+                .expect("answered in time")
+                .expect("read");
+            if response.starts_with(b"HTTP/1.1 200") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{router} never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// [`until_served_by`] for each of `routers`.
+async fn all_served_by(routers: &[String], expected: &[&str]) {
+    for router in routers {
+        until_served_by(router, expected).await;
+    }
+}
+
+/// A streamed completion sent through `router` whose response head says
+/// pod `pod` serves it (new prompts are tried until one lands there; the
+/// others are dropped after their head); returns the stream, head read.
+async fn stream_on(router: &str, pod: &str) -> TcpStream {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(5000);
+    for _ in 0..64 {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = json!({"model": MODEL, "prompt": format!("Pod question {i}: why is the sky blue?"), "max_tokens": 200, "stream": true}).to_string();
+        let mut stream = TcpStream::connect(router).await.expect("connect");
+        let request = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("send");
+        // The whole response head, however the reads split it.
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+                .await
+                .expect("the head in time")
+                .expect("read");
+            assert!(n > 0, "closed before the head ended");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 200"), "{router}: {head}");
+        if head.contains(&format!("x-served-by: {pod}")) {
+            return stream;
+        }
+    }
+    panic!("{router}: no stream served by {pod}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,61 +545,46 @@ async fn pods_come_and_go_and_the_router_follows() {
     set_status(&pods, "other-labels", ip(4), true).await;
     set_status(&elsewhere, "other-namespace", ip(5), true).await;
 
-    let mut daemon = start_router(&plane.kubeconfig, port);
-    let router = daemon.listen.clone();
+    // One router per dataplane, all watching the same pods.
+    let mut daemons: Vec<Daemon> = dataplanes()
+        .into_iter()
+        .map(|dataplane| start_router(&plane.kubeconfig, port, dataplane))
+        .collect();
+    let routers: Vec<String> = daemons.iter().map(|d| d.listen.clone()).collect();
 
     // Only the ready pod that matches, in the namespace.
-    until_served_by(&router, &["a"]).await;
+    until_ready(&routers).await;
+    all_served_by(&routers, &["a"]).await;
     // b becomes ready; the other two never count.
     set_status(&pods, "b", ip(3), true).await;
-    until_served_by(&router, &["a", "b"]).await;
+    all_served_by(&routers, &["a", "b"]).await;
     // b loses readiness, and gets it back.
     set_status(&pods, "b", ip(3), false).await;
-    until_served_by(&router, &["a"]).await;
+    all_served_by(&routers, &["a"]).await;
     set_status(&pods, "b", ip(3), true).await;
-    until_served_by(&router, &["a", "b"]).await;
+    all_served_by(&routers, &["a", "b"]).await;
 
-    // b terminates while a stream runs on it: the stream completes.
-    let mut on_b = None;
-    for i in 0..64 {
-        if complete(&router, i).await.1 == "b" {
-            on_b = Some(i);
-            break;
-        }
+    // b terminates while a stream runs on it through each router: every
+    // stream completes.
+    let mut streams = Vec::new();
+    for router in &routers {
+        streams.push(stream_on(router, "b").await);
     }
-    let on_b = on_b.expect("a prompt served by b");
-    let body = json!({"model": MODEL, "prompt": format!("Pod question {on_b}: why is the sky blue?"), "max_tokens": 200, "stream": true}).to_string();
-    let mut stream = TcpStream::connect(&router).await.expect("connect");
-    let request = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("send");
-    // The whole response head, however the reads split it.
-    let mut head = Vec::new();
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut buf = [0u8; 256];
-        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
-            .await
-            .expect("the head in time")
-            .expect("read");
-        assert!(n > 0, "closed before the head ended");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&head).contains("x-served-by: b"));
     pods.delete("b", &DeleteParams::default())
         .await
         .expect("graceful delete");
-    until_served_by(&router, &["a"]).await;
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
-        .await
-        .expect("the stream ends")
-        .expect("read");
-    assert!(
-        String::from_utf8_lossy(&rest).contains("data: [DONE]"),
-        "the stream on the terminating pod completed"
-    );
+    all_served_by(&routers, &["a"]).await;
+    for (router, mut stream) in routers.iter().zip(streams) {
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+            .await
+            .expect("the stream ends")
+            .expect("read");
+        assert!(
+            String::from_utf8_lossy(&rest).contains("data: [DONE]"),
+            "{router}: the stream on the terminating pod completed"
+        );
+    }
     pods.delete(
         "b",
         &DeleteParams {
@@ -533,12 +602,12 @@ async fn pods_come_and_go_and_the_router_follows() {
         .expect("pod c");
     sim("c", ip(6), port, false).await;
     set_status(&pods, "c", ip(6), true).await;
-    until_served_by(&router, &["a", "c"]).await;
+    all_served_by(&routers, &["a", "c"]).await;
     plane.stop_apiserver();
     plane.delete_behind_the_back("c").await;
     plane.start_apiserver();
     plane.ready().await;
-    until_served_by(&router, &["a"]).await;
+    all_served_by(&routers, &["a"]).await;
 
     // Scale to zero: 503 with Retry-After; then back.
     pods.delete(
@@ -550,25 +619,30 @@ async fn pods_come_and_go_and_the_router_follows() {
     )
     .await
     .expect("delete a");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, _, text) = complete(&router, 0).await;
-        if status == 503 {
-            assert!(
-                text.to_ascii_lowercase().contains("retry-after: 1"),
-                "{text}"
-            );
-            break;
+    for router in &routers {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, _, text) = complete(router, 0).await;
+            if status == 503 {
+                assert!(
+                    text.to_ascii_lowercase().contains("retry-after: 1"),
+                    "{router}: {text}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "{router}: still {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(Instant::now() < deadline, "still {status}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pods.create(&create, &pod("a", &LABELS))
         .await
         .expect("pod a again");
     set_status(&pods, "a", ip(2), true).await;
-    until_served_by(&router, &["a"]).await;
-    assert!(daemon.try_wait().is_none(), "the router kept running");
+    until_ready(&routers).await;
+    all_served_by(&routers, &["a"]).await;
+    for daemon in &mut daemons {
+        assert!(daemon.try_wait().is_none(), "the router kept running");
+    }
 }
 
 /// The helm binary from `cargo xtask test`; `None` (the test skips) when
@@ -705,6 +779,6 @@ async fn the_chart_s_service_account_reads_pods_and_nothing_else() {
         .await
         .expect("pod");
     set_status(&admin_pods, "rbac", ip, true).await;
-    let daemon = start_router(&kubeconfig, port);
+    let daemon = start_router(&kubeconfig, port, "userspace");
     until_served_by(&daemon.listen, &["rbac"]).await;
 }
