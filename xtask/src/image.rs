@@ -123,6 +123,67 @@ pub fn for_tests(binary: &Path) -> Result<ForTests> {
     Ok(ForTests { tag, docker })
 }
 
+impl ForTests {
+    /// Writes the images the single-node cluster needs as docker-archives
+    /// into `out`: the router image, vllm-sim (`vllm-sim:test`, the `sim`
+    /// binary on the local base) and the pause container
+    /// (`k8s.gcr.io/pause:3.2`, the `pause` binary alone), so containerd
+    /// never pulls.
+    pub fn archives(&self, sim: &Path, pause: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+        fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let contexts = [
+            (
+                "vllm-sim:test",
+                sim,
+                format!(
+                    "FROM {LOCAL_BASE}\nCOPY vllm-sim /usr/local/bin/vllm-sim\nUSER 65534:65534\n\
+                     ENTRYPOINT [\"/usr/local/bin/vllm-sim\"]\n"
+                ),
+                "vllm-sim",
+            ),
+            (
+                "k8s.gcr.io/pause:3.2",
+                pause,
+                "FROM scratch\nCOPY pause /pause\nENTRYPOINT [\"/pause\"]\n".to_owned(),
+                "pause",
+            ),
+        ];
+        let mut archives = Vec::new();
+        for (tag, binary, dockerfile, name) in contexts {
+            let context = out.join(format!("{name}.context"));
+            if context.exists() {
+                fs::remove_dir_all(&context)?;
+            }
+            fs::create_dir_all(&context)?;
+            fs::copy(binary, context.join(name))
+                .with_context(|| format!("copying {}", binary.display()))?;
+            fs::write(context.join("Dockerfile"), dockerfile)?;
+            setup::run_announced(
+                self.docker
+                    .command()
+                    .args(["build", "-q", "-t", tag])
+                    .arg(&context)
+                    .stdout(Stdio::null()),
+            )?;
+            fs::remove_dir_all(&context)?;
+            archives.push((tag.to_owned(), out.join(format!("{name}.tar"))));
+        }
+        archives.push((self.tag.clone(), out.join("router.tar")));
+        let mut files = Vec::new();
+        for (tag, file) in archives {
+            setup::run_announced(
+                self.docker
+                    .command()
+                    .args(["save", "-o"])
+                    .arg(&file)
+                    .arg(&tag),
+            )?;
+            files.push(file);
+        }
+        Ok(files)
+    }
+}
+
 /// One `docker build`.
 struct Build<'a> {
     tag: &'a str,
@@ -318,24 +379,8 @@ impl Drop for Docker {
     /// Stops a daemon this task started: SIGTERM (it stops its containers
     /// and its containerd), then SIGKILL after [`DAEMON_STOP`].
     fn drop(&mut self) {
-        let Some(child) = &mut self.started else {
-            return;
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            // SAFETY: kill(2) has no memory-safety preconditions; the child
-            // is not reaped yet, so its pid still names it.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + DAEMON_STOP;
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(100));
-        }
-        if matches!(child.try_wait(), Ok(None)) {
-            eprintln!("xtask: dockerd did not stop within {DAEMON_STOP:?}; killing it");
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = &mut self.started {
+            setup::terminate(child, "dockerd", DAEMON_STOP);
         }
     }
 }

@@ -44,9 +44,53 @@ pub fn ensure() -> Result<ControlPlane> {
     }
     apt_packages()?;
     if !apiserver.is_file() {
-        build(&dir, &apiserver)?;
+        build(&dir, &["kube-apiserver"])?;
     }
     Ok(ControlPlane { apiserver, etcd })
+}
+
+/// The programs of a whole single-node cluster, besides the API server
+/// (`../shared/notes/k8s-cluster/`), built from the same source package.
+pub const NODE_PROGRAMS: [&str; 5] = [
+    "kubelet",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "kubectl",
+];
+
+/// Builds the API server, [`NODE_PROGRAMS`] and the pause container's
+/// program (`pause`, static) into the machine-wide cache unless they are
+/// there (about 8 minutes on two cores the first time), and installs the
+/// Debian packages a node runs on (containerd, the CNI plugins, conntrack,
+/// iptables); returns the directory holding the binaries.
+pub fn ensure_node() -> Result<PathBuf> {
+    let plane = ensure()?;
+    let dir = plane
+        .apiserver
+        .parent()
+        .context("the API server has no directory")?
+        .to_path_buf();
+    let missing: Vec<&str> = NODE_PROGRAMS
+        .into_iter()
+        .chain(["pause"])
+        .filter(|program| !dir.join(program).is_file())
+        .collect();
+    let node_packages = [
+        "containerd",
+        "containernetworking-plugins",
+        "conntrack",
+        "iptables",
+        "gcc",
+        "libc6-dev",
+    ];
+    if !missing.is_empty() || !Path::new("/usr/lib/cni/bridge").is_file() {
+        setup::apt_install(&node_packages)?;
+    }
+    if !missing.is_empty() {
+        build(&dir, &NODE_PROGRAMS)?;
+    }
+    Ok(dir)
 }
 
 /// etcd and openssl for the tests, Go and rsync for the build, from
@@ -63,12 +107,14 @@ fn apt_packages() -> Result<()> {
     setup::apt_install(&["golang-go", "rsync", "etcd-server", "openssl"])
 }
 
-/// Downloads the source package into `dir/src`, builds kube-apiserver,
-/// keeps the binary as `apiserver` and removes the tree.
-fn build(dir: &Path, apiserver: &Path) -> Result<()> {
+/// Downloads the source package into `dir/src`, builds `programs`
+/// (`cmd/<program>`; with the node's programs also the pause container's
+/// static `pause`), keeps the binaries in `dir` and removes the tree.
+fn build(dir: &Path, programs: &[&str]) -> Result<()> {
     eprintln!(
-        "xtask: building kube-apiserver {VERSION} from Debian's source package, once \
-         (about 9 minutes on two cores) into {}",
+        "xtask: building {} {VERSION} from Debian's source package, once \
+         (about 8 minutes on two cores) into {}",
+        programs.join(", "),
         dir.display()
     );
     let src = dir.join("src");
@@ -97,18 +143,34 @@ fn build(dir: &Path, apiserver: &Path) -> Result<()> {
             .arg(&tarball)
             .current_dir(&src),
     )?;
+    let what: Vec<String> = programs.iter().map(|p| format!("cmd/{p}")).collect();
     setup::run_announced(
         Command::new("make")
-            .arg("WHAT=cmd/kube-apiserver")
+            .arg(format!("WHAT={}", what.join(" ")))
             .env("GOPROXY", "off")
             .env("GOFLAGS", "-p=1")
             .current_dir(&tree),
     )?;
-    let built = tree.join("_output/bin/kube-apiserver");
-    let staged = dir.join("kube-apiserver.partial");
-    fs::copy(&built, &staged).with_context(|| format!("copying {}", built.display()))?;
-    // Renamed into place last: a build cut short leaves no binary behind.
-    fs::rename(&staged, apiserver)?;
+    let mut built: Vec<(PathBuf, &str)> = programs
+        .iter()
+        .map(|program| (tree.join("_output/bin").join(program), *program))
+        .collect();
+    if programs.contains(&"kubelet") {
+        let pause = tree.join("_output/pause");
+        setup::run_announced(
+            Command::new("gcc")
+                .args(["-Os", "-static", "-o"])
+                .arg(&pause)
+                .arg(tree.join("build/pause/linux/pause.c")),
+        )?;
+        built.push((pause, "pause"));
+    }
+    for (binary, name) in built {
+        let staged = dir.join(format!("{name}.partial"));
+        fs::copy(&binary, &staged).with_context(|| format!("copying {}", binary.display()))?;
+        // Renamed into place last: a build cut short leaves no binary behind.
+        fs::rename(&staged, dir.join(name))?;
+    }
     fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
     Ok(())
 }

@@ -27,8 +27,9 @@ use std::{
     io::{self, BufRead as _, BufReader, IsTerminal as _},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -563,6 +564,27 @@ fn llvm_installed() -> bool {
                     .starts_with("libLLVM.so")
             })
         })
+}
+
+/// Stops a child this process started: SIGTERM, then SIGKILL once `grace`
+/// has passed; `what` names it in the message about the kill.
+pub fn terminate(child: &mut Child, what: &str, grace: Duration) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the child is
+        // not reaped yet, so its pid still names it.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        eprintln!("xtask: {what} did not stop within {grace:?}; killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// Whether `program` is an executable on the caller's `PATH`.

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Result, bail};
 
 use crate::{
-    fuzz, helm, image, kube,
+    cluster, fuzz, helm, image, kube,
     setup::{self, Toolchain},
 };
 
@@ -45,6 +45,8 @@ pub fn run(args: Args) -> Result<()> {
                 "helm",
                 "image",
                 "test",
+                "cluster-up",
+                "cluster",
                 "fuzz",
             ]);
         }
@@ -110,8 +112,40 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     stages.run("test", &mut test);
+
+    // The seed tutorial on a whole single-node cluster, after the other
+    // tests (it takes the node port and a bridge): its programs built once
+    // per machine, the images imported from the image stage's daemon.
+    let cluster = match &image {
+        Some(image) => stages.optional(
+            "cluster-up",
+            start_cluster(&toolchain, image),
+            "the single-node cluster test will skip",
+        ),
+        None => None,
+    };
     // Stops the Docker daemon the image stage started, if it did.
     drop(image);
+    if let Some(cluster) = &cluster {
+        let mut test = toolchain.cargo();
+        test.args([
+            "test",
+            "--release",
+            "-p",
+            "integration-tests",
+            "--test",
+            "cluster",
+        ])
+        .env("ROUTER_TEST_CLUSTER", cluster.kubeconfig())
+        .env("ROUTER_TEST_KUBECTL", cluster.bins().join("kubectl"))
+        .env("ROUTER_TEST_NODE_IP", cluster::NODE_IP);
+        if let Some(helm) = &helm {
+            test.env("ROUTER_TEST_HELM", &helm.helm);
+        }
+        stages.run("cluster", &mut test);
+    }
+    // Tears the cluster down.
+    drop(cluster);
 
     // Each fuzz target for a bounded time: a crash fails the run.
     stages.record(
@@ -120,6 +154,18 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     stages.finish(&[])
+}
+
+/// Builds the cluster's programs (once per machine), writes the images it
+/// runs as docker-archives under `target/cluster-images`, and starts it.
+fn start_cluster(toolchain: &Toolchain, image: &image::ForTests) -> Result<cluster::Cluster> {
+    let bins = kube::ensure_node()?;
+    let images = image.archives(
+        toolchain.release_bin("vllm-sim")?,
+        &bins.join("pause"),
+        &toolchain.root().join("target/cluster-images"),
+    )?;
+    cluster::Cluster::start(&bins, &images)
 }
 
 /// The Python packages tests drive, relative to the workspace root:
