@@ -249,9 +249,7 @@ impl Cluster {
         self.spawn(
             "controller-manager",
             Command::new(bins.join("kube-controller-manager"))
-                .arg(format!("--kubeconfig={}", kcm.display()))
-                .arg(format!("--authentication-kubeconfig={}", kcm.display()))
-                .arg(format!("--authorization-kubeconfig={}", kcm.display()))
+                .args(as_user(&kcm))
                 .arg(format!(
                     "--service-account-private-key-file={}",
                     p("sa.key")
@@ -267,9 +265,7 @@ impl Cluster {
         self.spawn(
             "scheduler",
             Command::new(bins.join("kube-scheduler"))
-                .arg(format!("--kubeconfig={}", sched.display()))
-                .arg(format!("--authentication-kubeconfig={}", sched.display()))
-                .arg(format!("--authorization-kubeconfig={}", sched.display()))
+                .args(as_user(&sched))
                 .args(["--leader-elect=false", "--bind-address=127.0.0.1"]),
         )
     }
@@ -431,6 +427,17 @@ impl Drop for Cluster {
         let _ = fs::remove_dir_all("/var/lib/cni/networks/k8s-local");
         let _ = fs::remove_dir_all(STATE);
     }
+}
+
+/// The flags that make a control-plane component act, authenticate and
+/// authorize as the user of `kubeconfig`.
+fn as_user(kubeconfig: &Path) -> [String; 3] {
+    [
+        "--kubeconfig",
+        "--authentication-kubeconfig",
+        "--authorization-kubeconfig",
+    ]
+    .map(|flag| format!("{flag}={}", kubeconfig.display()))
 }
 
 /// Polls `ready` every 500 ms until it holds, for at most [`WAIT`].

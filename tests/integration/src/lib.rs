@@ -54,6 +54,14 @@ pub fn loopback_listener() -> TcpListener {
     router_daemon::listener(([127, 0, 0, 1], 0).into()).expect("bind a loopback listener")
 }
 
+/// A loopback address nothing listens on now (for a process the test
+/// starts, which binds it itself).
+pub fn free_loopback_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("an ephemeral loopback port")
+}
+
 /// Signals a background server to stop when dropped.
 #[derive(Debug)]
 pub struct Stopper(Option<oneshot::Sender<()>>);

@@ -10,12 +10,6 @@ use router_daemon::{config::Config, dataplane::Mode};
 use serde_json::json;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
-/// A loopback address nothing listens on now.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
-
 /// A router in front of one simulator, with admin endpoints on their own
 /// address; returns (client-facing, admin) addresses.
 async fn router_with_admin(
@@ -23,7 +17,7 @@ async fn router_with_admin(
 ) -> Option<(SocketAddr, SocketAddr, Vec<Stopper>)> {
     let dataplane = dataplane_or_skip(Mode::Userspace)?;
     let (sim, sim_stop) = start_sim(vllm_sim::Config::for_tests("sim-0")).await;
-    let admin = free_addr();
+    let admin = integration_tests::free_loopback_addr();
     let (router, stop) = start_router_with(vec![format!("http://{sim}")], dataplane, |config| {
         config.admin_listen = Some(admin);
         configure(config);
@@ -116,7 +110,7 @@ async fn ready_says_no_while_no_backend_is_up() {
     let Some(dataplane) = dataplane_or_skip(Mode::Userspace) else {
         return;
     };
-    let dead = free_addr();
+    let dead = integration_tests::free_loopback_addr();
     let (router, _stop) = start_router_with(vec![format!("http://{dead}")], dataplane, |config| {
         config.discovery_interval_ms = 50;
         config.down_after_failures = 1;

@@ -466,15 +466,6 @@ fn image_under_test() -> Option<String> {
     }
 }
 
-/// A loopback port nobody listens on (the container binds it on the
-/// host's network).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral loopback port")
-        .port()
-}
-
 /// `docker run` arguments for `container` as the kubelet would run it:
 /// its user, capabilities, read-only root, no privilege escalation, memory
 /// limit, environment (`overrides` replace or add variables; a variable set
@@ -616,7 +607,10 @@ fn the_image_serves_the_tutorial_as_the_daemonset_runs_it() {
         image.as_str(),
         "the chart's default image"
     );
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin) = (
+        integration_tests::free_loopback_addr().port(),
+        integration_tests::free_loopback_addr().port(),
+    );
     let name = format!("prefix-router-test-{}", std::process::id());
     let args = docker_run_args(
         container,

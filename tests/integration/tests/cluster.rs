@@ -195,10 +195,7 @@ async fn the_tutorial_runs_on_a_real_cluster() {
     assert_eq!(served[0], served[1], "through the node port");
 
     // And through `kubectl port-forward svc/<router> PORT:80`.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = integration_tests::free_loopback_addr().port();
     let mut forward = Command::new(&kubectl)
         .arg("--kubeconfig")
         .arg(&env.kubeconfig)
