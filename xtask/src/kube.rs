@@ -88,6 +88,9 @@ pub fn ensure_node() -> Result<PathBuf> {
         setup::apt_install(&node_packages)?;
     }
     if !missing.is_empty() {
+        // The API server may have come from the cache without the build's
+        // tools (Go, the deb-src line): make sure of them.
+        apt_packages()?;
         build(&dir, &NODE_PROGRAMS)?;
     }
     Ok(dir)
