@@ -137,9 +137,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Adm
     let _ = stream.set_nodelay(true);
     let mut client = shared.dataplane.client(stream);
     let mut buffers = Buffers::default();
+    // The last request, read whole, asked for the close.
+    let mut asked_close = false;
     loop {
         let next = match read_request(&mut client, &mut buffers, &shared).await {
             Ok(Some(request)) => {
+                asked_close = request.head.close;
                 let next = handle(&mut client, &request, &mut buffers, &shared, role).await;
                 // The request's buffers serve the next one.
                 buffers.head = request.head.into_buffer();
@@ -163,7 +166,11 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Adm
             break;
         }
     }
-    client.close(LINGER).await;
+    if asked_close || client.at_eof() {
+        client.close_finished(LINGER).await;
+    } else {
+        client.close(LINGER).await;
+    }
 }
 
 enum Failure {

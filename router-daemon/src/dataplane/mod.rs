@@ -20,13 +20,14 @@
 //! a pipelined request wait in [`Client::pending`] (so responses go out in
 //! request order), and the client's FIN is passed on to the backend as a
 //! half-close, which makes vLLM abort a generation nobody will read.
+mod copy_buffer;
 pub mod listen;
 mod pipe;
 mod sockmap;
 mod tcp;
 
 use std::{
-    io,
+    io::{self, IoSlice},
     net::SocketAddr,
     pin::Pin,
     time::{Duration, Instant},
@@ -53,7 +54,7 @@ use crate::{
 /// before giving up on the connection.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffer for response bytes that pass through the daemon.
-const COPY_BUFFER: usize = 64 * 1024;
+const COPY_BUFFER: usize = copy_buffer::SIZE;
 /// Default of [`Dataplane::with_pipelined_limit`] (`--max-pipelined-bytes`).
 pub const PIPELINED_LIMIT: usize = 1 << 20;
 /// Window peeked at to read chunk-size lines in splice mode.
@@ -388,7 +389,6 @@ impl Dataplane {
             unflushed: false,
             pending: Vec::new(),
             eof: false,
-            buffer: Vec::new(),
         }
     }
 
@@ -436,12 +436,11 @@ impl Dataplane {
         forward: &Forward<'_>,
         watch: W,
     ) -> Result<Exchanged, RelayError> {
-        let mut buf = std::mem::take(&mut client.buffer);
+        let mut buf = copy_buffer::take();
         let result = self
             .exchange_with(client, backend, forward, &mut buf, watch)
             .await;
-        buf.clear();
-        client.buffer = buf;
+        copy_buffer::give(buf);
         result
     }
 
@@ -730,10 +729,16 @@ impl<W: Watch> Relay<'_, W> {
         }
         self.ended_if(&tracker);
         if client_close && !head.says_close {
+            // One write, as for a kept-alive client: every extra write is
+            // another loopback delivery and wake-up of the client.
             let blank = head.len - 2;
-            client.write(&buf[..blank]).await?;
-            client.write(b"connection: close\r\n\r\n").await?;
-            client.write(&buf[head.len..head.len + used]).await?;
+            client
+                .write_parts(&mut [
+                    IoSlice::new(&buf[..blank]),
+                    IoSlice::new(b"connection: close\r\n\r\n"),
+                    IoSlice::new(&buf[head.len..head.len + used]),
+                ])
+                .await?;
             self.relayed.head += head.len as u64 + 19;
         } else {
             client.write(&buf[..head.len + used]).await?;
@@ -1166,8 +1171,6 @@ pub struct Client {
     pending: Vec<u8>,
     /// The client has shut down its sending side.
     eof: bool,
-    /// Response buffer, kept between requests.
-    buffer: Vec<u8>,
     /// Most pipelined bytes read ahead (see [`Dataplane::with_pipelined_limit`]).
     pipelined_limit: usize,
     /// Reading ahead stopped at the limit since [`Client::take_held_back`].
@@ -1228,6 +1231,23 @@ impl Client {
         let _ = tokio::time::timeout(linger, drain).await;
     }
 
+    /// Closes a connection whose client sends nothing more: its last
+    /// request, read whole, asked for the close, or it shut down its side.
+    /// When nothing it sent is left unread, the socket closes at once and
+    /// the kernel sends the response, then a FIN; only a client that sends
+    /// anyway, against its own `connection: close`, could see a reset, as
+    /// with nginx, which lingers only when bytes may be unread. That saves
+    /// [`Client::close`]'s wait for the client's own FIN (a wake-up, a read
+    /// and a timer per connection), which it falls back to otherwise.
+    pub async fn close_finished(self, linger: Duration) {
+        let mut probe = [0u8; 1];
+        let unread = !self.pending.is_empty()
+            || matches!(tcp::peek(&self.stream, &mut probe), Ok(n) if n > 0);
+        if unread {
+            self.close(linger).await;
+        }
+    }
+
     /// Waits for the client to send and appends what it sent to `pending`;
     /// `Ok(0)` at end of stream.
     async fn read_more(&mut self) -> io::Result<usize> {
@@ -1252,6 +1272,26 @@ impl Client {
             .await
             .map_err(RelayError::Client)?;
         self.delivered += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes `parts` in order, in as few writes as the socket takes
+    /// (`writev`), after any redirected bytes still on their way.
+    async fn write_parts(&mut self, mut parts: &mut [IoSlice<'_>]) -> Result<(), RelayError> {
+        self.flushed().await?;
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        while !parts.is_empty() {
+            let written = self
+                .stream
+                .write_vectored(parts)
+                .await
+                .map_err(RelayError::Client)?;
+            if written == 0 {
+                return Err(RelayError::Client(io::ErrorKind::WriteZero.into()));
+            }
+            IoSlice::advance_slices(&mut parts, written);
+        }
+        self.delivered += total as u64;
         Ok(())
     }
 

@@ -144,7 +144,74 @@ async fn backend_reset_closes_the_client(mode: Mode) {
     );
 }
 
+/// A client that says `connection: close` gets its whole response and the
+/// router's close, and its connection slot is free at once: the router does
+/// not wait for the client's own close (it used to, for up to two seconds,
+/// holding a place under `--max-connections`).
+async fn a_client_that_asked_to_close_is_let_go_at_once(mode: Mode) {
+    let Some(dataplane) = dataplane_or_skip(mode) else {
+        return;
+    };
+    let (sim, _sim_stop) = start_sim(vllm_sim::Config::for_tests("sim-0")).await;
+    let (router, _stop) = start_router(vec![format!("http://{sim}")], dataplane).await;
+    let body =
+        r#"{"model":"meta-llama/Llama-3.2-1B-Instruct","prompt":"Say hello.","max_tokens":20}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(router).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+        .await
+        .expect("the router did not close after the response")
+        .expect("a clean close, not a reset");
+    let response = parse_response(received);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_eq!(response.json()["usage"]["completion_tokens"], 20);
+
+    // The client still holds its end; only the scrape's own connection
+    // may be open on the router.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    loop {
+        let metrics = get(router, "/metrics").await.text();
+        let open = metric(&metrics, "router_client_connections");
+        if open == Some(1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the router still holds the closed client's connection: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stream);
+
+    // A request sent after the one that asked to close is not served
+    // (RFC 9112, 9.6), and the asked-for response still arrives whole,
+    // closed cleanly: the router lingers over bytes it has not answered.
+    let mut stream = TcpStream::connect(router).await.expect("connect");
+    let extra = "GET /health HTTP/1.1\r\nHost: r\r\n\r\n";
+    stream
+        .write_all(format!("{request}{extra}").as_bytes())
+        .await
+        .expect("send");
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+        .await
+        .expect("the router did not close after the response")
+        .expect("a clean close, not a reset");
+    let responses = received.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+    assert_eq!(responses, 1, "{}", String::from_utf8_lossy(&received));
+    let response = parse_response(received);
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["usage"]["completion_tokens"], 20);
+}
+
 each_mode!(
+    a_client_that_asked_to_close_is_let_go_at_once,
     half_close_reaches_the_backend,
     client_abort_stops_the_generation,
     backend_reset_closes_the_client,
