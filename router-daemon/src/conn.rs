@@ -10,10 +10,12 @@
 //! no byte of its response had arrived. `/health` and `/metrics` are served
 //! by the daemon itself.
 use std::{
+    mem,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -257,7 +259,7 @@ async fn read_started_request(
                 }
                 fill_by(client, shared, &mut deadline).await?;
             }
-            let mut body = std::mem::take(&mut buffers.body);
+            let mut body = mem::take(&mut buffers.body);
             body.clear();
             body.extend_from_slice(&client.pending()[head.head_len..total]);
             client.consume(total);
@@ -418,17 +420,7 @@ async fn proxy(
         Some(id) => RequestId::Client(id),
         None => RequestId::Ours(shared.next_id.fetch_add(1, Ordering::Relaxed)),
     };
-    let input = match endpoint {
-        Some(endpoint) => Some(
-            prompt::extract(endpoint, body)
-                .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))?,
-        ),
-        None => None,
-    };
-    let model = input
-        .as_ref()
-        .and_then(|input| input.model.as_deref())
-        .unwrap_or_default();
+    let input = routing_input(endpoint, body)?;
     let Routed {
         decision,
         backends,
@@ -437,14 +429,15 @@ async fn proxy(
         prefill,
     } = route(head, input.as_ref(), request_id, buffers, shared).await?;
     shared.metrics.decided(decision.reason);
+    let routing = Routing {
+        head,
+        input: input.as_ref(),
+        decision: &decision,
+        request_id,
+    };
     let key_len = input.as_ref().map_or(0, |input| input.key.len());
     let attempts = attempts(&buffers.order, shared);
-    let request = outgoing(
-        head,
-        body,
-        request_id,
-        std::mem::take(&mut buffers.outgoing),
-    );
+    let request = outgoing(head, body, request_id, mem::take(&mut buffers.outgoing));
     let mut count = Some((in_flight, prefill));
     // Each turn sends the request to `leg`'s backend; a 503 that reached
     // no client byte, or a backend that closed its pooled connection and
@@ -452,34 +445,13 @@ async fn proxy(
     // while the budget lasts.
     let (result, backend) = loop {
         let backend = Arc::clone(&leg.backend);
-        backend.chosen();
-        // The backend took the connection: from now on its cache is where
-        // the prompt is, whatever becomes of the response.
-        if let Some(input) = &input {
-            shared
-                .router
-                .record(&buffers.walk, &input.key, &backend.name);
-        }
-        info!(
-            request_id = %request_id,
-            model = if model.is_empty() { "-" } else { model },
-            backend = %backend.name,
-            matched = decision.matched,
-            reason = decision.reason.as_str(),
-            "{} {}", head.method(), head.path()
-        );
-        backend.counters.requests.inc();
+        sent_to(&backend, routing, buffers, shared);
+        // Backends of the order tried so far, this one included.
         let tried = buffers.order[..attempts]
             .iter()
             .position(|&index| index == leg.index)
             .map_or(attempts, |at| at + 1);
-        let forward = Forward {
-            request: &request,
-            head_request: head.method() == "HEAD",
-            // Draining: tell the client to take its next request elsewhere.
-            client_close: head.close || shared.drain.is_draining(),
-            retry_unavailable: tried < attempts,
-        };
+        let forward = forward(&request, head, tried < attempts, shared);
         // The first attempt carries the count `route` started; a resend on
         // a fresh connection starts its own.
         let (in_flight, prefill) = count
@@ -498,36 +470,13 @@ async fn proxy(
         if let Some(outcome) = outcome(&result) {
             backend.record(outcome);
         }
-        // Nothing of the request reached an engine, nor any response byte
-        // the client: the next backend may take it.
-        let retry = match &result {
-            Err(SendError::Relay(RelayError::Unavailable)) => {
-                Some(("answered 503", &shared.metrics.unavailable_retries))
-            }
-            Err(SendError::Reconnect(_)) if tried < attempts => Some((
-                "closed its pooled connection and refuses new ones",
-                &shared.metrics.connect_retries,
-            )),
-            _ => None,
-        };
-        let Some((why, retries)) = retry else {
+        let Some((why, retries)) = retry(&result, tried < attempts, shared) else {
             break (result, backend);
         };
         retries.inc();
-        if let Some(input) = &input {
-            // It cached nothing: its siblings should not follow it there.
-            shared
-                .router
-                .forget(&buffers.walk, &input.key, &backend.name);
-        }
-        warn!(request_id = %request_id, backend = %backend.name, "backend {why}; sending the request to the next one");
-        leg = connect(
-            &buffers.order[tried..attempts],
-            &backends,
-            request_id,
-            shared,
-        )
-        .await?;
+        passed_over(&backend, why, routing, buffers, shared);
+        let order = &buffers.order[tried..attempts];
+        leg = connect(order, &backends, request_id, shared).await?;
     };
     buffers.outgoing = request;
     count_relayed(&result, shared);
@@ -537,6 +486,106 @@ async fn proxy(
     match result {
         Ok(exchanged) => Ok(relayed(&exchanged, client, request_id, shared)),
         Err(err) => Err(send_failure(err, &backend, request_id, shared)),
+    }
+}
+
+/// The model and prompt key of a request to a prompt-carrying `endpoint`;
+/// a body they cannot be read from is the client's error.
+fn routing_input(
+    endpoint: Option<Endpoint>,
+    body: &[u8],
+) -> Result<Option<prompt::RoutingInput<'_>>, ApiError> {
+    endpoint
+        .map(|endpoint| prompt::extract(endpoint, body))
+        .transpose()
+        .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))
+}
+
+/// How `request` goes to a backend; `retry_unavailable` while the budget
+/// leaves another backend to try.
+fn forward<'a>(
+    request: &'a [u8],
+    head: &Head,
+    retry_unavailable: bool,
+    shared: &Shared,
+) -> Forward<'a> {
+    Forward {
+        request,
+        head_request: head.method() == "HEAD",
+        // Draining: tell the client to take its next request elsewhere.
+        client_close: head.close || shared.drain.is_draining(),
+        retry_unavailable,
+    }
+}
+
+/// What [`proxy`] knows of the request it routes, for its log lines and
+/// the prefix index.
+#[derive(Clone, Copy)]
+struct Routing<'r> {
+    head: &'r Head,
+    input: Option<&'r prompt::RoutingInput<'r>>,
+    decision: &'r Decision,
+    request_id: RequestId<'r>,
+}
+
+/// Notes that `backend` took the connection for a request: from now on its
+/// cache is where the prompt is, whatever becomes of the response. Logs the
+/// decision and counts the request there.
+fn sent_to(backend: &Backend, routing: Routing<'_>, buffers: &Buffers, shared: &Shared) {
+    backend.chosen();
+    if let Some(input) = routing.input {
+        shared
+            .router
+            .record(&buffers.walk, &input.key, &backend.name);
+    }
+    let model = routing.input.and_then(|input| input.model.as_deref());
+    info!(
+        request_id = %routing.request_id,
+        model = model.filter(|model| !model.is_empty()).unwrap_or("-"),
+        backend = %backend.name,
+        matched = routing.decision.matched,
+        reason = routing.decision.reason.as_str(),
+        "{} {}", routing.head.method(), routing.head.path()
+    );
+    backend.counters.requests.inc();
+}
+
+/// Notes that `backend` did not take the request after all (`why`), which
+/// goes on to the next backend: it cached nothing, so the request's
+/// siblings should not follow it there.
+fn passed_over(
+    backend: &Backend,
+    why: &str,
+    routing: Routing<'_>,
+    buffers: &Buffers,
+    shared: &Shared,
+) {
+    if let Some(input) = routing.input {
+        shared
+            .router
+            .forget(&buffers.walk, &input.key, &backend.name);
+    }
+    warn!(request_id = %routing.request_id, backend = %backend.name, "backend {why}; sending the request to the next one");
+}
+
+/// Whether an exchange's failure sends the request on to the next backend
+/// (`more` says one is left within the budget): why, and what it counts.
+/// Only when nothing of the request reached an engine, nor any response
+/// byte the client.
+fn retry<'m>(
+    result: &Result<Exchanged, SendError>,
+    more: bool,
+    shared: &'m Shared,
+) -> Option<(&'static str, &'m Counter)> {
+    match result {
+        Err(SendError::Relay(RelayError::Unavailable)) => {
+            Some(("answered 503", &shared.metrics.unavailable_retries))
+        }
+        Err(SendError::Reconnect(_)) if more => Some((
+            "closed its pooled connection and refuses new ones",
+            &shared.metrics.connect_retries,
+        )),
+        _ => None,
     }
 }
 

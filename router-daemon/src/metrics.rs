@@ -27,6 +27,33 @@ use crate::{
     route::{Reason, Router},
 };
 
+/// A new metric of type `M`, registered as `name` with `help`; the caller
+/// keeps a handle to it.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: Default + Clone + prometheus_client::registry::Metric,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A counter family registered as `name` with `help`, and its counter for
+/// each of `labels`, created up front so every label shows from the start.
+fn labelled<L, const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    labels: [L; N],
+) -> (Family<L, Counter>, [Counter; N])
+where
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family: Family<L, Counter> = registered(registry, name, help);
+    let counters = labels.map(|label| family.get_or_create(&label).clone());
+    (family, counters)
+}
+
 /// Label set naming a backend.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
@@ -231,122 +258,92 @@ impl Metrics {
         let mut registry = Registry::default();
         let info = Info::new(vec![("mode", dataplane.mode().as_str())]);
         registry.register("router_dataplane", "The dataplane in use", info);
+        registry.register_collector(Box::new(KernelCounters(dataplane)));
         let backend_series = BackendSeries::default();
         backend_series.register(&mut registry);
-        let decisions = Family::<ReasonLabel, Counter>::default();
-        registry.register(
+        let r = &mut registry;
+        let reasons = Reason::ALL.map(|reason| ReasonLabel {
+            reason: reason.as_str(),
+        });
+        let (decisions, decision_counters) = labelled(
+            r,
             "router_route_decisions",
             "Routing decisions, by reason",
-            decisions.clone(),
+            reasons,
         );
-        let errors = Family::<StatusLabel, Counter>::default();
-        registry.register(
-            "router_errors",
-            "Requests the router answered with an error, by status",
-            errors.clone(),
-        );
-        let copied_bytes = Counter::default();
-        registry.register(
-            "router_userspace_copied_bytes",
-            "Response bytes copied through the daemon",
-            copied_bytes.clone(),
-        );
-        let piped_bytes = Counter::default();
-        registry.register(
-            "router_splice_piped_bytes",
-            "Response bytes moved through a pipe with splice(2)",
-            piped_bytes.clone(),
-        );
-        let backend_failures = Counter::default();
-        registry.register(
-            "router_backend_failures",
-            "Responses cut short by a backend failure",
-            backend_failures.clone(),
-        );
-        let retries_family = Family::<ReasonLabel, Counter>::default();
-        registry.register(
+        let (_, [connect_retries, unavailable_retries]) = labelled(
+            r,
             "router_retries",
             "Requests sent to another backend after one took nothing of them (--retries), by \
              reason: connect (refused or timed out) or unavailable (a 503 before any byte reached \
              the client)",
-            retries_family.clone(),
+            ["connect", "unavailable"].map(|reason| ReasonLabel { reason }),
         );
-        let [connect_retries, unavailable_retries] = ["connect", "unavailable"].map(|reason| {
-            retries_family
-                .get_or_create(&ReasonLabel { reason })
-                .clone()
-        });
-        let head_bytes = Counter::default();
-        registry.register(
-            "router_response_head_bytes",
-            "Response head bytes written by the daemon (every dataplane)",
-            head_bytes.clone(),
+        let (_, limit_counters) = labelled(
+            r,
+            "router_limit_exceeded",
+            "Requests refused and connections closed for passing a limit, by limit",
+            Limit::ALL.map(|limit| LimitLabel {
+                limit: limit.as_str(),
+            }),
+        );
+        let (_, timeout_counters) = labelled(
+            r,
+            "router_backend_timeouts",
+            "Waits for a backend cut short by a timeout, by timeout: connect (the next backend \
+             is tried), first_byte (504) and response_idle (504, or the client connection closes)",
+            Timeout::ALL.map(|timeout| TimeoutLabel {
+                timeout: timeout.as_str(),
+            }),
         );
         let first_byte = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
-        registry.register(
+        r.register(
             "router_backend_first_byte_seconds",
             "Time from a request written to the backend to its response's first byte",
             first_byte.clone(),
         );
-        registry.register_collector(Box::new(KernelCounters(dataplane)));
-        let client_connections = Gauge::default();
-        registry.register(
-            "router_client_connections",
-            "Client connections open (see --max-connections)",
-            client_connections.clone(),
-        );
-        let limits = Family::<LimitLabel, Counter>::default();
-        registry.register(
-            "router_limit_exceeded",
-            "Requests refused and connections closed for passing a limit, by limit",
-            limits.clone(),
-        );
-        let limit_counters = Limit::ALL.map(|limit| {
-            limits
-                .get_or_create(&LimitLabel {
-                    limit: limit.as_str(),
-                })
-                .clone()
-        });
-        let timeouts = Family::<TimeoutLabel, Counter>::default();
-        registry.register(
-            "router_backend_timeouts",
-            "Waits for a backend cut short by a timeout, by timeout: connect (the next backend \
-             is tried), first_byte (504) and response_idle (504, or the client connection closes)",
-            timeouts.clone(),
-        );
-        let timeout_counters = Timeout::ALL.map(|timeout| {
-            timeouts
-                .get_or_create(&TimeoutLabel {
-                    timeout: timeout.as_str(),
-                })
-                .clone()
-        });
-        let decision_counters = Reason::ALL.map(|reason| {
-            decisions
-                .get_or_create(&ReasonLabel {
-                    reason: reason.as_str(),
-                })
-                .clone()
-        });
         Self {
-            registry,
-            backend_series,
             decisions,
             decision_counters,
             limit_counters,
             timeout_counters,
-            client_connections,
-            errors,
-            copied_bytes,
-            piped_bytes,
-            backend_failures,
+            client_connections: registered(
+                r,
+                "router_client_connections",
+                "Client connections open (see --max-connections)",
+            ),
+            errors: registered(
+                r,
+                "router_errors",
+                "Requests the router answered with an error, by status",
+            ),
+            copied_bytes: registered(
+                r,
+                "router_userspace_copied_bytes",
+                "Response bytes copied through the daemon",
+            ),
+            piped_bytes: registered(
+                r,
+                "router_splice_piped_bytes",
+                "Response bytes moved through a pipe with splice(2)",
+            ),
+            backend_failures: registered(
+                r,
+                "router_backend_failures",
+                "Responses cut short by a backend failure",
+            ),
             connect_retries,
             unavailable_retries,
-            head_bytes,
+            head_bytes: registered(
+                r,
+                "router_response_head_bytes",
+                "Response head bytes written by the daemon (every dataplane)",
+            ),
             first_byte,
+            backend_series,
+            registry,
         }
     }
 
