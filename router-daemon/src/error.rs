@@ -2,13 +2,13 @@
 //!
 //! Every failure on the request path becomes an [`ApiError`]: an HTTP status
 //! plus an OpenAI-shaped JSON body (`{"error": {"message", "type", "param",
-//! "code"}}`), so SDKs surface a readable message. [`Fault`] says who caused
+//! "code"}}`), so SDKs surface a readable message. `Fault` says who caused
 //! it, which decides the status class and whether the daemon may retry.
 use std::fmt;
 
 /// Who caused a failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// The request was bad: 4xx, never retried.
     Client,
     /// A backend failed or none was reachable: 502/503.
@@ -19,7 +19,7 @@ pub enum Fault {
 
 impl Fault {
     /// Short name for logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Fault::Client => "client",
             Fault::Backend => "backend",
@@ -32,7 +32,7 @@ impl Fault {
 /// each refusal is counted by the one it hit
 /// (`router_limit_exceeded_total{limit}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Limit {
+pub(crate) enum Limit {
     /// The request head (`--max-head-bytes`, and at most 64 fields).
     Head,
     /// The body, decoded or as sent (`--max-body-bytes`).
@@ -53,7 +53,7 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, for metrics that pre-create their labels.
-    pub const ALL: [Limit; 7] = [
+    pub(crate) const ALL: [Limit; 7] = [
         Limit::Head,
         Limit::Body,
         Limit::Trailers,
@@ -64,7 +64,7 @@ impl Limit {
     ];
 
     /// Short name for logs and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Limit::Head => "head",
             Limit::Body => "body",
@@ -80,7 +80,7 @@ impl Limit {
 /// A bound on how long the router waits for a backend; each is a flag, and
 /// each time one passes is counted (`router_backend_timeouts_total{timeout}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Timeout {
+pub(crate) enum Timeout {
     /// Opening a connection (`--connect-timeout-ms`); the next backend is
     /// tried.
     Connect,
@@ -94,10 +94,11 @@ pub enum Timeout {
 
 impl Timeout {
     /// Every timeout, for metrics that pre-create their labels.
-    pub const ALL: [Timeout; 3] = [Timeout::Connect, Timeout::FirstByte, Timeout::ResponseIdle];
+    pub(crate) const ALL: [Timeout; 3] =
+        [Timeout::Connect, Timeout::FirstByte, Timeout::ResponseIdle];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Timeout::Connect => "connect",
             Timeout::FirstByte => "first_byte",
@@ -106,7 +107,7 @@ impl Timeout {
     }
 
     /// The flag that sets it.
-    pub fn flag(self) -> &'static str {
+    pub(crate) fn flag(self) -> &'static str {
         match self {
             Timeout::Connect => "--connect-timeout-ms",
             Timeout::FirstByte => "--first-byte-timeout-ms",
@@ -116,7 +117,7 @@ impl Timeout {
 }
 
 /// Seconds a 503's `Retry-After` asks the client to wait.
-pub const RETRY_AFTER_SECS: u32 = 1;
+pub(crate) const RETRY_AFTER_SECS: u32 = 1;
 
 /// An error answered to the client as an HTTP response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -125,59 +126,59 @@ pub struct ApiError {
     /// HTTP status code.
     pub status: u16,
     /// Human-readable message, returned in `error.message`.
-    pub message: String,
+    pub(crate) message: String,
     /// The limit the request passed, if that is why it failed.
-    pub limit: Option<Limit>,
+    pub(crate) limit: Option<Limit>,
 }
 
 impl ApiError {
     /// 400: the request could not be understood.
-    pub fn bad_request(message: impl fmt::Display) -> Self {
+    pub(crate) fn bad_request(message: impl fmt::Display) -> Self {
         Self::new(400, message)
     }
 
     /// 404: unknown path or model.
-    pub fn not_found(message: impl fmt::Display) -> Self {
+    pub(crate) fn not_found(message: impl fmt::Display) -> Self {
         Self::new(404, message)
     }
 
     /// 405: the path exists but not for this method.
-    pub fn method_not_allowed(message: impl fmt::Display) -> Self {
+    pub(crate) fn method_not_allowed(message: impl fmt::Display) -> Self {
         Self::new(405, message)
     }
 
     /// 408: the client did not finish its request in time.
-    pub fn request_timeout(message: impl fmt::Display) -> Self {
+    pub(crate) fn request_timeout(message: impl fmt::Display) -> Self {
         Self::new(408, message)
     }
 
     /// 413: the body is over the configured limit.
-    pub fn payload_too_large(message: impl fmt::Display) -> Self {
+    pub(crate) fn payload_too_large(message: impl fmt::Display) -> Self {
         Self::new(413, message)
     }
 
     /// 431: the request head is over the configured limit.
-    pub fn header_too_large(message: impl fmt::Display) -> Self {
+    pub(crate) fn header_too_large(message: impl fmt::Display) -> Self {
         Self::new(431, message)
     }
 
     /// 501: a valid HTTP feature this router does not implement yet.
-    pub fn not_implemented(message: impl fmt::Display) -> Self {
+    pub(crate) fn not_implemented(message: impl fmt::Display) -> Self {
         Self::new(501, message)
     }
 
     /// 502: a backend failed before answering.
-    pub fn bad_gateway(message: impl fmt::Display) -> Self {
+    pub(crate) fn bad_gateway(message: impl fmt::Display) -> Self {
         Self::new(502, message)
     }
 
     /// 503: no backend can take the request.
-    pub fn unavailable(message: impl fmt::Display) -> Self {
+    pub(crate) fn unavailable(message: impl fmt::Display) -> Self {
         Self::new(503, message)
     }
 
     /// 504: the backend did not answer in time.
-    pub fn gateway_timeout(message: impl fmt::Display) -> Self {
+    pub(crate) fn gateway_timeout(message: impl fmt::Display) -> Self {
         Self::new(504, message)
     }
 
@@ -191,7 +192,7 @@ impl ApiError {
 
     /// The same error, marked as caused by passing `limit`.
     #[must_use]
-    pub fn over(self, limit: Limit) -> Self {
+    pub(crate) fn over(self, limit: Limit) -> Self {
         Self {
             limit: Some(limit),
             ..self
@@ -199,7 +200,7 @@ impl ApiError {
     }
 
     /// Who caused this error.
-    pub fn fault(&self) -> Fault {
+    pub(crate) fn fault(&self) -> Fault {
         match self.status {
             400..=499 => Fault::Client,
             502..=504 => Fault::Backend,
@@ -208,7 +209,7 @@ impl ApiError {
     }
 
     /// The OpenAI error `type` for this status, as OpenAI's SDKs name them.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self.status {
             400 | 408 | 413 | 431 => "BadRequestError",
             404 => "NotFoundError",
@@ -226,7 +227,7 @@ impl ApiError {
     ///
     /// It always closes the connection: after an error the client's byte
     /// stream may be out of sync with request boundaries.
-    pub fn to_response(&self) -> Vec<u8> {
+    pub(crate) fn to_response(&self) -> Vec<u8> {
         let body = serde_json::json!({
             "error": {
                 "message": self.message,
@@ -253,7 +254,7 @@ impl ApiError {
 }
 
 /// The reason phrase for the statuses this router produces.
-pub fn reason_phrase(status: u16) -> &'static str {
+pub(crate) fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",

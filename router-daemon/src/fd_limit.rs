@@ -14,7 +14,7 @@ pub struct OpenFiles {
 }
 
 /// The current limits.
-pub fn current() -> io::Result<OpenFiles> {
+pub(crate) fn current() -> io::Result<OpenFiles> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

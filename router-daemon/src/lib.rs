@@ -12,7 +12,7 @@
 //!   discovery learns of it: models, health, engine queue.
 //! - `upstream`: getting a request to a backend: the connection pool,
 //!   connecting in fallback order, resending on a stale pooled connection.
-//! - [`dataplane`]: the sockets: listening ones ([`dataplane::listen`]),
+//! - [`dataplane`]: the sockets: listening ones (`dataplane::listen`),
 //!   the client's, exchanges on kept-alive backend connections; moving
 //!   response bytes in the kernel (sockmap), through a pipe (splice) or
 //!   through the daemon (userspace).

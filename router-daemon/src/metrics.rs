@@ -56,71 +56,69 @@ where
 
 /// Label set naming a backend.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackendLabel {
+pub(crate) struct BackendLabel {
     /// The backend URL.
-    pub backend: String,
+    pub(crate) backend: String,
 }
 
 /// Label set naming a backend and a model it serves.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackendModelLabel {
+pub(crate) struct BackendModelLabel {
     /// The backend URL.
-    pub backend: String,
+    pub(crate) backend: String,
     /// A model id from the backend's `/v1/models`.
-    pub model: String,
+    pub(crate) model: String,
 }
 
 /// Label set naming a routing reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     /// [`crate::route::Reason::as_str`].
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// Label set naming a limit.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LimitLabel {
+pub(crate) struct LimitLabel {
     /// [`crate::error::Limit::as_str`].
-    pub limit: &'static str,
+    pub(crate) limit: &'static str,
 }
 
 /// Label set naming a backend timeout.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TimeoutLabel {
+pub(crate) struct TimeoutLabel {
     /// [`crate::error::Timeout::as_str`].
-    pub timeout: &'static str,
+    pub(crate) timeout: &'static str,
 }
 
 /// Label set naming an error status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
+pub(crate) struct StatusLabel {
     /// HTTP status sent to the client.
-    pub status: u16,
+    pub(crate) status: u16,
 }
 
 /// One backend's request and connection counters, resolved once so the
 /// request path does not build a label per request.
 #[derive(Clone, Debug)]
-pub struct BackendCounters {
+pub(crate) struct BackendCounters {
     /// Requests forwarded to the backend.
-    pub requests: Counter,
+    pub(crate) requests: Counter,
     /// Connections opened to the backend.
-    pub connections: Counter,
+    pub(crate) connections: Counter,
     /// Time to the first response body byte (the first streamed token).
-    pub ttft: Histogram,
+    pub(crate) ttft: Histogram,
     /// Gaps between later reads of response body bytes (streamed tokens).
-    pub itl: Histogram,
+    pub(crate) itl: Histogram,
 }
 
 /// The daemon's metrics.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// The per-backend series, each backend's taken as it joins the fleet.
-    pub backend_series: BackendSeries,
-    /// Routing decisions, per reason; count one with [`Metrics::decided`].
-    pub decisions: Family<ReasonLabel, Counter>,
-    /// The counters of `decisions`, in [`Reason::ALL`]'s order, looked up
+    pub(crate) backend_series: BackendSeries,
+    /// The routing decisions' counters (`router_route_decisions`), in [`Reason::ALL`]'s order, looked up
     /// once instead of per request.
     decision_counters: [Counter; Reason::ALL.len()],
     /// `router_limit_exceeded_total`'s counters, in [`Limit::ALL`] order.
@@ -128,31 +126,31 @@ pub struct Metrics {
     /// `router_backend_timeouts_total`'s counters, in [`Timeout::ALL`] order.
     timeout_counters: [Counter; Timeout::ALL.len()],
     /// Client connections open now (`router_client_connections`).
-    pub client_connections: Gauge,
+    pub(crate) client_connections: Gauge,
     /// Requests answered with an error by the router, per status.
-    pub errors: Family<StatusLabel, Counter>,
+    pub(crate) errors: Family<StatusLabel, Counter>,
     /// Response bytes copied through userspace.
-    pub copied_bytes: Counter,
+    pub(crate) copied_bytes: Counter,
     /// Response bytes moved through a pipe with splice(2).
-    pub piped_bytes: Counter,
+    pub(crate) piped_bytes: Counter,
     /// Responses cut short by a backend failure.
-    pub backend_failures: Counter,
+    pub(crate) backend_failures: Counter,
     /// Requests sent to another backend after one refused or timed out
     /// the connection (`router_retries_total{reason="connect"}`).
-    pub connect_retries: Counter,
+    pub(crate) connect_retries: Counter,
     /// Requests sent to another backend after one answered 503
     /// (`router_retries_total{reason="unavailable"}`).
-    pub unavailable_retries: Counter,
+    pub(crate) unavailable_retries: Counter,
     /// Response head bytes written by the daemon.
-    pub head_bytes: Counter,
+    pub(crate) head_bytes: Counter,
     /// Time from a request written to its response's first byte.
-    pub first_byte: Histogram,
+    pub(crate) first_byte: Histogram,
 }
 
 /// The series labelled by backend: each backend's [`BackendCounters`] come
 /// from here when it joins the fleet, and its series leave with it.
 #[derive(Clone, Debug)]
-pub struct BackendSeries {
+pub(crate) struct BackendSeries {
     /// Requests forwarded, per backend.
     requests: Family<BackendLabel, Counter>,
     /// Backend connections opened, per backend (the rest were reused).
@@ -178,7 +176,7 @@ impl Default for BackendSeries {
 
 impl BackendSeries {
     /// The counters of the backend named `name`, created if new.
-    pub fn counters(&self, name: &str) -> BackendCounters {
+    pub(crate) fn counters(&self, name: &str) -> BackendCounters {
         let label = BackendLabel {
             backend: name.to_owned(),
         };
@@ -191,7 +189,7 @@ impl BackendSeries {
     }
 
     /// Drops the series of the backend named `name`, gone from the fleet.
-    pub fn remove(&self, name: &str) {
+    pub(crate) fn remove(&self, name: &str) {
         let label = BackendLabel {
             backend: name.to_owned(),
         };
@@ -254,7 +252,7 @@ fn itl_histogram() -> Histogram {
 
 impl Metrics {
     /// Registers every metric; `dataplane` supplies the mode and kernel counters.
-    pub fn new(dataplane: Arc<Dataplane>) -> Self {
+    pub(crate) fn new(dataplane: Arc<Dataplane>) -> Self {
         let mut registry = Registry::default();
         let info = Info::new(vec![("mode", dataplane.mode().as_str())]);
         registry.register("router_dataplane", "The dataplane in use", info);
@@ -265,7 +263,7 @@ impl Metrics {
         let reasons = Reason::ALL.map(|reason| ReasonLabel {
             reason: reason.as_str(),
         });
-        let (decisions, decision_counters) = labelled(
+        let (_, decision_counters) = labelled(
             r,
             "router_route_decisions",
             "Routing decisions, by reason",
@@ -305,7 +303,6 @@ impl Metrics {
             first_byte.clone(),
         );
         Self {
-            decisions,
             decision_counters,
             limit_counters,
             timeout_counters,
@@ -349,14 +346,14 @@ impl Metrics {
 
     /// Counts a request refused, or a connection closed, for passing
     /// `limit`.
-    pub fn limit_exceeded(&self, limit: Limit) {
+    pub(crate) fn limit_exceeded(&self, limit: Limit) {
         if let Some(at) = Limit::ALL.iter().position(|&l| l == limit) {
             self.limit_counters[at].inc();
         }
     }
 
     /// The counter of `timeout` passing.
-    pub fn timeout_counter(&self, timeout: Timeout) -> &Counter {
+    pub(crate) fn timeout_counter(&self, timeout: Timeout) -> &Counter {
         let at = Timeout::ALL
             .iter()
             .position(|&t| t == timeout)
@@ -365,7 +362,7 @@ impl Metrics {
     }
 
     /// Counts a routing decision made for `reason`.
-    pub fn decided(&self, reason: Reason) {
+    pub(crate) fn decided(&self, reason: Reason) {
         // Reason::ALL lists every reason (a test in `route` checks it).
         if let Some(at) = Reason::ALL.iter().position(|&r| r == reason) {
             self.decision_counters[at].inc();
@@ -373,7 +370,7 @@ impl Metrics {
     }
 
     /// Adds `router_prefix_index_entries`, read from `router` at scrape time.
-    pub fn register_index(&mut self, router: Arc<Router>) {
+    pub(crate) fn register_index(&mut self, router: Arc<Router>) {
         self.registry
             .register_collector(Box::new(IndexEntries(router)));
     }
@@ -381,13 +378,13 @@ impl Metrics {
     /// Adds the per-backend gauges (`router_backend_in_flight`, `_up`,
     /// `_waiting`, `_running`, `_models`), read from the fleet's backends at
     /// scrape time.
-    pub fn register_backends(&mut self, fleet: Arc<Fleet>) {
+    pub(crate) fn register_backends(&mut self, fleet: Arc<Fleet>) {
         self.registry
             .register_collector(Box::new(BackendGauges(fleet)));
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("invariant: writing to a String cannot fail");

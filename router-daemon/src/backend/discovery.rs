@@ -46,7 +46,7 @@ pub struct Discovery {
 /// Stops the discovery tasks when dropped.
 #[derive(Debug, Default)]
 #[must_use = "dropping the guard stops discovery"]
-pub struct DiscoveryTask {
+pub(crate) struct DiscoveryTask {
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -62,7 +62,7 @@ impl DiscoveryTask {
     /// Starts polling `backend` every `discovery.interval` until the
     /// backend or this guard is dropped; nothing with a zero interval (the
     /// backend then stays up with unknown models).
-    pub fn watch(&mut self, backend: &Arc<Backend>, discovery: Discovery) {
+    pub(crate) fn watch(&mut self, backend: &Arc<Backend>, discovery: Discovery) {
         if discovery.interval.is_zero() {
             return;
         }
@@ -83,15 +83,6 @@ impl DiscoveryTask {
 }
 
 impl Backends {
-    /// Starts one polling task per backend (see [`DiscoveryTask::watch`]).
-    pub fn spawn_discovery(&self, discovery: Discovery) -> DiscoveryTask {
-        let mut task = DiscoveryTask::default();
-        for backend in self.all() {
-            task.watch(backend, discovery);
-        }
-        task
-    }
-
     /// Probes every backend once, concurrently, and returns when all are
     /// done: what one round of the poller does.
     pub async fn probe_all(&self, discovery: &Discovery) {
@@ -126,7 +117,7 @@ impl fmt::Display for Unlisted {
 
 impl Backend {
     /// Probes the backend once: its models, health and load.
-    pub async fn probe(&self, discovery: &Discovery) {
+    pub(crate) async fn probe(&self, discovery: &Discovery) {
         let target = Target {
             addr: self.addr,
             host: &self.authority,

@@ -32,21 +32,21 @@ const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One backend address and how to name it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// The backend's name in logs, metrics and rendezvous placement.
-    pub name: String,
+    pub(crate) name: String,
     /// `host:port`, sent as the `Host` header of probes.
-    pub authority: String,
+    pub(crate) authority: String,
     /// The address the router connects to.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// On the router's own node (`--discovery k8s` with `--node-name`):
     /// preferred when costs are close.
-    pub local: bool,
+    pub(crate) local: bool,
 }
 
 /// A `--backend` URL, checked once, resolved as often as asked.
 #[derive(Clone, Debug)]
-pub struct StaticSource {
+pub(crate) struct StaticSource {
     urls: Vec<Url>,
     hosts_file: Option<PathBuf>,
     /// Per URL, the endpoints of its last successful resolution.
@@ -67,7 +67,7 @@ struct Url {
 
 impl StaticSource {
     /// Checks every URL (scheme, `host:port`); resolves nothing yet.
-    pub fn new(urls: &[String], hosts_file: Option<PathBuf>) -> Result<Self, BackendError> {
+    pub(crate) fn new(urls: &[String], hosts_file: Option<PathBuf>) -> Result<Self, BackendError> {
         let urls = urls
             .iter()
             .map(|url| Url::parse(url))
@@ -83,7 +83,7 @@ impl StaticSource {
     /// Resolves every URL again and returns the whole endpoint set, in URL
     /// order (a name's addresses sorted), without duplicate addresses. A URL that fails keeps its last
     /// endpoints; the failures are returned beside the set, to be logged.
-    pub async fn resolve(&mut self) -> (Vec<Endpoint>, Vec<BackendError>) {
+    pub(crate) async fn resolve(&mut self) -> (Vec<Endpoint>, Vec<BackendError>) {
         let hosts = match &self.hosts_file {
             Some(path) => read_hosts(path),
             None => Ok(String::new()),

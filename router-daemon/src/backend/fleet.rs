@@ -17,7 +17,7 @@ use crate::metrics::BackendSeries;
 
 /// The backend set as it changes at runtime.
 #[derive(Debug)]
-pub struct Fleet {
+pub(crate) struct Fleet {
     current: ArcSwap<Backends>,
     /// Each backend's counters come from here and leave with it.
     series: BackendSeries,
@@ -29,23 +29,23 @@ pub struct Fleet {
 
 /// What one [`Fleet::apply`] changed.
 #[derive(Debug, Default)]
-pub struct Change {
+pub(crate) struct Change {
     /// Backends new in this change.
-    pub added: Vec<Arc<Backend>>,
+    pub(crate) added: Vec<Arc<Backend>>,
     /// Backends gone in this change (retired).
-    pub removed: Vec<Arc<Backend>>,
+    pub(crate) removed: Vec<Arc<Backend>>,
 }
 
 impl Change {
     /// Whether nothing changed.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty()
     }
 }
 
 impl Fleet {
     /// An empty fleet whose backends count into `series`.
-    pub fn new(series: BackendSeries) -> Self {
+    pub(crate) fn new(series: BackendSeries) -> Self {
         Self {
             current: ArcSwap::from_pointee(Backends::default()),
             series,
@@ -56,17 +56,17 @@ impl Fleet {
 
     /// The same fleet, its backends ejected by `ejection`.
     #[must_use]
-    pub fn with_ejection(self, ejection: Ejection) -> Self {
+    pub(crate) fn with_ejection(self, ejection: Ejection) -> Self {
         Self { ejection, ..self }
     }
 
     /// The backend set now; hold it for the whole request.
-    pub fn snapshot(&self) -> Arc<Backends> {
+    pub(crate) fn snapshot(&self) -> Arc<Backends> {
         self.current.load_full()
     }
 
     /// Makes `endpoints` the backend set (see the module doc).
-    pub fn apply(&self, endpoints: &[Endpoint]) -> Change {
+    pub(crate) fn apply(&self, endpoints: &[Endpoint]) -> Change {
         let _one = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         let old = self.current.load_full();
         let mut change = Change::default();

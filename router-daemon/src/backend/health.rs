@@ -21,9 +21,9 @@ use std::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ejection {
     /// Failures in a row that eject; 0 never ejects.
-    pub after_failures: u32,
+    pub(crate) after_failures: u32,
     /// The first ejection's length; each one in a row doubles it.
-    pub period: Duration,
+    pub(crate) period: Duration,
 }
 
 /// The longest ejection, in first periods.
@@ -31,7 +31,7 @@ const MAX_BACKOFF: u32 = 16;
 
 /// What one request's attempt on a backend says of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The backend answered with a status below 500.
     Success,
     /// The backend failed the request (see the module doc).
@@ -64,7 +64,7 @@ pub(crate) fn clock() -> u64 {
 
 impl Ejection {
     /// The flags' defaults: 5 failures in a row, 10 s.
-    pub const DEFAULT: Self = Self {
+    pub(crate) const DEFAULT: Self = Self {
         after_failures: 5,
         period: Duration::from_secs(10),
     };

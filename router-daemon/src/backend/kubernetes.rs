@@ -25,23 +25,23 @@ use super::Endpoint;
 
 /// The labels production-stack's Helm chart puts on its vLLM engine pods
 /// (`servingEngineSpec.labels`), which its own router selects.
-pub const DEFAULT_SELECTOR: &str = "environment=test,release=test";
+pub(crate) const DEFAULT_SELECTOR: &str = "environment=test,release=test";
 
 /// Which pods are backends, and where they listen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodSelector {
     /// The namespace watched.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// A label selector (`key=value,...`, as `kubectl -l` takes).
-    pub labels: String,
+    pub(crate) labels: String,
     /// The port of the vLLM server in each pod, unless `port_name` names
     /// one of its container ports.
-    pub port: u16,
+    pub(crate) port: u16,
     /// A container port name whose number is used where a pod has it.
-    pub port_name: Option<String>,
+    pub(crate) port_name: Option<String>,
     /// The router's own node (`--node-name`): its pods are preferred when
     /// costs are close.
-    pub node: Option<String>,
+    pub(crate) node: Option<String>,
 }
 
 /// Why pods cannot be watched.
@@ -55,7 +55,7 @@ pub enum KubeError {
 type Events = Pin<Box<dyn Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send>>;
 
 /// The pods matching a [`PodSelector`], as they change.
-pub struct PodWatch {
+pub(crate) struct PodWatch {
     selector: PodSelector,
     events: Events,
     /// Each matching pod's endpoint, by pod name; `None` while it is not
@@ -78,7 +78,7 @@ impl std::fmt::Debug for PodWatch {
 impl PodWatch {
     /// Watches the pods `selector` picks, with the client configuration the
     /// environment gives (in-cluster, or `KUBECONFIG`).
-    pub async fn start(selector: PodSelector) -> Result<Self, KubeError> {
+    pub(crate) async fn start(selector: PodSelector) -> Result<Self, KubeError> {
         let client = Client::try_default().await.map_err(KubeError::Config)?;
         let pods: Api<Pod> = Api::namespaced(client, &selector.namespace);
         let config = watcher::Config::default().labels(&selector.labels);
@@ -93,7 +93,7 @@ impl PodWatch {
 
     /// Waits for the next change and returns every ready pod's endpoint,
     /// sorted by name. Watch errors are logged; the watcher lists again.
-    pub async fn next(&mut self) -> Vec<Endpoint> {
+    pub(crate) async fn next(&mut self) -> Vec<Endpoint> {
         loop {
             let Some(event) = self.events.next().await else {
                 // The watcher with a back-off does not end; if it did, the
@@ -146,7 +146,7 @@ impl PodWatch {
 
 /// The pod's backend endpoint, if it may take requests: it has an IP, is
 /// not terminating, and its `Ready` condition is true.
-pub fn endpoint(pod: &Pod, selector: &PodSelector) -> Option<Endpoint> {
+pub(crate) fn endpoint(pod: &Pod, selector: &PodSelector) -> Option<Endpoint> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }

@@ -2,11 +2,11 @@
 //! it is up, and its live load.
 //!
 //! Backends are given as URLs (`http://host:port`), resolved to every
-//! address and followed as they change ([`endpoints`]); the set in use is a
-//! snapshot a request holds to its end ([`fleet`]). Each backend has a
-//! stable [`BackendId`], its own counters, and an exact in-flight count, maintained by
-//! [`InFlight`] guards that the connection code holds for the life of a
-//! forwarded request, and what the [`discovery`] poller last learned from
+//! address and followed as they change (`endpoints`); the set in use is a
+//! snapshot a request holds to its end (`fleet`). Each backend has a
+//! stable `BackendId`, its own counters, and an exact in-flight count, maintained by
+//! `InFlight` guards that the connection code holds for the life of a
+//! forwarded request, and what the `discovery` poller last learned from
 //! it: its models (`GET /v1/models`), whether it answers, and its engine
 //! queue (`vllm:num_requests_waiting` and `vllm:num_requests_running` from
 //! `GET /metrics`).
@@ -31,12 +31,12 @@
 //! Health and load are advisory: they come from a poll every
 //! `--discovery-interval-ms`, so the request path still handles connect
 //! failures itself.
-pub mod discovery;
-pub mod endpoints;
-pub mod fleet;
-pub mod health;
-pub mod kubernetes;
-pub mod probe;
+pub(crate) mod discovery;
+pub(crate) mod endpoints;
+pub(crate) mod fleet;
+pub(crate) mod health;
+pub(crate) mod kubernetes;
+pub(crate) mod probe;
 
 use std::{
     fmt,
@@ -48,10 +48,11 @@ use std::{
 };
 
 use crate::{error::ApiError, metrics::BackendCounters};
-pub use discovery::{Discovery, DiscoveryTask};
-pub use endpoints::{Endpoint, StaticSource};
-pub use fleet::Fleet;
-pub use health::{Ejection, Outcome};
+pub use discovery::Discovery;
+pub(crate) use discovery::DiscoveryTask;
+pub(crate) use endpoints::{Endpoint, StaticSource};
+pub(crate) use fleet::Fleet;
+pub(crate) use health::{Ejection, Outcome};
 
 /// A backend URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +84,7 @@ pub enum BackendError {
 /// A backend's identity for the daemon's life: never reused, unlike a
 /// position in the set or an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BackendId(u64);
+pub(crate) struct BackendId(u64);
 
 impl BackendId {
     fn next() -> Self {
@@ -96,15 +97,15 @@ impl BackendId {
 #[derive(Debug)]
 pub struct Backend {
     /// Its identity.
-    pub id: BackendId,
+    pub(crate) id: BackendId,
     /// Its name in logs, metrics and placement: the URL as given, or
     /// `http://ADDRESS:PORT` for one address of a host name, or for a pod
     /// (see [`endpoints`]).
-    pub name: String,
+    pub(crate) name: String,
     /// The resolved address the router connects to.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// On the router's own node: preferred when costs are close.
-    pub local: bool,
+    pub(crate) local: bool,
     /// `host:port`, sent as the `Host` header of probes.
     authority: String,
     in_flight: AtomicUsize,
@@ -137,7 +138,7 @@ pub struct Backend {
     /// When its health ejects it.
     ejection: Ejection,
     /// Its request, connection and latency series.
-    pub counters: BackendCounters,
+    pub(crate) counters: BackendCounters,
 }
 
 impl Backend {
@@ -179,12 +180,12 @@ impl Backend {
     }
 
     /// Whether passive health has ejected the backend now.
-    pub fn is_ejected(&self) -> bool {
+    pub(crate) fn is_ejected(&self) -> bool {
         self.health.is_ejected(health::clock())
     }
 
     /// A request was sent here: on trial, it is the one trial request.
-    pub fn chosen(&self) {
+    pub(crate) fn chosen(&self) {
         if !self.health.is_clear() {
             self.health.chosen(health::clock());
         }
@@ -192,7 +193,7 @@ impl Backend {
 
     /// Records what a request learned of the backend, and logs an
     /// ejection or a readmission.
-    pub fn record(&self, outcome: Outcome) {
+    pub(crate) fn record(&self, outcome: Outcome) {
         if outcome == Outcome::Success && self.health.is_healthy() {
             return;
         }
@@ -211,7 +212,7 @@ impl Backend {
 
     /// Whether the backend left the endpoints (see [`Fleet`]): the requests
     /// already on it finish, its idle connections are closed.
-    pub fn is_retired(&self) -> bool {
+    pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Relaxed)
     }
 
@@ -228,7 +229,7 @@ impl Backend {
     /// How many times discovery has marked the backend down. Unlike
     /// [`Self::is_up`] sampled now and then, a change here cannot be missed
     /// however briefly the backend was up in between.
-    pub fn downs(&self) -> u32 {
+    pub(crate) fn downs(&self) -> u32 {
         self.downs.load(Ordering::Acquire)
     }
 
@@ -246,7 +247,7 @@ impl Backend {
     /// tutorial's second request off its first one's backend). With one
     /// router per backend, as deployed, it is 0; other routers' requests
     /// still count.
-    pub fn others_waiting(&self) -> u64 {
+    pub(crate) fn others_waiting(&self) -> u64 {
         self.others_waiting.load(Ordering::Relaxed)
     }
 
@@ -286,24 +287,24 @@ impl Backend {
     }
 
     /// Requests forwarded to this backend whose response has not ended.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Requests ever started here.
-    pub fn started(&self) -> u64 {
+    pub(crate) fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
     }
 
     /// Prompt key bytes sent here that the backend has not begun to answer
     /// (see [`InFlight::response_began`]).
-    pub fn prefilling(&self) -> usize {
+    pub(crate) fn prefilling(&self) -> usize {
         self.prefilling.load(Ordering::Relaxed)
     }
 
     /// Counts one request in flight until the guard drops, and its
     /// `prefill` uncached key bytes as prefilling until it is answered.
-    pub fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
+    pub(crate) fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.prefilling.fetch_add(prefill, Ordering::Relaxed);
@@ -317,7 +318,7 @@ impl Backend {
 /// Holds one unit of a backend's in-flight count, and the request's share
 /// of its prefilling bytes until [`InFlight::response_began`].
 #[derive(Debug)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     backend: Arc<Backend>,
     /// Bytes still counted in `prefilling`.
     prefill: usize,
@@ -325,7 +326,7 @@ pub struct InFlight {
 
 impl InFlight {
     /// The response body has begun: the request's prompt is prefilled.
-    pub fn response_began(&mut self) {
+    pub(crate) fn response_began(&mut self) {
         let prefill = std::mem::take(&mut self.prefill);
         if prefill > 0 {
             self.backend
@@ -342,7 +343,7 @@ impl Drop for InFlight {
     }
 }
 
-/// One snapshot of the backend set (see [`Fleet`]), in URL order.
+/// One snapshot of the backend set (see `Fleet`), in URL order.
 #[derive(Debug, Default)]
 pub struct Backends {
     list: Vec<Arc<Backend>>,
@@ -351,7 +352,7 @@ pub struct Backends {
 impl Backends {
     /// Parses and resolves backend URLs once, every address counting, with
     /// counters that no registry exports: a fixed set, for tools and tests.
-    /// The daemon keeps a [`Fleet`] instead.
+    /// The daemon keeps a `Fleet` instead.
     pub async fn resolve(urls: &[String]) -> Result<Self, BackendError> {
         let (endpoints, failures) = StaticSource::new(urls, None)?.resolve().await;
         if let Some(failure) = failures.into_iter().next() {
@@ -372,7 +373,7 @@ impl Backends {
     }
 
     /// All backends.
-    pub fn all(&self) -> &[Arc<Backend>] {
+    pub(crate) fn all(&self) -> &[Arc<Backend>] {
         &self.list
     }
 
@@ -391,7 +392,7 @@ impl Backends {
 
     /// [`Self::candidates`] into a reused buffer (cleared first); it does
     /// not allocate unless `out` must grow or the answer is an error.
-    pub fn candidates_into(
+    pub(crate) fn candidates_into(
         &self,
         model: Option<&str>,
         out: &mut Vec<usize>,
@@ -442,14 +443,14 @@ impl Backends {
     }
 
     /// Whether some backend is up (discovery's last word on it).
-    pub fn any_up(&self) -> bool {
+    pub(crate) fn any_up(&self) -> bool {
         self.list.iter().any(|backend| backend.is_up())
     }
 
     /// The backends that may answer a request with no model (`GET
     /// /v1/models`, …) into a reused buffer: those up, or all of them when
     /// none is.
-    pub fn reachable_into(&self, out: &mut Vec<usize>) {
+    pub(crate) fn reachable_into(&self, out: &mut Vec<usize>) {
         out.clear();
         out.extend((0..self.list.len()).filter(|&index| self.list[index].is_up()));
         if out.is_empty() {
@@ -459,7 +460,7 @@ impl Backends {
     }
 
     /// Every model some backend listed, sorted and deduplicated.
-    pub fn served_models(&self) -> Vec<String> {
+    pub(crate) fn served_models(&self) -> Vec<String> {
         let mut served: Vec<String> = self
             .list
             .iter()

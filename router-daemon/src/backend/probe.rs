@@ -20,17 +20,17 @@ use tokio::net::TcpStream;
 
 /// Largest response body a probe reads; vLLM's `/metrics` is tens of
 /// kilobytes, its `/v1/models` far less.
-pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+pub(crate) const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 /// The vLLM gauge counting requests queued for the engine.
-pub const WAITING_METRIC: &str = "vllm:num_requests_waiting";
+pub(crate) const WAITING_METRIC: &str = "vllm:num_requests_waiting";
 
 /// The vLLM gauge counting requests the engine is running.
-pub const RUNNING_METRIC: &str = "vllm:num_requests_running";
+pub(crate) const RUNNING_METRIC: &str = "vllm:num_requests_running";
 
 /// Why a probe got no usable answer from a backend.
 #[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
+pub(crate) enum ProbeError {
     /// The TCP connection could not be made.
     #[error("connect: {0}")]
     Connect(std::io::Error),
@@ -55,7 +55,7 @@ pub enum ProbeError {
 
 /// Why a `/v1/models` body could not be read as a model list.
 #[derive(Debug, thiserror::Error)]
-pub enum ModelsParseError {
+pub(crate) enum ModelsParseError {
     /// The body is not JSON.
     #[error("not JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -66,29 +66,29 @@ pub enum ModelsParseError {
 
 /// A complete HTTP response.
 #[derive(Debug)]
-pub struct Response {
+pub(crate) struct Response {
     /// The status code.
-    pub status: u16,
+    pub(crate) status: u16,
     /// The body, de-chunked.
-    pub body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 /// Where and how to send probe requests.
 #[derive(Clone, Copy, Debug)]
-pub struct Target<'a> {
+pub(crate) struct Target<'a> {
     /// The address to connect to.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The `Host` header value.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
     /// Bound on the TCP connect.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Bound on the whole exchange, connect included.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// Sends `GET path` to `target` on a new connection and reads the whole
 /// response.
-pub async fn get(target: Target<'_>, path: &str) -> Result<Response, ProbeError> {
+pub(crate) async fn get(target: Target<'_>, path: &str) -> Result<Response, ProbeError> {
     tokio::time::timeout(target.timeout, exchange(target, path))
         .await
         .unwrap_or(Err(ProbeError::Timeout(target.timeout)))
@@ -135,7 +135,7 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// The model ids in an OpenAI `/v1/models` body, sorted and deduplicated.
-pub fn parse_models(body: &[u8]) -> Result<Vec<String>, ModelsParseError> {
+pub(crate) fn parse_models(body: &[u8]) -> Result<Vec<String>, ModelsParseError> {
     let json: serde_json::Value = serde_json::from_slice(body)?;
     let data = json
         .get("data")
@@ -158,17 +158,17 @@ pub fn parse_models(body: &[u8]) -> Result<Vec<String>, ModelsParseError> {
 /// A backend's queue, as its `/metrics` reports it; `None` where the metric
 /// is absent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Load {
+pub(crate) struct Load {
     /// Sum of [`WAITING_METRIC`] over its label sets.
-    pub waiting: Option<u64>,
+    pub(crate) waiting: Option<u64>,
     /// Sum of [`RUNNING_METRIC`] over its label sets.
-    pub running: Option<u64>,
+    pub(crate) running: Option<u64>,
 }
 
 /// Reads the waiting and running gauges out of Prometheus text, summing
 /// each over its label sets (one per engine or model). Comments, other
 /// metrics and lines that do not parse are skipped.
-pub fn parse_load(text: &str) -> Load {
+pub(crate) fn parse_load(text: &str) -> Load {
     let mut waiting = None;
     let mut running = None;
     for (name, value) in text.lines().filter_map(sample) {

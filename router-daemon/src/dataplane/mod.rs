@@ -1,9 +1,9 @@
 //! Moving responses from backends to clients over kept-alive connections.
 //!
-//! [`Dataplane::exchange`] runs one request on a backend connection: it
+//! `Dataplane::exchange` runs one request on a backend connection: it
 //! writes the request, reads the response head itself (the router needs the
 //! status and the body's framing), writes the head to the client, then moves
-//! the body until [`BodyTracker`] says it has ended, so the backend
+//! the body until `BodyTracker` says it has ended, so the backend
 //! connection can go back to the pool (`upstream`) for the next request, whichever
 //! client sends it. Three modes move the body:
 //! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects body
@@ -17,11 +17,11 @@
 //! - [`Mode::Userspace`]: a read/write loop in the daemon. Works everywhere.
 //!
 //! While a response is relayed the daemon keeps reading the client: bytes of
-//! a pipelined request wait in [`Client::pending`] (so responses go out in
+//! a pipelined request wait in `Client::pending` (so responses go out in
 //! request order), and the client's FIN is passed on to the backend as a
 //! half-close, which makes vLLM abort a generation nobody will read.
 mod copy_buffer;
-pub mod listen;
+pub(crate) mod listen;
 mod pipe;
 mod sockmap;
 mod tcp;
@@ -56,7 +56,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Buffer for response bytes that pass through the daemon.
 const COPY_BUFFER: usize = copy_buffer::SIZE;
 /// Default of [`Dataplane::with_pipelined_limit`] (`--max-pipelined-bytes`).
-pub const PIPELINED_LIMIT: usize = 1 << 20;
+pub(crate) const PIPELINED_LIMIT: usize = 1 << 20;
 /// Window peeked at to read chunk-size lines in splice mode.
 const PEEK_WINDOW: usize = 4 * 1024;
 /// A deadline that never comes, for a timeout turned off.
@@ -68,15 +68,15 @@ pub struct ResponseTimeouts {
     /// From the request's first byte sent to the response's first byte
     /// (`--first-byte-timeout-ms`). Queueing and prefill come before it,
     /// and for a request that does not stream, the whole generation.
-    pub first_byte: Option<Duration>,
+    pub(crate) first_byte: Option<Duration>,
     /// The longest silence between response bytes once the response began
     /// (`--response-idle-timeout-ms`): a stream's gap between tokens.
-    pub idle: Option<Duration>,
+    pub(crate) idle: Option<Duration>,
 }
 
 impl ResponseTimeouts {
     /// Defaults of the flags: 5 minutes to the first byte, 1 minute idle.
-    pub const DEFAULT: Self = Self {
+    pub(crate) const DEFAULT: Self = Self {
         first_byte: Some(Duration::from_secs(300)),
         idle: Some(Duration::from_secs(60)),
     };
@@ -140,58 +140,58 @@ enum Engine {
 
 /// How the bytes of one response reached the client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Relayed {
+pub(crate) struct Relayed {
     /// Response head bytes, written by the daemon.
-    pub head: u64,
+    pub(crate) head: u64,
     /// Body bytes the sockmap program redirected to the client.
-    pub redirected: u64,
+    pub(crate) redirected: u64,
     /// Body bytes moved through a pipe with splice(2).
-    pub piped: u64,
+    pub(crate) piped: u64,
     /// Body bytes the daemon copied to the client.
-    pub copied: u64,
+    pub(crate) copied: u64,
 }
 
 impl Relayed {
     /// Whether any response byte reached the client.
-    pub fn any(&self) -> bool {
+    pub(crate) fn any(&self) -> bool {
         self.head + self.redirected + self.piped + self.copied > 0
     }
 }
 
 /// One request to send on a backend connection.
 #[derive(Clone, Copy, Debug)]
-pub struct Forward<'a> {
+pub(crate) struct Forward<'a> {
     /// The whole request: head and body.
-    pub request: &'a [u8],
+    pub(crate) request: &'a [u8],
     /// The request is `HEAD`: its response has no body.
-    pub head_request: bool,
+    pub(crate) head_request: bool,
     /// The client asked to close after this response; the head relayed to
     /// it says `connection: close`.
-    pub client_close: bool,
+    pub(crate) client_close: bool,
     /// A 503 head is not relayed but returned as
     /// [`RelayError::Unavailable`], so the request can go to another
     /// backend.
-    pub retry_unavailable: bool,
+    pub(crate) retry_unavailable: bool,
 }
 
 /// How one exchange went.
 #[derive(Clone, Copy, Debug)]
-pub struct Exchanged {
+pub(crate) struct Exchanged {
     /// Where the response bytes went.
-    pub relayed: Relayed,
+    pub(crate) relayed: Relayed,
     /// The response status.
-    pub status: u16,
+    pub(crate) status: u16,
     /// From the request written to the response's first byte.
-    pub first_byte: Duration,
+    pub(crate) first_byte: Duration,
     /// The backend connection is clean and can carry another request.
-    pub backend_reusable: bool,
+    pub(crate) backend_reusable: bool,
     /// The client can send another request on its connection.
-    pub client_keep_alive: bool,
+    pub(crate) client_keep_alive: bool,
 }
 
 /// Why an exchange stopped early.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     /// Writing the request to the backend failed; nothing reached the client.
     #[error("sending the request to the backend: {0}")]
     BackendWrite(io::Error),
@@ -243,7 +243,7 @@ impl RelayError {
     /// True when the backend answered nothing and nothing reached the
     /// client: the request may be sent again if the connection was a reused
     /// one (a keep-alive the backend closed while it was idle).
-    pub fn unanswered(&self) -> bool {
+    pub(crate) fn unanswered(&self) -> bool {
         matches!(
             self,
             RelayError::NoResponse(_) | RelayError::BackendWrite(_)
@@ -251,7 +251,7 @@ impl RelayError {
     }
 
     /// Whose fault the failure is.
-    pub fn fault(&self) -> crate::error::Fault {
+    pub(crate) fn fault(&self) -> crate::error::Fault {
         match self {
             RelayError::Client(_) => crate::error::Fault::Client,
             RelayError::Sockmap(_) => crate::error::Fault::Internal,
@@ -286,15 +286,6 @@ impl Dataplane {
             pipelined_limit: PIPELINED_LIMIT,
             timeouts: ResponseTimeouts::DEFAULT,
         })
-    }
-
-    /// The dataplane of `mode`.
-    pub fn of_mode(mode: Mode) -> Result<Self, SockmapError> {
-        match mode {
-            Mode::Sockmap => Self::sockmap(),
-            Mode::Splice => Ok(Self::splice()),
-            Mode::Userspace => Ok(Self::userspace()),
-        }
     }
 
     fn sockmap_engine(&self) -> Option<&Sockmap> {
@@ -341,19 +332,19 @@ impl Dataplane {
     }
 
     /// The kernel program's counters, summed over CPUs (sockmap only).
-    pub fn kernel_stats(&self) -> Option<Vec<(Stat, u64)>> {
+    pub(crate) fn kernel_stats(&self) -> Option<Vec<(Stat, u64)>> {
         self.sockmap_engine().map(Sockmap::stats)
     }
 
     /// Sockets registered with the kernel program (sockmap only): clients
     /// and backends.
-    pub fn sockets_in_maps(&self) -> Option<(usize, usize)> {
+    pub(crate) fn sockets_in_maps(&self) -> Option<(usize, usize)> {
         self.sockmap_engine().map(Sockmap::sockets_len)
     }
 
     /// Backend connections with kernel map entries (sockmap only): pooled
     /// or carrying a response.
-    pub fn backend_entries(&self) -> Option<usize> {
+    pub(crate) fn backend_entries(&self) -> Option<usize> {
         self.sockmap_engine().map(Sockmap::backend_entries)
     }
 
@@ -361,7 +352,7 @@ impl Dataplane {
     /// ahead per client while a response is relayed: past it the client is
     /// not read until the response ends (TCP then pushes back on it).
     #[must_use]
-    pub fn with_pipelined_limit(self, bytes: usize) -> Self {
+    pub(crate) fn with_pipelined_limit(self, bytes: usize) -> Self {
         Self {
             pipelined_limit: bytes,
             ..self
@@ -373,12 +364,12 @@ impl Dataplane {
     /// connection. Either way the backend connection closes, which makes
     /// vLLM abort the request.
     #[must_use]
-    pub fn with_response_timeouts(self, timeouts: ResponseTimeouts) -> Self {
+    pub(crate) fn with_response_timeouts(self, timeouts: ResponseTimeouts) -> Self {
         Self { timeouts, ..self }
     }
 
     /// Prepares a client connection for exchanges.
-    pub fn client(&self, stream: TcpStream) -> Client {
+    pub(crate) fn client(&self, stream: TcpStream) -> Client {
         Client {
             pipelined_limit: self.pipelined_limit,
             held_back: false,
@@ -394,7 +385,7 @@ impl Dataplane {
 
     /// Opens a connection to a backend; with sockmap, hands it to the kernel
     /// program before any byte is sent (hand-over steps 2 and 3).
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<BackendConn> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> io::Result<BackendConn> {
         let stream = TcpStream::connect(addr).await?;
         // Requests are written whole; they must not wait for Nagle.
         stream.set_nodelay(true)?;
@@ -429,7 +420,7 @@ impl Dataplane {
     ///
     /// On return every relayed byte has been handed to the client socket, so
     /// the caller may write to it or close it.
-    pub async fn exchange<W: Watch>(
+    pub(crate) async fn exchange<W: Watch>(
         &self,
         client: &mut Client,
         backend: &mut BackendConn,
@@ -548,7 +539,7 @@ impl Dataplane {
 /// What the caller of [`Dataplane::exchange`] hears of a response while it
 /// arrives from the backend: for its in-flight counts and latency
 /// histograms. Calls are cheap and never block.
-pub trait Watch: Send {
+pub(crate) trait Watch: Send {
     /// The response body's first bytes arrived from the backend (a
     /// stream's first token), `since_sent` after the request was written.
     /// On the sockmap dataplane the kernel moves body bytes unseen, so this
@@ -1110,7 +1101,7 @@ fn release_freed_heap() {
 
 /// A connection to a backend, kept alive across requests.
 #[derive(Debug)]
-pub struct BackendConn {
+pub(crate) struct BackendConn {
     /// Registration with the kernel program (sockmap only). Declared before
     /// `stream` so its entries go before the socket closes.
     slot: Option<BackendSlot>,
@@ -1153,7 +1144,7 @@ impl BackendConn {
 
 /// A client connection as the dataplane sees it.
 #[derive(Debug)]
-pub struct Client {
+pub(crate) struct Client {
     /// Registration as a redirect target (sockmap only). Declared before
     /// `stream` so it is removed from the map before the socket closes.
     slot: Option<ClientSlot>,
@@ -1180,30 +1171,30 @@ pub struct Client {
 impl Client {
     /// Whether reading pipelined requests ahead stopped at the limit since
     /// the last call.
-    pub fn take_held_back(&mut self) -> bool {
+    pub(crate) fn take_held_back(&mut self) -> bool {
         std::mem::take(&mut self.held_back)
     }
 
     /// Bytes read from the client and not yet consumed: the start of the
     /// next request, or a pipelined one read while a response was relayed.
-    pub fn pending(&self) -> &[u8] {
+    pub(crate) fn pending(&self) -> &[u8] {
         &self.pending
     }
 
     /// Drops the first `n` pending bytes (a request that has been read).
-    pub fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.pending.drain(..n.min(self.pending.len()));
     }
 
     /// Whether the client has shut down its sending side.
-    pub fn at_eof(&self) -> bool {
+    pub(crate) fn at_eof(&self) -> bool {
         self.eof
     }
 
     /// Waits for the client to send and appends what it sent to the pending
     /// bytes; `Ok(0)`, and [`Client::at_eof`] from then on, at end of
     /// stream.
-    pub async fn fill(&mut self) -> io::Result<usize> {
+    pub(crate) async fn fill(&mut self) -> io::Result<usize> {
         let n = self.read_more().await?;
         if n == 0 {
             self.eof = true;
@@ -1215,7 +1206,7 @@ impl Client {
     /// the sending side, then reads until the client closes too (or
     /// `linger` passes), so that unread client bytes do not turn the close
     /// into a reset.
-    pub async fn close(mut self, linger: Duration) {
+    pub(crate) async fn close(mut self, linger: Duration) {
         if self.stream.shutdown().await.is_err() {
             return;
         }
@@ -1239,7 +1230,7 @@ impl Client {
     /// with nginx, which lingers only when bytes may be unread. That saves
     /// [`Client::close`]'s wait for the client's own FIN (a wake-up, a read
     /// and a timer per connection), which it falls back to otherwise.
-    pub async fn close_finished(self, linger: Duration) {
+    pub(crate) async fn close_finished(self, linger: Duration) {
         let mut probe = [0u8; 1];
         let unread = !self.pending.is_empty()
             || matches!(tcp::peek(&self.stream, &mut probe), Ok(n) if n > 0);
@@ -1262,7 +1253,7 @@ impl Client {
 
     /// Writes bytes produced or read by the daemon, after any redirected bytes
     /// still on their way.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
+    pub(crate) async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -1329,7 +1320,7 @@ impl Client {
     /// daemon do not wait for that worker. Writing our own bytes, or closing
     /// the socket, before the worker is done would reorder or drop response
     /// bytes.
-    pub async fn flushed(&mut self) -> Result<(), RelayError> {
+    pub(crate) async fn flushed(&mut self) -> Result<(), RelayError> {
         if !self.unflushed {
             return Ok(());
         }

@@ -41,7 +41,7 @@ pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
 /// Why a chunked body could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
-    /// A chunk-size or trailer line is over [`MAX_LINE`].
+    /// A chunk-size or trailer line is over `MAX_LINE`.
     #[error("chunk line too long")]
     LineTooLong,
     /// A chunk-size line does not start with a hex size.
@@ -50,14 +50,14 @@ pub enum ChunkError {
     /// A chunk's data is not followed by CRLF.
     #[error("chunk data not followed by CRLF")]
     MissingCrlf,
-    /// The decoded body would pass [`ChunkLimits::body`].
+    /// The decoded body would pass `ChunkLimits::body`.
     #[error("body is over the {limit} byte limit")]
     TooLarge {
         /// The limit.
         limit: usize,
     },
     /// The body as sent (chunk sizes, extensions, data, line ends and
-    /// trailers) would pass [`ChunkLimits::raw`].
+    /// trailers) would pass `ChunkLimits::raw`.
     #[error(
         "chunked body is over the {limit} byte limit as sent (chunk sizes, extensions and trailers included)"
     )]
@@ -65,13 +65,13 @@ pub enum ChunkError {
         /// The limit.
         limit: usize,
     },
-    /// More trailer fields than [`ChunkLimits::trailer_fields`].
+    /// More trailer fields than `ChunkLimits::trailer_fields`.
     #[error("more than {limit} trailer fields")]
     TooManyTrailers {
         /// The limit.
         limit: usize,
     },
-    /// The trailer section is over [`ChunkLimits::trailer_bytes`].
+    /// The trailer section is over `ChunkLimits::trailer_bytes`.
     #[error("trailer section is over the {limit} byte limit")]
     TrailersTooLarge {
         /// The limit.
@@ -85,14 +85,14 @@ pub enum ChunkError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkLimits {
     /// Most decoded body bytes.
-    pub body: usize,
+    pub(crate) body: usize,
     /// Most bytes of the body as sent: sizes, extensions, data, line ends
     /// and trailers.
-    pub raw: usize,
+    pub(crate) raw: usize,
     /// Most trailer fields.
-    pub trailer_fields: usize,
+    pub(crate) trailer_fields: usize,
     /// Most bytes of the trailer section.
-    pub trailer_bytes: usize,
+    pub(crate) trailer_bytes: usize,
 }
 
 /// Decodes a chunked body as its bytes arrive.

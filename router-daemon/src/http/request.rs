@@ -21,7 +21,7 @@ use crate::error::{ApiError, Limit};
 pub struct Limits {
     /// Longest request head (request line and headers) in bytes.
     pub max_head: usize,
-    /// Most header fields in one request (at most [`MAX_HEADERS`]).
+    /// Most header fields in one request (at most `MAX_HEADERS`).
     pub max_headers: usize,
     /// Longest request body in bytes.
     pub max_body: usize,
@@ -68,14 +68,14 @@ pub struct Head {
     /// How the body that follows the head is framed.
     pub body: Framing,
     /// The client sent `Expect: 100-continue`.
-    pub expect_continue: bool,
+    pub(crate) expect_continue: bool,
     /// The client asked to close the connection after this request
     /// (`Connection: close`, or HTTP/1.0 without `keep-alive`).
-    pub close: bool,
+    pub(crate) close: bool,
     /// The client's `x-request-id`, if it sent one.
-    pub request_id: Option<String>,
+    pub(crate) request_id: Option<String>,
     /// The value of the session header (`--session-header`), if present.
-    pub session: Option<Vec<u8>>,
+    pub(crate) session: Option<Vec<u8>>,
     /// See [`Head::forward_head`]; private, since the method and the path
     /// are read out of it by their lengths.
     forward_head: Vec<u8>,
@@ -90,18 +90,18 @@ impl Head {
     }
 
     /// The forwarded head's buffer, for the next [`parse_head`] to reuse.
-    pub fn into_buffer(self) -> Vec<u8> {
+    pub(crate) fn into_buffer(self) -> Vec<u8> {
         self.forward_head
     }
 
     /// Request method, e.g. `POST`.
-    pub fn method(&self) -> &str {
+    pub(crate) fn method(&self) -> &str {
         std::str::from_utf8(&self.forward_head[..self.method_len])
             .expect("invariant: copied from the method httparse validated")
     }
 
     /// Request target without the query string, e.g. `/v1/completions`.
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         let start = self.method_len + 1;
         std::str::from_utf8(&self.forward_head[start..start + self.path_len])
             .expect("invariant: copied from the path httparse validated")
@@ -131,10 +131,10 @@ const NOT_FORWARDED: [&str; 8] = [
 ];
 
 /// Parses the request head at the start of `buf`; `session_header` names
-/// the header whose value is kept as [`Head::session`].
+/// the header whose value is kept as `Head::session`.
 ///
 /// Returns `Ok(None)` when more bytes are needed, and an [`ApiError`] (4xx)
-/// for a head that is malformed or over a limit. [`Head::forward_head`] is
+/// for a head that is malformed or over a limit. `Head::forward_head` is
 /// built in `reuse`'s allocation (taken only when the head is complete), so
 /// a connection can keep one buffer for all its requests.
 pub fn parse_head(
@@ -355,7 +355,7 @@ fn parse_content_length(value: &[u8]) -> Result<usize, ApiError> {
 
 /// A `200 OK` response with the given content type and body; `close` adds
 /// `connection: close`.
-pub fn ok_response(content_type: &str, body: &[u8], close: bool) -> Vec<u8> {
+pub(crate) fn ok_response(content_type: &str, body: &[u8], close: bool) -> Vec<u8> {
     let connection = if close { "connection: close\r\n" } else { "" };
     let mut response = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{connection}\r\n",
@@ -368,7 +368,7 @@ pub fn ok_response(content_type: &str, body: &[u8], close: bool) -> Vec<u8> {
 
 /// The interim response that tells a client waiting on `Expect: 100-continue`
 /// to send its body.
-pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+pub(crate) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]

@@ -3,7 +3,7 @@
 //! Backend connections are kept alive and reused, so the router must know
 //! where each response ends without the backend closing. [`parse_head`]
 //! reads a response head (httparse) and says how its body is delimited;
-//! [`BodyTracker`] follows the body through the bytes as they pass, without
+//! `BodyTracker` follows the body through the bytes as they pass, without
 //! keeping or decoding them, and says when it has ended.
 //!
 //! The tracker's state converts to and from [`router_common::Framing`], the
@@ -15,7 +15,7 @@ use router_common::Framing;
 use super::{MAX_HEADERS, MAX_LINE, chunk};
 
 /// Longest response head accepted from a backend.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// A backend response that breaks HTTP/1.1 framing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -23,7 +23,7 @@ pub enum FramingError {
     /// The head is not a valid HTTP/1.1 response head.
     #[error("malformed response head: {0}")]
     Head(String),
-    /// The head is over [`MAX_HEAD`] bytes.
+    /// The head is over `MAX_HEAD` bytes.
     #[error("response head over {MAX_HEAD} bytes")]
     HeadTooLarge,
     /// A chunk-size line is not hex digits (with optional extensions).
@@ -177,7 +177,7 @@ impl BodyTracker {
     }
 
     /// True when the body ends only with the connection.
-    pub fn until_close(&self) -> bool {
+    pub(crate) fn until_close(&self) -> bool {
         self.state == State::UntilClose
     }
 
@@ -234,7 +234,7 @@ impl BodyTracker {
     /// Bytes that can be moved next without looking at them: `Some(n)` in a
     /// length-delimited run (`u64::MAX` until close), `None` where framing
     /// lines must be read.
-    pub fn opaque_run(&self) -> Option<u64> {
+    pub(crate) fn opaque_run(&self) -> Option<u64> {
         match self.state {
             State::Length { remaining } | State::ChunkData { remaining } => Some(remaining),
             State::UntilClose => Some(u64::MAX),
@@ -244,7 +244,7 @@ impl BodyTracker {
 
     /// Marks `n` bytes of the current opaque run (see [`Self::opaque_run`])
     /// as passed.
-    pub fn skip(&mut self, n: u64) {
+    pub(crate) fn skip(&mut self, n: u64) {
         match &mut self.state {
             State::Length { remaining } | State::ChunkData { remaining } => {
                 *remaining = remaining.saturating_sub(n);
@@ -261,7 +261,7 @@ impl BodyTracker {
 
     /// The state as the kernel program follows it, when it can: not inside a
     /// partly read line, in the trailers, or after the end.
-    pub fn to_kernel(&self) -> Option<Framing> {
+    pub(crate) fn to_kernel(&self) -> Option<Framing> {
         match &self.state {
             State::Length { remaining } => Some(Framing {
                 kind: Framing::KIND_LENGTH,
@@ -289,7 +289,7 @@ impl BodyTracker {
 
     /// The tracker at the state the kernel program left, `None` for a state
     /// it never leaves (which would be a bug in one of the two).
-    pub fn from_kernel(framing: Framing) -> Option<Self> {
+    pub(crate) fn from_kernel(framing: Framing) -> Option<Self> {
         let state = match (framing.kind, framing.phase) {
             (Framing::KIND_LENGTH, _) if framing.remaining > 0 => State::Length {
                 remaining: framing.remaining,

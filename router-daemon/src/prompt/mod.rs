@@ -24,7 +24,7 @@
 //!
 //! "Raw" below means the bytes between a JSON string's quotes exactly as they appear
 //! in the body, escapes kept verbatim (so `"a\nb"` gives the four bytes `a\nb`).
-//! The separators are [`PART_SEP`] (0x1D), [`RECORD_SEP`] (0x1E) and [`ROLE_SEP`]
+//! The separators are `PART_SEP` (0x1D), `RECORD_SEP` (0x1E) and `ROLE_SEP`
 //! (0x1F); none of them can appear unescaped inside a JSON string, so they never
 //! collide with raw string bytes.
 //!
@@ -76,7 +76,7 @@
 //!   `"us\u0065r"` does not count). That is the system prompt plus the first user
 //!   turn, so conversations that share a system prompt still differ, and later turns
 //!   of one conversation keep the same prefix. With no user message, the whole key.
-//! - Anything else has no turns: the whole key, at most [`FLAT_CONVERSATION_BYTES`].
+//! - Anything else has no turns: the whole key, at most `FLAT_CONVERSATION_BYTES`.
 //!   A prompt that extends a long one keeps its conversation prefix; short prompts
 //!   name themselves entirely.
 //!
@@ -107,12 +107,12 @@ use memchr::memchr;
 use self::{json::*, key::*};
 
 /// Separator written after each content part of a chat message.
-pub const PART_SEP: u8 = 0x1D;
+pub(crate) const PART_SEP: u8 = 0x1D;
 /// Separator written after each string or token-id array of a batched prompt, and
 /// after each chat message.
-pub const RECORD_SEP: u8 = 0x1E;
+pub(crate) const RECORD_SEP: u8 = 0x1E;
 /// Separator written between a chat message's role and its content.
-pub const ROLE_SEP: u8 = 0x1F;
+pub(crate) const ROLE_SEP: u8 = 0x1F;
 
 /// Deepest nesting of arrays and objects accepted, the top-level object counting as 1
 /// (serde_json's default recursion limit).
@@ -121,7 +121,7 @@ const MAX_DEPTH: u32 = 127;
 /// Longest conversation prefix of a prompt without turns (completions, embeddings, and
 /// responses whose `input` is not an array of items), in key bytes. See
 /// [`RoutingInput::conversation`].
-pub const FLAT_CONVERSATION_BYTES: usize = 4096;
+pub(crate) const FLAT_CONVERSATION_BYTES: usize = 4096;
 
 /// Which OpenAI endpoint the body belongs to; decides which field carries the prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,14 +147,14 @@ impl Endpoint {
     ];
 
     /// The endpoint served at `path`, if it carries a prompt.
-    pub fn of_path(path: &str) -> Option<Self> {
+    pub(crate) fn of_path(path: &str) -> Option<Self> {
         Self::ALL
             .into_iter()
             .find(|endpoint| endpoint.path() == path)
     }
 
     /// The endpoint's path.
-    pub const fn path(self) -> &'static str {
+    pub(crate) const fn path(self) -> &'static str {
         match self {
             Self::Completions => "/v1/completions",
             Self::ChatCompletions => "/v1/chat/completions",
@@ -280,7 +280,7 @@ pub fn extract(endpoint: Endpoint, body: &[u8]) -> Result<RoutingInput<'_>, Prom
 /// In a chat key's conversation prefix (see [`RoutingInput::conversation`]),
 /// the length of the messages before its first user message (the system
 /// part), when there are any.
-pub fn preamble_len(conversation: &[u8]) -> Option<usize> {
+pub(crate) fn preamble_len(conversation: &[u8]) -> Option<usize> {
     let before = conversation.strip_suffix(&[RECORD_SEP])?;
     let start = memchr::memrchr(RECORD_SEP, before)? + 1;
     before[start..].starts_with(b"user\x1f").then_some(start)
@@ -289,7 +289,7 @@ pub fn preamble_len(conversation: &[u8]) -> Option<usize> {
 /// The length of the assistant message that `rest` (what follows an
 /// earlier prompt within a chat key) opens with, its separator included;
 /// 0 when it opens with anything else.
-pub fn opening_reply_len(rest: &[u8]) -> usize {
+pub(crate) fn opening_reply_len(rest: &[u8]) -> usize {
     if !rest.starts_with(b"assistant\x1f") {
         return 0;
     }

@@ -58,21 +58,21 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 /// Largest block size: tail lengths are kept in a 64-bit map.
 pub const MAX_BLOCK: usize = 64;
 /// Backends remembered per entry.
-pub const HOLDERS: usize = 4;
+pub(crate) const HOLDERS: usize = 4;
 /// Most shards the index is split into.
-pub const MAX_SHARDS: usize = 32;
+pub(crate) const MAX_SHARDS: usize = 32;
 /// Shards per CPU the daemon may run on (rounded up to a power of two).
-pub const SHARDS_PER_CPU: usize = 2;
+pub(crate) const SHARDS_PER_CPU: usize = 2;
 /// Most distinct backends a lookup reports (the first met along the prompt).
-pub const MAX_MATCHES: usize = 8;
+pub(crate) const MAX_MATCHES: usize = 8;
 /// Salt that keeps tail hashes apart from boundary hashes.
 const TAIL_SALT: u64 = 0x7461_696c_5f68_6173;
 
 /// A backend as the index knows it: a non-zero 32-bit hash of its name.
-pub type BackendId = u32;
+pub(crate) type BackendId = u32;
 
 /// The [`BackendId`] of the backend called `name`.
-pub fn backend_id(name: &str) -> BackendId {
+pub(crate) fn backend_id(name: &str) -> BackendId {
     // Truncating the hash is the point: 32 bits keep entries small, and two
     // names of one fleet colliding (odds 1 in 2^32 per pair) only merges
     // their cache hints.
@@ -212,7 +212,7 @@ pub struct Walk {
 }
 
 impl Default for Walk {
-    /// An empty walk, to be filled by [`PrefixIndex::walk_into`].
+    /// An empty walk, to be filled by `PrefixIndex::walk_into`.
     fn default() -> Self {
         Self {
             block: 1,
@@ -229,16 +229,16 @@ impl Walk {
     /// Boundaries past which a kept walk gives its buffers back: a thread
     /// keeps buffers for at most this many (about 150 KiB: prompts up to
     /// 256 KiB with 64-byte blocks) between decisions.
-    pub const KEPT_BOUNDARIES: usize = 4 * 1024;
+    pub(crate) const KEPT_BOUNDARIES: usize = 4 * 1024;
 
     /// Frees the buffers if a long prompt grew them past
     /// [`Self::KEPT_BOUNDARIES`].
-    pub fn shrink(&mut self) {
+    pub(crate) fn shrink(&mut self) {
         self.shrink_to(Self::KEPT_BOUNDARIES);
     }
 
     /// Frees the buffers if they have room for more than `boundaries`.
-    pub fn shrink_to(&mut self, boundaries: usize) {
+    pub(crate) fn shrink_to(&mut self, boundaries: usize) {
         if self.hashes.capacity() > boundaries {
             *self = Self::default();
         }
@@ -247,7 +247,7 @@ impl Walk {
     /// A hash of `key[..len]` (`key` is the walk's key, `len` at most its
     /// length): equal for equal prefixes of the same model, and costing at
     /// most one block of hashing, since the walk has hashed the whole blocks.
-    pub fn prefix_hash(&self, key: &[u8], len: usize, salt: u64) -> u64 {
+    pub(crate) fn prefix_hash(&self, key: &[u8], len: usize, salt: u64) -> u64 {
         let len = len.min(key.len());
         let blocks = (len / self.block).min(self.hashes.len() - 1);
         let start = blocks * self.block;
@@ -257,22 +257,22 @@ impl Walk {
 
 /// Per-backend depth of the longest known prefix of one prompt.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Matches {
+pub(crate) struct Matches {
     found: [(BackendId, usize); MAX_MATCHES],
     len: usize,
     /// Length of an earlier prompt, as a whole, that the key extends or
     /// equals (the longest found at the deepest matched boundary); 0 if none.
-    pub whole: usize,
+    pub(crate) whole: usize,
 }
 
 impl Matches {
     /// `(backend, matched key bytes)` pairs, at most one per backend.
-    pub fn as_slice(&self) -> &[(BackendId, usize)] {
+    pub(crate) fn as_slice(&self) -> &[(BackendId, usize)] {
         &self.found[..self.len]
     }
 
     /// Bytes matched for `id` (0 when it holds no prefix of the prompt).
-    pub fn get(&self, id: BackendId) -> usize {
+    pub(crate) fn get(&self, id: BackendId) -> usize {
         self.as_slice()
             .iter()
             .find(|(h, _)| *h == id)
@@ -311,7 +311,7 @@ impl PrefixIndex {
     ///
     /// # Panics
     /// If `block` is 0 or over [`MAX_BLOCK`]; the CLI rejects such values.
-    pub fn new(block: usize, capacity: usize) -> Self {
+    pub(crate) fn new(block: usize, capacity: usize) -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         Self::with_shards(block, capacity, cpus.saturating_mul(SHARDS_PER_CPU))
     }
@@ -322,7 +322,7 @@ impl PrefixIndex {
     ///
     /// # Panics
     /// If `block` is 0 or over [`MAX_BLOCK`]; the CLI rejects such values.
-    pub fn with_shards(block: usize, capacity: usize, shards: usize) -> Self {
+    pub(crate) fn with_shards(block: usize, capacity: usize, shards: usize) -> Self {
         assert!(
             (1..=MAX_BLOCK).contains(&block),
             "invariant: block size is validated by the CLI"
@@ -339,13 +339,8 @@ impl PrefixIndex {
         }
     }
 
-    /// Block size in key bytes.
-    pub fn block(&self) -> usize {
-        self.block
-    }
-
     /// Number of entries held (both generations of every shard).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         (0..self.shards.len())
             .map(|s| {
                 let shard = self.lock(s);
@@ -354,13 +349,9 @@ impl PrefixIndex {
             .sum()
     }
 
-    /// True when the index holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
+    #[cfg(test)]
     /// Hashes `key`'s block boundaries for `model` and groups them by shard.
-    pub fn walk(&self, model: &[u8], key: &[u8]) -> Walk {
+    pub(crate) fn walk(&self, model: &[u8], key: &[u8]) -> Walk {
         let mut walk = Walk::default();
         self.walk_into(&mut walk, model, key);
         walk
@@ -368,7 +359,7 @@ impl PrefixIndex {
 
     /// [`walk`](Self::walk) into an earlier walk's buffers, so a thread that
     /// keeps one walk allocates nothing once its buffers are large enough.
-    pub fn walk_into(&self, walk: &mut Walk, model: &[u8], key: &[u8]) {
+    pub(crate) fn walk_into(&self, walk: &mut Walk, model: &[u8], key: &[u8]) {
         let Walk {
             block,
             hashes,
@@ -408,7 +399,7 @@ impl PrefixIndex {
 
     /// For each backend holding a prefix of `key`, the longest such prefix
     /// (`walk` must come from [`walk`](Self::walk) on the same model and key).
-    pub fn longest_matches(&self, walk: &mut Walk, key: &[u8]) -> Matches {
+    pub(crate) fn longest_matches(&self, walk: &mut Walk, key: &[u8]) -> Matches {
         let mut matches = Matches::default();
         if self.generation_cap == 0 {
             return matches;
@@ -481,7 +472,7 @@ impl PrefixIndex {
     }
 
     /// Records that `key` (whose walk is `walk`) was sent to backend `id`.
-    pub fn record(&self, walk: &Walk, key: &[u8], id: BackendId) {
+    pub(crate) fn record(&self, walk: &Walk, key: &[u8], id: BackendId) {
         if self.generation_cap == 0 {
             return;
         }
@@ -528,7 +519,7 @@ impl PrefixIndex {
     /// did not already find it in, and entries left with no holder go. What
     /// `id` held before, such as a system prompt its earlier requests
     /// shared, stays.
-    pub fn forget(&self, walk: &Walk, key: &[u8], id: BackendId) {
+    pub(crate) fn forget(&self, walk: &Walk, key: &[u8], id: BackendId) {
         let Some(last) = walk.hashes.len().checked_sub(1) else {
             return;
         };
@@ -558,13 +549,15 @@ impl PrefixIndex {
         }
     }
 
+    #[cfg(test)]
     /// The longest known prefix of `key` for each backend (lookup only).
-    pub fn lookup(&self, model: &[u8], key: &[u8]) -> Matches {
+    pub(crate) fn lookup(&self, model: &[u8], key: &[u8]) -> Matches {
         self.longest_matches(&mut self.walk(model, key), key)
     }
 
+    #[cfg(test)]
     /// Records that `key` (for `model`) was sent to backend `id`.
-    pub fn insert(&self, model: &[u8], key: &[u8], id: BackendId) {
+    pub(crate) fn insert(&self, model: &[u8], key: &[u8], id: BackendId) {
         self.record(&self.walk(model, key), key, id);
     }
 
@@ -572,7 +565,7 @@ impl PrefixIndex {
     ///
     /// Takes each shard's lock in turn (O(entries) in all): meant for a
     /// backend leaving the fleet, not for the request path.
-    pub fn remove_backend(&self, id: BackendId) {
+    pub(crate) fn remove_backend(&self, id: BackendId) {
         for s in 0..self.shards.len() {
             let mut shard = self.lock(s);
             let Shard { young, old } = &mut *shard;

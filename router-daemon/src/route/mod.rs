@@ -1,30 +1,30 @@
-//! Backend selection: the prefix index ([`index`]) and the decision policy
-//! ([`policy`]), joined by [`Router`].
+//! Backend selection: the prefix index (`index`) and the decision policy
+//! (`policy`), joined by [`Router`].
 //!
 //! # Layout
-//! - [`index`]: block-chained prefix hashes → the backends that recently
+//! - `index`: block-chained prefix hashes → the backends that recently
 //!   received them; sharded, bounded in memory, several holders per prefix.
-//! - [`policy`]: the pure decision function (session stickiness, cache
+//! - `policy`: the pure decision function (session stickiness, cache
 //!   affinity against load, bounded load, rendezvous placement); its module
 //!   doc states the rules.
 //!
 //! # A decision
-//! [`Router::select`] hashes the prompt key once, asks the index which
-//! backends hold which prefix of it, lets [`policy::choose`] pick, and lists
+//! `Router::select` hashes the prompt key once, asks the index which
+//! backends hold which prefix of it, lets `policy::choose` pick, and lists
 //! the other candidates in fallback order; once a backend has accepted the
-//! request, [`Router::record`] writes it into the index with the same
+//! request, `Router::record` writes it into the index with the same
 //! hashes. ([`Router::decide`] does both at once.) It costs O(prompt length) hashing and takes each
 //! index shard's lock at most twice (plus a probe or two for the prompt's
 //! tail), briefly; there is no global lock. It works in buffers its thread
 //! keeps (`Scratch`), so it allocates nothing once they are large enough.
 //!
 //! Backends are named in the index by a hash of their name
-//! ([`index::backend_id`]), so the order of the `backends` slice may change
+//! (`index::backend_id`), so the order of the `backends` slice may change
 //! between calls, and a backend missing from it is simply never chosen.
-//! [`Router::remove_backend`] also drops what the index holds for it.
-pub mod index;
+//! `Router::remove_backend` also drops what the index holds for it.
+pub(crate) mod index;
 mod pending;
-pub mod policy;
+pub(crate) mod policy;
 mod reuse;
 
 use std::{
@@ -92,7 +92,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics that pre-create their labels.
-    pub const ALL: [Reason; 7] = [
+    pub(crate) const ALL: [Reason; 7] = [
         Reason::PrefixMatch,
         Reason::LeastLoaded,
         Reason::Spread,
@@ -103,7 +103,7 @@ impl Reason {
     ];
 
     /// Short name for logs and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::PrefixMatch => "prefix-match",
             Reason::LeastLoaded => "least-loaded",
@@ -160,7 +160,7 @@ impl<'a> BackendLoad<'a> {
 
     /// The same view, on the router's own node or not.
     #[must_use]
-    pub fn with_local(self, local: bool) -> Self {
+    pub(crate) fn with_local(self, local: bool) -> Self {
         Self { local, ..self }
     }
 
@@ -172,7 +172,7 @@ impl<'a> BackendLoad<'a> {
 
     /// The same view with `prefill` key bytes not yet answered.
     #[must_use]
-    pub fn with_prefill(self, prefill: usize) -> Self {
+    pub(crate) fn with_prefill(self, prefill: usize) -> Self {
         Self { prefill, ..self }
     }
 
@@ -263,7 +263,7 @@ impl Router {
 
     /// A router with an empty index of `block`-byte blocks and at most
     /// `capacity` entries, deciding by `policy`.
-    pub fn with_policy(block: usize, capacity: usize, policy: Policy) -> Self {
+    pub(crate) fn with_policy(block: usize, capacity: usize, policy: Policy) -> Self {
         Self {
             index: PrefixIndex::new(block, capacity),
             policy,
@@ -274,14 +274,9 @@ impl Router {
         }
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     /// Picks a backend for `request` and records the choice in the index
     /// at once (for a caller with nothing to wait for; the daemon uses
-    /// [`Router::select`] and [`Router::record`]).
+    /// `Router::select` and `Router::record`).
     ///
     /// Returns `None` only when `backends` is empty.
     pub fn decide(&self, request: &RouteRequest, backends: &[BackendLoad]) -> Option<Decision> {
@@ -314,7 +309,7 @@ impl Router {
     /// (the caller's, kept with the request across the connect), so the
     /// index never points at a backend the request did not reach.
     /// Returns `None` only when `backends` is empty.
-    pub fn select(
+    pub(crate) fn select(
         &self,
         request: Option<&RouteRequest>,
         backends: &[BackendLoad],
@@ -344,7 +339,7 @@ impl Router {
     /// the request whose [`Router::select`] left its hashes in `walk` (the
     /// caller gives back a long prompt's buffers once done with the request:
     /// a retry records the same walk again).
-    pub fn record(&self, walk: &Walk, key: &[u8], name: &str) {
+    pub(crate) fn record(&self, walk: &Walk, key: &[u8], name: &str) {
         if self.policy.logic == Logic::PrefixAware {
             self.index.record(walk, key, index::backend_id(name));
         }
@@ -352,7 +347,7 @@ impl Router {
 
     /// Undoes [`Router::record`] of `key` on the backend called `name`,
     /// which took the request but cached nothing of it (it answered 503).
-    pub fn forget(&self, walk: &Walk, key: &[u8], name: &str) {
+    pub(crate) fn forget(&self, walk: &Walk, key: &[u8], name: &str) {
         if self.policy.logic == Logic::PrefixAware {
             self.index.forget(walk, key, index::backend_id(name));
         }
@@ -491,7 +486,7 @@ impl Router {
 
     /// Forgets everything the index holds for the backend called `name`
     /// (O(index entries); for a backend leaving the fleet).
-    pub fn remove_backend(&self, name: &str) {
+    pub(crate) fn remove_backend(&self, name: &str) {
         self.index.remove_backend(index::backend_id(name));
     }
 

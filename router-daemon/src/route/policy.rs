@@ -159,39 +159,39 @@ pub enum Logic {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Policy {
     /// Prefix-aware (the rules above) or round-robin.
-    pub logic: Logic,
+    pub(crate) logic: Logic,
     /// ε of the load bound `ceil((1 + ε) · mean load)`; 0 or more.
-    pub epsilon: f64,
+    pub(crate) epsilon: f64,
     /// Cost per KiB of prompt a backend must prefill for the request
     /// (uncached, or queued ahead of it).
-    pub affinity_weight: f64,
+    pub(crate) affinity_weight: f64,
     /// Cost per request in flight or waiting on a backend.
-    pub load_weight: f64,
+    pub(crate) load_weight: f64,
     /// Cost per KiB of other requests' prompts a backend is still
     /// prefilling.
-    pub prefilling_weight: f64,
+    pub(crate) prefilling_weight: f64,
     /// ε of the placement bound (see the module doc); None: no bound, so
     /// replicas place every new conversation alike.
-    pub placement_epsilon: Option<f64>,
+    pub(crate) placement_epsilon: Option<f64>,
     /// A shared prefix covering at least this fraction of the request's
     /// conversation prefix is followed (rule 2).
-    pub follow_fraction: f64,
+    pub(crate) follow_fraction: f64,
     /// How much cheaper, in cost units, another backend must be for a new
     /// conversation to leave its rendezvous winner (rule 3).
-    pub rendezvous_weight: f64,
+    pub(crate) rendezvous_weight: f64,
     /// Placement hashes at most this many leading key bytes (rule 3), so
     /// prompts that share that much are placed alike by every replica.
-    pub placement_prefix: usize,
+    pub(crate) placement_prefix: usize,
     /// How much a new prompt's leading part, weighed by how often recent
     /// requests reused a cached prefix ([`Inputs::reuse`]), holds it to its
     /// rendezvous backend (rule 3); 0: not at all.
-    pub family_weight: f64,
+    pub(crate) family_weight: f64,
 }
 
 impl Policy {
     /// The defaults, which the daemon's flags also default to (see
     /// `Config`): the measured choices the module doc explains.
-    pub const DEFAULT: Self = Self {
+    pub(crate) const DEFAULT: Self = Self {
         logic: Logic::PrefixAware,
         epsilon: 0.25,
         affinity_weight: 1.0,
@@ -214,7 +214,7 @@ impl Default for Policy {
 impl Policy {
     /// True when `input` starts something new (rule 3): no session, and no
     /// cached prefix worth following.
-    pub fn is_placement(&self, input: &Inputs) -> bool {
+    pub(crate) fn is_placement(&self, input: &Inputs) -> bool {
         input.session.is_none() && !self.follows(input)
     }
 
@@ -269,37 +269,37 @@ impl Policy {
 
 /// Everything a decision depends on.
 #[derive(Clone, Copy, Debug)]
-pub struct Inputs<'a> {
+pub(crate) struct Inputs<'a> {
     /// The candidates, in the caller's order.
-    pub backends: &'a [BackendLoad<'a>],
+    pub(crate) backends: &'a [BackendLoad<'a>],
     /// Key bytes matched in the index, per backend (same order, same length).
-    pub matched: &'a [usize],
+    pub(crate) matched: &'a [usize],
     /// Length of the whole key.
-    pub key_len: usize,
+    pub(crate) key_len: usize,
     /// Length of the key prefix naming the conversation (0: the whole key).
-    pub conversation: usize,
+    pub(crate) conversation: usize,
     /// The key extends (or equals) an earlier prompt as a whole.
-    pub extends: bool,
+    pub(crate) extends: bool,
     /// A later chat turn: when nothing cached is worth following, it is
     /// placed by rendezvous alone (rule 3).
-    pub later_turns: bool,
+    pub(crate) later_turns: bool,
     /// Rendezvous seed of the request's leading part.
-    pub placement: u64,
+    pub(crate) placement: u64,
     /// Fraction of recent requests that followed a cached prefix, 0 to 1
     /// (see [`Policy::family_weight`]).
-    pub reuse: f64,
+    pub(crate) reuse: f64,
     /// Rendezvous seed of the session value, if the request has one.
-    pub session: Option<u64>,
+    pub(crate) session: Option<u64>,
     /// A backend (position in `backends`) that a request with the same
     /// placement seed, a sibling, was placed on moments ago, before the
     /// index could learn it (see [`super::Router`]). Rule 3 prefers it to
     /// the rendezvous winner, as the family's backend.
-    pub pending: Option<usize>,
+    pub(crate) pending: Option<usize>,
     /// Recently placed KiB per backend (same order; empty: no placement
     /// bound). See the module doc.
-    pub placed: &'a [f64],
+    pub(crate) placed: &'a [f64],
     /// KiB this request adds to its backend's placements if it is placed.
-    pub weight: f64,
+    pub(crate) weight: f64,
 }
 
 impl Inputs<'_> {
@@ -335,7 +335,7 @@ impl Inputs<'_> {
 
 /// The highest load a backend may reach by taking one more request, given the
 /// loads of all `backends`.
-pub fn load_bound(epsilon: f64, backends: &[BackendLoad]) -> usize {
+pub(crate) fn load_bound(epsilon: f64, backends: &[BackendLoad]) -> usize {
     let n = backends.len().max(1);
     let total = backends
         .iter()
@@ -351,12 +351,12 @@ pub fn load_bound(epsilon: f64, backends: &[BackendLoad]) -> usize {
 }
 
 /// The rendezvous (highest random weight) score of backend `name` for `seed`.
-pub fn rendezvous(name: &str, seed: u64) -> u64 {
+pub(crate) fn rendezvous(name: &str, seed: u64) -> u64 {
     xxh3_64_with_seed(name.as_bytes(), seed)
 }
 
 /// Picks a backend; None only when there are no backends.
-pub fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
+pub(crate) fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
     let backends = input.backends;
     let bound = load_bound(policy.epsilon, backends);
     let within = |i: usize| backends[i].load() < bound;
@@ -472,7 +472,7 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
 /// less than half a request of load, but never against one with a whole
 /// request less, nor against the rendezvous lead that keeps a prefix's
 /// family together (worth more than a network hop across nodes).
-pub const LOCAL_MARGIN: f64 = 0.5;
+pub(crate) const LOCAL_MARGIN: f64 = 0.5;
 
 /// The cheapest of `candidates` by `cost` (a backend on the router's node
 /// cheaper by [`LOCAL_MARGIN`] requests of `load_weight`), ties going to

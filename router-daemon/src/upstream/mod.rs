@@ -23,7 +23,7 @@ use std::{io, sync::Arc, time::Duration};
 use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, warn};
 
-pub use self::pool::Pool;
+pub(crate) use self::pool::Pool;
 use crate::{
     backend::{Backend, Backends, Outcome},
     dataplane::{BackendConn, Client, Dataplane, Exchanged, Forward, RelayError, Watch},

@@ -29,14 +29,14 @@ use crate::{
 };
 
 /// Idle time after which a pooled connection is probed before reuse.
-pub const PROBE_AFTER: Duration = Duration::from_millis(500);
+pub(crate) const PROBE_AFTER: Duration = Duration::from_millis(500);
 
 /// One worker's idle connections, by backend.
 type Idle = HashMap<BackendId, Vec<BackendConn>>;
 
 /// Idle connections per worker and backend.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     /// Worker `w`'s idle connections are at `w`; only `w` and the reaper
     /// take its lock.
     idle: Vec<Mutex<Idle>>,
@@ -48,7 +48,7 @@ impl Pool {
     /// A pool for `workers` worker threads, keeping at most `max_idle` idle
     /// connections to each backend (split evenly among the workers), for at
     /// most `idle_timeout`.
-    pub fn new(workers: usize, max_idle: usize, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(workers: usize, max_idle: usize, idle_timeout: Duration) -> Self {
         let workers = workers.max(1);
         Self {
             idle: (0..workers).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -65,7 +65,7 @@ impl Pool {
 
     /// This worker's most recently used idle connection to `backend` that
     /// still looks alive, if any.
-    pub fn take(&self, backend: &Backend) -> Option<BackendConn> {
+    pub(crate) fn take(&self, backend: &Backend) -> Option<BackendConn> {
         let mut idle = self.mine().lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&backend.id)?;
         while let Some(conn) = list.pop() {
@@ -79,7 +79,7 @@ impl Pool {
 
     /// Keeps `conn` for the next request to `backend`, or closes it when the
     /// pool is full or the backend retired.
-    pub fn put(&self, backend: &Backend, mut conn: BackendConn) {
+    pub(crate) fn put(&self, backend: &Backend, mut conn: BackendConn) {
         if backend.is_retired() {
             return;
         }
@@ -93,7 +93,7 @@ impl Pool {
 
     /// Closes connections idle past the timeout, and every connection to a
     /// backend not in `live` (retired).
-    pub fn reap(&self, live: &[std::sync::Arc<Backend>]) {
+    pub(crate) fn reap(&self, live: &[std::sync::Arc<Backend>]) {
         for idle in &self.idle {
             let expired: Vec<BackendConn> = {
                 let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -119,7 +119,7 @@ impl Pool {
 
     /// Idle connections held to `backend`, all workers'.
     #[cfg(test)]
-    pub fn idle_count(&self, backend: &Backend) -> usize {
+    pub(crate) fn idle_count(&self, backend: &Backend) -> usize {
         self.idle
             .iter()
             .map(|idle| {
@@ -130,7 +130,7 @@ impl Pool {
     }
 
     /// How often [`Pool::reap`] should run.
-    pub fn reap_interval(&self) -> Duration {
+    pub(crate) fn reap_interval(&self) -> Duration {
         (self.idle_timeout / 2).max(Duration::from_millis(10))
     }
 }
