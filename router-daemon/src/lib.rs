@@ -15,7 +15,7 @@
 //! - [`dataplane`]: the sockets: listening ones (`dataplane::listen`),
 //!   the client's, exchanges on kept-alive backend connections; moving
 //!   response bytes in the kernel (sockmap), through a pipe (splice) or
-//!   through the daemon (userspace).
+//!   through the daemon (userspace); discovery's one-shot GETs.
 //! - `worker`: one event loop per CPU, each with its own listening socket.
 //! - `drain`: the graceful drain after a shutdown signal.
 //! - `admission`: how many client connections are open, against

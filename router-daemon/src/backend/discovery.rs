@@ -26,8 +26,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     Backend, Backends,
-    probe::{self, Load, Target},
+    probe::{self, Load},
 };
+use crate::dataplane::probe::{Target, get};
 use std::sync::atomic::Ordering;
 
 /// How often and how patiently backends are probed.
@@ -124,7 +125,7 @@ impl Backend {
             connect_timeout: discovery.connect_timeout,
             timeout: discovery.timeout,
         };
-        match probe::get(target, "/v1/models").await {
+        match get(target, "/v1/models").await {
             Err(err) => return self.failed(discovery.down_after, &err),
             Ok(response) if response.status >= 500 => {
                 return self.failed(
@@ -160,7 +161,7 @@ impl Backend {
         // during it (one that ended before the scrape returned included).
         let ours_before = self.in_flight();
         let started_before = self.started();
-        let scraped = match probe::get(target, "/metrics").await {
+        let scraped = match get(target, "/metrics").await {
             Ok(response) if (200..300).contains(&response.status) => {
                 Ok(probe::parse_load(&String::from_utf8_lossy(&response.body)))
             }

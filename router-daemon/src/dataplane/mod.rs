@@ -4,8 +4,8 @@
 //! writes the request, reads the response head itself (the router needs the
 //! status and the body's framing), writes the head to the client, then moves
 //! the body until `BodyTracker` says it has ended, so the backend
-//! connection can go back to the pool (`upstream`) for the next request, whichever
-//! client sends it. Three modes move the body:
+//! connection can go back to the pool (`upstream`) for the next request,
+//! whichever client sends it. Three modes move the body:
 //! - [`Mode::Sockmap`]: the kernel program in `router-ebpf` redirects body
 //!   bytes from the backend socket to the client socket while it can follow
 //!   the framing; the daemon sees the head, the skb that ends the body, and
@@ -17,37 +17,47 @@
 //! - [`Mode::Userspace`]: a read/write loop in the daemon. Works everywhere.
 //!
 //! While a response is relayed the daemon keeps reading the client: bytes of
-//! a pipelined request wait in `Client::pending` (so responses go out in
-//! request order), and the client's FIN is passed on to the backend as a
-//! half-close, which makes vLLM abort a generation nobody will read.
+//! a pipelined request wait in the client's pending bytes (so responses go
+//! out in request order), and the client's FIN is passed on to the backend
+//! as a half-close, which makes vLLM abort a generation nobody will read.
+//!
+//! # Layout
+//! - this file: the dataplane chosen at start, one exchange, its errors,
+//!   and the backend connection;
+//! - `client`: the client socket (pending bytes, ordered writes, closing);
+//! - `relay`: one response's state (request sent, head, timeouts), with one
+//!   file per body mover: `relay/copy.rs`, `relay/splice.rs`,
+//!   `relay/redirect.rs`;
+//! - `pipe` (splice(2)'s pipe), `sockmap` (the kernel program and its
+//!   maps), `tcp` (socket calls tokio does not offer), `copy_buffer`,
+//!   `listen` (listening sockets), `probe` (discovery's one-shot GETs).
+mod client;
 mod copy_buffer;
 pub(crate) mod listen;
 mod pipe;
+pub(crate) mod probe;
+mod relay;
 mod sockmap;
 mod tcp;
 
 use std::{
-    io::{self, IoSlice},
+    io,
     net::SocketAddr,
-    pin::Pin,
     time::{Duration, Instant},
 };
 
-use router_common::{Control, Framing, Stat};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
-    net::TcpStream,
-    time::Sleep,
-};
+use router_common::Stat;
+use tokio::net::TcpStream;
 
 pub use self::sockmap::SockmapError;
+pub(crate) use self::{client::Client, relay::Watch};
 use self::{
-    pipe::Pipe,
-    sockmap::{BackendSlot, ClientSlot, Sockmap},
+    relay::Relay,
+    sockmap::{BackendSlot, Sockmap},
 };
 use crate::{
     error::Timeout,
-    http::response::{self, BodyFraming, BodyTracker, FramingError, ResponseHead},
+    http::response::{BodyFraming, BodyTracker, FramingError},
 };
 
 /// How long to wait for the kernel to hand redirected bytes to a client socket
@@ -80,6 +90,12 @@ impl ResponseTimeouts {
         first_byte: Some(Duration::from_secs(300)),
         idle: Some(Duration::from_secs(60)),
     };
+
+    /// When the first response byte is due for a request written from
+    /// `writing` on.
+    fn first_byte_due(&self, writing: Instant) -> Instant {
+        writing + self.first_byte.unwrap_or(NEVER)
+    }
 }
 
 /// A dataplane mode.
@@ -370,17 +386,7 @@ impl Dataplane {
 
     /// Prepares a client connection for exchanges.
     pub(crate) fn client(&self, stream: TcpStream) -> Client {
-        Client {
-            pipelined_limit: self.pipelined_limit,
-            held_back: false,
-            slot: None,
-            pipe: None,
-            stream,
-            delivered: 0,
-            unflushed: false,
-            pending: Vec::new(),
-            eof: false,
-        }
+        Client::new(stream, self.pipelined_limit)
     }
 
     /// Opens a connection to a backend; with sockmap, hands it to the kernel
@@ -444,43 +450,18 @@ impl Dataplane {
         watch: W,
     ) -> Result<Exchanged, RelayError> {
         let writing = Instant::now();
-        let first_byte_due = writing + self.timeouts.first_byte.unwrap_or(NEVER);
-        // One timer per exchange, moved only when it fires (see
-        // `Relay::on_timer`), not per read: it first fires at the nearer
-        // bound, so no move is needed when the response begins.
-        let idle = self.timeouts.idle.unwrap_or(NEVER);
-        let timer = tokio::time::sleep_until(first_byte_due.min(writing + idle).into());
+        let timer = relay::timer(self.timeouts, writing);
         tokio::pin!(timer);
-        let mut relay = Relay {
-            relayed: Relayed::default(),
-            reusable: true,
-            watch,
-            ended: false,
-            sent: writing,
-            last_body: None,
-            gaps: true,
-            timer,
-            timeouts: self.timeouts,
-            first_byte_due,
-            responding: false,
-            waiting_since: writing,
-            kernel_mark: backend.redirected_seen,
-        };
+        let mut relay = Relay::new(watch, timer, self.timeouts, writing, backend);
         relay.send(backend, forward.request).await?;
-        let started = Instant::now();
-        relay.sent = started;
-        if client.eof {
+        if client.at_eof() {
             relay.half_close(backend);
         }
-
         let (head, first_byte) = relay
-            .read_head(client, backend, forward.head_request, buf, started)
+            .read_head(client, backend, forward.head_request, buf)
             .await?;
-        if forward.retry_unavailable && head.status == 503 && !relay.relayed.any() {
+        if forward.retry_unavailable && head.status == 503 && !relay.relayed().any() {
             return Err(RelayError::Unavailable);
-        }
-        if !head.keep_alive {
-            relay.reusable = false;
         }
         let client_keep_alive =
             !forward.client_close && !head.says_close && head.body != BodyFraming::UntilClose;
@@ -493,10 +474,10 @@ impl Dataplane {
         }
         client.flushed().await?;
         Ok(Exchanged {
-            relayed: relay.relayed,
+            relayed: relay.relayed(),
             status: head.status,
             first_byte,
-            backend_reusable: relay.reusable && !client.eof,
+            backend_reusable: relay.reusable() && !client.at_eof(),
             client_keep_alive,
         })
     }
@@ -516,16 +497,7 @@ impl Dataplane {
             Engine::Splice => return relay.splice_body(client, backend, tracker, buf).await,
             Engine::Sockmap(sockmap) => sockmap,
         };
-        if client.slot.is_none() {
-            match sockmap.add_client(&client.stream) {
-                Ok(slot) => client.slot = Some(slot),
-                Err(err) => tracing::debug!(%err, "sockmap refused the client socket"),
-            }
-        }
-        match (
-            backend.slot.is_some(),
-            client.slot.as_ref().map(ClientSlot::cookie),
-        ) {
+        match (backend.slot.is_some(), client.redirect_target(sockmap)) {
             (true, Some(cookie)) => {
                 relay
                     .sockmap_body(client, backend, cookie, tracker, buf)
@@ -533,555 +505,6 @@ impl Dataplane {
             }
             _ => relay.copy_body(client, backend, tracker, buf).await,
         }
-    }
-}
-
-/// What the caller of [`Dataplane::exchange`] hears of a response while it
-/// arrives from the backend: for its in-flight counts and latency
-/// histograms. Calls are cheap and never block.
-pub(crate) trait Watch: Send {
-    /// The response body's first bytes arrived from the backend (a
-    /// stream's first token), `since_sent` after the request was written.
-    /// On the sockmap dataplane the kernel moves body bytes unseen, so this
-    /// is when the daemon first learns of them.
-    fn first_body(&mut self, since_sent: Duration);
-    /// Later body bytes arrived, `gap` after the read before (streamed
-    /// tokens); not called for bytes the kernel redirects.
-    fn body_gap(&mut self, gap: Duration);
-    /// The backend has sent the whole response; called at most once, and
-    /// not when the exchange fails.
-    fn ended(&mut self);
-}
-
-/// The state of one response on its way.
-struct Relay<'t, W: Watch> {
-    relayed: Relayed,
-    /// The backend connection can carry another request afterwards.
-    reusable: bool,
-    watch: W,
-    /// `watch` has heard of the end.
-    ended: bool,
-    /// When the request was written.
-    sent: Instant,
-    /// When body bytes were last read; None before the first.
-    last_body: Option<Instant>,
-    /// Gaps between reads are the stream's own (false while the kernel
-    /// redirects the body, whose reads the daemon does not see).
-    gaps: bool,
-    /// Fires at the first-byte deadline, then at the idle one; waits for
-    /// the backend select on it.
-    timer: Pin<&'t mut Sleep>,
-    timeouts: ResponseTimeouts,
-    /// When the first response byte is due.
-    first_byte_due: Instant,
-    /// Some response byte has arrived: the idle timeout applies.
-    responding: bool,
-    /// When the current wait for the backend began.
-    waiting_since: Instant,
-    /// The kernel program's redirected count when last looked at for the
-    /// idle timeout (sockmap: redirected bytes are activity too).
-    kernel_mark: u64,
-}
-
-impl<W: Watch> Relay<'_, W> {
-    /// Writes the request to the backend, within the first-byte timeout.
-    async fn send(&mut self, backend: &mut BackendConn, request: &[u8]) -> Result<(), RelayError> {
-        let write = backend.stream.write_all(request);
-        tokio::pin!(write);
-        loop {
-            tokio::select! {
-                biased;
-                written = &mut write => return written.map_err(RelayError::BackendWrite),
-                () = self.timer.as_mut() => self.on_timer(None)?,
-            }
-        }
-    }
-
-    /// The timer fired while the daemon waited for the backend: a timeout
-    /// if the wait really passed its bound, else the timer moves to the
-    /// bound (it is left behind as bytes arrive, to keep reads free of
-    /// timer updates).
-    /// `slot` is the backend's registration with the kernel program, whose
-    /// progress counts as the response's (sockmap).
-    fn on_timer(&mut self, slot: Option<&BackendSlot>) -> Result<(), RelayError> {
-        let now = Instant::now();
-        let idle = self.timeouts.idle.unwrap_or(NEVER);
-        let due = if self.responding {
-            if !self.gaps
-                && let Some(slot) = slot
-                && let Ok(progress) = slot.progress()
-                && progress.redirected != self.kernel_mark
-            {
-                // The kernel moved body bytes the daemon did not see.
-                self.kernel_mark = progress.redirected;
-                self.waiting_since = now;
-            }
-            self.waiting_since + idle
-        } else {
-            self.first_byte_due
-        };
-        if now < due {
-            // Before the first byte, the timer still wakes every idle
-            // bound, so it never sits past a response's idle deadline.
-            let next = if self.responding {
-                due
-            } else {
-                due.min(now + idle)
-            };
-            self.timer.as_mut().reset(next.into());
-            return Ok(());
-        }
-        Err(self.timed_out(if self.responding {
-            Timeout::ResponseIdle
-        } else {
-            Timeout::FirstByte
-        }))
-    }
-
-    fn timed_out(&self, timeout: Timeout) -> RelayError {
-        let after = match timeout {
-            Timeout::ResponseIdle => self.timeouts.idle,
-            _ => self.timeouts.first_byte,
-        };
-        RelayError::TimedOut {
-            timeout,
-            after: after.unwrap_or(NEVER),
-            relayed: self.relayed,
-        }
-    }
-
-    /// Reads the response head into `buf`, passing any interim (1xx)
-    /// responses on to the client; returns it with the time from `sent` to
-    /// its first byte.
-    async fn read_head(
-        &mut self,
-        client: &mut Client,
-        backend: &mut BackendConn,
-        head_request: bool,
-        buf: &mut Vec<u8>,
-        sent: Instant,
-    ) -> Result<(ResponseHead, Duration), RelayError> {
-        buf.clear();
-        let mut first_byte = None;
-        loop {
-            match response::parse_head(buf, head_request) {
-                Ok(Some(head)) if head.interim => {
-                    client.write(&buf[..head.len]).await?;
-                    self.relayed.head += head.len as u64;
-                    buf.drain(..head.len);
-                    continue;
-                }
-                Ok(Some(head)) => {
-                    return Ok((head, first_byte.unwrap_or_default()));
-                }
-                Ok(None) => {}
-                Err(source) => return Err(self.bad_response(source)),
-            }
-            buf.reserve(COPY_BUFFER);
-            let n = self.read(client, backend, buf).await?;
-            if first_byte.is_none() && n > 0 {
-                first_byte = Some(sent.elapsed());
-                // From now on silences are bounded by the idle timeout.
-                self.responding = true;
-            }
-            if n == 0 {
-                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a response");
-                return Err(if self.relayed.any() {
-                    self.backend_error(eof)
-                } else {
-                    RelayError::NoResponse(eof)
-                });
-            }
-        }
-    }
-
-    /// Writes `head` (in `buf`, with the body bytes that came after it) to
-    /// the client, in one write when it goes out as it came, and returns
-    /// the tracker of the rest of the body. With `client_close`, the client
-    /// is told the connection ends, as it asked.
-    async fn write_head(
-        &mut self,
-        client: &mut Client,
-        head: &ResponseHead,
-        client_close: bool,
-        buf: &[u8],
-    ) -> Result<BodyTracker, RelayError> {
-        let mut tracker = BodyTracker::new(head.body);
-        let with_head = buf.len() - head.len;
-        let used = tracker
-            .advance(&buf[head.len..])
-            .map_err(|source| self.bad_response(source))?;
-        if used < with_head {
-            // Bytes past the end of the response: the backend is out of step.
-            self.reusable = false;
-        }
-        if used > 0 {
-            self.body_read();
-        }
-        self.ended_if(&tracker);
-        if client_close && !head.says_close {
-            // One write, as for a kept-alive client: every extra write is
-            // another loopback delivery and wake-up of the client.
-            let blank = head.len - 2;
-            client
-                .write_parts(&mut [
-                    IoSlice::new(&buf[..blank]),
-                    IoSlice::new(b"connection: close\r\n\r\n"),
-                    IoSlice::new(&buf[head.len..head.len + used]),
-                ])
-                .await?;
-            self.relayed.head += head.len as u64 + 19;
-        } else {
-            client.write(&buf[..head.len + used]).await?;
-            self.relayed.head += head.len as u64;
-        }
-        self.relayed.copied += used as u64;
-        Ok(tracker)
-    }
-
-    /// Tells the watch once the body has ended.
-    fn ended_if(&mut self, tracker: &BodyTracker) {
-        if tracker.is_done() {
-            self.end();
-        }
-    }
-
-    fn end(&mut self) {
-        if !std::mem::replace(&mut self.ended, true) {
-            self.watch.ended();
-        }
-    }
-
-    /// Body bytes arrived now.
-    fn body_read(&mut self) {
-        let now = Instant::now();
-        match self.last_body.replace(now) {
-            None => self.watch.first_body(now.duration_since(self.sent)),
-            Some(last) if self.gaps => self.watch.body_gap(now.duration_since(last)),
-            Some(_) => {}
-        }
-    }
-
-    fn backend_error(&self, source: io::Error) -> RelayError {
-        RelayError::Backend {
-            relayed: self.relayed,
-            source,
-        }
-    }
-
-    fn bad_response(&self, source: FramingError) -> RelayError {
-        RelayError::BadResponse {
-            relayed: self.relayed,
-            source,
-        }
-    }
-
-    /// The body's end came before the framing said: an error unless the
-    /// body is delimited by close.
-    fn end_of_stream(&mut self, tracker: &BodyTracker) -> Result<(), RelayError> {
-        self.reusable = false;
-        self.end();
-        if tracker.until_close() {
-            Ok(())
-        } else {
-            Err(self.backend_error(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the backend closed mid-response",
-            )))
-        }
-    }
-
-    /// Passes the client's half-close on to the backend; that connection
-    /// cannot carry another request.
-    fn half_close(&mut self, backend: &BackendConn) {
-        tcp::shut_write(&backend.stream);
-        self.reusable = false;
-    }
-
-    /// Waits until the backend socket is readable, reading the client
-    /// meanwhile: pipelined bytes are kept, and its FIN is passed on.
-    async fn backend_readable(
-        &mut self,
-        client: &mut Client,
-        backend: &BackendConn,
-    ) -> Result<(), RelayError> {
-        self.waiting_since = Instant::now();
-        loop {
-            let full = client.pending.len() >= client.pipelined_limit;
-            client.held_back |= full && !client.eof;
-            let watch_client = !client.eof && !full;
-            tokio::select! {
-                // The backend first: a timer that fires along with its
-                // bytes is not a timeout.
-                biased;
-                ready = backend.stream.readable() => {
-                    return ready.map_err(|source| self.backend_error(source));
-                }
-                read = client.read_more(), if watch_client => match read {
-                    Ok(0) => {
-                        client.eof = true;
-                        self.half_close(backend);
-                    }
-                    Ok(_) => {}
-                    Err(err) => return Err(RelayError::Client(err)),
-                },
-                () = self.timer.as_mut() => self.on_timer(backend.slot.as_ref())?,
-            }
-        }
-    }
-
-    /// Reads what the backend has into the spare capacity of `buf`; `Ok(0)`
-    /// at end of stream.
-    async fn read(
-        &mut self,
-        client: &mut Client,
-        backend: &mut BackendConn,
-        buf: &mut Vec<u8>,
-    ) -> Result<usize, RelayError> {
-        loop {
-            self.backend_readable(client, backend).await?;
-            match tcp::read_draining(&backend.stream, buf) {
-                Ok(n) => {
-                    backend.read += n as u64;
-                    return Ok(n);
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => {
-                    return Err(if self.relayed.any() {
-                        self.backend_error(err)
-                    } else {
-                        RelayError::NoResponse(err)
-                    });
-                }
-            }
-        }
-    }
-
-    /// Feeds `bytes` (read from the backend) to the tracker and writes the
-    /// part that belongs to this response.
-    async fn copy_out(
-        &mut self,
-        client: &mut Client,
-        tracker: &mut BodyTracker,
-        bytes: &[u8],
-    ) -> Result<(), RelayError> {
-        let used = tracker
-            .advance(bytes)
-            .map_err(|source| self.bad_response(source))?;
-        if used > 0 {
-            self.body_read();
-        }
-        self.ended_if(tracker);
-        client.write(&bytes[..used]).await?;
-        self.relayed.copied += used as u64;
-        if used < bytes.len() {
-            self.reusable = false;
-        }
-        Ok(())
-    }
-
-    /// Userspace: read, follow the framing, write.
-    async fn copy_body(
-        &mut self,
-        client: &mut Client,
-        backend: &mut BackendConn,
-        mut tracker: BodyTracker,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), RelayError> {
-        while !tracker.is_done() {
-            buf.clear();
-            buf.reserve(COPY_BUFFER);
-            if self.read(client, backend, buf).await? == 0 {
-                return self.end_of_stream(&tracker);
-            }
-            let bytes = std::mem::take(buf);
-            let copied = self.copy_out(client, &mut tracker, &bytes).await;
-            *buf = bytes;
-            copied?;
-        }
-        Ok(())
-    }
-
-    /// Splice: length-delimited runs go through the pipe unseen; framing
-    /// lines are peeked, then the peeked bytes are spliced too.
-    async fn splice_body(
-        &mut self,
-        client: &mut Client,
-        backend: &mut BackendConn,
-        tracker: BodyTracker,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), RelayError> {
-        // The pipe lives with the client connection; it is lent out here.
-        let pipe = match client.pipe.take() {
-            Some(pipe) => pipe,
-            None => Pipe::new().map_err(RelayError::Client)?,
-        };
-        let result = self
-            .splice_through(client, backend, &pipe, tracker, buf)
-            .await;
-        client.pipe = Some(pipe);
-        result
-    }
-
-    async fn splice_through(
-        &mut self,
-        client: &mut Client,
-        backend: &mut BackendConn,
-        pipe: &Pipe,
-        mut tracker: BodyTracker,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), RelayError> {
-        buf.resize(PEEK_WINDOW, 0);
-        while !tracker.is_done() {
-            self.backend_readable(client, backend).await?;
-            let (run, looked) = match tracker.opaque_run() {
-                Some(run) => (run, false),
-                None => {
-                    let peeked = backend
-                        .stream
-                        .try_io(Interest::READABLE, || tcp::peek(&backend.stream, buf));
-                    match peeked {
-                        Ok(0) => return self.end_of_stream(&tracker),
-                        Ok(n) => {
-                            let used = tracker
-                                .advance(&buf[..n])
-                                .map_err(|source| self.bad_response(source))?;
-                            if used < n {
-                                self.reusable = false;
-                            }
-                            (used as u64, true)
-                        }
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(err) => return Err(self.backend_error(err)),
-                    }
-                }
-            };
-            // Move `run` bytes (or what is there, for an opaque run).
-            let mut left = run;
-            while left > 0 {
-                let moved = backend
-                    .stream
-                    .try_io(Interest::READABLE, || pipe.fill_from(&backend.stream, left));
-                match moved {
-                    Ok(0) => return self.end_of_stream(&tracker),
-                    Ok(n) => {
-                        backend.read += n as u64;
-                        self.body_read();
-                        if !looked {
-                            tracker.skip(n as u64);
-                        }
-                        // Peeked bytes were framed already: the body has
-                        // ended only once the last of them has moved.
-                        if !looked || left == n as u64 {
-                            self.ended_if(&tracker);
-                        }
-                        client.drain_pipe(pipe, n).await?;
-                        self.relayed.piped += n as u64;
-                        left -= n as u64;
-                        if !looked {
-                            break;
-                        }
-                    }
-                    // Peeked bytes are queued already; an opaque run waits.
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock && !looked => break,
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        self.backend_readable(client, backend).await?;
-                    }
-                    Err(err) => return Err(self.backend_error(err)),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Sockmap: publish the framing, let the kernel redirect the body, and
-    /// finish what it passes up (hand-over steps 6 to 9 in `sockmap.rs`).
-    ///
-    /// Bytes passed up are drained to EAGAIN before each publication: the
-    /// program adopts a hand-over only if nothing arrived between the
-    /// daemon's last read and the publication, so that window is one
-    /// syscall, not a write to the client.
-    async fn sockmap_body(
-        &mut self,
-        client: &mut Client,
-        backend: &mut BackendConn,
-        client_cookie: u64,
-        mut tracker: BodyTracker,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), RelayError> {
-        // The kernel moves body bytes unseen: gaps between the daemon's
-        // reads here are not the stream's.
-        self.gaps = false;
-        // The generation published and not yet seen stopped by the kernel.
-        let mut published = None;
-        let mut stale = true;
-        while !tracker.is_done() {
-            buf.clear();
-            buf.reserve(COPY_BUFFER);
-            let n = match backend.stream.try_read_buf(buf) {
-                Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    if stale && let Some(framing) = tracker.to_kernel() {
-                        backend.generation += 1;
-                        backend.slot().publish(Control {
-                            client_cookie,
-                            generation: backend.generation,
-                            fence: backend.read,
-                            framing,
-                        })?;
-                        published = Some(backend.generation);
-                    }
-                    stale = false;
-                    self.backend_readable(client, backend).await?;
-                    continue;
-                }
-                Err(err) => return Err(self.backend_error(err)),
-            };
-            backend.read += n as u64;
-            stale = true;
-            // What the kernel did before these bytes were passed up.
-            let progress = backend.slot().progress()?;
-            let redirected = progress.redirected - backend.redirected_seen;
-            backend.redirected_seen = progress.redirected;
-            if redirected > 0 {
-                self.body_read();
-            }
-            self.relayed.redirected += redirected;
-            client.add_redirected(redirected);
-            if published.is_some_and(|generation| generation == progress.generation)
-                && progress.splicing == 0
-            {
-                // The kernel adopted the hand-over and stopped at the first
-                // byte just read: continue from its framing.
-                tracker = BodyTracker::from_kernel(progress.framing).ok_or_else(|| {
-                    self.bad_response(FramingError::Head(format!(
-                        "the kernel stopped at an unknown framing {:?}",
-                        progress.framing
-                    )))
-                })?;
-                published = None;
-            }
-            if n == 0 {
-                client.flushed().await?;
-                return self.end_of_stream(&tracker);
-            }
-            let bytes = std::mem::take(buf);
-            let copied = self.copy_out(client, &mut tracker, &bytes).await;
-            *buf = bytes;
-            copied?;
-        }
-        if published.is_some() {
-            // Never leave an unadopted hand-over behind: the next response on
-            // this connection would be adopted by it, head and all.
-            backend.generation += 1;
-            backend.slot().publish(Control {
-                client_cookie,
-                generation: backend.generation,
-                fence: backend.read,
-                framing: Framing::default(),
-            })?;
-        }
-        Ok(())
     }
 }
 
@@ -1139,218 +562,5 @@ impl BackendConn {
     pub(crate) fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
-    }
-}
-
-/// A client connection as the dataplane sees it.
-#[derive(Debug)]
-pub(crate) struct Client {
-    /// Registration as a redirect target (sockmap only). Declared before
-    /// `stream` so it is removed from the map before the socket closes.
-    slot: Option<ClientSlot>,
-    /// The pipe responses travel through (splice only), kept for the
-    /// connection's life.
-    pipe: Option<Pipe>,
-    /// The client socket.
-    stream: TcpStream,
-    /// Bytes that should have entered the client socket's send queue: what
-    /// the daemon wrote plus what the kernel redirected.
-    delivered: u64,
-    /// Redirected bytes were added to `delivered` since the last flush.
-    unflushed: bool,
-    /// Bytes read from the client and not yet consumed.
-    pending: Vec<u8>,
-    /// The client has shut down its sending side.
-    eof: bool,
-    /// Most pipelined bytes read ahead (see [`Dataplane::with_pipelined_limit`]).
-    pipelined_limit: usize,
-    /// Reading ahead stopped at the limit since [`Client::take_held_back`].
-    held_back: bool,
-}
-
-impl Client {
-    /// Whether reading pipelined requests ahead stopped at the limit since
-    /// the last call.
-    pub(crate) fn take_held_back(&mut self) -> bool {
-        std::mem::take(&mut self.held_back)
-    }
-
-    /// Bytes read from the client and not yet consumed: the start of the
-    /// next request, or a pipelined one read while a response was relayed.
-    pub(crate) fn pending(&self) -> &[u8] {
-        &self.pending
-    }
-
-    /// Drops the first `n` pending bytes (a request that has been read).
-    pub(crate) fn consume(&mut self, n: usize) {
-        self.pending.drain(..n.min(self.pending.len()));
-    }
-
-    /// Whether the client has shut down its sending side.
-    pub(crate) fn at_eof(&self) -> bool {
-        self.eof
-    }
-
-    /// Waits for the client to send and appends what it sent to the pending
-    /// bytes; `Ok(0)`, and [`Client::at_eof`] from then on, at end of
-    /// stream.
-    pub(crate) async fn fill(&mut self) -> io::Result<usize> {
-        let n = self.read_more().await?;
-        if n == 0 {
-            self.eof = true;
-        }
-        Ok(n)
-    }
-
-    /// Closes the connection without losing the last response: shuts down
-    /// the sending side, then reads until the client closes too (or
-    /// `linger` passes), so that unread client bytes do not turn the close
-    /// into a reset.
-    pub(crate) async fn close(mut self, linger: Duration) {
-        if self.stream.shutdown().await.is_err() {
-            return;
-        }
-        let drain = async {
-            let mut sink = [0u8; 4096];
-            while !self.eof {
-                match self.stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        };
-        let _ = tokio::time::timeout(linger, drain).await;
-    }
-
-    /// Closes a connection whose client sends nothing more: its last
-    /// request, read whole, asked for the close, or it shut down its side.
-    /// When nothing it sent is left unread, the socket closes at once and
-    /// the kernel sends the response, then a FIN; only a client that sends
-    /// anyway, against its own `connection: close`, could see a reset, as
-    /// with nginx, which lingers only when bytes may be unread. That saves
-    /// [`Client::close`]'s wait for the client's own FIN (a wake-up, a read
-    /// and a timer per connection), which it falls back to otherwise.
-    pub(crate) async fn close_finished(self, linger: Duration) {
-        let mut probe = [0u8; 1];
-        let unread = !self.pending.is_empty()
-            || matches!(tcp::peek(&self.stream, &mut probe), Ok(n) if n > 0);
-        if unread {
-            self.close(linger).await;
-        }
-    }
-
-    /// Waits for the client to send and appends what it sent to `pending`;
-    /// `Ok(0)` at end of stream.
-    async fn read_more(&mut self) -> io::Result<usize> {
-        loop {
-            self.stream.readable().await?;
-            match tcp::read_draining(&self.stream, &mut self.pending) {
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                read => return read,
-            }
-        }
-    }
-
-    /// Writes bytes produced or read by the daemon, after any redirected bytes
-    /// still on their way.
-    pub(crate) async fn write(&mut self, bytes: &[u8]) -> Result<(), RelayError> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        self.flushed().await?;
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(RelayError::Client)?;
-        self.delivered += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Writes `parts` in order, in as few writes as the socket takes
-    /// (`writev`), after any redirected bytes still on their way.
-    async fn write_parts(&mut self, mut parts: &mut [IoSlice<'_>]) -> Result<(), RelayError> {
-        self.flushed().await?;
-        let total: usize = parts.iter().map(|part| part.len()).sum();
-        while !parts.is_empty() {
-            let written = self
-                .stream
-                .write_vectored(parts)
-                .await
-                .map_err(RelayError::Client)?;
-            if written == 0 {
-                return Err(RelayError::Client(io::ErrorKind::WriteZero.into()));
-            }
-            IoSlice::advance_slices(&mut parts, written);
-        }
-        self.delivered += total as u64;
-        Ok(())
-    }
-
-    fn add_redirected(&mut self, bytes: u64) {
-        if bytes > 0 {
-            self.delivered += bytes;
-            self.unflushed = true;
-        }
-    }
-
-    /// Moves `len` bytes from the pipe into the client socket.
-    async fn drain_pipe(&mut self, pipe: &Pipe, mut len: usize) -> Result<(), RelayError> {
-        while len > 0 {
-            self.stream.writable().await.map_err(RelayError::Client)?;
-            match self
-                .stream
-                .try_io(Interest::WRITABLE, || pipe.drain_into(&self.stream, len))
-            {
-                Ok(moved) => {
-                    len -= moved;
-                    self.delivered += moved as u64;
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(RelayError::Client(err)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until every byte redirected so far sits in the client socket's send
-    /// queue (or was already acknowledged).
-    ///
-    /// The kernel program hands redirected skbs to a kernel worker that sends
-    /// them on the client socket asynchronously; the skbs passed up to the
-    /// daemon do not wait for that worker. Writing our own bytes, or closing
-    /// the socket, before the worker is done would reorder or drop response
-    /// bytes.
-    pub(crate) async fn flushed(&mut self) -> Result<(), RelayError> {
-        if !self.unflushed {
-            return Ok(());
-        }
-        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-        let mut pause = Duration::from_micros(20);
-        loop {
-            let progress = tcp::send_progress(&self.stream).map_err(RelayError::Client)?;
-            if progress.queued >= self.delivered {
-                self.unflushed = false;
-                return Ok(());
-            }
-            // A client that reset or closed makes the kernel drop what was
-            // redirected to it: those bytes will never be queued.
-            if !progress.open {
-                return Err(RelayError::Client(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "the client closed before the response was delivered",
-                )));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(RelayError::Client(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the kernel handed {} of {} redirected bytes to the client",
-                        progress.queued, self.delivered
-                    ),
-                )));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
     }
 }
