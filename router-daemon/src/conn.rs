@@ -829,22 +829,7 @@ fn send_failure(
             relayed,
         } => {
             shared.metrics.timeout_counter(timeout).inc();
-            let waited = match timeout {
-                Timeout::ResponseIdle => "stopped sending its response for",
-                _ => "sent no response within",
-            };
-            let message = format!(
-                "backend {} {waited} {} ms ({})",
-                backend.name,
-                after.as_millis(),
-                timeout.flag()
-            );
-            if relayed.any() {
-                warn!(request_id = %request_id, "{message}; closing the client");
-                Failure::Gone
-            } else {
-                ApiError::gateway_timeout(message).into()
-            }
+            timed_out(timeout, after, relayed.any(), backend, request_id)
         }
         // Only returned while another backend may be tried (see `proxy`).
         RelayError::Unavailable => {
@@ -860,6 +845,33 @@ fn send_failure(
             warn!(request_id = %request_id, %err, "dataplane failure");
             Failure::Gone
         }
+    }
+}
+
+/// A backend kept a response waiting past `timeout` (`after`): a 504 if
+/// nothing reached the client yet, else its connection closes.
+fn timed_out(
+    timeout: Timeout,
+    after: Duration,
+    relayed_any: bool,
+    backend: &Backend,
+    request_id: RequestId,
+) -> Failure {
+    let waited = match timeout {
+        Timeout::ResponseIdle => "stopped sending its response for",
+        _ => "sent no response within",
+    };
+    let message = format!(
+        "backend {} {waited} {} ms ({})",
+        backend.name,
+        after.as_millis(),
+        timeout.flag()
+    );
+    if relayed_any {
+        warn!(request_id = %request_id, "{message}; closing the client");
+        Failure::Gone
+    } else {
+        ApiError::gateway_timeout(message).into()
     }
 }
 

@@ -82,115 +82,15 @@ pub async fn run(
     dataplane: Dataplane,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let source = match config.discovery {
-        Source::Static if config.backends.is_empty() => return Err(RunError::NoBackends),
-        Source::Static => Endpoints::Static(StaticSource::new(
-            &config.backends,
-            config.hosts_file.clone(),
-        )?),
-        Source::K8s => {
-            let selector = config.pod_selector();
-            tracing::info!(namespace = %selector.namespace, selector = %selector.labels, "watching pods for backends");
-            Endpoints::Pods(PodWatch::start(selector).await?)
-        }
-    };
-    let workers = config.workers();
-    let dataplane = Arc::new(
-        dataplane
-            .with_pipelined_limit(config.max_pipelined_bytes)
-            .with_response_timeouts(config.response_timeouts()),
-    );
-    let mut metrics = Metrics::new(Arc::clone(&dataplane));
-    let backends =
-        Arc::new(Fleet::new(metrics.backend_series.clone()).with_ejection(config.ejection()));
-    metrics.register_backends(Arc::clone(&backends));
-    let router = Arc::new(Router::with_policy(
-        usize::from(config.block_bytes),
-        config.index_entries,
-        config.policy(),
-    ));
-    metrics.register_index(Arc::clone(&router));
-    let open_files = fd_limit::current().map_or(1024, |limit| limit.soft);
-    let admission = Admission::new(
-        metrics.client_connections.clone(),
-        config.max_connections(open_files),
-    );
-    tracing::info!(
-        max_connections = admission.max(),
-        open_files,
-        "client connections past the limit are answered 503"
-    );
-    let shared = Arc::new(Shared {
-        router,
-        upstream: Upstream::new(
-            Pool::new(workers, config.pool_max_idle, config.pool_idle_timeout()),
-            Arc::clone(&dataplane),
-            config.connect_timeout(),
-            metrics.timeout_counter(Timeout::Connect).clone(),
-        ),
-        metrics,
-        backends,
-        dataplane,
-        config,
-        next_id: AtomicU64::new(1),
-        admission,
-        drain: Drain::new(workers),
-    });
-    // Known once before serving, then followed while `run` serves: the
-    // set's tasks (and the discovery pollers they own) stop when it drops.
-    let mut discovery = DiscoveryTask::default();
-    let mut upkeep = tokio::task::JoinSet::new();
-    match source {
-        Endpoints::Static(mut source) => {
-            if follow(&shared, &mut source, &mut discovery).await {
-                tracing::warn!("no backend address is known yet; requests are answered 503");
-            }
-            upkeep.spawn(follow_endpoints(
-                Arc::downgrade(&shared),
-                source,
-                discovery,
-                Duration::from_millis(shared.config.resolve_interval_ms),
-            ));
-        }
-        Endpoints::Pods(mut pods) => {
-            match tokio::time::timeout(FIRST_LIST, pods.next()).await {
-                Ok(endpoints) => {
-                    if apply(&shared, &endpoints, &mut discovery) {
-                        tracing::warn!("no pod is ready yet; requests are answered 503");
-                    }
-                }
-                Err(_) => tracing::warn!(
-                    "the API server did not list the pods within {} s; requests are answered 503 until it does",
-                    FIRST_LIST.as_secs()
-                ),
-            }
-            upkeep.spawn(follow_pods(Arc::downgrade(&shared), pods, discovery));
-        }
-    }
-    tokio::spawn(reap_idle(Arc::downgrade(&shared)));
-    let discovery_interval = shared.config.discovery().interval;
-    if !discovery_interval.is_zero() {
-        tokio::spawn(forget_down_backends(
-            Arc::downgrade(&shared),
-            discovery_interval,
-        ));
-    }
+    let source = endpoints(&config).await?;
+    let shared = shared(config, dataplane);
+    // Followed while `run` serves: the set's tasks (and the discovery
+    // pollers they own) stop when it drops.
+    let _upkeep = start_upkeep(&shared, source).await;
     // The other workers stop accepting when the drain closes the listeners,
     // and stop altogether when `_stop` is dropped, as `run` returns.
     let (_stop, stopped) = tokio::sync::watch::channel(());
-    let mut started = 1;
-    match listen::share_port(&listener, workers - 1) {
-        Ok(sockets) => {
-            for socket in sockets {
-                worker::spawn(started, socket, Arc::clone(&shared), stopped.clone())
-                    .map_err(RunError::Worker)?;
-                started += 1;
-            }
-        }
-        Err(err) => {
-            tracing::warn!(%err, "cannot share the listening port; serving on one worker thread");
-        }
-    }
+    let started = start_workers(&listener, &shared, &stopped)?;
     tracing::info!(
         workers = started,
         "serving, one event loop per worker thread"
@@ -229,6 +129,137 @@ pub async fn run(
     }
     open.abort_all();
     Ok(())
+}
+
+/// Where `config` says the backends come from: the static list, or the
+/// pods the API server lists.
+async fn endpoints(config: &Config) -> Result<Endpoints, RunError> {
+    Ok(match config.discovery {
+        Source::Static if config.backends.is_empty() => return Err(RunError::NoBackends),
+        Source::Static => Endpoints::Static(StaticSource::new(
+            &config.backends,
+            config.hosts_file.clone(),
+        )?),
+        Source::K8s => {
+            let selector = config.pod_selector();
+            tracing::info!(namespace = %selector.namespace, selector = %selector.labels, "watching pods for backends");
+            Endpoints::Pods(PodWatch::start(selector).await?)
+        }
+    })
+}
+
+/// The daemon's shared state, with no backend known yet.
+fn shared(config: Config, dataplane: Dataplane) -> Arc<Shared> {
+    let workers = config.workers();
+    let dataplane = Arc::new(
+        dataplane
+            .with_pipelined_limit(config.max_pipelined_bytes)
+            .with_response_timeouts(config.response_timeouts()),
+    );
+    let mut metrics = Metrics::new(Arc::clone(&dataplane));
+    let backends =
+        Arc::new(Fleet::new(metrics.backend_series.clone()).with_ejection(config.ejection()));
+    metrics.register_backends(Arc::clone(&backends));
+    let router = Arc::new(Router::with_policy(
+        usize::from(config.block_bytes),
+        config.index_entries,
+        config.policy(),
+    ));
+    metrics.register_index(Arc::clone(&router));
+    let open_files = fd_limit::current().map_or(1024, |limit| limit.soft);
+    let admission = Admission::new(
+        metrics.client_connections.clone(),
+        config.max_connections(open_files),
+    );
+    tracing::info!(
+        max_connections = admission.max(),
+        open_files,
+        "client connections past the limit are answered 503"
+    );
+    Arc::new(Shared {
+        router,
+        upstream: Upstream::new(
+            Pool::new(workers, config.pool_max_idle, config.pool_idle_timeout()),
+            Arc::clone(&dataplane),
+            config.connect_timeout(),
+            metrics.timeout_counter(Timeout::Connect).clone(),
+        ),
+        metrics,
+        backends,
+        dataplane,
+        config,
+        next_id: AtomicU64::new(1),
+        admission,
+        drain: Drain::new(workers),
+    })
+}
+
+/// Learns the backend set once before serving, then starts following it,
+/// and the pool's and the fleet's upkeep beside it. The set's tasks stop
+/// when the returned set drops.
+async fn start_upkeep(shared: &Arc<Shared>, source: Endpoints) -> tokio::task::JoinSet<()> {
+    let mut discovery = DiscoveryTask::default();
+    let mut upkeep = tokio::task::JoinSet::new();
+    match source {
+        Endpoints::Static(mut source) => {
+            if follow(shared, &mut source, &mut discovery).await {
+                tracing::warn!("no backend address is known yet; requests are answered 503");
+            }
+            upkeep.spawn(follow_endpoints(
+                Arc::downgrade(shared),
+                source,
+                discovery,
+                Duration::from_millis(shared.config.resolve_interval_ms),
+            ));
+        }
+        Endpoints::Pods(mut pods) => {
+            match tokio::time::timeout(FIRST_LIST, pods.next()).await {
+                Ok(endpoints) => {
+                    if apply(shared, &endpoints, &mut discovery) {
+                        tracing::warn!("no pod is ready yet; requests are answered 503");
+                    }
+                }
+                Err(_) => tracing::warn!(
+                    "the API server did not list the pods within {} s; requests are answered 503 until it does",
+                    FIRST_LIST.as_secs()
+                ),
+            }
+            upkeep.spawn(follow_pods(Arc::downgrade(shared), pods, discovery));
+        }
+    }
+    tokio::spawn(reap_idle(Arc::downgrade(shared)));
+    let discovery_interval = shared.config.discovery().interval;
+    if !discovery_interval.is_zero() {
+        tokio::spawn(forget_down_backends(
+            Arc::downgrade(shared),
+            discovery_interval,
+        ));
+    }
+    upkeep
+}
+
+/// Starts the worker threads beside this one, each on its own socket
+/// sharing `listener`'s port; returns how many workers serve, this one
+/// included.
+fn start_workers(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    stopped: &tokio::sync::watch::Receiver<()>,
+) -> Result<usize, RunError> {
+    let mut started = 1;
+    match listen::share_port(listener, shared.config.workers() - 1) {
+        Ok(sockets) => {
+            for socket in sockets {
+                worker::spawn(started, socket, Arc::clone(shared), stopped.clone())
+                    .map_err(RunError::Worker)?;
+                started += 1;
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot share the listening port; serving on one worker thread");
+        }
+    }
+    Ok(started)
 }
 
 /// Where the backend set comes from.

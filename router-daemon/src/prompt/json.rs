@@ -143,14 +143,6 @@ pub(super) fn has_control(seg: &[u8]) -> bool {
 #[cold]
 #[inline(never)]
 pub(super) fn number_in_range(t: &[u8]) -> bool {
-    pub(super) fn digit(t: &[u8], i: usize) -> Option<u64> {
-        t.get(i)
-            .filter(|b| b.is_ascii_digit())
-            .map(|b| u64::from(b - b'0'))
-    }
-    pub(super) fn overflows(sig: u64, d: u64) -> bool {
-        sig >= u64::MAX / 10 && (sig > u64::MAX / 10 || d > u64::MAX % 10)
-    }
     let mut i = usize::from(t.first() == Some(&b'-'));
     let (mut sig, mut exp) = (0u64, 0i32);
     // Integer part: digits go into the significand until it would overflow, then each
@@ -182,34 +174,12 @@ pub(super) fn number_in_range(t: &[u8]) -> bool {
         }
     }
     if matches!(t.get(i), Some(b'e' | b'E')) {
-        i += 1;
-        let positive = match t.get(i) {
-            Some(b'-') => {
-                i += 1;
-                false
-            }
-            Some(b'+') => {
-                i += 1;
-                true
-            }
-            _ => true,
-        };
-        let mut e: i32 = 0;
-        while let Some(d) = digit(t, i) {
-            let d = d as i32;
-            if e >= i32::MAX / 10 && (e > i32::MAX / 10 || d > i32::MAX % 10) {
-                // serde_json: an exponent overflowing i32 is an error only for a
-                // non-zero significand and a positive exponent; otherwise it is 0.
-                return sig == 0 || !positive;
-            }
-            e = e * 10 + d;
-            i += 1;
+        match exponent(t, i + 1) {
+            Ok(e) => exp = exp.saturating_add(e),
+            // serde_json: an exponent overflowing i32 is an error only for a
+            // non-zero significand and a positive exponent; otherwise it is 0.
+            Err(positive) => return sig == 0 || !positive,
         }
-        exp = if positive {
-            exp.saturating_add(e)
-        } else {
-            exp.saturating_sub(e)
-        };
     }
     // f64_from_parts: negative exponents never fail; a positive one fails when the
     // product overflows or the exponent is past 1e308 with a non-zero significand.
@@ -224,6 +194,44 @@ pub(super) fn number_in_range(t: &[u8]) -> bool {
         Err(_) => return false,
     };
     (sig as f64 * pow).is_finite()
+}
+
+/// The decimal digit at `t[i]`, if there is one.
+fn digit(t: &[u8], i: usize) -> Option<u64> {
+    t.get(i)
+        .filter(|b| b.is_ascii_digit())
+        .map(|b| u64::from(b - b'0'))
+}
+
+/// Whether appending digit `d` to the significand `sig` overflows it.
+fn overflows(sig: u64, d: u64) -> bool {
+    sig >= u64::MAX / 10 && (sig > u64::MAX / 10 || d > u64::MAX % 10)
+}
+
+/// The signed exponent at `t[i..]` (just past the `e`), or `Err(positive)`
+/// when its digits overflow an `i32`.
+fn exponent(t: &[u8], mut i: usize) -> Result<i32, bool> {
+    let positive = match t.get(i) {
+        Some(b'-') => {
+            i += 1;
+            false
+        }
+        Some(b'+') => {
+            i += 1;
+            true
+        }
+        _ => true,
+    };
+    let mut e: i32 = 0;
+    while let Some(d) = digit(t, i) {
+        let d = d as i32;
+        if e >= i32::MAX / 10 && (e > i32::MAX / 10 || d > i32::MAX % 10) {
+            return Err(positive);
+        }
+        e = e * 10 + d;
+        i += 1;
+    }
+    Ok(if positive { e } else { -e })
 }
 
 /// The number of ASCII digits at `b[i..]`. Eight bytes at a time: a byte is a digit

@@ -357,7 +357,7 @@ impl PrefixIndex {
         walk
     }
 
-    /// [`walk`](Self::walk) into an earlier walk's buffers, so a thread that
+    /// Walks `key` for `model` into an earlier walk's buffers, so a thread that
     /// keeps one walk allocates nothing once its buffers are large enough.
     pub(crate) fn walk_into(&self, walk: &mut Walk, model: &[u8], key: &[u8]) {
         let Walk {
@@ -398,7 +398,7 @@ impl PrefixIndex {
     }
 
     /// For each backend holding a prefix of `key`, the longest such prefix
-    /// (`walk` must come from [`walk`](Self::walk) on the same model and key).
+    /// (`walk` must come from [`Self::walk_into`] on the same model and key).
     pub(crate) fn longest_matches(&self, walk: &mut Walk, key: &[u8]) -> Matches {
         let mut matches = Matches::default();
         if self.generation_cap == 0 {

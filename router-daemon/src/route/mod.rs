@@ -377,42 +377,14 @@ impl Router {
         matched: &mut Vec<usize>,
     ) -> Option<Decision> {
         let key = request.key;
-        self.index.walk_into(walk, request.model, key);
-        let found = self.index.longest_matches(walk, key);
-        matched.clear();
-        matched.extend(
-            backends
-                .iter()
-                .map(|b| found.get(index::backend_id(b.name))),
-        );
-        // A backend that served an earlier turn of this chat as a whole
-        // also cached the reply it generated, which the index never saw.
-        let reply = prompt::opening_reply_len(&key[found.whole.min(key.len())..]);
-        if found.whole > 0 && reply > 0 {
-            for m in matched.iter_mut().filter(|m| **m == found.whole) {
-                *m += reply;
-            }
-        }
-        // Placement hashes the leading part: the conversation prefix, cut
-        // to `placement_prefix`, so a prefix family shares one seed.
-        let named = match request.conversation {
-            0 => key.len(),
-            n => n.min(key.len()),
-        };
-        let leading = match prompt::preamble_len(&key[..named]) {
-            // A chat whose system part is most of its conversation prefix
-            // belongs to that system prompt's family, which rule 2 follows:
-            // every replica places the family, and so each of its
-            // conversations, by the system part alone.
-            Some(system) if system as f64 >= self.policy.follow_fraction * named as f64 => system,
-            _ => named.min(self.policy.placement_prefix.max(1)),
-        };
+        let extends = self.matched_lengths(request, backends, walk, matched);
+        let leading = self.placement_len(key, request.conversation);
         let mut inputs = policy::Inputs {
             backends,
             matched,
             key_len: key.len(),
             conversation: request.conversation,
-            extends: found.whole > 0,
+            extends,
             later_turns: request.later_turns,
             placement: walk.prefix_hash(key, leading, PLACEMENT_SALT),
             reuse: self.reuse.get(),
@@ -450,6 +422,55 @@ impl Router {
                 .put(seed, index::backend_id(chosen.name), now);
         }
         Some(decision)
+    }
+
+    /// Fills `matched` with the prefix of the request's key each backend
+    /// holds, as far as the index knows (plus the reply a backend generated
+    /// for the turn it served); true when the key extends a whole earlier
+    /// prompt.
+    fn matched_lengths(
+        &self,
+        request: &RouteRequest,
+        backends: &[BackendLoad],
+        walk: &mut Walk,
+        matched: &mut Vec<usize>,
+    ) -> bool {
+        let key = request.key;
+        self.index.walk_into(walk, request.model, key);
+        let found = self.index.longest_matches(walk, key);
+        matched.clear();
+        matched.extend(
+            backends
+                .iter()
+                .map(|b| found.get(index::backend_id(b.name))),
+        );
+        // A backend that served an earlier turn of this chat as a whole
+        // also cached the reply it generated, which the index never saw.
+        let reply = prompt::opening_reply_len(&key[found.whole.min(key.len())..]);
+        if found.whole > 0 && reply > 0 {
+            for m in matched.iter_mut().filter(|m| **m == found.whole) {
+                *m += reply;
+            }
+        }
+        found.whole > 0
+    }
+
+    /// How much of `key` placement hashes: the conversation prefix (the
+    /// whole key outside a conversation), cut to `placement_prefix`, so a
+    /// prefix family shares one seed.
+    fn placement_len(&self, key: &[u8], conversation: usize) -> usize {
+        let named = match conversation {
+            0 => key.len(),
+            n => n.min(key.len()),
+        };
+        match prompt::preamble_len(&key[..named]) {
+            // A chat whose system part is most of its conversation prefix
+            // belongs to that system prompt's family, which rule 2 follows:
+            // every replica places the family, and so each of its
+            // conversations, by the system part alone.
+            Some(system) if system as f64 >= self.policy.follow_fraction * named as f64 => system,
+            _ => named.min(self.policy.placement_prefix.max(1)),
+        }
     }
 
     /// [`policy::choose`] for a placement under `--placement-epsilon`:
