@@ -135,8 +135,7 @@ impl Role {
 /// Serves one client connection to its end; `_admitted` holds its place
 /// under `--max-connections` until then.
 pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, _admitted: Admitted, role: Role) {
-    // Small responses and errors must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY came from the listener (`dataplane::listen`).
     let mut client = shared.dataplane.client(stream);
     let mut buffers = Buffers::default();
     // The last request, read whole, asked for the close.

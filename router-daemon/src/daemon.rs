@@ -82,6 +82,8 @@ pub async fn run(
     dataplane: Dataplane,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    // Accepted sockets inherit it; `listener` may come from elsewhere.
+    listen::accept_nodelay(&listener).map_err(RunError::Accept)?;
     let source = endpoints(&config).await?;
     let shared = shared(config, dataplane);
     // Followed while `run` serves: the set's tasks (and the discovery

@@ -158,10 +158,16 @@ impl Client {
     /// with nginx, which lingers only when bytes may be unread. That saves
     /// [`Client::close`]'s wait for the client's own FIN (a wake-up, a read
     /// and a timer per connection), which it falls back to otherwise.
+    ///
+    /// Like nginx, it asks the kernel only when epoll said bytes arrived
+    /// since the last read drained the socket ([`tcp::may_be_readable`]);
+    /// usually nothing did, and the close costs no syscall but `close`.
     pub(crate) async fn close_finished(self, linger: Duration) {
         let mut probe = [0u8; 1];
         let unread = !self.pending.is_empty()
-            || matches!(tcp::peek(&self.stream, &mut probe), Ok(n) if n > 0);
+            || (!self.eof
+                && tcp::may_be_readable(&self.stream)
+                && matches!(tcp::peek(&self.stream, &mut probe), Ok(n) if n > 0));
         if unread {
             self.close(linger).await;
         }

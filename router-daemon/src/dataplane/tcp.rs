@@ -1,6 +1,6 @@
 //! Socket calls tokio does not offer: cookies, send-queue progress, peeking,
-//! half-closing through a shared reference, and reads that note a drained
-//! socket.
+//! half-closing through a shared reference, reads that note a drained
+//! socket, and what tokio's readiness says without a syscall.
 use std::{io, mem, os::fd::AsRawFd};
 
 use tokio::{io::Interest, net::TcpStream};
@@ -97,6 +97,16 @@ pub(crate) fn peek(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Whether `stream` may have bytes (or a FIN) unread, by tokio's cached
+/// readiness alone, without a syscall: epoll reported it readable and no
+/// read has drained it since ([`read_draining`] clears it on a short
+/// read). False is nginx's `!rev->ready`: bytes may still be landing, but
+/// none had arrived when the runtime last asked epoll.
+pub(crate) fn may_be_readable(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    stream.poll_read_ready(&mut cx).is_ready()
 }
 
 /// Reads what `stream` has into the spare capacity of `buf` (made at least
