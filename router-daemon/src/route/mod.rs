@@ -411,7 +411,9 @@ impl Router {
         if inputs.session.is_none() {
             self.reuse.observe(!placement || inputs.pending.is_some());
         }
-        let bounded = self.policy.placement_epsilon.is_some();
+        // A sibling joining a pending placement is that placement's family,
+        // counted once already: the bound would split the family.
+        let bounded = self.policy.placement_epsilon.is_some() && inputs.pending.is_none();
         let decision = if bounded && placement && !request.later_turns {
             self.choose_within_placement_bound(inputs)?
         } else {
@@ -756,6 +758,39 @@ mod tests {
         let d = route(&router, MODEL, second.as_bytes(), &backends).unwrap();
         assert_eq!((d.backend, d.reason), (took, Reason::PrefixMatch));
         assert_eq!(d.matched, first.len());
+    }
+
+    #[test]
+    fn siblings_of_a_pending_placement_stay_together_under_the_placement_bound() {
+        // A fresh router: the family's first placement is all the bound has
+        // seen, so counting a sibling again would put that backend over it.
+        let router = Router::with_policy(
+            64,
+            1 << 16,
+            Policy {
+                placement_epsilon: Some(0.25),
+                ..Policy::default()
+            },
+        );
+        let template = "Answer from the attached contract only. ".repeat(80);
+        let (mut walk, mut order) = (Walk::default(), Vec::new());
+        let mut views = idle(4);
+        let mut chosen = HashSet::new();
+        for question in ["Who signs?", "When does it end?", "What does it cost?"] {
+            let key = format!("{template}{question}");
+            let d = router
+                .select(
+                    Some(&request(key.as_bytes(), 0)),
+                    &views,
+                    &mut walk,
+                    &mut order,
+                )
+                .unwrap();
+            views[d.backend].in_flight += 1;
+            views[d.backend].prefill += key.len();
+            chosen.insert(d.backend);
+        }
+        assert_eq!(chosen.len(), 1, "the family was copied to {chosen:?}");
     }
 
     #[test]
