@@ -297,3 +297,76 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    /// Longer than any test waits: a close that lingers this long shows as
+    /// a test timing out.
+    const FOREVER: Duration = Duration::from_secs(3600);
+    /// Bound on waits that end at once when the code is right; generous,
+    /// for a loaded machine.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A client connection as the daemon holds it, which has sent
+    /// `request`, read whole and answered with `response`; and the
+    /// client's own end.
+    async fn answered(request: &[u8], response: &[u8]) -> (Client, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut client = Client::new(accepted, 1 << 20);
+        peer.write_all(request).await.unwrap();
+        while client.pending().len() < request.len() {
+            client.fill().await.unwrap();
+        }
+        client.consume(request.len());
+        client.write(response).await.unwrap();
+        (client, peer)
+    }
+
+    #[tokio::test]
+    async fn a_finished_client_with_nothing_unread_is_closed_at_once() {
+        let (client, mut peer) = answered(b"request", b"response").await;
+        // The client holds its end open: only a close that does not wait
+        // for it returns.
+        tokio::time::timeout(PATIENCE, client.close_finished(FOREVER))
+            .await
+            .expect("the close waited for the client");
+        let mut received = Vec::new();
+        peer.read_to_end(&mut received)
+            .await
+            .expect("a clean close, not a reset");
+        assert_eq!(received, b"response");
+    }
+
+    #[tokio::test]
+    async fn a_finished_client_that_sent_more_is_drained_before_the_close() {
+        let (client, mut peer) = answered(b"request", b"response").await;
+        // Bytes sent after the last read (against the client's own close),
+        // which the runtime has seen arrive: closing over them unread would
+        // reset the connection, and the client could lose the response.
+        peer.write_all(b"more").await.unwrap();
+        client.stream.readable().await.unwrap();
+        let closing = tokio::spawn(client.close_finished(FOREVER));
+        let mut received = Vec::new();
+        tokio::time::timeout(PATIENCE, peer.read_to_end(&mut received))
+            .await
+            .expect("no FIN after the response")
+            .expect("a clean close, not a reset");
+        assert_eq!(received, b"response");
+        assert!(
+            !closing.is_finished(),
+            "the close did not wait for the client"
+        );
+        drop(peer);
+        tokio::time::timeout(PATIENCE, closing)
+            .await
+            .expect("the close outlived the client's")
+            .unwrap();
+    }
+}
