@@ -772,25 +772,36 @@ mod tests {
                 ..Policy::default()
             },
         );
+        let mut views = idle(4);
+        let chosen = select_a_burst_of_siblings(&router, &mut views);
+        assert_eq!(chosen.len(), 1, "the family was copied to {chosen:?}");
+    }
+
+    /// Selects three requests of one new family (a 3 KiB template,
+    /// different questions) in a burst, each before the index could learn
+    /// of the ones before; each counts on its backend from its selection
+    /// on (one more in flight, its whole prompt queued for prefill), as in
+    /// the daemon. Returns the backends chosen.
+    fn select_a_burst_of_siblings(router: &Router, views: &mut [BackendLoad]) -> HashSet<usize> {
         let template = "Answer from the attached contract only. ".repeat(80);
         let (mut walk, mut order) = (Walk::default(), Vec::new());
-        let mut views = idle(4);
         let mut chosen = HashSet::new();
         for question in ["Who signs?", "When does it end?", "What does it cost?"] {
             let key = format!("{template}{question}");
             let d = router
                 .select(
                     Some(&request(key.as_bytes(), 0)),
-                    &views,
+                    views,
                     &mut walk,
                     &mut order,
                 )
                 .unwrap();
-            views[d.backend].in_flight += 1;
-            views[d.backend].prefill += key.len();
+            let there = &mut views[d.backend];
+            there.in_flight += 1;
+            there.prefill += key.len();
             chosen.insert(d.backend);
         }
-        assert_eq!(chosen.len(), 1, "the family was copied to {chosen:?}");
+        chosen
     }
 
     #[test]
@@ -802,31 +813,11 @@ mod tests {
             let own = format!("{i}: a prompt of its own {}", "words ".repeat(300));
             route(&router, MODEL, own.as_bytes(), &idle(4)).unwrap();
         }
-        // A burst of a new family: the same 3 KiB template, different
-        // questions, all selected before the first one's backend took it.
-        let template = "Answer from the attached contract only. ".repeat(80);
-        let (mut walk, mut order) = (Walk::default(), Vec::new());
         let mut views = idle(4);
-        let mut chosen = HashSet::new();
-        for question in ["Who signs?", "When does it end?", "What does it cost?"] {
-            let key = format!("{template}{question}");
-            let d = router
-                .select(
-                    Some(&request(key.as_bytes(), 0)),
-                    &views,
-                    &mut walk,
-                    &mut order,
-                )
-                .unwrap();
-            // The request counts on its backend from its selection on:
-            // one more in flight, its whole prompt queued for prefill.
-            let there = &mut views[d.backend];
-            there.in_flight += 1;
-            there.prefill += key.len();
-            chosen.insert(d.backend);
-        }
+        let chosen = select_a_burst_of_siblings(&router, &mut views);
         assert_eq!(chosen.len(), 1, "the family was copied to {chosen:?}");
         // A prompt of another family still spreads away from that prefill.
+        let (mut walk, mut order) = (Walk::default(), Vec::new());
         let other = format!("{}Next?", "A different template altogether. ".repeat(80));
         let d = router
             .select(
