@@ -160,6 +160,11 @@ impl Cluster {
         cmd
     }
 
+    /// The directory of its components' logs (`kubelet.log`, `containerd.log`, ...).
+    pub fn logs(&self) -> PathBuf {
+        Path::new(STATE).join("logs")
+    }
+
     /// The directory of the cluster's binaries (kubectl among them).
     pub fn bins(&self) -> &Path {
         &self.bins
@@ -602,6 +607,11 @@ state = "{state}/containerd-state"
             cni = cni.display()
         ),
     )?;
+    // The node shares a disk with the build: by the kubelet's defaults a
+    // clean clone's `target/` can leave less than 15% of it available,
+    // which taints the node with disk pressure (no pod is scheduled) and
+    // garbage-collects the imported images (which cannot be pulled). Only
+    // a nearly full disk stops this node.
     fs::write(
         state.join("kubelet.yaml"),
         format!(
@@ -609,7 +619,9 @@ state = "{state}/containerd-state"
              authentication:\n  anonymous: {{enabled: false}}\n  webhook: {{enabled: true}}\n  \
              x509: {{clientCAFile: {}}}\nauthorization: {{mode: Webhook}}\ncgroupDriver: cgroupfs\n\
              failSwapOn: false\nclusterDomain: cluster.local\noomScoreAdj: 0\nreadOnlyPort: 0\n\
-             address: {NODE_IP}\n",
+             address: {NODE_IP}\nevictionHard: {{memory.available: 100Mi, nodefs.available: 1%, \
+             nodefs.inodesFree: 1%, imagefs.available: 1%}}\nimageGCHighThresholdPercent: 100\n\
+             imageGCLowThresholdPercent: 99\n",
             ca.display()
         ),
     )?;

@@ -133,7 +133,12 @@ pub fn run(args: Args) -> Result<()> {
                 test.current_dir(toolchain.root().join("tests/integration"))
                     .env("ROUTER_TEST_CLUSTER", cluster.kubeconfig())
                     .env("ROUTER_TEST_KUBECTL", cluster.bins().join("kubectl"))
-                    .env("ROUTER_TEST_NODE_IP", cluster::NODE_IP);
+                    .env("ROUTER_TEST_NODE_IP", cluster::NODE_IP)
+                    .env("ROUTER_TEST_CLUSTER_LOGS", cluster.logs())
+                    // The test is one script: its panic message says where
+                    // it stopped, and the cluster's state it prints then
+                    // says why; a backtrace would only push that away.
+                    .env("RUST_BACKTRACE", "0");
                 if let Some(helm) = &helm {
                     test.env("ROUTER_TEST_HELM", &helm.helm);
                 }

@@ -39,6 +39,8 @@ struct Env {
     kubectl: PathBuf,
     helm: PathBuf,
     node: SocketAddr,
+    /// The components' logs, when the stage says where they are.
+    logs: Option<PathBuf>,
 }
 
 /// The cluster's settings, or `None` (with a message) outside the stage.
@@ -58,6 +60,7 @@ fn env() -> Option<Env> {
         kubectl: var("ROUTER_TEST_KUBECTL"),
         helm: var("ROUTER_TEST_HELM"),
         node: SocketAddr::new(node, 30080),
+        logs: std::env::var_os("ROUTER_TEST_CLUSTER_LOGS").map(PathBuf::from),
     })
 }
 
@@ -83,6 +86,67 @@ fn run(env: &Env, program: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// On a failure, prints why the cluster may not have done what the test
+/// waited for: the node's conditions and taints, every pod, the events,
+/// and the last errors the kubelet and containerd logged.
+struct ShowClusterOnFailure<'a>(&'a Env);
+
+impl Drop for ShowClusterOnFailure<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let env = self.0;
+        let node = "jsonpath={range .items[*]}{.metadata.name}: \
+                    {range .status.conditions[*]}{.type}={.status} {end}\
+                    taints={.spec.taints}{\"\\n\"}{end}";
+        for args in [
+            &["get", "nodes", "-o", node][..],
+            &["get", "pods", "--all-namespaces", "-o", "wide"],
+            &[
+                "get",
+                "events",
+                "--all-namespaces",
+                "--sort-by=.lastTimestamp",
+            ],
+        ] {
+            let out = Command::new(&env.kubectl)
+                .arg("--kubeconfig")
+                .arg(&env.kubeconfig)
+                .args(args)
+                .output();
+            match out {
+                Ok(out) => eprintln!(
+                    "--- kubectl {}\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                Err(err) => eprintln!("--- kubectl {}: {err}", args.join(" ")),
+            }
+        }
+        let Some(logs) = &env.logs else { return };
+        for name in ["kubelet", "containerd"] {
+            let path = logs.join(format!("{name}.log"));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            // klog's error lines start `E<month><day>`; containerd's say
+            // `level=error`.
+            let errors: Vec<&str> = text
+                .lines()
+                .filter(|line| {
+                    let klog = line.starts_with('E')
+                        && line[1..].starts_with(|c: char| c.is_ascii_digit());
+                    klog || line.contains("level=error")
+                })
+                .collect();
+            eprintln!("--- last errors in {}", path.display());
+            for line in &errors[errors.len().saturating_sub(15)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
 }
 
 /// The tutorial's two completions through `router`: the engine (pod name)
@@ -137,6 +201,7 @@ async fn the_tutorial_runs_on_a_real_cluster() {
         eprintln!("SKIPPED: ROUTER_TEST_CLUSTER is not set; cargo xtask test runs this");
         return;
     };
+    let _show = ShowClusterOnFailure(&env);
     let kubectl = env.kubectl.clone();
     let helm = env.helm.clone();
     // A GPU node, as NVIDIA's feature discovery labels one.
