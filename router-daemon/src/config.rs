@@ -290,12 +290,13 @@ pub struct Config {
           value_parser = non_negative)]
     pub prefilling_weight: f64,
 
-    /// Placement slack: when set, a new conversation skips a backend that
-    /// was recently given more than (1 + this) × its share of new prompt
-    /// bytes to cache. Evens out a few large prefixes (system prompts) that
-    /// hashing alone spreads lumpily; meant for a single router (or clients
-    /// sticky to one replica), since replicas each count only their own
-    /// placements and may then place a conversation differently.
+    /// Family layout slack: when set, the prefix families this router has
+    /// seen reused (system prompts, templates) are laid out evenly over the
+    /// backends, none given more than (1 + this) × its share, and their
+    /// requests go there; replicas that know the same families lay them
+    /// out alike. Evens out the few large prefixes that hashing alone
+    /// spreads lumpily, at the cost of moving a family once or twice while
+    /// families become known. 0: as even as counts allow.
     #[arg(long, env = "ROUTER_PLACEMENT_EPSILON", value_parser = non_negative)]
     pub placement_epsilon: Option<f64>,
 

@@ -7,6 +7,10 @@
 //! - `policy`: the pure decision function (session stickiness, cache
 //!   affinity against load, bounded load, rendezvous placement); its module
 //!   doc states the rules.
+//! - `layout`: under `--placement-epsilon`, an even layout of the prefix
+//!   families this router knows, alike on every replica that knows them.
+//! - `pending`: placements still connecting, which their siblings join.
+//! - `reuse`: how often recent requests followed a cached prefix.
 //!
 //! # A decision
 //! `Router::select` hashes the prompt key once, asks the index which
@@ -23,6 +27,7 @@
 //! between calls, and a backend missing from it is simply never chosen.
 //! `Router::remove_backend` also drops what the index holds for it.
 pub(crate) mod index;
+mod layout;
 mod pending;
 pub(crate) mod policy;
 mod reuse;
@@ -45,9 +50,6 @@ pub use self::{
 const SESSION_SEED: u64 = 0x7365_7373_696f_6e21;
 /// Salt that keeps placement seeds apart from the index's hashes.
 const PLACEMENT_SALT: u64 = 0x706c_6163_656d_656e;
-/// Placements per backend over which a placement's weight halves (see
-/// [`Placements`]).
-const PLACEMENT_HALF_LIFE: f64 = 32.0;
 
 /// What routing needs to know about one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,17 +84,21 @@ pub enum Reason {
     Placed,
     /// Sticky to the request's session (rendezvous hash of its value).
     Session,
-    /// The rendezvous choice (placement or session) was over the load bound,
-    /// or over the placement bound (`--placement-epsilon`); the next in
-    /// rendezvous order took it.
+    /// The rendezvous choice (placement or session), or the family's place
+    /// in the layout, was over the load bound; the next in rendezvous order
+    /// took it.
     Overloaded,
     /// Its turn (`--routing-logic roundrobin`).
     RoundRobin,
+    /// A sibling sent to its family's place in the layout
+    /// (`--placement-epsilon`), which changed since the index learned the
+    /// family elsewhere: the family moves there once.
+    Moved,
 }
 
 impl Reason {
     /// Every reason, for metrics that pre-create their labels.
-    pub(crate) const ALL: [Reason; 7] = [
+    pub(crate) const ALL: [Reason; 8] = [
         Reason::PrefixMatch,
         Reason::LeastLoaded,
         Reason::Spread,
@@ -100,6 +106,7 @@ impl Reason {
         Reason::Session,
         Reason::Overloaded,
         Reason::RoundRobin,
+        Reason::Moved,
     ];
 
     /// Short name for logs and metrics.
@@ -112,6 +119,7 @@ impl Reason {
             Reason::Session => "session",
             Reason::Overloaded => "overloaded",
             Reason::RoundRobin => "round-robin",
+            Reason::Moved => "moved",
         }
     }
 }
@@ -210,49 +218,13 @@ thread_local! {
 pub struct Router {
     index: PrefixIndex,
     policy: Policy,
-    placements: std::sync::Mutex<Placements>,
+    /// The family layout, under `--placement-epsilon`.
+    layout: Option<std::sync::Mutex<layout::Layout>>,
     reuse: reuse::ReuseRate,
     /// Recent placements the index has not learned yet, by seed.
     pending: std::sync::Mutex<pending::Pending>,
     /// Decisions taken under [`Logic::RoundRobin`], whose count picks the next.
     turns: AtomicUsize,
-}
-
-/// KiB of new conversations recently placed on each backend, for the
-/// policy's placement bound. Every placement multiplies all weights by a
-/// decay that halves them over [`PLACEMENT_HALF_LIFE`] placements per
-/// backend: old conversations have left the caches, or live on as
-/// continuations that the index routes anyway.
-#[derive(Debug, Default)]
-struct Placements {
-    weights: Vec<(index::BackendId, f64)>,
-}
-
-impl Placements {
-    /// The weights of `ids`, in their order (0 for a backend never placed on).
-    fn of(&self, ids: &[index::BackendId]) -> Vec<f64> {
-        ids.iter()
-            .map(|id| {
-                self.weights
-                    .iter()
-                    .find(|(known, _)| known == id)
-                    .map_or(0.0, |&(_, w)| w)
-            })
-            .collect()
-    }
-
-    /// Decays every weight and adds `weight` to `id`'s; `fleet` is the
-    /// number of candidates, which sets the decay.
-    fn add(&mut self, id: index::BackendId, weight: f64, fleet: usize) {
-        let decay = 0.5f64.powf(1.0 / (PLACEMENT_HALF_LIFE * fleet.max(1) as f64));
-        for (_, w) in &mut self.weights {
-            *w *= decay;
-        }
-        match self.weights.iter_mut().find(|(known, _)| *known == id) {
-            Some((_, w)) => *w += weight,
-            None => self.weights.push((id, weight)),
-        }
-    }
 }
 
 impl Router {
@@ -267,7 +239,9 @@ impl Router {
         Self {
             index: PrefixIndex::new(block, capacity),
             policy,
-            placements: std::sync::Mutex::default(),
+            layout: policy
+                .placement_epsilon
+                .map(|epsilon| std::sync::Mutex::new(layout::Layout::new(epsilon))),
             reuse: reuse::ReuseRate::default(),
             pending: std::sync::Mutex::default(),
             turns: AtomicUsize::new(0),
@@ -390,13 +364,25 @@ impl Router {
             reuse: self.reuse.get(),
             session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
             pending: None,
-            placed: &[],
-            weight: key.len().max(1) as f64 / 1024.0,
+            layout: None,
         };
+        let seed = inputs.placement;
+        // Sessions are placed by their own value, not by family. A panic
+        // while holding the lock leaves at worst a stale layout.
+        let mut layout = match &self.layout {
+            Some(layout) if inputs.session.is_none() => Some(
+                layout
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ),
+            _ => None,
+        };
+        if let Some(layout) = layout.as_mut() {
+            inputs.layout = layout.place(seed, backends);
+        }
         let placement = self.policy.is_placement(&inputs);
         // A sibling placed moments ago, still connecting: its backend is
         // where the family goes (see `pending`).
-        let seed = inputs.placement;
         let now = placement.then(std::time::Instant::now);
         if let Some(now) = now {
             let sibling = self.pending_placements().get(inputs.placement, now);
@@ -411,14 +397,15 @@ impl Router {
         if inputs.session.is_none() {
             self.reuse.observe(!placement || inputs.pending.is_some());
         }
-        // A sibling joining a pending placement is that placement's family,
-        // counted once already: the bound would split the family.
-        let bounded = self.policy.placement_epsilon.is_some() && inputs.pending.is_none();
-        let decision = if bounded && placement && !request.later_turns {
-            self.choose_within_placement_bound(inputs)?
-        } else {
-            policy::choose(&self.policy, &inputs)?
-        };
+        // A request following its family's prefix without extending a
+        // whole earlier prompt, or joining a pending sibling, is a sibling:
+        // it proves its seed a family.
+        if let Some(layout) = layout.as_mut() {
+            let sibling = (!placement && !extends) || inputs.pending.is_some();
+            layout.observe(seed, sibling);
+        }
+        drop(layout);
+        let decision = policy::choose(&self.policy, &inputs)?;
         if let (Some(now), Some(chosen)) = (now, backends.get(decision.backend)) {
             self.pending_placements()
                 .put(seed, index::backend_id(chosen.name), now);
@@ -473,30 +460,6 @@ impl Router {
             Some(system) if system as f64 >= self.policy.follow_fraction * named as f64 => system,
             _ => named.min(self.policy.placement_prefix.max(1)),
         }
-    }
-
-    /// [`policy::choose`] for a placement under `--placement-epsilon`:
-    /// with what each backend was recently given to cache, which the choice
-    /// then adds to.
-    fn choose_within_placement_bound(&self, inputs: policy::Inputs) -> Option<Decision> {
-        // A panic while holding the lock leaves at worst stale weights.
-        let mut placements = self
-            .placements
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ids: Vec<index::BackendId> = inputs
-            .backends
-            .iter()
-            .map(|b| index::backend_id(b.name))
-            .collect();
-        let placed = placements.of(&ids);
-        let inputs = policy::Inputs {
-            placed: &placed,
-            ..inputs
-        };
-        let decision = policy::choose(&self.policy, &inputs)?;
-        placements.add(ids[decision.backend], inputs.weight, ids.len());
-        Some(decision)
     }
 
     /// The table of pending placements; a panic while holding its lock
@@ -591,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn later_turns_of_unknown_conversations_ignore_the_placement_bound() {
+    fn conversations_never_followed_as_siblings_are_placed_as_without_a_layout() {
         let policy = Policy {
             placement_epsilon: Some(0.25),
             ..Policy::default()
@@ -600,43 +563,90 @@ mod tests {
         let unbounded = Router::new(32, 1 << 16);
         // A system prompt too short to be worth following.
         let system = "You are a helpful assistant. ".repeat(4);
-        let mut moved = 0;
         for i in 0..64 {
-            // First turns build up placements, and the bound moves some.
+            // First turns, and a later turn of each: one-offs as families
+            // go, which the layout leaves to rendezvous.
             let (first, conv) = chat(&system, &[&question(&format!("first {i}"))]);
             let d = bounded.decide(&request(&first, conv), &idle(4)).unwrap();
-            moved += usize::from(d.reason == Reason::Overloaded);
+            let u = unbounded.decide(&request(&first, conv), &idle(4)).unwrap();
+            assert_eq!((d.backend, d.reason), (u.backend, Reason::Placed), "{i}");
+            let (next, conv) = chat(&system, &[&question(&format!("first {i}")), "ok", "and?"]);
+            let d = bounded.decide(&request(&next, conv), &idle(4)).unwrap();
+            assert_eq!(
+                (d.backend, d.reason),
+                (u.backend, Reason::PrefixMatch),
+                "{i}"
+            );
             // A later turn of a conversation this router never saw goes
-            // where a replica without the bound would have placed it.
+            // where a replica without the layout would have placed it.
             let asked = question(&format!("elsewhere {i}"));
             let (later, conv) = chat(&system, &[&asked, "an answer", "more"]);
             let db = bounded.decide(&request(&later, conv), &idle(4)).unwrap();
             let du = unbounded.decide(&request(&later, conv), &idle(4)).unwrap();
             assert_eq!((db.backend, db.reason), (du.backend, Reason::Placed), "{i}");
         }
-        assert!(moved > 0, "the bound never moved a first turn");
     }
 
     #[test]
-    fn new_conversations_are_spread_evenly_whatever_their_hashes() {
-        // 8 groups of equal-length prompts (a shared-prefix workload's first
-        // requests), on idle backends: rendezvous alone would be lumpy.
+    fn families_lie_evenly_and_replicas_agree_on_them_under_the_layout() {
+        // Three replicas, each seeing 8 families' requests (a 3 KiB
+        // template, then a question) in its own order, on idle backends.
         let policy = Policy {
-            placement_epsilon: Some(0.25),
+            placement_epsilon: Some(0.0),
             ..Policy::default()
         };
-        let router = Router::with_policy(32, 4096, policy);
-        let backends = idle(4);
-        let mut per_backend = [0; 4];
-        for group in 0..8 {
-            let key = format!("group {group}: {}", "system prompt text ".repeat(64));
-            let d = router
-                .decide(&request(key.as_bytes(), 0), &backends)
-                .unwrap();
-            assert!(matches!(d.reason, Reason::Placed | Reason::Overloaded));
-            per_backend[d.backend] += 1;
+        let families = 8;
+        let key = |family: usize, question: usize| {
+            format!(
+                "{}Question {question}?",
+                format!("Template of tenant {family}. ").repeat(120)
+            )
+        };
+        let mut requests: Vec<(usize, usize)> = (0..families)
+            .flat_map(|f| (0..6).map(move |q| (f, q)))
+            .collect();
+        let mut homes = Vec::new();
+        for replica in 0..3u64 {
+            let router = Router::with_policy(64, 1 << 16, policy);
+            // A different order for each replica (an LCG shuffle).
+            let mut state = replica * 7919 + 1;
+            for i in (1..requests.len()).rev() {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1);
+                requests.swap(i, (state >> 33) as usize % (i + 1));
+            }
+            for &(f, q) in &requests {
+                route(&router, MODEL, key(f, q).as_bytes(), &idle(4)).unwrap();
+            }
+            // Where each family's next sibling goes, once all are known.
+            let home: Vec<usize> = (0..families)
+                .map(|f| {
+                    let d = route(&router, MODEL, key(f, 99).as_bytes(), &idle(4)).unwrap();
+                    assert!(
+                        matches!(d.reason, Reason::PrefixMatch | Reason::Moved),
+                        "{d:?}"
+                    );
+                    d.backend
+                })
+                .collect();
+            let mut per_backend = [0; 4];
+            for &b in &home {
+                per_backend[b] += 1;
+            }
+            assert_eq!(per_backend, [2; 4], "replica {replica}: {home:?}");
+            homes.push(home);
         }
-        assert_eq!(per_backend, [2; 4]);
+        assert!(homes.windows(2).all(|w| w[0] == w[1]), "{homes:?}");
+        // Rendezvous alone would not have been even.
+        let mut lumpy = [0; 4];
+        for f in 0..families {
+            let fresh = Router::new(64, 1 << 16);
+            lumpy[route(&fresh, MODEL, key(f, 0).as_bytes(), &idle(4))
+                .unwrap()
+                .backend] += 1;
+        }
+        assert_ne!(lumpy, [2; 4], "pick families that hash lumpily");
     }
 
     #[test]
@@ -944,7 +954,7 @@ mod tests {
 
     #[test]
     fn independent_routers_place_conversations_alike() {
-        // With the placement bound on; off (the default), they agree always.
+        // With the family layout on; off (the default), they agree always.
         let policy = Policy {
             placement_epsilon: Some(0.25),
             ..Policy::default()
@@ -964,7 +974,7 @@ mod tests {
             used.insert(da.backend);
             // Later turns of the conversation stay put on its router, and a
             // router that never saw it places it by rendezvous alone: where
-            // the first turn went unless the placement bound moved it.
+            // the first turn went unless the layout moved it.
             let (later, conv2) = chat(&system, &[&asked, "an answer", "a follow-up"]);
             let fresh = Router::with_policy(32, 1 << 16, policy);
             let dl = a.decide(&request(&later, conv2), &idle(4)).unwrap();

@@ -63,9 +63,10 @@
 //!    least [`Policy::follow_fraction`] of its conversation prefix, those
 //!    alone; see [`super::Router`]), so router replicas with no shared state
 //!    place a new prefix family, or a new conversation, alike. The rendezvous
-//!    winner among backends within the load bound (and the placement bound,
-//!    if set) keeps the request ([`Reason::Placed`]) unless another backend
-//!    is cheaper by more than [`Policy::rendezvous_weight`] cost units
+//!    winner (or the request's place in the family layout, if on) among
+//!    backends within the load bound keeps the request ([`Reason::Placed`])
+//!    unless another backend is cheaper by more than
+//!    [`Policy::rendezvous_weight`] cost units
 //!    ([`Reason::LeastLoaded`]: a burst of new prompts does not queue
 //!    behind one prefill), or it is over the bound ([`Reason::Overloaded`]);
 //!    both margins grow with what the prompt is worth as a family (below).
@@ -119,21 +120,36 @@
 //! third of the traffic); hit rates on the sharing workloads moved by
 //! −4.5 to +1.3 points, within run-to-run noise.
 //!
-//! # Placement bound (opt-in)
-//! Hashing a few dozen conversations (or system-prompt groups) onto four
-//! backends is lumpy: one backend easily gets twice its share, and what it
-//! cannot keep in its KV cache it evicts, while another sits half empty.
-//! With [`Policy::placement_epsilon`] set, placement also bounds what each
-//! backend was recently *given to cache*:
-//! [`Inputs::placed`] is the KiB of new conversations placed on each backend,
-//! decayed (the router keeps it, see [`super::Router`]). A backend qualifies
-//! when, with this request's `weight` added, it stays within
-//! `(1 + ε) · (Σ placed + weight) / n`, or is the least placed. The cost is
-//! agreement between replicas: each counts only its own placements, so a
-//! conversation near the bound may be placed differently by two replicas
-//! (with thousands of conversations hashing is even and the bound never
-//! binds; with a few it does). Hence off by default: one router per GPU node
-//! is this product's shape.
+//! # Family layout (opt-in)
+//! Hashing a dozen families (system prompts, templates) onto four
+//! backends is lumpy: one backend easily gets twice its share, evicts what
+//! its cache cannot hold and queues, while another idles. With
+//! [`Policy::placement_epsilon`] set, the router lays the families it knows
+//! out evenly, the same way on every replica that knows them
+//! ([`super::layout`]), and hands the policy each request's place there
+//! ([`Inputs::layout`]): rule 3 places a new prompt there instead of on its
+//! rendezvous winner, and rule 2 sends a sibling there, within its load
+//! bound, even when the index knows its prefix elsewhere. A family whose
+//! place changed (a family ranked above it became known) so moves once
+//! ([`Reason::Moved`]), and its old copy ages out of the other cache. A
+//! request extending a whole earlier prompt (a chat's later turn, the
+//! tutorial's pair) never moves. Measured on 2026-12-05 with
+//! `router-bench quality --no-peers --routers round-robin,router-daemon
+//! --daemon-replicas 3 --workloads shared-prefix,prefix-repetition
+//! --levels c16,cap0.9 --sp-prompts 128 --pr-suffixes 160` (2,048 and
+//! 1,920 requests), off and with `ROUTER_PLACEMENT_EPSILON=0.25`
+//! (`quality-20261205-233210.md`, `-232420.md`): hashing put the 12
+//! prefix-repetition prefixes 3/1/2/6 on the backends, and one router
+//! reached 85% of the ideal hit rate near capacity with a p99 TTFT of 432
+//! ms (round-robin's: 283); with the layout, 100% and 89 ms. Three
+//! replicas went from 81–86% of the ideal to 96–98%, and from 370–920 ms
+//! to 125–319 ms at the p99; one router's p99 on shared-prefix at 16
+//! sessions rose from 143 to 220 ms (its hit rate was 100% either way).
+//! The cost is the moves while families become
+//! known: on the default 512-request workloads (`-231253`) one router kept
+//! 91–98% of the ideal against 97–100% off, and three replicas 87–96%
+//! against 87–100%. Off by default until that is measured on every
+//! workload.
 //!
 //! A conversation length of 0 means "unknown": the whole key is the
 //! conversation prefix.
@@ -170,7 +186,7 @@ pub struct Policy {
     /// Cost per KiB of other requests' prompts a backend is still
     /// prefilling.
     pub(crate) prefilling_weight: f64,
-    /// ε of the placement bound (see the module doc); None: no bound, so
+    /// ε of the family layout (see the module doc); None: no layout, so
     /// replicas place every new conversation alike.
     pub(crate) placement_epsilon: Option<f64>,
     /// A shared prefix covering at least this fraction of the request's
@@ -295,11 +311,11 @@ pub(crate) struct Inputs<'a> {
     /// index could learn it (see [`super::Router`]). Rule 3 prefers it to
     /// the rendezvous winner, as the family's backend.
     pub(crate) pending: Option<usize>,
-    /// Recently placed KiB per backend (same order; empty: no placement
-    /// bound). See the module doc.
-    pub(crate) placed: &'a [f64],
-    /// KiB this request adds to its backend's placements if it is placed.
-    pub(crate) weight: f64,
+    /// Where the request's family lies in the layout (`--placement-epsilon`,
+    /// see [`super::layout`]): a position in `backends`, or None for its
+    /// rendezvous winner. Rule 3 places a new prompt there, and rule 2
+    /// moves a sibling there.
+    pub(crate) layout: Option<usize>,
 }
 
 impl Inputs<'_> {
@@ -319,17 +335,6 @@ impl Inputs<'_> {
     /// The longest match on any backend.
     fn longest(&self) -> usize {
         self.matched.iter().copied().max().unwrap_or(0)
-    }
-
-    /// Whether backend `i` may take one more placement of `self.weight` KiB.
-    fn placement_allows(&self, epsilon: f64, i: usize) -> bool {
-        let Some(&mine) = self.placed.get(i) else {
-            return true;
-        };
-        let n = self.placed.len() as f64;
-        let total: f64 = self.placed.iter().sum::<f64>() + self.weight;
-        let least = self.placed.iter().copied().fold(f64::INFINITY, f64::min);
-        mine + self.weight <= (1.0 + epsilon.max(0.0)) * total / n || mine <= least
     }
 }
 
@@ -394,6 +399,24 @@ pub(crate) fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
     .unwrap_or_else(|| least_loaded(backends));
     let longest = input.longest();
     let holds_longest = |i: usize| input.matched(i) == longest;
+    // A sibling goes to its family's place in the layout whenever that is
+    // within its bound, so a family whose place changed moves there once:
+    // following its old copy too would keep two copies of every moved
+    // family, and the index would go on sending siblings to the old one
+    // after the engine evicted it. A request extending a whole earlier
+    // prompt (a chat's later turn, the tutorial's pair) stays: it would
+    // re-prefill its own history, not a family's prefix.
+    if let Some(home) = input
+        .layout
+        .filter(|&home| home != pick && home < backends.len() && keeps(home) && !input.extends)
+    {
+        let reason = if holds_longest(home) {
+            Reason::PrefixMatch
+        } else {
+            Reason::Moved
+        };
+        return Some(decide(home, reason));
+    }
     let reason = if holds_longest(pick) {
         Reason::PrefixMatch
     } else if (0..backends.len()).any(|i| holds_longest(i) && !keeps(i)) {
@@ -411,8 +434,9 @@ pub(crate) fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
 /// cached prefix stretches it in rule 2, and its lead in cost.
 fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason)> {
     let backends = input.backends;
-    let first = match input.pending {
-        Some(sibling) if sibling < backends.len() => sibling,
+    let first = match (input.pending, input.layout) {
+        (Some(sibling), _) if sibling < backends.len() => sibling,
+        (_, Some(home)) if home < backends.len() => home,
         _ => rendezvous_first(backends, input.placement)?,
     };
     let worth = policy.family_worth(input);
@@ -424,10 +448,6 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
             bound as f64
         };
         (backends[i].load() as f64) < limit
-            && (input.later_turns
-                || policy
-                    .placement_epsilon
-                    .is_none_or(|epsilon| input.placement_allows(epsilon, i)))
     };
     let winner = if qualifies(first) {
         first
@@ -583,8 +603,7 @@ mod tests {
             reuse: 0.0,
             session: None,
             pending: None,
-            placed: &[],
-            weight: 1.0,
+            layout: None,
         }
     }
 
@@ -733,42 +752,79 @@ mod tests {
         assert_eq!(d.reason, Reason::Spread);
     }
 
+    /// The default policy's choice for `input`: backend and reason.
+    fn chosen(input: &Inputs) -> (usize, Reason) {
+        let d = choose(&Policy::default(), input).unwrap();
+        (d.backend, d.reason)
+    }
+
     #[test]
-    fn placement_skips_a_backend_already_given_more_than_its_share() {
-        let v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
-        // The rendezvous winner of some seed, given twice its share.
+    fn a_new_prompt_goes_to_its_family_s_place_in_the_layout() {
+        let v = views(&[(0, 0); 4]);
         let seed = 11;
-        let winner = winner(&v, seed);
-        let mut placed = [4.0; 4];
-        placed[winner] = 8.0;
+        let home = (winner(&v, seed) + 1) % 4;
         let input = Inputs {
             placement: seed,
-            placed: &placed,
-            weight: 4.0,
-            ..inputs(&v, &[0; 4], 0)
+            layout: Some(home),
+            ..inputs(&v, &[0; 4], 4096)
         };
-        let policy = Policy {
-            placement_epsilon: Some(0.25),
-            ..Policy::default()
+        assert_eq!(chosen(&input), (home, Reason::Placed));
+        // Over the load bound there, the next in rendezvous order takes it.
+        let mut busy = views(&[(1, 0); 4]);
+        busy[home].in_flight = 9;
+        let (elsewhere, _) = chosen(&Inputs {
+            backends: &busy,
+            ..input
+        });
+        assert_ne!(elsewhere, home);
+    }
+
+    #[test]
+    fn a_sibling_moves_to_its_family_s_new_place_once() {
+        // A 6 KiB family prefix cached on `held`, a 7 KiB sibling of it,
+        // and the layout now placing the family on `home`.
+        let v = views(&[(1, 0); 4]);
+        let (held, home) = (0, 2);
+        let mut matched = [0; 4];
+        matched[held] = 6 * 1024;
+        let input = Inputs {
+            layout: Some(home),
+            ..inputs(&v, &matched, 7 * 1024)
         };
-        let d = choose(&policy, &input).unwrap();
-        assert_ne!(d.backend, winner);
-        assert_eq!(d.reason, Reason::Overloaded);
-        // Off by default: the rendezvous winner keeps it.
-        let d = choose(&Policy::default(), &input).unwrap();
-        assert_eq!((d.backend, d.reason), (winner, Reason::Placed));
-        // Within its share, the winner keeps it.
-        let mut even = placed;
-        even[winner] = 4.0;
-        let d = choose(
-            &policy,
-            &Inputs {
-                placed: &even,
-                ..input
-            },
-        )
-        .unwrap();
-        assert_eq!((d.backend, d.reason), (winner, Reason::Placed));
+        assert_eq!(chosen(&input), (home, Reason::Moved));
+        // Once it holds the prefix too, siblings stay there.
+        let mut both = matched;
+        both[home] = 6 * 1024;
+        let stays = Inputs {
+            matched: &both,
+            ..input
+        };
+        assert_eq!(chosen(&stays), (home, Reason::PrefixMatch));
+        // A busier home takes it while within its load bound (7 here)...
+        let with_home_at = |load: usize| {
+            let mut busy = views(&[(4, 0); 4]);
+            busy[home].in_flight = load;
+            busy
+        };
+        let busier = with_home_at(5);
+        let input_busier = Inputs {
+            backends: &busier,
+            ..input
+        };
+        assert_eq!(chosen(&input_busier), (home, Reason::Moved));
+        // ... but not past it.
+        let over = with_home_at(9);
+        let input_over = Inputs {
+            backends: &over,
+            ..input
+        };
+        assert_eq!(chosen(&input_over), (held, Reason::PrefixMatch));
+        // A request extending a whole earlier prompt never moves.
+        let extends = Inputs {
+            extends: true,
+            ..input
+        };
+        assert_eq!(chosen(&extends), (held, Reason::PrefixMatch));
     }
 
     #[test]
@@ -988,8 +1044,7 @@ mod tests {
             prefilling_weight in 0.0f64..10.0,
             follow_fraction in 0.0f64..=1.0,
             rendezvous_weight in 0.0f64..10.0,
-            placed in prop::collection::vec(0.0f64..1000.0, 8),
-            weight in 0.0f64..100.0,
+            layout in any::<Option<usize>>(),
             family_weight in 0.0f64..4.0,
             reuse in 0.0f64..=1.0,
             pending in any::<Option<usize>>(),
@@ -1023,8 +1078,7 @@ mod tests {
                 reuse,
                 session,
                 pending: pending.map(|p| p % (v.len() + 1)),
-                placed: &placed[..v.len()],
-                weight,
+                layout: layout.map(|l| l % (v.len() + 1)),
             };
             let d = choose(&policy, &input).unwrap();
             let total: usize = v.iter().map(BackendLoad::load).sum::<usize>() + 1;
@@ -1036,9 +1090,11 @@ mod tests {
             // match's worth, or a new one placed on its rendezvous winner, by
             // its conversation prefix's worth as a family.
             let follows = !policy.is_placement(&input) && session.is_none();
-            let first = input.pending.filter(|&p| p < v.len()).unwrap_or_else(|| {
-                (0..v.len()).max_by_key(|&i| rendezvous(v[i].name, placement)).unwrap()
-            });
+            let first = input.pending.filter(|&p| p < v.len())
+                .or(input.layout.filter(|&l| l < v.len()))
+                .unwrap_or_else(|| {
+                    (0..v.len()).max_by_key(|&i| rendezvous(v[i].name, placement)).unwrap()
+                });
             let placed_first = policy.is_placement(&input) && session.is_none() && d.backend == first;
             let reuse = if input.pending.is_some() { 1.0 } else { reuse };
             let conversation_len = if conversation == 0 { input.key_len } else { conversation.min(input.key_len) };
@@ -1056,14 +1112,6 @@ mod tests {
             };
             prop_assert!((v[d.backend].load() as f64) < bound + slack,
                 "{:?} chose load {} with bound {} + {}", d, v[d.backend].load(), bound, slack);
-            // A first placement respects the placement bound whenever some
-            // backend is within both bounds.
-            if policy.is_placement(&input)
-                && !later_turns
-                && (0..v.len()).any(|i| (v[i].load() as f64) < bound && input.placement_allows(epsilon, i))
-            {
-                prop_assert!(input.placement_allows(epsilon, d.backend), "{:?}", d);
-            }
             prop_assert_eq!(d.matched, matched[d.backend]);
             // A pure function: the same inputs give the same answer.
             prop_assert_eq!(choose(&policy, &input), Some(d));
