@@ -36,6 +36,11 @@ use super::{BackendLoad, index, policy::rendezvous};
 
 /// Seeds kept at most.
 pub(crate) const CAPACITY: usize = 1024;
+/// Layouts kept at once, one per list of candidate backends: a fleet
+/// serving several models asks with a different list for each, and laying
+/// out again at every change of model would cost O(families × backends)
+/// per request.
+const LISTS: usize = 8;
 
 /// What the layout knows of one seed.
 #[derive(Clone, Copy, Debug)]
@@ -68,8 +73,9 @@ pub(crate) struct Layout {
     families: usize,
     /// Observations so far.
     observations: u64,
-    /// None when the families or the backends changed since it was laid.
-    laid: Option<Laid>,
+    /// The layouts for the lists of backends asked about most recently,
+    /// latest first; emptied when the families change.
+    laid: Vec<Laid>,
 }
 
 impl Layout {
@@ -80,7 +86,7 @@ impl Layout {
             seen: HashMap::new(),
             families: 0,
             observations: 0,
-            laid: None,
+            laid: Vec::new(),
         }
     }
 
@@ -98,7 +104,7 @@ impl Layout {
         if sibling && !entry.family {
             entry.family = true;
             self.families += 1;
-            self.laid = None;
+            self.laid.clear();
         }
         let cap = CAPACITY as u64;
         let horizon = if self.seen.len() > CAPACITY {
@@ -112,7 +118,7 @@ impl Layout {
         self.seen.retain(|_, seen| seen.at + horizon > now);
         self.families = self.seen.values().filter(|seen| seen.family).count();
         if self.families != before {
-            self.laid = None;
+            self.laid.clear();
         }
     }
 
@@ -123,14 +129,19 @@ impl Layout {
             return None;
         }
         let ids = backends.iter().map(|b| index::backend_id(b.name));
-        if !self
+        match self
             .laid
-            .as_ref()
-            .is_some_and(|laid| laid.ids.iter().copied().eq(ids.clone()))
+            .iter()
+            .position(|laid| laid.ids.iter().copied().eq(ids.clone()))
         {
-            self.laid = Some(self.lay_out(backends));
+            Some(at) => self.laid[..=at].rotate_right(1),
+            None => {
+                let laid = self.lay_out(backends);
+                self.laid.truncate(LISTS - 1);
+                self.laid.insert(0, laid);
+            }
         }
-        let laid = self.laid.as_ref()?;
+        let laid = self.laid.first()?;
         // Families ranked above `seed` (higher seeds) come first.
         let above = laid.places.partition_point(|&(s, _)| s > seed);
         if let Some(&(s, place)) = laid.places.get(above)
@@ -293,6 +304,19 @@ mod tests {
             let there = layout.place(seed, &reversed).unwrap();
             assert_eq!(NAMES[here], reversed[there].name);
         }
+        // Both orders stay laid out (a fleet of two models asks by turns),
+        // and no more than `LISTS` lists are kept.
+        assert_eq!(layout.laid.len(), 3);
+        for subset in 1..16usize {
+            let some: Vec<_> = idle()
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| subset & (1 << i) != 0)
+                .map(|(_, b)| b)
+                .collect();
+            layout.place(seeds[0], &some);
+        }
+        assert_eq!(layout.laid.len(), LISTS);
     }
 
     #[test]
