@@ -27,9 +27,15 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `cmd` with stdout and stderr going to `log`.
+    /// Starts `cmd` with stdout and stderr appended to `log`, so a process
+    /// started again under the same name (the next workload's router)
+    /// leaves the earlier one's output in place.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
         let err = out
             .try_clone()
             .with_context(|| format!("duplicating {}", log.display()))?;
@@ -79,9 +85,7 @@ impl Proc {
 
     /// The last `lines` lines of the log, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        tail(&fs::read_to_string(&self.log).unwrap_or_default(), lines)
     }
 
     /// Sends `signal` to the process, or to its whole group.
@@ -135,5 +139,30 @@ pub fn router_env(cmd: &mut Command) -> &mut Command {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The last `lines` non-empty lines of `log` before any backtrace
+/// (RUST_BACKTRACE; "Stack backtrace:" after an error, "stack backtrace:"
+/// after a panic), which would push out what failed.
+fn tail(log: &str, lines: usize) -> String {
+    let log = match log.rfind("tack backtrace:") {
+        Some(at) => &log[..log[..at].rfind('\n').unwrap_or(0)],
+        None => log,
+    };
+    let all: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail;
+
+    #[test]
+    fn a_tail_shows_the_error_not_its_backtrace() {
+        let log = "INFO ready\nError: binding 127.0.0.1:4000\n\nCaused by:\n    Address in use\n\n\
+                   Stack backtrace:\n   0: anyhow::error\n   1: router_daemon::main\n";
+        assert_eq!(tail(log, 2), "Caused by:\n    Address in use");
+        assert_eq!(tail("a\n\nb\nc\n", 2), "b\nc");
     }
 }

@@ -28,7 +28,7 @@
 //! *failed* row; the run goes on.
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -289,6 +289,12 @@ pub struct Args {
     /// Keep the temporary directory (router logs) after a clean run.
     #[arg(long)]
     pub keep_tmp: bool,
+    /// Also write every request's outcome, one CSV per workload, level and
+    /// router, into this directory: when it was sent, its session and
+    /// turn, the backend that served it, TTFT, end-to-end time and cached
+    /// tokens. What a tail is made of.
+    #[arg(long, value_name = "DIR")]
+    pub records: Option<PathBuf>,
     /// Leave out the PNG plots (TTFT CDF per workload, hit rate vs load
     /// imbalance).
     #[arg(long)]
@@ -671,6 +677,15 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
                             commands.push(format!("{label} `{cmd}`"));
                         }
                         rows.push(row);
+                        if let Some(dir) = &args.records {
+                            let level = level_name.split(' ').next().unwrap_or_default();
+                            let name = format!("{}-{level}-{}.csv", kind.as_str(), router.name);
+                            write_records(
+                                &dir.join(name.replace([' ', '/'], "_")),
+                                &outcome.records,
+                                outcome.started,
+                            )?;
+                        }
                         if best
                             .as_ref()
                             .is_none_or(|b| b.records.len() < outcome.records.len())
@@ -825,7 +840,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
 }
 
 /// Draws the plots next to the report; their file names, or why not.
-fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<String>, String> {
+fn plots(report: &Report, dir: &Path, stamp: &str) -> Result<Vec<String>, String> {
     plot::font()?;
     let mut files = Vec::new();
     for s in &report.sections {
@@ -900,11 +915,72 @@ fn plots(report: &Report, dir: &std::path::Path, stamp: &str) -> Result<Vec<Stri
     Ok(files)
 }
 
+/// Writes `records` to `path` as CSV, in the order they were sent, times
+/// from `started` (`--records`).
+fn write_records(path: &Path, records: &[run::Record], started: Instant) -> Result<()> {
+    let mut records = records.iter().collect::<Vec<_>>();
+    records.sort_by_key(|r| r.sent);
+    let mut text =
+        String::from("sent_ms,session,turn,served_by,ttft_ms,e2e_ms,prompt_tokens,cached_tokens\n");
+    for r in records {
+        text.push_str(&format!(
+            "{:.3},{},{},{},{:.3},{:.3},{},{}\n",
+            r.sent.saturating_duration_since(started).as_secs_f64() * 1e3,
+            r.session,
+            r.turn,
+            r.served_by,
+            r.ttft.as_secs_f64() * 1e3,
+            r.e2e.as_secs_f64() * 1e3,
+            r.prompt_tokens,
+            r.cached_tokens
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn records_are_written_in_the_order_they_were_sent() {
+        let started = Instant::now();
+        let record = |session, sent_ms, served_by: &str| run::Record {
+            session,
+            turn: 0,
+            served_by: served_by.to_owned(),
+            sent: started + Duration::from_millis(sent_ms),
+            ttft: Duration::from_micros(12_500),
+            e2e: Duration::from_millis(40),
+            prompt_tokens: 1601,
+            cached_tokens: 1536,
+            reply: String::new(),
+        };
+        let dir = std::env::temp_dir().join(format!("records-{}", std::process::id()));
+        let path = dir.join("shared-prefix-c16-router-daemon.csv");
+        write_records(
+            &path,
+            &[record(1, 30, "sim-2"), record(0, 10, "sim-0")],
+            started,
+        )
+        .unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "sent_ms,session,turn,served_by,ttft_ms,e2e_ms,prompt_tokens,cached_tokens",
+                "10.000,0,0,sim-0,12.500,40.000,1601,1536",
+                "30.000,1,0,sim-2,12.500,40.000,1601,1536",
+            ]
+        );
+    }
 
     #[derive(Parser)]
     struct Cli {

@@ -111,6 +111,8 @@ pub struct Record {
     pub turn: usize,
     /// `x-served-by`.
     pub served_by: String,
+    /// When the request was sent.
+    pub sent: Instant,
     /// Request sent to first token received.
     pub ttft: Duration,
     /// Request sent to last byte received.
@@ -134,6 +136,8 @@ pub struct Outcome {
     pub error_samples: Vec<String>,
     /// First request sent to last answer received.
     pub elapsed: Duration,
+    /// When the first session started.
+    pub started: Instant,
     /// Simulator ids, in fleet order.
     pub backend_ids: Vec<String>,
     /// The router's command line, when it is a process.
@@ -527,6 +531,7 @@ async fn drive(
         errors,
         error_samples,
         elapsed,
+        started,
         backend_ids: sims.ids.clone(),
         command,
         load,
@@ -733,6 +738,7 @@ async fn run_session(
             .as_deref()
             .map(|name| (name, session_id.as_str()));
         let (slot, addr) = shared.target.pick();
+        let sent = Instant::now();
         let answer = exchange(conns, addr, path, body.as_bytes(), header, REQUEST_TIMEOUT).await;
         shared.target.done(slot);
         match answer {
@@ -742,6 +748,7 @@ async fn run_session(
                     session: session.id,
                     turn,
                     served_by: a.served_by,
+                    sent,
                     ttft: a.ttft,
                     e2e: a.e2e,
                     prompt_tokens: a.prompt_tokens,
