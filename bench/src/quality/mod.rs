@@ -968,9 +968,9 @@ mod tests {
             &[record(1, 30, "sim-2"), record(0, 10, "sim-0")],
             started,
         )
-        .unwrap();
-        let text = fs::read_to_string(&path).unwrap();
-        fs::remove_dir_all(&dir).unwrap();
+        .expect("a temporary directory is writable");
+        let text = fs::read_to_string(&path).expect("just written");
+        fs::remove_dir_all(&dir).expect("just created");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines,
