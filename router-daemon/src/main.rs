@@ -8,6 +8,14 @@ use router_daemon::{Config, Dataplane};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: every connection allocates its task,
+/// buffers and routing scratch, and glibc's malloc and free were 7% of the
+/// daemon's CPU with a new connection per request (`perf`, dataplane case
+/// a). The library, and so every in-process test, keeps the system
+/// allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sets up logging: `RUST_LOG`'s level (default `info`), in `format`.
 /// Colour only on a terminal, so `kubectl logs` and log files get plain
 /// text.
