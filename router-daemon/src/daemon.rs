@@ -394,11 +394,58 @@ async fn forget_down_backends(shared: std::sync::Weak<Shared>, interval: Duratio
     }
 }
 
-/// Whether an accept error passes (out of descriptors or buffers, an
-/// aborted handshake) rather than ending the listener.
+/// Whether an accept error passes rather than ending the listener: out of
+/// descriptors or buffers, an aborted handshake, or a network error that
+/// Linux's accept(2) passes on from the pending connection (its man page
+/// lists them and says to retry as after EAGAIN). One such connection
+/// must not stop a worker, and on worker 0 the daemon.
 pub(crate) fn is_transient(err: &std::io::Error) -> bool {
     matches!(
         err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED)
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
     ) || err.kind() == std::io::ErrorKind::ConnectionAborted
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Error;
+
+    use super::is_transient;
+
+    #[test]
+    fn a_connection_s_network_error_does_not_end_the_listener() {
+        for errno in [
+            libc::EMFILE,
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+        ] {
+            assert!(
+                is_transient(&Error::from_raw_os_error(errno)),
+                "errno {errno}"
+            );
+        }
+        // The listener itself is broken: retrying cannot help.
+        for errno in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK] {
+            assert!(
+                !is_transient(&Error::from_raw_os_error(errno)),
+                "errno {errno}"
+            );
+        }
+    }
 }
