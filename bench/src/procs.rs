@@ -24,6 +24,9 @@ pub struct Proc {
     child: Child,
     status: Option<ExitStatus>,
     log: PathBuf,
+    /// Where this process's output begins in `log` (earlier processes'
+    /// output comes before it).
+    log_start: u64,
 }
 
 impl Proc {
@@ -36,6 +39,10 @@ impl Proc {
             .append(true)
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
+        let log_start = out
+            .metadata()
+            .with_context(|| format!("reading {}", log.display()))?
+            .len();
         let err = out
             .try_clone()
             .with_context(|| format!("duplicating {}", log.display()))?;
@@ -67,6 +74,7 @@ impl Proc {
             child,
             status: None,
             log: log.to_owned(),
+            log_start,
         })
     }
 
@@ -83,9 +91,12 @@ impl Proc {
         self.status
     }
 
-    /// The last `lines` lines of the log, for error messages.
+    /// The last `lines` lines this process wrote to its log, for error
+    /// messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&fs::read_to_string(&self.log).unwrap_or_default(), lines)
+        let log = fs::read(&self.log).unwrap_or_default();
+        let start = usize::try_from(self.log_start).map_or(log.len(), |s| s.min(log.len()));
+        tail(&String::from_utf8_lossy(&log[start..]), lines)
     }
 
     /// Sends `signal` to the process, or to its whole group.
@@ -156,7 +167,7 @@ fn tail(log: &str, lines: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::tail;
+    use super::*;
 
     #[test]
     fn a_tail_shows_the_error_not_its_backtrace() {
@@ -164,5 +175,29 @@ mod tests {
                    Stack backtrace:\n   0: anyhow::error\n   1: router_daemon::main\n";
         assert_eq!(tail(log, 2), "Caused by:\n    Address in use");
         assert_eq!(tail("a\n\nb\nc\n", 2), "b\nc");
+    }
+
+    #[test]
+    fn a_process_s_tail_is_its_own_output_in_a_shared_log() {
+        let log = std::env::temp_dir().join(format!("procs-tail-{}.log", std::process::id()));
+        let run = |script: &str| {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c").arg(script);
+            let mut proc = Proc::spawn("sh", cmd, &log).expect("sh starts");
+            // Bounded: sh exits at once, however busy the machine.
+            for _ in 0..3000 {
+                if proc.exited().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(proc.exited().is_some(), "sh did not exit in 30 s");
+            proc
+        };
+        let first = run("echo 'Error: the first'; echo 'Stack backtrace:'; echo '  0: main'");
+        let second = run("echo 'the second'");
+        assert_eq!(first.log_tail(1), "Error: the first");
+        assert_eq!(second.log_tail(5), "the second");
+        fs::remove_file(&log).expect("just written");
     }
 }
