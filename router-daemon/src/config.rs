@@ -338,15 +338,24 @@ pub struct Config {
 
     /// How many prompts of its own size a new prompt waits behind on its
     /// rendezvous backend before one prefilling less takes it, while no
-    /// sibling has proved it a family. Unset: no limit, so replicas with no
-    /// shared state place a new prompt alike. For a router that sees all of
-    /// its backends' traffic (one replica), 1 spreads a cold start's first
-    /// prompts instead of queueing them behind each other: measured, the
-    /// p99 TTFT near capacity falls by a third. With replicas, a prompt
-    /// spread by one replica's view of load is copied where the others
-    /// place it, and hit rates fall (see the README).
-    #[arg(long, env = "ROUTER_PLACEMENT_PATIENCE", value_parser = non_negative)]
-    pub placement_patience: Option<f64>,
+    /// sibling has proved it a family (see --placement-patience-when for
+    /// where it holds). For a router that sees all of its backends'
+    /// traffic, 1 spreads a cold start's first prompts instead of queueing
+    /// them behind each other: measured, the p99 TTFT near capacity falls by
+    /// a third (see the README).
+    #[arg(long, env = "ROUTER_PLACEMENT_PATIENCE", value_parser = non_negative,
+          default_value_t = 1.0)]
+    pub placement_patience: f64,
+
+    /// Where --placement-patience holds: `alone` (only while the backends'
+    /// scraped `/metrics` show no requests but this router's: with router
+    /// replicas, a prompt spread by one replica's view of load is copied
+    /// where the others place it, and hit rates fall), `always`, or `never`
+    /// (a new prompt always goes where every replica places it, within the
+    /// load bound).
+    #[arg(long, env = "ROUTER_PLACEMENT_PATIENCE_WHEN", value_enum,
+          default_value_t = PatienceWhen::Alone)]
+    pub placement_patience_when: PatienceWhen,
 
     /// How backends are picked: `prefixaware` (by prefix affinity weighed
     /// against load; the flags above and --session-header tune it) or
@@ -360,6 +369,17 @@ pub struct Config {
     /// rendezvous hashing, within the load bound).
     #[arg(long, env = "ROUTER_SESSION_HEADER", default_value = "x-session-id")]
     pub session_header: String,
+}
+
+/// Where placement patience holds (`--placement-patience-when`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PatienceWhen {
+    /// While no other client is seen sending requests to the backends.
+    Alone,
+    /// Whoever else sends requests to the backends.
+    Always,
+    /// Never: patience is off.
+    Never,
 }
 
 /// Parses a number from 0 to 1.
@@ -411,7 +431,9 @@ impl Config {
             rendezvous_weight: self.rendezvous_weight,
             placement_prefix: usize::try_from(self.placement_prefix_bytes).unwrap_or(usize::MAX),
             family_weight: self.family_weight,
-            placement_patience: self.placement_patience,
+            placement_patience: (self.placement_patience_when != PatienceWhen::Never)
+                .then_some(self.placement_patience),
+            patience_when_shared: self.placement_patience_when == PatienceWhen::Always,
         }
     }
 

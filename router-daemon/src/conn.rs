@@ -921,6 +921,7 @@ fn loads<'a>(
     backends: &'a [Arc<Backend>],
     candidates: &[usize],
 ) -> SmallVec<[BackendLoad<'a>; INLINE_BACKENDS]> {
+    let now = crate::backend::health::clock();
     candidates
         .iter()
         .filter_map(|&index| backends.get(index))
@@ -929,6 +930,7 @@ fn loads<'a>(
                 .with_waiting(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
                 .with_prefill(backend.prefilling())
                 .with_local(backend.local)
+                .with_clients(backend.clients(now))
         })
         .collect()
 }

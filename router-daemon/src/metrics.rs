@@ -24,7 +24,7 @@ use crate::{
     backend::{Backend, Fleet},
     dataplane::Dataplane,
     error::{Limit, Timeout},
-    route::{Reason, Router},
+    route::{Clients, Reason, Router},
 };
 
 /// A new metric of type `M`, registered as `name` with `help`; the caller
@@ -416,7 +416,7 @@ struct BackendGauges(Arc<Fleet>);
 impl Collector for BackendGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Reading = fn(&Backend) -> i64;
-        let per_backend: [(&str, &str, Reading); 5] = [
+        let per_backend: [(&str, &str, Reading); 6] = [
             (
                 "router_backend_in_flight",
                 "Requests forwarded to the backend whose response has not ended (exact)",
@@ -442,6 +442,18 @@ impl Collector for BackendGauges {
                 "router_backend_running",
                 "Requests running in the backend's engine at the last scrape",
                 |backend| i64::try_from(backend.running()).unwrap_or(i64::MAX),
+            ),
+            (
+                "router_backend_shared",
+                "Whether the backend also serves requests this router did not send: 1 (another \
+                 replica's, as a scrape in the last minute showed), 0 (only this router's), -1 (not \
+                 known yet). New prompts spread by this router's view of load only while none is 1 \
+                 and some is 0 (--placement-patience-when)",
+                |backend| match backend.clients(crate::backend::health::clock()) {
+                    Clients::Unknown => -1,
+                    Clients::Ours => 0,
+                    Clients::Others => 1,
+                },
             ),
         ];
         let backends = self.0.snapshot();

@@ -5,7 +5,12 @@
 //! probes at start and then every [`Discovery::interval`]: `GET /v1/models`,
 //! then, if that got an HTTP answer, `GET /metrics`. The tasks hold only a
 //! `Weak` reference to their backend and end when it is dropped, or when
-//! the [`DiscoveryTask`] guard is dropped, whichever comes first.
+//! the [`DiscoveryTask`] guard is dropped, whichever comes first. Once
+//! requests start going to a backend, its task also reads `/metrics` a
+//! moment after each, until [`EARLY_SCRAPES`](super::EARLY_SCRAPES) scrapes
+//! have found traffic: whether other clients share the backend
+//! ([`Backend::clients`]) is then known within a fraction of a second of
+//! the first requests, not an interval later.
 //!
 //! Owner decisions:
 //! - Health follows `/v1/models` only. A failure is no HTTP answer at all
@@ -28,7 +33,10 @@ use super::{
     Backend, Backends,
     probe::{self, Load},
 };
-use crate::dataplane::probe::{Target, get};
+use crate::{
+    dataplane::probe::{Target, get},
+    route::Clients,
+};
 use std::sync::atomic::Ordering;
 
 /// How often and how patiently backends are probed.
@@ -68,16 +76,34 @@ impl DiscoveryTask {
             return;
         }
         self.tasks.retain(|task| !task.is_finished());
+        let traffic = Arc::clone(&backend.traffic);
         let backend = Arc::downgrade(backend);
         self.tasks.push(tokio::spawn(async move {
             let mut ticks = tokio::time::interval(discovery.interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticks.tick().await;
+                let early = tokio::select! {
+                    _ = ticks.tick() => false,
+                    () = traffic.notified() => true,
+                };
+                if early {
+                    tokio::time::sleep(super::EARLY_SCRAPE_GAP).await;
+                }
                 let Some(backend) = backend.upgrade() else {
                     return;
                 };
-                backend.probe(&discovery).await;
+                if early {
+                    backend.scrape_load(&discovery).await;
+                    // Until enough scrapes found traffic, the next comes a
+                    // gap later while requests are in flight here.
+                    if backend.busy_scrapes.load(Ordering::Relaxed) < super::EARLY_SCRAPES
+                        && backend.in_flight() > 0
+                    {
+                        traffic.notify_one();
+                    }
+                } else {
+                    backend.probe(&discovery).await;
+                }
             }
         }));
     }
@@ -117,14 +143,19 @@ impl fmt::Display for Unlisted {
 }
 
 impl Backend {
-    /// Probes the backend once: its models, health and load.
-    pub(crate) async fn probe(&self, discovery: &Discovery) {
-        let target = Target {
+    /// Where discovery's GETs go, within its timeouts.
+    fn target(&self, discovery: &Discovery) -> Target<'_> {
+        Target {
             addr: self.addr,
             host: &self.authority,
             connect_timeout: discovery.connect_timeout,
             timeout: discovery.timeout,
-        };
+        }
+    }
+
+    /// Probes the backend once: its models, health and load.
+    pub(crate) async fn probe(&self, discovery: &Discovery) {
+        let target = self.target(discovery);
         match get(target, "/v1/models").await {
             Err(err) => return self.failed(discovery.down_after, &err),
             Ok(response) if response.status >= 500 => {
@@ -156,6 +187,12 @@ impl Backend {
                 }
             }
         }
+        self.scrape_load(discovery).await;
+    }
+
+    /// Reads the backend's load from `/metrics` (see [`Self::probe`]).
+    async fn scrape_load(&self, discovery: &Discovery) {
+        let target = self.target(discovery);
         // The engine reads its queue at some moment of the scrape; any of
         // our requests in it was in flight when the scrape began or started
         // during it (one that ended before the scrape returned included).
@@ -175,7 +212,9 @@ impl Backend {
                 }
                 let started_during = self.started().saturating_sub(started_before);
                 let started_during = usize::try_from(started_during).unwrap_or(usize::MAX);
-                self.set_load(load, ours_before.saturating_add(started_during));
+                let ours = ours_before.saturating_add(started_during);
+                self.observe_clients(&load, ours, super::health::clock());
+                self.set_load(load, ours);
             }
             Err(why) => {
                 if self.load_ok.swap(false, Ordering::Relaxed) {
@@ -222,6 +261,33 @@ impl Backend {
         }
     }
 
+    /// Notes whether a scrape at `now`, taken while `ours` of this
+    /// router's requests were in flight, shows other clients' requests
+    /// (see [`Backend::clients`]); logs when that changes.
+    pub(super) fn observe_clients(&self, load: &Load, ours: usize, now: u64) {
+        let engine = load
+            .waiting
+            .unwrap_or(0)
+            .saturating_add(load.running.unwrap_or(0));
+        let others = engine.saturating_sub(u64::try_from(ours).unwrap_or(u64::MAX));
+        let before = self.clients(now);
+        if engine > 0 || ours > 0 {
+            self.busy_scrapes.fetch_add(1, Ordering::Relaxed);
+        }
+        if others > 0 {
+            self.others_seen.store(now, Ordering::Relaxed);
+        }
+        match (before, self.clients(now)) {
+            (before, Clients::Others) if before != Clients::Others => {
+                info!(backend = %self.name, others,
+                "the backend also serves requests this router did not send (another replica's, or direct clients')")
+            }
+            (before, Clients::Ours) if before != Clients::Ours => info!(backend = %self.name,
+                "the backend serves only this router's requests"),
+            _ => {}
+        }
+    }
+
     /// Stores a scrape's load, taken while `ours` of this router's
     /// requests were in flight; absent metrics count as 0.
     pub(super) fn set_load(&self, load: Load, ours: usize) {
@@ -239,6 +305,7 @@ impl Backend {
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
+    use crate::backend::{EARLY_SCRAPES, SHARED_MEMORY_MS};
 
     #[tokio::test]
     async fn our_own_requests_in_a_scraped_queue_are_not_counted_twice() {
@@ -259,6 +326,38 @@ mod tests {
         assert_eq!((backend.waiting(), backend.others_waiting()), (3, 2));
         backend.set_load(queued(2), 0);
         assert_eq!(backend.others_waiting(), 2);
+    }
+
+    #[tokio::test]
+    async fn scrapes_tell_whether_other_clients_send_requests_to_a_backend() {
+        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
+            .await
+            .unwrap();
+        let backend = backends.get(0).unwrap();
+        let engine = |running, waiting| Load {
+            waiting: Some(waiting),
+            running: Some(running),
+        };
+        // Nothing read yet, or only an idle engine: nothing says whether
+        // the router is alone.
+        assert_eq!(backend.clients(1), Clients::Unknown);
+        backend.observe_clients(&engine(0, 0), 0, 1);
+        assert_eq!(backend.clients(1), Clients::Unknown);
+        // Everything the engine holds may be ours, a few scrapes running.
+        for _ in 0..EARLY_SCRAPES {
+            assert_eq!(backend.clients(1_000), Clients::Unknown);
+            backend.observe_clients(&engine(2, 1), 3, 1_000);
+        }
+        assert_eq!(backend.clients(1_000), Clients::Ours);
+        // One more than ours: another client's, remembered for a while.
+        backend.observe_clients(&engine(3, 1), 3, 2_000);
+        assert_eq!(backend.clients(2_000), Clients::Others);
+        backend.observe_clients(&engine(0, 0), 0, 7_000);
+        assert_eq!(
+            backend.clients(2_000 + SHARED_MEMORY_MS - 1),
+            Clients::Others
+        );
+        assert_eq!(backend.clients(2_000 + SHARED_MEMORY_MS), Clients::Ours);
     }
 
     #[tokio::test]

@@ -47,12 +47,25 @@ use std::{
     },
 };
 
-use crate::{error::ApiError, metrics::BackendCounters};
+use crate::{error::ApiError, metrics::BackendCounters, route::Clients};
 pub use discovery::Discovery;
 pub(crate) use discovery::DiscoveryTask;
 pub(crate) use endpoints::{Endpoint, StaticSource};
 pub(crate) use fleet::Fleet;
 pub(crate) use health::{Ejection, Outcome};
+
+/// How long, in milliseconds, a scrape showing other clients' requests on a
+/// backend keeps [other clients](Backend::clients) on it: a dozen scrapes at the
+/// default interval, so a replica that is idle for a moment still counts.
+pub(crate) const SHARED_MEMORY_MS: u64 = 60_000;
+
+/// How many scrapes that find traffic on a backend discovery takes early,
+/// [`EARLY_SCRAPE_GAP`] apart, once requests start going there.
+pub(crate) const EARLY_SCRAPES: u32 = 4;
+
+/// The time between early scrapes: long enough for requests sent together
+/// (this router's and other replicas') to reach the engine.
+pub(crate) const EARLY_SCRAPE_GAP: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// A backend URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +137,16 @@ pub struct Backend {
     waiting: AtomicU64,
     /// Of `waiting`, those that were not this router's requests.
     others_waiting: AtomicU64,
+    /// [`health::clock`] of the last scrape that showed requests this
+    /// router did not send; 0: none yet.
+    others_seen: AtomicU64,
+    /// Scrapes that found requests in the engine or in flight from here.
+    busy_scrapes: AtomicU32,
+    /// Woken by a request while fewer than [`EARLY_SCRAPES`] scrapes have
+    /// found traffic: discovery then reads the load at once (see
+    /// `discovery`), so a router learns within a moment of its first
+    /// requests whether it shares the backend, not an interval later.
+    pub(crate) traffic: Arc<tokio::sync::Notify>,
     running: AtomicU64,
     /// The models of the last good `/v1/models` answer; `None` until one.
     models: RwLock<Option<Arc<[String]>>>,
@@ -157,6 +180,9 @@ impl Backend {
             downs: AtomicU32::new(0),
             waiting: AtomicU64::new(0),
             others_waiting: AtomicU64::new(0),
+            others_seen: AtomicU64::new(0),
+            busy_scrapes: AtomicU32::new(0),
+            traffic: Arc::default(),
             running: AtomicU64::new(0),
             models: RwLock::new(None),
             models_ok: AtomicBool::new(true),
@@ -251,6 +277,27 @@ impl Backend {
         self.others_waiting.load(Ordering::Relaxed)
     }
 
+    /// Who sends requests here, as far as the router can tell at
+    /// [`health::clock`] time `now`: [`Clients::Others`] when a scrape in
+    /// the last [`SHARED_MEMORY_MS`] counted more requests running and
+    /// waiting than this router could have had there (another replica's,
+    /// or a client calling the engine directly); [`Clients::Ours`] once
+    /// [`EARLY_SCRAPES`] scrapes have found traffic and none of it was
+    /// another's; [`Clients::Unknown`] before (discovery off, no
+    /// `/metrics`, or no requests yet: replicas that start together all see
+    /// an idle engine first). Routing spreads a new prompt by its own view
+    /// of load only where it sees all of it (see `route::policy`).
+    pub(crate) fn clients(&self, now: u64) -> Clients {
+        let seen = self.others_seen.load(Ordering::Relaxed);
+        if seen != 0 && now.saturating_sub(seen) < SHARED_MEMORY_MS {
+            Clients::Others
+        } else if self.busy_scrapes.load(Ordering::Relaxed) < EARLY_SCRAPES {
+            Clients::Unknown
+        } else {
+            Clients::Ours
+        }
+    }
+
     /// Requests running in the backend's engine (`vllm:num_requests_running`)
     /// at the last scrape; 0 when unknown.
     pub fn running(&self) -> u64 {
@@ -306,6 +353,9 @@ impl Backend {
     /// `prefill` uncached key bytes as prefilling until it is answered.
     pub(crate) fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
+        if self.busy_scrapes.load(Ordering::Relaxed) < EARLY_SCRAPES {
+            self.traffic.notify_one();
+        }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.prefilling.fetch_add(prefill, Ordering::Relaxed);
         InFlight {

@@ -152,6 +152,23 @@ pub struct BackendLoad<'a> {
     /// On the router's own node: wins when costs are close (see
     /// `policy::LOCAL_MARGIN`).
     pub local: bool,
+    /// Whether other clients (another router replica) send requests there
+    /// too: a new prompt goes where every replica would place it unless the
+    /// router knows it is alone (see `policy`, placement patience).
+    pub(crate) clients: Clients,
+}
+
+/// Who sends requests to a backend, as far as the router knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Clients {
+    /// Not known yet.
+    #[default]
+    Unknown,
+    /// Only this router, as its recent scrapes showed.
+    Ours,
+    /// Others too (another router replica, or clients calling the engine
+    /// directly), as a recent scrape showed.
+    Others,
 }
 
 impl<'a> BackendLoad<'a> {
@@ -163,6 +180,7 @@ impl<'a> BackendLoad<'a> {
             waiting: 0,
             prefill: 0,
             local: false,
+            clients: Clients::Unknown,
         }
     }
 
@@ -170,6 +188,12 @@ impl<'a> BackendLoad<'a> {
     #[must_use]
     pub(crate) fn with_local(self, local: bool) -> Self {
         Self { local, ..self }
+    }
+
+    /// The same view, with who else sends requests there.
+    #[must_use]
+    pub(crate) fn with_clients(self, clients: Clients) -> Self {
+        Self { clients, ..self }
     }
 
     /// The same view with `waiting` queued requests.

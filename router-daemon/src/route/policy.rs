@@ -122,13 +122,16 @@
 //!
 //! That hold has a price near capacity: in a cold start, new families whose
 //! first prompts hash onto one backend queue behind each other's prefill.
-//! [`Policy::placement_patience`] (`--placement-patience`, off by default)
-//! caps the family's worth in the lead, not in the load bound, at that many
+//! [`Policy::placement_patience`] (`--placement-patience`, 1 prompt) caps
+//! the family's worth in the lead, not in the load bound, at that many
 //! prompts of the prompt's own size, unless a pending sibling proved the
 //! family. For one router, which sees every request's prefill, 1 cut the
 //! p99 TTFT near capacity by a third; with replicas, each spreads by its own
-//! view and copies families the others place on their rendezvous backend,
-//! so it stays opt-in (numbers in the README).
+//! view and copies families the others place on their rendezvous backend.
+//! So it holds only while the router knows it is alone: no candidate has
+//! [other clients](super::Clients::Others), as the backends' scraped
+//! queues show, and some are known to have [only ours](super::Clients::Ours)
+//! (numbers in the README).
 //!
 //! # Family layout (opt-in)
 //! Hashing a dozen families (system prompts, templates) onto four
@@ -165,7 +168,7 @@
 //! conversation prefix.
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::{BackendLoad, Decision, Reason};
+use super::{BackendLoad, Clients, Decision, Reason};
 
 /// How the router picks a backend (`--routing-logic`; the production-stack
 /// chart's `routingLogic`).
@@ -215,9 +218,15 @@ pub struct Policy {
     /// How many prompts of its own size a new prompt that no sibling has
     /// proved a family yet waits behind on its rendezvous backend before a
     /// backend prefilling less takes it (rule 3): what its family is worth
-    /// counts up to that much in its lead. None: no limit, so replicas
-    /// place new prompts alike (see the module doc).
+    /// counts up to that much in its lead, while the router knows it is
+    /// alone: no candidate has [other clients](super::Clients::Others) and
+    /// some are known to have [only ours](super::Clients::Ours) (unless
+    /// [`Policy::patience_when_shared`]). None: no limit, so a new prompt
+    /// goes where every replica places it (see the module doc).
     pub(crate) placement_patience: Option<f64>,
+    /// Whether placement patience holds even where other clients (router
+    /// replicas) send requests to the candidates too.
+    pub(crate) patience_when_shared: bool,
 }
 
 impl Policy {
@@ -234,7 +243,8 @@ impl Policy {
         rendezvous_weight: 2.0,
         placement_prefix: 2048,
         family_weight: 10.0,
-        placement_patience: None,
+        placement_patience: Some(1.0),
+        patience_when_shared: false,
     };
 }
 
@@ -286,11 +296,15 @@ impl Policy {
     /// to its rendezvous backend: at most [`Policy::placement_patience`]
     /// prompts of its size of prefill.
     fn patient(&self, worth: f64, input: &Inputs) -> f64 {
+        let alone = || {
+            let mut clients = input.backends.iter().map(|b| b.clients);
+            !clients.clone().any(|c| c == Clients::Others) && clients.any(|c| c == Clients::Ours)
+        };
         match self.placement_patience {
-            Some(prompts) => {
+            Some(prompts) if self.patience_when_shared || alone() => {
                 worth.min(prompts * self.affinity_weight * input.conversation_len() as f64 / 1024.0)
             }
-            None => worth,
+            _ => worth,
         }
     }
 
@@ -617,6 +631,7 @@ mod tests {
                 waiting,
                 prefill: 0,
                 local: false,
+                clients: Clients::Ours,
             })
             .collect()
     }
@@ -975,6 +990,31 @@ mod tests {
         };
         let d = choose(&patient(Some(1.0)), &sibling).unwrap();
         assert_eq!(d.backend, first);
+        // Another replica sends to one of the backends: the prompt stays
+        // where every replica places it, unless patience holds there too.
+        let mut shared = v.clone();
+        let other = (first + 1) % shared.len();
+        shared[other] = shared[other].with_clients(Clients::Others);
+        let input = Inputs {
+            backends: &shared,
+            ..input
+        };
+        let d = choose(&patient(Some(1.0)), &input).unwrap();
+        assert_eq!((d.backend, d.reason), (first, Reason::Placed));
+        let always = Policy {
+            patience_when_shared: true,
+            ..patient(Some(1.0))
+        };
+        let d = choose(&always, &input).unwrap();
+        assert_ne!(d.backend, first);
+        // Nothing known yet of who else sends there: the same.
+        let unknown: Vec<_> = v.iter().map(|b| b.with_clients(Clients::Unknown)).collect();
+        let input = Inputs {
+            backends: &unknown,
+            ..input
+        };
+        let d = choose(&patient(Some(1.0)), &input).unwrap();
+        assert_eq!((d.backend, d.reason), (first, Reason::Placed));
     }
 
     #[test]
@@ -1104,7 +1144,7 @@ mod tests {
         /// Whatever the loads, matches and seeds, the choice respects the bound.
         #[test]
         fn bounded_load_holds(
-            loads in prop::collection::vec((0usize..50, 0usize..50, 0usize..100_000), 1..=8),
+            loads in prop::collection::vec((0usize..50, 0usize..50, 0usize..100_000, any::<bool>()), 1..=8),
             matched in prop::collection::vec(0usize..200_000, 8),
             extra in 0usize..10_000,
             conversation in 0usize..200_000,
@@ -1121,13 +1161,15 @@ mod tests {
             layout in any::<Option<usize>>(),
             family_weight in 0.0f64..4.0,
             placement_patience in any::<Option<u8>>(),
+            patience_when_shared in any::<bool>(),
+            clients in prop::sample::select(vec![Clients::Unknown, Clients::Ours, Clients::Others]),
             reuse in 0.0f64..=1.0,
             pending in any::<Option<usize>>(),
         ) {
             let v: Vec<BackendLoad> = loads
                 .iter()
                 .zip(NAMES)
-                .map(|(&(in_flight, waiting, prefill), name)| BackendLoad { name, in_flight, waiting, prefill, local: false })
+                .map(|(&(in_flight, waiting, prefill, others), name)| BackendLoad { name, in_flight, waiting, prefill, local: false, clients: if others { Clients::Others } else { clients } })
                 .collect();
             let policy = Policy {
                 logic: Logic::PrefixAware,
@@ -1141,6 +1183,7 @@ mod tests {
                 placement_prefix: 2048,
                 family_weight,
                 placement_patience: placement_patience.map(f64::from),
+                patience_when_shared,
             };
             let matched = &matched[..v.len()];
             let input = Inputs {

@@ -15,10 +15,11 @@ use std::{
 };
 
 use integration_tests::{
-    get, loopback_listener, metric, post_json, start_router, start_router_with, start_sims,
+    Response, get, loopback_listener, metric, post_json, start_router, start_router_with,
+    start_sims,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
-use router_daemon::Dataplane;
+use router_daemon::{Dataplane, config::PatienceWhen};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -321,40 +322,9 @@ async fn serve_queueing(
     scraped: Arc<Notify>,
 ) {
     let mut buf = Vec::new();
-    loop {
-        // One request: its head, then a Content-Length body.
-        let head_end = loop {
-            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let body_len: usize = head
-            .lines()
-            .find_map(|line| line.strip_prefix("content-length:"))
-            .map_or(0, |len| len.trim().parse().expect("content-length"));
-        while buf.len() < head_end + body_len {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..head_end + body_len);
-        let path = head
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_owned();
+    while let Some((path, _)) = read_request(&mut stream, &mut buf).await {
         let body = match path.as_str() {
-            "/v1/models" => {
-                json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).to_string()
-            }
+            "/v1/models" => models(),
             "/metrics" => {
                 let waiting = busy.load(Ordering::SeqCst);
                 if waiting > 0 {
@@ -366,18 +336,69 @@ async fn serve_queueing(
                 busy.fetch_add(1, Ordering::SeqCst);
                 let _ = tokio::time::timeout(Duration::from_secs(2), scraped.notified()).await;
                 busy.fetch_sub(1, Ordering::SeqCst);
-                json!({"object": "text_completion", "choices": [{"index": 0, "text": "Paris."}]})
-                    .to_string()
+                completion()
             }
         };
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-served-by: {name}\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        if stream.write_all(response.as_bytes()).await.is_err() {
+        if !respond(&mut stream, name, &body).await {
             return;
         }
     }
+}
+
+/// Reads one request from `stream` (its head, then a Content-Length
+/// body), keeping what follows in `buf`: its path and body, or None once
+/// the stream ends.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let body_len: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |len| len.trim().parse().expect("content-length"));
+    while buf.len() < head_end + body_len {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[head_end..head_end + body_len].to_vec();
+    buf.drain(..head_end + body_len);
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    Some((path, body))
+}
+
+/// A fake engine's `/v1/models` answer.
+fn models() -> String {
+    json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).to_string()
+}
+
+/// A fake engine's completion.
+fn completion() -> String {
+    json!({"object": "text_completion", "choices": [{"index": 0, "text": "Paris."}]}).to_string()
+}
+
+/// Writes a 200 answer carrying `body` from the engine called `name`;
+/// false once the client has gone.
+async fn respond(stream: &mut TcpStream, name: &str, body: &str) -> bool {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-served-by: {name}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await.is_ok()
 }
 
 /// The tutorial's two requests while discovery keeps catching each one
@@ -396,7 +417,7 @@ async fn a_scraped_queue_of_our_own_requests_does_not_move_a_continuation() {
     discovered(router, &urls).await;
     for country in ["France", "Japan", "Peru", "Kenya"] {
         let first = format!("What is the capital of {country}?");
-        let served = |response: &integration_tests::Response| {
+        let served = |response: &Response| {
             assert_eq!(response.status, 200, "{}", response.text());
             response
                 .header("x-served-by")
@@ -421,4 +442,205 @@ async fn a_scraped_queue_of_our_own_requests_does_not_move_a_continuation() {
         );
         assert_eq!(follow_up, opening, "the {country} conversation moved");
     }
+}
+
+/// A fake vLLM engine that holds every completion whose `user` is `hold`
+/// until [`HoldingEngine::release`], and reports the ones it holds as
+/// running in `/metrics`; it answers any other completion at once.
+struct HoldingEngine {
+    url: String,
+    /// Completions held now.
+    held: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+}
+
+impl HoldingEngine {
+    async fn start(name: &'static str) -> Self {
+        let listener = loopback_listener();
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let held = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Notify::new());
+        let (counter, gate) = (Arc::clone(&held), Arc::clone(&release));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (held, release) = (Arc::clone(&counter), Arc::clone(&gate));
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some((path, body)) = read_request(&mut stream, &mut buf).await {
+                        let answer = match path.as_str() {
+                            "/v1/models" => models(),
+                            "/metrics" => format!(
+                                "vllm:num_requests_waiting 0\nvllm:num_requests_running {}\n",
+                                held.load(Ordering::SeqCst)
+                            ),
+                            _ => {
+                                let request: Value = serde_json::from_slice(&body).expect("json");
+                                if request["user"] == "hold" {
+                                    let released = release.notified();
+                                    held.fetch_add(1, Ordering::SeqCst);
+                                    released.await;
+                                    held.fetch_sub(1, Ordering::SeqCst);
+                                }
+                                completion()
+                            }
+                        };
+                        if !respond(&mut stream, name, &answer).await {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { url, held, release }
+    }
+
+    /// Waits (bounded) until the engine holds `n` completions.
+    async fn holds(&self, n: usize) {
+        for _ in 0..400 {
+            if self.held.load(Ordering::SeqCst) == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "{} never held {n} completions (holds {})",
+            self.url,
+            self.held.load(Ordering::SeqCst)
+        );
+    }
+
+    /// Answers every completion held now.
+    fn release(&self) {
+        self.release.notify_waiters();
+    }
+}
+
+/// Waits (bounded) until the router's `router_backend_shared` gauge reads
+/// `shared` for every backend in `urls` (1: other clients' requests seen,
+/// 0: only the router's, -1: not known yet).
+async fn shared_gauge(router: SocketAddr, urls: &[&str], shared: f64) {
+    for _ in 0..400 {
+        let metrics = get(router, "/metrics").await.text();
+        if urls.iter().all(|url| {
+            metric(
+                &metrics,
+                &format!("router_backend_shared{{backend=\"{url}\"}}"),
+            ) == Some(shared)
+        }) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("router_backend_shared never read {shared} for {urls:?}");
+}
+
+/// A 3.3 KiB prompt of its own family (its first bytes differ from every
+/// other's): shorter than a completion's conversation prefix, so the whole
+/// prompt is what patience weighs.
+fn family_prompt(family: usize) -> String {
+    format!(
+        "{family:05} {}",
+        "You answer questions about one tenant's documents. ".repeat(64)
+    )
+}
+
+/// A router alone in front of its engines spreads a new prompt off its
+/// rendezvous backend once two prompts of its size queue for prefill
+/// there (placement patience); once a scrape shows another client's
+/// requests on a backend, new prompts go where every replica would place
+/// them, queued prefill or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
+    let engines = [
+        HoldingEngine::start("a").await,
+        HoldingEngine::start("b").await,
+    ];
+    let urls: Vec<String> = engines.iter().map(|e| e.url.clone()).collect();
+    // Where each family's first prompt goes on an idle fleet: its
+    // rendezvous backend, which every replica computes alike.
+    let (probe, _stop_probe) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        config.placement_patience_when = PatienceWhen::Never;
+    })
+    .await;
+    discovered(probe, &urls).await;
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for family in 0..200 {
+        let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4});
+        let response = post_json(probe, "/v1/completions", &request).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        match response.header("x-served-by") {
+            Some("a") => on_a.push(family),
+            _ => on_b.push(family),
+        }
+        if on_a.len() >= 5 && !on_b.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        on_a.len() >= 5 && !on_b.is_empty(),
+        "200 families all hash alike"
+    );
+
+    let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        config.discovery_interval_ms = 100;
+    })
+    .await;
+    discovered(router, &urls).await;
+    let send = |family: usize| {
+        let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4, "user": "hold"});
+        tokio::spawn(async move { post_json(router, "/v1/completions", &request).await })
+    };
+    // Until scrapes have seen its requests on both engines and nothing
+    // else, the router cannot tell it is alone.
+    let both = [urls[0].as_str(), urls[1].as_str()];
+    shared_gauge(router, &both, -1.0).await;
+    let warm_up = [send(on_a[4]), send(on_b[0])];
+    shared_gauge(router, &both, 0.0).await;
+    for engine in &engines {
+        engine.release();
+        engine.holds(0).await;
+    }
+    for task in warm_up {
+        assert_eq!(task.await.expect("warm-up task").status, 200);
+    }
+
+    // Alone: two prompts queue on a; the third goes to b.
+    let first = send(on_a[0]);
+    engines[0].holds(1).await;
+    let second = send(on_a[1]);
+    engines[0].holds(2).await;
+    let third = send(on_a[2]);
+    engines[1].holds(1).await;
+    assert_eq!(engines[0].held.load(Ordering::SeqCst), 2);
+
+    // Another client's request on b, seen by the next scrape.
+    let direct = {
+        let engine: SocketAddr = urls[1].trim_start_matches("http://").parse().expect("addr");
+        let request = json!({"model": MODEL, "prompt": "direct", "max_tokens": 4, "user": "hold"});
+        tokio::spawn(async move { post_json(engine, "/v1/completions", &request).await })
+    };
+    engines[1].holds(2).await;
+    shared_gauge(router, &both[1..], 1.0).await;
+    engines[1].release();
+    engines[1].holds(0).await;
+    // Shared: the fourth waits behind two prompts on a, where every
+    // replica places it, though b is idle.
+    let fourth = send(on_a[3]);
+    engines[0].holds(3).await;
+    assert_eq!(engines[1].held.load(Ordering::SeqCst), 0);
+
+    engines[0].release();
+    let served = |response: Response| {
+        assert_eq!(response.status, 200, "{}", response.text());
+        response
+            .header("x-served-by")
+            .expect("x-served-by")
+            .to_owned()
+    };
+    let mut order = Vec::new();
+    for task in [first, second, third, fourth] {
+        order.push(served(task.await.expect("request task")));
+    }
+    assert_eq!(order, ["a", "a", "b", "a"]);
+    assert_eq!(served(direct.await.expect("direct task")), "b");
 }
