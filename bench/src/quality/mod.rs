@@ -918,27 +918,41 @@ fn plots(report: &Report, dir: &Path, stamp: &str) -> Result<Vec<String>, String
 /// Writes `records` to `path` as CSV, in the order they were sent, times
 /// from `started` (`--records`).
 fn write_records(path: &Path, records: &[run::Record], started: Instant) -> Result<()> {
+    /// One CSV row: a request's outcome, times in milliseconds.
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        sent_ms: String,
+        session: usize,
+        turn: usize,
+        served_by: &'a str,
+        ttft_ms: String,
+        e2e_ms: String,
+        prompt_tokens: u64,
+        cached_tokens: u64,
+    }
+    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
     let mut records = records.iter().collect::<Vec<_>>();
     records.sort_by_key(|r| r.sent);
-    let mut text =
-        String::from("sent_ms,session,turn,served_by,ttft_ms,e2e_ms,prompt_tokens,cached_tokens\n");
-    for r in records {
-        text.push_str(&format!(
-            "{:.3},{},{},{},{:.3},{:.3},{},{}\n",
-            r.sent.saturating_duration_since(started).as_secs_f64() * 1e3,
-            r.session,
-            r.turn,
-            r.served_by,
-            r.ttft.as_secs_f64() * 1e3,
-            r.e2e.as_secs_f64() * 1e3,
-            r.prompt_tokens,
-            r.cached_tokens
-        ));
-    }
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    let mut csv =
+        csv::Writer::from_path(path).with_context(|| format!("creating {}", path.display()))?;
+    for r in records {
+        csv.serialize(Row {
+            sent_ms: ms(r.sent.saturating_duration_since(started)),
+            session: r.session,
+            turn: r.turn,
+            served_by: &r.served_by,
+            ttft_ms: ms(r.ttft),
+            e2e_ms: ms(r.e2e),
+            prompt_tokens: r.prompt_tokens,
+            cached_tokens: r.cached_tokens,
+        })
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    csv.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -965,7 +979,7 @@ mod tests {
         let path = dir.join("shared-prefix-c16-router-daemon.csv");
         write_records(
             &path,
-            &[record(1, 30, "sim-2"), record(0, 10, "sim-0")],
+            &[record(1, 30, "sim-2"), record(0, 10, "sim-0, the first")],
             started,
         )
         .expect("a temporary directory is writable");
@@ -976,7 +990,7 @@ mod tests {
             lines,
             [
                 "sent_ms,session,turn,served_by,ttft_ms,e2e_ms,prompt_tokens,cached_tokens",
-                "10.000,0,0,sim-0,12.500,40.000,1601,1536",
+                "10.000,0,0,\"sim-0, the first\",12.500,40.000,1601,1536",
                 "30.000,1,0,sim-2,12.500,40.000,1601,1536",
             ]
         );
