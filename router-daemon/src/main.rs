@@ -16,6 +16,16 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Gives the heap freed so far back to the system: the sockmap probe of
+/// `Dataplane::select` parses the kernel's BTF, tens of MiB that mimalloc
+/// would otherwise keep resident on this thread (measured: 54 MiB resident
+/// after an `auto` start without this).
+fn release_freed_heap() {
+    // SAFETY: mi_collect only purges free memory of mimalloc's heaps; it has
+    // no preconditions and touches no live allocation.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Sets up logging: `RUST_LOG`'s level (default `info`), in `format`.
 /// Colour only on a terminal, so `kubectl logs` and log files get plain
 /// text.
@@ -50,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
     }
     let (dataplane, why) = Dataplane::select(config.dataplane).context("dataplane")?;
+    release_freed_heap();
     tracing::info!(mode = dataplane.mode().as_str(), "dataplane: {why}");
     let listener = router_daemon::listener(config.listen)
         .with_context(|| format!("binding {}", config.listen))?;
