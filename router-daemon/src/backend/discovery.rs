@@ -92,17 +92,16 @@ impl DiscoveryTask {
                 let Some(backend) = backend.upgrade() else {
                     return;
                 };
-                if early {
+                if !early {
+                    backend.probe(&discovery).await;
+                } else if backend.wants_early_scrape() {
+                    backend.early_scrapes.fetch_add(1, Ordering::Relaxed);
                     backend.scrape_load(&discovery).await;
-                    // Until enough scrapes found traffic, the next comes a
-                    // gap later while requests are in flight here.
-                    if backend.busy_scrapes.load(Ordering::Relaxed) < super::EARLY_SCRAPES
-                        && backend.in_flight() > 0
-                    {
+                    // While one is still wanted, the next comes a gap later
+                    // if requests are in flight here.
+                    if backend.wants_early_scrape() && backend.in_flight() > 0 {
                         traffic.notify_one();
                     }
-                } else {
-                    backend.probe(&discovery).await;
                 }
             }
         }));
@@ -307,11 +306,16 @@ mod tests {
     use super::*;
     use crate::backend::{EARLY_SCRAPES, SHARED_MEMORY_MS};
 
+    /// A set of one backend that nothing listens for.
+    async fn one_backend() -> Backends {
+        Backends::resolve(&["http://127.0.0.1:1".into()])
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn our_own_requests_in_a_scraped_queue_are_not_counted_twice() {
-        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
-            .await
-            .unwrap();
+        let backends = one_backend().await;
         let backend = backends.get(0).unwrap();
         let queued = |waiting| Load {
             waiting: Some(waiting),
@@ -330,9 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn scrapes_tell_whether_other_clients_send_requests_to_a_backend() {
-        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
-            .await
-            .unwrap();
+        let backends = one_backend().await;
         let backend = backends.get(0).unwrap();
         let engine = |running, waiting| Load {
             waiting: Some(waiting),
@@ -362,9 +364,7 @@ mod tests {
 
     #[tokio::test]
     async fn down_after_threshold_and_up_on_answer() {
-        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
-            .await
-            .unwrap();
+        let backends = one_backend().await;
         let backend = backends.get(0).unwrap();
         backend.set_load(
             Load {

@@ -63,6 +63,11 @@ pub(crate) const SHARED_MEMORY_MS: u64 = 60_000;
 /// [`EARLY_SCRAPE_GAP`] apart, once requests start going there.
 pub(crate) const EARLY_SCRAPES: u32 = 4;
 
+/// At most this many early scrapes, found traffic or not: a backend whose
+/// `/metrics` fails, or whose requests end before each scrape, is read at
+/// the discovery interval after that, never 40 times a second.
+pub(crate) const EARLY_SCRAPE_LIMIT: u32 = 3 * EARLY_SCRAPES;
+
 /// The time between early scrapes: long enough for requests sent together
 /// (this router's and other replicas') to reach the engine.
 pub(crate) const EARLY_SCRAPE_GAP: std::time::Duration = std::time::Duration::from_millis(25);
@@ -142,11 +147,13 @@ pub struct Backend {
     others_seen: AtomicU64,
     /// Scrapes that found requests in the engine or in flight from here.
     busy_scrapes: AtomicU32,
-    /// Woken by a request while fewer than [`EARLY_SCRAPES`] scrapes have
-    /// found traffic: discovery then reads the load at once (see
-    /// `discovery`), so a router learns within a moment of its first
-    /// requests whether it shares the backend, not an interval later.
-    pub(crate) traffic: Arc<tokio::sync::Notify>,
+    /// Early scrapes taken, whatever they found.
+    early_scrapes: AtomicU32,
+    /// Woken by a request while an early scrape is wanted
+    /// ([`Self::wants_early_scrape`]): discovery then reads the load at
+    /// once (see `discovery`), so a router learns within a moment of its
+    /// first requests whether it shares the backend, not an interval later.
+    traffic: Arc<tokio::sync::Notify>,
     running: AtomicU64,
     /// The models of the last good `/v1/models` answer; `None` until one.
     models: RwLock<Option<Arc<[String]>>>,
@@ -182,6 +189,7 @@ impl Backend {
             others_waiting: AtomicU64::new(0),
             others_seen: AtomicU64::new(0),
             busy_scrapes: AtomicU32::new(0),
+            early_scrapes: AtomicU32::new(0),
             traffic: Arc::default(),
             running: AtomicU64::new(0),
             models: RwLock::new(None),
@@ -298,6 +306,14 @@ impl Backend {
         }
     }
 
+    /// Whether discovery should read the load soon rather than at its
+    /// interval: fewer than [`EARLY_SCRAPES`] scrapes have found traffic,
+    /// and fewer than [`EARLY_SCRAPE_LIMIT`] early ones were taken.
+    fn wants_early_scrape(&self) -> bool {
+        self.busy_scrapes.load(Ordering::Relaxed) < EARLY_SCRAPES
+            && self.early_scrapes.load(Ordering::Relaxed) < EARLY_SCRAPE_LIMIT
+    }
+
     /// Requests running in the backend's engine (`vllm:num_requests_running`)
     /// at the last scrape; 0 when unknown.
     pub fn running(&self) -> u64 {
@@ -353,7 +369,7 @@ impl Backend {
     /// `prefill` uncached key bytes as prefilling until it is answered.
     pub(crate) fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
-        if self.busy_scrapes.load(Ordering::Relaxed) < EARLY_SCRAPES {
+        if self.wants_early_scrape() {
             self.traffic.notify_one();
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -391,6 +391,12 @@ fn completion() -> String {
     json!({"object": "text_completion", "choices": [{"index": 0, "text": "Paris."}]}).to_string()
 }
 
+/// Writes an empty answer with `status`; false once the client has gone.
+async fn respond_status(stream: &mut TcpStream, status: u16, reason: &str) -> bool {
+    let response = format!("HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\n\r\n");
+    stream.write_all(response.as_bytes()).await.is_ok()
+}
+
 /// Writes a 200 answer carrying `body` from the engine called `name`;
 /// false once the client has gone.
 async fn respond(stream: &mut TcpStream, name: &str, body: &str) -> bool {
@@ -446,33 +452,58 @@ async fn a_scraped_queue_of_our_own_requests_does_not_move_a_continuation() {
 
 /// A fake vLLM engine that holds every completion whose `user` is `hold`
 /// until [`HoldingEngine::release`], and reports the ones it holds as
-/// running in `/metrics`; it answers any other completion at once.
+/// running in `/metrics` (or answers 404 there, when started without
+/// metrics); it answers any other completion at once.
 struct HoldingEngine {
     url: String,
     /// Completions held now.
     held: Arc<AtomicUsize>,
     release: Arc<Notify>,
+    /// `GET /metrics` requests so far.
+    scrapes: Arc<AtomicUsize>,
 }
 
 impl HoldingEngine {
     async fn start(name: &'static str) -> Self {
+        Self::start_with(name, true).await
+    }
+
+    async fn start_with(name: &'static str, metrics: bool) -> Self {
         let listener = loopback_listener();
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let held = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(Notify::new());
-        let (counter, gate) = (Arc::clone(&held), Arc::clone(&release));
+        let scrapes = Arc::new(AtomicUsize::new(0));
+        let (counter, gate, scraped) = (
+            Arc::clone(&held),
+            Arc::clone(&release),
+            Arc::clone(&scrapes),
+        );
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let (held, release) = (Arc::clone(&counter), Arc::clone(&gate));
+                let (held, release, scraped) = (
+                    Arc::clone(&counter),
+                    Arc::clone(&gate),
+                    Arc::clone(&scraped),
+                );
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     while let Some((path, body)) = read_request(&mut stream, &mut buf).await {
                         let answer = match path.as_str() {
                             "/v1/models" => models(),
-                            "/metrics" => format!(
-                                "vllm:num_requests_waiting 0\nvllm:num_requests_running {}\n",
-                                held.load(Ordering::SeqCst)
-                            ),
+                            "/metrics" => {
+                                scraped.fetch_add(1, Ordering::SeqCst);
+                                if !metrics {
+                                    if !respond_status(&mut stream, 404, "Not Found").await {
+                                        return;
+                                    }
+                                    continue;
+                                }
+                                format!(
+                                    "vllm:num_requests_waiting 0\nvllm:num_requests_running {}\n",
+                                    held.load(Ordering::SeqCst)
+                                )
+                            }
                             _ => {
                                 let request: Value = serde_json::from_slice(&body).expect("json");
                                 if request["user"] == "hold" {
@@ -491,7 +522,12 @@ impl HoldingEngine {
                 });
             }
         });
-        Self { url, held, release }
+        Self {
+            url,
+            held,
+            release,
+            scrapes,
+        }
     }
 
     /// Waits (bounded) until the engine holds `n` completions.
@@ -643,4 +679,43 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
     }
     assert_eq!(order, ["a", "a", "b", "a"]);
     assert_eq!(served(direct.await.expect("direct task")), "b");
+}
+
+/// A backend whose `/metrics` fails gets a few early scrapes once requests
+/// start, then only discovery's interval: never one every 25 ms for as long
+/// as requests are in flight. Who else sends there stays unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_scrapes_of_a_backend_without_metrics_are_bounded() {
+    let engine = HoldingEngine::start_with("a", false).await;
+    let urls = vec![engine.url.clone()];
+    let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        // Only the start-up probe comes at the interval.
+        config.discovery_interval_ms = 3_600_000;
+    })
+    .await;
+    discovered(router, &urls).await;
+    let held = {
+        let request = json!({"model": MODEL, "prompt": "hold me", "max_tokens": 4, "user": "hold"});
+        tokio::spawn(async move { post_json(router, "/v1/completions", &request).await })
+    };
+    engine.holds(1).await;
+    // Unbounded, a second is 40 scrapes; on a busy machine fewer, never more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..20 {
+        let response = post_json(
+            router,
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "and me", "max_tokens": 4}),
+        )
+        .await;
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    let scrapes = engine.scrapes.load(Ordering::SeqCst);
+    assert!(
+        scrapes <= 13,
+        "{scrapes} scrapes: one at start, at most 12 early"
+    );
+    shared_gauge(router, &[urls[0].as_str()], -1.0).await;
+    engine.release();
+    assert_eq!(held.await.expect("held task").status, 200);
 }
