@@ -15,13 +15,19 @@
 //!    prefilled. As in vLLM the last prompt token is always computed, so a
 //!    prompt of `n` tokens reuses at most `⌊(n-1)/block_size⌋` blocks.
 //!
+//! A prompt's full blocks enter the cache when the step that computes them
+//! is planned, as vLLM V1's `allocate_slots` caches the blocks of the tokens
+//! it schedules: a request admitted later in the same step, or in a later
+//! one, reuses the blocks another request is computing, since the engine
+//! writes a layer's KV before any request of the batch attends to it. So
+//! siblings of a system prompt that arrive together prefill it once.
+//!
 //! When a step ends ([`Scheduler::complete`]), prefill chunks count as
 //! computed; a request whose prompt is complete, and every decoding one,
-//! gets its next token. Blocks are cached once their KV is computed: the
-//! prompt's full blocks as its chunks complete, then each further full block
-//! of prompt plus output as decoding fills it (the newest token's KV is never
-//! computed, so never cached). A request that reached its `max_tokens` leaves
-//! and unpins its blocks.
+//! gets its next token. Each further full block of prompt plus output is
+//! cached as decoding fills it (the newest token's KV is never computed, so
+//! never cached). A request that reached its `max_tokens` leaves and unpins
+//! its blocks.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -238,13 +244,15 @@ impl Scheduler {
                 step.work.push((id, Work::Decode));
             }
         }
-        for (&id, seq) in &self.running {
+        for (&id, seq) in &mut self.running {
             let left = seq.prompt_len - seq.computed;
             if left > 0 && budget > 0 {
                 let chunk = left.min(budget);
                 step.prefill_tokens += chunk;
                 budget -= chunk;
                 step.work.push((id, Work::Prefill(chunk)));
+                let scheduled = seq.computed + chunk;
+                cache_computed_blocks(&mut self.cache, self.block_size, seq, scheduled);
             }
         }
         while budget > 0 && self.running.len() < self.limits.max_num_seqs {
@@ -256,6 +264,8 @@ impl Scheduler {
             step.prefill_tokens += chunk;
             budget -= chunk;
             step.work.push((id, Work::Prefill(chunk)));
+            let scheduled = seq.computed + chunk;
+            cache_computed_blocks(&mut self.cache, self.block_size, &mut seq, scheduled);
             step.admitted.push(Admission {
                 id,
                 request_id: seq.request_id.clone(),
@@ -294,10 +304,9 @@ impl Scheduler {
                 continue;
             };
             if let Work::Prefill(chunk) = work {
+                // The chunk's blocks were cached when the step was planned.
                 seq.computed += chunk;
                 if seq.computed < seq.prompt_len {
-                    let computed = seq.computed;
-                    cache_computed_blocks(&mut self.cache, self.block_size, seq, computed);
                     continue;
                 }
             }
@@ -356,7 +365,7 @@ impl Scheduler {
 }
 
 /// Caches (and pins) the full blocks among the first `computed` tokens of
-/// `seq`.
+/// `seq`: computed, or scheduled in the step being planned.
 fn cache_computed_blocks(
     cache: &mut PrefixCache,
     block_size: usize,
@@ -503,6 +512,54 @@ mod tests {
         let step = s.schedule(now).expect("work");
         assert_eq!(step.admitted[0].cached_tokens, 32);
         assert_eq!(step.prefill_tokens, 43 - 32);
+    }
+
+    #[test]
+    fn siblings_admitted_together_prefill_their_shared_prefix_once() {
+        let vocabulary = vocabulary();
+        let now = Instant::now();
+        let mut s = scheduler(4, 2048);
+        // Two prompts sharing 48 tokens (three full blocks), then different.
+        let mut first = request(0, 48, 1);
+        first.prompt.extend([1, 2, 3, 4, 5]);
+        let mut second = request(0, 48, 1);
+        second.prompt.extend([9, 9]);
+        let a = s.add(first, now);
+        let b = s.add(second, now);
+        let step = s.schedule(now).expect("work");
+        let cached: Vec<(SeqId, usize)> = step
+            .admitted
+            .iter()
+            .map(|admission| (admission.id, admission.cached_tokens))
+            .collect();
+        assert_eq!(cached, [(a, 0), (b, 48)], "b reuses what a computes");
+        assert_eq!(step.work, [(a, Work::Prefill(53)), (b, Work::Prefill(2))]);
+        assert_eq!(step.prefill_tokens, 55);
+        let out = s.complete(&step, &vocabulary);
+        assert_eq!(out.iter().filter(|o| o.first).count(), 2);
+        assert_eq!(out[1].cached_tokens, 48);
+    }
+
+    #[test]
+    fn a_sibling_reuses_a_running_prefill_s_chunk_planned_in_its_step() {
+        let vocabulary = vocabulary();
+        let now = Instant::now();
+        let mut s = scheduler(4, 40);
+        let a = s.add(request(0, 100, 1), now);
+        for _ in 0..2 {
+            let step = s.schedule(now).expect("work");
+            assert_eq!(step.work, [(a, Work::Prefill(40))]);
+            s.complete(&step, &vocabulary);
+        }
+        // `a`'s last chunk (tokens 80..100) is planned before `b` is
+        // admitted: `b` reuses the six full blocks `a` will have computed,
+        // the last of them in this very step.
+        let mut sibling = request(0, 96, 1);
+        sibling.prompt.push(7);
+        let b = s.add(sibling, now);
+        let step = s.schedule(now).expect("work");
+        assert_eq!(step.work, [(a, Work::Prefill(20)), (b, Work::Prefill(1))]);
+        assert_eq!(step.admitted[0].cached_tokens, 96);
     }
 
     #[test]
