@@ -290,9 +290,10 @@ pub struct Args {
     #[arg(long)]
     pub keep_tmp: bool,
     /// Also write every request's outcome, one CSV per workload, level and
-    /// router, into this directory: when it was sent, its session and
-    /// turn, the backend that served it, TTFT, end-to-end time and cached
-    /// tokens. What a tail is made of.
+    /// router, into this directory: when it was sent, its session, prefix
+    /// family (shared-prefix group or prefix-repetition prefix) and turn,
+    /// the backend that served it, TTFT, end-to-end time and cached tokens.
+    /// What a tail is made of.
     #[arg(long, value_name = "DIR")]
     pub records: Option<PathBuf>,
     /// Leave out the PNG plots (TTFT CDF per workload, hit rate vs load
@@ -683,6 +684,7 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
                             write_records(
                                 &dir.join(name.replace([' ', '/'], "_")),
                                 &outcome.records,
+                                &workload.sessions,
                                 outcome.started,
                             )?;
                         }
@@ -915,14 +917,22 @@ fn plots(report: &Report, dir: &Path, stamp: &str) -> Result<Vec<String>, String
     Ok(files)
 }
 
-/// Writes `records` to `path` as CSV, in the order they were sent, times
-/// from `started` (`--records`).
-fn write_records(path: &Path, records: &[run::Record], started: Instant) -> Result<()> {
+/// Writes `records` of the workload whose sessions are `sessions` to
+/// `path` as CSV, in the order they were sent, times from `started`
+/// (`--records`).
+fn write_records(
+    path: &Path,
+    records: &[run::Record],
+    sessions: &[workload::Session],
+    started: Instant,
+) -> Result<()> {
     /// One CSV row: a request's outcome, times in milliseconds.
     #[derive(serde::Serialize)]
     struct Row<'a> {
         sent_ms: String,
         session: usize,
+        /// Its prefix family, empty when the workload has none.
+        group: Option<usize>,
         turn: usize,
         served_by: &'a str,
         ttft_ms: String,
@@ -942,6 +952,7 @@ fn write_records(path: &Path, records: &[run::Record], started: Instant) -> Resu
         csv.serialize(Row {
             sent_ms: ms(r.sent.saturating_duration_since(started)),
             session: r.session,
+            group: sessions.get(r.session).and_then(|s| s.group),
             turn: r.turn,
             served_by: &r.served_by,
             ttft_ms: ms(r.ttft),
@@ -975,11 +986,19 @@ mod tests {
             cached_tokens: 1536,
             reply: String::new(),
         };
+        let session = |id, group| workload::Session {
+            id,
+            prompt: workload::Prompt::Text(String::new()),
+            at: None,
+            output_len: None,
+            group,
+        };
         let dir = std::env::temp_dir().join(format!("records-{}", std::process::id()));
         let path = dir.join("shared-prefix-c16-router-daemon.csv");
         write_records(
             &path,
             &[record(1, 30, "sim-2"), record(0, 10, "sim-0, the first")],
+            &[session(0, None), session(1, Some(7))],
             started,
         )
         .expect("a temporary directory is writable");
@@ -989,9 +1008,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "sent_ms,session,turn,served_by,ttft_ms,e2e_ms,prompt_tokens,cached_tokens",
-                "10.000,0,0,\"sim-0, the first\",12.500,40.000,1601,1536",
-                "30.000,1,0,sim-2,12.500,40.000,1601,1536",
+                "sent_ms,session,group,turn,served_by,ttft_ms,e2e_ms,prompt_tokens,cached_tokens",
+                "10.000,0,,0,\"sim-0, the first\",12.500,40.000,1601,1536",
+                "30.000,1,7,0,sim-2,12.500,40.000,1601,1536",
             ]
         );
     }

@@ -144,6 +144,10 @@ pub struct Session {
     pub at: Option<Duration>,
     /// Generated tokens, when not [`Workload::output_len`].
     pub output_len: Option<usize>,
+    /// The prefix family it belongs to, for `--records`: its shared-prefix
+    /// group or prefix-repetition prefix, numbered in generation order;
+    /// None for the other workloads.
+    pub group: Option<usize>,
 }
 
 /// A generated workload.
@@ -199,11 +203,11 @@ pub fn generate(
     let (prompts, description, working_set_tokens) = match kind {
         Kind::SharedPrefix => {
             let mut prompts = Vec::new();
-            for _ in 0..s.sp_groups {
+            for group in 0..s.sp_groups {
                 let system = text(&mut rng, s.sp_system_len);
                 for _ in 0..s.sp_prompts {
                     let question = text(&mut rng, s.sp_question_len);
-                    prompts.push(Prompt::Text(format!("{system}{question}")));
+                    prompts.push((Prompt::Text(format!("{system}{question}")), Some(group)));
                 }
             }
             (
@@ -227,10 +231,13 @@ pub fn generate(
                     .map(|_| text(&mut rng, s.mt_question_len))
                     .collect::<Vec<_>>();
                 tokens += s.mt_conv_prefix_len + n * (s.mt_question_len + s.output_len + 10);
-                convs.push(Prompt::Chat {
-                    system: format!("{common}{own}"),
-                    turns,
-                });
+                convs.push((
+                    Prompt::Chat {
+                        system: format!("{common}{own}"),
+                        turns,
+                    },
+                    None,
+                ));
             }
             (
                 convs,
@@ -251,11 +258,11 @@ pub fn generate(
         }
         Kind::PrefixRepetition => {
             let mut prompts = Vec::new();
-            for _ in 0..s.pr_prefixes {
+            for group in 0..s.pr_prefixes {
                 let prefix = text(&mut rng, s.pr_prefix_len);
                 for _ in 0..s.pr_suffixes {
                     let suffix = text(&mut rng, s.pr_suffix_len);
-                    prompts.push(Prompt::Text(format!("{prefix}{suffix}")));
+                    prompts.push((Prompt::Text(format!("{prefix}{suffix}")), Some(group)));
                 }
             }
             (
@@ -271,7 +278,7 @@ pub fn generate(
         Kind::Mooncake => return mooncake(sizes, seed, trace),
         Kind::NoSharing => {
             let prompts = (0..s.ns_requests)
-                .map(|_| Prompt::Text(text(&mut rng, s.ns_prompt_len)))
+                .map(|_| (Prompt::Text(text(&mut rng, s.ns_prompt_len)), None))
                 .collect::<Vec<_>>();
             (
                 prompts,
@@ -288,11 +295,12 @@ pub fn generate(
     let sessions = prompts
         .into_iter()
         .enumerate()
-        .map(|(id, prompt)| Session {
+        .map(|(id, (prompt, group))| Session {
             id,
             prompt,
             at: None,
             output_len: None,
+            group,
         })
         .collect();
     Workload {
@@ -346,6 +354,7 @@ fn mooncake(sizes: &Sizes, seed: u64, file: Option<&[trace::Request]>) -> Worklo
                 r.timestamp.saturating_sub(start) as f64 / 1e3 / speed,
             )),
             output_len: Some(r.output_length.clamp(1, s.mc_max_output.max(1))),
+            group: None,
         })
         .collect::<Vec<_>>();
     let span = sessions.last().and_then(|x| x.at).unwrap_or_default();
@@ -527,6 +536,35 @@ mod tests {
         // prompt (plus BOS): 4 blocks each.
         assert_eq!(got.cached_tokens, 2 * 2 * 64);
         assert!(got.hit_rate() > 0.0 && got.hit_rate() < 1.0);
+    }
+
+    #[test]
+    fn sessions_name_the_prefix_family_they_belong_to() {
+        let text = |session: &Session| match &session.prompt {
+            Prompt::Text(text) => text.clone(),
+            Prompt::Chat { .. } => panic!("a completion workload"),
+        };
+        for kind in [Kind::SharedPrefix, Kind::PrefixRepetition] {
+            let w = generate(kind, &tiny(), 1, None);
+            let groups: Vec<usize> = w.sessions.iter().filter_map(|s| s.group).collect();
+            assert_eq!(
+                groups.len(),
+                w.sessions.len(),
+                "{kind:?}: every one has a group"
+            );
+            for a in &w.sessions {
+                for b in &w.sessions {
+                    // 40 bytes fall inside the shared prefix and past any
+                    // chance agreement of two random texts.
+                    let alike = text(a)[..40] == text(b)[..40];
+                    assert_eq!(alike, a.group == b.group, "{kind:?}: {a:?} and {b:?}");
+                }
+            }
+        }
+        for kind in [Kind::NoSharing, Kind::MultiTurn] {
+            let w = generate(kind, &tiny(), 1, None);
+            assert!(w.sessions.iter().all(|s| s.group.is_none()), "{kind:?}");
+        }
     }
 
     #[test]
