@@ -175,6 +175,16 @@ async fn get(addr: &str, path: &str) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
+/// The daemon's requests in flight to its backends, from its `/metrics`.
+async fn in_flight(admin: &str) -> usize {
+    let metrics = get(admin, "/metrics").await;
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("router_backend_in_flight{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum()
+}
+
 /// Reads the rest of the body of a stream whose head is in `pending`.
 async fn finish_stream(
     mut stream: TcpStream,
@@ -251,6 +261,23 @@ async fn drain_scenario(dataplane: &str) {
         idle.push(stream);
     }
     let (mut silent, mut returning) = (idle.pop().expect("two"), idle.pop().expect("two"));
+    // The clients have read their whole responses, but the daemon may not
+    // have finished with them yet on a starved machine, and a response it
+    // is still finishing at the signal closes its connection after it (by
+    // design: it could not say `connection: close`). Signal once its count
+    // of requests in flight is down to the streams.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let in_flight = in_flight(&admin).await;
+        if in_flight == STREAMS + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{in_flight} requests in flight, not the {STREAMS} streams and the pipelined one"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let signalled = Instant::now();
     daemon.signal(libc::SIGTERM);
@@ -268,6 +295,12 @@ async fn drain_scenario(dataplane: &str) {
     assert!(get(&admin, "/health").await.starts_with("HTTP/1.1 200"));
 
     // Inside the delay: a kept-alive client is served and told to close.
+    // When this fails, the time tells whether the delay had passed (a
+    // starved machine) or the daemon closed the connection inside it.
+    println!(
+        "the returning client sends {:?} after the signal (delay {DELAY:?})",
+        signalled.elapsed()
+    );
     returning
         .write_all(&completion("quick"))
         .await
