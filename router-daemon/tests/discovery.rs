@@ -14,7 +14,7 @@ use router_daemon::{
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::oneshot,
 };
 
@@ -62,12 +62,14 @@ async fn start_sim(
     (format!("http://{addr}"), stop)
 }
 
-/// An address nobody listens on.
-async fn dead_address() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    format!("http://{addr}")
+/// An address nobody listens on, and the socket that holds its port: bound
+/// but never listening, so connects are refused and no other process (a
+/// test or benchmark running beside this one) can take the port and answer.
+fn dead_address() -> (String, TcpSocket) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (format!("http://{addr}"), socket)
 }
 
 /// Starts a streamed completion that runs for a long time, and returns its
@@ -97,7 +99,7 @@ async fn candidates_health_and_load_from_real_servers() {
     })
     .await;
     let (sim_b, _stop_b) = start_sim("sim-b", MODEL_B, |_| {}).await;
-    let dead = dead_address().await;
+    let (dead, _held) = dead_address();
     let backends = Backends::resolve(&[sim_a.clone(), sim_b, dead])
         .await
         .unwrap();
@@ -194,7 +196,7 @@ async fn get(addr: SocketAddr, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_polls_and_exports_backend_gauges() {
     let (sim_a, _stop_a) = start_sim("sim-a", MODEL_A, |_| {}).await;
-    let dead = dead_address().await;
+    let (dead, _held) = dead_address();
     let listener = router_daemon::listener(([127, 0, 0, 1], 0).into()).unwrap();
     let router = listener.local_addr().unwrap();
     let mut config = Config::with_backends(router, vec![sim_a.clone(), dead.clone()]);

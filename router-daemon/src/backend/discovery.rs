@@ -406,10 +406,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_probe_counts_as_a_failure() {
-        // A port nobody listens on: bind, note it, close.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
+        // A port nobody listens on, held bound (never listening) so that
+        // no other process takes it and answers.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = socket.local_addr().unwrap();
         let backends = Backends::resolve(&[format!("http://{addr}")])
             .await
             .unwrap();
