@@ -20,6 +20,21 @@
 //!   with the backend's bytes.
 //! - [`MAP_STATS`]: per-CPU array of counters indexed by [`Stat`].
 //!
+//! The send-side dataplane (`sockmap-send`) uses `CLIENTS`, `CONTROL`,
+//! `PROGRESS` and `STATS` the same way, keyed by the daemon's backend socket
+//! cookie, and three maps of its own:
+//! - [`MAP_WATCH`]: daemon backend socket cookie → 1, written by the daemon
+//!   before it connects: the sockops program [`PROG_WATCH`] records only
+//!   these connections.
+//! - [`MAP_TUPLES`]: [`Tuple`] → daemon backend socket cookie, written by
+//!   [`PROG_WATCH`] when a watched connect completes (the daemon removes
+//!   it): how the backend's end of the connection finds its entries.
+//! - [`MAP_PEERS`]: sockhash of the *backend's* end of those connections,
+//!   where the backend process runs on this host, keyed by that socket's
+//!   own cookie. [`PROG_WATCH`] inserts it when the backend accepts; the
+//!   sk_msg program [`PROG_SEND`] is attached to it, so it judges every
+//!   `sendmsg` of the backend on that connection, in the backend's context.
+//!
 //! One writer per map value: a hash-map update from userspace replaces the
 //! element, so a field the kernel increments in the same value could be lost.
 //!
@@ -48,14 +63,31 @@ pub const MAP_PROGRESS: &str = "PROGRESS";
 /// Name of the per-CPU counter array indexed by [`Stat`].
 pub const MAP_STATS: &str = "STATS";
 
+/// Name of the sockops program of the send-side dataplane.
+pub const PROG_WATCH: &str = "watch_connections";
+/// Name of the sk_msg program of the send-side dataplane.
+pub const PROG_SEND: &str = "redirect_send";
+/// Name of the hash map of daemon backend sockets to watch (cookie → 1).
+pub const MAP_WATCH: &str = "WATCH";
+/// Name of the hash map from [`Tuple`] to daemon backend socket cookie.
+pub const MAP_TUPLES: &str = "TUPLES";
+/// Name of the sockhash of backends' own sockets ([`PROG_SEND`]'s map).
+pub const MAP_PEERS: &str = "PEERS";
+
 /// Every map name the daemon resolves in the object, for the load test.
-pub const MAP_NAMES: [&str; 5] = [
+pub const MAP_NAMES: [&str; 8] = [
     MAP_BACKENDS,
     MAP_CLIENTS,
     MAP_CONTROL,
     MAP_PROGRESS,
     MAP_STATS,
+    MAP_WATCH,
+    MAP_TUPLES,
+    MAP_PEERS,
 ];
+
+/// Every program name the daemon resolves in the object.
+pub const PROG_NAMES: [&str; 3] = [PROG_REDIRECT, PROG_WATCH, PROG_SEND];
 
 /// Capacity of each socket map and of the per-backend maps: concurrent
 /// client connections, and backend connections, per daemon.
@@ -66,6 +98,14 @@ pub const MAX_SOCKETS: u32 = 65_536;
 /// program loads in about 0.1 s more than at 16, at 64 in seconds; 32
 /// keeps more coalesced token-stream skbs in the kernel under load.
 pub const MAX_CHUNKS_PER_SKB: u32 = 32;
+
+/// Most chunks the send-side program follows in one backend `sendmsg`
+/// before passing it to the daemon. Each chunk-size line there is pulled
+/// into view with a helper that invalidates the verifier's pointer bounds,
+/// which costs far more verifier work per chunk than on the receive side;
+/// a streaming server writes one chunk per send, or a few when its writes
+/// coalesce.
+pub const MAX_CHUNKS_PER_SEND: u32 = 2;
 
 /// Where a response body stands: how it is delimited, and how much of the
 /// current piece is left. The daemon's `response::BodyTracker` and the kernel
@@ -112,6 +152,13 @@ pub struct Control {
     pub fence: u64,
     /// The body's framing at the fence.
     pub framing: Framing,
+    /// Send side only: most body bytes the program may redirect under this
+    /// generation. The daemon grants what the client socket can queue
+    /// without blocking, so a redirect never stalls or fails in the
+    /// backend's `sendmsg`; once spent, the program passes bytes up and the
+    /// daemon, which can wait for the client, relays them. The receive side
+    /// ignores it (its kernel worker waits instead).
+    pub credit: u64,
 }
 
 /// What the kernel program did with one backend socket's bytes.
@@ -132,15 +179,51 @@ pub struct Progress {
     /// 1 while the program redirects under the adopted generation, 0 once it
     /// passes bytes up again.
     pub splicing: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// Send side: 1 once the sockops program put the backend's own socket in
+    /// [`MAP_PEERS`] (the backend runs on this host), so its sends are
+    /// judged; 0 otherwise. Always 0 on the receive side.
+    pub peer: u32,
+    /// Send side: the `redirected` count up to which the adopted
+    /// generation's credit lasts.
+    pub credit_end: u64,
 }
 
 const _: () = assert!(size_of::<Framing>() == 16);
-const _: () = assert!(size_of::<Control>() == 40);
-const _: () = assert!(size_of::<Progress>() == 48);
+const _: () = assert!(size_of::<Control>() == 48);
+const _: () = assert!(size_of::<Progress>() == 56);
+const _: () = assert!(size_of::<Tuple>() == 12);
 const _: () = assert!(align_of::<Control>() == 8);
 const _: () = assert!(align_of::<Progress>() == 8);
+
+/// One router→backend TCP connection over IPv4, as both of its ends see
+/// it: the key of [`MAP_TUPLES`]. Addresses are in network byte order (as
+/// the kernel's context fields give them), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    /// The router's address.
+    pub router_ip4: u32,
+    /// The backend's address.
+    pub backend_ip4: u32,
+    /// The router's port.
+    pub router_port: u16,
+    /// The backend's port.
+    pub backend_port: u16,
+}
+
+impl Tuple {
+    /// A port from a context field the kernel stores in network byte order
+    /// in the upper 16 bits (`bpf_sock_ops.remote_port`,
+    /// `sk_msg_md.remote_port`), in host byte order.
+    pub const fn port_from_network_field(field: u32) -> u16 {
+        u16::from_be((field >> 16) as u16)
+    }
+
+    /// A port from a context field in host byte order (`local_port`).
+    pub const fn port_from_host_field(field: u32) -> u16 {
+        field as u16
+    }
+}
 
 /// Index of a counter in [`MAP_STATS`].
 #[repr(u32)]
@@ -159,11 +242,16 @@ pub enum Stat {
     /// Skbs passed to the daemon: response heads, response ends, bytes the
     /// program could not frame, and bytes before a fence was reached.
     PassedToDaemon = 5,
+    /// Send side: messages passed to the daemon because the generation's
+    /// credit was spent (the client socket may be full).
+    CreditSpent = 6,
+    /// Send side: backend sockets the sockops program put in the peer map.
+    PeersAdded = 7,
 }
 
 impl Stat {
     /// Number of counters; the length of [`MAP_STATS`].
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     /// Every counter, in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::RedirectedSkbs,
@@ -172,6 +260,8 @@ impl Stat {
         Stat::PassedUnmapped,
         Stat::RedirectFailed,
         Stat::PassedToDaemon,
+        Stat::CreditSpent,
+        Stat::PeersAdded,
     ];
 
     /// The counter's name as exported in `/metrics`.
@@ -183,6 +273,8 @@ impl Stat {
             Stat::PassedUnmapped => "passed_unmapped",
             Stat::RedirectFailed => "redirect_failed",
             Stat::PassedToDaemon => "passed_to_daemon",
+            Stat::CreditSpent => "credit_spent",
+            Stat::PeersAdded => "peers_added",
         }
     }
 }
@@ -194,4 +286,6 @@ mod user {
     unsafe impl aya::Pod for super::Control {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Progress {}
+    // SAFETY: `repr(C)`, integers only, no padding (size asserted above).
+    unsafe impl aya::Pod for super::Tuple {}
 }

@@ -91,12 +91,23 @@ pub struct Config {
     pub node_name: Option<String>,
 
     /// How response bytes travel: `sockmap` redirects them in the kernel
-    /// (needs privilege; lowest latency), `splice` moves them through a pipe
-    /// with splice(2), `userspace` copies them through the daemon; `auto` is
-    /// `userspace`, the measured default (least CPU per streamed token), and
-    /// the log says whether sockmap would load here.
+    /// as they reach the router (needs privilege; lowest latency),
+    /// `sockmap-send` redirects them inside the send of a backend on this
+    /// host (needs privilege; see --sockops-cgroup; other backends' are
+    /// copied), `splice` moves them through a pipe with splice(2),
+    /// `userspace` copies them through the daemon; `auto` is `userspace`,
+    /// the measured default (least CPU per streamed token), and the log says
+    /// whether sockmap would load here.
     #[arg(long, env = "ROUTER_DATAPLANE", value_enum, default_value_t = Requested::Auto)]
     pub dataplane: Requested,
+
+    /// With `--dataplane sockmap-send`: the cgroup v2 directory whose
+    /// processes' sockets the sockops program watches; it must hold the
+    /// co-located backends (in Kubernetes, the host's cgroup root mounted
+    /// into the pod). Default: this host's cgroup v2 root
+    /// (`/sys/fs/cgroup/unified` or `/sys/fs/cgroup`).
+    #[arg(long, env = "ROUTER_SOCKOPS_CGROUP")]
+    pub sockops_cgroup: Option<std::path::PathBuf>,
 
     /// Worker threads, each serving the connections it accepts to their
     /// end on its own event loop; 0 is one per CPU this process may use.

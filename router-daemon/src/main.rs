@@ -59,7 +59,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
     }
-    let (dataplane, why) = Dataplane::select(config.dataplane).context("dataplane")?;
+    let cgroup = config
+        .sockops_cgroup
+        .clone()
+        .unwrap_or_else(router_daemon::dataplane::default_cgroup);
+    let (dataplane, why) = Dataplane::select(config.dataplane, &cgroup).context("dataplane")?;
     release_freed_heap();
     tracing::info!(mode = dataplane.mode().as_str(), "dataplane: {why}");
     let listener = router_daemon::listener(config.listen)

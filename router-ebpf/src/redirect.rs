@@ -8,7 +8,7 @@
 //! - response heads (no control adopted yet: the daemon parses them);
 //! - the skb that holds the end of a body, so the daemon sees the end;
 //! - bytes the program cannot frame (a chunk-size line split across skbs,
-//!   chunk extensions, more than [`MAX_CHUNKS_PER_SKB`] chunks in one skb);
+//!   chunk extensions, more than `MAX_CHUNKS_PER_SKB` chunks in one skb);
 //! - a zero-length skb, the backend's FIN: redirecting it would set EPIPE on
 //!   the client and disable its sending side;
 //! - an skb from a backend with no entries.
@@ -20,28 +20,18 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::SockHash,
     programs::SkBuffContext,
 };
-use router_common::{Control, Framing, MAX_CHUNKS_PER_SKB, MAX_SOCKETS, Progress, Stat};
+use router_common::{Framing, MAX_CHUNKS_PER_SKB, MAX_SOCKETS, Progress, Stat};
+
+use crate::{
+    framing::{Bytes, SIZE_LINE, advance},
+    maps::{CLIENTS, CONTROL, PROGRESS, count},
+};
 
 #[map]
 static BACKENDS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
-
-#[map]
-static CLIENTS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
-
-#[map]
-static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(MAX_SOCKETS, 0);
-
-#[map]
-static PROGRESS: HashMap<u64, Progress> = HashMap::with_max_entries(MAX_SOCKETS, 0);
-
-#[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
-
-/// Longest chunk-size line the program reads (hex digits and CRLF).
-const SIZE_LINE: usize = 16;
 
 #[stream_verdict]
 pub fn redirect_response(ctx: SkBuffContext) -> u32 {
@@ -80,7 +70,8 @@ pub fn redirect_response(ctx: SkBuffContext) -> u32 {
         progress.framing = control.framing;
         progress.splicing = 1;
     }
-    let Some(framing) = advance(&ctx, progress.framing, len) else {
+    let Some(framing) = advance::<MAX_CHUNKS_PER_SKB>(&Skb(&ctx), progress.framing, u64::from(len))
+    else {
         progress.splicing = 0;
         return pass_up(progress, len);
     };
@@ -107,114 +98,26 @@ fn pass_up(progress: &mut Progress, len: u32) -> u32 {
     SK_PASS
 }
 
-/// The framing after `len` more body bytes, or `None` when this skb holds
-/// the end of the body or something the program does not follow.
-#[inline(always)]
-fn advance(ctx: &SkBuffContext, mut framing: Framing, len: u32) -> Option<Framing> {
-    let len = u64::from(len);
-    match framing.kind {
-        Framing::KIND_UNTIL_CLOSE => Some(framing),
-        Framing::KIND_LENGTH if framing.remaining > len => {
-            framing.remaining -= len;
-            Some(framing)
-        }
-        Framing::KIND_CHUNKED => advance_chunked(ctx, framing, len),
-        _ => None,
-    }
-}
+/// An skb's bytes, read with `bpf_skb_load_bytes`.
+struct Skb<'a>(&'a SkBuffContext);
 
-/// Follows chunks through `len` bytes: data is counted, size lines are read.
-#[inline(always)]
-fn advance_chunked(ctx: &SkBuffContext, mut framing: Framing, len: u64) -> Option<Framing> {
-    let mut at: u64 = 0;
-    for _ in 0..MAX_CHUNKS_PER_SKB {
-        if framing.phase == Framing::PHASE_DATA {
-            let left = len - at;
-            if framing.remaining >= left {
-                framing.remaining -= left;
-                if framing.remaining == 0 {
-                    framing.phase = Framing::PHASE_SIZE;
-                }
-                return Some(framing);
-            }
-            at += framing.remaining;
-            framing.remaining = 0;
-            framing.phase = Framing::PHASE_SIZE;
+impl Bytes for Skb<'_> {
+    #[inline(always)]
+    fn line(&self, at: u64, left: u64) -> Option<([u8; SIZE_LINE], usize)> {
+        // Constant-size loads only: the verifier rejects a length it cannot
+        // prove non-zero.
+        if left >= SIZE_LINE as u64 {
+            return Some((self.0.load::<[u8; SIZE_LINE]>(at as usize).ok()?, SIZE_LINE));
         }
-        // A chunk-size line starts at `at`, inside this skb.
-        let (size, line_len) = size_line(ctx, at, len - at)?;
-        if size == 0 {
-            // The last chunk: the body ends in this skb.
-            return None;
-        }
-        framing.phase = Framing::PHASE_DATA;
-        framing.remaining = size + 2;
-        at += line_len;
-        if at == len {
-            return Some(framing);
-        }
-    }
-    None
-}
-
-/// Reads a chunk-size line (`hex digits CRLF`, nothing else) at `at`:
-/// returns the size and the line's length, or `None` when the line is not
-/// wholly in this skb or has extensions.
-#[inline(always)]
-fn size_line(ctx: &SkBuffContext, at: u64, left: u64) -> Option<(u64, u64)> {
-    if left < 3 {
-        return None;
-    }
-    // Constant-size loads only: the verifier rejects a length it cannot
-    // prove non-zero.
-    let mut line = [0u8; SIZE_LINE];
-    let read = if left >= SIZE_LINE as u64 {
-        line = ctx.load::<[u8; SIZE_LINE]>(at as usize).ok()?;
-        SIZE_LINE
-    } else {
+        let mut line = [0u8; SIZE_LINE];
         let mut read = 0;
         for (i, byte) in line.iter_mut().enumerate() {
             if i as u64 >= left {
                 break;
             }
-            *byte = ctx.load::<u8>(at as usize + i).ok()?;
+            *byte = self.0.load::<u8>(at as usize + i).ok()?;
             read = i + 1;
         }
-        read
-    };
-    let mut size: u64 = 0;
-    let mut i = 0;
-    while i + 1 < SIZE_LINE {
-        if i + 1 >= read {
-            return None;
-        }
-        let byte = line[i];
-        let digit = match byte {
-            b'0'..=b'9' => byte - b'0',
-            b'a'..=b'f' => byte - b'a' + 10,
-            b'A'..=b'F' => byte - b'A' + 10,
-            b'\r' if i > 0 && line[i + 1] == b'\n' => return Some((size, i as u64 + 2)),
-            _ => return None,
-        };
-        size = (size << 4) | u64::from(digit);
-        i += 1;
-    }
-    None
-}
-
-#[inline(always)]
-fn count(stat: Stat, by: u64) {
-    if let Some(slot) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot; BPF programs are not preempted on one CPU.
-        unsafe { *slot += by };
+        Some((line, read))
     }
 }
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

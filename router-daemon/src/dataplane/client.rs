@@ -223,6 +223,12 @@ impl Client {
         Ok(())
     }
 
+    /// How much more the client socket's send queue can take before a send
+    /// would wait, in the kernel's accounting.
+    pub(super) fn send_room(&self) -> io::Result<u64> {
+        tcp::send_room(&self.stream)
+    }
+
     /// Counts `bytes` the kernel redirected to this socket: later writes
     /// and the close wait until they are queued ([`Client::flushed`]).
     pub(super) fn add_redirected(&mut self, bytes: u64) {

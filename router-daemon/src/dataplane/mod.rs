@@ -11,6 +11,11 @@
 //!   the framing; the daemon sees the head, the skb that ends the body, and
 //!   anything the program passed up (see `sockmap.rs` for the hand-over
 //!   protocol). Needs privilege.
+//! - [`Mode::SockmapSend`]: for backends on this host, an sk_msg program
+//!   redirects body bytes inside the backend's own `sendmsg`, so they never
+//!   reach the router's socket; the same hand-over as sockmap, with credit
+//!   so a slow client never stalls the backend (`sockmap.rs`, *Send hook*).
+//!   Responses of backends elsewhere are copied. Needs privilege.
 //! - [`Mode::Splice`]: `splice(2)` moves length-delimited runs through a
 //!   pipe without copying them into the daemon; chunk-size lines are peeked
 //!   (`MSG_PEEK`) to find the next run. Unprivileged.
@@ -50,10 +55,11 @@ use router_common::Stat;
 use tokio::net::TcpStream;
 
 pub use self::sockmap::SockmapError;
+pub use self::sockmap::default_cgroup;
 pub(crate) use self::{client::Client, relay::Watch};
 use self::{
     relay::Relay,
-    sockmap::{BackendSlot, Sockmap},
+    sockmap::{BackendSlot, Hook, Sockmap},
 };
 use crate::{
     error::Timeout,
@@ -67,6 +73,9 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const COPY_BUFFER: usize = copy_buffer::SIZE;
 /// Default of [`Dataplane::with_pipelined_limit`] (`--max-pipelined-bytes`).
 pub(crate) const PIPELINED_LIMIT: usize = 1 << 20;
+/// Least credit worth publishing to the send hook: with less room on the
+/// client socket, the daemon keeps relaying (and waiting for the client).
+const MIN_CREDIT: u64 = 8 * 1024;
 /// Window peeked at to read chunk-size lines in splice mode.
 const PEEK_WINDOW: usize = 4 * 1024;
 /// A deadline that never comes, for a timeout turned off.
@@ -103,6 +112,9 @@ impl ResponseTimeouts {
 pub enum Mode {
     /// Body bytes are redirected to the client by the sockmap program.
     Sockmap,
+    /// Body bytes are redirected to the client in a co-located backend's
+    /// own send (sk_msg); other backends' are copied.
+    SockmapSend,
     /// Body bytes move through a pipe with splice(2).
     Splice,
     /// Body bytes are copied through the daemon.
@@ -114,9 +126,15 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Sockmap => "sockmap",
+            Mode::SockmapSend => "sockmap-send",
             Mode::Splice => "splice",
             Mode::Userspace => "userspace",
         }
+    }
+
+    /// Whether a kernel program redirects body bytes (either sockmap hook).
+    pub fn redirects_in_kernel(self) -> bool {
+        matches!(self, Mode::Sockmap | Mode::SockmapSend)
     }
 }
 
@@ -128,6 +146,9 @@ pub enum Requested {
     Auto,
     /// The sockmap dataplane, or fail to start.
     Sockmap,
+    /// The send-side sockmap dataplane (sk_msg on co-located backends), or
+    /// fail to start.
+    SockmapSend,
     /// The splice(2) dataplane.
     Splice,
     /// The userspace dataplane.
@@ -298,7 +319,21 @@ impl Dataplane {
     /// The sockmap dataplane: loads and attaches the embedded program.
     pub fn sockmap() -> Result<Self, SockmapError> {
         Ok(Self {
-            engine: Engine::Sockmap(Box::new(Sockmap::load()?)),
+            engine: Engine::Sockmap(Box::new(Sockmap::load(Hook::Receive)?)),
+            pipelined_limit: PIPELINED_LIMIT,
+            timeouts: ResponseTimeouts::DEFAULT,
+        })
+    }
+
+    /// The send-side sockmap dataplane: loads the sk_msg program and
+    /// attaches the sockops program to the cgroup v2 directory `cgroup`,
+    /// which must hold the co-located backends' processes.
+    pub fn sockmap_send(cgroup: &std::path::Path) -> Result<Self, SockmapError> {
+        let hook = Hook::Send {
+            cgroup: cgroup.to_owned(),
+        };
+        Ok(Self {
+            engine: Engine::Sockmap(Box::new(Sockmap::load(hook)?)),
             pipelined_limit: PIPELINED_LIMIT,
             timeouts: ResponseTimeouts::DEFAULT,
         })
@@ -317,16 +352,27 @@ impl Dataplane {
     /// the least CPU per streamed token (the README has the numbers). It
     /// still reports whether the kernel path would load, so the log says
     /// what `--dataplane sockmap` would do here.
-    pub fn select(requested: Requested) -> Result<(Self, String), SockmapError> {
+    pub fn select(
+        requested: Requested,
+        cgroup: &std::path::Path,
+    ) -> Result<(Self, String), SockmapError> {
         match requested {
             Requested::Userspace => Ok((Self::userspace(), "requested with --dataplane".into())),
             Requested::Splice => Ok((Self::splice(), "requested with --dataplane".into())),
             Requested::Sockmap => Ok((Self::sockmap()?, "requested with --dataplane".into())),
+            Requested::SockmapSend => Ok((
+                Self::sockmap_send(cgroup)?,
+                format!(
+                    "requested with --dataplane; sockops attached to {}",
+                    cgroup.display()
+                ),
+            )),
             Requested::Auto => {
-                let kernel = match sockmap::supported_kernel().and_then(|()| Sockmap::load()) {
-                    Ok(_) => "the sockmap program would load here (--dataplane sockmap)".into(),
-                    Err(err) => format!("sockmap unavailable here: {err}"),
-                };
+                let kernel =
+                    match sockmap::supported_kernel().and_then(|()| Sockmap::load(Hook::Receive)) {
+                        Ok(_) => "the sockmap program would load here (--dataplane sockmap)".into(),
+                        Err(err) => format!("sockmap unavailable here: {err}"),
+                    };
                 release_freed_heap();
                 Ok((
                     Self::userspace(),
@@ -340,8 +386,9 @@ impl Dataplane {
 
     /// The mode in use.
     pub fn mode(&self) -> Mode {
-        match self.engine {
-            Engine::Sockmap(_) => Mode::Sockmap,
+        match &self.engine {
+            Engine::Sockmap(sockmap) if *sockmap.hook() == Hook::Receive => Mode::Sockmap,
+            Engine::Sockmap(_) => Mode::SockmapSend,
             Engine::Splice => Mode::Splice,
             Engine::Userspace => Mode::Userspace,
         }
@@ -392,25 +439,38 @@ impl Dataplane {
     /// Opens a connection to a backend; with sockmap, hands it to the kernel
     /// program before any byte is sent (hand-over steps 2 and 3).
     pub(crate) async fn connect(&self, addr: SocketAddr) -> io::Result<BackendConn> {
-        let stream = TcpStream::connect(addr).await?;
+        let refused = |err: SockmapError| {
+            tracing::debug!(%err, "sockmap refused a backend socket; copying its responses");
+        };
+        let (stream, slot) = match self.sockmap_engine() {
+            Some(sockmap) if *sockmap.hook() != Hook::Receive => {
+                let socket = match addr {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                let mut slot = sockmap.watch(&socket).map_err(refused).ok();
+                let stream = socket.connect(addr).await?;
+                if let Some(slot) = &mut slot {
+                    slot.connected(stream.local_addr()?, stream.peer_addr()?);
+                }
+                (stream, slot)
+            }
+            Some(sockmap) => {
+                let stream = TcpStream::connect(addr).await?;
+                let slot = sockmap.add_backend(&stream).map_err(refused).ok();
+                (stream, slot)
+            }
+            None => (TcpStream::connect(addr).await?, None),
+        };
         // Requests are written whole; they must not wait for Nagle.
         stream.set_nodelay(true)?;
-        let slot = match self.sockmap_engine() {
-            Some(sockmap) => match sockmap.add_backend(&stream) {
-                Ok(slot) => Some(slot),
-                Err(err) => {
-                    tracing::debug!(%err, "sockmap refused a backend socket; copying its responses");
-                    None
-                }
-            },
-            None => None,
-        };
         Ok(BackendConn {
             slot,
             stream,
             read: 0,
             generation: 0,
             redirected_seen: 0,
+            peer: None,
             idle_since: Instant::now(),
         })
     }
@@ -497,13 +557,17 @@ impl Dataplane {
             Engine::Splice => return relay.splice_body(client, backend, tracker, buf).await,
             Engine::Sockmap(sockmap) => sockmap,
         };
-        match (backend.slot.is_some(), client.redirect_target(sockmap)) {
-            (true, Some(cookie)) => {
+        let send = *sockmap.hook() != Hook::Receive;
+        if backend.slot.is_none() || (send && !backend.is_peer()?) {
+            return relay.copy_body(client, backend, tracker, buf).await;
+        }
+        match client.redirect_target(sockmap) {
+            Some(cookie) => {
                 relay
-                    .sockmap_body(client, backend, cookie, tracker, buf)
+                    .sockmap_body(client, backend, cookie, send, tracker, buf)
                     .await
             }
-            _ => relay.copy_body(client, backend, tracker, buf).await,
+            None => relay.copy_body(client, backend, tracker, buf).await,
         }
     }
 }
@@ -536,6 +600,9 @@ pub(crate) struct BackendConn {
     generation: u64,
     /// The program's redirected count when last looked at (sockmap).
     redirected_seen: u64,
+    /// Send hook: whether the backend's own socket was found on this host
+    /// (known once a response began; it cannot change after).
+    peer: Option<bool>,
     /// When the connection last went back to the pool.
     idle_since: Instant,
 }
@@ -545,6 +612,18 @@ impl BackendConn {
         self.slot
             .as_ref()
             .expect("invariant: the sockmap body path is taken only for a backend with a slot")
+    }
+
+    /// Send hook: whether the sockops program found the backend's own socket
+    /// (it runs on this host), so the sk_msg program judges its sends. Read
+    /// once a response began: the backend's socket was accepted by then.
+    fn is_peer(&mut self) -> Result<bool, SockmapError> {
+        if let Some(peer) = self.peer {
+            return Ok(peer);
+        }
+        let peer = self.slot().progress()?.peer == 1;
+        self.peer = Some(peer);
+        Ok(peer)
     }
 
     /// How long since the connection last went idle ([`Self::mark_idle`]).

@@ -1,4 +1,19 @@
-//! The sockmap dataplane: loading the kernel program and handing sockets to it.
+//! The sockmap dataplanes: loading the kernel programs and handing sockets
+//! to them.
+//!
+//! Two hooks judge a backend's response bytes ([`Hook`]):
+//! - **receive** (`--dataplane sockmap`): a `stream_verdict` program on the
+//!   daemon's backend sockets redirects body skbs to the client's egress,
+//!   through the kernel's psock worker;
+//! - **send** (`--dataplane sockmap-send`): where the backend runs on this
+//!   host, a sockops program at a cgroup puts the *backend's* end of each
+//!   connection in a map whose sk_msg program redirects body bytes inside
+//!   the backend's own `sendmsg`, straight onto the client socket. Only
+//!   connections the daemon watches are touched; a remote backend's
+//!   responses are copied by the daemon.
+//!
+//! Both follow the protocol below; the send hook differs in steps 3 and 8
+//! (see *Send hook*).
 //!
 //! # Hand-over protocol
 //! The order matters; each step says why it is where it is. (The hazards it
@@ -44,19 +59,40 @@
 //!    reads EOF on the backend and passes the half-close on itself.
 //! 10. **Entries removed** when the [`BackendSlot`] drops (the connection
 //!     closes); the socket maps also drop sockets as they close.
+//!
+//! # Send hook
+//! 3. **Watched before connecting** ([`Sockmap::watch`]): the daemon's
+//!    socket is created, its cookie put in `WATCH`, and only then connected.
+//!    The sockops program records the connection's 4-tuple in `TUPLES` when
+//!    the daemon's end is established, and when the backend's end is (it
+//!    needs the handshake's last ACK, so it comes second) puts that socket
+//!    in `PEERS` and sets [`Progress::peer`]. A backend never speaks first,
+//!    so it is in the map before its first send.
+//! 7. **Credit**: each publication grants [`Control::credit`], half of what
+//!    the client socket's send queue can still take ([`tcp::send_room`]):
+//!    the redirect runs in the backend's `sendmsg`, which must never wait
+//!    for, or fail on, a slow client (an asyncio backend would spin on
+//!    EAGAIN). Past it the program passes bytes up; the daemon relays them
+//!    as it can and publishes again once the client has room.
+//! 8. **Nothing to flush**: a redirect has put its bytes on the client's
+//!    send queue before the backend's `sendmsg` returns, so before any
+//!    later byte reaches the daemon.
 use std::{
+    fs::File,
+    net::SocketAddr,
     os::fd::AsRawFd,
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::SkSkb,
+    programs::{CgroupAttachMode, SkMsg, SkSkb, SockOps},
 };
 use router_common::{
-    Control, MAP_BACKENDS, MAP_CLIENTS, MAP_CONTROL, MAP_PROGRESS, MAP_STATS, PROG_REDIRECT,
-    Progress, Stat,
+    Control, MAP_BACKENDS, MAP_CLIENTS, MAP_CONTROL, MAP_PEERS, MAP_PROGRESS, MAP_STATS,
+    MAP_TUPLES, MAP_WATCH, PROG_REDIRECT, PROG_SEND, PROG_WATCH, Progress, Stat, Tuple,
 };
 
 use super::tcp;
@@ -95,6 +131,43 @@ pub enum SockmapError {
     /// Reading a socket's cookie failed.
     #[error("reading the socket cookie: {0}")]
     Cookie(std::io::Error),
+    /// The send hook's sockops program could not be attached to the cgroup
+    /// (`--sockops-cgroup`).
+    #[error(
+        "attaching sockops to the cgroup {}: {reason} (--sockops-cgroup names a cgroup v2 directory)",
+        dir.display()
+    )]
+    Cgroup {
+        /// The directory.
+        dir: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Where the kernel judges a backend's response bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Hook {
+    /// As they arrive on the daemon's backend socket (`stream_verdict`).
+    Receive,
+    /// In the backend's own `sendmsg`, for backends on this host: sockops
+    /// attached to the cgroup v2 directory `cgroup` (it must contain the
+    /// backends' processes) finds their sockets, sk_msg judges their sends.
+    Send {
+        /// A cgroup v2 directory.
+        cgroup: PathBuf,
+    },
+}
+
+/// The cgroup v2 root where this host mounts it: `/sys/fs/cgroup/unified`
+/// (hybrid hierarchy) or `/sys/fs/cgroup` (unified), whichever is a cgroup v2
+/// directory.
+pub fn default_cgroup() -> PathBuf {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|dir| dir.join("cgroup.controllers").exists())
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 /// Fails unless the running kernel is at least [`MIN_KERNEL`].
@@ -118,14 +191,19 @@ struct Maps {
     clients: Mutex<SockHash<MapData, u64>>,
     control: Mutex<HashMap<MapData, u64, Control>>,
     progress: Mutex<HashMap<MapData, u64, Progress>>,
+    watch: Mutex<HashMap<MapData, u64, u32>>,
+    tuples: Mutex<HashMap<MapData, Tuple, u64>>,
+    peers: Mutex<SockHash<MapData, u64>>,
 }
 
-/// The loaded program and its maps.
+/// The loaded programs and their maps.
 pub(super) struct Sockmap {
-    /// Keeps the program loaded and attached.
+    /// Keeps the programs loaded and attached (the sockops link detaches
+    /// when it drops, so a daemon that exits leaves nothing attached).
     _ebpf: Ebpf,
     maps: Arc<Maps>,
     stats: PerCpuArray<MapData, u64>,
+    hook: Hook,
 }
 
 impl std::fmt::Debug for Sockmap {
@@ -142,13 +220,37 @@ fn load_err(err: impl std::fmt::Display) -> SockmapError {
     SockmapError::Load(err.to_string())
 }
 
+/// An error and its sources, for a message that says what the kernel said.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
+/// A program of the object, by name and type.
+fn program_of<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, SockmapError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+    <&'a mut T as TryFrom<&'a mut aya::programs::Program>>::Error: std::fmt::Display,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| load_err(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(load_err)
+}
+
 fn map_err(what: &'static str) -> impl FnOnce(aya::maps::MapError) -> SockmapError {
     move |source| SockmapError::Map { what, source }
 }
 
 impl Sockmap {
-    /// Loads the embedded object and attaches the verdict program.
-    pub(super) fn load() -> Result<Self, SockmapError> {
+    /// Loads the embedded object and attaches the programs of `hook`.
+    pub(super) fn load(hook: Hook) -> Result<Self, SockmapError> {
         if OBJECT.is_empty() {
             return Err(SockmapError::NotBuilt);
         }
@@ -163,13 +265,36 @@ impl Sockmap {
         let progress =
             HashMap::<_, u64, Progress>::try_from(take(MAP_PROGRESS)?).map_err(load_err)?;
         let stats = PerCpuArray::<_, u64>::try_from(take(MAP_STATS)?).map_err(load_err)?;
-        let program: &mut SkSkb = ebpf
-            .program_mut(PROG_REDIRECT)
-            .ok_or_else(|| load_err(format!("program {PROG_REDIRECT} missing from the object")))?
-            .try_into()
-            .map_err(load_err)?;
-        program.load().map_err(load_err)?;
-        program.attach(backends.fd()).map_err(load_err)?;
+        let watch = HashMap::<_, u64, u32>::try_from(take(MAP_WATCH)?).map_err(load_err)?;
+        let tuples = HashMap::<_, Tuple, u64>::try_from(take(MAP_TUPLES)?).map_err(load_err)?;
+        let peers = SockHash::<_, u64>::try_from(take(MAP_PEERS)?).map_err(load_err)?;
+        match &hook {
+            Hook::Receive => {
+                let program: &mut SkSkb = program_of(&mut ebpf, PROG_REDIRECT)?;
+                program.load().map_err(load_err)?;
+                program.attach(backends.fd()).map_err(load_err)?;
+            }
+            Hook::Send { cgroup } => {
+                let program: &mut SkMsg = program_of(&mut ebpf, PROG_SEND)?;
+                program.load().map_err(load_err)?;
+                program.attach(peers.fd()).map_err(load_err)?;
+                let dir = File::open(cgroup).map_err(|err| SockmapError::Cgroup {
+                    dir: cgroup.clone(),
+                    reason: err.to_string(),
+                })?;
+                let program: &mut SockOps = program_of(&mut ebpf, PROG_WATCH)?;
+                program.load().map_err(load_err)?;
+                // A link (kernel 5.7+) takes no attach flags: links on one
+                // cgroup always run side by side, so other programs there,
+                // and other daemons', keep running.
+                program
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|err| SockmapError::Cgroup {
+                        dir: cgroup.clone(),
+                        reason: error_chain(&err),
+                    })?;
+            }
+        }
         Ok(Self {
             _ebpf: ebpf,
             maps: Arc::new(Maps {
@@ -177,9 +302,18 @@ impl Sockmap {
                 clients: Mutex::new(clients),
                 control: Mutex::new(control),
                 progress: Mutex::new(progress),
+                watch: Mutex::new(watch),
+                tuples: Mutex::new(tuples),
+                peers: Mutex::new(peers),
             }),
             stats,
+            hook,
         })
+    }
+
+    /// Which hook judges backend bytes.
+    pub(super) fn hook(&self) -> &Hook {
+        &self.hook
     }
 
     /// Step 1: makes a client socket a redirect target.
@@ -194,24 +328,43 @@ impl Sockmap {
         })
     }
 
-    /// Steps 2 and 3: hands a freshly connected backend socket to the verdict
-    /// program, passing everything up until a control is published.
-    pub(super) fn add_backend(&self, stream: &impl AsRawFd) -> Result<BackendSlot, SockmapError> {
-        let cookie = tcp::cookie(stream).map_err(SockmapError::Cookie)?;
+    /// Step 2: the entries a backend socket needs before the program can
+    /// meet it; the slot removes them when it drops.
+    fn entries(&self, socket: &impl AsRawFd) -> Result<BackendSlot, SockmapError> {
+        let cookie = tcp::cookie(socket).map_err(SockmapError::Cookie)?;
         lock(&self.maps.progress)
             .insert(cookie, Progress::default(), 0)
             .map_err(map_err("writing the progress entry"))?;
         // From here on the slot removes whatever was written.
         let slot = BackendSlot {
             cookie,
+            tuple: None,
             maps: Arc::clone(&self.maps),
         };
         lock(&self.maps.control)
             .insert(cookie, Control::default(), 0)
             .map_err(map_err("writing the control entry"))?;
+        Ok(slot)
+    }
+
+    /// Steps 2 and 3, receive hook: hands a freshly connected backend socket
+    /// to the verdict program, passing everything up until a control is
+    /// published.
+    pub(super) fn add_backend(&self, stream: &impl AsRawFd) -> Result<BackendSlot, SockmapError> {
+        let slot = self.entries(stream)?;
         lock(&self.maps.backends)
-            .insert(cookie, stream.as_raw_fd(), 0)
+            .insert(slot.cookie, stream.as_raw_fd(), 0)
             .map_err(map_err("inserting the backend socket"))?;
+        Ok(slot)
+    }
+
+    /// Steps 2 and 3, send hook: asks the sockops program to watch a socket
+    /// that is about to connect. Call [`BackendSlot::connected`] once it is.
+    pub(super) fn watch(&self, socket: &impl AsRawFd) -> Result<BackendSlot, SockmapError> {
+        let slot = self.entries(socket)?;
+        lock(&self.maps.watch)
+            .insert(slot.cookie, 1, 0)
+            .map_err(map_err("writing the watch entry"))?;
         Ok(slot)
     }
 
@@ -235,10 +388,14 @@ impl Sockmap {
         lock(&self.maps.progress).keys().count()
     }
 
-    /// Sockets in the client map and in the backend map.
+    /// Sockets in the client map and in the backend map (the backends' own
+    /// sockets, with the send hook).
     pub(super) fn sockets_len(&self) -> (usize, usize) {
         let clients = lock(&self.maps.clients).keys().count();
-        let backends = lock(&self.maps.backends).keys().count();
+        let backends = match self.hook {
+            Hook::Receive => lock(&self.maps.backends).keys().count(),
+            Hook::Send { .. } => lock(&self.maps.peers).keys().count(),
+        };
         (clients, backends)
     }
 }
@@ -272,13 +429,29 @@ impl Drop for ClientSlot {
     }
 }
 
-/// A backend socket handed to the verdict program; its entries go on drop.
+/// A backend socket handed to a kernel program; its entries go on drop.
 pub(crate) struct BackendSlot {
     cookie: u64,
+    /// Send hook: the connection's key in `TUPLES`, once connected.
+    tuple: Option<Tuple>,
     maps: Arc<Maps>,
 }
 
 impl BackendSlot {
+    /// Send hook: notes the connection the watched socket made, so the
+    /// sockops program's `TUPLES` entry goes with the slot. Only IPv4
+    /// connections are watched.
+    pub(super) fn connected(&mut self, local: SocketAddr, peer: SocketAddr) {
+        if let (SocketAddr::V4(local), SocketAddr::V4(peer)) = (local, peer) {
+            self.tuple = Some(Tuple {
+                router_ip4: u32::from_ne_bytes(local.ip().octets()),
+                backend_ip4: u32::from_ne_bytes(peer.ip().octets()),
+                router_port: local.port(),
+                backend_port: peer.port(),
+            });
+        }
+    }
+
     /// Step 6: tells the program where the response goes from `fence` on.
     pub(super) fn publish(&self, control: Control) -> Result<(), SockmapError> {
         lock(&self.maps.control)
@@ -298,12 +471,19 @@ impl std::fmt::Debug for BackendSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendSlot")
             .field("cookie", &self.cookie)
+            .field("tuple", &self.tuple)
             .finish()
     }
 }
 
 impl Drop for BackendSlot {
     fn drop(&mut self) {
+        // The 4-tuple first: once the socket closes, another connection may
+        // reuse it, and must not find this one's entries.
+        if let Some(tuple) = self.tuple {
+            let _ = lock(&self.maps.tuples).remove(&tuple);
+        }
+        let _ = lock(&self.maps.watch).remove(&self.cookie);
         let _ = lock(&self.maps.backends).remove(&self.cookie);
         let _ = lock(&self.maps.control).remove(&self.cookie);
         let _ = lock(&self.maps.progress).remove(&self.cookie);
@@ -312,7 +492,7 @@ impl Drop for BackendSlot {
 
 #[cfg(test)]
 mod tests {
-    use router_common::{MAP_NAMES, PROG_REDIRECT};
+    use router_common::{MAP_NAMES, PROG_NAMES};
 
     use super::OBJECT;
 
@@ -332,10 +512,12 @@ mod tests {
         for map in MAP_NAMES {
             assert!(object.maps.contains_key(map), "map {map} missing");
         }
-        assert!(
-            object.programs.contains_key(PROG_REDIRECT),
-            "program {PROG_REDIRECT} missing; have {:?}",
-            object.programs.keys().collect::<Vec<_>>()
-        );
+        for program in PROG_NAMES {
+            assert!(
+                object.programs.contains_key(program),
+                "program {program} missing; have {:?}",
+                object.programs.keys().collect::<Vec<_>>()
+            );
+        }
     }
 }

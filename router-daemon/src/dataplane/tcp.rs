@@ -1,4 +1,4 @@
-//! Socket calls tokio does not offer: cookies, send-queue progress, peeking,
+//! Socket calls tokio does not offer: cookies, send-queue progress and room, peeking,
 //! half-closing through a shared reference, reads that note a drained
 //! socket, and what tokio's readiness says without a syscall.
 use std::{io, mem, os::fd::AsRawFd};
@@ -83,6 +83,37 @@ pub(crate) fn send_progress(socket: &impl AsRawFd) -> io::Result<SendProgress> {
         queued: info.tcpi_bytes_acked + u64::try_from(unacked).unwrap_or(0),
         open: state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT,
     })
+}
+
+/// `SO_MEMINFO` and the indexes it fills, from the kernel's uapi
+/// (`asm-generic/socket.h`, `linux/sock_diag.h`).
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_SNDBUF: usize = 3;
+const SK_MEMINFO_WMEM_QUEUED: usize = 5;
+const SK_MEMINFO_VARS: usize = 9;
+
+/// How many more bytes of memory the socket's send queue may take before a
+/// send would wait: its send buffer less what is queued, both as the kernel
+/// charges them (payload plus per-packet overhead).
+pub(crate) fn send_room(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut info = [0u32; SK_MEMINFO_VARS];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    // SAFETY: valid fd, and `info`/`len` describe a writable u32 array.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(
+        info[SK_MEMINFO_SNDBUF].saturating_sub(info[SK_MEMINFO_WMEM_QUEUED]),
+    ))
 }
 
 /// Reads up to `buf.len()` bytes without consuming them (`MSG_PEEK`).
@@ -207,6 +238,29 @@ mod tests {
         writer.shutdown().await.unwrap();
         assert!(reports_readable(&reader).await);
         assert_eq!(read_draining(&reader, &mut buf).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn send_room_shrinks_by_what_an_unread_peer_leaves_queued() {
+        let (mut writer, reader) = pair().await;
+        let empty = send_room(&writer).unwrap();
+        assert!(empty > 0, "an idle socket has room");
+        // Fill the reader's receive buffer first, so the rest stays queued
+        // at the writer.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        while let Ok(Ok(())) =
+            tokio::time::timeout(Duration::from_millis(200), writer.write_all(&chunk)).await
+        {
+            sent += chunk.len();
+            assert!(sent < 256 << 20, "the unread peer never pushed back");
+        }
+        let full = send_room(&writer).unwrap();
+        assert!(
+            full < empty / 2,
+            "room {full} of {empty} with {sent} bytes unread"
+        );
+        drop(reader);
     }
 
     #[tokio::test]

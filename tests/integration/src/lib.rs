@@ -24,7 +24,10 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// load here and the environment allows skipping.
 pub fn dataplane_or_skip(mode: Mode) -> Option<Dataplane> {
     match mode {
-        Mode::Sockmap => sockmap_or_skip(),
+        Mode::Sockmap => required_or_skip(Dataplane::sockmap()),
+        Mode::SockmapSend => required_or_skip(Dataplane::sockmap_send(
+            &router_daemon::dataplane::default_cgroup(),
+        )),
         Mode::Splice => Some(Dataplane::splice()),
         Mode::Userspace => Some(Dataplane::userspace()),
     }
@@ -36,7 +39,15 @@ pub fn dataplane_or_skip(mode: Mode) -> Option<Dataplane> {
 /// When the dataplane does not load and `CI=true` or
 /// `ROUTER_REQUIRE_SOCKMAP=1` is set.
 pub fn sockmap_or_skip() -> Option<Dataplane> {
-    match Dataplane::sockmap() {
+    required_or_skip(Dataplane::sockmap())
+}
+
+/// A kernel dataplane that loaded, or `None` with a message when it did not
+/// and skipping is allowed (see [`sockmap_or_skip`]).
+fn required_or_skip(
+    loaded: Result<Dataplane, router_daemon::dataplane::SockmapError>,
+) -> Option<Dataplane> {
+    match loaded {
         Ok(dataplane) => Some(dataplane),
         Err(err) => {
             let required = std::env::var("CI").is_ok_and(|v| v == "true")
@@ -517,7 +528,12 @@ fn split_sample(sample: &str) -> (&str, Vec<&str>) {
 }
 
 /// The dataplane modes the suite runs against.
-pub const MODES: [Mode; 3] = [Mode::Sockmap, Mode::Splice, Mode::Userspace];
+pub const MODES: [Mode; 4] = [
+    Mode::Sockmap,
+    Mode::SockmapSend,
+    Mode::Splice,
+    Mode::Userspace,
+];
 
 /// Which metric counts the response bytes of `mode`, and that no other path
 /// carried any: (the mode's own counter, the counters that must stay 0).
@@ -526,7 +542,7 @@ pub fn byte_counters(mode: Mode) -> (&'static str, Vec<&'static str>) {
     const PIPED: &str = "router_splice_piped_bytes_total";
     const COPIED: &str = "router_userspace_copied_bytes_total";
     match mode {
-        Mode::Sockmap => (REDIRECTED, vec![PIPED, COPIED]),
+        Mode::Sockmap | Mode::SockmapSend => (REDIRECTED, vec![PIPED, COPIED]),
         Mode::Splice => (PIPED, vec![COPIED]),
         Mode::Userspace => (COPIED, vec![PIPED]),
     }
@@ -578,7 +594,7 @@ pub async fn assert_bytes_took_path(router: SocketAddr, mode: Mode, bytes: usize
 
 /// Declares one `#[tokio::test]` per dataplane mode for each named scenario
 /// `async fn scenario(mode: Mode)` in scope: `scenario::sockmap`,
-/// `scenario::splice` and `scenario::userspace`.
+/// `scenario::sockmap_send`, `scenario::splice` and `scenario::userspace`.
 #[macro_export]
 macro_rules! each_mode {
     ($($scenario:ident),* $(,)?) => {
@@ -587,6 +603,10 @@ macro_rules! each_mode {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sockmap() {
                     super::$scenario(router_daemon::dataplane::Mode::Sockmap).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sockmap_send() {
+                    super::$scenario(router_daemon::dataplane::Mode::SockmapSend).await;
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn splice() {

@@ -72,7 +72,10 @@ async fn bulk_response_is_byte_exact(mode: Mode) {
         received.raw == response,
         "bulk bytes differ from what the backend sent"
     );
-    assert_bytes_took_path(router, mode, response.len(), 0.9).await;
+    // The send hook redirects only as much as the client socket has room
+    // for (its credit); while the reader lags, the daemon relays the rest.
+    let share = if mode == Mode::SockmapSend { 0.75 } else { 0.9 };
+    assert_bytes_took_path(router, mode, response.len(), share).await;
 }
 
 /// Many clients at once, each must get exactly its own response.

@@ -293,7 +293,7 @@ async fn settled(router: SocketAddr, mode: Mode, baseline: usize) -> (usize, Str
     for _ in 0..100 {
         metrics = get(router, "/metrics").await.text();
         fds = open_fds();
-        let maps_empty = mode != Mode::Sockmap
+        let maps_empty = !mode.redirects_in_kernel()
             || SOCKMAP_GAUGES
                 .iter()
                 .all(|name| metric(&metrics, name) == Some(0.0));
@@ -401,7 +401,7 @@ async fn leak_free_round(
         "{fds} descriptors open, {baseline_fds} before\n{}\n{metrics}",
         sockets()
     );
-    if mode == Mode::Sockmap {
+    if mode.redirects_in_kernel() {
         for name in SOCKMAP_GAUGES {
             assert_eq!(metric(&metrics, name), Some(0.0), "{name}\n{metrics}");
         }

@@ -1,13 +1,13 @@
-//! The kernel body mover: the sockmap program redirects body bytes to the
-//! client socket while it can follow the framing; the daemon publishes the
-//! framing, and finishes what the program passes up.
+//! The kernel body mover: a sockmap program (either hook) redirects body
+//! bytes to the client socket while it can follow the framing; the daemon
+//! publishes the framing, and finishes what the program passes up.
 use std::io;
 
 use router_common::{Control, Framing, Progress};
 
 use super::{Relay, Watch};
 use crate::{
-    dataplane::{BackendConn, COPY_BUFFER, Client, RelayError, SockmapError},
+    dataplane::{BackendConn, COPY_BUFFER, Client, MIN_CREDIT, RelayError, SockmapError},
     http::response::{BodyTracker, FramingError},
 };
 
@@ -19,11 +19,17 @@ impl<W: Watch> Relay<'_, W> {
     /// program adopts a hand-over only if nothing arrived between the
     /// daemon's last read and the publication, so that window is one
     /// syscall, not a write to the client.
+    ///
+    /// With the send hook (`credit`), each publication grants credit from
+    /// the client socket's room, and none is published while it has less
+    /// than [`MIN_CREDIT`]: the daemon relays what the program passes up
+    /// until the client catches up.
     pub(in crate::dataplane) async fn sockmap_body(
         &mut self,
         client: &mut Client,
         backend: &mut BackendConn,
         client_cookie: u64,
+        credit: bool,
         mut tracker: BodyTracker,
         buf: &mut Vec<u8>,
     ) -> Result<(), RelayError> {
@@ -40,7 +46,14 @@ impl<W: Watch> Relay<'_, W> {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     if stale && let Some(framing) = tracker.to_kernel() {
-                        published = Some(backend.publish(client_cookie, framing)?);
+                        let credit = if credit {
+                            client.send_room().map_err(RelayError::Client)? / 2
+                        } else {
+                            0
+                        };
+                        if credit == 0 || credit >= MIN_CREDIT {
+                            published = Some(backend.publish(client_cookie, framing, credit)?);
+                        }
                     }
                     stale = false;
                     self.backend_readable(client, backend).await?;
@@ -76,7 +89,7 @@ impl<W: Watch> Relay<'_, W> {
         if published.is_some() {
             // Never leave an unadopted hand-over behind: the next response on
             // this connection would be adopted by it, head and all.
-            backend.publish(client_cookie, Framing::default())?;
+            backend.publish(client_cookie, Framing::default(), 0)?;
         }
         Ok(())
     }
@@ -105,14 +118,21 @@ impl BackendConn {
     /// Hands the body over to the kernel program from the next byte the
     /// daemon has not read: `framing` is where the body stands, to be
     /// redirected to the client `client_cookie` (a default framing withdraws
-    /// the hand-over). Returns the hand-over's generation.
-    fn publish(&mut self, client_cookie: u64, framing: Framing) -> Result<u64, SockmapError> {
+    /// the hand-over), at most `credit` bytes of it with the send hook.
+    /// Returns the hand-over's generation.
+    fn publish(
+        &mut self,
+        client_cookie: u64,
+        framing: Framing,
+        credit: u64,
+    ) -> Result<u64, SockmapError> {
         self.generation += 1;
         self.slot().publish(Control {
             client_cookie,
             generation: self.generation,
             fence: self.read,
             framing,
+            credit,
         })?;
         Ok(self.generation)
     }
