@@ -485,13 +485,26 @@ fn targets(out: &mut String, v: &View<'_>) {
         }
         let _ = writeln!(out);
     }
-    // Sockmap against the userspace dataplanes on (b).
+    // Each kernel dataplane against the userspace dataplanes on (b).
     let measures: [(&str, Measure); 2] = [
         ("system", WindowB::host_us_per_event),
         ("bench (no other users)", WindowB::bench_us_per_event),
     ];
-    for (name, measure) in measures {
-        let Some(s) = v.b(Kind::Router(Dataplane::Sockmap)).map(measure) else {
+    for kernel in [Dataplane::Sockmap, Dataplane::SockmapSend] {
+        kernel_vs_userspace(out, v, kernel, &measures);
+    }
+}
+
+/// One line per measure: `kernel`'s CPU per event on (b) against the best
+/// userspace dataplane's.
+fn kernel_vs_userspace(
+    out: &mut String,
+    v: &View<'_>,
+    kernel: Dataplane,
+    measures: &[(&str, Measure)],
+) {
+    for &(name, measure) in measures {
+        let Some(s) = v.b(Kind::Router(kernel)).map(measure) else {
             break;
         };
         let others: Vec<(Dataplane, f64)> = [Dataplane::Splice, Dataplane::Userspace]
@@ -506,10 +519,11 @@ fn targets(out: &mut String, v: &View<'_>) {
             .iter()
             .map(|(dp, x)| format!("{} {x:.1}", dp.as_str()))
             .collect();
+        let kernel = kernel.as_str();
         let _ = writeln!(
             out,
-            "- Sockmap vs the userspace dataplanes on (b), {name} CPU per event: sockmap {s:.1} \
-             µs, {} → sockmap {} ({:+.0}% vs the best of them).",
+            "- {kernel} vs the userspace dataplanes on (b), {name} CPU per event: {kernel} \
+             {s:.1} µs, {} → {kernel} {} ({:+.0}% vs the best of them).",
             parts.join(", "),
             if s < best {
                 "is cheaper"

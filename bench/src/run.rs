@@ -32,6 +32,9 @@ use crate::{
 pub enum Dataplane {
     /// The sockmap eBPF program redirects response bytes in the kernel.
     Sockmap,
+    /// The sk_msg program redirects response bytes in the backend's own
+    /// send (the bench backend runs on this host, as a co-located vLLM).
+    SockmapSend,
     /// splice(2) through a pipe.
     Splice,
     /// read/write through the daemon.
@@ -43,9 +46,15 @@ impl Dataplane {
     pub fn as_str(self) -> &'static str {
         match self {
             Dataplane::Sockmap => "sockmap",
+            Dataplane::SockmapSend => "sockmap-send",
             Dataplane::Splice => "splice",
             Dataplane::Userspace => "userspace",
         }
+    }
+
+    /// Whether the dataplane loads a kernel program (needs root).
+    pub fn in_kernel(self) -> bool {
+        matches!(self, Dataplane::Sockmap | Dataplane::SockmapSend)
     }
 }
 
@@ -72,11 +81,12 @@ pub struct Args {
     /// Leave nginx out.
     #[arg(long)]
     no_nginx: bool,
-    /// Dataplanes to run (sockmap is skipped when not root).
+    /// Dataplanes to run (sockmap and sockmap-send are skipped when not
+    /// root).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "sockmap,splice,userspace"
+        default_value = "sockmap,sockmap-send,splice,userspace"
     )]
     dataplanes: Vec<Dataplane>,
     /// Cases to run.
@@ -623,6 +633,7 @@ impl Bench {
                     Dataplane::Sockmap => 0,
                     Dataplane::Splice => 1,
                     Dataplane::Userspace => 2,
+                    Dataplane::SockmapSend => 3,
                 },
             )
         };
@@ -750,8 +761,11 @@ impl Bench {
         dataplanes.sort();
         dataplanes.dedup();
         for dp in dataplanes {
-            if dp == Dataplane::Sockmap && !procfs::is_root() {
-                notes.push("router sockmap: skipped, the sockmap dataplane needs root".into());
+            if dp.in_kernel() && !procfs::is_root() {
+                notes.push(format!(
+                    "router {}: skipped, the dataplane needs root",
+                    dp.as_str()
+                ));
                 continue;
             }
             let addr = router_addr(dp)?;

@@ -101,11 +101,12 @@ pub struct Config {
     #[arg(long, env = "ROUTER_DATAPLANE", value_enum, default_value_t = Requested::Auto)]
     pub dataplane: Requested,
 
-    /// With `--dataplane sockmap-send`: the cgroup v2 directory whose
-    /// processes' sockets the sockops program watches; it must hold the
-    /// co-located backends (in Kubernetes, the host's cgroup root mounted
-    /// into the pod). Default: this host's cgroup v2 root
-    /// (`/sys/fs/cgroup/unified` or `/sys/fs/cgroup`).
+    /// With `--dataplane sockmap-send`: the cgroup directory whose
+    /// processes' sockets the sockops program watches (its `unified/`
+    /// subdirectory where cgroup v2 is mounted there); it must hold the
+    /// co-located backends (in Kubernetes, the host's `/sys/fs/cgroup`
+    /// mounted into the pod). Default: `/sys/fs/cgroup`, so this host's
+    /// cgroup v2 root.
     #[arg(long, env = "ROUTER_SOCKOPS_CGROUP")]
     pub sockops_cgroup: Option<std::path::PathBuf>,
 

@@ -59,10 +59,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
     }
-    let cgroup = config
-        .sockops_cgroup
-        .clone()
-        .unwrap_or_else(router_daemon::dataplane::default_cgroup);
+    let cgroup = config.sockops_cgroup.as_deref().map_or_else(
+        router_daemon::dataplane::default_cgroup,
+        router_daemon::dataplane::cgroup2_root,
+    );
     let (dataplane, why) = Dataplane::select(config.dataplane, &cgroup).context("dataplane")?;
     release_freed_heap();
     tracing::info!(mode = dataplane.mode().as_str(), "dataplane: {why}");

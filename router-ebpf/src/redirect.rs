@@ -23,11 +23,11 @@ use aya_ebpf::{
     maps::SockHash,
     programs::SkBuffContext,
 };
-use router_common::{Framing, MAX_CHUNKS_PER_SKB, MAX_SOCKETS, Progress, Stat};
+use router_common::{MAX_CHUNKS_PER_SKB, MAX_SOCKETS, Stat};
 
 use crate::{
     framing::{Bytes, SIZE_LINE, advance},
-    maps::{CLIENTS, CONTROL, PROGRESS, count},
+    maps::{CLIENTS, adopt, count, entries, pass_up},
 };
 
 #[map]
@@ -42,38 +42,16 @@ pub fn redirect_response(ctx: SkBuffContext) -> u32 {
     }
     // SAFETY: the helper only reads the socket the skb belongs to.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    // SAFETY: the value is only read, and the daemon replaces (never edits
-    // in place) control values, so the fields read are consistent.
-    let (Some(control), Some(progress)) = (
-        unsafe { CONTROL.get(&cookie) },
-        PROGRESS.get_ptr_mut(&cookie),
-    ) else {
-        count(Stat::PassedUnmapped, 1);
+    let Some((control, progress)) = entries(cookie) else {
         return SK_PASS;
     };
-    // SAFETY: `progress` points into a live map value that only this
-    // program writes. Verdicts for one socket run one at a time (the kernel
-    // holds the socket's lock around `read_skb`), so plain updates lose
-    // nothing; aligned 8-byte stores cannot tear for the daemon reading them.
-    let progress = unsafe { &mut *progress };
-    if progress.splicing == 0 {
-        // Adopt a new hand-over only when every byte passed before it has
-        // been read by the daemon: otherwise redirected bytes would overtake
-        // bytes still waiting in the daemon's queue.
-        let adoptable = control.generation != progress.generation
-            && control.fence == progress.passed
-            && control.framing.kind != Framing::KIND_NONE;
-        if !adoptable {
-            return pass_up(progress, len);
-        }
-        progress.generation = control.generation;
-        progress.framing = control.framing;
-        progress.splicing = 1;
+    if !adopt(control, progress) {
+        return pass_up(progress, u64::from(len));
     }
     let Some(framing) = advance::<MAX_CHUNKS_PER_SKB>(&Skb(&ctx), progress.framing, u64::from(len))
     else {
         progress.splicing = 0;
-        return pass_up(progress, len);
+        return pass_up(progress, u64::from(len));
     };
     let mut client = control.client_cookie;
     if CLIENTS.redirect_skb(&ctx, &mut client, 0) != i64::from(SK_PASS) {
@@ -87,14 +65,6 @@ pub fn redirect_response(ctx: SkBuffContext) -> u32 {
     progress.redirected += u64::from(len);
     count(Stat::RedirectedSkbs, 1);
     count(Stat::RedirectedBytes, u64::from(len));
-    SK_PASS
-}
-
-/// Passes the skb to the backend socket's own queue for the daemon.
-#[inline(always)]
-fn pass_up(progress: &mut Progress, len: u32) -> u32 {
-    progress.passed += u64::from(len);
-    count(Stat::PassedToDaemon, 1);
     SK_PASS
 }
 

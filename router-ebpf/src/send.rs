@@ -26,11 +26,11 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
-use router_common::{Framing, MAX_CHUNKS_PER_SEND, MAX_SOCKETS, Progress, Stat, Tuple};
+use router_common::{MAX_CHUNKS_PER_SEND, MAX_SOCKETS, Stat, Tuple};
 
 use crate::{
     framing::{Bytes, SIZE_LINE, advance},
-    maps::{CLIENTS, CONTROL, PROGRESS, count},
+    maps::{CLIENTS, PROGRESS, adopt, count, entries, pass_up},
 };
 
 /// `AF_INET`: only IPv4 connections are watched.
@@ -125,30 +125,11 @@ pub fn redirect_send(ctx: SkMsgContext) -> u32 {
         count(Stat::PassedUnmapped, 1);
         return SK_PASS;
     };
-    // SAFETY: the daemon replaces (never edits in place) control values.
-    let (Some(control), Some(progress)) = (
-        unsafe { CONTROL.get(&daemon) },
-        PROGRESS.get_ptr_mut(&daemon),
-    ) else {
-        count(Stat::PassedUnmapped, 1);
+    let Some((control, progress)) = entries(daemon) else {
         return SK_PASS;
     };
-    // SAFETY: a live map value only kernel programs write; sends on one
-    // socket run one at a time (under the socket's lock).
-    let progress = unsafe { &mut *progress };
-    if progress.splicing == 0 {
-        // As on the receive side: adopt only once the daemon has read every
-        // byte passed before, so redirected bytes overtake none of them.
-        let adoptable = control.generation != progress.generation
-            && control.fence == progress.passed
-            && control.framing.kind != Framing::KIND_NONE;
-        if !adoptable {
-            return pass_up(progress, len);
-        }
-        progress.generation = control.generation;
-        progress.framing = control.framing;
-        progress.credit_end = progress.redirected + control.credit;
-        progress.splicing = 1;
+    if !adopt(control, progress) {
+        return pass_up(progress, len);
     }
     if progress.redirected + len > progress.credit_end {
         progress.splicing = 0;
@@ -172,14 +153,6 @@ pub fn redirect_send(ctx: SkMsgContext) -> u32 {
     progress.redirected += len;
     count(Stat::RedirectedSkbs, 1);
     count(Stat::RedirectedBytes, len);
-    SK_PASS
-}
-
-/// Passes the message on to the router's socket for the daemon.
-#[inline(always)]
-fn pass_up(progress: &mut Progress, len: u64) -> u32 {
-    progress.passed += len;
-    count(Stat::PassedToDaemon, 1);
     SK_PASS
 }
 

@@ -74,6 +74,8 @@
 //!    for, or fail on, a slow client (an asyncio backend would spin on
 //!    EAGAIN). Past it the program passes bytes up; the daemon relays them
 //!    as it can and publishes again once the client has room.
+//!    The daemon hands over streamed (chunked) bodies only; bodies with a
+//!    length it copies (`Dataplane::move_body` says why).
 //! 8. **Nothing to flush**: a redirect has put its bytes on the client's
 //!    send queue before the backend's `sendmsg` returns, so before any
 //!    later byte reaches the daemon.
@@ -81,7 +83,7 @@ use std::{
     fs::File,
     net::SocketAddr,
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
@@ -159,15 +161,22 @@ pub(crate) enum Hook {
     },
 }
 
-/// The cgroup v2 root where this host mounts it: `/sys/fs/cgroup/unified`
-/// (hybrid hierarchy) or `/sys/fs/cgroup` (unified), whichever is a cgroup v2
-/// directory.
+/// The cgroup v2 directory for the sockops program under `mount`, a cgroup
+/// mount such as `/sys/fs/cgroup` (or the host's, mounted into a pod): its
+/// `unified/` directory on a hybrid host, where v2 is mounted there, else
+/// `mount` itself.
+pub fn cgroup2_root(mount: &Path) -> PathBuf {
+    let unified = mount.join("unified");
+    if unified.join("cgroup.controllers").exists() {
+        unified
+    } else {
+        mount.to_owned()
+    }
+}
+
+/// This host's cgroup v2 root: [`cgroup2_root`] of `/sys/fs/cgroup`.
 pub fn default_cgroup() -> PathBuf {
-    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|dir| dir.join("cgroup.controllers").exists())
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
+    cgroup2_root(Path::new("/sys/fs/cgroup"))
 }
 
 /// Fails unless the running kernel is at least [`MIN_KERNEL`].

@@ -259,6 +259,14 @@ impl BodyTracker {
         }
     }
 
+    /// Whether the body is chunked (a stream, from vLLM).
+    pub(crate) fn is_chunked(&self) -> bool {
+        matches!(
+            self.state,
+            State::ChunkData { .. } | State::ChunkSize { .. } | State::Trailers { .. }
+        )
+    }
+
     /// The state as the kernel program follows it, when it can: not inside a
     /// partly read line, in the trailers, or after the end.
     pub(crate) fn to_kernel(&self) -> Option<Framing> {

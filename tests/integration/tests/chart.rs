@@ -261,6 +261,24 @@ fn each_dataplane_gets_only_the_capabilities_it_needs() {
         })
     );
     assert_eq!(env(router, "ROUTER_DATAPLANE"), Some("sockmap"));
+    assert_eq!(env(router, "ROUTER_SOCKOPS_CGROUP"), None);
+    // The send hook: the same capabilities, and the host's cgroup tree,
+    // read-only, for the sockops program to attach to.
+    let objects = rendered(&helm, &["--set", "routerSpec.dataplane=sockmap-send"]);
+    let router = router_container(&objects);
+    assert_eq!(
+        router["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]})
+    );
+    assert_eq!(env(router, "ROUTER_SOCKOPS_CGROUP"), Some("/host/cgroup"));
+    assert_eq!(
+        router["volumeMounts"],
+        json!([{"name": "host-cgroup", "mountPath": "/host/cgroup", "readOnly": true}])
+    );
+    assert_eq!(
+        one(&objects, "DaemonSet", None)["spec"]["template"]["spec"]["volumes"],
+        json!([{"name": "host-cgroup", "hostPath": {"path": "/sys/fs/cgroup", "type": "Directory"}}])
+    );
     // Privileged only when a value asks for it.
     let objects = rendered(
         &helm,
@@ -416,7 +434,7 @@ fn values_the_router_cannot_run_with_are_refused() {
         ),
         (
             "routerSpec.dataplane=xdp",
-            "use auto, userspace, splice or sockmap",
+            "use auto, userspace, splice, sockmap or sockmap-send",
         ),
     ] {
         let err = render(&helm, &["--set", set]).expect_err(set);

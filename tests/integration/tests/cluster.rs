@@ -1,9 +1,12 @@
 //! The seed tutorial on a real single-node Kubernetes (kubelet, containerd,
 //! CNI bridge, kube-proxy), as a user runs it: `helm install` the chart with
-//! the example values and the sockmap dataplane (only the capabilities the
-//! chart grants), two vllm-sim engine pods, wait for Ready, the tutorial's
-//! two requests through the node port 30080 and through `kubectl
-//! port-forward`, an engine pod deleted while it streams, `helm uninstall`.
+//! the example values and the `sockmap-send` dataplane (only the
+//! capabilities and the host cgroup mount the chart grants), two vllm-sim
+//! engine pods, wait for Ready, the tutorial's two requests through the
+//! node port 30080 and through `kubectl port-forward`, an engine pod deleted
+//! while it streams, the kernel counters (the engines' own sockets, in
+//! their pods' network namespaces, redirected body bytes to the router's
+//! clients), `helm uninstall`.
 //!
 //! `cargo xtask test` brings the cluster up after the other tests (see
 //! `xtask/src/cluster.rs`), imports the router, simulator and pause images
@@ -149,6 +152,34 @@ impl Drop for ShowClusterOnFailure<'_> {
     }
 }
 
+/// `kubectl port-forward TARGET PORT:REMOTE` on a free loopback port:
+/// the child (kill it when done) and the local address.
+fn port_forward(env: &Env, target: &str, remote: u16) -> (std::process::Child, SocketAddr) {
+    let port = integration_tests::free_loopback_addr().port();
+    let mut forward = Command::new(&env.kubectl)
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .args(["port-forward", target, &format!("{port}:{remote}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl port-forward");
+    // Its output is read to the end: kubectl writes a line per connection,
+    // and would die of a closed pipe.
+    let stdout = forward.stdout.take().expect("port-forward's output");
+    let (said, first) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = said.send(line);
+        }
+    });
+    let first = first
+        .recv_timeout(WAIT)
+        .expect("port-forward says where it forwards");
+    assert!(first.contains("Forwarding from"), "{first}");
+    (forward, ([127, 0, 0, 1], port).into())
+}
+
 /// The tutorial's two completions through `router`: the engine (pod name)
 /// that served each.
 async fn tutorial(router: SocketAddr) -> Vec<String> {
@@ -234,7 +265,7 @@ async fn the_tutorial_runs_on_a_real_cluster() {
             "-f",
             values.to_str().expect("UTF-8"),
             "--set",
-            "routerSpec.dataplane=sockmap",
+            "routerSpec.dataplane=sockmap-send",
             "--set",
             "routerSpec.imagePullPolicy=Never",
         ],
@@ -249,8 +280,8 @@ async fn the_tutorial_runs_on_a_real_cluster() {
     }
     let logs = run(&env, &kubectl, &["logs", "daemonset/vllm-router"]);
     assert!(
-        logs.contains("mode=\"sockmap\""),
-        "the router runs the sockmap dataplane: {logs}"
+        logs.contains("mode=\"sockmap-send\""),
+        "the router runs the sockmap-send dataplane: {logs}"
     );
 
     // The tutorial through the node port: the second request lands on the
@@ -260,33 +291,7 @@ async fn the_tutorial_runs_on_a_real_cluster() {
     assert_eq!(served[0], served[1], "through the node port");
 
     // And through `kubectl port-forward svc/<router> PORT:80`.
-    let port = integration_tests::free_loopback_addr().port();
-    let mut forward = Command::new(&kubectl)
-        .arg("--kubeconfig")
-        .arg(&env.kubeconfig)
-        .args([
-            "port-forward",
-            "svc/vllm-router-service",
-            &format!("{port}:80"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kubectl port-forward");
-    // Its output is read to the end: kubectl writes a line per connection,
-    // and would die of a closed pipe.
-    let stdout = forward.stdout.take().expect("port-forward's output");
-    let (said, first) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = said.send(line);
-        }
-    });
-    let first = first
-        .recv_timeout(WAIT)
-        .expect("port-forward says where it forwards");
-    assert!(first.contains("Forwarding from"), "{first}");
-    let forwarded: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (mut forward, forwarded) = port_forward(&env, "svc/vllm-router-service", 80);
     let through_forward = tutorial(forwarded).await;
     let _ = forward.kill();
     let _ = forward.wait();
@@ -365,6 +370,21 @@ async fn the_tutorial_runs_on_a_real_cluster() {
         logs.contains("its requests in flight finish there"),
         "{logs}"
     );
+
+    // The engines run on the router's node, each in its pod's network
+    // namespace: their own sockets were found, and body bytes went from
+    // them straight to the router's clients.
+    let (mut forward, admin) = port_forward(&env, "daemonset/vllm-router", 9090);
+    let metrics = integration_tests::get(admin, "/metrics").await.text();
+    let _ = forward.kill();
+    let _ = forward.wait();
+    for counter in [
+        "router_sockmap_peers_added_total",
+        "router_sockmap_redirected_bytes_total",
+    ] {
+        let value = integration_tests::metric(&metrics, counter).unwrap_or(0.0);
+        assert!(value > 0.0, "{counter} is {value}\n{metrics}");
+    }
 
     // helm uninstall removes the router.
     run(&env, &helm, &["uninstall", "vllm", "--wait", &timeout]);

@@ -39,9 +39,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 {{- default .Release.Namespace .Values.routerSpec.k8sNamespace -}}
 {{- end -}}
 
-{{/* Whether the pod loads the sockmap program (and so needs capabilities). */}}
+{{/* Whether the pod loads a sockmap program (and so needs capabilities). */}}
 {{- define "router.sockmap" -}}
-{{- if eq .Values.routerSpec.dataplane "sockmap" -}}true{{- end -}}
+{{- if has .Values.routerSpec.dataplane (list "sockmap" "sockmap-send") -}}true{{- end -}}
 {{- end -}}
 
 {{/* Refuses values the router cannot run with, with a message saying why. */}}
@@ -56,8 +56,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 {{- if and (eq $spec.serviceDiscovery "static") (not $spec.staticBackends) -}}
 {{- fail "routerSpec.serviceDiscovery static needs routerSpec.staticBackends (comma-separated engine URLs)" -}}
 {{- end -}}
-{{- if not (has $spec.dataplane (list "auto" "userspace" "splice" "sockmap")) -}}
-{{- fail (printf "routerSpec.dataplane %q: use auto, userspace, splice or sockmap" $spec.dataplane) -}}
+{{- if not (has $spec.dataplane (list "auto" "userspace" "splice" "sockmap" "sockmap-send")) -}}
+{{- fail (printf "routerSpec.dataplane %q: use auto, userspace, splice, sockmap or sockmap-send" $spec.dataplane) -}}
 {{- end -}}
 {{- if not (has $spec.logFormat (list "json" "text")) -}}
 {{- fail (printf "routerSpec.logFormat %q: use json or text" $spec.logFormat) -}}
