@@ -26,9 +26,9 @@
 //! - [`MAP_WATCH`]: daemon backend socket cookie → 1, written by the daemon
 //!   before it connects: the sockops program [`PROG_WATCH`] records only
 //!   these connections.
-//! - [`MAP_TUPLES`]: [`Tuple`] → daemon backend socket cookie, written by
-//!   [`PROG_WATCH`] when a watched connect completes (the daemon removes
-//!   it): how the backend's end of the connection finds its entries.
+//! - [`MAP_TUPLES`]: [`Tuple`] → [`Watched`], written by [`PROG_WATCH`]
+//!   when a watched connect completes (the daemon removes it): how the
+//!   backend's end of the connection is recognised, and finds its entries.
 //! - [`MAP_PEERS`]: sockhash of the *backend's* end of those connections,
 //!   where the backend process runs on this host, keyed by that socket's
 //!   own cookie. [`PROG_WATCH`] inserts it when the backend accepts; the
@@ -192,6 +192,7 @@ const _: () = assert!(size_of::<Framing>() == 16);
 const _: () = assert!(size_of::<Control>() == 48);
 const _: () = assert!(size_of::<Progress>() == 56);
 const _: () = assert!(size_of::<Tuple>() == 12);
+const _: () = assert!(size_of::<Watched>() == 16);
 const _: () = assert!(align_of::<Control>() == 8);
 const _: () = assert!(align_of::<Progress>() == 8);
 
@@ -225,6 +226,26 @@ impl Tuple {
     }
 }
 
+/// A watched connection, as its router end saw it established: the value
+/// of [`MAP_TUPLES`].
+///
+/// A 4-tuple names a connection only within one network namespace: two
+/// routers, each talking to an engine over its own pod's loopback, can use
+/// the same one. Every router's sockops program sees every accepted socket
+/// under its cgroup, so the backend's end must prove it is this connection
+/// before it is put in [`MAP_PEERS`]: its next sequence numbers must be the
+/// router end's, crossed (each side's initial sequence number is random).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watched {
+    /// The daemon's backend socket cookie: the key of its entries.
+    pub cookie: u64,
+    /// The router end's next sequence number to send, when established.
+    pub router_next: u32,
+    /// The router end's next sequence number to receive, when established.
+    pub backend_next: u32,
+}
+
 /// Index of a counter in [`MAP_STATS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,11 +268,15 @@ pub enum Stat {
     CreditSpent = 6,
     /// Send side: backend sockets the sockops program put in the peer map.
     PeersAdded = 7,
+    /// Send side: accepted sockets whose 4-tuple matched a watched
+    /// connection but whose sequence numbers did not (another network
+    /// namespace's connection), left alone.
+    PeersRefused = 8,
 }
 
 impl Stat {
     /// Number of counters; the length of [`MAP_STATS`].
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// Every counter, in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::RedirectedSkbs,
@@ -262,6 +287,7 @@ impl Stat {
         Stat::PassedToDaemon,
         Stat::CreditSpent,
         Stat::PeersAdded,
+        Stat::PeersRefused,
     ];
 
     /// The counter's name as exported in `/metrics`.
@@ -275,6 +301,7 @@ impl Stat {
             Stat::PassedToDaemon => "passed_to_daemon",
             Stat::CreditSpent => "credit_spent",
             Stat::PeersAdded => "peers_added",
+            Stat::PeersRefused => "peers_refused",
         }
     }
 }
@@ -288,4 +315,6 @@ mod user {
     unsafe impl aya::Pod for super::Progress {}
     // SAFETY: `repr(C)`, integers only, no padding (size asserted above).
     unsafe impl aya::Pod for super::Tuple {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Watched {}
 }

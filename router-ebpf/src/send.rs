@@ -26,7 +26,7 @@ use aya_ebpf::{
     maps::{HashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
-use router_common::{MAX_CHUNKS_PER_SEND, MAX_SOCKETS, Stat, Tuple};
+use router_common::{MAX_CHUNKS_PER_SEND, MAX_SOCKETS, Stat, Tuple, Watched};
 
 use crate::{
     framing::{Bytes, SIZE_LINE, advance},
@@ -40,7 +40,7 @@ const AF_INET: u32 = 2;
 static WATCH: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
-static TUPLES: HashMap<Tuple, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static TUPLES: HashMap<Tuple, Watched> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
@@ -50,6 +50,9 @@ static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 ///
 /// The daemon's end is established first: the backend's end needs the
 /// final ACK of the handshake, which the daemon's end sends once it is.
+/// The backend's end is taken only if its sequence numbers are the daemon
+/// end's, crossed ([`Watched`]): another namespace's connection with the
+/// same 4-tuple is not this one.
 #[sock_ops]
 pub fn watch_connections(ctx: SockOpsContext) -> u32 {
     if ctx.family() != AF_INET {
@@ -67,7 +70,15 @@ pub fn watch_connections(ctx: SockOpsContext) -> u32 {
                     router_port: Tuple::port_from_host_field(ctx.local_port()),
                     backend_port: Tuple::port_from_network_field(ctx.remote_port()),
                 };
-                let _ = TUPLES.insert(&tuple, &cookie, 0);
+                // SAFETY: plain reads of the live context.
+                let watched = unsafe {
+                    Watched {
+                        cookie,
+                        router_next: (*ctx.ops).snd_nxt,
+                        backend_next: (*ctx.ops).rcv_nxt,
+                    }
+                };
+                let _ = TUPLES.insert(&tuple, &watched, 0);
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
@@ -78,10 +89,17 @@ pub fn watch_connections(ctx: SockOpsContext) -> u32 {
                 backend_port: Tuple::port_from_host_field(ctx.local_port()),
             };
             // SAFETY: a plain copy of the value.
-            let Some(&daemon) = (unsafe { TUPLES.get(&tuple) }) else {
+            let Some(&watched) = (unsafe { TUPLES.get(&tuple) }) else {
                 return 1;
             };
-            // SAFETY: as above.
+            // SAFETY: plain reads of the live context.
+            let (next, expected) = unsafe { ((*ctx.ops).snd_nxt, (*ctx.ops).rcv_nxt) };
+            if next != watched.backend_next || expected != watched.router_next {
+                count(Stat::PeersRefused, 1);
+                return 1;
+            }
+            let daemon = watched.cookie;
+            // SAFETY: the helper only reads the context's socket.
             let mut own = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             // SAFETY: `ctx.ops` is the live context of this run.
             if PEERS
@@ -121,7 +139,7 @@ pub fn redirect_send(ctx: SkMsgContext) -> u32 {
         }
     };
     // SAFETY: a plain copy of the value.
-    let Some(&daemon) = (unsafe { TUPLES.get(&tuple) }) else {
+    let Some(&Watched { cookie: daemon, .. }) = (unsafe { TUPLES.get(&tuple) }) else {
         count(Stat::PassedUnmapped, 1);
         return SK_PASS;
     };

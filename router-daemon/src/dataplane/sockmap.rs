@@ -64,8 +64,10 @@
 //! 3. **Watched before connecting** ([`Sockmap::watch`]): the daemon's
 //!    socket is created, its cookie put in `WATCH`, and only then connected.
 //!    The sockops program records the connection's 4-tuple in `TUPLES` when
-//!    the daemon's end is established, and when the backend's end is (it
-//!    needs the handshake's last ACK, so it comes second) puts that socket
+//!    the daemon's end is established, with its sequence numbers, and when
+//!    the backend's end is (it needs the handshake's last ACK, so it comes
+//!    second) and its sequence numbers match, crossed (a 4-tuple is unique
+//!    only within a network namespace; see [`Watched`]), puts that socket
 //!    in `PEERS` and sets [`Progress::peer`]. A backend never speaks first,
 //!    so it is in the map before its first send.
 //! 7. **Credit**: each publication grants [`Control::credit`], half of what
@@ -94,7 +96,7 @@ use aya::{
 };
 use router_common::{
     Control, MAP_BACKENDS, MAP_CLIENTS, MAP_CONTROL, MAP_PEERS, MAP_PROGRESS, MAP_STATS,
-    MAP_TUPLES, MAP_WATCH, PROG_REDIRECT, PROG_SEND, PROG_WATCH, Progress, Stat, Tuple,
+    MAP_TUPLES, MAP_WATCH, PROG_REDIRECT, PROG_SEND, PROG_WATCH, Progress, Stat, Tuple, Watched,
 };
 
 use super::tcp;
@@ -201,7 +203,7 @@ struct Maps {
     control: Mutex<HashMap<MapData, u64, Control>>,
     progress: Mutex<HashMap<MapData, u64, Progress>>,
     watch: Mutex<HashMap<MapData, u64, u32>>,
-    tuples: Mutex<HashMap<MapData, Tuple, u64>>,
+    tuples: Mutex<HashMap<MapData, Tuple, Watched>>,
     peers: Mutex<SockHash<MapData, u64>>,
 }
 
@@ -275,7 +277,7 @@ impl Sockmap {
             HashMap::<_, u64, Progress>::try_from(take(MAP_PROGRESS)?).map_err(load_err)?;
         let stats = PerCpuArray::<_, u64>::try_from(take(MAP_STATS)?).map_err(load_err)?;
         let watch = HashMap::<_, u64, u32>::try_from(take(MAP_WATCH)?).map_err(load_err)?;
-        let tuples = HashMap::<_, Tuple, u64>::try_from(take(MAP_TUPLES)?).map_err(load_err)?;
+        let tuples = HashMap::<_, Tuple, Watched>::try_from(take(MAP_TUPLES)?).map_err(load_err)?;
         let peers = SockHash::<_, u64>::try_from(take(MAP_PEERS)?).map_err(load_err)?;
         match &hook {
             Hook::Receive => {
@@ -500,10 +502,86 @@ impl Drop for BackendSlot {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
-    use router_common::{MAP_NAMES, PROG_NAMES};
+    use router_common::{MAP_NAMES, PROG_NAMES, Stat, Tuple, Watched};
 
-    use super::OBJECT;
+    use super::{Hook, OBJECT, Sockmap, default_cgroup, lock};
+
+    /// The send hook loaded, or `None` (with a message) where it cannot
+    /// load and skipping is allowed; CI runs as root, so there it must.
+    fn send_hook() -> Option<Sockmap> {
+        match Sockmap::load(Hook::Send {
+            cgroup: default_cgroup(),
+        }) {
+            Ok(sockmap) => Some(sockmap),
+            Err(err) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "the send hook must load in CI: {err}"
+                );
+                eprintln!("SKIPPED: the send hook does not load here ({err})");
+                None
+            }
+        }
+    }
+
+    fn stat(sockmap: &Sockmap, which: Stat) -> u64 {
+        sockmap
+            .stats()
+            .into_iter()
+            .find_map(|(stat, n)| (stat == which).then_some(n))
+            .unwrap()
+    }
+
+    /// An accepted socket whose 4-tuple is a watched connection's but whose
+    /// sequence numbers are not (as another network namespace's connection
+    /// with the same addresses would be) stays out of the peer map, so the
+    /// program never sends its bytes to this daemon's clients; a watched
+    /// socket's own connection is found.
+    #[tokio::test]
+    async fn only_the_watched_connection_itself_becomes_a_peer() {
+        let Some(sockmap) = send_hook() else { return };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend = listener.local_addr().unwrap();
+        let ip = |addr: std::net::SocketAddr| match addr {
+            std::net::SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()),
+            std::net::SocketAddr::V6(_) => unreachable!("IPv4 loopback"),
+        };
+        // A stranger: its port is known before it connects, and an entry
+        // for its 4-tuple with other sequence numbers is planted.
+        let stranger = tokio::net::TcpSocket::new_v4().unwrap();
+        stranger.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let local = stranger.local_addr().unwrap();
+        let tuple = Tuple {
+            router_ip4: ip(local),
+            backend_ip4: ip(backend),
+            router_port: local.port(),
+            backend_port: backend.port(),
+        };
+        let planted = Watched {
+            cookie: 7,
+            router_next: 1,
+            backend_next: 2,
+        };
+        lock(&sockmap.maps.tuples)
+            .insert(tuple, planted, 0)
+            .unwrap();
+        let _stranger = stranger.connect(backend).await.unwrap();
+        let _accepted = listener.accept().unwrap();
+        assert_eq!(stat(&sockmap, Stat::PeersRefused), 1);
+        assert_eq!(stat(&sockmap, Stat::PeersAdded), 0);
+        assert_eq!(sockmap.sockets_len().1, 0, "the stranger became a peer");
+        // The daemon's own, watched connection.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        let mut slot = sockmap.watch(&socket).unwrap();
+        let stream = socket.connect(backend).await.unwrap();
+        slot.connected(stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+        let _accepted = listener.accept().unwrap();
+        assert_eq!(stat(&sockmap, Stat::PeersAdded), 1);
+        assert_eq!(sockmap.sockets_len().1, 1);
+        assert_eq!(slot.progress().unwrap().peer, 1);
+    }
 
     /// Every name the daemon resolves exists in the embedded object. Parsing
     /// needs no privilege, so this runs everywhere the object was built.
