@@ -534,6 +534,18 @@ mod tests {
             .unwrap()
     }
 
+    /// Waits (bounded) until `which` reaches `n`. The sockops callback for
+    /// an accepted socket runs in the softirq that completed its handshake,
+    /// which on a busy machine may still be running when `accept` returns.
+    async fn until_stat(sockmap: &Sockmap, which: Stat, n: u64) {
+        for _ in 0..500 {
+            if stat(sockmap, which) >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// An accepted socket whose 4-tuple is a watched connection's but whose
     /// sequence numbers are not (as another network namespace's connection
     /// with the same addresses would be) stays out of the peer map, so the
@@ -569,6 +581,7 @@ mod tests {
             .unwrap();
         let _stranger = stranger.connect(backend).await.unwrap();
         let _accepted = listener.accept().unwrap();
+        until_stat(&sockmap, Stat::PeersRefused, 1).await;
         assert_eq!(stat(&sockmap, Stat::PeersRefused), 1);
         assert_eq!(stat(&sockmap, Stat::PeersAdded), 0);
         assert_eq!(sockmap.sockets_len().1, 0, "the stranger became a peer");
@@ -578,8 +591,16 @@ mod tests {
         let stream = socket.connect(backend).await.unwrap();
         slot.connected(stream.local_addr().unwrap(), stream.peer_addr().unwrap());
         let _accepted = listener.accept().unwrap();
+        until_stat(&sockmap, Stat::PeersAdded, 1).await;
         assert_eq!(stat(&sockmap, Stat::PeersAdded), 1);
         assert_eq!(sockmap.sockets_len().1, 1);
+        // The callback marks the slot's progress right after counting.
+        for _ in 0..500 {
+            if slot.progress().unwrap().peer == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert_eq!(slot.progress().unwrap().peer, 1);
     }
 
