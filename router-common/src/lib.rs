@@ -224,6 +224,20 @@ impl Tuple {
     pub const fn port_from_host_field(field: u32) -> u16 {
         field as u16
     }
+
+    /// The connection as the router's end names it: its own address
+    /// (`router`) and the backend's (`backend`).
+    pub const fn from_router_end(
+        router: core::net::SocketAddrV4,
+        backend: core::net::SocketAddrV4,
+    ) -> Self {
+        Self {
+            router_ip4: u32::from_ne_bytes(router.ip().octets()),
+            backend_ip4: u32::from_ne_bytes(backend.ip().octets()),
+            router_port: router.port(),
+            backend_port: backend.port(),
+        }
+    }
 }
 
 /// A watched connection, as its router end saw it established: the value

@@ -454,12 +454,7 @@ impl BackendSlot {
     /// connections are watched.
     pub(super) fn connected(&mut self, local: SocketAddr, peer: SocketAddr) {
         if let (SocketAddr::V4(local), SocketAddr::V4(peer)) = (local, peer) {
-            self.tuple = Some(Tuple {
-                router_ip4: u32::from_ne_bytes(local.ip().octets()),
-                backend_ip4: u32::from_ne_bytes(peer.ip().octets()),
-                router_port: local.port(),
-                backend_port: peer.port(),
-            });
+            self.tuple = Some(Tuple::from_router_end(local, peer));
         }
     }
 
@@ -556,8 +551,8 @@ mod tests {
         let Some(sockmap) = send_hook() else { return };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let backend = listener.local_addr().unwrap();
-        let ip = |addr: std::net::SocketAddr| match addr {
-            std::net::SocketAddr::V4(v4) => u32::from_ne_bytes(v4.ip().octets()),
+        let v4 = |addr: std::net::SocketAddr| match addr {
+            std::net::SocketAddr::V4(v4) => v4,
             std::net::SocketAddr::V6(_) => unreachable!("IPv4 loopback"),
         };
         // A stranger: its port is known before it connects, and an entry
@@ -565,12 +560,7 @@ mod tests {
         let stranger = tokio::net::TcpSocket::new_v4().unwrap();
         stranger.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let local = stranger.local_addr().unwrap();
-        let tuple = Tuple {
-            router_ip4: ip(local),
-            backend_ip4: ip(backend),
-            router_port: local.port(),
-            backend_port: backend.port(),
-        };
+        let tuple = Tuple::from_router_end(v4(local), v4(backend));
         let planted = Watched {
             cookie: 7,
             router_next: 1,
