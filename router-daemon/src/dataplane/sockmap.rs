@@ -41,7 +41,10 @@
 //! 4. **Request written**; the program passes the response head up, because
 //!    no new control has been published.
 //! 5. **Head read and written by the daemon**, with whatever body bytes came
-//!    with it, counted in `read`.
+//!    with it, counted in `read`; and at least the body's first bytes,
+//!    which the daemon waits for if they did not come with the head: they
+//!    are the first token, which times the backend's TTFT and ends the
+//!    request's prefill in the load routing sees.
 //! 6. **Control published** ([`BackendSlot::publish`]): the client's cookie,
 //!    a new generation, the body's framing after the bytes already read, and
 //!    `fence = read`. The program adopts it only when it has passed up exactly

@@ -20,6 +20,9 @@ impl<W: Watch> Relay<'_, W> {
     /// daemon's last read and the publication, so that window is one
     /// syscall, not a write to the client.
     ///
+    /// Nothing is handed over before the first body bytes have come
+    /// through the daemon (see below).
+    ///
     /// With the send hook (`credit`), each publication grants credit from
     /// the client socket's room, and none is published while it has less
     /// than [`MIN_CREDIT`]: the daemon relays what the program passes up
@@ -45,7 +48,16 @@ impl<W: Watch> Relay<'_, W> {
             let n = match backend.stream.try_read_buf(buf) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    if stale && let Some(framing) = tracker.to_kernel() {
+                    // The first body bytes come through the daemon: they
+                    // are the first token, which times the backend's TTFT
+                    // and ends the request's prefill in the load routing
+                    // sees. Handed over before, both would wait for the
+                    // body's end.
+                    let began = self.last_body.is_some();
+                    if stale
+                        && began
+                        && let Some(framing) = tracker.to_kernel()
+                    {
                         let credit = if credit {
                             client.send_room().map_err(RelayError::Client)? / 2
                         } else {
