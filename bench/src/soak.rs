@@ -88,6 +88,10 @@ struct Sample {
     in_flight: f64,
     /// Client sockets in the sockmap program's map (0 on other dataplanes).
     sockmap_clients: f64,
+    /// Response body bytes the kernel redirected, so far.
+    redirected: f64,
+    /// Response body bytes the daemon copied, so far.
+    copied: f64,
 }
 
 /// What the clients counted.
@@ -425,6 +429,8 @@ async fn sample(router: &Proc, addr: SocketAddr, start: Instant) -> Sample {
         clients: value("router_client_connections"),
         in_flight: value("router_backend_in_flight"),
         sockmap_clients: value("router_sockmap_client_sockets"),
+        redirected: value("router_sockmap_redirected_bytes_total"),
+        copied: value("router_userspace_copied_bytes_total"),
     }
 }
 
@@ -613,6 +619,11 @@ fn write_report(
         out,
         "| client sockets in the sockmap program's map after the clients left | {:.0} |",
         end.sockmap_clients
+    );
+    let _ = writeln!(
+        out,
+        "| response body bytes redirected in the kernel / copied by the daemon | {:.0} / {:.0} |",
+        end.redirected, end.copied
     );
     let _ = writeln!(
         out,

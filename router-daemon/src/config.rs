@@ -95,13 +95,13 @@ pub struct Config {
     /// `sockmap-send` redirects them inside the send of a backend on this
     /// host (needs privilege; see --sockops-cgroup; other backends' are
     /// copied), `splice` moves them through a pipe with splice(2),
-    /// `userspace` copies them through the daemon; `auto` is `userspace`,
-    /// the measured default (least CPU per streamed token), and the log says
-    /// whether sockmap would load here.
+    /// `userspace` copies them through the daemon; `auto`, the measured
+    /// default (least CPU per streamed token), is `sockmap-send` where it
+    /// loads and `userspace` elsewhere, and the log says which and why.
     #[arg(long, env = "ROUTER_DATAPLANE", value_enum, default_value_t = Requested::Auto)]
     pub dataplane: Requested,
 
-    /// With `--dataplane sockmap-send`: the cgroup directory whose
+    /// With `--dataplane sockmap-send` (or `auto`): the cgroup directory whose
     /// processes' sockets the sockops program watches (its `unified/`
     /// subdirectory where cgroup v2 is mounted there); it must hold the
     /// co-located backends (in Kubernetes, the host's `/sys/fs/cgroup`

@@ -132,10 +132,11 @@ fn resident_kib(pid: u32) -> u64 {
 
 #[test]
 fn the_start_up_probe_s_heap_is_given_back() {
-    // `auto` loads the sockmap program where it can, parsing the kernel's
-    // BTF: tens of MiB of heap, freed at once, which the binary's allocator
-    // keeps resident unless told to give it back (54 MiB resident without;
-    // 13.5 MiB with, as with --dataplane userspace).
+    // `auto` loads the sockmap-send programs where it can, parsing the
+    // kernel's BTF: tens of MiB of heap, freed once they are loaded (or
+    // failed to), which the binary's allocator keeps resident unless told
+    // to give it back (54 MiB resident without, when `auto` probed the
+    // receive hook; 13.5 MiB with, as with --dataplane userspace).
     let daemon = Piped::start(&["--dataplane", "auto"], &[]);
     let log = daemon.until_ready();
     let resident = resident_kib(daemon.child.id());

@@ -50,7 +50,8 @@ fn unprivileged_daemon_serves_through_userspace_and_says_why() {
         .find(|line| line.contains("dataplane:"))
         .expect("a dataplane log line");
     assert!(
-        fallback.contains("sockmap unavailable") && fallback.contains("auto: userspace"),
+        fallback.contains("auto: userspace")
+            && fallback.contains("sockmap-send is unavailable here"),
         "{fallback}"
     );
 

@@ -42,9 +42,10 @@ pub struct Args {
     /// Route to this backend instead of starting simulators (repeatable).
     #[arg(long = "backend", value_name = "URL")]
     backends: Vec<String>,
-    /// router-daemon's dataplane: auto, userspace, splice, sockmap or
-    /// sockmap-send (its simulators are local, so their streams are
-    /// redirected inside their own sends).
+    /// router-daemon's dataplane: auto (sockmap-send as root, else
+    /// userspace), userspace, splice, sockmap or sockmap-send (its
+    /// simulators are local, so their streams are redirected inside their
+    /// own sends).
     #[arg(long, value_name = "MODE", default_value = "auto")]
     dataplane: String,
     /// Where router-daemon listens.

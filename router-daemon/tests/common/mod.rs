@@ -14,17 +14,23 @@ use std::{
 
 /// A backend that answers every connection with a 200 of `body` and closes.
 pub fn backend_answering(body: Vec<u8>) -> String {
-    backend(body, Duration::ZERO)
+    backend(body, Duration::ZERO, false)
 }
 
 /// The same, writing the body in 64 KiB pieces `pause` apart after a
 /// `pause` behind the head, as a streaming engine would: the router has
 /// read the head and set up the body's path before most of it arrives.
 pub fn backend_streaming(body: Vec<u8>, pause: Duration) -> String {
-    backend(body, pause)
+    backend(body, pause, false)
 }
 
-fn backend(body: Vec<u8>, pause: Duration) -> String {
+/// [`backend_streaming`] with a chunked body, a chunk per piece, as vLLM
+/// streams its server-sent events.
+pub fn backend_streaming_chunked(body: Vec<u8>, pause: Duration) -> String {
+    backend(body, pause, true)
+}
+
+fn backend(body: Vec<u8>, pause: Duration, chunked: bool) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
     let addr = listener.local_addr().expect("backend addr");
     thread::spawn(move || {
@@ -38,10 +44,12 @@ fn backend(body: Vec<u8>, pause: Duration) -> String {
                     Ok(n) => request.extend_from_slice(&buf[..n]),
                 }
             }
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
+            let framing = if chunked {
+                "transfer-encoding: chunked".to_owned()
+            } else {
+                format!("content-length: {}", body.len())
+            };
+            let head = format!("HTTP/1.1 200 OK\r\n{framing}\r\nconnection: close\r\n\r\n");
             let _ = stream.write_all(head.as_bytes());
             for piece in body.chunks(if pause.is_zero() {
                 body.len().max(1)
@@ -49,9 +57,20 @@ fn backend(body: Vec<u8>, pause: Duration) -> String {
                 64 << 10
             }) {
                 thread::sleep(pause);
-                if stream.write_all(piece).is_err() {
+                let mut send = Vec::with_capacity(piece.len() + 16);
+                if chunked {
+                    send.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                }
+                send.extend_from_slice(piece);
+                if chunked {
+                    send.extend_from_slice(b"\r\n");
+                }
+                if stream.write_all(&send).is_err() {
                     break;
                 }
+            }
+            if chunked {
+                let _ = stream.write_all(b"0\r\n\r\n");
             }
         }
     });

@@ -1,7 +1,8 @@
 //! The seed tutorial on a real single-node Kubernetes (kubelet, containerd,
 //! CNI bridge, kube-proxy), as a user runs it: `helm install` the chart with
-//! the example values and the `sockmap-send` dataplane (only the
-//! capabilities and the host cgroup mount the chart grants), two vllm-sim
+//! the example values and the default dataplane, `auto`, which loads
+//! `sockmap-send` there (with only the capabilities and the host cgroup
+//! mount the chart grants), two vllm-sim
 //! engine pods, wait for Ready, the tutorial's two requests through the
 //! node port 30080 and through `kubectl port-forward`, an engine pod deleted
 //! while it streams, the kernel counters (the engines' own sockets, in
@@ -265,8 +266,6 @@ async fn the_tutorial_runs_on_a_real_cluster() {
             "-f",
             values.to_str().expect("UTF-8"),
             "--set",
-            "routerSpec.dataplane=sockmap-send",
-            "--set",
             "routerSpec.imagePullPolicy=Never",
         ],
     );
@@ -280,8 +279,8 @@ async fn the_tutorial_runs_on_a_real_cluster() {
     }
     let logs = run(&env, &kubectl, &["logs", "daemonset/vllm-router"]);
     assert!(
-        logs.contains("mode=\"sockmap-send\""),
-        "the router runs the sockmap-send dataplane: {logs}"
+        logs.contains("mode=\"sockmap-send\"") && logs.contains("auto: sockmap-send"),
+        "the chart's default runs the sockmap-send dataplane: {logs}"
     );
 
     // The tutorial through the node port: the second request lands on the

@@ -39,9 +39,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 {{- default .Release.Namespace .Values.routerSpec.k8sNamespace -}}
 {{- end -}}
 
-{{/* Whether the pod loads a sockmap program (and so needs capabilities). */}}
+{{/* Whether the pod may load a sockmap program (and so needs
+capabilities): `auto` loads sockmap-send where it can. */}}
 {{- define "router.sockmap" -}}
-{{- if has .Values.routerSpec.dataplane (list "sockmap" "sockmap-send") -}}true{{- end -}}
+{{- if has .Values.routerSpec.dataplane (list "auto" "sockmap" "sockmap-send") -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether the pod attaches the sockops program, and so mounts the
+host's cgroup tree. */}}
+{{- define "router.sockops" -}}
+{{- if has .Values.routerSpec.dataplane (list "auto" "sockmap-send") -}}true{{- end -}}
 {{- end -}}
 
 {{/* Refuses values the router cannot run with, with a message saying why. */}}
