@@ -152,12 +152,14 @@ pub struct Control {
     pub fence: u64,
     /// The body's framing at the fence.
     pub framing: Framing,
-    /// Send side only: most body bytes the program may redirect under this
-    /// generation. The daemon grants what the client socket can queue
-    /// without blocking, so a redirect never stalls or fails in the
-    /// backend's `sendmsg`; once spent, the program passes bytes up and the
-    /// daemon, which can wait for the client, relays them. The receive side
-    /// ignores it (its kernel worker waits instead).
+    /// Most body bytes the program may redirect under this generation. The
+    /// daemon grants what the client socket can queue without blocking:
+    /// on the send side a redirect then never stalls or fails in the
+    /// backend's `sendmsg`; on the receive side the kernel worker never
+    /// queues more for a client that does not read (it would, without
+    /// bound, while the backend's socket kept taking more). Once spent, the
+    /// program passes bytes up and the daemon, which can wait for the
+    /// client, relays them.
     pub credit: u64,
 }
 
@@ -183,8 +185,8 @@ pub struct Progress {
     /// [`MAP_PEERS`] (the backend runs on this host), so its sends are
     /// judged; 0 otherwise. Always 0 on the receive side.
     pub peer: u32,
-    /// Send side: the `redirected` count up to which the adopted
-    /// generation's credit lasts.
+    /// The `redirected` count up to which the adopted generation's credit
+    /// lasts.
     pub credit_end: u64,
 }
 

@@ -7,6 +7,10 @@
 //! socket's own receive queue, where the daemon reads it:
 //! - response heads (no control adopted yet: the daemon parses them);
 //! - the skb that holds the end of a body, so the daemon sees the end;
+//! - bytes past the hand-over's credit: the kernel worker that sends
+//!   redirected skbs queues them, without bound, for a client that does
+//!   not read, while the backend's socket keeps taking more; the daemon
+//!   relays what the client cannot take yet, waiting for it;
 //! - bytes the program cannot frame (a chunk-size line split across skbs,
 //!   chunk extensions, more than `MAX_CHUNKS_PER_SKB` chunks in one skb);
 //! - a zero-length skb, the backend's FIN: redirecting it would set EPIPE on
@@ -46,6 +50,11 @@ pub fn redirect_response(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     };
     if !adopt(control, progress) {
+        return pass_up(progress, u64::from(len));
+    }
+    if progress.redirected + u64::from(len) > progress.credit_end {
+        progress.splicing = 0;
+        count(Stat::CreditSpent, 1);
         return pass_up(progress, u64::from(len));
     }
     let Some(framing) = advance::<MAX_CHUNKS_PER_SKB>(&Skb(&ctx), progress.framing, u64::from(len))

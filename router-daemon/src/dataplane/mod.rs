@@ -74,7 +74,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const COPY_BUFFER: usize = copy_buffer::SIZE;
 /// Default of [`Dataplane::with_pipelined_limit`] (`--max-pipelined-bytes`).
 pub(crate) const PIPELINED_LIMIT: usize = 1 << 20;
-/// Least credit worth publishing to the send hook: with less room on the
+/// Least credit worth publishing to a kernel program: with less room on the
 /// client socket, the daemon keeps relaying (and waiting for the client).
 const MIN_CREDIT: u64 = 8 * 1024;
 /// Window peeked at to read chunk-size lines in splice mode.
@@ -582,7 +582,7 @@ impl Dataplane {
         match client.redirect_target(sockmap) {
             Some(cookie) => {
                 relay
-                    .sockmap_body(client, backend, cookie, send, tracker, buf)
+                    .sockmap_body(client, backend, cookie, sockmap.hook(), tracker, buf)
                     .await
             }
             None => relay.copy_body(client, backend, tracker, buf).await,

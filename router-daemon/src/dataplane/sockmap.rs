@@ -52,8 +52,17 @@
 //!    overtaken by redirected ones; if it had passed more, the daemon reads
 //!    them, writes them and publishes again.
 //! 7. **Body redirected in the kernel** while the program can follow the
-//!    framing; the skb holding the end of the body (or anything it cannot
-//!    frame) is passed up with [`Progress::framing`] frozen at its first byte.
+//!    framing and the publication's credit lasts; the skb holding the end
+//!    of the body (or anything it cannot frame, or the skb past the credit)
+//!    is passed up with [`Progress::framing`] frozen at its first byte.
+//!    **Credit**: each publication grants [`Control::credit`], from what
+//!    the client socket's send queue can still take ([`tcp::send_room`];
+//!    [`Hook::credit`] says how much), none under `MIN_CREDIT`: the kernel
+//!    worker that sends redirected skbs would queue them without bound for
+//!    a client that stops reading, as the backend's socket keeps taking
+//!    more. Past it the daemon relays
+//!    what the program passes up, waiting for the client, and publishes
+//!    again once the client has room.
 //! 8. **Flushed before the daemon writes**: the kernel worker sends
 //!    redirected skbs asynchronously, so before writing passed-up bytes, or
 //!    closing, the daemon waits until the client's send queue has taken every
@@ -73,12 +82,9 @@
 //!    only within a network namespace; see [`Watched`]), puts that socket
 //!    in `PEERS` and sets [`Progress::peer`]. A backend never speaks first,
 //!    so it is in the map before its first send.
-//! 7. **Credit**: each publication grants [`Control::credit`], half of what
-//!    the client socket's send queue can still take ([`tcp::send_room`]):
-//!    the redirect runs in the backend's `sendmsg`, which must never wait
-//!    for, or fail on, a slow client (an asyncio backend would spin on
-//!    EAGAIN). Past it the program passes bytes up; the daemon relays them
-//!    as it can and publishes again once the client has room.
+//! 7. **Credit** is what keeps the backend's `sendmsg`, where the redirect
+//!    runs, from ever waiting for, or failing on, a slow client (an asyncio
+//!    backend would spin on EAGAIN).
 //!    The daemon hands over streamed (chunked) bodies only; bodies with a
 //!    length it copies (`Dataplane::move_body` says why).
 //! 8. **Nothing to flush**: a redirect has put its bytes on the client's
@@ -164,6 +170,26 @@ pub(crate) enum Hook {
         /// A cgroup v2 directory.
         cgroup: PathBuf,
     },
+}
+
+/// What the receive hook may redirect past the client socket's room: its
+/// kernel worker waits for the client, so it can take more than the socket
+/// holds now (a reader that keeps up then rarely runs out), but never
+/// without bound.
+const RECEIVE_SLACK: u64 = 1 << 20;
+
+impl Hook {
+    /// The credit to grant a hand-over when the client socket has `room`
+    /// bytes free. The send hook redirects inside the backend's `sendmsg`,
+    /// which must find the room there: half of it, since the client's
+    /// queue also takes the daemon's writes. The receive hook gets the room
+    /// and [`RECEIVE_SLACK`].
+    pub(super) fn credit(&self, room: u64) -> u64 {
+        match self {
+            Hook::Receive => room + RECEIVE_SLACK,
+            Hook::Send { .. } => room / 2,
+        }
+    }
 }
 
 /// The cgroup v2 directory for the sockops program under `mount`, a cgroup

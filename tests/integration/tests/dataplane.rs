@@ -81,6 +81,13 @@ async fn bulk_response_is_byte_exact(mode: Mode) {
             Some(0.0),
             "{metrics}"
         );
+    } else if mode == Mode::Sockmap {
+        // The receive hook's credit (the client socket's room and 1 MiB)
+        // runs out once or twice while this client lags the backend; what
+        // arrives while the daemon waits for the client to take the
+        // redirected bytes is then copied: up to about 1 MiB of the 8 here,
+        // under CI's parallel tests.
+        assert_bytes_took_path(router, mode, response.len(), 0.75).await;
     } else {
         assert_bytes_took_path(router, mode, response.len(), 0.9).await;
     }

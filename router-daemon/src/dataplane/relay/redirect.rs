@@ -7,7 +7,9 @@ use router_common::{Control, Framing, Progress};
 
 use super::{Relay, Watch};
 use crate::{
-    dataplane::{BackendConn, COPY_BUFFER, Client, MIN_CREDIT, RelayError, SockmapError},
+    dataplane::{
+        BackendConn, COPY_BUFFER, Client, MIN_CREDIT, RelayError, SockmapError, sockmap::Hook,
+    },
     http::response::{BodyTracker, FramingError},
 };
 
@@ -23,16 +25,16 @@ impl<W: Watch> Relay<'_, W> {
     /// Nothing is handed over before the first body bytes have come
     /// through the daemon (see below).
     ///
-    /// With the send hook (`credit`), each publication grants credit from
-    /// the client socket's room, and none is published while it has less
-    /// than [`MIN_CREDIT`]: the daemon relays what the program passes up
-    /// until the client catches up.
+    /// Each publication grants credit from the client socket's room, as
+    /// `hook` says, and none is published while that is less than
+    /// [`MIN_CREDIT`]: the daemon relays what the program passes up until
+    /// the client catches up.
     pub(in crate::dataplane) async fn sockmap_body(
         &mut self,
         client: &mut Client,
         backend: &mut BackendConn,
         client_cookie: u64,
-        credit: bool,
+        hook: &Hook,
         mut tracker: BodyTracker,
         buf: &mut Vec<u8>,
     ) -> Result<(), RelayError> {
@@ -58,12 +60,8 @@ impl<W: Watch> Relay<'_, W> {
                         && began
                         && let Some(framing) = tracker.to_kernel()
                     {
-                        let credit = if credit {
-                            client.send_room().map_err(RelayError::Client)? / 2
-                        } else {
-                            0
-                        };
-                        if credit == 0 || credit >= MIN_CREDIT {
+                        let credit = hook.credit(client.send_room().map_err(RelayError::Client)?);
+                        if credit >= MIN_CREDIT {
                             published = Some(backend.publish(client_cookie, framing, credit)?);
                         }
                     }
@@ -130,7 +128,7 @@ impl BackendConn {
     /// Hands the body over to the kernel program from the next byte the
     /// daemon has not read: `framing` is where the body stands, to be
     /// redirected to the client `client_cookie` (a default framing withdraws
-    /// the hand-over), at most `credit` bytes of it with the send hook.
+    /// the hand-over), at most `credit` bytes of it.
     /// Returns the hand-over's generation.
     fn publish(
         &mut self,
