@@ -60,9 +60,8 @@
 //!    [`Hook::credit`] says how much), none under `MIN_CREDIT`: the kernel
 //!    worker that sends redirected skbs would queue them without bound for
 //!    a client that stops reading, as the backend's socket keeps taking
-//!    more. Past it the daemon relays
-//!    what the program passes up, waiting for the client, and publishes
-//!    again once the client has room.
+//!    more. Past it the daemon relays what the program passes up, waiting
+//!    for the client, and publishes again once the client has room.
 //! 8. **Flushed before the daemon writes**: the kernel worker sends
 //!    redirected skbs asynchronously, so before writing passed-up bytes, or
 //!    closing, the daemon waits until the client's send queue has taken every
