@@ -87,16 +87,21 @@ fn start_under(setpriv_args: &[&str], requested: Requested, extra: &[&str]) -> O
     Some(Daemon::start(command))
 }
 
-/// `setpriv` arguments for root bounded to the chart's capabilities, with
-/// no_new_privs (the chart's allowPrivilegeEscalation: false), as the
-/// container runtime starts the pod.
-fn as_the_chart_starts_it(bounding: &str) -> [&str; 4] {
-    [
-        "--no-new-privs",
-        "--bounding-set",
-        bounding,
-        "--inh-caps=-all",
-    ]
+/// The daemon with `requested`, as the container runtime starts the
+/// chart's pod: root whose capabilities are bounded to the chart's, with
+/// no_new_privs (the chart's allowPrivilegeEscalation: false).
+fn start_as_the_chart(requested: Requested) -> Option<Daemon> {
+    let bounding = format!("-all,{CHART_SOCKMAP_CAPS}");
+    start_under(
+        &[
+            "--no-new-privs",
+            "--bounding-set",
+            &bounding,
+            "--inh-caps=-all",
+        ],
+        requested,
+        &[],
+    )
 }
 
 /// Sends a completion and checks the whole body came back (decoded, for a
@@ -174,9 +179,7 @@ fn after_start_up_the_daemon_holds_no_capability() {
 
 #[test]
 fn the_chart_s_capabilities_are_enough_for_sockmap() {
-    let bounding = format!("-all,{CHART_SOCKMAP_CAPS}");
-    let Some(daemon) = start_under(&as_the_chart_starts_it(&bounding), Requested::Sockmap, &[])
-    else {
+    let Some(daemon) = start_as_the_chart(Requested::Sockmap) else {
         return;
     };
     completion_arrives(&daemon);
@@ -191,8 +194,7 @@ fn the_chart_s_default_redirects_in_the_engine_s_send() {
     // `auto` under the chart's capabilities: sockmap-send, its sockops
     // program attached to this host's cgroup v2 root, so the backend's
     // accepted socket (this process's) is found and its stream redirected.
-    let bounding = format!("-all,{CHART_SOCKMAP_CAPS}");
-    let Some(daemon) = start_under(&as_the_chart_starts_it(&bounding), Requested::Auto, &[]) else {
+    let Some(daemon) = start_as_the_chart(Requested::Auto) else {
         return;
     };
     let line = daemon
