@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Timing};
 use crate::error::Error;
-use crate::metrics::{FinishReason, Gauges, Metrics};
+use crate::metrics::{CacheShape, FinishReason, Gauges, Metrics};
 use crate::sampler::Vocabulary;
 use crate::scheduler::{Limits, Scheduler, SeqId, Step};
 use crate::tokenize::Tokenizer;
@@ -105,7 +105,13 @@ impl Engine {
             id: config.id.clone(),
             timing: Timing::try_from(config)?,
             vocabulary: Vocabulary::new(tokenizer)?,
-            metrics: Metrics::new(&config.model),
+            metrics: Metrics::new(
+                &config.model,
+                CacheShape {
+                    block_size: config.block_size,
+                    blocks: config.kv_cache_blocks,
+                },
+            ),
             die_after_tokens: config.die_after_tokens,
             state: Mutex::new(State {
                 scheduler: Scheduler::new(limits, config.block_size, config.kv_cache_blocks),

@@ -151,6 +151,8 @@ impl Histogram {
 pub struct Metrics {
     /// Label value of `model_name`, already escaped.
     model_label: String,
+    /// The KV cache's shape, for `vllm:cache_config_info`.
+    cache: CacheShape,
     prefix_cache_queries: AtomicU64,
     prefix_cache_hits: AtomicU64,
     prompt_tokens: AtomicU64,
@@ -161,11 +163,22 @@ pub struct Metrics {
     request_queue_time: Histogram,
 }
 
+/// The KV cache's shape, as vLLM reports it in `vllm:cache_config_info`
+/// (a router reads it to know how much of a prompt family fits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Tokens per block (`block_size`).
+    pub block_size: usize,
+    /// Blocks in the cache (`num_gpu_blocks`).
+    pub blocks: usize,
+}
+
 impl Metrics {
-    /// Zeroed metrics for `model`.
-    pub fn new(model: &str) -> Self {
+    /// Zeroed metrics for `model`, whose engine has a KV cache of `cache`.
+    pub fn new(model: &str, cache: CacheShape) -> Self {
         Self {
             model_label: escape_label_value(model),
+            cache,
             prefix_cache_queries: AtomicU64::new(0),
             prefix_cache_hits: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
@@ -258,6 +271,20 @@ impl Metrics {
             write_family(&mut out, name, "gauge", help);
             self.sample(&mut out, name, "", as_u64(value));
         }
+        // vLLM's info gauge: the engine's cache config as labels, value 1,
+        // without `model_name` (`log_metrics_info` in vLLM's loggers).
+        write_family(
+            &mut out,
+            "vllm:cache_config_info",
+            "gauge",
+            "Information of the LLMEngine CacheConfig",
+        );
+        let _ = writeln!(
+            out,
+            "vllm:cache_config_info{{block_size=\"{}\",enable_prefix_caching=\"True\",\
+             engine=\"0\",num_gpu_blocks=\"{}\"}} 1.0",
+            self.cache.block_size, self.cache.blocks
+        );
         write_family(
             &mut out,
             "vllm:kv_cache_usage_perc",
@@ -401,7 +428,11 @@ mod tests {
 
     #[test]
     fn exposition_uses_vllm_names_and_labels() {
-        let metrics = Metrics::new("meta-llama/Llama-3.2-1B-Instruct");
+        let cache = CacheShape {
+            block_size: 16,
+            blocks: 144,
+        };
+        let metrics = Metrics::new("meta-llama/Llama-3.2-1B-Instruct", cache);
         metrics.request_scheduled(100, 64, Duration::ZERO);
         metrics.token_generated(Some(Duration::from_millis(30)));
         metrics.token_generated(None);
@@ -420,6 +451,9 @@ mod tests {
         assert_eq!(at("vllm:num_requests_running"), Some(1.0));
         assert_eq!(at("vllm:num_requests_waiting"), Some(3.0));
         assert_eq!(at("vllm:kv_cache_usage_perc"), Some(0.25));
+        let info = "vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",\
+                    engine=\"0\",num_gpu_blocks=\"144\"}";
+        assert_eq!(value_of(&text, info), Some(1.0));
         let success = |reason: &str| {
             value_of(
                 &text,
@@ -440,7 +474,7 @@ mod tests {
 
     #[test]
     fn histograms_print_cumulative_buckets_count_and_sum() {
-        let metrics = Metrics::new("m");
+        let metrics = Metrics::new("m", CacheShape::default());
         for ms in [3, 30, 30, 3000] {
             metrics.token_generated(Some(Duration::from_millis(ms)));
         }
