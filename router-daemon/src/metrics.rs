@@ -376,7 +376,7 @@ impl Metrics {
     }
 
     /// Adds the per-backend gauges (`router_backend_in_flight`, `_up`,
-    /// `_waiting`, `_running`, `_models`), read from the fleet's backends at
+    /// `_waiting`, `_running`, `_kv_cache_tokens`, `_models`, ...), read from the fleet's backends at
     /// scrape time.
     pub(crate) fn register_backends(&mut self, fleet: Arc<Fleet>) {
         self.registry
@@ -416,7 +416,7 @@ struct BackendGauges(Arc<Fleet>);
 impl Collector for BackendGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Reading = fn(&Backend) -> i64;
-        let per_backend: [(&str, &str, Reading); 6] = [
+        let per_backend: [(&str, &str, Reading); 7] = [
             (
                 "router_backend_in_flight",
                 "Requests forwarded to the backend whose response has not ended (exact)",
@@ -442,6 +442,13 @@ impl Collector for BackendGauges {
                 "router_backend_running",
                 "Requests running in the backend's engine at the last scrape",
                 |backend| i64::try_from(backend.running()).unwrap_or(i64::MAX),
+            ),
+            (
+                "router_backend_kv_cache_tokens",
+                "Tokens the backend's KV cache holds (its vllm:cache_config_info at the last \
+                 scrape), 0 when unknown. A new prompt family is placed where it fits beside the \
+                 families in use there (--bytes-per-token)",
+                |backend| i64::try_from(backend.cache_tokens()).unwrap_or(i64::MAX),
             ),
             (
                 "router_backend_shared",

@@ -195,7 +195,11 @@ async fn get(addr: SocketAddr, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_polls_and_exports_backend_gauges() {
-    let (sim_a, _stop_a) = start_sim("sim-a", MODEL_A, |_| {}).await;
+    let (sim_a, _stop_a) = start_sim("sim-a", MODEL_A, |config| {
+        config.block_size = 16;
+        config.kv_cache_blocks = 300;
+    })
+    .await;
     let (dead, _held) = dead_address();
     let listener = router_daemon::listener(([127, 0, 0, 1], 0).into()).unwrap();
     let router = listener.local_addr().unwrap();
@@ -215,6 +219,9 @@ async fn the_daemon_polls_and_exports_backend_gauges() {
         format!("router_backend_up{{backend=\"{dead}\"}} 0"),
         format!("router_backend_waiting{{backend=\"{sim_a}\"}} 0"),
         format!("router_backend_running{{backend=\"{sim_a}\"}} 0"),
+        // 300 blocks of 16 tokens, as its vllm:cache_config_info says.
+        format!("router_backend_kv_cache_tokens{{backend=\"{sim_a}\"}} 4800"),
+        format!("router_backend_kv_cache_tokens{{backend=\"{dead}\"}} 0"),
     ];
     let seen = tokio::time::timeout(WAIT, async {
         loop {

@@ -297,6 +297,10 @@ impl Backend {
             .store(waiting.saturating_sub(ours), Ordering::Relaxed);
         self.running
             .store(load.running.unwrap_or(0), Ordering::Relaxed);
+        let tokens = load.cache_tokens.unwrap_or(0);
+        if self.cache_tokens.swap(tokens, Ordering::Relaxed) != tokens {
+            info!(backend = %self.name, tokens, "KV cache size (vllm:cache_config_info; 0: unknown)");
+        }
     }
 }
 
@@ -320,6 +324,7 @@ mod tests {
         let queued = |waiting| Load {
             waiting: Some(waiting),
             running: Some(1),
+            cache_tokens: None,
         };
         // Our one request was queued when the engine was scraped: once it
         // ends, the backend is idle for routing.
@@ -339,6 +344,7 @@ mod tests {
         let engine = |running, waiting| Load {
             waiting: Some(waiting),
             running: Some(running),
+            cache_tokens: None,
         };
         // Nothing read yet, or only an idle engine: nothing says whether
         // the router is alone.
@@ -370,16 +376,18 @@ mod tests {
             Load {
                 waiting: Some(4),
                 running: Some(2),
+                cache_tokens: Some(2304),
             },
             0,
         );
         backend.failed(3, &"refused");
         backend.failed(3, &"refused");
         assert!(backend.is_up());
-        assert_eq!(backend.waiting(), 4);
+        assert_eq!((backend.waiting(), backend.cache_tokens()), (4, 2304));
         backend.failed(3, &"refused");
         assert!(!backend.is_up());
         assert_eq!((backend.waiting(), backend.running()), (0, 0));
+        assert_eq!(backend.cache_tokens(), 0, "a backend down is unknown");
         backend.answered();
         assert!(backend.is_up());
         // The count restarted: one failure is not enough again.

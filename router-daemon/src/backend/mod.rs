@@ -155,6 +155,8 @@ pub struct Backend {
     /// first requests whether it shares the backend, not an interval later.
     traffic: Arc<tokio::sync::Notify>,
     running: AtomicU64,
+    /// Tokens its KV cache holds (`vllm:cache_config_info`); 0: unknown.
+    cache_tokens: AtomicU64,
     /// The models of the last good `/v1/models` answer; `None` until one.
     models: RwLock<Option<Arc<[String]>>>,
     /// Whether the last `/v1/models` and `/metrics` answers were usable, so
@@ -192,6 +194,7 @@ impl Backend {
             early_scrapes: AtomicU32::new(0),
             traffic: Arc::default(),
             running: AtomicU64::new(0),
+            cache_tokens: AtomicU64::new(0),
             models: RwLock::new(None),
             models_ok: AtomicBool::new(true),
             load_ok: AtomicBool::new(true),
@@ -271,6 +274,12 @@ impl Backend {
     /// at the last scrape; 0 when unknown.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Tokens the backend's KV cache holds, as its last scrape said
+    /// (`vllm:cache_config_info`); 0 when unknown.
+    pub(crate) fn cache_tokens(&self) -> u64 {
+        self.cache_tokens.load(Ordering::Relaxed)
     }
 
     /// Of [`Self::waiting`], the requests that cannot have been this

@@ -8,6 +8,10 @@ pub(crate) const WAITING_METRIC: &str = "vllm:num_requests_waiting";
 /// The vLLM gauge counting requests the engine is running.
 pub(crate) const RUNNING_METRIC: &str = "vllm:num_requests_running";
 
+/// vLLM's info gauge whose labels describe the engine's KV cache
+/// (`block_size`, `num_gpu_blocks`, ...).
+pub(crate) const CACHE_CONFIG_METRIC: &str = "vllm:cache_config_info";
+
 /// Why a `/v1/models` body could not be read as a model list.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ModelsParseError {
@@ -48,18 +52,31 @@ pub(crate) struct Load {
     pub(crate) waiting: Option<u64>,
     /// Sum of [`RUNNING_METRIC`] over its label sets.
     pub(crate) running: Option<u64>,
+    /// Tokens the KV cache holds: `num_gpu_blocks × block_size` of
+    /// [`CACHE_CONFIG_METRIC`], summed over its label sets (one per engine).
+    pub(crate) cache_tokens: Option<u64>,
 }
 
-/// Reads the waiting and running gauges out of Prometheus text, summing
-/// each over its label sets (one per engine or model). Comments, other
-/// metrics and lines that do not parse are skipped.
+/// Reads the waiting and running gauges and the KV cache's size out of
+/// Prometheus text, summing each over its label sets (one per engine or
+/// model). Comments, other metrics and lines that do not parse are skipped.
 pub(crate) fn parse_load(text: &str) -> Load {
     let mut waiting = None;
     let mut running = None;
-    for (name, value) in text.lines().filter_map(sample) {
+    let mut cache_tokens: Option<u64> = None;
+    for (name, labels, value) in text.lines().filter_map(sample) {
         let slot = match name {
             WAITING_METRIC => &mut waiting,
             RUNNING_METRIC => &mut running,
+            CACHE_CONFIG_METRIC => {
+                let number = |key| label(labels, key)?.parse::<u64>().ok();
+                if let (Some(blocks), Some(size)) = (number("num_gpu_blocks"), number("block_size"))
+                {
+                    let tokens = blocks.saturating_mul(size);
+                    cache_tokens = Some(cache_tokens.unwrap_or(0).saturating_add(tokens));
+                }
+                continue;
+            }
             _ => continue,
         };
         *slot = Some(slot.unwrap_or(0.0) + value);
@@ -67,6 +84,35 @@ pub(crate) fn parse_load(text: &str) -> Load {
     Load {
         waiting: waiting.map(to_count),
         running: running.map(to_count),
+        cache_tokens,
+    }
+}
+
+/// The value of label `key` in a `{…}` label block, if it is there and
+/// needs no unescaping (the numbers this module reads never do).
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    let mut rest = labels.strip_prefix('{')?;
+    loop {
+        let (name, after) = rest.split_once('=')?;
+        let value = after.strip_prefix('"')?;
+        // The closing quote: the first not escaped by a backslash.
+        let mut escaped = false;
+        let end = value.bytes().position(|byte| match byte {
+            _ if escaped => {
+                escaped = false;
+                false
+            }
+            b'\\' => {
+                escaped = true;
+                false
+            }
+            b => b == b'"',
+        })?;
+        let (value, after) = value.split_at(end);
+        if name.trim_matches(|c: char| c == ',' || c.is_ascii_whitespace()) == key {
+            return (!value.contains('\\')).then_some(value);
+        }
+        rest = &after[1..];
     }
 }
 
@@ -76,20 +122,22 @@ fn to_count(value: f64) -> u64 {
     value.max(0.0).round() as u64
 }
 
-/// The metric name and value of one exposition line, if it is a sample with
-/// a finite value.
-fn sample(line: &str) -> Option<(&str, f64)> {
+/// The metric name, label block (`{…}`, or empty) and value of one
+/// exposition line, if it is a sample with a finite value.
+fn sample(line: &str) -> Option<(&str, &str, f64)> {
     let line = line.trim_start();
     if line.is_empty() || line.starts_with('#') {
         return None;
     }
     let name_end = line.find(|c: char| c == '{' || c.is_ascii_whitespace())?;
     let (name, mut rest) = line.split_at(name_end);
+    let mut labels = "";
     if rest.starts_with('{') {
-        rest = &rest[labels_len(rest)?..];
+        let end = labels_len(rest)?;
+        (labels, rest) = rest.split_at(end);
     }
     let value: f64 = rest.split_ascii_whitespace().next()?.parse().ok()?;
-    value.is_finite().then_some((name, value))
+    value.is_finite().then_some((name, labels, value))
 }
 
 /// The length of the `{…}` label block at the start of `text`, honouring
@@ -133,9 +181,49 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
             parse_load(VLLM_METRICS),
             Load {
                 waiting: Some(7),
-                running: Some(5)
+                running: Some(5),
+                cache_tokens: None,
             }
         );
+    }
+
+    #[test]
+    fn cache_size_is_blocks_times_block_size_summed_over_engines() {
+        // vLLM's info gauge, labels as its `CacheConfig.metrics_info` prints
+        // them, for two data-parallel engines.
+        let info = |engine: u32, blocks: u32| {
+            format!(
+                "vllm:cache_config_info{{block_size=\"16\",cache_dtype=\"auto\",\
+                 calculate_kv_scales=\"False\",cpu_offload_gb=\"0\",\
+                 enable_prefix_caching=\"True\",engine=\"{engine}\",\
+                 gpu_memory_utilization=\"0.9\",is_attention_free=\"False\",\
+                 num_cpu_blocks=\"None\",num_gpu_blocks=\"{blocks}\",\
+                 num_gpu_blocks_override=\"None\",prefix_caching_hash_algo=\"builtin\",\
+                 sliding_window=\"None\",swap_space=\"4\"}} 1.0\n"
+            )
+        };
+        let text = format!(
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n\
+                            # TYPE vllm:cache_config_info gauge\n{}{}{VLLM_METRICS}",
+            info(0, 2681),
+            info(1, 1000)
+        );
+        assert_eq!(parse_load(&text).cache_tokens, Some((2681 + 1000) * 16));
+        // Unknown without both numbers, or with one that is not a number.
+        for labels in [
+            "{block_size=\"16\"}",
+            "{num_gpu_blocks=\"None\",block_size=\"16\"}",
+            "{num_gpu_blocks=\"1\\\"0\",block_size=\"16\"}",
+            "{num_gpu_blocks=\"10\",block_size=\"16\"",
+        ] {
+            let text = format!("vllm:cache_config_info{labels} 1.0\n");
+            assert_eq!(parse_load(&text).cache_tokens, None, "{labels}");
+        }
+        // A label whose value holds an escaped quote and a comma is skipped
+        // whole.
+        let text = "vllm:cache_config_info{a=\"x\\\",num_gpu_blocks=\\\"9\",\
+                    num_gpu_blocks=\"10\",block_size=\"16\"} 1\n";
+        assert_eq!(parse_load(text).cache_tokens, Some(160));
     }
 
     #[test]
@@ -155,7 +243,8 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
             parse_load(text),
             Load {
                 waiting: Some(5),
-                running: None
+                running: None,
+                cache_tokens: None,
             }
         );
     }
@@ -167,7 +256,8 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
             parse_load(text),
             Load {
                 waiting: Some(0),
-                running: Some(u64::MAX)
+                running: Some(u64::MAX),
+                cache_tokens: None,
             }
         );
     }
