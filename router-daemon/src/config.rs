@@ -369,6 +369,17 @@ pub struct Config {
           default_value_t = PatienceWhen::Alone)]
     pub placement_patience_when: PatienceWhen,
 
+    /// Prompt bytes per token, to weigh prompt families against the
+    /// tokens each engine's KV cache holds (`vllm:cache_config_info`): a
+    /// new family (a system prompt, a template, a conversation) is placed
+    /// on the next backend in rendezvous order when its own is full of
+    /// families in use, so it does not evict them. English text is about 4
+    /// bytes per token with Llama-3's tokenizer; a lower value counts
+    /// caches as fuller. 0: caches are not weighed.
+    #[arg(long, env = "ROUTER_BYTES_PER_TOKEN", default_value_t = Policy::DEFAULT.bytes_per_token,
+          value_parser = non_negative)]
+    pub bytes_per_token: f64,
+
     /// How backends are picked: `prefixaware` (by prefix affinity weighed
     /// against load; the flags above and --session-header tune it) or
     /// `roundrobin` (each in turn, whatever the prompt or session; no prefix
@@ -446,6 +457,7 @@ impl Config {
             placement_patience: (self.placement_patience_when != PatienceWhen::Never)
                 .then_some(self.placement_patience),
             patience_when_shared: self.placement_patience_when == PatienceWhen::Always,
+            bytes_per_token: self.bytes_per_token,
         }
     }
 

@@ -931,6 +931,7 @@ fn loads<'a>(
                 .with_prefill(backend.prefilling())
                 .with_local(backend.local)
                 .with_clients(backend.clients(now))
+                .with_cache_tokens(usize::try_from(backend.cache_tokens()).unwrap_or(usize::MAX))
         })
         .collect()
 }

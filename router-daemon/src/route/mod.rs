@@ -10,6 +10,8 @@
 //! - `layout`: under `--placement-epsilon`, an even layout of the prefix
 //!   families this router knows, alike on every replica that knows them.
 //! - `pending`: placements still connecting, which their siblings join.
+//! - `occupancy`: how much of each backend's KV cache the families this
+//!   router sends there keep in use, so a new family goes where it fits.
 //! - `reuse`: how often recent requests followed a cached prefix.
 //!
 //! # A decision
@@ -19,7 +21,10 @@
 //! request, `Router::record` writes it into the index with the same
 //! hashes. ([`Router::decide`] does both at once.) It costs O(prompt length) hashing and takes each
 //! index shard's lock at most twice (plus a probe or two for the prompt's
-//! tail), briefly; there is no global lock. It works in buffers its thread
+//! tail), briefly, and the chosen backend's `occupancy` lock once (a
+//! placement reads every candidate's, when cache sizes are known); there
+//! is no global lock. The occupancy is touched at the decision, before the
+//! backend accepted the request: a hint, like the pending placements. It works in buffers its thread
 //! keeps (`Scratch`), so it allocates nothing once they are large enough.
 //!
 //! Backends are named in the index by a hash of their name
@@ -28,6 +33,7 @@
 //! `Router::remove_backend` also drops what the index holds for it.
 pub(crate) mod index;
 mod layout;
+mod occupancy;
 mod pending;
 pub(crate) mod policy;
 mod reuse;
@@ -94,11 +100,14 @@ pub enum Reason {
     /// (`--placement-epsilon`), which changed since the index learned the
     /// family elsewhere: the family moves there once.
     Moved,
+    /// A new prompt whose rendezvous backend's KV cache is full of
+    /// families in use, placed on the next in rendezvous order with room.
+    CacheFull,
 }
 
 impl Reason {
     /// Every reason, for metrics that pre-create their labels.
-    pub(crate) const ALL: [Reason; 8] = [
+    pub(crate) const ALL: [Reason; 9] = [
         Reason::PrefixMatch,
         Reason::LeastLoaded,
         Reason::Spread,
@@ -107,6 +116,7 @@ impl Reason {
         Reason::Overloaded,
         Reason::RoundRobin,
         Reason::Moved,
+        Reason::CacheFull,
     ];
 
     /// Short name for logs and metrics.
@@ -120,6 +130,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::RoundRobin => "round-robin",
             Reason::Moved => "moved",
+            Reason::CacheFull => "cache-full",
         }
     }
 }
@@ -156,6 +167,9 @@ pub struct BackendLoad<'a> {
     /// too: a new prompt goes where every replica would place it unless the
     /// router knows it is alone (see `policy`, placement patience).
     pub(crate) clients: Clients,
+    /// Tokens its KV cache holds (`vllm:cache_config_info`), 0 when
+    /// unknown: a new prompt family is placed where it fits (see `policy`).
+    pub(crate) cache_tokens: usize,
 }
 
 /// Who sends requests to a backend, as far as the router knows.
@@ -181,6 +195,16 @@ impl<'a> BackendLoad<'a> {
             prefill: 0,
             local: false,
             clients: Clients::Unknown,
+            cache_tokens: 0,
+        }
+    }
+
+    /// The same view, with a KV cache of `cache_tokens` tokens (0: unknown).
+    #[must_use]
+    pub(crate) fn with_cache_tokens(self, cache_tokens: usize) -> Self {
+        Self {
+            cache_tokens,
+            ..self
         }
     }
 
@@ -231,6 +255,9 @@ struct Scratch {
     walk: Walk,
     /// Matched key bytes per backend, in the order of `backends`.
     matched: Vec<usize>,
+    /// Bytes of other families in use per backend, in the order of
+    /// `backends` (see `occupancy`).
+    held: Vec<usize>,
 }
 
 thread_local! {
@@ -247,6 +274,8 @@ pub struct Router {
     reuse: reuse::ReuseRate,
     /// Recent placements the index has not learned yet, by seed.
     pending: std::sync::Mutex<pending::Pending>,
+    /// The families in use on each backend.
+    occupancy: occupancy::Occupancy,
     /// Decisions taken under [`Logic::RoundRobin`], whose count picks the next.
     turns: AtomicUsize,
 }
@@ -268,6 +297,7 @@ impl Router {
                 .map(|epsilon| std::sync::Mutex::new(layout::Layout::new(epsilon))),
             reuse: reuse::ReuseRate::default(),
             pending: std::sync::Mutex::default(),
+            occupancy: occupancy::Occupancy::default(),
             turns: AtomicUsize::new(0),
         }
     }
@@ -285,8 +315,12 @@ impl Router {
             return Some(turn);
         }
         SCRATCH.with_borrow_mut(|scratch| {
-            let Scratch { walk, matched } = scratch;
-            let decision = self.decide_with(request, backends, walk, matched);
+            let Scratch {
+                walk,
+                matched,
+                held,
+            } = scratch;
+            let decision = self.decide_with(request, backends, walk, matched, held);
             if let Some(chosen) = decision.and_then(|d| backends.get(d.backend)) {
                 self.index
                     .record(walk, request.key, index::backend_id(chosen.name));
@@ -321,7 +355,8 @@ impl Router {
         let decision = match request {
             _ if self.policy.logic == Logic::RoundRobin => self.round_robin(backends)?,
             Some(request) => SCRATCH.with_borrow_mut(|scratch| {
-                self.decide_with(request, backends, walk, &mut scratch.matched)
+                let Scratch { matched, held, .. } = scratch;
+                self.decide_with(request, backends, walk, matched, held)
             })?,
             None => Decision {
                 backend: policy::least_loaded(backends),
@@ -373,6 +408,7 @@ impl Router {
         backends: &[BackendLoad],
         walk: &mut Walk,
         matched: &mut Vec<usize>,
+        held: &mut Vec<usize>,
     ) -> Option<Decision> {
         let key = request.key;
         let extends = self.matched_lengths(request, backends, walk, matched);
@@ -389,6 +425,7 @@ impl Router {
             session: request.session.map(|s| xxh3_64_with_seed(s, SESSION_SEED)),
             pending: None,
             layout: None,
+            held: &[],
         };
         let seed = inputs.placement;
         // Sessions are placed by their own value, not by family. A panic
@@ -405,10 +442,21 @@ impl Router {
             inputs.layout = layout.place(seed, backends);
         }
         let placement = self.policy.is_placement(&inputs);
+        let now = std::time::Instant::now();
+        // Where a new family fits: what each backend's cache keeps in use.
+        held.clear();
+        let sized = backends.iter().any(|b| b.cache_tokens > 0);
+        if placement && sized && self.policy.bytes_per_token > 0.0 {
+            held.extend(
+                backends
+                    .iter()
+                    .map(|b| self.occupancy.in_use(index::backend_id(b.name), seed, now)),
+            );
+        }
+        inputs.held = held;
         // A sibling placed moments ago, still connecting: its backend is
         // where the family goes (see `pending`).
-        let now = placement.then(std::time::Instant::now);
-        if let Some(now) = now {
+        if placement {
             let sibling = self.pending_placements().get(inputs.placement, now);
             inputs.pending = sibling.and_then(|id| {
                 backends
@@ -430,9 +478,12 @@ impl Router {
         }
         drop(layout);
         let decision = policy::choose(&self.policy, &inputs)?;
-        if let (Some(now), Some(chosen)) = (now, backends.get(decision.backend)) {
-            self.pending_placements()
-                .put(seed, index::backend_id(chosen.name), now);
+        if let Some(chosen) = backends.get(decision.backend) {
+            let id = index::backend_id(chosen.name);
+            if placement {
+                self.pending_placements().put(seed, id, now);
+            }
+            self.occupancy.touch(id, seed, key.len(), now);
         }
         Some(decision)
     }
@@ -498,6 +549,7 @@ impl Router {
     /// (O(index entries); for a backend leaving the fleet).
     pub(crate) fn remove_backend(&self, name: &str) {
         self.index.remove_backend(index::backend_id(name));
+        self.occupancy.remove_backend(index::backend_id(name));
     }
 
     /// Entries held by the prefix index.
@@ -575,6 +627,58 @@ mod tests {
             "{asked}: {}",
             "words of this conversation's document ".repeat(20)
         )
+    }
+
+    #[test]
+    fn families_in_use_keep_their_cache_and_a_new_one_goes_where_it_fits() {
+        // Two backends whose caches hold three 4.8 KB templates each (at 4
+        // bytes per token), and templates whose rendezvous backend is known.
+        let sized: Vec<BackendLoad> = idle(2)
+            .into_iter()
+            .map(|b| b.with_cache_tokens(3_650))
+            .collect();
+        let ask = |family: usize, question: usize| {
+            format!(
+                "{}Question {question}?",
+                format!("Template of tenant {family:03}. ").repeat(200)
+            )
+        };
+        let plain = Router::new(64, 1 << 16);
+        let mut by_rendezvous = [Vec::new(), Vec::new()];
+        for family in 0..64 {
+            let d = route(&plain, MODEL, ask(family, 0).as_bytes(), &idle(2)).unwrap();
+            by_rendezvous[d.backend].push(family);
+        }
+        // Four families hash onto backend 0, then two onto backend 1: by
+        // hashing alone backend 0 would hold four and evict.
+        let families: Vec<usize> = by_rendezvous[0][..4]
+            .iter()
+            .chain(&by_rendezvous[1][..2])
+            .copied()
+            .collect();
+        let router = Router::new(64, 1 << 16);
+        let mut held = [0, 0];
+        for (n, &family) in families.iter().enumerate() {
+            let first = route(&router, MODEL, ask(family, 0).as_bytes(), &sized).unwrap();
+            let expected = if n == 3 {
+                (1, Reason::CacheFull)
+            } else {
+                (usize::from(n >= 4), Reason::Placed)
+            };
+            assert_eq!((first.backend, first.reason), expected, "family {n}");
+            // Its sibling follows it there, which proves it a family.
+            let sibling = route(&router, MODEL, ask(family, 1).as_bytes(), &sized).unwrap();
+            assert_eq!(
+                (sibling.backend, sibling.reason),
+                (first.backend, Reason::PrefixMatch)
+            );
+            held[first.backend] += 1;
+        }
+        assert_eq!(held, [3, 3]);
+        // With both caches full, a new family goes by rendezvous alone.
+        let last = by_rendezvous[0][4];
+        let d = route(&router, MODEL, ask(last, 0).as_bytes(), &sized).unwrap();
+        assert_eq!((d.backend, d.reason), (0, Reason::Placed));
     }
 
     #[test]

@@ -76,7 +76,38 @@
 //!    placed moments ago, which the index has not learned yet because that
 //!    request is still connecting ([`Inputs::pending`]), takes the
 //!    rendezvous winner's part: a burst of one family's first requests
-//!    lands on one backend instead of being copied onto several.
+//!    lands on one backend instead of being copied onto several. A new
+//!    prompt whose rendezvous backend has no room left in its KV cache
+//!    takes the next in rendezvous order with room instead
+//!    ([`Reason::CacheFull`], below).
+//!
+//! # Room in the cache
+//! Hashing a dozen families onto four backends is lumpy, and a backend
+//! given more families than its KV cache holds evicts them in turn: each
+//! request of each family there prefills it again, while another backend
+//! holds half of what it could. The router knows each engine's cache size
+//! (`vllm:cache_config_info`: `num_gpu_blocks × block_size` tokens,
+//! [`BackendLoad::cache_tokens`]) and which families it keeps in use there
+//! (`super::occupancy`: families a second request proved, touched in the
+//! last minute, and new ones weighed by how often new ones were proven),
+//! in key bytes ([`Inputs::held`]). A new prompt *fits* a backend when
+//! those bytes and its own key, at [`Policy::bytes_per_token`]
+//! (`--bytes-per-token`, 4: English text with Llama-3's tokenizer), are
+//! within its cache. When its rendezvous backend has no room and some
+//! backend within the load bound has, rule 3 places it on the next in
+//! rendezvous order with room and considers only backends with room; where
+//! none has room (the working set is larger than the fleet's caches), or
+//! no cache size is known, placement is as before. Rule 2 is untouched: a
+//! family already placed stays where it is.
+//!
+//! Replicas each know only the families they sent, so their views of which
+//! caches are full differ, and a family moved by one replica's view is
+//! copied where the others place it: in one `router-bench quality --quick
+//! --daemon-replicas 3` run, three replicas weighing caches fell from
+//! 90% / 85% of the ideal hit rate (shared-prefix / prefix-repetition at
+//! 2 sessions) to 77% / 80%. So caches are weighed only while no candidate
+//! is known to serve [other clients](super::Clients::Others) (numbers in
+//! the README).
 //!
 //! # A new prompt's family
 //! A new prompt's first request cannot tell a one-off from the first of a
@@ -227,6 +258,11 @@ pub struct Policy {
     /// Whether placement patience holds even where other clients (router
     /// replicas) send requests to the candidates too.
     pub(crate) patience_when_shared: bool,
+    /// Key bytes per token, to weigh prompt families against the tokens a
+    /// backend's KV cache holds ([`BackendLoad::cache_tokens`]): a new
+    /// family is placed where it fits beside the families in use
+    /// ([`Inputs::held`]). 0: caches are not weighed.
+    pub(crate) bytes_per_token: f64,
 }
 
 impl Policy {
@@ -245,6 +281,7 @@ impl Policy {
         family_weight: 10.0,
         placement_patience: Some(1.0),
         patience_when_shared: false,
+        bytes_per_token: 4.0,
     };
 }
 
@@ -318,6 +355,26 @@ impl Policy {
         }
     }
 
+    /// Whether caches are weighed for `input` (rule 3): the router has
+    /// the bytes-per-token ratio, and no candidate is known to serve other
+    /// clients too. A replica's view holds only the families it sent, so
+    /// replicas would disagree on which caches are full, and a family one
+    /// of them moved would be copied where the others place it.
+    fn weighs_caches(&self, input: &Inputs) -> bool {
+        self.bytes_per_token > 0.0 && !input.backends.iter().any(|b| b.clients == Clients::Others)
+    }
+
+    /// Whether backend `i`'s KV cache holds the request's key beside the
+    /// other families in use there (true when its size is unknown).
+    fn fits(&self, input: &Inputs, i: usize) -> bool {
+        let tokens = input.backends[i].cache_tokens;
+        if tokens == 0 {
+            return true;
+        }
+        let held = input.held.get(i).copied().unwrap_or(0);
+        (held.saturating_add(input.key_len) as f64) <= tokens as f64 * self.bytes_per_token
+    }
+
     /// The cost of placing a new request on backend `i` (rule 3): what it
     /// is still prefilling for others, and its load.
     fn placement_cost(&self, input: &Inputs, i: usize) -> f64 {
@@ -359,6 +416,11 @@ pub(crate) struct Inputs<'a> {
     /// rendezvous winner. Rule 3 places a new prompt there, and rule 2
     /// moves a sibling there.
     pub(crate) layout: Option<usize>,
+    /// Key bytes of the families in use on each backend but the request's
+    /// own, as far as this router knows (same order as `backends`; empty
+    /// when no backend's cache size is known). Rule 3 places a new prompt
+    /// where it fits beside them ([`Policy::bytes_per_token`]).
+    pub(crate) held: &'a [usize],
 }
 
 impl Inputs<'_> {
@@ -477,10 +539,26 @@ pub(crate) fn choose(policy: &Policy, input: &Inputs) -> Option<Decision> {
 /// cached prefix stretches it in rule 2, and its lead in cost.
 fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason)> {
     let backends = input.backends;
+    // Where the prompt fits beside the families in use, if it fits
+    // anywhere within the load bound: placed elsewhere, it would evict a
+    // family that its next request then prefills again.
+    let weigh = policy.weighs_caches(input);
+    let fits = |i: usize| !weigh || policy.fits(input, i);
+    let room_within = (0..backends.len()).any(|i| fits(i) && backends[i].load() < bound);
+    let roomy = |i: usize| !room_within || fits(i);
+    let mut full = false;
     let first = match (input.pending, input.layout) {
         (Some(sibling), _) if sibling < backends.len() => sibling,
         (_, Some(home)) if home < backends.len() => home,
-        _ => rendezvous_first(backends, input.placement)?,
+        _ => {
+            let first = rendezvous_first(backends, input.placement)?;
+            if roomy(first) {
+                first
+            } else {
+                full = true;
+                rendezvous_pick(backends, input.placement, roomy)?.1
+            }
+        }
     };
     let worth = policy.family_worth(input);
     let stretch = policy.in_requests(worth);
@@ -490,19 +568,17 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
         } else {
             bound as f64
         };
-        (backends[i].load() as f64) < limit
+        (backends[i].load() as f64) < limit && (i == first || roomy(i))
     };
     let winner = if qualifies(first) {
         first
     } else {
         rendezvous_pick(backends, input.placement, qualifies)?.1
     };
-    let on_rendezvous = |pick: usize| {
-        if pick == first {
-            Reason::Placed
-        } else {
-            Reason::Overloaded
-        }
+    let on_rendezvous = |pick: usize| match pick == first {
+        true if full => Reason::CacheFull,
+        true => Reason::Placed,
+        false => Reason::Overloaded,
     };
     if input.later_turns {
         return Some((winner, on_rendezvous(winner)));
@@ -632,6 +708,7 @@ mod tests {
                 prefill: 0,
                 local: false,
                 clients: Clients::Ours,
+                cache_tokens: 0,
             })
             .collect()
     }
@@ -655,6 +732,7 @@ mod tests {
             session: None,
             pending: None,
             layout: None,
+            held: &[],
         }
     }
 
@@ -720,6 +798,79 @@ mod tests {
             ..inputs(&[], &[], 0)
         };
         assert_eq!(choose(&Policy::default(), &input), None);
+    }
+
+    #[test]
+    fn a_new_family_passes_a_rendezvous_backend_whose_cache_is_full() {
+        // Four idle backends whose caches hold 10,000 tokens (40,000 bytes
+        // at the default 4 bytes per token), and a new 6,000-byte family.
+        let v: Vec<BackendLoad> = views(&[(0, 0); 4])
+            .into_iter()
+            .map(|b| b.with_cache_tokens(10_000))
+            .collect();
+        let mut order: Vec<usize> = (0..4).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(rendezvous(v[i].name, 7)));
+        let matched = [0; 4];
+        let pick = |held: &[usize], v: &[BackendLoad], policy: &Policy| {
+            let d = choose(
+                policy,
+                &Inputs {
+                    held,
+                    ..inputs(v, &matched, 6_000)
+                },
+            )
+            .unwrap();
+            (d.backend, d.reason)
+        };
+        let policy = Policy::default();
+        // Families in use leave 4,000 bytes on its rendezvous backend: the
+        // next in rendezvous order with room takes it.
+        let mut held = [0; 4];
+        held[order[0]] = 36_000;
+        assert_eq!(pick(&held, &v, &policy), (order[1], Reason::CacheFull));
+        held[order[1]] = 34_001;
+        assert_eq!(pick(&held, &v, &policy), (order[2], Reason::CacheFull));
+        // Room for it, exactly: it stays.
+        held[order[0]] = 34_000;
+        assert_eq!(pick(&held, &v, &policy), (order[0], Reason::Placed));
+        // No room anywhere, caches unknown, or not weighed: rendezvous.
+        assert_eq!(pick(&[36_000; 4], &v, &policy), (order[0], Reason::Placed));
+        held[order[0]] = 36_000;
+        assert_eq!(
+            pick(&held, &views(&[(0, 0); 4]), &policy),
+            (order[0], Reason::Placed)
+        );
+        let unweighed = Policy {
+            bytes_per_token: 0.0,
+            ..policy
+        };
+        assert_eq!(pick(&held, &v, &unweighed), (order[0], Reason::Placed));
+        // Another client (a replica) sends requests to one of them: this
+        // router's view of the caches is partial, so it places as they do.
+        let mut shared = v.clone();
+        shared[order[3]].clients = Clients::Others;
+        assert_eq!(pick(&held, &shared, &policy), (order[0], Reason::Placed));
+        shared[order[3]].clients = Clients::Unknown;
+        assert_eq!(pick(&held, &shared, &policy), (order[2], Reason::CacheFull));
+        // Room only on a backend past the load bound: as if none had room.
+        let mut busy = v.clone();
+        for &i in &order[1..] {
+            busy[i].in_flight = 10;
+        }
+        let mut full = [36_000; 4];
+        full[order[3]] = 0;
+        assert_eq!(pick(&full, &busy, &policy).0, order[0]);
+        // A pending sibling keeps the family together, full or not.
+        let d = choose(
+            &policy,
+            &Inputs {
+                held: &held,
+                pending: Some(order[0]),
+                ..inputs(&v, &matched, 6_000)
+            },
+        )
+        .unwrap();
+        assert_eq!((d.backend, d.reason), (order[0], Reason::Placed));
     }
 
     #[test]
@@ -1165,11 +1316,15 @@ mod tests {
             clients in prop::sample::select(vec![Clients::Unknown, Clients::Ours, Clients::Others]),
             reuse in 0.0f64..=1.0,
             pending in any::<Option<usize>>(),
+            caches in prop::collection::vec(0usize..20_000, 8),
+            held in prop::collection::vec(0usize..80_000, 8),
+            bytes_per_token in 0.0f64..8.0,
         ) {
             let v: Vec<BackendLoad> = loads
                 .iter()
                 .zip(NAMES)
-                .map(|(&(in_flight, waiting, prefill, others), name)| BackendLoad { name, in_flight, waiting, prefill, local: false, clients: if others { Clients::Others } else { clients } })
+                .zip(&caches)
+                .map(|((&(in_flight, waiting, prefill, others), name), &cache_tokens)| BackendLoad { name, in_flight, waiting, prefill, local: false, clients: if others { Clients::Others } else { clients }, cache_tokens })
                 .collect();
             let policy = Policy {
                 logic: Logic::PrefixAware,
@@ -1184,6 +1339,7 @@ mod tests {
                 family_weight,
                 placement_patience: placement_patience.map(f64::from),
                 patience_when_shared,
+                bytes_per_token,
             };
             let matched = &matched[..v.len()];
             let input = Inputs {
@@ -1198,6 +1354,7 @@ mod tests {
                 session,
                 pending: pending.map(|p| p % (v.len() + 1)),
                 layout: layout.map(|l| l % (v.len() + 1)),
+                held: &held[..v.len()],
             };
             let d = choose(&policy, &input).unwrap();
             let total: usize = v.iter().map(BackendLoad::load).sum::<usize>() + 1;
@@ -1214,7 +1371,11 @@ mod tests {
                 .unwrap_or_else(|| {
                     (0..v.len()).max_by_key(|&i| rendezvous(v[i].name, placement)).unwrap()
                 });
-            let placed_first = policy.is_placement(&input) && session.is_none() && d.backend == first;
+            // A family its rendezvous backend has no room for is placed on
+            // the next in rendezvous order with room, which it stretches
+            // alike.
+            let placed_first = policy.is_placement(&input) && session.is_none()
+                && (d.backend == first || d.reason == Reason::CacheFull);
             let reuse = if input.pending.is_some() { 1.0 } else { reuse };
             let conversation_len = if conversation == 0 { input.key_len } else { conversation.min(input.key_len) };
             let worth = if follows {

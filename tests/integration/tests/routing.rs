@@ -1,7 +1,8 @@
 //! Routing through a running daemon: only backends serving the requested
 //! model are chosen, a session header sticks, and several router replicas
 //! with no shared state keep multi-turn conversations on the backends that
-//! cache them almost as well as one router does.
+//! cache them almost as well as one router does; a new prompt family goes
+//! where the engine's KV cache has room for it.
 //!
 //! Routing does not depend on the dataplane, so these run on userspace.
 use std::{
@@ -16,7 +17,7 @@ use std::{
 
 use integration_tests::{
     Response, get, loopback_listener, metric, post_json, start_router, start_router_with,
-    start_sims,
+    start_sim, start_sims,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use router_daemon::{Dataplane, config::PatienceWhen};
@@ -718,4 +719,139 @@ async fn early_scrapes_of_a_backend_without_metrics_are_bounded() {
     shared_gauge(router, &[urls[0].as_str()], -1.0).await;
     engine.release();
     assert_eq!(held.await.expect("held task").status, 200);
+}
+
+/// `family_prompt(family)` followed by a question of its own: a sibling.
+fn sibling_prompt(family: usize, question: usize) -> String {
+    format!("{} Question {question}?", family_prompt(family))
+}
+
+/// Completes `prompt` (4 tokens) through `router`; returns who served it
+/// and how many of its prompt tokens were cached.
+async fn complete(router: SocketAddr, prompt: &str) -> (String, u64, u64) {
+    let request = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4});
+    let response = post_json(router, "/v1/completions", &request).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let served = response
+        .header("x-served-by")
+        .expect("x-served-by")
+        .to_owned();
+    let usage = &response.json()["usage"];
+    let prompt_tokens = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    (served, prompt_tokens, cached)
+}
+
+/// Two engines whose KV caches hold two prompt families each, and four
+/// families, three of which hash onto engine a: the router reads each
+/// engine's cache size from its `/metrics` and places the third family
+/// that hashes onto a on b, where it fits, so every later request of
+/// every family finds its prefix cached. (Placed by hashing alone, a holds
+/// three families, evicts and recomputes them in turn.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_family_goes_where_it_fits_beside_the_families_in_use() {
+    // A family prompt's size in tokens, from a throwaway engine.
+    let (scratch, _stop_scratch) = start_sim(vllm_sim::Config::for_tests("scratch")).await;
+    let (_, family_tokens, _) = complete(scratch, &sibling_prompt(0, 0)).await;
+    let bytes_per_token = sibling_prompt(0, 0).len() as f64 / family_tokens as f64;
+    // Room for two families and their questions, not three.
+    let blocks = usize::try_from(family_tokens * 5 / 2 / 16).expect("blocks");
+    let mut urls = Vec::new();
+    let mut stops = Vec::new();
+    for id in ["a", "b"] {
+        let config = vllm_sim::Config {
+            block_size: 16,
+            kv_cache_blocks: blocks,
+            ..vllm_sim::Config::for_tests(id)
+        };
+        let (addr, stop) = start_sim(config).await;
+        urls.push(format!("http://{addr}"));
+        stops.push(stop);
+    }
+
+    // Where each family's first prompt goes when caches are not weighed:
+    // its rendezvous backend. The probes share only their first 2 KiB, the
+    // placement key, with the families; the engines' LRU drops them first.
+    let (probe, _stop_probe) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        config.bytes_per_token = 0.0;
+        config.placement_patience_when = PatienceWhen::Never;
+    })
+    .await;
+    discovered(probe, &urls).await;
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for family in 100..400 {
+        let placement_key = &family_prompt(family)[..2048];
+        match complete(probe, &format!("{placement_key} probe"))
+            .await
+            .0
+            .as_str()
+        {
+            "a" => on_a.push(family),
+            _ => on_b.push(family),
+        }
+        if on_a.len() >= 3 && !on_b.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        on_a.len() >= 3 && !on_b.is_empty(),
+        "300 families all hash alike"
+    );
+    let families = [on_a[0], on_a[1], on_a[2], on_b[0]];
+
+    let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        config.bytes_per_token = bytes_per_token;
+    })
+    .await;
+    discovered(router, &urls).await;
+    // The router knows both caches' sizes before the first family.
+    let tokens = blocks * 16;
+    let mut sized = false;
+    for _ in 0..100 {
+        let metrics = get(router, "/metrics").await.text();
+        sized = urls.iter().all(|url| {
+            metric(
+                &metrics,
+                &format!("router_backend_kv_cache_tokens{{backend=\"{url}\"}}"),
+            ) == Some(tokens as f64)
+        });
+        if sized {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sized, "the router never read the engines' cache sizes");
+    // Each family's first two questions, one family after another.
+    let mut home = Vec::new();
+    for &family in &families {
+        let (first, _, _) = complete(router, &sibling_prompt(family, 0)).await;
+        let (second, _, cached) = complete(router, &sibling_prompt(family, 1)).await;
+        assert_eq!(first, second, "family {family}'s sibling followed it");
+        assert!(cached > 0, "family {family}'s sibling found it cached");
+        home.push(first);
+    }
+    assert_eq!(home, ["a", "a", "b", "b"], "the third family hashed onto a");
+    let metrics = get(router, "/metrics").await.text();
+    assert_eq!(
+        metric(
+            &metrics,
+            "router_route_decisions_total{reason=\"cache-full\"}"
+        ),
+        Some(1.0)
+    );
+    // Round after round, every family's question finds its prefix cached
+    // on its engine.
+    for question in 2..5 {
+        for (&family, home) in families.iter().zip(&home) {
+            let (served, prompt_tokens, cached) =
+                complete(router, &sibling_prompt(family, question)).await;
+            assert_eq!(&served, home, "family {family}");
+            assert!(
+                cached + 32 >= prompt_tokens,
+                "family {family}, question {question}: {cached} of {prompt_tokens} tokens cached"
+            );
+        }
+    }
 }
