@@ -373,9 +373,11 @@ pub struct Config {
     /// tokens each engine's KV cache holds (`vllm:cache_config_info`): a
     /// new family (a system prompt, a template, a conversation) is placed
     /// on the next backend in rendezvous order when its own is full of
-    /// families in use, so it does not evict them. English text is about 4
-    /// bytes per token with Llama-3's tokenizer; a lower value counts
-    /// caches as fuller. 0: caches are not weighed.
+    /// families in use, so it does not evict them. Used for an engine until
+    /// its own `vllm:prompt_tokens_total`, scraped while only this router
+    /// sends there, gives the ratio of the prompts actually sent. English
+    /// text is about 4 bytes per token with Llama-3's tokenizer; a lower
+    /// value counts caches as fuller. 0: caches are not weighed.
     #[arg(long, env = "ROUTER_BYTES_PER_TOKEN", default_value_t = Policy::DEFAULT.bytes_per_token,
           value_parser = non_negative)]
     pub bytes_per_token: f64,

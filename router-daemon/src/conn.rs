@@ -536,6 +536,7 @@ fn sent_to(backend: &Backend, routing: Routing<'_>, buffers: &Buffers, shared: &
         shared
             .router
             .record(&buffers.walk, &input.key, &backend.name);
+        backend.key_sent(input.key.len());
     }
     let model = routing.input.and_then(|input| input.model.as_deref());
     info!(
@@ -932,6 +933,7 @@ fn loads<'a>(
                 .with_local(backend.local)
                 .with_clients(backend.clients(now))
                 .with_cache_tokens(usize::try_from(backend.cache_tokens()).unwrap_or(usize::MAX))
+                .with_bytes_per_token(backend.bytes_per_token())
         })
         .collect()
 }

@@ -39,6 +39,9 @@ use crate::{
 };
 use std::sync::atomic::Ordering;
 
+/// Fewest prompt tokens a window needs to teach the bytes-per-token ratio.
+pub(super) const RATIO_MIN_TOKENS: u64 = 512;
+
 /// How often and how patiently backends are probed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Discovery {
@@ -212,7 +215,9 @@ impl Backend {
                 let started_during = self.started().saturating_sub(started_before);
                 let started_during = usize::try_from(started_during).unwrap_or(usize::MAX);
                 let ours = ours_before.saturating_add(started_during);
-                self.observe_clients(&load, ours, super::health::clock());
+                let now = super::health::clock();
+                self.observe_clients(&load, ours, now);
+                self.learn_bytes_per_token(&load, self.clients(now) == Clients::Ours);
                 self.set_load(load, ours);
             }
             Err(why) => {
@@ -287,6 +292,52 @@ impl Backend {
         }
     }
 
+    /// Learns key bytes per prompt token from a scrape's
+    /// `vllm:prompt_tokens_total`: the key bytes this router sent since the
+    /// last such scrape over the tokens the engine counted since, when
+    /// `alone` (only this router's requests reach the engine) and the
+    /// window holds at least [`RATIO_MIN_TOKENS`]; a moving average, each
+    /// window a quarter. A counter that went back (the engine restarted)
+    /// starts a new window.
+    pub(super) fn learn_bytes_per_token(&self, load: &Load, alone: bool) {
+        let Some(tokens) = load.prompt_tokens else {
+            return;
+        };
+        let bytes = self.key_bytes.load(Ordering::Relaxed);
+        let mut counted = self
+            .counted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((tokens_before, bytes_before)) = *counted else {
+            *counted = Some((tokens, bytes));
+            return;
+        };
+        if tokens < tokens_before || !alone {
+            *counted = Some((tokens, bytes));
+            return;
+        }
+        let new_tokens = tokens - tokens_before;
+        if new_tokens < RATIO_MIN_TOKENS {
+            return;
+        }
+        let new_bytes = bytes.wrapping_sub(bytes_before);
+        *counted = Some((tokens, bytes));
+        // Requests on their way (sent, not counted yet) even out over
+        // windows; a ratio outside these bounds is not text.
+        #[allow(clippy::cast_precision_loss, reason = "a ratio of counts")]
+        let sample = (new_bytes as f64 / new_tokens as f64).clamp(0.5, 16.0);
+        let before = self.bytes_per_token();
+        let ratio = if before > 0.0 {
+            before + (sample - before) / 4.0
+        } else {
+            info!(backend = %self.name, bytes_per_token = sample,
+                "learned key bytes per prompt token from the engine's counter");
+            sample
+        };
+        self.bytes_per_token
+            .store(ratio.to_bits(), Ordering::Relaxed);
+    }
+
     /// Stores a scrape's load, taken while `ours` of this router's
     /// requests were in flight; absent metrics count as 0.
     pub(super) fn set_load(&self, load: Load, ours: usize) {
@@ -324,7 +375,7 @@ mod tests {
         let queued = |waiting| Load {
             waiting: Some(waiting),
             running: Some(1),
-            cache_tokens: None,
+            ..Load::default()
         };
         // Our one request was queued when the engine was scraped: once it
         // ends, the backend is idle for routing.
@@ -344,7 +395,7 @@ mod tests {
         let engine = |running, waiting| Load {
             waiting: Some(waiting),
             running: Some(running),
-            cache_tokens: None,
+            ..Load::default()
         };
         // Nothing read yet, or only an idle engine: nothing says whether
         // the router is alone.
@@ -369,6 +420,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn key_bytes_per_token_are_learned_while_alone() {
+        let backends = one_backend().await;
+        let backend = backends.get(0).unwrap();
+        let counted = |tokens| Load {
+            prompt_tokens: Some(tokens),
+            ..Load::default()
+        };
+        // The first scrape only starts a window.
+        backend.learn_bytes_per_token(&counted(100), true);
+        assert_eq!(backend.bytes_per_token(), 0.0);
+        // 4,500 key bytes over 1,000 tokens.
+        backend.key_sent(4_500);
+        backend.learn_bytes_per_token(&counted(1_100), true);
+        assert_eq!(backend.bytes_per_token(), 4.5);
+        // Too few tokens yet: the window goes on.
+        backend.key_sent(300);
+        backend.learn_bytes_per_token(&counted(1_200), true);
+        assert_eq!(backend.bytes_per_token(), 4.5);
+        // 300 + 2,700 bytes over 100 + 900 tokens: 3.0, a quarter of the way.
+        backend.key_sent(2_700);
+        backend.learn_bytes_per_token(&counted(2_100), true);
+        assert_eq!(backend.bytes_per_token(), 4.125);
+        // Another client's tokens in the window: not learned from.
+        backend.key_sent(1_000);
+        backend.learn_bytes_per_token(&counted(4_100), false);
+        assert_eq!(backend.bytes_per_token(), 4.125);
+        // The engine restarted (its counter went back): a new window.
+        backend.key_sent(5_000);
+        backend.learn_bytes_per_token(&counted(50), true);
+        assert_eq!(backend.bytes_per_token(), 4.125);
+        backend.key_sent(16_000);
+        backend.learn_bytes_per_token(&counted(1_050), true);
+        // 16 bytes per token: 4.125 + (16 - 4.125) / 4.
+        assert_eq!(backend.bytes_per_token(), 7.09375);
+    }
+
+    #[tokio::test]
     async fn down_after_threshold_and_up_on_answer() {
         let backends = one_backend().await;
         let backend = backends.get(0).unwrap();
@@ -377,6 +465,7 @@ mod tests {
                 waiting: Some(4),
                 running: Some(2),
                 cache_tokens: Some(2304),
+                prompt_tokens: None,
             },
             0,
         );

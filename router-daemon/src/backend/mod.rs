@@ -157,6 +157,14 @@ pub struct Backend {
     running: AtomicU64,
     /// Tokens its KV cache holds (`vllm:cache_config_info`); 0: unknown.
     cache_tokens: AtomicU64,
+    /// Prompt key bytes of the requests sent here (monotonic).
+    key_bytes: AtomicU64,
+    /// `vllm:prompt_tokens_total` and [`Self::key_bytes`] at the last
+    /// scrape that read the counter.
+    counted: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Key bytes per prompt token, learned from scrapes while only this
+    /// router sends requests here (`f64` bits; 0: not yet).
+    bytes_per_token: AtomicU64,
     /// The models of the last good `/v1/models` answer; `None` until one.
     models: RwLock<Option<Arc<[String]>>>,
     /// Whether the last `/v1/models` and `/metrics` answers were usable, so
@@ -195,6 +203,9 @@ impl Backend {
             traffic: Arc::default(),
             running: AtomicU64::new(0),
             cache_tokens: AtomicU64::new(0),
+            key_bytes: AtomicU64::new(0),
+            counted: std::sync::Mutex::new(None),
+            bytes_per_token: AtomicU64::new(0),
             models: RwLock::new(None),
             models_ok: AtomicBool::new(true),
             load_ok: AtomicBool::new(true),
@@ -280,6 +291,18 @@ impl Backend {
     /// (`vllm:cache_config_info`); 0 when unknown.
     pub(crate) fn cache_tokens(&self) -> u64 {
         self.cache_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Key bytes per prompt token of the requests this router sent here,
+    /// as the engine counted them (see `discovery`); 0 until known.
+    pub(crate) fn bytes_per_token(&self) -> f64 {
+        f64::from_bits(self.bytes_per_token.load(Ordering::Relaxed))
+    }
+
+    /// Counts `bytes` of prompt key sent here (once per attempt).
+    pub(crate) fn key_sent(&self, bytes: usize) {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        self.key_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Of [`Self::waiting`], the requests that cannot have been this

@@ -8,6 +8,9 @@ pub(crate) const WAITING_METRIC: &str = "vllm:num_requests_waiting";
 /// The vLLM gauge counting requests the engine is running.
 pub(crate) const RUNNING_METRIC: &str = "vllm:num_requests_running";
 
+/// The vLLM counter of prompt tokens the engine took in.
+pub(crate) const PROMPT_TOKENS_METRIC: &str = "vllm:prompt_tokens_total";
+
 /// vLLM's info gauge whose labels describe the engine's KV cache
 /// (`block_size`, `num_gpu_blocks`, ...).
 pub(crate) const CACHE_CONFIG_METRIC: &str = "vllm:cache_config_info";
@@ -55,6 +58,8 @@ pub(crate) struct Load {
     /// Tokens the KV cache holds: `num_gpu_blocks × block_size` of
     /// [`CACHE_CONFIG_METRIC`], summed over its label sets (one per engine).
     pub(crate) cache_tokens: Option<u64>,
+    /// Sum of [`PROMPT_TOKENS_METRIC`] over its label sets.
+    pub(crate) prompt_tokens: Option<u64>,
 }
 
 /// Reads the waiting and running gauges and the KV cache's size out of
@@ -64,10 +69,12 @@ pub(crate) fn parse_load(text: &str) -> Load {
     let mut waiting = None;
     let mut running = None;
     let mut cache_tokens: Option<u64> = None;
+    let mut prompt_tokens = None;
     for (name, labels, value) in text.lines().filter_map(sample) {
         let slot = match name {
             WAITING_METRIC => &mut waiting,
             RUNNING_METRIC => &mut running,
+            PROMPT_TOKENS_METRIC => &mut prompt_tokens,
             CACHE_CONFIG_METRIC => {
                 let number = |key| label(labels, key)?.parse::<u64>().ok();
                 if let (Some(blocks), Some(size)) = (number("num_gpu_blocks"), number("block_size"))
@@ -85,6 +92,7 @@ pub(crate) fn parse_load(text: &str) -> Load {
         waiting: waiting.map(to_count),
         running: running.map(to_count),
         cache_tokens,
+        prompt_tokens: prompt_tokens.map(to_count),
     }
 }
 
@@ -183,6 +191,7 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
                 waiting: Some(7),
                 running: Some(5),
                 cache_tokens: None,
+                prompt_tokens: None,
             }
         );
     }
@@ -209,6 +218,9 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
             info(1, 1000)
         );
         assert_eq!(parse_load(&text).cache_tokens, Some((2681 + 1000) * 16));
+        let counted = "vllm:prompt_tokens_total{engine=\"0\",model_name=\"m\"} 1200.0\n\
+                       vllm:prompt_tokens_total{engine=\"1\",model_name=\"m\"} 34.0\n";
+        assert_eq!(parse_load(counted).prompt_tokens, Some(1234));
         // Unknown without both numbers, or with one that is not a number.
         for labels in [
             "{block_size=\"16\"}",
@@ -245,6 +257,7 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
                 waiting: Some(5),
                 running: None,
                 cache_tokens: None,
+                prompt_tokens: None,
             }
         );
     }
@@ -258,6 +271,7 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"meta-llama/Llama-3.2-1B-Instr
                 waiting: Some(0),
                 running: Some(u64::MAX),
                 cache_tokens: None,
+                prompt_tokens: None,
             }
         );
     }

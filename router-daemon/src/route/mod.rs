@@ -149,7 +149,7 @@ pub struct Decision {
 }
 
 /// What routing sees of one backend: its name and its load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BackendLoad<'a> {
     /// Stable name (the URL), for rendezvous hashing and the index.
     pub name: &'a str,
@@ -170,6 +170,9 @@ pub struct BackendLoad<'a> {
     /// Tokens its KV cache holds (`vllm:cache_config_info`), 0 when
     /// unknown: a new prompt family is placed where it fits (see `policy`).
     pub(crate) cache_tokens: usize,
+    /// Key bytes per token of this router's requests there, as the engine
+    /// counted them; 0 when not known (the policy's own ratio then).
+    pub(crate) bytes_per_token: f64,
 }
 
 /// Who sends requests to a backend, as far as the router knows.
@@ -196,6 +199,17 @@ impl<'a> BackendLoad<'a> {
             local: false,
             clients: Clients::Unknown,
             cache_tokens: 0,
+            bytes_per_token: 0.0,
+        }
+    }
+
+    /// The same view, with `bytes_per_token` key bytes per token learned
+    /// (0: not known).
+    #[must_use]
+    pub(crate) fn with_bytes_per_token(self, bytes_per_token: f64) -> Self {
+        Self {
+            bytes_per_token,
+            ..self
         }
     }
 

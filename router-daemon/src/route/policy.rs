@@ -91,9 +91,11 @@
 //! (`super::occupancy`: families a second request proved, touched in the
 //! last minute, and new ones weighed by how often new ones were proven),
 //! in key bytes ([`Inputs::held`]). A new prompt *fits* a backend when
-//! those bytes and its own key, at [`Policy::bytes_per_token`]
-//! (`--bytes-per-token`, 4: English text with Llama-3's tokenizer), are
-//! within its cache. When its rendezvous backend has no room and some
+//! those bytes and its own key are within its cache, at the key bytes per
+//! token the engine's own prompt-token counter showed for this router's
+//! requests ([`BackendLoad::bytes_per_token`]), or until it has, at
+//! [`Policy::bytes_per_token`] (`--bytes-per-token`, 4: English text with
+//! Llama-3's tokenizer). When its rendezvous backend has no room and some
 //! backend within the load bound has, rule 3 places it on the next in
 //! rendezvous order with room and considers only backends with room; where
 //! none has room (the working set is larger than the fleet's caches), or
@@ -372,7 +374,13 @@ impl Policy {
             return true;
         }
         let held = input.held.get(i).copied().unwrap_or(0);
-        (held.saturating_add(input.key_len) as f64) <= tokens as f64 * self.bytes_per_token
+        let learned = input.backends[i].bytes_per_token;
+        let ratio = if learned > 0.0 {
+            learned
+        } else {
+            self.bytes_per_token
+        };
+        (held.saturating_add(input.key_len) as f64) <= tokens as f64 * ratio
     }
 
     /// The cost of placing a new request on backend `i` (rule 3): what it
@@ -709,6 +717,7 @@ mod tests {
                 local: false,
                 clients: Clients::Ours,
                 cache_tokens: 0,
+                bytes_per_token: 0.0,
             })
             .collect()
     }
@@ -852,6 +861,11 @@ mod tests {
         assert_eq!(pick(&held, &shared, &policy), (order[0], Reason::Placed));
         shared[order[3]].clients = Clients::Unknown;
         assert_eq!(pick(&held, &shared, &policy), (order[2], Reason::CacheFull));
+        // A ratio learned from the engine's counter comes first: at 5
+        // bytes per token its cache holds 50,000 bytes, room enough.
+        let mut learned = v.clone();
+        learned[order[0]].bytes_per_token = 5.0;
+        assert_eq!(pick(&held, &learned, &policy), (order[0], Reason::Placed));
         // Room only on a backend past the load bound: as if none had room.
         let mut busy = v.clone();
         for &i in &order[1..] {
@@ -1324,7 +1338,7 @@ mod tests {
                 .iter()
                 .zip(NAMES)
                 .zip(&caches)
-                .map(|((&(in_flight, waiting, prefill, others), name), &cache_tokens)| BackendLoad { name, in_flight, waiting, prefill, local: false, clients: if others { Clients::Others } else { clients }, cache_tokens })
+                .map(|((&(in_flight, waiting, prefill, others), name), &cache_tokens)| BackendLoad { name, in_flight, waiting, prefill, local: false, clients: if others { Clients::Others } else { clients }, cache_tokens, bytes_per_token: 0.0 })
                 .collect();
             let policy = Policy {
                 logic: Logic::PrefixAware,
