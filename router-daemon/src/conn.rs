@@ -926,15 +926,7 @@ fn loads<'a>(
     candidates
         .iter()
         .filter_map(|&index| backends.get(index))
-        .map(|backend| {
-            BackendLoad::new(&backend.name, backend.in_flight())
-                .with_waiting(usize::try_from(backend.others_waiting()).unwrap_or(usize::MAX))
-                .with_prefill(backend.prefilling())
-                .with_local(backend.local)
-                .with_clients(backend.clients(now))
-                .with_cache_tokens(usize::try_from(backend.cache_tokens()).unwrap_or(usize::MAX))
-                .with_bytes_per_token(backend.bytes_per_token())
-        })
+        .map(|backend| backend.routing_view(now))
         .collect()
 }
 

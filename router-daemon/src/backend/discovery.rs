@@ -454,6 +454,16 @@ mod tests {
         backend.learn_bytes_per_token(&counted(1_050), true);
         // 16 bytes per token: 4.125 + (16 - 4.125) / 4.
         assert_eq!(backend.bytes_per_token(), 7.09375);
+        // Routing sees it, with the cache's size.
+        backend.set_load(
+            Load {
+                cache_tokens: Some(4_800),
+                ..Load::default()
+            },
+            0,
+        );
+        let view = backend.routing_view(0);
+        assert_eq!((view.cache_tokens, view.bytes_per_token), (4_800, 7.09375));
     }
 
     #[tokio::test]

@@ -47,7 +47,11 @@ use std::{
     },
 };
 
-use crate::{error::ApiError, metrics::BackendCounters, route::Clients};
+use crate::{
+    error::ApiError,
+    metrics::BackendCounters,
+    route::{BackendLoad, Clients},
+};
 pub use discovery::Discovery;
 pub(crate) use discovery::DiscoveryTask;
 pub(crate) use endpoints::{Endpoint, StaticSource};
@@ -297,6 +301,19 @@ impl Backend {
     /// as the engine counted them (see `discovery`); 0 until known.
     pub(crate) fn bytes_per_token(&self) -> f64 {
         f64::from_bits(self.bytes_per_token.load(Ordering::Relaxed))
+    }
+
+    /// What routing sees of this backend at `now` ([`health::clock`]): its
+    /// load, who else sends there, and its cache.
+    pub(crate) fn routing_view(&self, now: u64) -> BackendLoad<'_> {
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        BackendLoad::new(&self.name, self.in_flight())
+            .with_waiting(count(self.others_waiting()))
+            .with_prefill(self.prefilling())
+            .with_local(self.local)
+            .with_clients(self.clients(now))
+            .with_cache_tokens(count(self.cache_tokens()))
+            .with_bytes_per_token(self.bytes_per_token())
     }
 
     /// Counts `bytes` of prompt key sent here (once per attempt).

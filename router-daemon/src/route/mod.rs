@@ -21,9 +21,9 @@
 //! request, `Router::record` writes it into the index with the same
 //! hashes. ([`Router::decide`] does both at once.) It costs O(prompt length) hashing and takes each
 //! index shard's lock at most twice (plus a probe or two for the prompt's
-//! tail), briefly, and the chosen backend's `occupancy` lock once (a
-//! placement reads every candidate's, when cache sizes are known); there
-//! is no global lock. The occupancy is touched at the decision, before the
+//! tail), briefly, and, where engines report their cache sizes, the
+//! chosen backend's `occupancy` lock once (a placement reads every
+//! candidate's); there is no global lock. The occupancy is touched at the decision, before the
 //! backend accepted the request: a hint, like the pending placements. It works in buffers its thread
 //! keeps (`Scratch`), so it allocates nothing once they are large enough.
 //!
@@ -456,11 +456,14 @@ impl Router {
             inputs.layout = layout.place(seed, backends);
         }
         let placement = self.policy.is_placement(&inputs);
-        let now = std::time::Instant::now();
+        // Caches are weighed only where some engine reports its size; the
+        // occupancy is kept only then (it costs a lock and a clock read).
+        let weighs =
+            self.policy.bytes_per_token > 0.0 && backends.iter().any(|b| b.cache_tokens > 0);
+        let now = (placement || weighs).then(std::time::Instant::now);
         // Where a new family fits: what each backend's cache keeps in use.
         held.clear();
-        let sized = backends.iter().any(|b| b.cache_tokens > 0);
-        if placement && sized && self.policy.bytes_per_token > 0.0 {
+        if let Some(now) = now.filter(|_| placement && weighs) {
             held.extend(
                 backends
                     .iter()
@@ -470,7 +473,7 @@ impl Router {
         inputs.held = held;
         // A sibling placed moments ago, still connecting: its backend is
         // where the family goes (see `pending`).
-        if placement {
+        if let Some(now) = now.filter(|_| placement) {
             let sibling = self.pending_placements().get(inputs.placement, now);
             inputs.pending = sibling.and_then(|id| {
                 backends
@@ -492,12 +495,14 @@ impl Router {
         }
         drop(layout);
         let decision = policy::choose(&self.policy, &inputs)?;
-        if let Some(chosen) = backends.get(decision.backend) {
+        if let (Some(chosen), Some(now)) = (backends.get(decision.backend), now) {
             let id = index::backend_id(chosen.name);
             if placement {
                 self.pending_placements().put(seed, id, now);
             }
-            self.occupancy.touch(id, seed, key.len(), now);
+            if weighs {
+                self.occupancy.touch(id, seed, key.len(), now);
+            }
         }
         Some(decision)
     }
