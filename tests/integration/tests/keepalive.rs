@@ -206,7 +206,18 @@ async fn in_flight_matches_the_sims(mode: Mode) {
         );
         received += response.raw.len();
     }
-    let metrics = get(fleet.router, "/metrics").await.text();
+    // The router counts a response once it has relayed its last byte,
+    // which the client may read first: wait (bounded) for the counts.
+    let mut metrics = String::new();
+    for _ in 0..250 {
+        metrics = get(fleet.router, "/metrics").await.text();
+        if metric(&metrics, "router_backend_first_byte_seconds_count") == Some(6.0)
+            && per_sim(&metrics, &fleet, "router_backend_in_flight") == [0.0, 0.0]
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         per_sim(&metrics, &fleet, "router_backend_in_flight"),
         vec![0.0, 0.0],
