@@ -6,8 +6,7 @@
 //! snapshot a request holds to its end (`fleet`). Each backend has a
 //! stable `BackendId`, its own counters, and an exact in-flight count, maintained by
 //! `InFlight` guards that the connection code holds for the life of a
-//! forwarded request, with what it still has to prefill of them (`prefill`),
-//! and what the `discovery` poller last learned from
+//! forwarded request, and what the `discovery` poller last learned from
 //! it: its models (`GET /v1/models`), whether it answers, and its engine
 //! queue (`vllm:num_requests_waiting` and `vllm:num_requests_running` from
 //! `GET /metrics`).
@@ -37,7 +36,6 @@ pub(crate) mod endpoints;
 pub(crate) mod fleet;
 pub(crate) mod health;
 pub(crate) mod kubernetes;
-mod prefill;
 pub(crate) mod probe;
 
 use std::{
@@ -134,9 +132,8 @@ pub struct Backend {
     authority: String,
     in_flight: AtomicUsize,
     /// Prompt key bytes of requests in flight whose response body has not
-    /// begun: prefill the engine has queued or is computing, and how far
-    /// it has got.
-    prefill: prefill::Prefill,
+    /// begun: prefill the engine has queued or is computing.
+    prefilling: AtomicUsize,
     /// Requests ever started here (monotonic), so a scrape can tell which of
     /// ours may be in the queue it read.
     started: AtomicU64,
@@ -197,7 +194,7 @@ impl Backend {
             local: endpoint.local,
             authority: endpoint.authority.clone(),
             in_flight: AtomicUsize::new(0),
-            prefill: prefill::Prefill::default(),
+            prefilling: AtomicUsize::new(0),
             started: AtomicU64::new(0),
             up: AtomicBool::new(true),
             failures: AtomicU32::new(0),
@@ -312,7 +309,7 @@ impl Backend {
         let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         BackendLoad::new(&self.name, self.in_flight())
             .with_waiting(count(self.others_waiting()))
-            .with_prefill(self.prefill.remaining(now))
+            .with_prefill(self.prefilling())
             .with_local(self.local)
             .with_clients(self.clients(now))
             .with_cache_tokens(count(self.cache_tokens()))
@@ -413,9 +410,8 @@ impl Backend {
 
     /// Prompt key bytes sent here that the backend has not begun to answer
     /// (see [`InFlight::response_began`]).
-    #[cfg(test)]
     pub(crate) fn prefilling(&self) -> usize {
-        self.prefill.queued()
+        self.prefilling.load(Ordering::Relaxed)
     }
 
     /// Counts one request in flight until the guard drops, and its
@@ -426,10 +422,10 @@ impl Backend {
             self.traffic.notify_one();
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let prefill = self.prefill.queue(prefill, health::clock());
+        self.prefilling.fetch_add(prefill, Ordering::Relaxed);
         InFlight {
             backend: Arc::clone(self),
-            prefill: Some(prefill),
+            prefill,
         }
     }
 }
@@ -439,26 +435,25 @@ impl Backend {
 #[derive(Debug)]
 pub(crate) struct InFlight {
     backend: Arc<Backend>,
-    /// Its share of the backend's prefill, until answered.
-    prefill: Option<prefill::Queued>,
+    /// Bytes still counted in `prefilling`.
+    prefill: usize,
 }
 
 impl InFlight {
     /// The response body has begun: the request's prompt is prefilled.
     pub(crate) fn response_began(&mut self) {
-        if let Some(prefill) = self.prefill.take() {
+        let prefill = std::mem::take(&mut self.prefill);
+        if prefill > 0 {
             self.backend
-                .prefill
-                .answered(prefill, Some(health::clock()));
+                .prefilling
+                .fetch_sub(prefill, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(prefill) = self.prefill.take() {
-            self.backend.prefill.answered(prefill, None);
-        }
+        self.response_began();
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -822,27 +817,5 @@ mod tests {
         assert_eq!((backend.in_flight(), backend.prefilling()), (1, 20));
         drop(second);
         assert_eq!((backend.in_flight(), backend.prefilling()), (0, 0));
-    }
-
-    #[tokio::test]
-    async fn routing_sees_the_prefill_left_once_a_rate_is_learned() {
-        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
-            .await
-            .unwrap();
-        let backend = backends.get(0).unwrap();
-        // Until an answer teaches the rate, all of it is left, however long.
-        let mut first = backend.start_request(4000);
-        let far = health::clock() + 1_000_000;
-        assert_eq!(backend.routing_view(far).prefill, 4000);
-        first.response_began();
-        drop(first);
-        // The next prompt is all left when it is queued, and done once the
-        // learned rate had far more time than it needs (the rate is at
-        // least 4000 bytes over however long the first one took).
-        let _second = backend.start_request(4000);
-        assert_eq!(backend.routing_view(0).prefill, 4000);
-        let far = health::clock() + 1_000_000;
-        assert_eq!(backend.routing_view(far).prefill, 0);
-        assert_eq!(backend.prefilling(), 4000, "still queued until answered");
     }
 }

@@ -158,8 +158,7 @@ pub struct BackendLoad<'a> {
     /// Requests queued in vLLM (`vllm:num_requests_waiting`), 0 when unknown.
     pub waiting: usize,
     /// Key bytes of this router's requests there that the backend has not
-    /// begun to answer, less the progress its engine has made on them as
-    /// far as the router can tell: prefill queued ahead of a new request.
+    /// begun to answer: prefill queued ahead of a new request.
     pub prefill: usize,
     /// On the router's own node: wins when costs are close (see
     /// `policy::LOCAL_MARGIN`).
@@ -241,7 +240,7 @@ impl<'a> BackendLoad<'a> {
         Self { waiting, ..self }
     }
 
-    /// The same view with `prefill` key bytes left to prefill.
+    /// The same view with `prefill` key bytes not yet answered.
     #[must_use]
     pub(crate) fn with_prefill(self, prefill: usize) -> Self {
         Self { prefill, ..self }

@@ -600,54 +600,38 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
     })
     .await;
     discovered(probe, &urls).await;
-    let placed = async |prompt: &str| {
-        let request = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4});
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for family in 0..200 {
+        let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4});
         let response = post_json(probe, "/v1/completions", &request).await;
         assert_eq!(response.status, 200, "{}", response.text());
-        response.header("x-served-by") == Some("a")
-    };
-    let mut on_a = Vec::new();
-    for family in 0..200 {
-        if placed(&family_prompt(family)).await {
-            on_a.push(family);
+        match response.header("x-served-by") {
+            Some("a") => on_a.push(family),
+            _ => on_b.push(family),
         }
-        if on_a.len() >= 4 {
+        if on_a.len() >= 5 && !on_b.is_empty() {
             break;
         }
     }
-    assert!(on_a.len() >= 4, "200 families all hash onto b");
-    // Short prompts, one placed on each engine, to warm the router up:
-    // these engines hold prompts for as long as the test likes, so a rate
-    // of prefill learned from a long warm-up prompt would have the router
-    // count the held ones as progressing, and short prompts teach none.
-    let mut warm = [None, None];
-    for n in 0..200 {
-        let prompt = format!("warm up {n}");
-        let slot = usize::from(!placed(&prompt).await);
-        warm[slot].get_or_insert(prompt);
-        if warm.iter().all(Option::is_some) {
-            break;
-        }
-    }
-    let [Some(warm_a), Some(warm_b)] = warm else {
-        panic!("200 short prompts all hash alike");
-    };
+    assert!(
+        on_a.len() >= 5 && !on_b.is_empty(),
+        "200 families all hash alike"
+    );
 
     let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
         config.discovery_interval_ms = 100;
     })
     .await;
     discovered(router, &urls).await;
-    let send_prompt = |prompt: String| {
-        let request = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "user": "hold"});
+    let send = |family: usize| {
+        let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4, "user": "hold"});
         tokio::spawn(async move { post_json(router, "/v1/completions", &request).await })
     };
-    let send = |family: usize| send_prompt(family_prompt(family));
     // Until scrapes have seen its requests on both engines and nothing
     // else, the router cannot tell it is alone.
     let both = [urls[0].as_str(), urls[1].as_str()];
     shared_gauge(router, &both, -1.0).await;
-    let warm_up = [send_prompt(warm_a), send_prompt(warm_b)];
+    let warm_up = [send(on_a[4]), send(on_b[0])];
     shared_gauge(router, &both, 0.0).await;
     for engine in &engines {
         engine.release();
