@@ -42,6 +42,29 @@ use std::sync::atomic::Ordering;
 /// Fewest prompt tokens a window needs to teach the bytes-per-token ratio.
 pub(super) const RATIO_MIN_TOKENS: u64 = 512;
 
+/// Past this many tokens a window's sums are halved, so the ratio follows
+/// a change of workload (English to code, say) within a few windows' worth.
+const RATIO_WINDOW_TOKENS: u64 = 1 << 18;
+
+/// The key bytes this router sent to an engine and the prompt tokens the
+/// engine counted, since a window began. Both counters run ahead of each
+/// other by whatever is in flight (sent, not yet counted) at each scrape;
+/// summed over the window those differences cancel but for the first
+/// scrape's and the last one's, so the ratio only gets better as the
+/// window grows. (A ratio per pair of scrapes did not: the first window
+/// of a cold start began while two prompts were sent and not yet counted,
+/// saw their tokens and none of their bytes, and put the ratio at its
+/// floor, so the router thought that engine's cache a ninth of its size.)
+#[derive(Debug, Default)]
+pub(super) struct PromptCount {
+    /// The engine's counter and this router's key bytes at the last scrape.
+    last: Option<(u64, u64)>,
+    /// Tokens counted since the window began.
+    tokens: u64,
+    /// Key bytes sent since the window began.
+    bytes: u64,
+}
+
 /// How often and how patiently backends are probed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Discovery {
@@ -217,7 +240,7 @@ impl Backend {
                 let ours = ours_before.saturating_add(started_during);
                 let now = super::health::clock();
                 self.observe_clients(&load, ours, now);
-                self.learn_bytes_per_token(&load, self.clients(now) == Clients::Ours);
+                self.learn_bytes_per_token(&load, self.clients(now));
                 self.set_load(load, ours);
             }
             Err(why) => {
@@ -293,47 +316,47 @@ impl Backend {
     }
 
     /// Learns key bytes per prompt token from a scrape's
-    /// `vllm:prompt_tokens_total`: the key bytes this router sent since the
-    /// last such scrape over the tokens the engine counted since, when
-    /// `alone` (only this router's requests reach the engine) and the
-    /// window holds at least [`RATIO_MIN_TOKENS`]; a moving average, each
-    /// window a quarter. A counter that went back (the engine restarted)
-    /// starts a new window.
-    pub(super) fn learn_bytes_per_token(&self, load: &Load, alone: bool) {
+    /// `vllm:prompt_tokens_total`: the key bytes this router sent over the
+    /// tokens the engine counted, summed over a window of scrapes (see
+    /// [`PromptCount`]), once the window holds at least
+    /// [`RATIO_MIN_TOKENS`] and only this router's requests reach the
+    /// engine ([`Clients::Ours`]). Scrapes while that is not known yet
+    /// extend the window and teach nothing; a scrape that shows another
+    /// client's requests, or a counter that went back (the engine
+    /// restarted), starts a new one.
+    pub(super) fn learn_bytes_per_token(&self, load: &Load, clients: Clients) {
         let Some(tokens) = load.prompt_tokens else {
             return;
         };
         let bytes = self.key_bytes.load(Ordering::Relaxed);
-        let mut counted = self
+        let mut count = self
             .counted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some((tokens_before, bytes_before)) = *counted else {
-            *counted = Some((tokens, bytes));
+        let Some((tokens_before, bytes_before)) = count.last.replace((tokens, bytes)) else {
             return;
         };
-        if tokens < tokens_before || !alone {
-            *counted = Some((tokens, bytes));
+        if tokens < tokens_before || clients == Clients::Others {
+            (count.tokens, count.bytes) = (0, 0);
             return;
         }
-        let new_tokens = tokens - tokens_before;
-        if new_tokens < RATIO_MIN_TOKENS {
+        count.tokens = count.tokens.saturating_add(tokens - tokens_before);
+        count.bytes = count
+            .bytes
+            .saturating_add(bytes.saturating_sub(bytes_before));
+        while count.tokens > RATIO_WINDOW_TOKENS {
+            (count.tokens, count.bytes) = (count.tokens / 2, count.bytes / 2);
+        }
+        if clients != Clients::Ours || count.tokens < RATIO_MIN_TOKENS {
             return;
         }
-        let new_bytes = bytes.wrapping_sub(bytes_before);
-        *counted = Some((tokens, bytes));
-        // Requests on their way (sent, not counted yet) even out over
-        // windows; a ratio outside these bounds is not text.
+        // A ratio outside these bounds is not text.
         #[allow(clippy::cast_precision_loss, reason = "a ratio of counts")]
-        let sample = (new_bytes as f64 / new_tokens as f64).clamp(0.5, 16.0);
-        let before = self.bytes_per_token();
-        let ratio = if before > 0.0 {
-            before + (sample - before) / 4.0
-        } else {
-            info!(backend = %self.name, bytes_per_token = sample,
+        let ratio = (count.bytes as f64 / count.tokens as f64).clamp(0.5, 16.0);
+        if self.bytes_per_token() == 0.0 {
+            info!(backend = %self.name, bytes_per_token = ratio,
                 "learned key bytes per prompt token from the engine's counter");
-            sample
-        };
+        }
         self.bytes_per_token
             .store(ratio.to_bits(), Ordering::Relaxed);
     }
@@ -428,32 +451,42 @@ mod tests {
             ..Load::default()
         };
         // The first scrape only starts a window.
-        backend.learn_bytes_per_token(&counted(100), true);
+        backend.learn_bytes_per_token(&counted(100), Clients::Unknown);
         assert_eq!(backend.bytes_per_token(), 0.0);
-        // 4,500 key bytes over 1,000 tokens.
-        backend.key_sent(4_500);
-        backend.learn_bytes_per_token(&counted(1_100), true);
+        // A cold start: two prompts of 4,500 bytes sent, not yet counted
+        // when a scrape finds the engine busy (whose requests, not known
+        // yet); the next scrape finds them counted, and only ours there.
+        backend.key_sent(9_000);
+        backend.learn_bytes_per_token(&counted(100), Clients::Unknown);
+        assert_eq!(backend.bytes_per_token(), 0.0);
+        backend.learn_bytes_per_token(&counted(2_100), Clients::Ours);
         assert_eq!(backend.bytes_per_token(), 4.5);
-        // Too few tokens yet: the window goes on.
-        backend.key_sent(300);
-        backend.learn_bytes_per_token(&counted(1_200), true);
-        assert_eq!(backend.bytes_per_token(), 4.5);
-        // 300 + 2,700 bytes over 100 + 900 tokens: 3.0, a quarter of the way.
-        backend.key_sent(2_700);
-        backend.learn_bytes_per_token(&counted(2_100), true);
-        assert_eq!(backend.bytes_per_token(), 4.125);
-        // Another client's tokens in the window: not learned from.
+        // Too few tokens in a new window: nothing learned from it yet.
         backend.key_sent(1_000);
-        backend.learn_bytes_per_token(&counted(4_100), false);
-        assert_eq!(backend.bytes_per_token(), 4.125);
+        backend.learn_bytes_per_token(&counted(4_100), Clients::Others);
+        assert_eq!(backend.bytes_per_token(), 4.5);
+        backend.key_sent(300);
+        backend.learn_bytes_per_token(&counted(4_200), Clients::Ours);
+        assert_eq!(backend.bytes_per_token(), 4.5);
+        // 300 + 2,700 bytes over 100 + 900 tokens.
+        backend.key_sent(2_700);
+        backend.learn_bytes_per_token(&counted(5_100), Clients::Ours);
+        assert_eq!(backend.bytes_per_token(), 3.0);
         // The engine restarted (its counter went back): a new window.
         backend.key_sent(5_000);
-        backend.learn_bytes_per_token(&counted(50), true);
-        assert_eq!(backend.bytes_per_token(), 4.125);
+        backend.learn_bytes_per_token(&counted(50), Clients::Ours);
+        assert_eq!(backend.bytes_per_token(), 3.0);
         backend.key_sent(16_000);
-        backend.learn_bytes_per_token(&counted(1_050), true);
-        // 16 bytes per token: 4.125 + (16 - 4.125) / 4.
-        assert_eq!(backend.bytes_per_token(), 7.09375);
+        backend.learn_bytes_per_token(&counted(1_050), Clients::Ours);
+        assert_eq!(backend.bytes_per_token(), 16.0);
+        // A long window is halved, so newer tokens weigh more.
+        backend.key_sent(4 * 299_000);
+        backend.learn_bytes_per_token(&counted(300_050), Clients::Ours);
+        assert_eq!(backend.bytes_per_token(), 4.04);
+        backend.key_sent(16_000);
+        backend.learn_bytes_per_token(&counted(301_050), Clients::Ours);
+        let halved = (606_000.0 + 16_000.0) / (150_000.0 + 1_000.0);
+        assert!((backend.bytes_per_token() - halved).abs() < 1e-9);
         // Routing sees it, with the cache's size.
         backend.set_load(
             Load {
@@ -463,7 +496,7 @@ mod tests {
             0,
         );
         let view = backend.routing_view(0);
-        assert_eq!((view.cache_tokens, view.bytes_per_token), (4_800, 7.09375));
+        assert_eq!((view.cache_tokens, view.bytes_per_token), (4_800, halved));
     }
 
     #[tokio::test]

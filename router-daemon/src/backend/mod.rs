@@ -163,9 +163,9 @@ pub struct Backend {
     cache_tokens: AtomicU64,
     /// Prompt key bytes of the requests sent here (monotonic).
     key_bytes: AtomicU64,
-    /// `vllm:prompt_tokens_total` and [`Self::key_bytes`] at the last
-    /// scrape that read the counter.
-    counted: std::sync::Mutex<Option<(u64, u64)>>,
+    /// `vllm:prompt_tokens_total` and [`Self::key_bytes`] over the
+    /// current window of scrapes.
+    counted: std::sync::Mutex<discovery::PromptCount>,
     /// Key bytes per prompt token, learned from scrapes while only this
     /// router sends requests here (`f64` bits; 0: not yet).
     bytes_per_token: AtomicU64,
@@ -208,7 +208,7 @@ impl Backend {
             running: AtomicU64::new(0),
             cache_tokens: AtomicU64::new(0),
             key_bytes: AtomicU64::new(0),
-            counted: std::sync::Mutex::new(None),
+            counted: std::sync::Mutex::default(),
             bytes_per_token: AtomicU64::new(0),
             models: RwLock::new(None),
             models_ok: AtomicBool::new(true),
