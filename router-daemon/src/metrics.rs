@@ -376,7 +376,7 @@ impl Metrics {
     }
 
     /// Adds the per-backend gauges (`router_backend_in_flight`, `_up`,
-    /// `_waiting`, `_running`, `_kv_cache_tokens`, `_models`, ...), read from the fleet's backends at
+    /// `_waiting`, `_running`, `_kv_cache_tokens`, `_key_bytes_per_token`, `_models`, ...), read from the fleet's backends at
     /// scrape time.
     pub(crate) fn register_backends(&mut self, fleet: Arc<Fleet>) {
         self.registry
@@ -472,6 +472,20 @@ impl Collector for BackendGauges {
                 };
                 ConstGauge::new(value(backend)).encode(family.encode_family(&label)?)?;
             }
+        }
+        let mut family = encoder.encode_descriptor(
+            "router_backend_key_bytes_per_token",
+            "Prompt key bytes per token the backend's engine counted for this router's requests \
+             (its vllm:prompt_tokens_total while only this router sent there), 0 until learned; \
+             sizes prompt families against router_backend_kv_cache_tokens",
+            None,
+            MetricType::Gauge,
+        )?;
+        for backend in backends.all() {
+            let label = BackendLabel {
+                backend: backend.name.clone(),
+            };
+            ConstGauge::new(backend.bytes_per_token()).encode(family.encode_family(&label)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "router_backend_models",

@@ -222,6 +222,8 @@ async fn the_daemon_polls_and_exports_backend_gauges() {
         // 300 blocks of 16 tokens, as its vllm:cache_config_info says.
         format!("router_backend_kv_cache_tokens{{backend=\"{sim_a}\"}} 4800"),
         format!("router_backend_kv_cache_tokens{{backend=\"{dead}\"}} 0"),
+        // Nothing sent yet, so no ratio learned.
+        format!("router_backend_key_bytes_per_token{{backend=\"{sim_a}\"}} 0.0"),
     ];
     let seen = tokio::time::timeout(WAIT, async {
         loop {
