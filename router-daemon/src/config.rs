@@ -362,9 +362,12 @@ pub struct Config {
     /// Where --placement-patience holds: `alone` (only while the backends'
     /// scraped `/metrics` show no requests but this router's: with router
     /// replicas, a prompt spread by one replica's view of load is copied
-    /// where the others place it, and hit rates fall), `always`, or `never`
-    /// (a new prompt always goes where every replica places it, within the
-    /// load bound).
+    /// where the others place it, and hit rates fall), `until-shared`
+    /// (also before the first scrapes show who else sends, so a cold
+    /// start's burst of new prompts spreads: for a router alone in front of
+    /// its backends; with --placement-patience 0.5 it measured best there,
+    /// see the README), `always`, or `never` (a new prompt always goes
+    /// where every replica places it, within the load bound).
     #[arg(long, env = "ROUTER_PLACEMENT_PATIENCE_WHEN", value_enum,
           default_value_t = PatienceWhen::Alone)]
     pub placement_patience_when: PatienceWhen,
@@ -399,8 +402,12 @@ pub struct Config {
 /// Where placement patience holds (`--placement-patience-when`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PatienceWhen {
-    /// While no other client is seen sending requests to the backends.
+    /// While no other client is seen sending requests to the backends,
+    /// and some are known to serve only this router.
     Alone,
+    /// While no other client is seen sending requests to the backends,
+    /// including before anything is known (a cold start).
+    UntilShared,
     /// Whoever else sends requests to the backends.
     Always,
     /// Never: patience is off.
@@ -459,6 +466,7 @@ impl Config {
             placement_patience: (self.placement_patience_when != PatienceWhen::Never)
                 .then_some(self.placement_patience),
             patience_when_shared: self.placement_patience_when == PatienceWhen::Always,
+            patience_when_unknown: self.placement_patience_when == PatienceWhen::UntilShared,
             bytes_per_token: self.bytes_per_token,
         }
     }

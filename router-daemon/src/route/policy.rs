@@ -164,7 +164,11 @@
 //! So it holds only while the router knows it is alone: no candidate has
 //! [other clients](super::Clients::Others), as the backends' scraped
 //! queues show, and some are known to have [only ours](super::Clients::Ours)
-//! (numbers in the README).
+//! (numbers in the README). With [`Policy::patience_when_unknown`]
+//! (`--placement-patience-when until-shared`) it holds from the start until
+//! another client is seen: a router alone in front of its backends then
+//! spreads a cold start's burst of new prompts, which replicas started
+//! together would each spread their own way.
 //!
 //! # Family layout (opt-in)
 //! Hashing a dozen families (system prompts, templates) onto four
@@ -254,12 +258,19 @@ pub struct Policy {
     /// counts up to that much in its lead, while the router knows it is
     /// alone: no candidate has [other clients](super::Clients::Others) and
     /// some are known to have [only ours](super::Clients::Ours) (unless
-    /// [`Policy::patience_when_shared`]). None: no limit, so a new prompt
+    /// [`Policy::patience_when_shared`], or, with
+    /// [`Policy::patience_when_unknown`], none is known to have others yet).
+    /// None: no limit, so a new prompt
     /// goes where every replica places it (see the module doc).
     pub(crate) placement_patience: Option<f64>,
     /// Whether placement patience holds even where other clients (router
     /// replicas) send requests to the candidates too.
     pub(crate) patience_when_shared: bool,
+    /// Whether placement patience holds before any scrape showed who sends
+    /// to the candidates (a cold start): right for a router alone in front
+    /// of its backends, which then spreads the first burst of new prompts,
+    /// wrong for replicas, which then each spread it their own way.
+    pub(crate) patience_when_unknown: bool,
     /// Key bytes per token, to weigh prompt families against the tokens a
     /// backend's KV cache holds ([`BackendLoad::cache_tokens`]): a new
     /// family is placed where it fits beside the families in use
@@ -283,6 +294,7 @@ impl Policy {
         family_weight: 10.0,
         placement_patience: Some(1.0),
         patience_when_shared: false,
+        patience_when_unknown: false,
         bytes_per_token: 4.0,
     };
 }
@@ -337,7 +349,8 @@ impl Policy {
     fn patient(&self, worth: f64, input: &Inputs) -> f64 {
         let alone = || {
             let mut clients = input.backends.iter().map(|b| b.clients);
-            !clients.clone().any(|c| c == Clients::Others) && clients.any(|c| c == Clients::Ours)
+            !clients.clone().any(|c| c == Clients::Others)
+                && (self.patience_when_unknown || clients.any(|c| c == Clients::Ours))
         };
         match self.placement_patience {
             Some(prompts) if self.patience_when_shared || alone() => {
@@ -1180,6 +1193,23 @@ mod tests {
         };
         let d = choose(&patient(Some(1.0)), &input).unwrap();
         assert_eq!((d.backend, d.reason), (first, Reason::Placed));
+        // Unless patience holds until others are seen: a cold start spreads.
+        let until_shared = Policy {
+            patience_when_unknown: true,
+            ..patient(Some(1.0))
+        };
+        let d = choose(&until_shared, &input).unwrap();
+        assert_ne!(d.backend, first);
+        assert_eq!(d.reason, Reason::LeastLoaded);
+        // Once one backend shows another client's requests, it stays again.
+        let mut seen = unknown.clone();
+        seen[other] = seen[other].with_clients(Clients::Others);
+        let input = Inputs {
+            backends: &seen,
+            ..input
+        };
+        let d = choose(&until_shared, &input).unwrap();
+        assert_eq!((d.backend, d.reason), (first, Reason::Placed));
     }
 
     #[test]
@@ -1327,6 +1357,7 @@ mod tests {
             family_weight in 0.0f64..4.0,
             placement_patience in any::<Option<u8>>(),
             patience_when_shared in any::<bool>(),
+            patience_when_unknown in any::<bool>(),
             clients in prop::sample::select(vec![Clients::Unknown, Clients::Ours, Clients::Others]),
             reuse in 0.0f64..=1.0,
             pending in any::<Option<usize>>(),
@@ -1353,6 +1384,7 @@ mod tests {
                 family_weight,
                 placement_patience: placement_patience.map(f64::from),
                 patience_when_shared,
+                patience_when_unknown,
                 bytes_per_token,
             };
             let matched = &matched[..v.len()];

@@ -581,6 +581,32 @@ fn family_prompt(family: usize) -> String {
     )
 }
 
+/// Families ([`family_prompt`]) whose first prompt goes to engine `a` on
+/// an idle fleet of `a` and `b` (`urls`), at least `on_a` of them, and those
+/// that go to `b`, at least one: where every replica places them, by
+/// rendezvous hashing, as a router without placement patience shows.
+async fn families_by_rendezvous(urls: &[String], on_a: usize) -> (Vec<usize>, Vec<usize>) {
+    let (probe, _stop_probe) = start_router_with(urls.to_vec(), Dataplane::userspace(), |config| {
+        config.placement_patience_when = PatienceWhen::Never;
+    })
+    .await;
+    discovered(probe, urls).await;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for family in 0..200 {
+        let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4});
+        let response = post_json(probe, "/v1/completions", &request).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        match response.header("x-served-by") {
+            Some("a") => a.push(family),
+            _ => b.push(family),
+        }
+        if a.len() >= on_a && !b.is_empty() {
+            return (a, b);
+        }
+    }
+    panic!("200 families all hash alike");
+}
+
 /// A router alone in front of its engines spreads a new prompt off its
 /// rendezvous backend once two prompts of its size queue for prefill
 /// there (placement patience); once a scrape shows another client's
@@ -593,30 +619,7 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
         HoldingEngine::start("b").await,
     ];
     let urls: Vec<String> = engines.iter().map(|e| e.url.clone()).collect();
-    // Where each family's first prompt goes on an idle fleet: its
-    // rendezvous backend, which every replica computes alike.
-    let (probe, _stop_probe) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
-        config.placement_patience_when = PatienceWhen::Never;
-    })
-    .await;
-    discovered(probe, &urls).await;
-    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
-    for family in 0..200 {
-        let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4});
-        let response = post_json(probe, "/v1/completions", &request).await;
-        assert_eq!(response.status, 200, "{}", response.text());
-        match response.header("x-served-by") {
-            Some("a") => on_a.push(family),
-            _ => on_b.push(family),
-        }
-        if on_a.len() >= 5 && !on_b.is_empty() {
-            break;
-        }
-    }
-    assert!(
-        on_a.len() >= 5 && !on_b.is_empty(),
-        "200 families all hash alike"
-    );
+    let (on_a, on_b) = families_by_rendezvous(&urls, 5).await;
 
     let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
         config.discovery_interval_ms = 100;
@@ -680,6 +683,65 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
     }
     assert_eq!(order, ["a", "a", "b", "a"]);
     assert_eq!(served(direct.await.expect("direct task")), "b");
+}
+
+/// Before any scrape shows who else sends to the engines (here they never
+/// answer `/metrics`, so it stays unknown), the default keeps a cold
+/// start's new prompts where every replica would place them, queued
+/// prefill or not; `--placement-patience-when until-shared` spreads them
+/// as a router known to be alone does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_shared_spreads_a_cold_start_before_anything_is_known() {
+    let engines = [
+        HoldingEngine::start_with("a", false).await,
+        HoldingEngine::start_with("b", false).await,
+    ];
+    let urls: Vec<String> = engines.iter().map(|e| e.url.clone()).collect();
+    let (on_a, _) = families_by_rendezvous(&urls, 6).await;
+    let both = [urls[0].as_str(), urls[1].as_str()];
+    let cases = [
+        (PatienceWhen::Alone, &on_a[..3], ["a", "a", "a"]),
+        (PatienceWhen::UntilShared, &on_a[3..6], ["a", "a", "b"]),
+    ];
+    for (when, families, expected) in cases {
+        let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+            config.placement_patience_when = when;
+        })
+        .await;
+        discovered(router, &urls).await;
+        let send = |family: usize| {
+            let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4, "user": "hold"});
+            tokio::spawn(async move { post_json(router, "/v1/completions", &request).await })
+        };
+        // Three prompts of families that all hash onto a, each sent once
+        // the one before is queued there.
+        let first = send(families[0]);
+        engines[0].holds(1).await;
+        let second = send(families[1]);
+        engines[0].holds(2).await;
+        let third = send(families[2]);
+        match expected[2] {
+            "a" => engines[0].holds(3).await,
+            _ => engines[1].holds(1).await,
+        }
+        shared_gauge(router, &both, -1.0).await;
+        for engine in &engines {
+            engine.release();
+            engine.holds(0).await;
+        }
+        let mut order = Vec::new();
+        for task in [first, second, third] {
+            let response = task.await.expect("request task");
+            assert_eq!(response.status, 200, "{}", response.text());
+            order.push(
+                response
+                    .header("x-served-by")
+                    .expect("x-served-by")
+                    .to_owned(),
+            );
+        }
+        assert_eq!(order, expected, "{when:?}");
+    }
 }
 
 /// A backend whose `/metrics` fails gets a few early scrapes once requests
