@@ -8,7 +8,7 @@ use crate::{
     },
     dataplane::{Requested, ResponseTimeouts},
     http::Limits,
-    route::{Logic, Policy},
+    route::{Logic, Policy, policy::PatienceHolds},
 };
 
 /// Where the backend set comes from (`--discovery`).
@@ -465,8 +465,11 @@ impl Config {
             family_weight: self.family_weight,
             placement_patience: (self.placement_patience_when != PatienceWhen::Never)
                 .then_some(self.placement_patience),
-            patience_when_shared: self.placement_patience_when == PatienceWhen::Always,
-            patience_when_unknown: self.placement_patience_when == PatienceWhen::UntilShared,
+            patience_holds: match self.placement_patience_when {
+                PatienceWhen::Alone | PatienceWhen::Never => PatienceHolds::Alone,
+                PatienceWhen::UntilShared => PatienceHolds::UntilShared,
+                PatienceWhen::Always => PatienceHolds::Always,
+            },
             bytes_per_token: self.bytes_per_token,
         }
     }

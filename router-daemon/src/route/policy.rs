@@ -164,7 +164,7 @@
 //! So it holds only while the router knows it is alone: no candidate has
 //! [other clients](super::Clients::Others), as the backends' scraped
 //! queues show, and some are known to have [only ours](super::Clients::Ours)
-//! (numbers in the README). With [`Policy::patience_when_unknown`]
+//! (numbers in the README). With [`PatienceHolds::UntilShared`]
 //! (`--placement-patience-when until-shared`) it holds from the start until
 //! another client is seen: a router alone in front of its backends then
 //! spreads a cold start's burst of new prompts, which replicas started
@@ -255,22 +255,13 @@ pub struct Policy {
     /// How many prompts of its own size a new prompt that no sibling has
     /// proved a family yet waits behind on its rendezvous backend before a
     /// backend prefilling less takes it (rule 3): what its family is worth
-    /// counts up to that much in its lead, while the router knows it is
-    /// alone: no candidate has [other clients](super::Clients::Others) and
-    /// some are known to have [only ours](super::Clients::Ours) (unless
-    /// [`Policy::patience_when_shared`], or, with
-    /// [`Policy::patience_when_unknown`], none is known to have others yet).
-    /// None: no limit, so a new prompt
-    /// goes where every replica places it (see the module doc).
+    /// counts up to that much in its lead, where [`Policy::patience_holds`]
+    /// says. None: no limit, so a new prompt goes where every replica
+    /// places it (see the module doc).
     pub(crate) placement_patience: Option<f64>,
-    /// Whether placement patience holds even where other clients (router
-    /// replicas) send requests to the candidates too.
-    pub(crate) patience_when_shared: bool,
-    /// Whether placement patience holds before any scrape showed who sends
-    /// to the candidates (a cold start): right for a router alone in front
-    /// of its backends, which then spreads the first burst of new prompts,
-    /// wrong for replicas, which then each spread it their own way.
-    pub(crate) patience_when_unknown: bool,
+    /// Where placement patience holds, by what the router knows of who
+    /// else sends requests to the candidates.
+    pub(crate) patience_holds: PatienceHolds,
     /// Key bytes per token, to weigh prompt families against the tokens a
     /// backend's KV cache holds ([`BackendLoad::cache_tokens`]): a new
     /// family is placed where it fits beside the families in use
@@ -293,8 +284,7 @@ impl Policy {
         placement_prefix: 2048,
         family_weight: 10.0,
         placement_patience: Some(1.0),
-        patience_when_shared: false,
-        patience_when_unknown: false,
+        patience_holds: PatienceHolds::Alone,
         bytes_per_token: 4.0,
     };
 }
@@ -347,13 +337,17 @@ impl Policy {
     /// to its rendezvous backend: at most [`Policy::placement_patience`]
     /// prompts of its size of prefill.
     fn patient(&self, worth: f64, input: &Inputs) -> f64 {
-        let alone = || {
+        let holds = || {
             let mut clients = input.backends.iter().map(|b| b.clients);
-            !clients.clone().any(|c| c == Clients::Others)
-                && (self.patience_when_unknown || clients.any(|c| c == Clients::Ours))
+            let shared = clients.clone().any(|c| c == Clients::Others);
+            match self.patience_holds {
+                PatienceHolds::Alone => !shared && clients.any(|c| c == Clients::Ours),
+                PatienceHolds::UntilShared => !shared,
+                PatienceHolds::Always => true,
+            }
         };
         match self.placement_patience {
-            Some(prompts) if self.patience_when_shared || alone() => {
+            Some(prompts) if holds() => {
                 worth.min(prompts * self.affinity_weight * input.conversation_len() as f64 / 1024.0)
             }
             _ => worth,
@@ -402,6 +396,23 @@ impl Policy {
         let b = &input.backends[i];
         self.prefilling_weight * b.prefill as f64 / 1024.0 + self.load_weight * b.load() as f64
     }
+}
+
+/// Where placement patience holds ([`Policy::placement_patience`]), by
+/// what the backends' scrapes show of who sends requests to them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PatienceHolds {
+    /// While the router knows it is alone: no candidate has [other
+    /// clients](super::Clients::Others) and some are known to have [only
+    /// ours](super::Clients::Ours).
+    Alone,
+    /// Until a candidate is seen to have other clients, so also before
+    /// anything is known (a cold start): right for a router alone in front
+    /// of its backends, which then spreads the first burst of new prompts;
+    /// wrong for replicas, which then each spread it their own way.
+    UntilShared,
+    /// Whoever else sends requests to the candidates.
+    Always,
 }
 
 /// Everything a decision depends on.
@@ -1180,7 +1191,7 @@ mod tests {
         let d = choose(&patient(Some(1.0)), &input).unwrap();
         assert_eq!((d.backend, d.reason), (first, Reason::Placed));
         let always = Policy {
-            patience_when_shared: true,
+            patience_holds: PatienceHolds::Always,
             ..patient(Some(1.0))
         };
         let d = choose(&always, &input).unwrap();
@@ -1195,7 +1206,7 @@ mod tests {
         assert_eq!((d.backend, d.reason), (first, Reason::Placed));
         // Unless patience holds until others are seen: a cold start spreads.
         let until_shared = Policy {
-            patience_when_unknown: true,
+            patience_holds: PatienceHolds::UntilShared,
             ..patient(Some(1.0))
         };
         let d = choose(&until_shared, &input).unwrap();
@@ -1356,8 +1367,11 @@ mod tests {
             layout in any::<Option<usize>>(),
             family_weight in 0.0f64..4.0,
             placement_patience in any::<Option<u8>>(),
-            patience_when_shared in any::<bool>(),
-            patience_when_unknown in any::<bool>(),
+            patience_holds in prop::sample::select(vec![
+                PatienceHolds::Alone,
+                PatienceHolds::UntilShared,
+                PatienceHolds::Always,
+            ]),
             clients in prop::sample::select(vec![Clients::Unknown, Clients::Ours, Clients::Others]),
             reuse in 0.0f64..=1.0,
             pending in any::<Option<usize>>(),
@@ -1383,8 +1397,7 @@ mod tests {
                 placement_prefix: 2048,
                 family_weight,
                 placement_patience: placement_patience.map(f64::from),
-                patience_when_shared,
-                patience_when_unknown,
+                patience_holds,
                 bytes_per_token,
             };
             let matched = &matched[..v.len()];
