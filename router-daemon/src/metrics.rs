@@ -376,8 +376,8 @@ impl Metrics {
     }
 
     /// Adds the per-backend gauges (`router_backend_in_flight`, `_up`,
-    /// `_waiting`, `_running`, `_kv_cache_tokens`, `_key_bytes_per_token`, `_models`, ...), read from the fleet's backends at
-    /// scrape time.
+    /// `_waiting`, `_running`, `_kv_cache_tokens`, `_key_bytes_per_token`,
+    /// `_models`, ...), read from the fleet's backends at scrape time.
     pub(crate) fn register_backends(&mut self, fleet: Arc<Fleet>) {
         self.registry
             .register_collector(Box::new(BackendGauges(fleet)));
