@@ -90,6 +90,34 @@ pub struct Config {
     #[arg(long, env = "ROUTER_NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// How many other routers send requests to the same backends, if
+    /// known: 0 for a router alone in front of them. Before a backend's
+    /// scrapes show who sends there, 0 lets --placement-patience spread a
+    /// cold start's first prompts by this router's view of load, and more
+    /// keep each new prompt where every replica places it. Unset: unknown,
+    /// and the scrapes decide (see --placement-patience-when).
+    /// --peer-selector finds them in Kubernetes instead.
+    #[arg(long, env = "ROUTER_PEERS")]
+    pub peers: Option<usize>,
+
+    /// The label selector of this router's replicas (the DaemonSet's
+    /// pods) in --peer-namespace: the ready ones other than --pod-name are
+    /// its peers (see --peers), followed through the Kubernetes API server
+    /// as nodes come and go.
+    #[arg(long, env = "ROUTER_PEER_SELECTOR", conflicts_with = "peers")]
+    pub peer_selector: Option<String>,
+
+    /// --peer-selector: the namespace of the router's pods. Default: the
+    /// router's own (its service account's), else `default`.
+    #[arg(long, env = "ROUTER_PEER_NAMESPACE")]
+    pub peer_namespace: Option<String>,
+
+    /// --peer-selector: this router's own pod (the downward API's
+    /// `metadata.name`), which is not its own peer. Default: the host name,
+    /// which is the pod's name unless it runs on the host's network.
+    #[arg(long, env = "ROUTER_POD_NAME")]
+    pub pod_name: Option<String>,
+
     /// How response bytes travel: `sockmap` redirects them in the kernel
     /// as they reach the router (needs privilege; lowest latency),
     /// `sockmap-send` redirects them inside the send of a backend on this
@@ -399,6 +427,18 @@ pub struct Config {
     pub session_header: String,
 }
 
+/// `namespace`, else the router's own (its service account's), else
+/// `default`.
+fn namespace_or_own(namespace: Option<&String>) -> String {
+    namespace.cloned().unwrap_or_else(|| {
+        std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+            .map(|namespace| namespace.trim().to_owned())
+            .ok()
+            .filter(|namespace| !namespace.is_empty())
+            .unwrap_or_else(|| "default".to_owned())
+    })
+}
+
 /// Where placement patience holds (`--placement-patience-when`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PatienceWhen {
@@ -531,20 +571,35 @@ impl Config {
 
     /// The pods `--discovery k8s` takes as backends.
     pub fn pod_selector(&self) -> PodSelector {
-        let namespace = self.k8s_namespace.clone().unwrap_or_else(|| {
-            std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
-                .map(|namespace| namespace.trim().to_owned())
-                .ok()
-                .filter(|namespace| !namespace.is_empty())
-                .unwrap_or_else(|| "default".to_owned())
-        });
         PodSelector {
-            namespace,
+            namespace: namespace_or_own(self.k8s_namespace.as_ref()),
             labels: self.k8s_selector.clone(),
             port: self.k8s_port,
             port_name: self.k8s_port_name.clone(),
             node: self.node_name.clone(),
         }
+    }
+
+    /// The router pods `--peer-selector` picks as this router's replicas,
+    /// and this router's own pod name among them; `None` without one.
+    pub fn peer_selector(&self) -> Option<(PodSelector, String)> {
+        let labels = self.peer_selector.clone()?;
+        let own = self.pod_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_owned())
+                .unwrap_or_default()
+        });
+        Some((
+            PodSelector {
+                namespace: namespace_or_own(self.peer_namespace.as_ref()),
+                labels,
+                // Peers are counted, never connected to.
+                port: 0,
+                port_name: None,
+                node: None,
+            },
+            own,
+        ))
     }
 
     /// When passive health ejects a backend.

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admission::Admitted,
-    backend::{Backend, Backends, InFlight, Outcome},
+    backend::{Backend, Backends, InFlight, Outcome, peers::Peers},
     daemon::Shared,
     dataplane::{Client, Exchanged, Forward, RelayError, Watch},
     error::{ApiError, Fault, Limit, Timeout},
@@ -698,7 +698,7 @@ fn select(
             .map_err(ApiError::from)?,
         None => backends.reachable_into(candidates),
     }
-    let loads = loads(backends.all(), candidates);
+    let loads = loads(backends.all(), candidates, shared.backends.peers());
     let request = input.map(|input| RouteRequest {
         model: input.model.as_deref().unwrap_or_default().as_bytes(),
         key: &input.key,
@@ -917,16 +917,20 @@ impl std::fmt::Display for RequestId<'_> {
 }
 
 /// What routing sees of the `candidates`, in their order (on the stack for
-/// fleets of up to [`INLINE_BACKENDS`]).
+/// fleets of up to [`INLINE_BACKENDS`]), who sends to them given `peers`.
 fn loads<'a>(
     backends: &'a [Arc<Backend>],
     candidates: &[usize],
+    peers: &Peers,
 ) -> SmallVec<[BackendLoad<'a>; INLINE_BACKENDS]> {
     let now = crate::backend::health::clock();
     candidates
         .iter()
         .filter_map(|&index| backends.get(index))
-        .map(|backend| backend.routing_view(now))
+        .map(|backend| {
+            let view = backend.routing_view(now);
+            view.with_clients(peers.clients(view.clients))
+        })
         .collect()
 }
 

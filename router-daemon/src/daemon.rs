@@ -159,8 +159,11 @@ fn shared(config: Config, dataplane: Dataplane) -> Arc<Shared> {
             .with_response_timeouts(config.response_timeouts()),
     );
     let mut metrics = Metrics::new(Arc::clone(&dataplane));
-    let backends =
-        Arc::new(Fleet::new(metrics.backend_series.clone()).with_ejection(config.ejection()));
+    let backends = Arc::new(
+        Fleet::new(metrics.backend_series.clone())
+            .with_ejection(config.ejection())
+            .with_peers(config.peers),
+    );
     metrics.register_backends(Arc::clone(&backends));
     let router = Arc::new(Router::with_policy(
         usize::from(config.block_bytes),
@@ -229,6 +232,20 @@ async fn start_upkeep(shared: &Arc<Shared>, source: Endpoints) -> tokio::task::J
             upkeep.spawn(follow_pods(Arc::downgrade(shared), pods, discovery));
         }
     }
+    if let Some((selector, own)) = shared.config.peer_selector() {
+        tracing::info!(namespace = %selector.namespace, selector = %selector.labels, pod = %own, "watching pods for this router's peers");
+        match PodWatch::start(selector).await {
+            Ok(watch) => {
+                upkeep.spawn(follow_peers(Arc::downgrade(shared), watch, own));
+            }
+            Err(err) => tracing::warn!(
+                %err,
+                "cannot watch for peer routers (--peer-selector); who else sends to the backends is left to their scrapes"
+            ),
+        }
+    } else if let Some(peers) = shared.config.peers {
+        tracing::info!(peers, "other routers sending to these backends (--peers)");
+    }
     tokio::spawn(reap_idle(Arc::downgrade(shared)));
     let discovery_interval = shared.config.discovery().interval;
     if !discovery_interval.is_zero() {
@@ -289,6 +306,28 @@ async fn follow_pods(
         if apply(&shared, &endpoints, &mut discovery) && had_backends {
             tracing::warn!("no pod is ready any more; requests are answered 503");
         }
+    }
+}
+
+/// Counts the ready pods of the router's replicas other than its own
+/// (`own`) as its peers at each change, for as long as the daemon's state
+/// lives.
+async fn follow_peers(shared: std::sync::Weak<Shared>, mut pods: PodWatch, own: String) {
+    let mut known = None;
+    loop {
+        let ready = pods.next_ready().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let peers = ready.iter().filter(|name| **name != own).count();
+        if known != Some(peers) {
+            tracing::info!(
+                peers,
+                "other routers sending to these backends (ready pods of --peer-selector)"
+            );
+            known = Some(peers);
+        }
+        shared.backends.peers().set(peers);
     }
 }
 

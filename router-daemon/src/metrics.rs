@@ -416,7 +416,7 @@ struct BackendGauges(Arc<Fleet>);
 impl Collector for BackendGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Reading = fn(&Backend) -> i64;
-        let per_backend: [(&str, &str, Reading); 7] = [
+        let per_backend: [(&str, &str, Reading); 6] = [
             (
                 "router_backend_in_flight",
                 "Requests forwarded to the backend whose response has not ended (exact)",
@@ -450,18 +450,6 @@ impl Collector for BackendGauges {
                  families in use there (--bytes-per-token)",
                 |backend| i64::try_from(backend.cache_tokens()).unwrap_or(i64::MAX),
             ),
-            (
-                "router_backend_shared",
-                "Whether the backend also serves requests this router did not send: 1 (another \
-                 replica's, as a scrape in the last minute showed), 0 (only this router's), -1 (not \
-                 known yet). New prompts spread by this router's view of load only while none is 1 \
-                 and some is 0 (--placement-patience-when)",
-                |backend| match backend.clients(crate::backend::health::clock()) {
-                    Clients::Unknown => -1,
-                    Clients::Ours => 0,
-                    Clients::Others => 1,
-                },
-            ),
         ];
         let backends = self.0.snapshot();
         for (name, help, value) in per_backend {
@@ -487,6 +475,40 @@ impl Collector for BackendGauges {
             };
             ConstGauge::new(backend.bytes_per_token()).encode(family.encode_family(&label)?)?;
         }
+        let peers = self.0.peers();
+        let mut family = encoder.encode_descriptor(
+            "router_backend_shared",
+            "Whether the backend also serves requests this router did not send: 1 (another \
+             router's, as a scrape in the last minute showed or router_peers says), 0 (only this \
+             router's), -1 (not known yet). New prompts spread by this router's view of load only \
+             while none is 1 and some is 0 (--placement-patience-when)",
+            None,
+            MetricType::Gauge,
+        )?;
+        let now = crate::backend::health::clock();
+        for backend in backends.all() {
+            let label = BackendLabel {
+                backend: backend.name.clone(),
+            };
+            let shared: i64 = match peers.clients(backend.clients(now)) {
+                Clients::Unknown => -1,
+                Clients::Ours => 0,
+                Clients::Others => 1,
+            };
+            ConstGauge::new(shared).encode(family.encode_family(&label)?)?;
+        }
+        let known = peers
+            .get()
+            .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        ConstGauge::new(known).encode(encoder.encode_descriptor(
+            "router_peers",
+            "Other routers known to send requests to these backends (--peers, or the ready pods \
+             --peer-selector picks), -1 while unknown. With 0, a cold start's first prompts \
+             spread by this router's view of load; with more, they go where every replica \
+             places them",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let mut family = encoder.encode_descriptor(
             "router_backend_models",
             "Models each backend listed at its last good /v1/models answer (always 1)",

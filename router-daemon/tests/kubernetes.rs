@@ -17,7 +17,8 @@
 //! helm `cargo xtask test` installs): with a token for the chart's
 //! ServiceAccount, pods can be listed and watched in the engines'
 //! namespace, and nothing else (secrets, writes, other namespaces) is
-//! allowed; the router, with that token, finds a Ready pod and serves.
+//! allowed; the router, with that token, finds a Ready pod and serves, and
+//! with the chart's peer selector counts the other ready router pods.
 mod common;
 
 use std::{
@@ -340,6 +341,12 @@ async fn set_status(pods: &Api<Pod>, name: &str, ip: Ipv4Addr, ready: bool) {
 /// The router binary on `dataplane`, watching `NAMESPACE`'s pods as
 /// `kubeconfig`'s user, sending to their `port`.
 fn start_router(kubeconfig: &Path, port: u16, dataplane: &str) -> Daemon {
+    let command = router_command(kubeconfig, port, dataplane);
+    tokio::task::block_in_place(|| Daemon::start(command))
+}
+
+/// The command [`start_router`] runs.
+fn router_command(kubeconfig: &Path, port: u16, dataplane: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_router-daemon"));
     command
         .env("KUBECONFIG", kubeconfig)
@@ -347,7 +354,7 @@ fn start_router(kubeconfig: &Path, port: u16, dataplane: &str) -> Daemon {
         .args(["--k8s-namespace", NAMESPACE])
         .args(["--k8s-port", &port.to_string()])
         .args(["--discovery-interval-ms", "200", "--dataplane", dataplane]);
-    tokio::task::block_in_place(|| Daemon::start(command))
+    command
 }
 
 /// The dataplanes the scenario runs on: all three as root; without root,
@@ -659,29 +666,81 @@ fn helm() -> Option<PathBuf> {
     helm
 }
 
-/// The chart's ServiceAccount, Role and RoleBinding for a release `vllm`
-/// in `NAMESPACE` watching that namespace's pods, as `helm template`
-/// renders them.
-fn chart_rbac(helm: &Path) -> Vec<serde_json::Value> {
+/// The chart's `templates` for a release `vllm` in `NAMESPACE`, as `helm
+/// template` renders them.
+fn chart(helm: &Path, templates: &[&str]) -> Vec<serde_json::Value> {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/prefix-router");
-    let out = Command::new(helm)
+    let mut command = Command::new(helm);
+    command
         .args(["template", "vllm"])
         .arg(chart)
-        .args(["--namespace", NAMESPACE])
-        .args(["--show-only", "templates/serviceaccount.yaml"])
-        .args(["--show-only", "templates/rbac.yaml"])
-        .output()
-        .expect("run helm");
+        .args(["--namespace", NAMESPACE]);
+    for template in templates {
+        command.args(["--show-only", &format!("templates/{template}")]);
+    }
+    let out = command.output().expect("run helm");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("UTF-8");
-    let objects: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+    serde_saphyr::from_multiple(&text).expect("YAML")
+}
+
+/// The chart's ServiceAccount, Role and RoleBinding for a release `vllm`
+/// in `NAMESPACE` watching that namespace's pods.
+fn chart_rbac(helm: &Path) -> Vec<serde_json::Value> {
+    let objects = chart(helm, &["serviceaccount.yaml", "rbac.yaml"]);
     let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
     assert_eq!(kinds, ["ServiceAccount", "Role", "RoleBinding"]);
     objects
+}
+
+/// An environment variable's name and value (or downward API field).
+type EnvVar = (String, String);
+
+/// The environment the chart's DaemonSet gives its router to find its
+/// peers, for a release `vllm` in `NAMESPACE`: the literal values, by name, and the downward API field of
+/// each variable that has one.
+fn chart_peer_env(helm: &Path) -> (Vec<EnvVar>, Vec<EnvVar>) {
+    let objects = chart(helm, &["daemonset.yaml"]);
+    let daemonset = &objects[0];
+    let env = daemonset["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("the router container's env")
+        .iter()
+        .filter(|var| {
+            var["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("ROUTER_P"))
+        });
+    let (mut values, mut fields) = (Vec::new(), Vec::new());
+    for var in env {
+        let name = var["name"].as_str().expect("a name").to_owned();
+        match (
+            var["value"].as_str(),
+            var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Some(value), _) => values.push((name, value.to_owned())),
+            (None, Some(field)) => fields.push((name, field.to_owned())),
+            (None, None) => panic!("{var}: neither a value nor a field"),
+        }
+    }
+    (values, fields)
+}
+
+/// Waits (bounded) until `daemon`'s `/metrics` has the line `line`.
+async fn until_metric(daemon: &Daemon, line: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = tokio::task::block_in_place(|| daemon.metrics());
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never read {line:?}:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The HTTP status of a failed API call (0 if it did not fail that way).
@@ -781,4 +840,52 @@ async fn the_chart_s_service_account_reads_pods_and_nothing_else() {
     set_status(&admin_pods, "rbac", ip, true).await;
     let daemon = start_router(&kubeconfig, port, "userspace");
     until_served_by(&daemon.listen, &["rbac"]).await;
+
+    // The chart's router also counts its peers: the other ready pods with
+    // its own labels. Its pod name comes from the downward API.
+    let (values, fields) = chart_peer_env(&helm);
+    assert_eq!(
+        fields,
+        [("ROUTER_POD_NAME".to_owned(), "metadata.name".to_owned())]
+    );
+    let selector = values
+        .iter()
+        .find(|(name, _)| name == "ROUTER_PEER_SELECTOR")
+        .map(|(_, value)| value.clone())
+        .expect("ROUTER_PEER_SELECTOR");
+    let router_labels: Vec<(&str, &str)> = selector
+        .split(',')
+        .map(|pair| pair.split_once('=').expect("key=value"))
+        .collect();
+    let mut command = router_command(&kubeconfig, port, "userspace");
+    command
+        .envs(values.clone())
+        .env("ROUTER_POD_NAME", "router-self");
+    let peered = tokio::task::block_in_place(|| Daemon::start(command));
+    let backend = format!("router_backend_shared{{backend=\"http://{ip}:{port}\"}}");
+    for (name, last) in [("router-self", 8), ("router-other", 9)] {
+        admin_pods
+            .create(&create, &pod(name, &router_labels))
+            .await
+            .expect("router pod");
+        set_status(&admin_pods, name, Ipv4Addr::new(127, 0, 0, last), true).await;
+    }
+    // Another node's router is ready: every engine has other clients, from
+    // the start.
+    until_metric(&peered, "router_peers 1").await;
+    until_metric(&peered, &format!("{backend} 1")).await;
+    // Its node is drained: this router is alone (its own pod is not its
+    // peer), and knows it before any request.
+    set_status(
+        &admin_pods,
+        "router-other",
+        Ipv4Addr::new(127, 0, 0, 9),
+        false,
+    )
+    .await;
+    until_metric(&peered, "router_peers 0").await;
+    until_metric(&peered, &format!("{backend} 0")).await;
+    assert_eq!(serving(&peered.listen).await, ["rbac"]);
+    // The router without a selector knows nothing of peers.
+    until_metric(&daemon, "router_peers -1").await;
 }

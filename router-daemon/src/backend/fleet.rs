@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
-use super::{Backend, Backends, Ejection, endpoints::Endpoint};
+use super::{Backend, Backends, Ejection, endpoints::Endpoint, peers::Peers};
 use crate::metrics::BackendSeries;
 
 /// The backend set as it changes at runtime.
@@ -25,6 +25,8 @@ pub(crate) struct Fleet {
     changing: Mutex<()>,
     /// When passive health ejects a backend.
     ejection: Ejection,
+    /// The other routers sending requests to these backends.
+    peers: Peers,
 }
 
 /// What one [`Fleet::apply`] changed.
@@ -51,6 +53,7 @@ impl Fleet {
             series,
             changing: Mutex::new(()),
             ejection: Ejection::DEFAULT,
+            peers: Peers::new(None),
         }
     }
 
@@ -58,6 +61,21 @@ impl Fleet {
     #[must_use]
     pub(crate) fn with_ejection(self, ejection: Ejection) -> Self {
         Self { ejection, ..self }
+    }
+
+    /// The same fleet, with `known` other routers sending to it (`None`:
+    /// unknown, until [`Self::peers`] is told).
+    #[must_use]
+    pub(crate) fn with_peers(self, known: Option<usize>) -> Self {
+        Self {
+            peers: Peers::new(known),
+            ..self
+        }
+    }
+
+    /// The other routers sending requests to these backends.
+    pub(crate) fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     /// The backend set now; hold it for the whole request.

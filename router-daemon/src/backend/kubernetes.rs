@@ -8,6 +8,9 @@
 //! back-off) and the list replaces what was known. So a pod deleted while
 //! the router could not watch is dropped at the next list, instead of
 //! getting traffic for as long as the router runs.
+//!
+//! The same watch follows the router's own replicas (`--peer-selector`),
+//! whose ready pods are counted (see `peers`).
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -94,6 +97,24 @@ impl PodWatch {
     /// Waits for the next change and returns every ready pod's endpoint,
     /// sorted by name. Watch errors are logged; the watcher lists again.
     pub(crate) async fn next(&mut self) -> Vec<Endpoint> {
+        self.changed().await;
+        self.endpoints()
+    }
+
+    /// Waits for the next change and returns the names of the ready pods,
+    /// sorted.
+    pub(crate) async fn next_ready(&mut self) -> Vec<String> {
+        self.changed().await;
+        self.pods
+            .iter()
+            .filter(|(_, endpoint)| endpoint.is_some())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Waits until the pods known change: a complete list, or one pod
+    /// added, changed or deleted.
+    async fn changed(&mut self) {
         loop {
             let Some(event) = self.events.next().await else {
                 // The watcher with a back-off does not end; if it did, the
@@ -112,19 +133,19 @@ impl PodWatch {
                     if let Some(listing) = self.listing.take() {
                         self.pods = listing;
                     }
-                    return self.endpoints();
+                    return;
                 }
                 Ok(watcher::Event::Apply(pod)) => {
                     if let Some((name, endpoint)) = self.entry(&pod) {
                         self.pods.insert(name, endpoint);
                     }
-                    return self.endpoints();
+                    return;
                 }
                 Ok(watcher::Event::Delete(pod)) => {
                     if let Some(name) = &pod.metadata.name {
                         self.pods.remove(name);
                     }
-                    return self.endpoints();
+                    return;
                 }
                 Err(err) => tracing::warn!(
                     error = %err,

@@ -36,6 +36,7 @@ pub(crate) mod endpoints;
 pub(crate) mod fleet;
 pub(crate) mod health;
 pub(crate) mod kubernetes;
+pub(crate) mod peers;
 pub(crate) mod probe;
 
 use std::{

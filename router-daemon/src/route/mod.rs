@@ -188,6 +188,24 @@ pub enum Clients {
     Others,
 }
 
+impl Clients {
+    /// Who sends requests to a backend whose scrapes say `self`, when the
+    /// router knows of `peers` other routers sending to its backends (or
+    /// does not, `None`): with peers, [`Clients::Others`], whatever the
+    /// scrapes saw while those peers happened to be idle; with none, the
+    /// scrapes' answer, or [`Clients::Ours`] before they have one (a cold
+    /// start: nobody else routes here, and a client calling the engine
+    /// directly shows in the next scrape).
+    #[must_use]
+    pub(crate) fn given_peers(self, peers: Option<usize>) -> Self {
+        match (peers, self) {
+            (Some(0), Clients::Unknown) => Clients::Ours,
+            (Some(0) | None, scraped) => scraped,
+            (Some(_), _) => Clients::Others,
+        }
+    }
+}
+
 impl<'a> BackendLoad<'a> {
     /// A view with nothing known to be waiting.
     pub fn new(name: &'a str, in_flight: usize) -> Self {

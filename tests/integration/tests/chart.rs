@@ -349,32 +349,67 @@ fn probes_and_grace_period_fit_the_drain() {
 fn discovery_reads_pods_and_nothing_else() {
     let Some(helm) = helm() else { return };
     let objects = rendered(&helm, &["--set", "routerSpec.k8sNamespace=engines"]);
-    let role = one(&objects, "Role", None);
-    assert_eq!(role["metadata"]["namespace"], "engines");
-    assert_eq!(
-        role["rules"],
-        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
-    );
-    let binding = one(&objects, "RoleBinding", None);
     let account = one(&objects, "ServiceAccount", None);
-    assert_eq!(
-        binding["subjects"],
-        json!([{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "llm"}])
-    );
-    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    // The engines' pods in their namespace, and the router's own (its
+    // peers) in the release's: one Role each, bound to the account.
+    let roles: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Role").collect();
+    let namespaces: Vec<&Value> = roles.iter().map(|r| &r["metadata"]["namespace"]).collect();
+    assert_eq!(namespaces, ["engines", "llm"]);
+    for role in roles {
+        assert_eq!(
+            role["rules"],
+            json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+        );
+        let name = role["metadata"]["name"].as_str().expect("a role name");
+        let binding = one(&objects, "RoleBinding", Some(name));
+        assert_eq!(
+            binding["metadata"]["namespace"],
+            role["metadata"]["namespace"]
+        );
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "llm"}])
+        );
+        assert_eq!(binding["roleRef"]["name"], name);
+    }
     assert!(!objects.iter().any(|o| o["kind"] == "ClusterRole"));
     let router = router_container(&objects);
     assert_eq!(env(router, "ROUTER_DISCOVERY"), Some("k8s"));
     assert_eq!(env(router, "ROUTER_K8S_NAMESPACE"), Some("engines"));
-    assert_eq!(
+    assert_eq!(env(router, "ROUTER_PEER_NAMESPACE"), Some("llm"));
+    let field = |name: &str| {
         router["env"]
             .as_array()
             .expect("env")
             .iter()
-            .find(|var| var["name"] == "ROUTER_NODE_NAME")
-            .map(|var| &var["valueFrom"]),
-        Some(&json!({"fieldRef": {"fieldPath": "spec.nodeName"}}))
+            .find(|var| var["name"] == name)
+            .map(|var| var["valueFrom"].clone())
+    };
+    assert_eq!(
+        field("ROUTER_NODE_NAME"),
+        Some(json!({"fieldRef": {"fieldPath": "spec.nodeName"}}))
     );
+    assert_eq!(
+        field("ROUTER_POD_NAME"),
+        Some(json!({"fieldRef": {"fieldPath": "metadata.name"}}))
+    );
+    // Its peers are the pods of its own DaemonSet.
+    let selector = &one(&objects, "DaemonSet", None)["spec"]["selector"]["matchLabels"];
+    let labels: Vec<String> = selector
+        .as_object()
+        .expect("matchLabels")
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().expect("a label value")))
+        .collect();
+    let mut peers: Vec<&str> = env(router, "ROUTER_PEER_SELECTOR")
+        .expect("ROUTER_PEER_SELECTOR")
+        .split(',')
+        .collect();
+    peers.sort_unstable();
+    assert_eq!(peers, labels);
+    // With the engines in the release's namespace, one Role reads both.
+    let objects = rendered(&helm, &[]);
+    assert_eq!(one(&objects, "Role", None)["metadata"]["namespace"], "llm");
 
     // Static backends: no Role, no token in the pod.
     let objects = rendered(&helm, VALUE_SETS[2]);

@@ -688,24 +688,48 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
 /// Before any scrape shows who else sends to the engines (here they never
 /// answer `/metrics`, so it stays unknown), the default keeps a cold
 /// start's new prompts where every replica would place them, queued
-/// prefill or not; `--placement-patience-when until-shared` spreads them
-/// as a router known to be alone does.
+/// prefill or not. A router told it has no peers (`--peers 0`, or the
+/// Kubernetes peer selector) spreads them, as does `--placement-patience-when
+/// until-shared`, unless peers are known.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn until_shared_spreads_a_cold_start_before_anything_is_known() {
+async fn a_cold_start_spreads_only_where_the_router_is_known_to_be_alone() {
     let engines = [
         HoldingEngine::start_with("a", false).await,
         HoldingEngine::start_with("b", false).await,
     ];
     let urls: Vec<String> = engines.iter().map(|e| e.url.clone()).collect();
-    let (on_a, _) = families_by_rendezvous(&urls, 6).await;
+    let (on_a, _) = families_by_rendezvous(&urls, 12).await;
     let both = [urls[0].as_str(), urls[1].as_str()];
+    // The patience setting, the peers known, the families sent, where they
+    // go, and the `router_backend_shared` gauge meanwhile.
     let cases = [
-        (PatienceWhen::Alone, &on_a[..3], ["a", "a", "a"]),
-        (PatienceWhen::UntilShared, &on_a[3..6], ["a", "a", "b"]),
+        (PatienceWhen::Alone, None, &on_a[..3], ["a", "a", "a"], -1.0),
+        (
+            PatienceWhen::Alone,
+            Some(0),
+            &on_a[3..6],
+            ["a", "a", "b"],
+            0.0,
+        ),
+        (
+            PatienceWhen::UntilShared,
+            None,
+            &on_a[6..9],
+            ["a", "a", "b"],
+            -1.0,
+        ),
+        (
+            PatienceWhen::UntilShared,
+            Some(2),
+            &on_a[9..12],
+            ["a", "a", "a"],
+            1.0,
+        ),
     ];
-    for (when, families, expected) in cases {
+    for (when, peers, families, expected, shared) in cases {
         let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
             config.placement_patience_when = when;
+            config.peers = peers;
         })
         .await;
         discovered(router, &urls).await;
@@ -724,7 +748,7 @@ async fn until_shared_spreads_a_cold_start_before_anything_is_known() {
             "a" => engines[0].holds(3).await,
             _ => engines[1].holds(1).await,
         }
-        shared_gauge(router, &both, -1.0).await;
+        shared_gauge(router, &both, shared).await;
         for engine in &engines {
             engine.release();
             engine.holds(0).await;
@@ -740,7 +764,7 @@ async fn until_shared_spreads_a_cold_start_before_anything_is_known() {
                     .to_owned(),
             );
         }
-        assert_eq!(order, expected, "{when:?}");
+        assert_eq!(order, expected, "{when:?}, peers {peers:?}");
     }
 }
 

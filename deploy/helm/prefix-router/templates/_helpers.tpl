@@ -27,6 +27,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: router
 {{- end -}}
 
+{{/* The same labels as a selector (`key=value,...`): the router's
+replicas, its peers (--peer-selector). */}}
+{{- define "router.selector" -}}
+app.kubernetes.io/name=prefix-router,app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=router
+{{- end -}}
+
 {{- define "router.labels" -}}
 {{ include "router.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
