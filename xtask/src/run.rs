@@ -130,12 +130,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     cmd.args(["--dataplane", &args.dataplane])
         .args(&args.router_args);
-    // No load balancer to wait for here, and the drain must fit the stop's
-    // grace; `--router-arg` flags still override these.
-    cmd.env("ROUTER_DRAIN_DELAY_MS", "0").env(
-        "ROUTER_DRAIN_TIMEOUT_MS",
-        (STOP_GRACE.as_millis() * 2 / 3).to_string(),
-    );
+    // No load balancer to wait for here, the drain must fit the stop's
+    // grace, and no other router sends to these backends; `--router-arg`
+    // flags still override these.
+    cmd.env("ROUTER_DRAIN_DELAY_MS", "0")
+        .env(
+            "ROUTER_DRAIN_TIMEOUT_MS",
+            (STOP_GRACE.as_millis() * 2 / 3).to_string(),
+        )
+        .env("ROUTER_PEERS", "0");
     let router = fleet.spawn("router", cmd)?;
     fleet.wait_healthy(router, router_probe)?;
 

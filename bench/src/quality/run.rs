@@ -364,6 +364,13 @@ async fn drive(
                 for url in &urls {
                     cmd.arg("--backend").arg(url);
                 }
+                // The other replicas, as the chart's DaemonSet learns them
+                // (--peer-selector), unless the extra flags say otherwise.
+                let told = extra.iter().any(|arg| arg.starts_with("--peer"))
+                    || std::env::var_os("ROUTER_PEERS").is_some();
+                if !told {
+                    cmd.arg("--peers").arg((replicas.max(&1) - 1).to_string());
+                }
                 router_env(cmd.args(extra));
                 if replica == 0 {
                     let times = if *replicas > 1 {
