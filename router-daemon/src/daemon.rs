@@ -162,7 +162,7 @@ fn shared(config: Config, dataplane: Dataplane) -> Arc<Shared> {
     let backends = Arc::new(
         Fleet::new(metrics.backend_series.clone())
             .with_ejection(config.ejection())
-            .with_peers(config.peers),
+            .with_peers(config.peers()),
     );
     metrics.register_backends(Arc::clone(&backends));
     let router = Arc::new(Router::with_policy(
@@ -243,7 +243,7 @@ async fn start_upkeep(shared: &Arc<Shared>, source: Endpoints) -> tokio::task::J
                 "cannot watch for peer routers (--peer-selector); who else sends to the backends is left to their scrapes"
             ),
         }
-    } else if let Some(peers) = shared.config.peers {
+    } else if let Some(peers) = shared.config.peers() {
         tracing::info!(peers, "other routers sending to these backends (--peers)");
     }
     tokio::spawn(reap_idle(Arc::downgrade(shared)));

@@ -155,20 +155,24 @@
 //!
 //! That hold has a price near capacity: in a cold start, new families whose
 //! first prompts hash onto one backend queue behind each other's prefill.
-//! [`Policy::placement_patience`] (`--placement-patience`, 1 prompt) caps
+//! [`Policy::placement_patience`] (`--placement-patience`, half a prompt) caps
 //! the family's worth in the lead, not in the load bound, at that many
 //! prompts of the prompt's own size, unless a pending sibling proved the
 //! family. For one router, which sees every request's prefill, 1 cut the
-//! p99 TTFT near capacity by a third; with replicas, each spreads by its own
-//! view and copies families the others place on their rendezvous backend.
-//! So it holds only while the router knows it is alone: no candidate has
-//! [other clients](super::Clients::Others), as the backends' scraped
-//! queues show, and some are known to have [only ours](super::Clients::Ours)
-//! (numbers in the README). With [`PatienceHolds::UntilShared`]
-//! (`--placement-patience-when until-shared`) it holds from the start until
-//! another client is seen: a router alone in front of its backends then
-//! spreads a cold start's burst of new prompts, which replicas started
-//! together would each spread their own way.
+//! p99 TTFT near capacity by a third, and 0.5, which also moves the second
+//! of two colliding first prompts, cut it further at light load; with
+//! replicas, each spreads by its own view and copies families the others
+//! place on their rendezvous backend. So it holds only while the router
+//! knows it is alone: no candidate has [other
+//! clients](super::Clients::Others), and some are known to have [only
+//! ours](super::Clients::Ours), as the backends' scraped queues show or,
+//! before they do, the router's known peers (`--peers`, `--peer-selector`,
+//! see [`super::Clients::given_peers`]); numbers in the README. With
+//! [`PatienceHolds::UntilShared`] (`--placement-patience-when
+//! until-shared`) it holds from the start until another client is seen: a
+//! router alone in front of its backends, but not told so, then spreads a
+//! cold start's burst of new prompts, which replicas started together would
+//! each spread their own way.
 //!
 //! # Family layout (opt-in)
 //! Hashing a dozen families (system prompts, templates) onto four
@@ -283,7 +287,7 @@ impl Policy {
         rendezvous_weight: 2.0,
         placement_prefix: 2048,
         family_weight: 10.0,
-        placement_patience: Some(1.0),
+        placement_patience: Some(0.5),
         patience_holds: PatienceHolds::Alone,
         bytes_per_token: 4.0,
     };

@@ -623,6 +623,7 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
 
     let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
         config.discovery_interval_ms = 100;
+        config.placement_patience = 1.0;
     })
     .await;
     discovered(router, &urls).await;
@@ -730,6 +731,8 @@ async fn a_cold_start_spreads_only_where_the_router_is_known_to_be_alone() {
         let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
             config.placement_patience_when = when;
             config.peers = peers;
+            // The second prompt waits behind the first; the third spreads.
+            config.placement_patience = 1.0;
         })
         .await;
         discovered(router, &urls).await;
