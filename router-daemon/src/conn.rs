@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     admission::Admitted,
-    backend::{Backend, Backends, InFlight, Outcome, peers::Peers},
+    backend::{Backend, Backends, InFlight, Outcome},
     daemon::Shared,
     dataplane::{Client, Exchanged, Forward, RelayError, Watch},
     error::{ApiError, Fault, Limit, Timeout},
@@ -698,7 +698,7 @@ fn select(
             .map_err(ApiError::from)?,
         None => backends.reachable_into(candidates),
     }
-    let loads = loads(backends.all(), candidates, shared.backends.peers());
+    let loads = loads(backends.all(), candidates, shared.backends.peers().get());
     let request = input.map(|input| RouteRequest {
         model: input.model.as_deref().unwrap_or_default().as_bytes(),
         key: &input.key,
@@ -917,11 +917,12 @@ impl std::fmt::Display for RequestId<'_> {
 }
 
 /// What routing sees of the `candidates`, in their order (on the stack for
-/// fleets of up to [`INLINE_BACKENDS`]), who sends to them given `peers`.
+/// fleets of up to [`INLINE_BACKENDS`]), who sends to them given the
+/// `peers` known ([`crate::route::Clients::given_peers`]).
 fn loads<'a>(
     backends: &'a [Arc<Backend>],
     candidates: &[usize],
-    peers: &Peers,
+    peers: Option<usize>,
 ) -> SmallVec<[BackendLoad<'a>; INLINE_BACKENDS]> {
     let now = crate::backend::health::clock();
     candidates
@@ -929,7 +930,7 @@ fn loads<'a>(
         .filter_map(|&index| backends.get(index))
         .map(|backend| {
             let view = backend.routing_view(now);
-            view.with_clients(peers.clients(view.clients))
+            view.with_clients(view.clients.given_peers(peers))
         })
         .collect()
 }

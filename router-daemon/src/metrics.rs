@@ -475,7 +475,7 @@ impl Collector for BackendGauges {
             };
             ConstGauge::new(backend.bytes_per_token()).encode(family.encode_family(&label)?)?;
         }
-        let peers = self.0.peers();
+        let peers = self.0.peers().get();
         let mut family = encoder.encode_descriptor(
             "router_backend_shared",
             "Whether the backend also serves requests this router did not send: 1 (another \
@@ -490,16 +490,14 @@ impl Collector for BackendGauges {
             let label = BackendLabel {
                 backend: backend.name.clone(),
             };
-            let shared: i64 = match peers.clients(backend.clients(now)) {
+            let shared: i64 = match backend.clients(now).given_peers(peers) {
                 Clients::Unknown => -1,
                 Clients::Ours => 0,
                 Clients::Others => 1,
             };
             ConstGauge::new(shared).encode(family.encode_family(&label)?)?;
         }
-        let known = peers
-            .get()
-            .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let known = peers.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
         ConstGauge::new(known).encode(encoder.encode_descriptor(
             "router_peers",
             "Other routers known to send requests to these backends (--peers, or the ready pods \

@@ -424,14 +424,7 @@ async fn a_scraped_queue_of_our_own_requests_does_not_move_a_continuation() {
     discovered(router, &urls).await;
     for country in ["France", "Japan", "Peru", "Kenya"] {
         let first = format!("What is the capital of {country}?");
-        let served = |response: &Response| {
-            assert_eq!(response.status, 200, "{}", response.text());
-            response
-                .header("x-served-by")
-                .expect("x-served-by")
-                .to_owned()
-        };
-        let opening = served(
+        let opening = served_by(
             &post_json(
                 router,
                 "/v1/completions",
@@ -439,7 +432,7 @@ async fn a_scraped_queue_of_our_own_requests_does_not_move_a_continuation() {
             )
             .await,
         );
-        let follow_up = served(
+        let follow_up = served_by(
             &post_json(
                 router,
                 "/v1/completions",
@@ -581,6 +574,23 @@ fn family_prompt(family: usize) -> String {
     )
 }
 
+/// Sends a [`family_prompt`] through `router` that a [`HoldingEngine`]
+/// holds until released.
+fn send_held(router: SocketAddr, family: usize) -> tokio::task::JoinHandle<Response> {
+    let request =
+        json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4, "user": "hold"});
+    tokio::spawn(async move { post_json(router, "/v1/completions", &request).await })
+}
+
+/// The backend that served a successful `response` (its `x-served-by`).
+fn served_by(response: &Response) -> String {
+    assert_eq!(response.status, 200, "{}", response.text());
+    response
+        .header("x-served-by")
+        .expect("x-served-by")
+        .to_owned()
+}
+
 /// Families ([`family_prompt`]) whose first prompt goes to engine `a` on
 /// an idle fleet of `a` and `b` (`urls`), at least `on_a` of them, and those
 /// that go to `b`, at least one: where every replica places them, by
@@ -627,10 +637,7 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
     })
     .await;
     discovered(router, &urls).await;
-    let send = |family: usize| {
-        let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4, "user": "hold"});
-        tokio::spawn(async move { post_json(router, "/v1/completions", &request).await })
-    };
+    let send = |family: usize| send_held(router, family);
     // Until scrapes have seen its requests on both engines and nothing
     // else, the router cannot tell it is alone.
     let both = [urls[0].as_str(), urls[1].as_str()];
@@ -671,19 +678,12 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
     assert_eq!(engines[1].held.load(Ordering::SeqCst), 0);
 
     engines[0].release();
-    let served = |response: Response| {
-        assert_eq!(response.status, 200, "{}", response.text());
-        response
-            .header("x-served-by")
-            .expect("x-served-by")
-            .to_owned()
-    };
     let mut order = Vec::new();
     for task in [first, second, third, fourth] {
-        order.push(served(task.await.expect("request task")));
+        order.push(served_by(&task.await.expect("request task")));
     }
     assert_eq!(order, ["a", "a", "b", "a"]);
-    assert_eq!(served(direct.await.expect("direct task")), "b");
+    assert_eq!(served_by(&direct.await.expect("direct task")), "b");
 }
 
 /// Before any scrape shows who else sends to the engines (here they never
@@ -736,10 +736,7 @@ async fn a_cold_start_spreads_only_where_the_router_is_known_to_be_alone() {
         })
         .await;
         discovered(router, &urls).await;
-        let send = |family: usize| {
-            let request = json!({"model": MODEL, "prompt": family_prompt(family), "max_tokens": 4, "user": "hold"});
-            tokio::spawn(async move { post_json(router, "/v1/completions", &request).await })
-        };
+        let send = |family: usize| send_held(router, family);
         // Three prompts of families that all hash onto a, each sent once
         // the one before is queued there.
         let first = send(families[0]);
@@ -758,14 +755,7 @@ async fn a_cold_start_spreads_only_where_the_router_is_known_to_be_alone() {
         }
         let mut order = Vec::new();
         for task in [first, second, third] {
-            let response = task.await.expect("request task");
-            assert_eq!(response.status, 200, "{}", response.text());
-            order.push(
-                response
-                    .header("x-served-by")
-                    .expect("x-served-by")
-                    .to_owned(),
-            );
+            order.push(served_by(&task.await.expect("request task")));
         }
         assert_eq!(order, expected, "{when:?}, peers {peers:?}");
     }
