@@ -402,6 +402,16 @@ pub struct Config {
           default_value_t = PatienceWhen::Alone)]
     pub placement_patience_when: PatienceWhen,
 
+    /// Where a router knows it is alone (see --placement-patience-when),
+    /// backends whose cost for a new prompt is within this many prompts of
+    /// its own size of the cheapest count as equal, and the one sent a
+    /// request least recently takes it: its prefill ahead began longest
+    /// ago, so the newcomer waits least. The rendezvous lead of a prompt
+    /// not yet proven a family then shrinks with the reuse rate. 0: off.
+    #[arg(long, env = "ROUTER_RECENCY_MARGIN", default_value_t = Policy::DEFAULT.recency_margin,
+          value_parser = non_negative)]
+    pub recency_margin: f64,
+
     /// Prompt bytes per token, to weigh prompt families against the
     /// tokens each engine's KV cache holds (`vllm:cache_config_info`): a
     /// new family (a system prompt, a template, a conversation) is placed
@@ -513,6 +523,7 @@ impl Config {
                 PatienceWhen::Always => PatienceHolds::Always,
             },
             bytes_per_token: self.bytes_per_token,
+            recency_margin: self.recency_margin,
         }
     }
 
@@ -732,6 +743,7 @@ mod tests {
             "--prefilling-weight",
             "--rendezvous-weight",
             "--follow-fraction",
+            "--recency-margin",
         ] {
             for bad in ["-1", "NaN", "inf", "x"] {
                 let err = Config::try_parse_from(["router-daemon", "--backend", "x:1", flag, bad]);

@@ -59,6 +59,11 @@ pub(crate) use endpoints::{Endpoint, StaticSource};
 pub(crate) use fleet::Fleet;
 pub(crate) use health::{Ejection, Outcome};
 
+/// Requests started on any backend of this process, in order: a backend's
+/// last start, compared with another's, says which was sent a request
+/// longer ago (see [`BackendLoad::last_start`]).
+static STARTS: AtomicU64 = AtomicU64::new(0);
+
 /// How long, in milliseconds, a scrape showing other clients' requests on a
 /// backend keeps [other clients](Backend::clients) on it: a dozen scrapes at the
 /// default interval, so a replica that is idle for a moment still counts.
@@ -138,6 +143,8 @@ pub struct Backend {
     /// Requests ever started here (monotonic), so a scrape can tell which of
     /// ours may be in the queue it read.
     started: AtomicU64,
+    /// [`STARTS`] when the last request here started; 0: none yet.
+    last_start: AtomicU64,
     /// False once discovery failed `down_after` times in a row.
     up: AtomicBool,
     /// Discovery failures since the last answer.
@@ -197,6 +204,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             prefilling: AtomicUsize::new(0),
             started: AtomicU64::new(0),
+            last_start: AtomicU64::new(0),
             up: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             downs: AtomicU32::new(0),
@@ -315,6 +323,7 @@ impl Backend {
             .with_clients(self.clients(now))
             .with_cache_tokens(count(self.cache_tokens()))
             .with_bytes_per_token(self.bytes_per_token())
+            .with_last_start(self.last_start.load(Ordering::Relaxed))
     }
 
     /// Counts `bytes` of prompt key sent here (once per attempt).
@@ -419,6 +428,8 @@ impl Backend {
     /// `prefill` uncached key bytes as prefilling until it is answered.
     pub(crate) fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
+        let order = STARTS.fetch_add(1, Ordering::Relaxed) + 1;
+        self.last_start.store(order, Ordering::Relaxed);
         if self.wants_early_scrape() {
             self.traffic.notify_one();
         }

@@ -173,6 +173,10 @@ pub struct BackendLoad<'a> {
     /// Key bytes per token of this router's requests there, as the engine
     /// counted them; 0 when not known (the policy's own ratio then).
     pub(crate) bytes_per_token: f64,
+    /// When this router last started a request there, as a position in
+    /// the order of all its requests' starts (0: never): the one started
+    /// longest ago has had its prefill under way longest (see `policy`).
+    pub(crate) last_start: u64,
 }
 
 /// Who sends requests to a backend, as far as the router knows.
@@ -218,7 +222,14 @@ impl<'a> BackendLoad<'a> {
             clients: Clients::Unknown,
             cache_tokens: 0,
             bytes_per_token: 0.0,
+            last_start: 0,
         }
+    }
+
+    /// The same view, last sent a request at start `last_start` (0: never).
+    #[must_use]
+    pub(crate) fn with_last_start(self, last_start: u64) -> Self {
+        Self { last_start, ..self }
     }
 
     /// The same view, with `bytes_per_token` key bytes per token learned

@@ -591,6 +591,23 @@ fn served_by(response: &Response) -> String {
         .to_owned()
 }
 
+/// Releases what `engines` hold, then the backend that served each of
+/// `tasks`, in their order.
+async fn release_and_collect(
+    engines: &[HoldingEngine],
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<Response>>,
+) -> Vec<String> {
+    for engine in engines {
+        engine.release();
+        engine.holds(0).await;
+    }
+    let mut order = Vec::new();
+    for task in tasks {
+        order.push(served_by(&task.await.expect("request task")));
+    }
+    order
+}
+
 /// Families ([`family_prompt`]) whose first prompt goes to engine `a` on
 /// an idle fleet of `a` and `b` (`urls`), at least `on_a` of them, and those
 /// that go to `b`, at least one: where every replica places them, by
@@ -749,15 +766,48 @@ async fn a_cold_start_spreads_only_where_the_router_is_known_to_be_alone() {
             _ => engines[1].holds(1).await,
         }
         shared_gauge(router, &both, shared).await;
-        for engine in &engines {
-            engine.release();
-            engine.holds(0).await;
-        }
-        let mut order = Vec::new();
-        for task in [first, second, third] {
-            order.push(served_by(&task.await.expect("request task")));
-        }
+        let order = release_and_collect(&engines, [first, second, third]).await;
         assert_eq!(order, expected, "{when:?}, peers {peers:?}");
+    }
+}
+
+/// A router alone in front of its engines sends a new prompt, when every
+/// engine is prefilling as much, to the one whose prefill began longest
+/// ago: its step ends first. Without that rule the rendezvous order of the
+/// prompt breaks the tie, whatever the engines' progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alone_a_new_prompt_waits_behind_the_oldest_prefill() {
+    let engines = [
+        HoldingEngine::start_with("a", false).await,
+        HoldingEngine::start_with("b", false).await,
+    ];
+    let urls: Vec<String> = engines.iter().map(|e| e.url.clone()).collect();
+    let (on_a, on_b) = families_by_rendezvous(&urls, 2).await;
+    for (margin, expected) in [(0.25, ["a", "b", "a"]), (0.0, ["a", "b", "b"])] {
+        let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+            config.peers = Some(0);
+            config.recency_margin = margin;
+            // No lead for a prompt's rendezvous backend, so that only the
+            // engines' load and recency decide.
+            config.rendezvous_weight = 0.0;
+            config.family_weight = 0.0;
+        })
+        .await;
+        discovered(router, &urls).await;
+        // Both idle: the first goes to its rendezvous backend, a; the
+        // second, also a's, to b, which prefills nothing.
+        let first = send_held(router, on_a[0]);
+        engines[0].holds(1).await;
+        let second = send_held(router, on_a[1]);
+        engines[1].holds(1).await;
+        // Each prefills one prompt of the same size; a's began first.
+        let third = send_held(router, on_b[0]);
+        match expected[2] {
+            "a" => engines[0].holds(2).await,
+            _ => engines[1].holds(2).await,
+        }
+        let order = release_and_collect(&engines, [first, second, third]).await;
+        assert_eq!(order, expected, "recency margin {margin}");
     }
 }
 
