@@ -59,11 +59,6 @@ pub(crate) use endpoints::{Endpoint, StaticSource};
 pub(crate) use fleet::Fleet;
 pub(crate) use health::{Ejection, Outcome};
 
-/// Requests started on any backend of this process, in order: a backend's
-/// last start, compared with another's, says which was sent a request
-/// longer ago (see [`BackendLoad::last_start`]).
-static STARTS: AtomicU64 = AtomicU64::new(0);
-
 /// How long, in milliseconds, a scrape showing other clients' requests on a
 /// backend keeps [other clients](Backend::clients) on it: a dozen scrapes at the
 /// default interval, so a replica that is idle for a moment still counts.
@@ -143,7 +138,7 @@ pub struct Backend {
     /// Requests ever started here (monotonic), so a scrape can tell which of
     /// ours may be in the queue it read.
     started: AtomicU64,
-    /// [`STARTS`] when the last request here started; 0: none yet.
+    /// When the last request here started ([`health::clock`]); 0: none yet.
     last_start: AtomicU64,
     /// False once discovery failed `down_after` times in a row.
     up: AtomicBool,
@@ -428,8 +423,7 @@ impl Backend {
     /// `prefill` uncached key bytes as prefilling until it is answered.
     pub(crate) fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
-        let order = STARTS.fetch_add(1, Ordering::Relaxed) + 1;
-        self.last_start.store(order, Ordering::Relaxed);
+        self.last_start.store(health::clock(), Ordering::Relaxed);
         if self.wants_early_scrape() {
             self.traffic.notify_one();
         }

@@ -173,9 +173,9 @@ pub struct BackendLoad<'a> {
     /// Key bytes per token of this router's requests there, as the engine
     /// counted them; 0 when not known (the policy's own ratio then).
     pub(crate) bytes_per_token: f64,
-    /// When this router last started a request there, as a position in
-    /// the order of all its requests' starts (0: never): the one started
-    /// longest ago has had its prefill under way longest (see `policy`).
+    /// When this router last started a request there, in milliseconds on
+    /// a clock of its own (0: never): the one started longest ago has had
+    /// its prefill under way longest (see `policy`).
     pub(crate) last_start: u64,
 }
 

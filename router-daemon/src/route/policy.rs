@@ -709,7 +709,8 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
 /// its cost less its `lead` beats every other candidate by more than the
 /// margin; otherwise, when every candidate whose cost is within the margin
 /// of the cheapest is prefilling, the one of them sent a request least
-/// recently (ties by rendezvous score). An engine prefills what arrived
+/// recently (starts within [`RECENCY_WINDOW_MS`] of each other tie, and
+/// ties go by rendezvous score). An engine prefills what arrived
 /// together in one step, so a newcomer waits for the step under way and
 /// then for its own: behind a prefill that began long ago it waits least.
 /// Round-robin gets that for free, by sending each backend its next request
@@ -744,16 +745,18 @@ fn least_recent(
     if near().any(|i| backends[i].prefill == 0) {
         return None;
     }
-    near().min_by(|&a, &b| {
-        backends[a]
-            .last_start
-            .cmp(&backends[b].last_start)
-            .then_with(|| {
-                rendezvous(backends[b].name, input.placement)
-                    .cmp(&rendezvous(backends[a].name, input.placement))
-            })
-    })
+    let oldest = near().map(|i| backends[i].last_start).min()?;
+    near()
+        .filter(|&i| backends[i].last_start <= oldest.saturating_add(RECENCY_WINDOW_MS))
+        .max_by_key(|&i| rendezvous(backends[i].name, input.placement))
 }
+
+/// Starts closer than this, in milliseconds, count as one moment for
+/// [`least_recent`]: an engine's prefill step lasts tens of milliseconds,
+/// so they end about together, and a burst of decisions (some taken on two
+/// threads at once, each blind to the other's) spreads by the rendezvous
+/// order of their own prompts instead of all taking the same backend.
+const RECENCY_WINDOW_MS: u64 = 5;
 
 /// `cost` of backend `i`, less [`LOCAL_MARGIN`] requests of `load_weight`
 /// when it is on the router's node.
@@ -1359,6 +1362,21 @@ mod tests {
         let recency = Policy::default();
         let d = choose(&recency, &input).unwrap();
         assert_eq!((d.backend, d.reason), (2, Reason::LeastLoaded));
+        // Starts within a few milliseconds of each other are one moment:
+        // the rendezvous order breaks the tie.
+        let close: Vec<_> = v
+            .iter()
+            .map(|b| b.with_last_start(100 + b.last_start / 10))
+            .collect();
+        let d = choose(
+            &recency,
+            &Inputs {
+                backends: &close,
+                ..input
+            },
+        )
+        .unwrap();
+        assert_eq!(d.backend, winner(&v, seed));
         // Off, the rendezvous winner keeps it (its lead beats a tie).
         let off = Policy {
             recency_margin: 0.0,

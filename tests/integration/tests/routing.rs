@@ -798,6 +798,9 @@ async fn alone_a_new_prompt_waits_behind_the_oldest_prefill() {
         // second, also a's, to b, which prefills nothing.
         let first = send_held(router, on_a[0]);
         engines[0].holds(1).await;
+        // Starts a few milliseconds apart count as one moment; these are
+        // further apart however busy the machine.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let second = send_held(router, on_a[1]);
         engines[1].holds(1).await;
         // Each prefills one prompt of the same size; a's began first.
