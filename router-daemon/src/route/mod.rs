@@ -103,11 +103,15 @@ pub enum Reason {
     /// A new prompt whose rendezvous backend's KV cache is full of
     /// families in use, placed on the next in rendezvous order with room.
     CacheFull,
+    /// A new prompt sent by a router alone, among backends about as cheap
+    /// and all prefilling, to the one whose prefill began longest ago
+    /// (`--recency-margin`, see `policy`).
+    OldestPrefill,
 }
 
 impl Reason {
     /// Every reason, for metrics that pre-create their labels.
-    pub(crate) const ALL: [Reason; 9] = [
+    pub(crate) const ALL: [Reason; 10] = [
         Reason::PrefixMatch,
         Reason::LeastLoaded,
         Reason::Spread,
@@ -117,6 +121,7 @@ impl Reason {
         Reason::RoundRobin,
         Reason::Moved,
         Reason::CacheFull,
+        Reason::OldestPrefill,
     ];
 
     /// Short name for logs and metrics.
@@ -131,6 +136,7 @@ impl Reason {
             Reason::RoundRobin => "round-robin",
             Reason::Moved => "moved",
             Reason::CacheFull => "cache-full",
+            Reason::OldestPrefill => "oldest-prefill",
         }
     }
 }

@@ -682,19 +682,17 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
     };
     let candidates = (0..backends.len()).filter(|&i| qualifies(i));
     let recent = || least_recent(policy, input, winner, lead, qualifies);
-    let pick = recency
-        .then(recent)
-        .flatten()
-        .or_else(|| {
-            cheapest(
-                backends,
-                input.placement,
-                policy.load_weight,
-                candidates,
-                favoured,
-            )
-        })
-        .unwrap_or(winner);
+    if let Some(by_recency) = recency.then(recent).flatten() {
+        return Some(by_recency);
+    }
+    let pick = cheapest(
+        backends,
+        input.placement,
+        policy.load_weight,
+        candidates,
+        favoured,
+    )
+    .unwrap_or(winner);
     let reason = if pick == winner {
         on_rendezvous(pick)
     } else {
@@ -704,28 +702,29 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
 }
 
 /// Rule 3 under [`Policy::recency_margin`] (where the router is alone, for
-/// a prompt that neither a pending sibling nor the layout places): the
-/// rendezvous `winner` when
-/// its cost less its `lead` beats every other candidate by more than the
-/// margin; otherwise, when every candidate whose cost is within the margin
-/// of the cheapest is prefilling, the one of them sent a request least
-/// recently (starts within [`RECENCY_WINDOW_MS`] of each other tie, and
-/// ties go by rendezvous score). An engine prefills what arrived
-/// together in one step, so a newcomer waits for the step under way and
-/// then for its own: behind a prefill that began long ago it waits least.
-/// Round-robin gets that for free, by sending each backend its next request
-/// as late as it can; the cheapest alone breaks near-ties at random. None
-/// when none qualifies, or when a near-cheapest backend prefills nothing:
-/// recency tells nothing then, and decisions taken at the same moment on
-/// two threads, each blind to the other's, would all pick the same one,
-/// where the rendezvous order of their own prompts spreads them.
+/// a prompt that neither a pending sibling nor the layout places): unless
+/// the rendezvous `winner`, its cost less its `lead`, beats every other
+/// candidate by more than the margin, and when every candidate whose cost
+/// is within the margin of the cheapest is prefilling, the one of them
+/// sent a request least recently ([`Reason::OldestPrefill`]; starts within
+/// [`RECENCY_WINDOW_MS`] of each other tie, and ties go by rendezvous
+/// score). An engine prefills what arrived together in one step, so a
+/// newcomer waits for the step under way and then for its own: behind a
+/// prefill that began long ago it waits least. Round-robin gets that for
+/// free, by sending each backend its next request as late as it can; the
+/// cheapest alone breaks near-ties at random. None leaves the choice to
+/// the cheapest: when the winner wins clearly, when none qualifies, or
+/// when a near-cheapest backend prefills nothing (recency tells nothing
+/// then, and decisions taken at the same moment on two threads, each blind
+/// to the other's, would all pick the same one, where the rendezvous order
+/// of their own prompts spreads them).
 fn least_recent(
     policy: &Policy,
     input: &Inputs,
     winner: usize,
     lead: f64,
     qualifies: impl Fn(usize) -> bool,
-) -> Option<usize> {
+) -> Option<(usize, Reason)> {
     let backends = input.backends;
     let margin = policy.recency_margin * policy.prefilling_weight * input.key_len as f64 / 1024.0;
     let cost = |i: usize| {
@@ -738,7 +737,7 @@ fn least_recent(
         .map(cost)
         .min_by(f64::total_cmp);
     if qualifies(winner) && others.is_none_or(|other| cost(winner) - lead + margin < other) {
-        return Some(winner);
+        return None;
     }
     let floor = candidates().map(cost).min_by(f64::total_cmp)?;
     let near = || candidates().filter(|&i| cost(i) <= floor + margin);
@@ -749,6 +748,7 @@ fn least_recent(
     near()
         .filter(|&i| backends[i].last_start <= oldest.saturating_add(RECENCY_WINDOW_MS))
         .max_by_key(|&i| rendezvous(backends[i].name, input.placement))
+        .map(|pick| (pick, Reason::OldestPrefill))
 }
 
 /// Starts closer than this, in milliseconds, count as one moment for
@@ -1361,7 +1361,7 @@ mod tests {
         assert_ne!(winner(&v, seed), 2, "a seed whose winner is another");
         let recency = Policy::default();
         let d = choose(&recency, &input).unwrap();
-        assert_eq!((d.backend, d.reason), (2, Reason::LeastLoaded));
+        assert_eq!((d.backend, d.reason), (2, Reason::OldestPrefill));
         // Starts within a few milliseconds of each other are one moment:
         // the rendezvous order breaks the tie.
         let close: Vec<_> = v

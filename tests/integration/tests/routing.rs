@@ -811,6 +811,14 @@ async fn alone_a_new_prompt_waits_behind_the_oldest_prefill() {
         }
         let order = release_and_collect(&engines, [first, second, third]).await;
         assert_eq!(order, expected, "recency margin {margin}");
+        // The decision says why, for dashboards.
+        let metrics = get(router, "/metrics").await.text();
+        let by_recency = metric(
+            &metrics,
+            "router_route_decisions_total{reason=\"oldest-prefill\"}",
+        );
+        let once = if margin > 0.0 { 1.0 } else { 0.0 };
+        assert_eq!(by_recency, Some(once), "recency margin {margin}");
     }
 }
 
