@@ -702,22 +702,23 @@ fn place(policy: &Policy, input: &Inputs, bound: usize) -> Option<(usize, Reason
 }
 
 /// Rule 3 under [`Policy::recency_margin`] (where the router is alone, for
-/// a prompt that neither a pending sibling nor the layout places): unless
-/// the rendezvous `winner`, its cost less its `lead`, beats every other
-/// candidate by more than the margin, and when every candidate whose cost
-/// is within the margin of the cheapest is prefilling, the one of them
+/// a prompt that neither a pending sibling nor the layout places): of the
+/// candidates whose cost is within the margin of the cheapest, the one
 /// sent a request least recently ([`Reason::OldestPrefill`]; starts within
 /// [`RECENCY_WINDOW_MS`] of each other tie, and ties go by rendezvous
 /// score). An engine prefills what arrived together in one step, so a
 /// newcomer waits for the step under way and then for its own: behind a
 /// prefill that began long ago it waits least. Round-robin gets that for
 /// free, by sending each backend its next request as late as it can; the
-/// cheapest alone breaks near-ties at random. None leaves the choice to
-/// the cheapest: when the winner wins clearly, when none qualifies, or
-/// when a near-cheapest backend prefills nothing (recency tells nothing
-/// then, and decisions taken at the same moment on two threads, each blind
-/// to the other's, would all pick the same one, where the rendezvous order
-/// of their own prompts spreads them).
+/// cheapest alone breaks near-ties at random.
+///
+/// None leaves the choice to the cheapest by cost: when the rendezvous
+/// `winner`, its cost less its `lead`, beats every other candidate by more
+/// than the margin; when none qualifies; or when one of the near-cheapest
+/// prefills nothing (recency tells nothing then, and decisions taken at
+/// the same moment on two threads, each blind to the other's, would all
+/// pick the same one, where the rendezvous order of their own prompts
+/// spreads them).
 fn least_recent(
     policy: &Policy,
     input: &Inputs,
