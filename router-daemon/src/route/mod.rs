@@ -7,8 +7,9 @@
 //! - `policy`: the pure decision function (session stickiness, cache
 //!   affinity against load, bounded load, rendezvous placement); its module
 //!   doc states the rules.
-//! - `layout`: under `--placement-epsilon`, an even layout of the prefix
-//!   families this router knows, alike on every replica that knows them.
+//! - `layout`: a layout of the prefix families this router knows, alike on
+//!   every replica that knows them: even under `--placement-epsilon`, or
+//!   by room in the KV caches where other clients share the backends.
 //! - `pending`: placements still connecting, which their siblings join.
 //! - `occupancy`: how much of each backend's KV cache the families this
 //!   router sends there keep in use, so a new family goes where it fits.
@@ -96,9 +97,9 @@ pub enum Reason {
     Overloaded,
     /// Its turn (`--routing-logic roundrobin`).
     RoundRobin,
-    /// A sibling sent to its family's place in the layout
-    /// (`--placement-epsilon`), which changed since the index learned the
-    /// family elsewhere: the family moves there once.
+    /// A sibling sent to its family's place in the layout (by room, or
+    /// even under `--placement-epsilon`), which changed since the index
+    /// learned the family elsewhere: the family moves there once.
     Moved,
     /// A new prompt whose rendezvous backend's KV cache is full of
     /// families in use, placed on the next in rendezvous order with room.
@@ -318,7 +319,9 @@ thread_local! {
 pub struct Router {
     index: PrefixIndex,
     policy: Policy,
-    /// The family layout, under `--placement-epsilon`.
+    /// The family layout: by counts under `--placement-epsilon`, otherwise
+    /// by room in the KV caches where other clients share the backends
+    /// (see [`Router::lays_out`]).
     layout: Option<std::sync::Mutex<layout::Layout>>,
     reuse: reuse::ReuseRate,
     /// Recent placements the index has not learned yet, by seed.
@@ -341,9 +344,14 @@ impl Router {
         Self {
             index: PrefixIndex::new(block, capacity),
             policy,
-            layout: policy
-                .placement_epsilon
-                .map(|epsilon| std::sync::Mutex::new(layout::Layout::new(epsilon))),
+            layout: match policy.placement_epsilon {
+                Some(epsilon) => Some(layout::Bound::Even(epsilon)),
+                None if policy.bytes_per_token > 0.0 => {
+                    Some(layout::Bound::Room(policy.bytes_per_token))
+                }
+                None => None,
+            }
+            .map(|bound| std::sync::Mutex::new(layout::Layout::new(bound))),
             reuse: reuse::ReuseRate::default(),
             pending: std::sync::Mutex::default(),
             occupancy: occupancy::Occupancy::default(),
@@ -449,6 +457,20 @@ impl Router {
         })
     }
 
+    /// Whether new prompts are placed by the family layout among
+    /// `backends`: always under `--placement-epsilon`; otherwise where some
+    /// engine reports its cache size and some candidate is known to serve
+    /// other clients. A router alone weighs each cache by the families it
+    /// sent in the order they came (see `policy`, room in the cache), but
+    /// replicas each see them in another order, and so would each move
+    /// other families off a crowded cache: laid out by rank, they all move
+    /// the same ones.
+    fn lays_out(&self, backends: &[BackendLoad]) -> bool {
+        self.policy.placement_epsilon.is_some()
+            || (backends.iter().any(|b| b.cache_tokens > 0)
+                && backends.iter().any(|b| b.clients == Clients::Others))
+    }
+
     /// The decision for `request`, hashing its key into `walk`; records
     /// nothing.
     fn decide_with(
@@ -480,7 +502,7 @@ impl Router {
         // Sessions are placed by their own value, not by family. A panic
         // while holding the lock leaves at worst a stale layout.
         let mut layout = match &self.layout {
-            Some(layout) if inputs.session.is_none() => Some(
+            Some(layout) if inputs.session.is_none() && self.lays_out(backends) => Some(
                 layout
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner),
@@ -488,7 +510,7 @@ impl Router {
             _ => None,
         };
         if let Some(layout) = layout.as_mut() {
-            inputs.layout = layout.place(seed, backends);
+            inputs.layout = layout.place(seed, key.len(), backends);
         }
         let placement = self.policy.is_placement(&inputs);
         // Caches are weighed only where some engine reports its size; the
@@ -526,7 +548,7 @@ impl Router {
         // it proves its seed a family.
         if let Some(layout) = layout.as_mut() {
             let sibling = (!placement && !extends) || inputs.pending.is_some();
-            layout.observe(seed, sibling);
+            layout.observe(seed, sibling, key.len());
         }
         drop(layout);
         let decision = policy::choose(&self.policy, &inputs)?;
@@ -777,58 +799,127 @@ mod tests {
             placement_epsilon: Some(0.0),
             ..Policy::default()
         };
-        let families = 8;
-        let key = |family: usize, question: usize| {
-            format!(
-                "{}Question {question}?",
-                format!("Template of tenant {family}. ").repeat(120)
-            )
-        };
-        let mut requests: Vec<(usize, usize)> = (0..families)
-            .flat_map(|f| (0..6).map(move |q| (f, q)))
-            .collect();
         let mut homes = Vec::new();
-        for replica in 0..3u64 {
+        for replica in 0..3 {
             let router = Router::with_policy(64, 1 << 16, policy);
-            // A different order for each replica (an LCG shuffle).
-            let mut state = replica * 7919 + 1;
-            for i in (1..requests.len()).rev() {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1);
-                requests.swap(i, (state >> 33) as usize % (i + 1));
-            }
-            for &(f, q) in &requests {
-                route(&router, MODEL, key(f, q).as_bytes(), &idle(4)).unwrap();
-            }
-            // Where each family's next sibling goes, once all are known.
-            let home: Vec<usize> = (0..families)
-                .map(|f| {
-                    let d = route(&router, MODEL, key(f, 99).as_bytes(), &idle(4)).unwrap();
-                    assert!(
-                        matches!(d.reason, Reason::PrefixMatch | Reason::Moved),
-                        "{d:?}"
-                    );
-                    d.backend
-                })
-                .collect();
-            let mut per_backend = [0; 4];
-            for &b in &home {
-                per_backend[b] += 1;
-            }
-            assert_eq!(per_backend, [2; 4], "replica {replica}: {home:?}");
+            let home = homes_after(&router, &replica_order(replica), &idle(4));
+            assert_eq!(per_backend(&home), [2; 4], "replica {replica}: {home:?}");
             homes.push(home);
         }
         assert!(homes.windows(2).all(|w| w[0] == w[1]), "{homes:?}");
         // Rendezvous alone would not have been even.
-        let mut lumpy = [0; 4];
-        for f in 0..families {
-            let fresh = Router::new(64, 1 << 16);
-            lumpy[route(&fresh, MODEL, key(f, 0).as_bytes(), &idle(4))
-                .unwrap()
-                .backend] += 1;
+        assert_ne!(
+            per_backend(&hashed()),
+            [2; 4],
+            "pick families that hash lumpily"
+        );
+    }
+
+    /// Eight families in the layout tests: a 3 KiB template, then a
+    /// question.
+    const FAMILIES: usize = 8;
+
+    fn template(family: usize, question: usize) -> String {
+        format!(
+            "{}Question {question}?",
+            format!("Template of tenant {family}. ").repeat(120)
+        )
+    }
+
+    /// Questions 0 to 5 of each of the [`FAMILIES`], in an order of
+    /// replica `replica`'s own (an LCG shuffle).
+    fn replica_order(replica: u64) -> Vec<(usize, usize)> {
+        let mut requests: Vec<(usize, usize)> = (0..FAMILIES)
+            .flat_map(|f| (0..6).map(move |q| (f, q)))
+            .collect();
+        let mut state = replica * 7919 + 1;
+        for i in (1..requests.len()).rev() {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            requests.swap(i, (state >> 33) as usize % (i + 1));
         }
-        assert_ne!(lumpy, [2; 4], "pick families that hash lumpily");
+        requests
+    }
+
+    /// Where each family's next sibling goes through `router` over
+    /// `views`, once it routed the questions `order`; each follows its
+    /// family's prefix (or moves it).
+    fn homes_after(router: &Router, order: &[(usize, usize)], views: &[BackendLoad]) -> Vec<usize> {
+        for &(f, q) in order {
+            route(router, MODEL, template(f, q).as_bytes(), views).unwrap();
+        }
+        (0..FAMILIES)
+            .map(|f| route(router, MODEL, template(f, 99).as_bytes(), views).unwrap())
+            .map(|d| {
+                assert!(
+                    matches!(d.reason, Reason::PrefixMatch | Reason::Moved),
+                    "{d:?}"
+                );
+                d.backend
+            })
+            .collect()
+    }
+
+    /// Where each family's first question goes through a fresh router:
+    /// its rendezvous winner.
+    fn hashed() -> Vec<usize> {
+        (0..FAMILIES)
+            .map(|f| {
+                let fresh = Router::new(64, 1 << 16);
+                route(&fresh, MODEL, template(f, 0).as_bytes(), &idle(4))
+                    .unwrap()
+                    .backend
+            })
+            .collect()
+    }
+
+    /// Families per backend of `home`.
+    fn per_backend(home: &[usize]) -> [usize; 4] {
+        let mut per = [0; 4];
+        for &b in home {
+            per[b] += 1;
+        }
+        per
+    }
+
+    #[test]
+    fn replicas_lay_families_out_by_room_and_agree_on_the_ones_they_move() {
+        // The eight families hash lumpily onto four engines whose caches
+        // hold two templates each, at the policy's 4 key bytes per token.
+        // Three replicas with the default policy, each seeing the families
+        // in its own order, and each knowing that other clients share the
+        // engines.
+        let views = |cache_tokens: usize, clients: Clients| -> Vec<BackendLoad<'static>> {
+            idle(4)
+                .into_iter()
+                .map(|b| BackendLoad {
+                    clients,
+                    ..b.with_cache_tokens(cache_tokens)
+                })
+                .collect()
+        };
+        let shared = views(1536, Clients::Others);
+        let mut homes = Vec::new();
+        for replica in 0..3 {
+            let home = homes_after(&Router::new(64, 1 << 16), &replica_order(replica), &shared);
+            assert_eq!(per_backend(&home), [2; 4], "replica {replica}: {home:?}");
+            homes.push(home);
+        }
+        assert!(homes.windows(2).all(|w| w[0] == w[1]), "{homes:?}");
+        // Where they hash: lumpy, and so is where a replica puts them when
+        // no cache size is known, or a router alone that weighs caches by
+        // what it sent puts them when the caches are large.
+        let hashed = hashed();
+        assert_ne!(
+            per_backend(&hashed),
+            [2; 4],
+            "pick families that hash lumpily"
+        );
+        for unweighed in [views(0, Clients::Others), views(1 << 20, Clients::Ours)] {
+            let router = Router::new(64, 1 << 16);
+            assert_eq!(homes_after(&router, &replica_order(0), &unweighed), hashed);
+        }
     }
 
     #[test]

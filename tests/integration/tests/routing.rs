@@ -16,7 +16,7 @@ use std::{
 };
 
 use integration_tests::{
-    Response, get, loopback_listener, metric, post_json, start_router, start_router_with,
+    Response, Stopper, get, loopback_listener, metric, post_json, start_router, start_router_with,
     start_sim, start_sims,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -884,20 +884,16 @@ async fn complete(router: SocketAddr, prompt: &str) -> (String, u64, u64) {
     (served, prompt_tokens, cached)
 }
 
-/// Two engines whose KV caches hold two prompt families each, and four
-/// families, three of which hash onto engine a: the router reads each
-/// engine's cache size from its `/metrics` and places the third family
-/// that hashes onto a on b, where it fits, so every later request of
-/// every family finds its prefix cached. (Placed by hashing alone, a holds
-/// three families, evicts and recomputes them in turn.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_family_goes_where_it_fits_beside_the_families_in_use() {
+/// Two engines ("a", "b") whose KV caches hold `room` prompt families of
+/// [`sibling_prompt`]'s size (with their questions); returns their URLs,
+/// what stops them, the key bytes per token of those prompts, and the
+/// tokens each cache holds.
+async fn engines_holding(room: f64) -> (Vec<String>, Vec<Stopper>, f64, u64) {
     // A family prompt's size in tokens, from a throwaway engine.
     let (scratch, _stop_scratch) = start_sim(vllm_sim::Config::for_tests("scratch")).await;
     let (_, family_tokens, _) = complete(scratch, &sibling_prompt(0, 0)).await;
     let bytes_per_token = sibling_prompt(0, 0).len() as f64 / family_tokens as f64;
-    // Room for two families and their questions, not three.
-    let blocks = usize::try_from(family_tokens * 5 / 2 / 16).expect("blocks");
+    let blocks = (family_tokens as f64 * room / 16.0) as usize;
     let mut urls = Vec::new();
     let mut stops = Vec::new();
     for id in ["a", "b"] {
@@ -910,16 +906,21 @@ async fn a_new_family_goes_where_it_fits_beside_the_families_in_use() {
         urls.push(format!("http://{addr}"));
         stops.push(stop);
     }
+    (urls, stops, bytes_per_token, blocks as u64 * 16)
+}
 
-    // Where each family's first prompt goes when caches are not weighed:
-    // its rendezvous backend. The probes share only their first 2 KiB, the
-    // placement key, with the families; the engines' LRU drops them first.
-    let (probe, _stop_probe) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+/// Four prompt families of which the first three hash onto engine "a" of
+/// `urls` and the fourth onto "b": where each family's first prompt goes
+/// when caches are not weighed, its rendezvous backend. The probes share
+/// only their first 2 KiB, the placement key, with the families; the
+/// engines' LRU drops them first.
+async fn three_families_on_a_and_one_on_b(urls: &[String]) -> [usize; 4] {
+    let (probe, _stop_probe) = start_router_with(urls.to_vec(), Dataplane::userspace(), |config| {
         config.bytes_per_token = 0.0;
         config.placement_patience_when = PatienceWhen::Never;
     })
     .await;
-    discovered(probe, &urls).await;
+    discovered(probe, urls).await;
     let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
     for family in 100..400 {
         let placement_key = &family_prompt(family)[..2048];
@@ -939,7 +940,39 @@ async fn a_new_family_goes_where_it_fits_beside_the_families_in_use() {
         on_a.len() >= 3 && !on_b.is_empty(),
         "300 families all hash alike"
     );
-    let families = [on_a[0], on_a[1], on_a[2], on_b[0]];
+    [on_a[0], on_a[1], on_a[2], on_b[0]]
+}
+
+/// Waits until `router` reports that every engine of `urls` holds
+/// `tokens` in its KV cache.
+async fn cache_sizes_known(router: SocketAddr, urls: &[String], tokens: u64) {
+    for _ in 0..100 {
+        let metrics = get(router, "/metrics").await.text();
+        let sized = urls.iter().all(|url| {
+            metric(
+                &metrics,
+                &format!("router_backend_kv_cache_tokens{{backend=\"{url}\"}}"),
+            ) == Some(tokens as f64)
+        });
+        if sized {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{router} never read the engines' cache sizes");
+}
+
+/// Two engines whose KV caches hold two prompt families each, and four
+/// families, three of which hash onto engine a: the router reads each
+/// engine's cache size from its `/metrics` and places the third family
+/// that hashes onto a on b, where it fits, so every later request of
+/// every family finds its prefix cached. (Placed by hashing alone, a holds
+/// three families, evicts and recomputes them in turn.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_family_goes_where_it_fits_beside_the_families_in_use() {
+    // Room for two families and their questions, not three.
+    let (urls, _stops, bytes_per_token, tokens) = engines_holding(2.5).await;
+    let families = three_families_on_a_and_one_on_b(&urls).await;
 
     let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
         config.bytes_per_token = bytes_per_token;
@@ -947,22 +980,7 @@ async fn a_new_family_goes_where_it_fits_beside_the_families_in_use() {
     .await;
     discovered(router, &urls).await;
     // The router knows both caches' sizes before the first family.
-    let tokens = blocks * 16;
-    let mut sized = false;
-    for _ in 0..100 {
-        let metrics = get(router, "/metrics").await.text();
-        sized = urls.iter().all(|url| {
-            metric(
-                &metrics,
-                &format!("router_backend_kv_cache_tokens{{backend=\"{url}\"}}"),
-            ) == Some(tokens as f64)
-        });
-        if sized {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(sized, "the router never read the engines' cache sizes");
+    cache_sizes_known(router, &urls, tokens).await;
     // Each family's first two questions, one family after another.
     let mut home = Vec::new();
     for &family in &families {
@@ -994,4 +1012,69 @@ async fn a_new_family_goes_where_it_fits_beside_the_families_in_use() {
             );
         }
     }
+}
+
+/// The same two engines and four families, behind three routers that each
+/// know they have two peers, with no shared state: each sees the families
+/// in its own order, and only the families it sent itself. Each lays the
+/// families out by room, ranked alike, so all three move the same family
+/// of the three that hash onto a to b, and every later request of every
+/// family, through any router, finds its prefix cached on one engine.
+/// (Weighing caches by what each sent, in the order it came, they would
+/// each move another.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_move_the_same_family_off_a_full_cache() {
+    let (urls, _stops, bytes_per_token, tokens) = engines_holding(2.75).await;
+    let families = three_families_on_a_and_one_on_b(&urls).await;
+    let mut routers = Vec::new();
+    let mut router_stops = Vec::new();
+    for _ in 0..3 {
+        let (router, stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+            config.bytes_per_token = bytes_per_token;
+            config.peers = Some(2);
+        })
+        .await;
+        discovered(router, &urls).await;
+        cache_sizes_known(router, &urls, tokens).await;
+        routers.push(router);
+        router_stops.push(stop);
+    }
+    // Two questions of each family through each router, in an order of
+    // its own.
+    for (r, &router) in routers.iter().enumerate() {
+        for question in 0..2 {
+            for k in 0..families.len() {
+                let family = families[(k + r) % families.len()];
+                complete(router, &sibling_prompt(family, 10 * r + question)).await;
+            }
+        }
+    }
+    // One more round lets the engines drop what the layout moved (while
+    // the routers learned the families, a held three of them).
+    for &router in &routers {
+        for &family in &families {
+            complete(router, &sibling_prompt(family, 99)).await;
+        }
+    }
+    // Round after round, each family's question goes to one engine through
+    // every router, and finds its prefix cached there.
+    let mut homes: Vec<Option<String>> = vec![None; families.len()];
+    for question in 100..103 {
+        for &router in &routers {
+            for (&family, home) in families.iter().zip(homes.iter_mut()) {
+                let (served, prompt_tokens, cached) =
+                    complete(router, &sibling_prompt(family, question)).await;
+                let home = home.get_or_insert_with(|| served.clone());
+                assert_eq!(&served, home, "family {family} through {router}");
+                assert!(
+                    cached + 32 >= prompt_tokens,
+                    "family {family}, question {question} through {router}: \
+                     {cached} of {prompt_tokens} tokens cached"
+                );
+            }
+        }
+    }
+    let on_a = homes.iter().filter(|h| h.as_deref() == Some("a")).count();
+    assert_eq!(on_a, 2, "two families on each engine: {homes:?}");
+    assert_eq!(homes[3].as_deref(), Some("b"), "{homes:?}");
 }
