@@ -464,7 +464,8 @@ impl Collector for BackendGauges {
         let mut family = encoder.encode_descriptor(
             "router_backend_key_bytes_per_token",
             "Prompt key bytes per token the backend's engine counted for this router's requests \
-             (its vllm:prompt_tokens_total while only this router sent there), 0 until learned; \
+             (its vllm:prompt_tokens_total while only this router sent there), 0 until learned \
+             and where peers are known; \
              sizes prompt families against router_backend_kv_cache_tokens",
             None,
             MetricType::Gauge,

@@ -240,7 +240,7 @@ impl Backend {
                 let ours = ours_before.saturating_add(started_during);
                 let now = super::health::clock();
                 self.observe_clients(&load, ours, now);
-                self.learn_bytes_per_token(&load, self.clients(now));
+                self.learn_bytes_per_token(&load, self.scraped_clients(now));
                 self.set_load(load, ours);
             }
             Err(why) => {
@@ -313,6 +313,14 @@ impl Backend {
                 "the backend serves only this router's requests"),
             _ => {}
         }
+    }
+
+    /// Who sends requests here as far as the scrapes and the known peers
+    /// tell: with peers, a scrape that shows only this router's requests
+    /// shows an idle moment of theirs, and the engine's counters hold
+    /// their tokens too.
+    fn scraped_clients(&self, now: u64) -> Clients {
+        self.clients(now).given_peers(self.peers.get())
     }
 
     /// Learns key bytes per prompt token from a scrape's
@@ -531,6 +539,39 @@ mod tests {
         backend.failed(3, &"refused");
         backend.failed(3, &"refused");
         assert_eq!((backend.is_up(), backend.downs()), (false, 2));
+    }
+
+    #[tokio::test]
+    async fn a_router_with_peers_learns_no_ratio_from_scrapes_that_look_alone() {
+        let (endpoints, _) =
+            super::super::endpoints::StaticSource::new(&["http://127.0.0.1:1".into()], None)
+                .unwrap()
+                .resolve()
+                .await;
+        // Scrapes that find the engine running exactly this router's one
+        // request, its prompt counter up 1,000 tokens for 4,500 key bytes
+        // sent each time: alone, that is 4.5 bytes per token; with two
+        // peers, their requests came and went between the scrapes, and
+        // their tokens are in the counter.
+        for (peers, learned) in [(Some(0), 4.5), (None, 4.5), (Some(2), 0.0)] {
+            let fleet = super::super::fleet::Fleet::new(crate::metrics::BackendSeries::default())
+                .with_peers(peers);
+            fleet.apply(&endpoints);
+            let backends = fleet.snapshot();
+            let backend = backends.get(0).unwrap();
+            for scrape in 0..=EARLY_SCRAPES as u64 {
+                let load = Load {
+                    running: Some(1),
+                    prompt_tokens: Some(1_000 * scrape),
+                    ..Load::default()
+                };
+                let now = 1_000 + scrape;
+                backend.observe_clients(&load, 1, now);
+                backend.learn_bytes_per_token(&load, backend.scraped_clients(now));
+                backend.key_sent(4_500);
+            }
+            assert_eq!(backend.bytes_per_token(), learned, "peers {peers:?}");
+        }
     }
 
     /// Discovery that probes when asked, and marks a backend down at its

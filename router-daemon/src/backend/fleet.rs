@@ -25,8 +25,9 @@ pub(crate) struct Fleet {
     changing: Mutex<()>,
     /// When passive health ejects a backend.
     ejection: Ejection,
-    /// The other routers sending requests to these backends.
-    peers: Peers,
+    /// The other routers sending requests to these backends; each backend
+    /// holds it too, to learn from its scrapes only what holds with them.
+    peers: Arc<Peers>,
 }
 
 /// What one [`Fleet::apply`] changed.
@@ -53,7 +54,7 @@ impl Fleet {
             series,
             changing: Mutex::new(()),
             ejection: Ejection::DEFAULT,
-            peers: Peers::new(None),
+            peers: Arc::new(Peers::new(None)),
         }
     }
 
@@ -68,7 +69,7 @@ impl Fleet {
     #[must_use]
     pub(crate) fn with_peers(self, known: Option<usize>) -> Self {
         Self {
-            peers: Peers::new(known),
+            peers: Arc::new(Peers::new(known)),
             ..self
         }
     }
@@ -102,6 +103,7 @@ impl Fleet {
                             endpoint,
                             self.series.counters(&endpoint.name),
                             self.ejection,
+                            Arc::clone(&self.peers),
                         ));
                         change.added.push(Arc::clone(&backend));
                         backend

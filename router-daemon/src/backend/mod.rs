@@ -186,10 +186,19 @@ pub struct Backend {
     ejection: Ejection,
     /// Its request, connection and latency series.
     pub(crate) counters: BackendCounters,
+    /// The other routers sending requests to the fleet, as far as known:
+    /// with some, a scrape that shows only this router's requests shows
+    /// an idle moment of theirs, not a backend of its own.
+    peers: Arc<peers::Peers>,
 }
 
 impl Backend {
-    fn new(endpoint: &Endpoint, counters: BackendCounters, ejection: Ejection) -> Self {
+    fn new(
+        endpoint: &Endpoint,
+        counters: BackendCounters,
+        ejection: Ejection,
+        peers: Arc<peers::Peers>,
+    ) -> Self {
         Self {
             id: BackendId::next(),
             name: endpoint.name.clone(),
@@ -221,6 +230,7 @@ impl Backend {
             health: health::Health::default(),
             ejection,
             counters,
+            peers,
         }
     }
 
@@ -487,6 +497,7 @@ impl Backends {
                     endpoint,
                     series.counters(&endpoint.name),
                     Ejection::DEFAULT,
+                    Arc::new(peers::Peers::new(None)),
                 ))
             })
             .collect();
