@@ -15,10 +15,11 @@
 //!
 //! - [`Bound::Even`]: whose count stays within `(1 + ε) · (families laid
 //!   out so far + 1) / n`, or that has the fewest;
-//! - [`Bound::Room`]: whose KV cache holds the family's key beside the
-//!   families laid there before it, or else the rendezvous winner. A
-//!   family that fits where it hashes stays there, so only the families a
-//!   lumpy hash piled beyond a cache move, and the lowest ranked of them.
+//! - [`Bound::Room`]: whose KV cache holds the family's shared prefix
+//!   beside the families laid there before it, or else the rendezvous
+//!   winner. A family that fits where it hashes stays there, so only the
+//!   families a lumpy hash piled beyond a cache move, and the lowest
+//!   ranked of them.
 //!   Caches are weighed at the policy's key bytes per token
 //!   (`--bytes-per-token`), not at a ratio learned from an engine's
 //!   counters: replicas would each learn theirs at another moment, and
@@ -74,8 +75,11 @@ struct Seen {
     at: u64,
     /// A sibling followed its prefix: it is a family, and laid out.
     family: bool,
-    /// The longest key seen with it, rounded up to [`ROOM_GRAIN`]: what the
-    /// family takes of a cache under [`Bound::Room`].
+    /// What the family takes of a cache under [`Bound::Room`], rounded up
+    /// to [`ROOM_GRAIN`]: the longest shared prefix a sibling followed
+    /// (before one did, the first request's key). A chat's later turns,
+    /// which extend their own conversation, do not count: a system prompt
+    /// shared by many long conversations is still its own size.
     bytes: u64,
 }
 
@@ -131,9 +135,10 @@ impl Layout {
         }
     }
 
-    /// Records a request with placement seed `seed` and a key of `bytes`;
-    /// `sibling` when it proved the seed a family (it followed the prefix
-    /// of another request as a sibling, or joined one still connecting).
+    /// Records a request with placement seed `seed`; `sibling` when it
+    /// proved the seed a family (it followed the prefix of another request
+    /// as a sibling, or joined one still connecting), and `bytes` the
+    /// prefix it shared then (its key, for the seed's first request).
     pub(crate) fn observe(&mut self, seed: u64, sibling: bool, bytes: usize) {
         self.observations += 1;
         let now = self.observations;
@@ -144,14 +149,16 @@ impl Layout {
             bytes,
         });
         entry.at = now;
-        let grew = bytes > entry.bytes;
-        entry.bytes = entry.bytes.max(bytes);
         if sibling && !entry.family {
             entry.family = true;
+            entry.bytes = bytes;
             self.families += 1;
             self.laid.clear();
-        } else if grew && entry.family && matches!(self.bound, Bound::Room(_)) {
-            self.laid.clear();
+        } else if sibling && bytes > entry.bytes {
+            entry.bytes = bytes;
+            if matches!(self.bound, Bound::Room(_)) {
+                self.laid.clear();
+            }
         }
         let cap = CAPACITY as u64;
         let horizon = if self.seen.len() > CAPACITY {
@@ -546,7 +553,7 @@ mod tests {
     }
 
     #[test]
-    fn by_room_a_family_whose_key_grew_is_laid_out_again() {
+    fn by_room_a_family_whose_shared_prefix_grew_is_laid_out_again() {
         let seeds = hashing([3, 1, 1, 1]);
         let mut layout = Layout::new(Bound::Room(4.0));
         for &seed in &seeds {
@@ -558,15 +565,31 @@ mod tests {
             .filter(|&&s| layout.place(s, KEY, &backends) == Some(rendezvous_winner(s)))
             .count();
         assert_eq!(stayed, 6, "three families fit each cache");
-        // The lowest ranked family on the first backend turns out twice as
-        // long: it no longer fits beside the other two.
         let mut crowded: Vec<u64> = seeds
             .iter()
             .copied()
             .filter(|&s| rendezvous_winner(s) == 0)
             .collect();
         crowded.sort_unstable();
-        layout.observe(crowded[0], false, 2 * KEY);
+        // Long requests that only extend their own conversation (a chat's
+        // later turns under a family's system prompt) change nothing.
+        for &seed in &seeds {
+            layout.observe(seed, false, 20 * KEY);
+        }
+        let before: Vec<_> = seeds
+            .iter()
+            .map(|&s| layout.place(s, KEY, &backends))
+            .collect();
+        assert!(
+            before
+                .iter()
+                .zip(&seeds)
+                .all(|(&p, &s)| p == Some(rendezvous_winner(s)))
+        );
+        // A sibling shows the lowest ranked family on the first backend
+        // sharing twice as long a prefix: it no longer fits beside the
+        // other two.
+        layout.observe(crowded[0], true, 2 * KEY);
         assert_ne!(layout.place(crowded[0], 2 * KEY, &backends), Some(0));
         assert_eq!(layout.place(crowded[1], KEY, &backends), Some(0));
     }
@@ -608,16 +631,26 @@ mod tests {
             let seeds: Vec<(u64, usize)> = seeds.into_iter().collect();
             let mut reversed = seeds.clone();
             reversed.reverse();
-            let learn = |order: &[(u64, usize)]| {
+            // Each replica sees a family's first request, then siblings
+            // sharing a little less and the whole prefix in its own order,
+            // and a long later turn of a conversation under it.
+            let learn = |order: &[(u64, usize)], shorter_first: bool| {
                 let mut layout = Layout::new(Bound::Room(4.0));
                 for &(seed, bytes) in order {
-                    // Siblings of a family come with keys a little apart.
-                    layout.observe(seed, true, bytes);
-                    layout.observe(seed, false, bytes.saturating_sub(100));
+                    let siblings = [bytes.saturating_sub(100), bytes];
+                    let (one, two) = if shorter_first {
+                        (siblings[0], siblings[1])
+                    } else {
+                        (siblings[1], siblings[0])
+                    };
+                    layout.observe(seed, false, bytes + 50);
+                    layout.observe(seed, true, one);
+                    layout.observe(seed, true, two);
+                    layout.observe(seed, false, 10 * bytes);
                 }
                 layout
             };
-            let (mut a, mut b) = (learn(&seeds), learn(&reversed));
+            let (mut a, mut b) = (learn(&seeds, true), learn(&reversed, false));
             let backends = holding(families);
             for &(seed, bytes) in seeds.iter().chain([&(probe, KEY)]) {
                 prop_assert_eq!(a.place(seed, bytes, &backends), b.place(seed, bytes, &backends));

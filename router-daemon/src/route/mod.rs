@@ -548,7 +548,13 @@ impl Router {
         // it proves its seed a family.
         if let Some(layout) = layout.as_mut() {
             let sibling = (!placement && !extends) || inputs.pending.is_some();
-            layout.observe(seed, sibling, key.len());
+            // What the family shares: the prefix the sibling followed, or,
+            // joining a sibling still connecting, its whole key.
+            let shared = match inputs.matched.iter().copied().max() {
+                Some(longest) if sibling && longest > 0 => longest,
+                _ => key.len(),
+            };
+            layout.observe(seed, sibling, shared);
         }
         drop(layout);
         let decision = policy::choose(&self.policy, &inputs)?;
