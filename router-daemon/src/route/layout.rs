@@ -189,15 +189,14 @@ impl Layout {
             return None;
         }
         let ids = backends.iter().map(|b| index::backend_id(b.name));
-        let room = self.room(backends);
-        match self
-            .laid
-            .iter()
-            .position(|laid| laid.ids.iter().copied().eq(ids.clone()) && laid.room == room)
-        {
+        // Compared in place: a layout is found far more often than made.
+        let room = backends.iter().filter_map(|b| self.room(b));
+        match self.laid.iter().position(|laid| {
+            laid.ids.iter().copied().eq(ids.clone()) && laid.room.iter().copied().eq(room.clone())
+        }) {
             Some(at) => self.laid[..=at].rotate_right(1),
             None => {
-                let laid = self.lay_out(backends, room);
+                let laid = self.lay_out(backends, room.collect());
                 self.laid.truncate(LISTS - 1);
                 self.laid.insert(0, laid);
             }
@@ -215,25 +214,20 @@ impl Layout {
         Some(self.next_place(seed, grains(bytes as u64), backends, taken, &laid.room))
     }
 
-    /// Each backend's room in key bytes under [`Bound::Room`] (`u64::MAX`
-    /// where its cache size is unknown); empty under [`Bound::Even`].
-    fn room(&self, backends: &[BackendLoad]) -> Vec<u64> {
+    /// Backend `b`'s room in key bytes under [`Bound::Room`] (`u64::MAX`
+    /// where its cache size is unknown); None under [`Bound::Even`].
+    fn room(&self, b: &BackendLoad) -> Option<u64> {
         let Bound::Room(bytes_per_token) = self.bound else {
-            return Vec::new();
+            return None;
         };
-        backends
-            .iter()
-            .map(|b| {
-                let bytes = b.cache_tokens as f64 * bytes_per_token;
-                if b.cache_tokens == 0 || bytes >= u64::MAX as f64 {
-                    u64::MAX
-                } else {
-                    // Finite, not negative, below u64::MAX.
-                    let bytes = bytes.max(0.0) as u64;
-                    bytes / ROOM_GRAIN * ROOM_GRAIN
-                }
-            })
-            .collect()
+        let bytes = b.cache_tokens as f64 * bytes_per_token;
+        Some(if b.cache_tokens == 0 || bytes >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            // Finite, not negative, below u64::MAX.
+            let bytes = bytes.max(0.0) as u64;
+            bytes / ROOM_GRAIN * ROOM_GRAIN
+        })
     }
 
     /// Lays the known families out over `backends`, whose room is `room`.

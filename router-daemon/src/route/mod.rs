@@ -550,8 +550,8 @@ impl Router {
             let sibling = (!placement && !extends) || inputs.pending.is_some();
             // What the family shares: the prefix the sibling followed, or,
             // joining a sibling still connecting, its whole key.
-            let shared = match inputs.matched.iter().copied().max() {
-                Some(longest) if sibling && longest > 0 => longest,
+            let shared = match inputs.longest() {
+                longest if sibling && longest > 0 => longest,
                 _ => key.len(),
             };
             layout.observe(seed, sibling, shared);

@@ -531,7 +531,7 @@ impl Inputs<'_> {
     }
 
     /// The longest match on any backend.
-    fn longest(&self) -> usize {
+    pub(crate) fn longest(&self) -> usize {
         self.matched.iter().copied().max().unwrap_or(0)
     }
 }
