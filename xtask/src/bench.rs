@@ -136,10 +136,16 @@ fn dataplane(args: &[String]) -> Result<()> {
     })
 }
 
-/// Builds, installs the peers unless told not to (or given them), then
-/// runs `router-bench quality` with the release router-daemon.
+/// Builds, installs the peers unless told not to (or given them) and nginx
+/// where its row runs, then runs `router-bench quality` with the release
+/// router-daemon.
 fn quality(args: &[String]) -> Result<()> {
     router_bench("quality", args, |cmd, target_dir| {
+        if quality_runs_nginx(args)
+            && let Some(nginx) = ensure_nginx()
+        {
+            cmd.arg("--nginx-bin").arg(nginx);
+        }
         let wants_peers = !args
             .iter()
             .any(|a| a == "--no-peers" || a.starts_with("--peers-dir"));
@@ -154,6 +160,24 @@ fn quality(args: &[String]) -> Result<()> {
             }
         }
     })
+}
+
+/// Whether `router-bench quality` with `args` runs the nginx row and
+/// needs to be told where nginx is: its default routers include it, and
+/// `--routers` may name it.
+fn quality_runs_nginx(args: &[String]) -> bool {
+    if args.iter().any(|a| a.starts_with("--nginx-bin")) {
+        return false;
+    }
+    let routers = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--routers") {
+            Some("") => args.get(i + 1).map(String::as_str),
+            Some(value) => value.strip_prefix('='),
+            None => None,
+        });
+    routers.is_none_or(|list| list.split(',').any(|r| r == "nginx"))
 }
 
 /// Runs `router-bench <name>` in the workspace root after setup: with the
@@ -201,7 +225,7 @@ fn router_bench(
 
 /// nginx's path, installed with apt-get first when it is missing and this
 /// is root; `None` (with a message saying what is missing) otherwise.
-fn ensure_nginx() -> Option<PathBuf> {
+pub(crate) fn ensure_nginx() -> Option<PathBuf> {
     if let Some(found) = find_nginx() {
         return Some(found);
     }
@@ -281,5 +305,28 @@ mod tests {
             }
             _ => panic!("not the quality benchmark"),
         }
+    }
+
+    #[test]
+    fn nginx_is_found_for_the_quality_rows_that_run_it() {
+        let args = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        assert!(
+            quality_runs_nginx(&args(&["--quick"])),
+            "the default routers"
+        );
+        assert!(quality_runs_nginx(&args(&[
+            "--routers",
+            "round-robin,nginx"
+        ])));
+        assert!(quality_runs_nginx(&args(&["--routers=nginx"])));
+        assert!(!quality_runs_nginx(&args(&[
+            "--routers",
+            "round-robin,router-daemon"
+        ])));
+        assert!(!quality_runs_nginx(&args(&["--routers=router-daemon"])));
+        assert!(
+            !quality_runs_nginx(&args(&["--nginx-bin", "/opt/nginx"])),
+            "told where it is"
+        );
     }
 }

@@ -258,6 +258,10 @@ fn test_command(toolchain: &Toolchain, args: &Args) -> Command {
     if let Ok(daemon) = toolchain.release_bin("router-daemon") {
         test.env("ROUTER_BENCH_TEST_DAEMON", daemon);
     }
+    // ... and nginx, its hop baseline (installed here when missing).
+    if let Some(nginx) = crate::bench::ensure_nginx() {
+        test.env("ROUTER_BENCH_TEST_NGINX", nginx);
+    }
     if setup::is_ci() {
         test.env("ROUTER_REQUIRE_SOCKMAP", "1");
     }

@@ -16,7 +16,9 @@
 //! client-side baselines, where the load generator itself picks the
 //! backend and talks to it directly (`round-robin`: the next backend in
 //! turn; `least-loaded`: the fewest of this generator's requests in
-//! flight); vllm-router and sglang-router when installed (see [`peers`];
+//! flight); nginx round-robin where nginx is installed, the first
+//! baseline plus one proxy hop (what a hop costs with no policy of ours);
+//! vllm-router and sglang-router when installed (see [`peers`];
 //! `--no-peers` leaves them out); and any `--peer NAME=CMD`, a command
 //! that listens on `$PORT`.
 //!
@@ -59,7 +61,15 @@ pub enum Builtin {
     RoundRobin,
     /// Client-side: the backend with the fewest requests in flight.
     LeastLoaded,
+    /// nginx as a plain L7 proxy, round-robin over kept-alive upstream
+    /// connections with `proxy_buffering off`: the client-side
+    /// round-robin plus one proxy hop, and no policy of ours. Left out,
+    /// with a message, where nginx is not installed.
+    Nginx,
 }
+
+/// The `nginx` row's name in the report.
+pub const NGINX_ROW: &str = "nginx round-robin";
 
 /// A load level of the run (`--levels`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -120,11 +130,12 @@ pub struct Args {
     )]
     pub workloads: Vec<Kind>,
     /// Routers to compare (`router-daemon-roundrobin` adds the daemon
-    /// under `--routing-logic roundrobin`: what the proxy hop costs).
+    /// under `--routing-logic roundrobin`, `nginx` nginx's round-robin:
+    /// what a proxy hop costs without our policy).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "round-robin,least-loaded,router-daemon"
+        default_value = "round-robin,least-loaded,router-daemon,nginx"
     )]
     pub routers: Vec<Builtin>,
     /// Another router, `NAME=CMD`, started with `bash -c CMD` with `$PORT`
@@ -143,6 +154,10 @@ pub struct Args {
     /// quick: cache_aware].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub peer_policies: Option<Vec<peers::Policy>>,
+    /// The nginx binary of the `nginx` row (default: `nginx` on `PATH`,
+    /// else /usr/sbin/nginx); `cargo xtask bench quality` installs it.
+    #[arg(long, value_name = "PATH")]
+    pub nginx_bin: Option<PathBuf>,
     /// The router-daemon binary (default: next to this executable).
     #[arg(long, value_name = "PATH")]
     pub router_bin: Option<PathBuf>,
@@ -404,6 +419,16 @@ impl Args {
             let (name, kind) = match b {
                 Builtin::RoundRobin => (report::BASELINE, RouterKind::RoundRobin),
                 Builtin::LeastLoaded => ("least-loaded", RouterKind::LeastLoaded),
+                Builtin::Nginx => match self.nginx_bin.clone().or_else(crate::nginx::find) {
+                    Some(bin) => (NGINX_ROW, RouterKind::Nginx { bin }),
+                    None => {
+                        eprintln!(
+                            "router-bench: nginx is not installed; leaving out its row \
+                             (`cargo xtask bench quality` installs it: apt-get install -y nginx)"
+                        );
+                        continue;
+                    }
+                },
                 Builtin::RouterDaemon | Builtin::RouterDaemonRoundrobin => {
                     let bin = match &self.router_bin {
                         Some(bin) => bin.clone(),
@@ -810,6 +835,12 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
          talks to the simulator directly, so they pay no proxy hop."
             .to_owned(),
     ];
+    if routers.iter().any(|r| r.name == NGINX_ROW) {
+        router_lines.push(format!(
+            "{NGINX_ROW}: round-robin through nginx, a plain L7 proxy with kept-alive \
+             upstream connections: what one proxy hop costs with no routing policy."
+        ));
+    }
     router_lines.extend(commands);
     let report = Report {
         command,
@@ -1056,13 +1087,17 @@ mod tests {
         ];
         // The daemon is a separate binary this test does not build: name
         // one to include it.
-        match std::env::var_os("ROUTER_BENCH_TEST_DAEMON") {
-            Some(bin) => {
-                argv.push("--routers=round-robin,least-loaded,router-daemon".into());
-                argv.push(format!("--router-bin={}", PathBuf::from(bin).display()));
-            }
-            None => argv.push("--routers=round-robin,least-loaded".into()),
+        // nginx too, where `cargo xtask test` found or installed it.
+        let mut routers = vec!["round-robin", "least-loaded"];
+        if let Some(bin) = std::env::var_os("ROUTER_BENCH_TEST_DAEMON") {
+            routers.push("router-daemon");
+            argv.push(format!("--router-bin={}", PathBuf::from(bin).display()));
         }
+        if let Some(bin) = std::env::var_os("ROUTER_BENCH_TEST_NGINX") {
+            routers.push("nginx");
+            argv.push(format!("--nginx-bin={}", PathBuf::from(bin).display()));
+        }
+        argv.push(format!("--routers={}", routers.join(",")));
         let args = Cli::parse_from(argv).args;
         let routers = args.routers.len();
         let (report, path) = run(args).expect("the run completes");
@@ -1094,8 +1129,9 @@ mod tests {
                 );
                 assert!(row.max_over_mean() >= 1.0);
                 assert!(row.failure.is_none());
-                // Client-side choices have no process; the daemon does.
-                let process = row.router.starts_with("router-daemon");
+                // Client-side choices have no process; the daemon and
+                // nginx do.
+                let process = row.router.starts_with("router-daemon") || row.router == NGINX_ROW;
                 assert_eq!(row.cpu_s.is_some(), process, "{}", row.router);
                 assert_eq!(row.peak_rss_mib.is_some(), process, "{}", row.router);
                 if let (Some(cpu), Some(rss)) = (row.cpu_s, row.peak_rss_mib) {

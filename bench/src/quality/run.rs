@@ -35,6 +35,10 @@ use crate::{
     procs::{Proc, router_env},
 };
 
+/// The open-file limit nginx's workers get: two descriptors per proxied
+/// connection, for far more sessions than any level runs.
+const NGINX_NOFILE: u64 = 8192;
+
 /// Seed of the generator that sprays requests over router replicas.
 const SPRAY_SEED: u64 = 0x7370_7261_7921;
 
@@ -58,6 +62,12 @@ pub enum RouterKind {
     /// The load generator sends each request to the backend with the fewest
     /// of its requests in flight (ties in turn).
     LeastLoaded,
+    /// nginx as a plain L7 proxy: round-robin over kept-alive upstream
+    /// connections, `proxy_buffering off` ([`crate::nginx`]).
+    Nginx {
+        /// The binary.
+        bin: PathBuf,
+    },
     /// Another router, started with `bash -c CMD` (`$PORT`, `$BACKEND_URLS`
     /// comma-separated, `$MODEL`, and `$METRICS_PORT`, a second free port
     /// for a metrics listener, in its environment).
@@ -391,6 +401,28 @@ async fn drive(
                     rng: Box::new(Mutex::new(StdRng::seed_from_u64(SPRAY_SEED))),
                 },
             }
+        }
+        RouterKind::Nginx { bin } => {
+            let streaming = free_addr()?;
+            let dir = tmp.join(format!("nginx-{}", streaming.port()));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let layout = crate::nginx::Layout {
+                dir: &dir,
+                buffered: free_addr()?,
+                streaming,
+                backends: &sims.addrs,
+                workers: "auto",
+                nofile: NGINX_NOFILE,
+            };
+            let config = crate::nginx::write_config(&layout)?;
+            crate::nginx::check(bin, &dir, &config)?;
+            let cmd = crate::nginx::command(bin, &dir, &config);
+            command = Some(format!(
+                "{} (worker_processes auto, `proxy_buffering off`)",
+                crate::run::show(&cmd)
+            ));
+            procs.push(Proc::spawn(&router.name, cmd, &dir.join("nginx.log"))?);
+            Target::Fixed(streaming)
         }
         RouterKind::Peer { cmd: line } => {
             let addr = free_addr()?;
