@@ -411,14 +411,17 @@ async fn drive(
                 buffered: free_addr()?,
                 streaming,
                 backends: &sims.addrs,
-                workers: "auto",
+                // One worker: each keeps its own round-robin turn, so two
+                // would send two requests at once to one backend now and
+                // then, and the row would not be the client-side order.
+                workers: "1",
                 nofile: NGINX_NOFILE,
             };
             let config = crate::nginx::write_config(&layout)?;
             crate::nginx::check(bin, &dir, &config)?;
             let cmd = crate::nginx::command(bin, &dir, &config);
             command = Some(format!(
-                "{} (worker_processes auto, `proxy_buffering off`)",
+                "{} (worker_processes 1, `proxy_buffering off`)",
                 crate::run::show(&cmd)
             ));
             procs.push(Proc::spawn(&router.name, cmd, &dir.join("nginx.log"))?);
