@@ -31,7 +31,7 @@ pub struct Layout<'a> {
 }
 
 /// Writes the configuration and returns its path.
-pub fn write_config(layout: &Layout<'_>) -> Result<PathBuf> {
+fn write_config(layout: &Layout<'_>) -> Result<PathBuf> {
     let dir = layout.dir.display();
     let nofile = layout.nofile.max(1024);
     // Each proxied connection takes two descriptors.
@@ -92,9 +92,17 @@ http {{
     Ok(path)
 }
 
+/// Writes `layout`'s configuration, has nginx check it, and returns the
+/// command that runs it and the configuration's path.
+pub fn prepare(nginx: &Path, layout: &Layout<'_>) -> Result<(Command, PathBuf)> {
+    let config = write_config(layout)?;
+    check(nginx, layout.dir, &config)?;
+    Ok((command(nginx, layout.dir, &config), config))
+}
+
 /// The command that runs nginx in the foreground with `config`, its
 /// prefix and logs in `dir`.
-pub fn command(nginx: &Path, dir: &Path, config: &Path) -> Command {
+fn command(nginx: &Path, dir: &Path, config: &Path) -> Command {
     let mut cmd = Command::new(nginx);
     cmd.arg("-p")
         .arg(dir)
@@ -106,7 +114,7 @@ pub fn command(nginx: &Path, dir: &Path, config: &Path) -> Command {
 }
 
 /// Checks the configuration with `nginx -t`.
-pub fn check(nginx: &Path, dir: &Path, config: &Path) -> Result<()> {
+fn check(nginx: &Path, dir: &Path, config: &Path) -> Result<()> {
     let out = command(nginx, dir, config)
         .arg("-t")
         .arg("-q")

@@ -714,9 +714,7 @@ impl Bench {
                 workers: &plan.nginx_workers,
                 nofile,
             };
-            let started = nginx::write_config(&layout).and_then(|config| {
-                nginx::check(&bin, tmp, &config)?;
-                let cmd = nginx::command(&bin, tmp, &config);
+            let started = nginx::prepare(&bin, &layout).and_then(|(cmd, config)| {
                 commands.push(format!(
                     "nginx: `{}` (its configuration is below)",
                     show(&cmd)

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{
     cluster, fuzz, helm, image, kube,
@@ -86,6 +86,12 @@ pub fn run(args: Args) -> Result<()> {
     );
     // helm for the chart's tests, unpacked once per machine.
     let helm = stages.optional("helm", helm::ensure(), "the chart tests will skip");
+    // nginx, the quality benchmark's hop baseline, from Debian.
+    let nginx = stages.optional(
+        "nginx",
+        crate::bench::ensure_nginx().context("nginx is missing and could not be installed"),
+        "the quality benchmark's smoke test will leave out its nginx row",
+    );
 
     // The router image from this checkout's release binary on a local
     // bookworm base, in a Docker daemon kept up until the tests are done.
@@ -104,6 +110,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if let Some(helm) = &helm {
         test.env("ROUTER_TEST_HELM", &helm.helm);
+    }
+    if let Some(nginx) = &nginx {
+        test.env("ROUTER_BENCH_TEST_NGINX", nginx);
     }
     if let Some(image) = &image {
         test.env("ROUTER_TEST_IMAGE", &image.tag);
@@ -257,10 +266,6 @@ fn test_command(toolchain: &Toolchain, args: &Args) -> Command {
     // The quality benchmark's smoke test runs the real router too.
     if let Ok(daemon) = toolchain.release_bin("router-daemon") {
         test.env("ROUTER_BENCH_TEST_DAEMON", daemon);
-    }
-    // ... and nginx, its hop baseline (installed here when missing).
-    if let Some(nginx) = crate::bench::ensure_nginx() {
-        test.env("ROUTER_BENCH_TEST_NGINX", nginx);
     }
     if setup::is_ci() {
         test.env("ROUTER_REQUIRE_SOCKMAP", "1");

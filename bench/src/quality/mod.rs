@@ -1129,6 +1129,18 @@ mod tests {
                 );
                 assert!(row.max_over_mean() >= 1.0);
                 assert!(row.failure.is_none());
+                // The round-robin rows, with a hop or without, send in turn.
+                if row.router == report::BASELINE || row.router == NGINX_ROW {
+                    let most = row.loads.iter().max().copied().unwrap_or(0);
+                    let least = row.loads.iter().min().copied().unwrap_or(0);
+                    assert!(
+                        most - least <= 1,
+                        "{}/{}: {:?}",
+                        s.workload,
+                        row.router,
+                        row.loads
+                    );
+                }
                 // Client-side choices have no process; the daemon and
                 // nginx do.
                 let process = row.router.starts_with("router-daemon") || row.router == NGINX_ROW;

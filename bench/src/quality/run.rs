@@ -417,9 +417,7 @@ async fn drive(
                 workers: "1",
                 nofile: NGINX_NOFILE,
             };
-            let config = crate::nginx::write_config(&layout)?;
-            crate::nginx::check(bin, &dir, &config)?;
-            let cmd = crate::nginx::command(bin, &dir, &config);
+            let (cmd, _config) = crate::nginx::prepare(bin, &layout)?;
             command = Some(format!(
                 "{} (worker_processes 1, `proxy_buffering off`)",
                 crate::run::show(&cmd)
