@@ -412,6 +412,16 @@ pub struct Config {
           value_parser = non_negative)]
     pub recency_margin: f64,
 
+    /// Where a router knows it is alone (see --placement-patience-when),
+    /// while fewer than this fraction of recent requests followed a cached
+    /// prefix, a new prompt that would go to an engine answering other
+    /// requests goes to an idle one instead, if no other request takes it
+    /// first: its prefill would hold up their decoding for a whole engine
+    /// step. 0: off; 1 or more: at any reuse rate.
+    #[arg(long, env = "ROUTER_IDLE_BELOW_REUSE", default_value_t = Policy::DEFAULT.idle_below_reuse,
+          value_parser = non_negative)]
+    pub idle_below_reuse: f64,
+
     /// Prompt bytes per token, to weigh prompt families against the
     /// tokens each engine's KV cache holds (`vllm:cache_config_info`): a
     /// new family (a system prompt, a template, a conversation) is placed
@@ -524,6 +534,7 @@ impl Config {
             },
             bytes_per_token: self.bytes_per_token,
             recency_margin: self.recency_margin,
+            idle_below_reuse: self.idle_below_reuse,
         }
     }
 
@@ -744,6 +755,7 @@ mod tests {
             "--rendezvous-weight",
             "--follow-fraction",
             "--recency-margin",
+            "--idle-below-reuse",
         ] {
             for bad in ["-1", "NaN", "inf", "x"] {
                 let err = Config::try_parse_from(["router-daemon", "--backend", "x:1", flag, bad]);

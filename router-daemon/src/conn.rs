@@ -650,14 +650,17 @@ async fn route(
     shared: &Shared,
 ) -> Result<Routed, Failure> {
     let backends = shared.backends.snapshot();
-    let decision = select(head, input, buffers, &backends, shared)?;
     let key_len = input.map_or(0, |input| input.key.len());
+    let mut claimed = None;
+    let decision = select(head, input, buffers, &backends, shared, &mut claimed)?;
     let chosen_prefill = key_len.saturating_sub(decision.matched);
-    let reserved = buffers
-        .order
-        .first()
-        .and_then(|&first| backends.get(first))
-        .map(|chosen| chosen.start_request(chosen_prefill));
+    let reserved = claimed.or_else(|| {
+        buffers
+            .order
+            .first()
+            .and_then(|&first| backends.get(first))
+            .map(|chosen| chosen.start_request(chosen_prefill))
+    });
     let attempts = attempts(&buffers.order, shared);
     let leg = connect(&buffers.order[..attempts], &backends, request_id, shared).await?;
     let (in_flight, prefill) = match reserved {
@@ -676,13 +679,16 @@ async fn route(
 /// Picks the backend for a request (`input`: its prompt, if its endpoint
 /// has one) among those of `backends` that may serve it, and leaves every
 /// candidate's position in `backends` in `buffers.order`, in the order to
-/// try them.
+/// try them. A decision for an idle backend holds only if the request
+/// takes it before another does: then the request is started there, in
+/// `claimed` (see `Router::select`).
 fn select(
     head: &Head,
     input: Option<&prompt::RoutingInput>,
     buffers: &mut Buffers,
     backends: &Backends,
     shared: &Shared,
+    claimed: &mut Option<InFlight>,
 ) -> Result<Decision, Failure> {
     let Buffers {
         candidates,
@@ -706,9 +712,18 @@ fn select(
         session: head.session.as_deref(),
         later_turns: input.later_turns,
     });
+    let key_len = input.map_or(0, |input| input.key.len());
+    let candidates = &*candidates;
+    let claim = |idle: &Decision| {
+        *claimed = candidates
+            .get(idle.backend)
+            .and_then(|&index| backends.get(index))
+            .and_then(|backend| backend.start_if_idle(key_len.saturating_sub(idle.matched)));
+        claimed.is_some()
+    };
     let decision = shared
         .router
-        .select(request.as_ref(), &loads, walk, order)
+        .select(request.as_ref(), &loads, walk, order, claim)
         .ok_or_else(|| ApiError::unavailable("no backend is available: the fleet is empty"))?;
     // Positions among the candidates → backend indexes.
     for slot in order.iter_mut() {

@@ -432,12 +432,29 @@ impl Backend {
     /// Counts one request in flight until the guard drops, and its
     /// `prefill` uncached key bytes as prefilling until it is answered.
     pub(crate) fn start_request(self: &Arc<Self>, prefill: usize) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.begin(prefill)
+    }
+
+    /// [`Self::start_request`], but only while this router has no request
+    /// in flight here: None when another request took the backend since
+    /// routing saw it idle (two decisions taken at once, each blind to the
+    /// other's, would otherwise both send their prompts to the one idle
+    /// engine, to be prefilled in one step; see `Router::select`).
+    pub(crate) fn start_if_idle(self: &Arc<Self>, prefill: usize) -> Option<InFlight> {
+        self.in_flight
+            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()?;
+        Some(self.begin(prefill))
+    }
+
+    /// The rest of starting a request counted in `in_flight` already.
+    fn begin(self: &Arc<Self>, prefill: usize) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.last_start.store(health::clock(), Ordering::Relaxed);
         if self.wants_early_scrape() {
             self.traffic.notify_one();
         }
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.prefilling.fetch_add(prefill, Ordering::Relaxed);
         InFlight {
             backend: Arc::clone(self),
@@ -833,6 +850,24 @@ mod tests {
         drop(first);
         assert_eq!((backend.in_flight(), backend.prefilling()), (1, 20));
         drop(second);
+        assert_eq!((backend.in_flight(), backend.prefilling()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn only_one_request_takes_an_idle_backend() {
+        let backends = Backends::resolve(&["http://127.0.0.1:1".into()])
+            .await
+            .unwrap();
+        let backend = backends.get(0).unwrap();
+        let first = backend.start_if_idle(100).expect("idle");
+        assert_eq!((backend.in_flight(), backend.prefilling()), (1, 100));
+        assert!(backend.start_if_idle(20).is_none());
+        assert_eq!((backend.in_flight(), backend.prefilling()), (1, 100));
+        drop(first);
+        let again = backend.start_if_idle(20).expect("idle again");
+        let queued = backend.start_request(30);
+        assert_eq!((backend.in_flight(), backend.prefilling()), (2, 50));
+        drop((again, queued));
         assert_eq!((backend.in_flight(), backend.prefilling()), (0, 0));
     }
 }

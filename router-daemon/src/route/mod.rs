@@ -108,11 +108,15 @@ pub enum Reason {
     /// and all prefilling, to the one whose prefill began longest ago
     /// (`--recency-margin`, see `policy`).
     OldestPrefill,
+    /// A new prompt sent by a router alone, while recent traffic shares
+    /// little, to an engine with nothing in flight instead of one already
+    /// answering (`--idle-below-reuse`, see `policy`).
+    Idle,
 }
 
 impl Reason {
     /// Every reason, for metrics that pre-create their labels.
-    pub(crate) const ALL: [Reason; 10] = [
+    pub(crate) const ALL: [Reason; 11] = [
         Reason::PrefixMatch,
         Reason::LeastLoaded,
         Reason::Spread,
@@ -123,6 +127,7 @@ impl Reason {
         Reason::Moved,
         Reason::CacheFull,
         Reason::OldestPrefill,
+        Reason::Idle,
     ];
 
     /// Short name for logs and metrics.
@@ -138,6 +143,7 @@ impl Reason {
             Reason::Moved => "moved",
             Reason::CacheFull => "cache-full",
             Reason::OldestPrefill => "oldest-prefill",
+            Reason::Idle => "idle",
         }
     }
 }
@@ -377,7 +383,7 @@ impl Router {
                 matched,
                 held,
             } = scratch;
-            let decision = self.decide_with(request, backends, walk, matched, held);
+            let decision = self.decide_with(request, backends, walk, matched, held, |_| true);
             if let Some(chosen) = decision.and_then(|d| backends.get(d.backend)) {
                 self.index
                     .record(walk, request.key, index::backend_id(chosen.name));
@@ -393,6 +399,13 @@ impl Router {
     /// order to try them: the choice first, then the others from least to
     /// most loaded. Positions are into `backends`.
     ///
+    /// A decision for a backend that `backends` shows idle holds only if
+    /// `claim` can still take it for the request (it starts the request
+    /// there, see `Backend::start_if_idle`); when another request took it
+    /// first, the router decides again with that backend busy (see
+    /// `Router::claimed`), and the caller starts the request on a backend
+    /// that was not idle itself.
+    ///
     /// The index is left alone: once a backend has accepted the request,
     /// [`Router::record`] writes it there with the hashes left in `walk`
     /// (the caller's, kept with the request across the connect), so the
@@ -404,6 +417,7 @@ impl Router {
         backends: &[BackendLoad],
         walk: &mut Walk,
         order: &mut Vec<usize>,
+        claim: impl FnMut(&Decision) -> bool,
     ) -> Option<Decision> {
         order.clear();
         if backends.is_empty() {
@@ -413,7 +427,7 @@ impl Router {
             _ if self.policy.logic == Logic::RoundRobin => self.round_robin(backends)?,
             Some(request) => SCRATCH.with_borrow_mut(|scratch| {
                 let Scratch { matched, held, .. } = scratch;
-                self.decide_with(request, backends, walk, matched, held)
+                self.decide_with(request, backends, walk, matched, held, claim)
             })?,
             None => Decision {
                 backend: policy::least_loaded(backends),
@@ -471,8 +485,9 @@ impl Router {
                 && backends.iter().any(|b| b.clients == Clients::Others))
     }
 
-    /// The decision for `request`, hashing its key into `walk`; records
-    /// nothing.
+    /// The decision for `request`, hashing its key into `walk`, an idle
+    /// backend's only if `claim` takes it (see [`Router::select`]); records
+    /// nothing in the index.
     fn decide_with(
         &self,
         request: &RouteRequest,
@@ -480,6 +495,7 @@ impl Router {
         walk: &mut Walk,
         matched: &mut Vec<usize>,
         held: &mut Vec<usize>,
+        claim: impl FnMut(&Decision) -> bool,
     ) -> Option<Decision> {
         let key = request.key;
         let extends = self.matched_lengths(request, backends, walk, matched);
@@ -557,7 +573,7 @@ impl Router {
             layout.observe(seed, sibling, shared);
         }
         drop(layout);
-        let decision = policy::choose(&self.policy, &inputs)?;
+        let decision = Self::claimed(&self.policy, &inputs, claim)?;
         if let (Some(chosen), Some(now)) = (backends.get(decision.backend), now) {
             let id = index::backend_id(chosen.name);
             if placement {
@@ -568,6 +584,42 @@ impl Router {
             }
         }
         Some(decision)
+    }
+
+    /// The decision for `inputs` whose backend `claim` took, if it was
+    /// idle: the policy's, or an idle backend instead of a busy one
+    /// ([`policy::idle_instead`]). Idle is what `inputs` showed a moment
+    /// ago, and decisions taken at once on two threads see the same idle
+    /// backend: when another request took it first, the policy decides
+    /// again, that backend counted busy with a request like this one (or,
+    /// for an idle backend instead of a busy one, keeps its own choice).
+    /// Each refusal makes one more backend busy, so this ends.
+    fn claimed(
+        policy: &Policy,
+        first: &policy::Inputs,
+        mut claim: impl FnMut(&Decision) -> bool,
+    ) -> Option<Decision> {
+        // Allocated only when a claim is refused, which is rare.
+        let mut taken: Option<Vec<BackendLoad>> = None;
+        loop {
+            let inputs = policy::Inputs {
+                backends: taken.as_deref().unwrap_or(first.backends),
+                ..*first
+            };
+            let decision = policy::choose(policy, &inputs)?;
+            let instead = policy::idle_instead(policy, &inputs, &decision);
+            let pick = instead.unwrap_or(decision);
+            if inputs.backends.get(pick.backend)?.load() > 0 || claim(&pick) {
+                return Some(pick);
+            }
+            if instead.is_some() {
+                return Some(decision);
+            }
+            let views = taken.get_or_insert_with(|| first.backends.to_vec());
+            let busy = views.get_mut(pick.backend)?;
+            busy.in_flight += 1;
+            busy.prefill = busy.prefill.saturating_add(first.key_len);
+        }
     }
 
     /// Fills `matched` with the prefix of the request's key each backend
@@ -1002,7 +1054,9 @@ mod tests {
             .collect();
         let (mut walk, mut order) = (Walk::default(), Vec::new());
         // No prompt: the least loaded, then the rest by load.
-        let d = router.select(None, &loads, &mut walk, &mut order).unwrap();
+        let d = router
+            .select(None, &loads, &mut walk, &mut order, |_| true)
+            .unwrap();
         assert_eq!(
             (d.backend, d.reason, d.matched),
             (1, Reason::LeastLoaded, 0)
@@ -1011,7 +1065,13 @@ mod tests {
         // A prompt: its choice first, whatever its load.
         let key = b"Summarise this report for the board.";
         let d = router
-            .select(Some(&request(key, 0)), &loads, &mut walk, &mut order)
+            .select(
+                Some(&request(key, 0)),
+                &loads,
+                &mut walk,
+                &mut order,
+                |_| true,
+            )
             .unwrap();
         assert_eq!(order[0], d.backend);
         let mut rest = order[1..].to_vec();
@@ -1019,7 +1079,11 @@ mod tests {
         assert_eq!(rest, order[1..]);
         assert_eq!(order.len(), 4);
         // No candidates, no selection.
-        assert!(router.select(None, &[], &mut walk, &mut order).is_none());
+        assert!(
+            router
+                .select(None, &[], &mut walk, &mut order, |_| true)
+                .is_none()
+        );
         assert!(order.is_empty());
     }
 
@@ -1036,6 +1100,7 @@ mod tests {
                 &backends,
                 &mut walk,
                 &mut order,
+                |_| true,
             )
             .unwrap();
         // The chosen backend could not be reached; the request went to the
@@ -1083,6 +1148,7 @@ mod tests {
                     views,
                     &mut walk,
                     &mut order,
+                    |_| true,
                 )
                 .unwrap();
             let there = &mut views[d.backend];
@@ -1114,9 +1180,139 @@ mod tests {
                 &views,
                 &mut walk,
                 &mut order,
+                |_| true,
             )
             .unwrap();
         assert!(!chosen.contains(&d.backend), "{d:?}");
+    }
+
+    #[test]
+    fn an_idle_engine_goes_to_the_request_that_claims_it_and_its_siblings_follow() {
+        // A router alone whose recent traffic shared little: its reuse rate
+        // fell from its cold start's 1 to 2 in 12, where a new prompt's
+        // family lead still holds it to its rendezvous backend.
+        let router = Router::new(64, 1 << 16);
+        let alone = |views: Vec<BackendLoad<'static>>| -> Vec<BackendLoad<'static>> {
+            views
+                .into_iter()
+                .map(|b| b.with_clients(Clients::Ours))
+                .collect()
+        };
+        for i in 0..10 {
+            let own = format!("{i}: a prompt of its own {}", "words ".repeat(300));
+            route(&router, MODEL, own.as_bytes(), &alone(idle(4))).unwrap();
+        }
+        // Three engines answer a request each; the last is idle. Templates
+        // whose rendezvous backend is busy.
+        let views = alone(idle(4));
+        let mut busy = views.clone();
+        for b in &mut busy[..3] {
+            b.in_flight = 1;
+        }
+        let template = |n: usize| {
+            format!(
+                "{n:04} Answer from this contract. {}",
+                "Clause. ".repeat(400)
+            )
+        };
+        let on_busy = (0..64)
+            .map(template)
+            .filter(|t| {
+                route(&Router::new(64, 1 << 16), MODEL, t.as_bytes(), &views)
+                    .is_some_and(|d| d.backend != 3)
+            })
+            .take(2)
+            .collect::<Vec<_>>();
+        assert_eq!(on_busy.len(), 2, "templates that hash onto a busy engine");
+        let select =
+            |key: &str, views: &[BackendLoad], claim: &mut dyn FnMut(&Decision) -> bool| {
+                let (mut walk, mut order) = (Walk::default(), Vec::new());
+                router
+                    .select(
+                        Some(&request(key.as_bytes(), 0)),
+                        views,
+                        &mut walk,
+                        &mut order,
+                        claim,
+                    )
+                    .unwrap()
+            };
+        let sibling = |template: &str| format!("{template} Who signs?");
+        // Claimed: the idle engine takes it, and a sibling selected before
+        // the index learns of it joins it there.
+        let mut offered = Vec::new();
+        let d = select(&on_busy[0], &busy, &mut |d| {
+            offered.push(d.backend);
+            true
+        });
+        assert_eq!((d.backend, d.reason), (3, Reason::Idle));
+        assert_eq!(offered, [3]);
+        let mut now = busy.clone();
+        now[3].in_flight = 1;
+        let next = select(&sibling(&on_busy[0]), &now, &mut |_| panic!("none is idle"));
+        assert_eq!(next.backend, 3);
+        // Taken by another request first: the choice without the idle
+        // engine stands, and the sibling joins it there, not the engine
+        // the first never reached.
+        let d = select(&on_busy[1], &busy, &mut |_| false);
+        assert_ne!(d.backend, 3);
+        assert_ne!(d.reason, Reason::Idle);
+        let next = select(&sibling(&on_busy[1]), &now, &mut |_| panic!("none is idle"));
+        assert_eq!(next.backend, d.backend);
+    }
+
+    #[test]
+    fn a_decision_for_an_idle_backend_another_request_took_is_taken_again() {
+        // A router alone whose traffic shares nothing: a new prompt goes
+        // where it waits least.
+        let router = Router::new(64, 1 << 16);
+        let views: Vec<_> = idle(4)
+            .into_iter()
+            .map(|b| b.with_clients(Clients::Ours))
+            .collect();
+        for i in 0..64 {
+            let own = format!("{i}: a prompt of its own {}", "words ".repeat(300));
+            route(&router, MODEL, own.as_bytes(), &views).unwrap();
+        }
+        let (mut walk, mut order) = (Walk::default(), Vec::new());
+        let mut select = |n: usize, claim: &mut dyn FnMut(&Decision) -> bool| {
+            let prompt = format!("{n}: a new prompt. {}", "words ".repeat(300));
+            router
+                .select(
+                    Some(&request(prompt.as_bytes(), 0)),
+                    &views,
+                    &mut walk,
+                    &mut order,
+                    claim,
+                )
+                .unwrap()
+        };
+        // Every backend is idle: the first offered is taken.
+        let mut offered = Vec::new();
+        let d = select(1, &mut |d| {
+            offered.push(d.backend);
+            true
+        });
+        assert_eq!(offered, [d.backend]);
+        // Another request took it: the router decides again, that one
+        // counted busy, and offers the next.
+        let mut offered = Vec::new();
+        let again = select(2, &mut |d| {
+            offered.push(d.backend);
+            offered.len() == 2
+        });
+        assert_eq!(offered.len(), 2);
+        assert_eq!(again.backend, offered[1]);
+        assert_ne!(offered[1], offered[0]);
+        // Each taken in turn: every backend is offered once, and the
+        // decision is then among busy ones.
+        let mut offered = Vec::new();
+        select(3, &mut |d| {
+            offered.push(d.backend);
+            false
+        });
+        offered.sort_unstable();
+        assert_eq!(offered, [0, 1, 2, 3]);
     }
 
     #[test]

@@ -79,7 +79,9 @@
 //!    lands on one backend instead of being copied onto several. A new
 //!    prompt whose rendezvous backend has no room left in its KV cache
 //!    takes the next in rendezvous order with room instead
-//!    ([`Reason::CacheFull`], below).
+//!    ([`Reason::CacheFull`], below). Where the router is alone and its
+//!    traffic shares little, a new prompt that this sends to a busy
+//!    backend goes to an idle one instead ([`Reason::Idle`], below).
 //!
 //! # Room in the cache
 //! Hashing a dozen families onto four backends is lumpy, and a backend
@@ -219,6 +221,33 @@
 //! 1.02–1.04×, and at 16 sessions from 1.07–1.21× to 1.03–1.11×, the
 //! sharing workloads unchanged (numbers and commands in the README).
 //!
+//! # An idle engine first
+//! Sharing nothing at light load, a new prompt's family lead (the reuse
+//! rate never falls quite to 0, and 10 × a few percent of a 4 KiB prompt
+//! outweighs a request of load) kept about one new prompt in five on an
+//! engine decoding another request while another engine idled; a prefill
+//! in the same engine step holds that decode up for as long as it lasts.
+//! So where the router knows it is alone and fewer than
+//! [`Policy::idle_below_reuse`] of recent requests followed a cached
+//! prefix (`--idle-below-reuse`, a half), a new prompt that no pending
+//! sibling proved a family and no layout places, and that rule 3 sends to
+//! a backend with requests in flight, goes to a candidate with none
+//! instead ([`idle_instead`], [`Reason::Idle`]). Traffic that shares keeps
+//! its families where they hash. Idle is a moment's view, and two
+//! decisions taken at once on the daemon's two threads see the same idle
+//! engine: alone, that sent two prompts into one prefill step and doubled
+//! the p99 TTFT at 4 sessions (63 to 113–120 ms). So a decision for an
+//! idle backend, by this rule or any other, holds only if the request
+//! takes that backend from 0 requests in flight to 1 at once; otherwise
+//! the router decides again with it busy (`Router::select`). In
+//! `bench/scripts/quality-variants.sh "--no-plots --workloads no-sharing
+//! --seed N" "off=--peers 0 --idle-below-reuse 0"` (N of 1–3,
+//! `quality-20261207-152235.md` to `-152433.md`), no-sharing's mean
+//! end-to-end time at 4 sessions went from 1.11–1.15× round-robin's to
+//! 1.00–1.01×, with the same TTFT (60 ms, p99 61–69 against round-robin's
+//! 61–62); the other levels moved within run-to-run noise, and the
+//! sharing workloads were unchanged (`-152533`).
+//!
 //! # Family layout (opt-in)
 //! Hashing a dozen families (system prompts, templates) onto four
 //! backends is lumpy: one backend easily gets twice its share, evicts what
@@ -323,6 +352,12 @@ pub struct Policy {
     /// rendezvous lead of a prompt no sibling proved a family shrinks with
     /// [`Inputs::reuse`]. 0: off.
     pub(crate) recency_margin: f64,
+    /// Where the router knows it is alone, while fewer than this fraction
+    /// of recent requests followed a cached prefix ([`Inputs::reuse`]), a
+    /// new prompt whose chosen backend has requests in flight goes to one
+    /// with none, if the caller can still take it ([`idle_instead`]). 0:
+    /// off; above 1: at any reuse rate.
+    pub(crate) idle_below_reuse: f64,
 }
 
 impl Policy {
@@ -343,6 +378,7 @@ impl Policy {
         patience_holds: PatienceHolds::Alone,
         bytes_per_token: 4.0,
         recency_margin: 0.25,
+        idle_below_reuse: 0.5,
     };
 }
 
@@ -769,6 +805,46 @@ fn least_recent(
         .filter(|&i| backends[i].last_start <= oldest.saturating_add(RECENCY_WINDOW_MS))
         .max_by_key(|&i| rendezvous(backends[i].name, input.placement))
         .map(|pick| (pick, Reason::OldestPrefill))
+}
+
+/// An idle engine first (see the module doc): where the router knows it is
+/// alone and fewer than [`Policy::idle_below_reuse`] of recent requests
+/// reused a cached prefix, a new prompt (rule 3) that `decision` sends to a
+/// backend with requests in flight goes instead to a candidate with none
+/// ([`Reason::Idle`]; the highest rendezvous score for the prompt among
+/// them, and one its cache holds where caches are weighed). None where the
+/// rule does not apply, or no candidate is idle.
+///
+/// Idle is what the caller saw a moment ago, and two decisions taken at
+/// once on two threads see the same idle backend: the caller takes it only
+/// if it is still idle (`Backend::start_if_idle`), and keeps `decision`
+/// otherwise.
+pub(crate) fn idle_instead(
+    policy: &Policy,
+    input: &Inputs,
+    decision: &Decision,
+) -> Option<Decision> {
+    let backends = input.backends;
+    let applies = input.reuse.clamp(0.0, 1.0) < policy.idle_below_reuse
+        && input.session.is_none()
+        && !input.later_turns
+        && input.pending.is_none()
+        && input.layout.is_none()
+        && policy.is_placement(input)
+        && policy.patience_holds(input)
+        && backends.get(decision.backend).is_some_and(|b| b.load() > 0);
+    if !applies {
+        return None;
+    }
+    let weigh = policy.weighs_caches(input);
+    (0..backends.len())
+        .filter(|&i| backends[i].load() == 0 && (!weigh || policy.fits(input, i)))
+        .max_by_key(|&i| rendezvous(backends[i].name, input.placement))
+        .map(|backend| Decision {
+            backend,
+            matched: input.matched(backend),
+            reason: Reason::Idle,
+        })
 }
 
 /// Starts closer than this, in milliseconds, count as one moment for
@@ -1437,6 +1513,150 @@ mod tests {
     }
 
     #[test]
+    fn alone_with_little_reuse_a_new_prompt_takes_an_idle_engine_over_a_busy_one() {
+        // Three engines answer a request each (their prefill is done); the
+        // fourth is idle. A 4 KiB new prompt whose rendezvous winner is busy,
+        // with a few percent of recent requests reusing a prefix: its
+        // family's lead keeps it on that winner.
+        let v = views(&[(1, 0), (1, 0), (1, 0), (1, 0)]);
+        let seed = (0..64u64)
+            .find(|&seed| winner(&v, seed) != 3)
+            .expect("some seed's winner is not the last backend");
+        let mut v = v;
+        v[3].in_flight = 0;
+        let input = Inputs {
+            placement: seed,
+            reuse: 0.05,
+            ..inputs(&v, &[0; 4], 4096)
+        };
+        let policy = Policy::default();
+        let d = choose(&policy, &input).unwrap();
+        assert_eq!((d.backend, d.reason), (winner(&v, seed), Reason::Placed));
+        let idle = idle_instead(&policy, &input, &d).expect("an idle engine");
+        assert_eq!((idle.backend, idle.reason), (3, Reason::Idle));
+        // Of two idle engines, the prompt's own rendezvous order picks, so
+        // simultaneous decisions for different prompts spread.
+        let mut two = v.clone();
+        let other = (0..3).find(|&i| i != d.backend).expect("a third backend");
+        two[other].in_flight = 0;
+        let both = Inputs {
+            backends: &two,
+            ..input
+        };
+        let by_rendezvous = [other, 3]
+            .into_iter()
+            .max_by_key(|&i| rendezvous(two[i].name, seed))
+            .expect("two");
+        let idle = idle_instead(&policy, &both, &d).expect("an idle engine");
+        assert_eq!(idle.backend, by_rendezvous);
+        // It does not apply where:
+        let none = |policy: &Policy, input: &Inputs, d: &Decision| {
+            assert_eq!(idle_instead(policy, input, d), None, "{input:?}");
+        };
+        // the traffic shares (reuse at the threshold or above);
+        none(
+            &policy,
+            &Inputs {
+                reuse: 0.5,
+                ..input
+            },
+            &d,
+        );
+        // the rule is off;
+        let off = Policy {
+            idle_below_reuse: 0.0,
+            ..policy
+        };
+        none(&off, &input, &d);
+        // the choice is idle already;
+        none(&policy, &input, &Decision { backend: 3, ..d });
+        // no engine is idle;
+        let busy_all = views(&[(1, 0), (1, 0), (1, 0), (0, 1)]);
+        none(
+            &policy,
+            &Inputs {
+                backends: &busy_all,
+                ..input
+            },
+            &d,
+        );
+        // a replica may send there too (the family goes where it hashes);
+        let shared: Vec<_> = v.iter().map(|b| b.with_clients(Clients::Others)).collect();
+        none(
+            &policy,
+            &Inputs {
+                backends: &shared,
+                ..input
+            },
+            &d,
+        );
+        // a sibling still connecting proved the family, or the layout
+        // places it;
+        none(
+            &policy,
+            &Inputs {
+                pending: Some(d.backend),
+                ..input
+            },
+            &d,
+        );
+        none(
+            &policy,
+            &Inputs {
+                layout: Some(d.backend),
+                ..input
+            },
+            &d,
+        );
+        // a later chat turn, a session, or a prefix worth following.
+        none(
+            &policy,
+            &Inputs {
+                later_turns: true,
+                ..input
+            },
+            &d,
+        );
+        none(
+            &policy,
+            &Inputs {
+                session: Some(1),
+                ..input
+            },
+            &d,
+        );
+        let matched = [4096, 0, 0, 0];
+        none(
+            &policy,
+            &Inputs {
+                matched: &matched,
+                ..input
+            },
+            &d,
+        );
+        // Where caches are weighed, only an idle engine whose cache holds
+        // the prompt beside its families in use takes it.
+        let sized: Vec<_> = v.iter().map(|b| b.with_cache_tokens(2048)).collect();
+        let held = [0, 0, 0, 8 * 1024];
+        let full = Inputs {
+            backends: &sized,
+            held: &held,
+            ..input
+        };
+        none(&policy, &full, &d);
+        let roomy = [0; 4];
+        let idle = idle_instead(
+            &policy,
+            &Inputs {
+                held: &roomy,
+                ..full
+            },
+            &d,
+        );
+        assert_eq!(idle.map(|d| d.backend), Some(3));
+    }
+
+    #[test]
     fn a_short_shared_preamble_is_not_followed() {
         // 512 bytes shared of a 2,100-byte conversation prefix: placed.
         let v = views(&[(0, 0), (0, 0), (0, 0), (0, 0)]);
@@ -1598,6 +1818,7 @@ mod tests {
             held in prop::collection::vec(0usize..80_000, 8),
             bytes_per_token in 0.0f64..8.0,
             recency_margin in prop::sample::select(vec![0.0, 0.25, 1.0]),
+            idle_below_reuse in prop::sample::select(vec![0.0, 0.5, 2.0]),
             starts in prop::collection::vec(any::<u64>(), 8),
         ) {
             let v: Vec<BackendLoad> = loads
@@ -1622,6 +1843,7 @@ mod tests {
                 patience_holds,
                 bytes_per_token,
                 recency_margin,
+                idle_below_reuse,
             };
             let matched = &matched[..v.len()];
             let input = Inputs {
@@ -1677,6 +1899,14 @@ mod tests {
             prop_assert_eq!(d.matched, matched[d.backend]);
             // A pure function: the same inputs give the same answer.
             prop_assert_eq!(choose(&policy, &input), Some(d));
+            // An idle engine first only replaces a busy choice of rule 3
+            // with an idle backend, which is always within the bound.
+            if let Some(idle) = idle_instead(&policy, &input, &d) {
+                prop_assert!(policy.is_placement(&input) && session.is_none() && !later_turns);
+                prop_assert!(v[d.backend].load() > 0 && v[idle.backend].load() == 0);
+                prop_assert_eq!((idle.matched, idle.reason), (matched[idle.backend], Reason::Idle));
+                prop_assert!(reuse < idle_below_reuse);
+            }
         }
     }
 }

@@ -549,19 +549,23 @@ impl HoldingEngine {
 /// `shared` for every backend in `urls` (1: other clients' requests seen,
 /// 0: only the router's, -1: not known yet).
 async fn shared_gauge(router: SocketAddr, urls: &[&str], shared: f64) {
+    let readings: Vec<_> = urls.iter().map(|&url| (url, shared)).collect();
+    backend_gauge(router, "router_backend_shared", &readings).await;
+}
+
+/// Waits (bounded) until the router's per-backend gauge `name` reads each
+/// of `readings` (a backend URL, a value).
+async fn backend_gauge(router: SocketAddr, name: &str, readings: &[(&str, f64)]) {
     for _ in 0..400 {
         let metrics = get(router, "/metrics").await.text();
-        if urls.iter().all(|url| {
-            metric(
-                &metrics,
-                &format!("router_backend_shared{{backend=\"{url}\"}}"),
-            ) == Some(shared)
+        if readings.iter().all(|&(url, value)| {
+            metric(&metrics, &format!("{name}{{backend=\"{url}\"}}")) == Some(value)
         }) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("router_backend_shared never read {shared} for {urls:?}");
+    panic!("{name} never read {readings:?}");
 }
 
 /// A 3.3 KiB prompt of its own family (its first bytes differ from every
@@ -651,6 +655,9 @@ async fn new_prompts_spread_by_prefill_only_while_the_router_is_alone() {
     let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
         config.discovery_interval_ms = 100;
         config.placement_patience = 1.0;
+        // Patience alone: with traffic that shares this little, an idle
+        // engine would take the second prompt (see the test below).
+        config.idle_below_reuse = 0.0;
     })
     .await;
     discovered(router, &urls).await;
@@ -820,6 +827,109 @@ async fn alone_a_new_prompt_waits_behind_the_oldest_prefill() {
         let once = if margin > 0.0 { 1.0 } else { 0.0 };
         assert_eq!(by_recency, Some(once), "recency margin {margin}");
     }
+}
+
+/// A router alone whose recent traffic shares little sends a new prompt
+/// to an idle engine, not to one streaming another request's reply, even
+/// where the prompt hashes onto that one: its prefill would hold the
+/// other's decoding up. With `--idle-below-reuse 0` the prompt's
+/// rendezvous order decides, as it does for replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alone_a_new_prompt_takes_an_idle_engine_over_one_answering_another() {
+    // Paced engines: a decode step every 20 ms, so a 300-token reply
+    // streams for six seconds or more, however busy the machine.
+    let mut urls = Vec::new();
+    let mut _stops = Vec::new();
+    for id in ["a", "b"] {
+        let (addr, stop) = start_sim(vllm_sim::Config {
+            time_scale: 1.0,
+            itl_ms: 20.0,
+            ..vllm_sim::Config::for_tests(id)
+        })
+        .await;
+        urls.push(format!("http://{addr}"));
+        _stops.push(stop);
+    }
+    let (on_a, _) = families_by_rendezvous(&urls, 4).await;
+    for (below, expected) in [(0.5, "b"), (0.0, "a")] {
+        let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+            config.peers = Some(0);
+            config.idle_below_reuse = below;
+        })
+        .await;
+        discovered(router, &urls).await;
+        // Traffic that shares nothing: the reuse rate falls from its cold
+        // start's 1 to 2 in 14.
+        for i in 0..12 {
+            let prompt = format!("{i:03} A question of its own?");
+            complete(router, &prompt).await;
+        }
+        // A long reply streams from a, its prompt's rendezvous engine.
+        let mut streaming = start_stream(router, &family_prompt(on_a[0]), 300).await;
+        assert!(
+            streaming.received.contains("x-served-by: a"),
+            "{}",
+            streaming.received
+        );
+        let mut order = Vec::new();
+        for &family in &on_a[1..4] {
+            // What the router sees: a answering, b idle.
+            let now = [(urls[0].as_str(), 1.0), (urls[1].as_str(), 0.0)];
+            backend_gauge(router, "router_backend_in_flight", &now).await;
+            order.push(complete(router, &family_prompt(family)).await.0);
+        }
+        assert_eq!(order, [expected; 3], "idle below reuse {below}");
+        streaming.still_streaming().await;
+        let metrics = get(router, "/metrics").await.text();
+        let idle = metric(&metrics, "router_route_decisions_total{reason=\"idle\"}");
+        let taken = if below > 0.0 { 3.0 } else { 0.0 };
+        assert_eq!(idle, Some(taken), "idle below reuse {below}");
+    }
+}
+
+/// A streamed completion in progress: its connection, and what of the
+/// response had come when it started (lower case).
+struct Streaming {
+    stream: TcpStream,
+    received: String,
+}
+
+impl Streaming {
+    /// Reads (bounded) one more piece of the reply: it has not ended.
+    async fn still_streaming(&mut self) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), self.stream.read(&mut buf))
+            .await
+            .expect("the reply goes on streaming")
+            .expect("read");
+        assert!(n > 0, "the reply ended early");
+    }
+}
+
+/// Starts a streamed completion of `max_tokens` for `prompt` through
+/// `router`, and waits (bounded) for its first token.
+async fn start_stream(router: SocketAddr, prompt: &str, max_tokens: usize) -> Streaming {
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": true})
+        .to_string();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(router).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !received.windows(5).any(|w| w == b"data:") {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first token in time");
+    let received = String::from_utf8_lossy(&received).to_lowercase();
+    Streaming { stream, received }
 }
 
 /// A backend whose `/metrics` fails gets a few early scrapes once requests
