@@ -537,11 +537,10 @@ impl Router {
         // Where a new family fits: what each backend's cache keeps in use.
         held.clear();
         if let Some(now) = now.filter(|_| placement && weighs) {
-            held.extend(
-                backends
-                    .iter()
-                    .map(|b| self.occupancy.in_use(index::backend_id(b.name), seed, now)),
-            );
+            held.extend(backends.iter().map(|b| {
+                let id = index::backend_id(b.name);
+                self.occupancy.in_use(id, seed, now, inputs.reuse)
+            }));
         }
         inputs.held = held;
         // A sibling placed moments ago, still connecting: its backend is
@@ -761,6 +760,29 @@ mod tests {
             "{asked}: {}",
             "words of this conversation's document ".repeat(20)
         )
+    }
+
+    #[test]
+    fn one_off_prompts_of_a_cold_start_do_not_fill_a_cache() {
+        // Four backends whose caches hold ten of these 4.8 KB prompts each
+        // (at 4 bytes per token), and a router alone sending 64 prompts
+        // that share nothing, faster than a young family grows up. Counted
+        // whole, the young one-offs fill a cache in the router's view by
+        // the 37th, and prompts are then moved off it.
+        let sized: Vec<BackendLoad> = idle(4)
+            .into_iter()
+            .map(|b| b.with_cache_tokens(12_500).with_clients(Clients::Ours))
+            .collect();
+        let router = Router::new(64, 1 << 16);
+        let mut reasons = Vec::new();
+        for n in 0..64 {
+            let own = format!("{n:03} {}", "a prompt that shares nothing. ".repeat(160));
+            let d = route(&router, MODEL, own.as_bytes(), &sized).unwrap();
+            reasons.push(d.reason);
+        }
+        // Traffic that shares nothing leaves the caches free for whatever
+        // comes: no prompt is moved off its backend as if one were full.
+        assert!(!reasons.contains(&Reason::CacheFull), "{reasons:?}");
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub(crate) const IN_USE_FOR: Duration = Duration::from_secs(60);
 pub(crate) const YOUNG_FOR: Duration = Duration::from_secs(5);
 /// Most families remembered per backend.
 pub(crate) const MAX_FAMILIES: usize = 512;
+/// The reuse rate below which recent traffic is mostly one-off prompts,
+/// whose young families then weigh no more than it ([`Occupancy::in_use`]).
+pub(crate) const MOSTLY_ONE_OFFS: f64 = 0.5;
 /// Locks the backends are split over.
 const SHARDS: usize = 8;
 
@@ -200,9 +203,30 @@ impl Occupancy {
 
     /// Bytes of the families in use on `backend` at `now`, and of its
     /// young families weighed by how often new ones were proven, leaving
-    /// out family `except` (the request's own).
-    pub(crate) fn in_use(&self, backend: BackendId, except: u64, now: Instant) -> usize {
-        let young = self.proven.get();
+    /// out family `except` (the request's own). Where fewer than
+    /// [`MOSTLY_ONE_OFFS`] of recent requests followed a cached prefix
+    /// (`reuse`), the young weigh at most that: the proven rate learns only
+    /// as young families grow up, [`YOUNG_FOR`] after their birth, so
+    /// through a cold start of one-off prompts it stays at 1 and each
+    /// counts whole (one `router-bench quality` run of no-sharing at 16
+    /// sessions filled an engine's cache with them in its router's view and
+    /// starved that engine; README, Limits), while the reuse rate falls
+    /// within a few dozen such requests. Traffic that shares more keeps the
+    /// proven weight, so a cold start of shared prefixes is weighed as
+    /// before.
+    pub(crate) fn in_use(
+        &self,
+        backend: BackendId,
+        except: u64,
+        now: Instant,
+        reuse: f64,
+    ) -> usize {
+        let proven = self.proven.get();
+        let young = if reuse < MOSTLY_ONE_OFFS {
+            proven.min(reuse.max(0.0))
+        } else {
+            proven
+        };
         let mut shard = self.shard(backend);
         let Some(held) = shard.get_mut(&backend) else {
             return 0;
@@ -247,7 +271,7 @@ mod tests {
         let occupancy = Occupancy::default();
         let t0 = Instant::now();
         let at = |secs| t0 + Duration::from_secs(secs);
-        let in_use = |except, secs| occupancy.in_use(1, except, at(secs));
+        let in_use = |except, secs| occupancy.in_use(1, except, at(secs), 1.0);
         occupancy.touch(1, 10, 6_000, t0);
         // Young, and (no family grew up unproven yet) counted whole.
         assert_eq!(in_use(0, 0), 6_000);
@@ -256,7 +280,7 @@ mod tests {
         occupancy.touch(1, 20, 3_000, at(2));
         assert_eq!(in_use(0, 2), 9_500);
         assert_eq!(in_use(10, 2), 3_000, "its own family is left out");
-        assert_eq!(occupancy.in_use(2, 0, at(2)), 0, "another backend");
+        assert_eq!(occupancy.in_use(2, 0, at(2), 1.0), 0, "another backend");
         // Family 20 keeps coming; family 10 goes quiet.
         occupancy.touch(1, 20, 3_000, at(50));
         assert_eq!(in_use(0, 61), 3_000);
@@ -278,23 +302,42 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         occupancy.touch(1, 10, 4_000, at(0));
         occupancy.touch(1, 20, 2_000, at(100));
-        assert_eq!(occupancy.in_use(1, 0, at(200)), 6_000);
-        assert_eq!(occupancy.in_use(1, 20, at(200)), 4_000, "not its own");
+        assert_eq!(occupancy.in_use(1, 0, at(200), 1.0), 6_000);
+        assert_eq!(occupancy.in_use(1, 20, at(200), 1.0), 4_000, "not its own");
         // Proven: in use.
         occupancy.touch(1, 20, 2_500, at(300));
-        assert_eq!(occupancy.in_use(1, 0, at(400)), 6_500);
+        assert_eq!(occupancy.in_use(1, 0, at(400), 1.0), 6_500);
         // Family 10 was never proven: once YOUNG_FOR passed it no longer
         // counts, and the next young family counts for less.
         let later = u64::try_from(YOUNG_FOR.as_millis()).unwrap();
-        assert_eq!(occupancy.in_use(1, 0, at(later)), 2_500);
+        assert_eq!(occupancy.in_use(1, 0, at(later), 1.0), 2_500);
         occupancy.touch(1, 30, 3_000, at(later));
-        let young = occupancy.in_use(1, 0, at(later)) - 2_500;
+        let young = occupancy.in_use(1, 0, at(later), 1.0) - 2_500;
         assert!((1..3_000).contains(&young), "{young}");
         // One-offs only: young families soon count for next to nothing.
         for n in 0..64 {
             occupancy.touch(2, 100 + n, 3_000, at(later + n * later));
         }
-        assert!(occupancy.in_use(2, 0, at(65 * later)) < 300);
+        assert!(occupancy.in_use(2, 0, at(65 * later), 1.0) < 300);
+    }
+
+    #[test]
+    fn where_few_requests_reuse_a_prefix_young_families_count_no_more_than_they() {
+        let occupancy = Occupancy::default();
+        let t0 = Instant::now();
+        // A cold start of one-offs, younger than any expiry: the proven
+        // rate is still 1.
+        for n in 0..16 {
+            occupancy.touch(1, 100 + n, 4_000, t0);
+        }
+        occupancy.touch(1, 7, 3_000, t0);
+        occupancy.touch(1, 7, 3_000, t0);
+        assert_eq!(occupancy.in_use(1, 0, t0, 1.0), 67_000);
+        assert_eq!(occupancy.in_use(1, 0, t0, MOSTLY_ONE_OFFS), 67_000);
+        // Traffic that shares little: they weigh as little as its reuse,
+        // and a family in use counts whole.
+        assert_eq!(occupancy.in_use(1, 0, t0, 0.0), 3_000);
+        assert_eq!(occupancy.in_use(1, 0, t0, 0.25), 19_000);
     }
 
     #[test]

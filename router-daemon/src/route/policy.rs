@@ -91,7 +91,8 @@
 //! (`vllm:cache_config_info`: `num_gpu_blocks × block_size` tokens,
 //! [`BackendLoad::cache_tokens`]) and which families it keeps in use there
 //! (`super::occupancy`: families a second request proved, touched in the
-//! last minute, and new ones weighed by how often new ones were proven),
+//! last minute, and new ones weighed by how often new ones were proven, at
+//! most by the reuse rate where that is low),
 //! in key bytes ([`Inputs::held`]). A new prompt *fits* a backend when
 //! those bytes and its own key are within its cache, at the key bytes per
 //! token the engine's own prompt-token counter showed for this router's
