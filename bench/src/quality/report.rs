@@ -43,6 +43,9 @@ pub struct Row {
     /// router-daemon's decisions by reason, most frequent first (empty for
     /// other routers).
     pub decisions: Vec<(String, u64)>,
+    /// router-daemon's mean time from a request written to an engine to its
+    /// first token, as it saw it, ms (`None` for other routers).
+    pub engine_ttft_ms: Option<f64>,
     /// Why the run failed as a whole (no numbers then).
     pub failure: Option<String>,
 }
@@ -95,6 +98,7 @@ impl Row {
                 .map(|u| u.peak_rss_bytes as f64 / (1 << 20) as f64),
             load: outcome.load.clone(),
             decisions: outcome.decisions.clone(),
+            engine_ttft_ms: outcome.engine_ttft.map(ms),
             failure: None,
         }
     }
@@ -118,6 +122,7 @@ impl Row {
             peak_rss_mib: None,
             load: Samples::default(),
             decisions: Vec::new(),
+            engine_ttft_ms: None,
             failure: Some(why),
         }
     }
@@ -462,6 +467,22 @@ pub fn render(r: &Report) -> String {
                 .join(" · ");
             let _ = writeln!(out, "- {} decisions: {reasons}", row.router);
         }
+        // What the engines took of the daemon's TTFT, and what the hop did.
+        let timed = s
+            .rows
+            .iter()
+            .filter_map(|row| Some((row, row.engine_ttft_ms?)));
+        let listed = listed + timed.clone().count();
+        for (row, engines) in timed {
+            let _ = writeln!(
+                out,
+                "- {} engines' TTFT as the router saw it: mean {engines:.1} ms (the hop and \
+                 the client: {:.1} ms of the {:.1})",
+                row.router,
+                row.ttft_mean_ms - engines,
+                row.ttft_mean_ms
+            );
+        }
         for note in &s.notes {
             let _ = writeln!(out, "- {note}");
         }
@@ -520,6 +541,7 @@ mod tests {
             peak_rss_mib: None,
             load: Samples::default(),
             decisions: Vec::new(),
+            engine_ttft_ms: None,
             failure: None,
         };
         assert_eq!(row.max_over_mean(), 1.0);
@@ -545,6 +567,8 @@ mod tests {
             cpu_s: Some(0.25),
             peak_rss_mib: Some(7.4),
             decisions: vec![("prefix-match".into(), 30), ("placed".into(), 2)],
+            ttft_mean_ms: 45.6,
+            engine_ttft_ms: Some(33.3),
             ..ok.clone()
         };
         let report = Report {
@@ -588,6 +612,15 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(&format!("- {BASELINE} decisions")));
+        // And what its engines took of its TTFT.
+        assert!(
+            text.contains(
+                "- router-daemon engines' TTFT as the router saw it: mean 33.3 ms (the hop and \
+                 the client: 12.3 ms of the 45.6)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(&format!("- {BASELINE} engines'")));
         // Every row has as many cells as the header.
         let cells = |l: &str| l.matches('|').count();
         let header = text

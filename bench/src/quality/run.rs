@@ -160,6 +160,11 @@ pub struct Outcome {
     /// router-daemon's routing decisions during the run, by reason, summed
     /// over replicas (`router_route_decisions_total`); empty for others.
     pub decisions: Vec<(String, u64)>,
+    /// router-daemon's mean time from a request written to an engine to its
+    /// first token, as the router saw it, over the run and its replicas
+    /// (`router_backend_time_to_first_token_seconds`): the client's TTFT
+    /// less this is what the hop and the client cost. `None` for others.
+    pub engine_ttft: Option<Duration>,
 }
 
 /// What the router processes used.
@@ -484,7 +489,7 @@ async fn drive(
         (RouterKind::Daemon { .. }, Target::Spray { addrs, .. }) => addrs.clone(),
         _ => Vec::new(),
     };
-    let decisions_before = decisions(&daemons).await;
+    let scraped_before = Scraped::from(&daemons).await;
     let cpu_before = procs
         .iter()
         .map(|p| procfs::tree_usage(p.pid()).cpu_ns)
@@ -547,14 +552,9 @@ async fn drive(
     if let Some(err) = panicked {
         bail!("a load task panicked: {err}");
     }
-    let mut decided = decisions(&daemons).await;
-    for (reason, n) in &mut decided {
-        if let Some((_, before)) = decisions_before.iter().find(|(r, _)| r == reason) {
-            *n = n.saturating_sub(*before);
-        }
-    }
-    decided.retain(|(_, n)| *n > 0);
-    decided.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let scraped = Scraped::from(&daemons).await;
+    let decided = scraped.decisions_since(&scraped_before);
+    let engine_ttft = scraped.mean_ttft_since(&scraped_before);
     for mut p in procs {
         if let Some(status) = p.exited() {
             bail!(
@@ -577,38 +577,96 @@ async fn drive(
         load,
         usage,
         decisions: decided,
+        engine_ttft,
     })
 }
 
 /// Name of router-daemon's decision counter in its `/metrics` text.
 const DECISIONS_METRIC: &str = "router_route_decisions_total{reason=\"";
 
-/// router-daemon's decisions so far, by reason, summed over `daemons`
-/// (their `/metrics`); a replica that does not answer adds nothing, so a
-/// missing count shows as a short total rather than failing the run.
-async fn decisions(daemons: &[SocketAddr]) -> Vec<(String, u64)> {
-    let mut total: Vec<(String, u64)> = Vec::new();
-    for addr in daemons {
-        let Ok(text) = metrics_text(*addr).await else {
-            continue;
-        };
+/// Name of router-daemon's time-to-first-token histogram, by backend.
+const TTFT_METRIC: &str = "router_backend_time_to_first_token_seconds";
+
+/// What router-daemon's `/metrics` said at one moment, summed over
+/// replicas; a replica that does not answer adds nothing, so a missing
+/// count shows as a short total rather than failing the run.
+#[derive(Debug, Default, PartialEq)]
+struct Scraped {
+    /// Decisions so far, by reason.
+    decisions: Vec<(String, u64)>,
+    /// Σ seconds to first token, over backends.
+    ttft_sum_s: f64,
+    /// Responses counted in `ttft_sum_s`.
+    ttft_count: u64,
+}
+
+impl Scraped {
+    /// Scrapes every daemon in `daemons`.
+    async fn from(daemons: &[SocketAddr]) -> Self {
+        let mut scraped = Scraped::default();
+        for addr in daemons {
+            if let Ok(text) = metrics_text(*addr).await {
+                scraped.add(&text);
+            }
+        }
+        scraped
+    }
+
+    /// Adds one daemon's `/metrics` text.
+    fn add(&mut self, text: &str) {
         for line in text.lines() {
-            let Some(rest) = line.strip_prefix(DECISIONS_METRIC) else {
-                continue;
-            };
-            let Some((reason, value)) = rest.split_once("\"} ") else {
-                continue;
-            };
-            let Ok(n) = value.trim().parse::<f64>() else {
-                continue;
-            };
-            match total.iter_mut().find(|(r, _)| r == reason) {
-                Some((_, sum)) => *sum += n as u64,
-                None => total.push((reason.to_owned(), n as u64)),
+            if let Some(rest) = line.strip_prefix(DECISIONS_METRIC) {
+                let Some((reason, value)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let Ok(n) = value.trim().parse::<f64>() else {
+                    continue;
+                };
+                match self.decisions.iter_mut().find(|(r, _)| r == reason) {
+                    Some((_, sum)) => *sum += n as u64,
+                    None => self.decisions.push((reason.to_owned(), n as u64)),
+                }
+            } else if let Some(rest) = line.strip_prefix(TTFT_METRIC) {
+                // `_sum{backend="..."} 1.25` and `_count{backend="..."} 10`.
+                let value = rest.rsplit_once(' ').map(|(_, v)| v.trim());
+                let Some(Ok(v)) = value.map(str::parse::<f64>) else {
+                    continue;
+                };
+                if rest.starts_with("_sum") {
+                    self.ttft_sum_s += v;
+                } else if rest.starts_with("_count") {
+                    self.ttft_count += v as u64;
+                }
             }
         }
     }
-    total
+
+    /// Decisions made since `before`, most frequent first, none of 0.
+    fn decisions_since(&self, before: &Scraped) -> Vec<(String, u64)> {
+        let mut since = self
+            .decisions
+            .iter()
+            .map(|(reason, n)| {
+                let was = before
+                    .decisions
+                    .iter()
+                    .find(|(r, _)| r == reason)
+                    .map_or(0, |(_, n)| *n);
+                (reason.clone(), n.saturating_sub(was))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect::<Vec<_>>();
+        since.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        since
+    }
+
+    /// Mean time to first token of the responses since `before`; `None`
+    /// when there were none.
+    fn mean_ttft_since(&self, before: &Scraped) -> Option<Duration> {
+        let n = self.ttft_count.checked_sub(before.ttft_count)?;
+        let sum = self.ttft_sum_s - before.ttft_sum_s;
+        (n > 0 && sum >= 0.0).then(|| Duration::from_secs_f64(sum / n as f64))
+    }
 }
 
 /// `GET /metrics` from `addr`, on a connection of its own.
@@ -1043,6 +1101,42 @@ impl Sse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two replicas' `/metrics`, as router-daemon writes them.
+    fn replica(decided: u64, ttft_sum: f64, ttft_count: u64) -> String {
+        format!(
+            "# HELP router_backend_time_to_first_token_seconds Time from a request written.\n\
+             # TYPE router_backend_time_to_first_token_seconds histogram\n\
+             router_backend_time_to_first_token_seconds_sum{{backend=\"http://a\"}} {ttft_sum}\n\
+             router_backend_time_to_first_token_seconds_count{{backend=\"http://a\"}} {ttft_count}\n\
+             router_backend_time_to_first_token_seconds_bucket{{le=\"0.001\",backend=\"http://a\"}} 7\n\
+             router_backend_time_to_first_token_seconds_sum{{backend=\"http://b\"}} 0.5\n\
+             router_backend_time_to_first_token_seconds_count{{backend=\"http://b\"}} 5\n\
+             router_route_decisions_total{{reason=\"placed\"}} {decided}\n\
+             router_route_decisions_total{{reason=\"prefix-match\"}} 4\n"
+        )
+    }
+
+    #[test]
+    fn a_scrape_sums_replicas_and_a_run_counts_what_changed() {
+        let mut before = Scraped::default();
+        before.add(&replica(2, 1.0, 10));
+        before.add(&replica(1, 0.0, 0));
+        assert_eq!(before.ttft_count, 20);
+        assert_eq!(before.ttft_sum_s, 2.0);
+        let mut after = Scraped::default();
+        after.add(&replica(5, 3.0, 20));
+        after.add(&replica(1, 0.0, 0));
+        // 10 more responses took 2 s more: 200 ms each; the buckets are not
+        // counted as responses.
+        assert_eq!(
+            after.mean_ttft_since(&before),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(after.decisions_since(&before), vec![("placed".into(), 3)]);
+        assert_eq!(after.mean_ttft_since(&after), None);
+        assert_eq!(Scraped::default().mean_ttft_since(&before), None);
+    }
 
     #[test]
     fn sse_events_split_anywhere_give_the_same_answer() {
