@@ -175,6 +175,12 @@ pub struct Args {
     /// closed-loop levels, the peers under cache_aware only.
     #[arg(long)]
     pub quick: bool,
+    /// Runs of every router at every level, each on a fresh fleet, the
+    /// routers taking turns; each cell of the report is the median over
+    /// them, so one unlucky run does not decide a ratio [default: 3,
+    /// quick 1].
+    #[arg(long)]
+    pub windows: Option<usize>,
     /// Simulators in the fleet.
     #[arg(long, default_value_t = 4)]
     pub backends: usize,
@@ -353,6 +359,13 @@ impl Args {
             trace_speed: self.trace_speed,
             mc_max_output: self.mc_max_output,
         }
+    }
+
+    /// Runs per router and level (`--windows`).
+    fn windows(&self) -> usize {
+        self.windows
+            .unwrap_or(if self.quick { 1 } else { 3 })
+            .max(1)
     }
 
     /// The load levels to run, in order.
@@ -660,74 +673,85 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
             if workload_levels.len() > 1 {
                 eprintln!("router-bench:  level {level_name}: {level}");
             }
-            let mut rows = Vec::new();
+            let mut windows: Vec<Vec<Row>> = vec![Vec::new(); routers.len()];
             let mut notes = Vec::new();
             let mut best: Option<run::Outcome> = None;
-            for router in &routers {
-                let t = Instant::now();
-                let outcome = runtime.block_on(run::run(
-                    Arc::clone(&workload),
-                    router,
-                    &fleet,
-                    arrivals,
-                    args.session_header.as_deref(),
-                    &tmp,
-                ));
-                match outcome {
-                    Ok(outcome) => {
-                        let row = Row::new(&router.name, &outcome);
-                        eprintln!(
-                            "router-bench:   {:<26} {:>5.1}% hit, mean TTFT {:>7.1} ms, {:>5.1} req/s, \
-                             {} errors ({:.1} s)",
-                            router.name,
-                            row.hit_rate() * 100.0,
-                            row.ttft_mean_ms,
-                            row.req_per_s,
-                            outcome.errors,
-                            t.elapsed().as_secs_f64()
-                        );
-                        if outcome.errors > 0 {
-                            failed = true;
-                            notes.push(format!(
-                                "{}: {} requests failed, e.g. {}",
+            for window in 0..args.windows() {
+                for (router, runs) in routers.iter().zip(windows.iter_mut()) {
+                    let t = Instant::now();
+                    let outcome = runtime.block_on(run::run(
+                        Arc::clone(&workload),
+                        router,
+                        &fleet,
+                        arrivals,
+                        args.session_header.as_deref(),
+                        &tmp,
+                    ));
+                    match outcome {
+                        Ok(outcome) => {
+                            let row = Row::new(&router.name, &outcome);
+                            eprintln!(
+                                "router-bench:   {:<26} {:>5.1}% hit, mean TTFT {:>7.1} ms, {:>5.1} req/s, \
+                                 {} errors ({:.1} s)",
                                 router.name,
+                                row.hit_rate() * 100.0,
+                                row.ttft_mean_ms,
+                                row.req_per_s,
                                 outcome.errors,
-                                outcome.error_samples.join("; ")
-                            ));
+                                t.elapsed().as_secs_f64()
+                            );
+                            if outcome.errors > 0 {
+                                failed = true;
+                                notes.push(format!(
+                                    "{}: {} requests failed, e.g. {}",
+                                    router.name,
+                                    outcome.errors,
+                                    outcome.error_samples.join("; ")
+                                ));
+                            }
+                            // One command line per router (ports differ between runs).
+                            let label = format!("{}:", router.name);
+                            if let Some(cmd) = &outcome.command
+                                && !commands.iter().any(|c| c.starts_with(&label))
+                            {
+                                commands.push(format!("{label} `{cmd}`"));
+                            }
+                            runs.push(row);
+                            if let Some(dir) = &args.records {
+                                let level = level_name.split(' ').next().unwrap_or_default();
+                                let window = match args.windows() {
+                                    1 => String::new(),
+                                    _ => format!("-w{}", window + 1),
+                                };
+                                let name = format!(
+                                    "{}-{level}-{}{window}.csv",
+                                    kind.as_str(),
+                                    router.name
+                                );
+                                write_records(
+                                    &dir.join(name.replace([' ', '/'], "_")),
+                                    &outcome.records,
+                                    &workload.sessions,
+                                    outcome.started,
+                                )?;
+                            }
+                            if best
+                                .as_ref()
+                                .is_none_or(|b| b.records.len() < outcome.records.len())
+                            {
+                                best = Some(outcome);
+                            }
                         }
-                        // One command line per router (ports differ between runs).
-                        let label = format!("{}:", router.name);
-                        if let Some(cmd) = &outcome.command
-                            && !commands.iter().any(|c| c.starts_with(&label))
-                        {
-                            commands.push(format!("{label} `{cmd}`"));
+                        Err(err) => {
+                            failed = true;
+                            eprintln!("router-bench:   {}: FAILED: {err:#}", router.name);
+                            notes.push(format!("{}: FAILED: {err:#}", router.name));
+                            runs.push(Row::failed(&router.name, format!("{err:#}")));
                         }
-                        rows.push(row);
-                        if let Some(dir) = &args.records {
-                            let level = level_name.split(' ').next().unwrap_or_default();
-                            let name = format!("{}-{level}-{}.csv", kind.as_str(), router.name);
-                            write_records(
-                                &dir.join(name.replace([' ', '/'], "_")),
-                                &outcome.records,
-                                &workload.sessions,
-                                outcome.started,
-                            )?;
-                        }
-                        if best
-                            .as_ref()
-                            .is_none_or(|b| b.records.len() < outcome.records.len())
-                        {
-                            best = Some(outcome);
-                        }
-                    }
-                    Err(err) => {
-                        failed = true;
-                        eprintln!("router-bench:   {}: FAILED: {err:#}", router.name);
-                        notes.push(format!("{}: FAILED: {err:#}", router.name));
-                        rows.push(Row::failed(&router.name, format!("{err:#}")));
                     }
                 }
             }
+            let rows = windows.into_iter().map(Row::median).collect::<Vec<_>>();
             // The replies of the most complete run (a simulator's reply depends
             // only on the prompt, so every router saw the same ones).
             let mut replies = vec![Vec::new(); workload.sessions.len()];
@@ -828,6 +852,15 @@ pub fn run(args: Args) -> Result<(Report, PathBuf)> {
                 .join("; "),
             args.seed
         ),
+        match args.windows() {
+            1 => "windows: 1 (every figure from one run)".to_owned(),
+            n => format!(
+                "windows: {n}; every router ran each level {n} times on fresh simulators, the \
+                 routers taking turns, and each figure is the median of its {n} runs (the \
+                 per-backend split and the decisions are the median run's; failed requests \
+                 add up)"
+            ),
+        },
     ];
     let mut router_lines = vec![
         "round-robin, least-loaded: client-side baselines. The load generator picks the backend \

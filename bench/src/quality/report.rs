@@ -46,6 +46,9 @@ pub struct Row {
     /// router-daemon's mean time from a request written to an engine to its
     /// first token, as it saw it, ms (`None` for other routers).
     pub engine_ttft_ms: Option<f64>,
+    /// How late the simulators' steps ended on average, ms: what the host
+    /// added to the engines' own times (see [`vllm_sim::engine::Lateness`]).
+    pub sims_late_ms: f64,
     /// Why the run failed as a whole (no numbers then).
     pub failure: Option<String>,
 }
@@ -99,7 +102,67 @@ impl Row {
             load: outcome.load.clone(),
             decisions: outcome.decisions.clone(),
             engine_ttft_ms: outcome.engine_ttft.map(ms),
+            sims_late_ms: match outcome.sims_late.steps {
+                0 => 0.0,
+                steps => ms(outcome.sims_late.late) / steps as f64,
+            },
             failure: None,
+        }
+    }
+
+    /// One row for several runs of a router on the same workload and level
+    /// (windows): each figure is the median of the runs' (for an even
+    /// count, the lower of the middle two); what cannot be a median (the
+    /// per-backend split, the CDF, the load samples, the decisions) is the
+    /// run of the median mean TTFT's. Errors add up over the runs, so one
+    /// failure in any shows; a run that failed as a whole makes the row
+    /// failed.
+    ///
+    /// # Panics
+    /// On no runs: a level runs every router at least once.
+    pub fn median(mut runs: Vec<Row>) -> Row {
+        assert!(!runs.is_empty(), "a level runs every router at least once");
+        if let Some(failed) = runs.iter().position(|r| r.failure.is_some()) {
+            return runs.swap_remove(failed);
+        }
+        let errors = runs.iter().map(|r| r.errors).sum();
+        let of = |f: fn(&Row) -> f64| {
+            let mut v = runs.iter().map(f).collect::<Vec<_>>();
+            v.sort_by(f64::total_cmp);
+            v[(v.len() - 1) / 2]
+        };
+        let opt = |f: fn(&Row) -> Option<f64>| {
+            let mut v = runs.iter().filter_map(f).collect::<Vec<_>>();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len().saturating_sub(1) / 2).copied()
+        };
+        let ttft_mean_ms = of(|r| r.ttft_mean_ms);
+        let ttft_p50_ms = of(|r| r.ttft_p50_ms);
+        let ttft_p99_ms = of(|r| r.ttft_p99_ms);
+        let e2e_mean_ms = of(|r| r.e2e_mean_ms);
+        let req_per_s = of(|r| r.req_per_s);
+        let cached_tokens = of(|r| r.cached_tokens as f64) as u64;
+        let cpu_s = opt(|r| r.cpu_s);
+        let peak_rss_mib = opt(|r| r.peak_rss_mib);
+        let engine_ttft_ms = opt(|r| r.engine_ttft_ms);
+        let sims_late_ms = of(|r| r.sims_late_ms);
+        let middle = runs
+            .iter()
+            .position(|r| r.ttft_mean_ms == ttft_mean_ms)
+            .expect("the median is one of the runs' values");
+        Row {
+            errors,
+            cached_tokens,
+            ttft_mean_ms,
+            ttft_p50_ms,
+            ttft_p99_ms,
+            e2e_mean_ms,
+            req_per_s,
+            cpu_s,
+            peak_rss_mib,
+            engine_ttft_ms,
+            sims_late_ms,
+            ..runs.swap_remove(middle)
         }
     }
 
@@ -123,6 +186,7 @@ impl Row {
             load: Samples::default(),
             decisions: Vec::new(),
             engine_ttft_ms: None,
+            sims_late_ms: 0.0,
             failure: Some(why),
         }
     }
@@ -483,6 +547,21 @@ pub fn render(r: &Report) -> String {
                 row.ttft_mean_ms
             );
         }
+        // What the host's CPUs added to every row's engines.
+        let late = s
+            .rows
+            .iter()
+            .filter(|row| row.failure.is_none())
+            .map(|row| format!("{} {:.2}", row.router, row.sims_late_ms))
+            .collect::<Vec<_>>();
+        let listed = listed + usize::from(!late.is_empty());
+        if !late.is_empty() {
+            let _ = writeln!(
+                out,
+                "- simulators' steps ended late by, mean ms per step: {}",
+                late.join(" · ")
+            );
+        }
         for note in &s.notes {
             let _ = writeln!(out, "- {note}");
         }
@@ -542,6 +621,7 @@ mod tests {
             load: Samples::default(),
             decisions: Vec::new(),
             engine_ttft_ms: None,
+            sims_late_ms: 0.0,
             failure: None,
         };
         assert_eq!(row.max_over_mean(), 1.0);
@@ -551,6 +631,50 @@ mod tests {
             ..row
         };
         assert_eq!(skewed.max_over_mean(), 2.0);
+    }
+
+    #[test]
+    fn several_runs_make_a_row_of_medians() {
+        let run = |ttft: f64, p99: f64, cached: u64, errors: u64, loads: Vec<u64>| Row {
+            router: "router-daemon".into(),
+            requests: 8,
+            errors,
+            prompt_tokens: 100,
+            cached_tokens: cached,
+            ttft_mean_ms: ttft,
+            ttft_p99_ms: p99,
+            engine_ttft_ms: Some(ttft - 1.0),
+            cpu_s: Some(ttft / 100.0),
+            loads,
+            ..Row::failed("router-daemon", String::new())
+        };
+        let mut runs = vec![
+            run(90.0, 300.0, 50, 0, vec![8, 0]),
+            run(50.0, 100.0, 70, 1, vec![4, 4]),
+            run(60.0, 200.0, 60, 0, vec![5, 3]),
+        ];
+        for r in &mut runs {
+            r.failure = None;
+        }
+        let row = Row::median(runs.clone());
+        // Each figure is its own median: 60 of 50/60/90, 200 of
+        // 100/200/300, 60% of 50/60/70, not one run's whole line.
+        assert_eq!(row.ttft_mean_ms, 60.0);
+        assert_eq!(row.ttft_p99_ms, 200.0);
+        assert_eq!(row.hit_rate(), 0.6);
+        assert_eq!(row.engine_ttft_ms, Some(59.0));
+        assert_eq!(row.cpu_s, Some(0.6));
+        // The split is the median run's, and an error in any run shows.
+        assert_eq!(row.loads, vec![5, 3]);
+        assert_eq!(row.errors, 1);
+        // Two runs: the lower of the middle two.
+        let two = Row::median(runs[..2].to_vec());
+        assert_eq!((two.ttft_mean_ms, two.ttft_p99_ms), (50.0, 100.0));
+        // One run is itself.
+        assert_eq!(Row::median(runs[2..].to_vec()).loads, vec![5, 3]);
+        // A run that failed as a whole fails the row.
+        runs[1].failure = Some("exited".into());
+        assert_eq!(Row::median(runs).failure.as_deref(), Some("exited"));
     }
 
     #[test]
@@ -569,6 +693,7 @@ mod tests {
             decisions: vec![("prefix-match".into(), 30), ("placed".into(), 2)],
             ttft_mean_ms: 45.6,
             engine_ttft_ms: Some(33.3),
+            sims_late_ms: 0.5,
             ..ok.clone()
         };
         let report = Report {
@@ -621,6 +746,14 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(&format!("- {BASELINE} engines'")));
+        // How late the simulators ran, for every row that ran.
+        assert!(
+            text.contains(&format!(
+                "- simulators' steps ended late by, mean ms per step: {BASELINE} 0.00 · \
+                 router-daemon 0.50\n"
+            )),
+            "{text}"
+        );
         // Every row has as many cells as the header.
         let cells = |l: &str| l.matches('|').count();
         let header = text

@@ -25,6 +25,7 @@ use tokio::{
 };
 
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use vllm_sim::engine::Lateness;
 
 use super::{
     load::{Sampler, Samples},
@@ -165,6 +166,10 @@ pub struct Outcome {
     /// (`router_backend_time_to_first_token_seconds`): the client's TTFT
     /// less this is what the hop and the client cost. `None` for others.
     pub engine_ttft: Option<Duration>,
+    /// How far the simulators' step loops ran behind their latency model
+    /// during the run, over the fleet: what the host's CPUs, shared with the
+    /// load and the router, added to the engines' own times.
+    pub sims_late: Lateness,
 }
 
 /// What the router processes used.
@@ -494,7 +499,8 @@ async fn drive(
         .iter()
         .map(|p| procfs::tree_usage(p.pid()).cpu_ns)
         .sum::<u64>();
-    let sampler = Sampler::start(engines);
+    let late_before = lateness(&engines);
+    let sampler = Sampler::start(engines.clone());
     let started = Instant::now();
     let workers = match arrivals {
         _ if shared.workload.timed() => {
@@ -552,6 +558,7 @@ async fn drive(
     if let Some(err) = panicked {
         bail!("a load task panicked: {err}");
     }
+    let sims_late = lateness(&engines).since(late_before);
     let scraped = Scraped::from(&daemons).await;
     let decided = scraped.decisions_since(&scraped_before);
     let engine_ttft = scraped.mean_ttft_since(&scraped_before);
@@ -578,7 +585,19 @@ async fn drive(
         usage,
         decisions: decided,
         engine_ttft,
+        sims_late,
     })
+}
+
+/// The fleet's [`Lateness`] so far, summed over its engines.
+fn lateness(engines: &[Arc<vllm_sim::engine::Engine>]) -> Lateness {
+    engines
+        .iter()
+        .map(|e| e.lateness())
+        .fold(Lateness::default(), |a, b| Lateness {
+            steps: a.steps + b.steps,
+            late: a.late + b.late,
+        })
 }
 
 /// Name of router-daemon's decision counter in its `/metrics` text.

@@ -24,6 +24,7 @@
 //! connections.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -67,6 +68,30 @@ struct Emitted {
     cached_tokens: usize,
 }
 
+/// How far behind its latency model the step loop ran: each timed step's
+/// end came this much after its deadline, because the host did not run the
+/// loop in time (a simulator sharing CPUs with its load and the router
+/// under test). Tokens go out when the loop wakes, so this much of what a
+/// client measures is the host's, not the model's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lateness {
+    /// Timed steps ended.
+    pub steps: u64,
+    /// Σ how late each of them woke.
+    pub late: Duration,
+}
+
+impl Lateness {
+    /// What happened between `earlier` and `self` (two readings of one
+    /// engine).
+    pub fn since(self, earlier: Lateness) -> Lateness {
+        Lateness {
+            steps: self.steps.saturating_sub(earlier.steps),
+            late: self.late.saturating_sub(earlier.late),
+        }
+    }
+}
+
 /// The shared state of one simulated vLLM engine.
 #[derive(Debug)]
 pub struct Engine {
@@ -81,6 +106,10 @@ pub struct Engine {
     wake: Arc<Notify>,
     /// Set once, when the engine dies.
     death: watch::Sender<bool>,
+    /// [`Lateness::steps`].
+    timed_steps: AtomicU64,
+    /// [`Lateness::late`], in nanoseconds.
+    late_ns: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -120,6 +149,8 @@ impl Engine {
             }),
             wake: Arc::new(Notify::new()),
             death: watch::Sender::new(false),
+            timed_steps: AtomicU64::new(0),
+            late_ns: AtomicU64::new(0),
         });
         tokio::spawn(run(Arc::downgrade(&engine), Arc::clone(&engine.wake)));
         Ok(engine)
@@ -128,6 +159,21 @@ impl Engine {
     /// The engine's counters and histograms.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// How far behind its latency model the step loop has run so far.
+    pub fn lateness(&self) -> Lateness {
+        Lateness {
+            steps: self.timed_steps.load(Ordering::Relaxed),
+            late: Duration::from_nanos(self.late_ns.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Notes a timed step that ended `late` after its deadline.
+    fn woke_late(&self, late: Duration) {
+        self.timed_steps.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(late.as_nanos()).unwrap_or(u64::MAX);
+        self.late_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     /// Running and waiting requests and KV-cache usage, now.
@@ -318,6 +364,7 @@ async fn run(engine: Weak<Engine>, wake: Arc<Notify>) {
             tokio::task::yield_now().await;
         } else {
             tokio::time::sleep_until(end).await;
+            engine.woke_late(Instant::now().saturating_duration_since(end));
         }
         due = Some(end);
         engine.complete(&step, Instant::now().max(end));
@@ -546,6 +593,32 @@ mod tests {
         assert!((ttft.sum - 0.030).abs() < 1e-9, "{}", ttft.sum);
         let e2e = engine.metrics().e2e_request_latency();
         assert!((e2e.sum - 0.040).abs() < 1e-9, "{}", e2e.sum);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_the_host_ran_late_is_counted_and_delays_its_tokens() {
+        let engine = engine(timed(256));
+        let start = Instant::now();
+        let mut generation = engine.submit(request(tokens(0, 20), 2));
+        // The loop is asleep in the 30 ms prefill step; the host then lets
+        // 100 ms pass before it runs again.
+        until(&engine, |g| g.running == 1).await;
+        tokio::time::advance(Duration::from_millis(100)).await;
+        generation.next_token().await.expect("alive");
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        let late = engine.lateness();
+        assert_eq!(late.steps, 1);
+        assert_eq!(late.late, Duration::from_millis(70));
+        // The decode step after it runs on time, from then.
+        generation.next_token().await.expect("alive");
+        assert_eq!(start.elapsed(), Duration::from_millis(105));
+        assert_eq!(
+            engine.lateness().since(late),
+            Lateness {
+                steps: 1,
+                late: Duration::ZERO
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]
