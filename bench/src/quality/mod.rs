@@ -1114,6 +1114,8 @@ mod tests {
             "--mc-requests=12".into(),
             "--mc-rate=200".into(),
             "--threads=2".into(),
+            // Two runs of each router per level, each row their median.
+            "--windows=2".into(),
             // Peers are not installed for CI; their rows are not tested here.
             "--no-peers".into(),
             format!("--out-dir={}", out.display()),
@@ -1131,12 +1133,29 @@ mod tests {
             argv.push(format!("--nginx-bin={}", PathBuf::from(bin).display()));
         }
         argv.push(format!("--routers={}", routers.join(",")));
+        let with_daemon = routers.contains(&"router-daemon");
         let args = Cli::parse_from(argv).args;
         let routers = args.routers.len();
         let (report, path) = run(args).expect("the run completes");
         let text = fs::read_to_string(&path).expect("the report is written");
         assert!(text.contains("| router | hit rate |"));
         assert!(text.contains("| router CPU s | peak RSS MiB |"));
+        assert!(text.contains("- windows: 2; every router ran each level 2 times"));
+        // Every section says how late the simulators ran, and, with the
+        // daemon, what its engines took of its TTFT as it saw them.
+        assert_eq!(
+            text.matches("- simulators' steps ended late by, mean ms per step: round-robin ")
+                .count(),
+            5
+        );
+        if with_daemon {
+            assert_eq!(
+                text.matches("- router-daemon engines' TTFT as the router saw it: mean ")
+                    .count(),
+                5,
+                "{text}"
+            );
+        }
         assert_eq!(report.sections.len(), 5);
         for s in &report.sections {
             assert_eq!(s.rows.len(), routers, "{}: {:?}", s.workload, s.notes);
