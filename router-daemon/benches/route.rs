@@ -62,6 +62,7 @@ fn bench(c: &mut Criterion) {
             conversation,
             session: None,
             later_turns: key.len() > conversation,
+            previous: None,
         };
         router.decide(&request, &backends);
     }
@@ -82,6 +83,7 @@ fn bench(c: &mut Criterion) {
             conversation,
             session: None,
             later_turns: key.len() > conversation,
+            previous: None,
         };
         router.decide(&learn, &backends);
         let request = RouteRequest { key: &key, ..learn };
@@ -96,6 +98,7 @@ fn bench(c: &mut Criterion) {
             conversation,
             session: None,
             later_turns: key.len() > conversation,
+            previous: None,
         };
         // Each iteration records the prompt, so later ones see it as known;
         // a separate router per size keeps that from leaking across sizes.

@@ -416,8 +416,10 @@ pub struct Config {
     /// while fewer than this fraction of recent requests followed a cached
     /// prefix, a new prompt that would go to an engine answering other
     /// requests goes to an idle one instead, if no other request takes it
-    /// first: its prefill would hold up their decoding for a whole engine
-    /// step. 0: off; 1 or more: at any reuse rate.
+    /// first: its prefill would hold up their decoding, or their next turn,
+    /// for a whole engine step. Of several idle engines, the one that
+    /// answered the client connection's previous request. 0: off; 1 or
+    /// more: at any reuse rate.
     #[arg(long, env = "ROUTER_IDLE_BELOW_REUSE", default_value_t = Policy::DEFAULT.idle_below_reuse,
           value_parser = non_negative)]
     pub idle_below_reuse: f64,

@@ -54,6 +54,9 @@ struct Buffers {
     order: Vec<usize>,
     /// The prompt key's hashes, from selection to the index's record.
     walk: Walk,
+    /// The backend that answered the connection's previous request, a hint
+    /// for placing its next (see `RouteRequest::previous`).
+    previous: Option<Arc<Backend>>,
 }
 
 /// Buffers larger than this are given back after a request, so that a
@@ -482,6 +485,7 @@ async fn proxy(
     if client.take_held_back() {
         shared.metrics.limit_exceeded(Limit::Pipelined);
     }
+    buffers.previous = result.is_ok().then(|| Arc::clone(&backend));
     match result {
         Ok(exchanged) => Ok(relayed(&exchanged, client, request_id, shared)),
         Err(err) => Err(send_failure(err, &backend, request_id, shared)),
@@ -694,6 +698,7 @@ fn select(
         candidates,
         order,
         walk,
+        previous,
         ..
     } = buffers;
     match input {
@@ -711,6 +716,7 @@ fn select(
         conversation: input.conversation,
         session: head.session.as_deref(),
         later_turns: input.later_turns,
+        previous: previous.as_deref().map(|backend| backend.name.as_str()),
     });
     let key_len = input.map_or(0, |input| input.key.len());
     let candidates = &*candidates;

@@ -31,6 +31,7 @@ fn decide(router: &Router, body: &[u8], backends: &[BackendLoad]) -> (usize, Rea
         conversation: input.conversation,
         session: None,
         later_turns: input.later_turns,
+        previous: None,
     };
     let d = router.decide(&request, backends).expect("backends");
     (d.backend, d.reason)

@@ -24,6 +24,7 @@ fn a_million_distinct_long_prompts_stay_within_the_bound() {
             conversation: prompt.len(),
             session: None,
             later_turns: false,
+            previous: None,
         };
         assert!(router.decide(&request, &backends).is_some());
         let len = router.index_len();

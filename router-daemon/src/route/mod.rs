@@ -74,6 +74,11 @@ pub struct RouteRequest<'a> {
     /// if nothing matches, it is placed by rendezvous alone, where a replica
     /// that saw its first turn most likely placed it.
     pub later_turns: bool,
+    /// The backend that served the previous request on the same client
+    /// connection, by name, if any: a client that finished there and now
+    /// starts something new has left it (see `policy`, an idle engine
+    /// first).
+    pub previous: Option<&'a str>,
 }
 
 /// Why a backend was chosen.
@@ -108,9 +113,9 @@ pub enum Reason {
     /// and all prefilling, to the one whose prefill began longest ago
     /// (`--recency-margin`, see `policy`).
     OldestPrefill,
-    /// A new prompt sent by a router alone, while recent traffic shares
-    /// little, to an engine with nothing in flight instead of one already
-    /// answering (`--idle-below-reuse`, see `policy`).
+    /// A new prompt sent by a router alone to an engine with nothing in
+    /// flight instead of one already answering (`--idle-below-reuse`, see
+    /// `policy`).
     Idle,
 }
 
@@ -513,6 +518,9 @@ impl Router {
             pending: None,
             layout: None,
             held: &[],
+            previous: request
+                .previous
+                .and_then(|name| backends.iter().position(|b| b.name == name)),
         };
         let seed = inputs.placement;
         // Sessions are placed by their own value, not by family. A panic
@@ -713,6 +721,7 @@ mod tests {
             conversation: 0,
             session: None,
             later_turns: false,
+            previous: None,
         };
         router.decide(&request, backends)
     }
@@ -736,6 +745,7 @@ mod tests {
             conversation,
             session: None,
             later_turns: conversation != 0 && conversation < key.len(),
+            previous: None,
         }
     }
 

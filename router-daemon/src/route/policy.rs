@@ -79,9 +79,9 @@
 //!    lands on one backend instead of being copied onto several. A new
 //!    prompt whose rendezvous backend has no room left in its KV cache
 //!    takes the next in rendezvous order with room instead
-//!    ([`Reason::CacheFull`], below). Where the router is alone and its
-//!    traffic shares little, a new prompt that this sends to a busy
-//!    backend goes to an idle one instead ([`Reason::Idle`], below).
+//!    ([`Reason::CacheFull`], below). Where the router is alone, a new
+//!    prompt that this sends to a busy backend goes to an idle one
+//!    instead ([`Reason::Idle`], below).
 //!
 //! # Room in the cache
 //! Hashing a dozen families onto four backends is lumpy, and a backend
@@ -228,13 +228,13 @@
 //! outweighs a request of load) kept about one new prompt in five on an
 //! engine decoding another request while another engine idled; a prefill
 //! in the same engine step holds that decode up for as long as it lasts.
-//! So where the router knows it is alone and fewer than
-//! [`Policy::idle_below_reuse`] of recent requests followed a cached
-//! prefix (`--idle-below-reuse`, a half), a new prompt that no pending
+//! So where the router knows it is alone, a new prompt that no pending
 //! sibling proved a family and no layout places, and that rule 3 sends to
 //! a backend with requests in flight, goes to a candidate with none
-//! instead ([`idle_instead`], [`Reason::Idle`]). Traffic that shares keeps
-//! its families where they hash. Idle is a moment's view, and two
+//! instead ([`idle_instead`], [`Reason::Idle`]);
+//! [`Policy::idle_below_reuse`] (`--idle-below-reuse`, 1: at any reuse
+//! rate) can keep the rule to traffic where fewer recent requests followed
+//! a cached prefix. Idle is a moment's view, and two
 //! decisions taken at once on the daemon's two threads see the same idle
 //! engine: alone, that sent two prompts into one prefill step and doubled
 //! the p99 TTFT at 4 sessions (63 to 113–120 ms). So a decision for an
@@ -248,6 +248,36 @@
 //! 1.00–1.01×, with the same TTFT (60 ms, p99 61–69 against round-robin's
 //! 61–62); the other levels moved within run-to-run noise, and the
 //! sharing workloads were unchanged (`-152533`).
+//!
+//! The rule first held only where fewer than half of recent requests
+//! followed a cached prefix. On chat traffic a conversation's first turn
+//! is a new prompt too, and its family lead kept it on its rendezvous
+//! engine: in per-request records of `router-bench quality --workloads
+//! multi-turn --levels c4 --records DIR` (32 conversations, four at a
+//! time on four engines), 14 of 32 first turns went to an engine serving
+//! another conversation while one served none, and that conversation's
+//! next turn then waited for the first turn's prefill (about 75 ms to
+//! first token against 13–16). Where the router is alone the lead keeps nothing
+//! for a family that the index would not find anyway, so the rule now
+//! holds at any reuse rate. It then met a race of its own: conversations
+//! whose turns end together leave several engines idle for the moment a
+//! client takes to send its next turn, and a new conversation took one
+//! of those in one case in two. The client that starts a new conversation
+//! has just finished its last on some engine, which is then truly free;
+//! so of several idle candidates the rule takes the one that answered the
+//! request's client connection last ([`Inputs::previous`]), otherwise the
+//! highest rendezvous score for the prompt. Side by side
+//! (`bench/scripts/quality-variants.sh "--no-plots --workloads multi-turn
+//! --levels c4,cap0.9 --windows 3 --records DIR" "idle=--peers 0
+//! --idle-below-reuse 2"`, 2026-12-07): the rule at any reuse rate
+//! without the connection's hint placed 1–3 first turns of 32 beside
+//! another conversation, and its p99 TTFT at 4 sessions was 64–75 ms
+//! (`quality-20261207-213656.md`); with the hint none in six windows, and
+//! 64–65 ms at 4 sessions and 65–68 near capacity against 74–75 and
+//! 75–76 with the threshold at a half (`-214452`). On shared-prefix,
+//! prefix-repetition, mooncake and no-sharing the two thresholds were
+//! within run-to-run noise of each other at every level (`-214748`,
+//! medians of three windows).
 //!
 //! # Family layout (opt-in)
 //! Hashing a dozen families (system prompts, templates) onto four
@@ -357,7 +387,7 @@ pub struct Policy {
     /// of recent requests followed a cached prefix ([`Inputs::reuse`]), a
     /// new prompt whose chosen backend has requests in flight goes to one
     /// with none, if the caller can still take it ([`idle_instead`]). 0:
-    /// off; above 1: at any reuse rate.
+    /// off; 1 or more: at any reuse rate.
     pub(crate) idle_below_reuse: f64,
 }
 
@@ -379,7 +409,7 @@ impl Policy {
         patience_holds: PatienceHolds::Alone,
         bytes_per_token: 4.0,
         recency_margin: 0.25,
-        idle_below_reuse: 0.5,
+        idle_below_reuse: 1.0,
     };
 }
 
@@ -551,6 +581,10 @@ pub(crate) struct Inputs<'a> {
     /// when no backend's cache size is known). Rule 3 places a new prompt
     /// where it fits beside them ([`Policy::bytes_per_token`]).
     pub(crate) held: &'a [usize],
+    /// The backend (position in `backends`) that served the previous
+    /// request on the request's client connection, if it is a candidate:
+    /// [`idle_instead`] prefers it among idle engines.
+    pub(crate) previous: Option<usize>,
 }
 
 impl Inputs<'_> {
@@ -810,10 +844,12 @@ fn least_recent(
 
 /// An idle engine first (see the module doc): where the router knows it is
 /// alone and fewer than [`Policy::idle_below_reuse`] of recent requests
-/// reused a cached prefix, a new prompt (rule 3) that `decision` sends to a
-/// backend with requests in flight goes instead to a candidate with none
-/// ([`Reason::Idle`]; the highest rendezvous score for the prompt among
-/// them, and one its cache holds where caches are weighed). None where the
+/// reused a cached prefix (at any rate from 1 up), a new prompt (rule 3)
+/// that `decision` sends to a backend with requests in flight goes instead
+/// to a candidate with none ([`Reason::Idle`]; the one that answered the
+/// client connection's previous request, [`Inputs::previous`], if it is
+/// one of them, else the highest rendezvous score for the prompt among
+/// them; one its cache holds where caches are weighed). None where the
 /// rule does not apply, or no candidate is idle.
 ///
 /// Idle is what the caller saw a moment ago, and two decisions taken at
@@ -826,7 +862,8 @@ pub(crate) fn idle_instead(
     decision: &Decision,
 ) -> Option<Decision> {
     let backends = input.backends;
-    let applies = input.reuse.clamp(0.0, 1.0) < policy.idle_below_reuse
+    let applies = (policy.idle_below_reuse >= 1.0
+        || input.reuse.clamp(0.0, 1.0) < policy.idle_below_reuse)
         && input.session.is_none()
         && !input.later_turns
         && input.pending.is_none()
@@ -838,9 +875,15 @@ pub(crate) fn idle_instead(
         return None;
     }
     let weigh = policy.weighs_caches(input);
-    (0..backends.len())
-        .filter(|&i| backends[i].load() == 0 && (!weigh || policy.fits(input, i)))
-        .max_by_key(|&i| rendezvous(backends[i].name, input.placement))
+    let idle = |i: usize| backends[i].load() == 0 && (!weigh || policy.fits(input, i));
+    input
+        .previous
+        .filter(|&i| i < backends.len() && idle(i))
+        .or_else(|| {
+            (0..backends.len())
+                .filter(|&i| idle(i))
+                .max_by_key(|&i| rendezvous(backends[i].name, input.placement))
+        })
         .map(|backend| Decision {
             backend,
             matched: input.matched(backend),
@@ -981,6 +1024,7 @@ mod tests {
             pending: None,
             layout: None,
             held: &[],
+            previous: None,
         }
     }
 
@@ -1514,7 +1558,7 @@ mod tests {
     }
 
     #[test]
-    fn alone_with_little_reuse_a_new_prompt_takes_an_idle_engine_over_a_busy_one() {
+    fn alone_a_new_prompt_takes_an_idle_engine_over_a_busy_one() {
         // Three engines answer a request each (their prefill is done); the
         // fourth is idle. A 4 KiB new prompt whose rendezvous winner is busy,
         // with a few percent of recent requests reusing a prefix: its
@@ -1550,13 +1594,49 @@ mod tests {
             .expect("two");
         let idle = idle_instead(&policy, &both, &d).expect("an idle engine");
         assert_eq!(idle.backend, by_rendezvous);
+        // Unless the request's client connection was last answered by one
+        // of them: its own request there has ended, while the other may be
+        // between two turns of another client's conversation.
+        let other_one = if by_rendezvous == 3 { other } else { 3 };
+        let idle = idle_instead(
+            &policy,
+            &Inputs {
+                previous: Some(other_one),
+                ..both
+            },
+            &d,
+        )
+        .expect("an idle engine");
+        assert_eq!((idle.backend, idle.reason), (other_one, Reason::Idle));
+        // A previous engine that is busy now is no hint.
+        let idle = idle_instead(
+            &policy,
+            &Inputs {
+                previous: Some(d.backend),
+                ..both
+            },
+            &d,
+        )
+        .expect("an idle engine");
+        assert_eq!(idle.backend, by_rendezvous);
         // It does not apply where:
         let none = |policy: &Policy, input: &Inputs, d: &Decision| {
             assert_eq!(idle_instead(policy, input, d), None, "{input:?}");
         };
-        // the traffic shares (reuse at the threshold or above);
+        // the traffic shares, under a threshold below 1 (reuse at it or
+        // above; by default the rule holds at any reuse rate);
+        let sharing = Inputs {
+            reuse: 0.95,
+            ..input
+        };
+        let idle = idle_instead(&policy, &sharing, &d).expect("an idle engine");
+        assert_eq!(idle.backend, 3);
+        let below_half = Policy {
+            idle_below_reuse: 0.5,
+            ..policy
+        };
         none(
-            &policy,
+            &below_half,
             &Inputs {
                 reuse: 0.5,
                 ..input
@@ -1815,11 +1895,12 @@ mod tests {
             clients in prop::sample::select(vec![Clients::Unknown, Clients::Ours, Clients::Others]),
             reuse in 0.0f64..=1.0,
             pending in any::<Option<usize>>(),
+            previous in any::<Option<usize>>(),
             caches in prop::collection::vec(0usize..20_000, 8),
             held in prop::collection::vec(0usize..80_000, 8),
             bytes_per_token in 0.0f64..8.0,
             recency_margin in prop::sample::select(vec![0.0, 0.25, 1.0]),
-            idle_below_reuse in prop::sample::select(vec![0.0, 0.5, 2.0]),
+            idle_below_reuse in prop::sample::select(vec![0.0, 0.5, 1.0]),
             starts in prop::collection::vec(any::<u64>(), 8),
         ) {
             let v: Vec<BackendLoad> = loads
@@ -1860,6 +1941,7 @@ mod tests {
                 pending: pending.map(|p| p % (v.len() + 1)),
                 layout: layout.map(|l| l % (v.len() + 1)),
                 held: &held[..v.len()],
+                previous: previous.map(|p| p % (v.len() + 1)),
             };
             let d = choose(&policy, &input).unwrap();
             let total: usize = v.iter().map(BackendLoad::load).sum::<usize>() + 1;
@@ -1906,7 +1988,7 @@ mod tests {
                 prop_assert!(policy.is_placement(&input) && session.is_none() && !later_turns);
                 prop_assert!(v[d.backend].load() > 0 && v[idle.backend].load() == 0);
                 prop_assert_eq!((idle.matched, idle.reason), (matched[idle.backend], Reason::Idle));
-                prop_assert!(reuse < idle_below_reuse);
+                prop_assert!(reuse < idle_below_reuse || idle_below_reuse >= 1.0);
             }
         }
     }

@@ -16,8 +16,8 @@ use std::{
 };
 
 use integration_tests::{
-    Response, Stopper, get, loopback_listener, metric, post_json, start_router, start_router_with,
-    start_sim, start_sims,
+    Response, Stopper, get, loopback_listener, metric, post_json, read_response, start_router,
+    start_router_with, start_sim, start_sims,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use router_daemon::{Dataplane, config::PatienceWhen};
@@ -757,6 +757,9 @@ async fn a_cold_start_spreads_only_where_the_router_is_known_to_be_alone() {
             config.peers = peers;
             // The second prompt waits behind the first; the third spreads.
             config.placement_patience = 1.0;
+            // Patience alone decides: an idle engine first would take the
+            // second to b already where the router is alone.
+            config.idle_below_reuse = 0.0;
         })
         .await;
         discovered(router, &urls).await;
@@ -836,20 +839,7 @@ async fn alone_a_new_prompt_waits_behind_the_oldest_prefill() {
 /// rendezvous order decides, as it does for replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alone_a_new_prompt_takes_an_idle_engine_over_one_answering_another() {
-    // Paced engines: a decode step every 20 ms, so a 300-token reply
-    // streams for six seconds or more, however busy the machine.
-    let mut urls = Vec::new();
-    let mut _stops = Vec::new();
-    for id in ["a", "b"] {
-        let (addr, stop) = start_sim(vllm_sim::Config {
-            time_scale: 1.0,
-            itl_ms: 20.0,
-            ..vllm_sim::Config::for_tests(id)
-        })
-        .await;
-        urls.push(format!("http://{addr}"));
-        _stops.push(stop);
-    }
+    let (urls, _stops) = paced_engines(&["a", "b"]).await;
     let (on_a, _) = families_by_rendezvous(&urls, 4).await;
     for (below, expected) in [(0.5, "b"), (0.0, "a")] {
         let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
@@ -885,6 +875,127 @@ async fn alone_a_new_prompt_takes_an_idle_engine_over_one_answering_another() {
         let taken = if below > 0.0 { 3.0 } else { 0.0 };
         assert_eq!(idle, Some(taken), "idle below reuse {below}");
     }
+}
+
+/// A router alone sends a new prompt that hashes onto an engine answering
+/// another request to an idle engine, also where traffic shares; of two idle
+/// engines, to the one that answered the same client connection's previous
+/// request. That client has moved on from whatever it was doing there,
+/// while the other idle engine may be between two turns of another
+/// client's conversation, whose next turn would wait for this prompt's
+/// prefill (in `router-bench quality`, conversations whose turns ended
+/// together made a new conversation land on such an engine one time in
+/// two). Another connection's prompt goes by its rendezvous order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_prompt_takes_the_idle_engine_its_connection_left() {
+    let (urls, _stops) = paced_engines(&["a", "b", "c"]).await;
+    // Families by where their first prompt goes on an idle fleet: first of
+    // all three engines, and first of a and b alone.
+    let probe = |urls: Vec<String>| async move {
+        let (probe, stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+            config.placement_patience_when = PatienceWhen::Never;
+        })
+        .await;
+        discovered(probe, &urls).await;
+        (probe, stop)
+    };
+    let (of_three, _stop_three) = probe(urls.clone()).await;
+    let (of_two, _stop_two) = probe(urls[..2].to_vec()).await;
+    let (mut on_a, mut on_c, mut on_c_then_b) = (None, None, Vec::new());
+    for family in 0..300 {
+        let first = complete(of_three, &family_prompt(family)).await.0;
+        match first.as_str() {
+            "a" if on_a.is_none() => on_a = Some(family),
+            "c" if on_c.is_none() => on_c = Some(family),
+            "c" if on_c_then_b.len() < 2
+                && complete(of_two, &family_prompt(family)).await.0 == "b" =>
+            {
+                on_c_then_b.push(family);
+            }
+            _ => {}
+        }
+        if on_a.is_some() && on_c.is_some() && on_c_then_b.len() == 2 {
+            break;
+        }
+    }
+    let (Some(on_a), Some(on_c), &[new, other]) = (on_a, on_c, &on_c_then_b[..]) else {
+        panic!("300 families never hashed every way needed");
+    };
+
+    // The router's defaults, alone.
+    let (router, _stop) = start_router_with(urls.clone(), Dataplane::userspace(), |config| {
+        config.peers = Some(0);
+    })
+    .await;
+    discovered(router, &urls).await;
+    // One client connection, kept alive: its first request goes to a.
+    let mut client = TcpStream::connect(router).await.expect("connect");
+    let send = |prompt: String| {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4}).to_string();
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    client
+        .write_all(send(family_prompt(on_a)).as_bytes())
+        .await
+        .expect("send");
+    assert_eq!(served_by(&read_response(&mut client).await), "a");
+    // Traffic that shares: its siblings follow it there, and most recent
+    // requests have followed a cached prefix.
+    for question in 0..6 {
+        client
+            .write_all(send(sibling_prompt(on_a, question)).as_bytes())
+            .await
+            .expect("send");
+        assert_eq!(served_by(&read_response(&mut client).await), "a");
+    }
+    // Another client's long reply streams from c.
+    let mut streaming = start_stream(router, &family_prompt(on_c), 300).await;
+    assert!(
+        streaming.received.contains("x-served-by: c"),
+        "{}",
+        streaming.received
+    );
+    // What the router sees: c answering, a and b idle.
+    let now = [
+        (urls[0].as_str(), 0.0),
+        (urls[1].as_str(), 0.0),
+        (urls[2].as_str(), 1.0),
+    ];
+    backend_gauge(router, "router_backend_in_flight", &now).await;
+    // A new prompt hashing onto c, then b: on the same connection, a.
+    client
+        .write_all(send(family_prompt(new)).as_bytes())
+        .await
+        .expect("send");
+    assert_eq!(served_by(&read_response(&mut client).await), "a");
+    // The same kind of prompt on a connection of its own: b.
+    assert_eq!(complete(router, &family_prompt(other)).await.0, "b");
+    streaming.still_streaming().await;
+    let metrics = get(router, "/metrics").await.text();
+    let idle = metric(&metrics, "router_route_decisions_total{reason=\"idle\"}");
+    assert_eq!(idle, Some(2.0));
+}
+
+/// Engines named `ids` that take a decode step every 20 ms, so a 300-token
+/// reply streams for six seconds or more, however busy the machine; their
+/// URLs and what stops them.
+async fn paced_engines(ids: &[&'static str]) -> (Vec<String>, Vec<Stopper>) {
+    let mut urls = Vec::new();
+    let mut stops = Vec::new();
+    for &id in ids {
+        let (addr, stop) = start_sim(vllm_sim::Config {
+            time_scale: 1.0,
+            itl_ms: 20.0,
+            ..vllm_sim::Config::for_tests(id)
+        })
+        .await;
+        urls.push(format!("http://{addr}"));
+        stops.push(stop);
+    }
+    (urls, stops)
 }
 
 /// A streamed completion in progress: its connection, and what of the
