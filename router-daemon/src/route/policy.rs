@@ -254,12 +254,12 @@
 //! is a new prompt too, and its family lead kept it on its rendezvous
 //! engine: in per-request records of `router-bench quality --workloads
 //! multi-turn --levels c4 --records DIR` (32 conversations, four at a
-//! time on four engines), 14 of 32 first turns went to an engine serving
-//! another conversation while one served none, and that conversation's
-//! next turn then waited for the first turn's prefill (about 75 ms to
-//! first token against 13–16). Where the router is alone the lead keeps nothing
-//! for a family that the index would not find anyway, so the rule now
-//! holds at any reuse rate. It then met a race of its own: conversations
+//! time on four engines; `bench/scripts/first-turns.py` counts them), 14
+//! of 32 first turns went to an engine serving another conversation while
+//! one served none, and that conversation's next turn then waited for the
+//! first turn's prefill (about 75 ms to first token against 13–16). Where
+//! the router is alone the lead keeps nothing for a family that the index
+//! would not find anyway, so the rule now holds at any reuse rate. It then met a race of its own: conversations
 //! whose turns end together leave several engines idle for the moment a
 //! client takes to send its next turn, and a new conversation took one
 //! of those in one case in two. The client that starts a new conversation
@@ -272,12 +272,12 @@
 //! --idle-below-reuse 2"`, 2026-12-07): the rule at any reuse rate
 //! without the connection's hint placed 1–3 first turns of 32 beside
 //! another conversation, and its p99 TTFT at 4 sessions was 64–75 ms
-//! (`quality-20261207-213656.md`); with the hint none in six windows, and
-//! 64–65 ms at 4 sessions and 65–68 near capacity against 74–75 and
-//! 75–76 with the threshold at a half (`-214452`). On shared-prefix,
-//! prefix-repetition, mooncake and no-sharing the two thresholds were
-//! within run-to-run noise of each other at every level (`-214748`,
-//! medians of three windows).
+//! (`quality-20261207-213656.md`, a build of 329f277); with the hint none
+//! in six windows, and 64–65 ms at 4 sessions and 65–68 near capacity
+//! against 74–75 and 75–76 with the threshold at a half (`-214452`). On
+//! shared-prefix, prefix-repetition, mooncake and no-sharing the two
+//! thresholds were within run-to-run noise of each other at every level
+//! (`-214748`, medians of three windows; commands in the README).
 //!
 //! # Family layout (opt-in)
 //! Hashing a dozen families (system prompts, templates) onto four
